@@ -1,0 +1,38 @@
+# warehouse-gdpr — two commands on a fresh machine with python3 >= 3.10:
+#   make demo   seed the demo CRM in an embedded PostgreSQL and run the retention sweep
+#   make test   run the test suite (real PostgreSQL, real Airflow dag.test())
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test stop lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m warehouse_gdpr.demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Stop the embedded demo PostgreSQL (data stays under .demo/pg; `make demo` starts it again).
+stop: $(STAMP)
+	$(PY) -m warehouse_gdpr.embedded stop .demo/pg
+
+# Refresh constraints.txt from a clean venv after changing dependencies in pyproject.toml.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet ".[dev]"
+	( echo "# Exact versions of every dependency, as installed and tested (pip freeze of a fresh .venv)."; \
+	  echo "# Regenerate with \`make lock\` after changing pyproject.toml."; \
+	  .lock-venv/bin/pip freeze --exclude warehouse-gdpr ) > constraints.txt
+	rm -rf .lock-venv
+
+clean:
+	-$(MAKE) stop
+	rm -rf .demo $(VENV)

@@ -1,0 +1,103 @@
+-- warehouse-gdpr control schema. Idempotent: every statement can run again on an installed warehouse.
+-- Run by the DAGs (check_policy task) when gdpr.schema_version is missing or older than this file,
+-- and by `make demo`. Needs a role that may create schemas and roles (the warehouse owner / a DBA).
+--
+-- Roles:
+--   gdpr_engine          the role the DAGs act as (grant it to the login role of the Airflow connection)
+--   gdpr_archive_reader  legal / accounting: may read the encrypted archive (still needs the key to decrypt)
+--   gdpr_auditor         may read the audit log, nothing else
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'gdpr_engine') THEN
+        CREATE ROLE gdpr_engine NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'gdpr_archive_reader') THEN
+        CREATE ROLE gdpr_archive_reader NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'gdpr_auditor') THEN
+        CREATE ROLE gdpr_auditor NOLOGIN;
+    END IF;
+END
+$$;
+
+CREATE SCHEMA IF NOT EXISTS gdpr;
+CREATE SCHEMA IF NOT EXISTS gdpr_archive;
+
+REVOKE ALL ON SCHEMA gdpr FROM PUBLIC;
+REVOKE ALL ON SCHEMA gdpr_archive FROM PUBLIC;
+GRANT USAGE ON SCHEMA gdpr TO gdpr_engine, gdpr_auditor;
+GRANT USAGE ON SCHEMA gdpr_archive TO gdpr_engine, gdpr_archive_reader;
+
+CREATE TABLE IF NOT EXISTS gdpr.schema_version (
+    version    integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Append-only audit log. No personal data: a person appears only as a keyed hash (subject_hash)
+-- or as an internal id count; `details` holds counts and timings.
+CREATE TABLE IF NOT EXISTS gdpr.audit_log (
+    audit_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    logged_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    dag_id       text,
+    run_id       text,
+    task_id      text,
+    rule         text,
+    table_name   text,
+    action       text NOT NULL,
+    row_count    bigint NOT NULL DEFAULT 0,
+    dry_run      boolean NOT NULL DEFAULT false,
+    outcome      text NOT NULL,
+    subject_hash text,
+    details      jsonb NOT NULL DEFAULT '{}'::jsonb
+);
+CREATE INDEX IF NOT EXISTS audit_log_run_idx ON gdpr.audit_log (dag_id, run_id);
+
+CREATE OR REPLACE FUNCTION gdpr.refuse_audit_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'gdpr.audit_log is append-only: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+
+DROP TRIGGER IF EXISTS audit_log_no_update_delete ON gdpr.audit_log;
+CREATE TRIGGER audit_log_no_update_delete
+    BEFORE UPDATE OR DELETE ON gdpr.audit_log
+    FOR EACH ROW EXECUTE FUNCTION gdpr.refuse_audit_change();
+DROP TRIGGER IF EXISTS audit_log_no_truncate ON gdpr.audit_log;
+CREATE TRIGGER audit_log_no_truncate
+    BEFORE TRUNCATE ON gdpr.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION gdpr.refuse_audit_change();
+-- ALWAYS: fires even with session_replication_role = replica.
+ALTER TABLE gdpr.audit_log ENABLE ALWAYS TRIGGER audit_log_no_update_delete;
+ALTER TABLE gdpr.audit_log ENABLE ALWAYS TRIGGER audit_log_no_truncate;
+
+REVOKE ALL ON gdpr.audit_log FROM PUBLIC;
+GRANT SELECT, INSERT ON gdpr.audit_log TO gdpr_engine;
+GRANT SELECT ON gdpr.audit_log TO gdpr_auditor;
+GRANT SELECT ON gdpr.schema_version TO gdpr_engine, gdpr_auditor;
+
+-- Encrypted originals of pseudonymised rows (AES-256-GCM, done in Python; key id per row).
+-- AAD = source_table || '|' || source_pk || '|' || key_id, so a ciphertext cannot be moved to another row.
+CREATE TABLE IF NOT EXISTS gdpr_archive.archived_row (
+    archive_id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    source_table text NOT NULL,
+    source_pk    text NOT NULL,
+    subject_id   text NOT NULL,
+    rule         text NOT NULL,
+    run_id       text,
+    archived_at  timestamptz NOT NULL DEFAULT now(),
+    purge_after  timestamptz NOT NULL,
+    key_id       text NOT NULL,
+    nonce        bytea NOT NULL,
+    ciphertext   bytea NOT NULL,
+    UNIQUE (source_table, source_pk)
+);
+CREATE INDEX IF NOT EXISTS archived_row_purge_idx ON gdpr_archive.archived_row (purge_after, archive_id);
+
+REVOKE ALL ON gdpr_archive.archived_row FROM PUBLIC;
+GRANT SELECT, INSERT, DELETE ON gdpr_archive.archived_row TO gdpr_engine;
+GRANT SELECT ON gdpr_archive.archived_row TO gdpr_archive_reader;
+
+INSERT INTO gdpr.schema_version (version) VALUES (1) ON CONFLICT (version) DO NOTHING;

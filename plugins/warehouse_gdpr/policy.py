@@ -1,0 +1,245 @@
+"""The policy file: what the warehouse holds about people, and how long it may keep it.
+
+`load_policy(path)` reads YAML, validates it with pydantic and returns a `Policy`. Every error names
+the file, the path inside the document (``rules[2].retain_for``) and what was expected. The policy
+holds no secret: keys come from an Airflow connection (see `crypto.py`).
+
+Identifiers here are only checked for shape; `catalog.check_policy` checks them against the live
+database before any write.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+IDENT = r"^[a-z_][a-z0-9_]{0,62}$"
+QUALIFIED = r"^[a-z_][a-z0-9_]{0,62}\.[a-z_][a-z0-9_]{0,62}$"
+DURATION = re.compile(r"^P(?=\d)(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?$")
+
+Ident = Annotated[str, Field(pattern=IDENT)]
+QualifiedName = Annotated[str, Field(pattern=QUALIFIED, description="schema.table")]
+
+
+class PolicyError(ValueError):
+    """The policy file is unreadable or invalid. The message lists every problem."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_duration(value: str) -> str:
+    if not DURATION.match(value):
+        raise ValueError(f"expected an ISO 8601 duration such as P3Y, P18M or P30D, got {value!r}")
+    return value
+
+
+class AirflowSettings(_Model):
+    warehouse_connection_id: Ident = "warehouse"
+    keys_connection_id: Ident = "gdpr_keys"
+    sweep_schedule: str = "@weekly"
+
+
+class Subject(_Model):
+    table: QualifiedName
+    primary_key: Ident
+    email_column: Ident
+    phone_column: Ident | None = None
+    pseudonymised_marker: Ident = Field(
+        description="timestamptz column set when the subject is pseudonymised; such subjects are not selected again"
+    )
+
+
+class HashColumn(_Model):
+    pseudonymise: Literal["hash"]
+
+
+class NullColumn(_Model):
+    pseudonymise: Literal["null"]
+
+
+class FixedColumn(_Model):
+    pseudonymise: Literal["fixed"]
+    value: str
+
+
+class KeepColumn(_Model):
+    pseudonymise: Literal["keep"]
+
+
+ColumnTreatment = Annotated[
+    Union[HashColumn, NullColumn, FixedColumn, KeepColumn], Field(discriminator="pseudonymise")
+]
+
+
+class MappedTable(_Model):
+    table: QualifiedName
+    primary_key: Ident
+    subject_column: Ident = Field(description="column holding the subject's primary key")
+    columns: dict[Ident, ColumnTreatment] = Field(default_factory=dict)
+
+
+class Interactions(_Model):
+    table: QualifiedName
+    subject_column: Ident
+    kind_column: Ident
+    at_column: Ident
+    subject_initiated: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(min_length=1)
+
+
+Action = Literal["delete", "pseudonymise"]
+
+
+class Hold(_Model):
+    name: Ident
+    description: str = ""
+    predicate: str = Field(min_length=1, max_length=4000)
+    blocks: list[Action] = Field(default_factory=lambda: ["delete", "pseudonymise"], min_length=1)
+
+    @field_validator("predicate")
+    @classmethod
+    def _single_expression(cls, value: str) -> str:
+        if ";" in value:
+            raise ValueError("a hold predicate is one SQL boolean expression: ';' is not allowed")
+        return value
+
+
+class StatusFilter(_Model):
+    column: Ident
+    values: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(min_length=1)
+
+
+class LastInteractionClock(_Model):
+    kind: Literal["last_interaction"]
+    fallback: Ident | None = Field(
+        default=None, description="subject column used when the person never interacted (e.g. created_at)"
+    )
+
+
+class RelatedMaxClock(_Model):
+    kind: Literal["related_max"]
+    table: QualifiedName
+    column: Ident
+
+
+Clock = Annotated[Union[LastInteractionClock, RelatedMaxClock], Field(discriminator="kind")]
+
+
+class Rule(_Model):
+    name: Ident
+    description: str = ""
+    statuses: StatusFilter
+    clock: Clock
+    retain_for: str
+    action: Action
+    archive_for: str | None = None
+
+    _duration = field_validator("retain_for", "archive_for")(
+        lambda cls, v: v if v is None else _check_duration(v)
+    )
+
+    @model_validator(mode="after")
+    def _archive_needs_pseudonymise(self) -> "Rule":
+        if self.action == "pseudonymise" and self.archive_for is None:
+            raise ValueError("action 'pseudonymise' needs archive_for (how long the encrypted originals are kept)")
+        if self.action == "delete" and self.archive_for is not None:
+            raise ValueError("archive_for is only meaningful with action 'pseudonymise'")
+        return self
+
+
+class Policy(_Model):
+    version: Literal[1]
+    airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+    batch_size: int = Field(default=10_000, ge=1, le=1_000_000)
+    subject: Subject
+    tables: list[MappedTable] = Field(min_length=1)
+    interactions: Interactions
+    holds: list[Hold] = Field(default_factory=list)
+    rules: list[Rule] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> "Policy":
+        names = [r.name for r in self.rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rule names must be unique, repeated: {', '.join(dupes)}")
+        hold_names = [h.name for h in self.holds]
+        if len(set(hold_names)) != len(hold_names):
+            raise ValueError("hold names must be unique")
+        tables = [t.table for t in self.tables]
+        if len(set(tables)) != len(tables):
+            raise ValueError("each table may be mapped once in `tables`")
+        if self.subject.table not in tables:
+            raise ValueError(f"the subject table {self.subject.table} must also be listed in `tables`")
+        for rule in self.rules:
+            if isinstance(rule.clock, RelatedMaxClock) and rule.clock.table not in tables:
+                raise ValueError(
+                    f"rule {rule.name}: clock table {rule.clock.table} must be listed in `tables` (to know its join)"
+                )
+        return self
+
+    @property
+    def subject_mapping(self) -> MappedTable:
+        return next(t for t in self.tables if t.table == self.subject.table)
+
+    @property
+    def dependent_tables(self) -> list[MappedTable]:
+        """Mapped tables other than the subject's, in the order they must be deleted (reverse of the file)."""
+        return [t for t in reversed(self.tables) if t.table != self.subject.table]
+
+    def rule(self, name: str) -> Rule:
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        raise KeyError(name)
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("hash", "null", "fixed", "keep", "last_interaction", "related_max"):
+            continue  # discriminated-union branch names are noise for the reader
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(document root)"
+
+
+def parse_policy(data: object, source: str = "<policy>") -> Policy:
+    """Validate an already-parsed document. Raises PolicyError naming `source` and each path."""
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: expected a mapping at the document root, got {type(data).__name__}")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: {exc.error_count()} problem(s) in the policy:"]
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see include/policy.yaml for the keys)"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            lines.append(f"  - {_format_loc(err['loc'])}: {msg}")
+        raise PolicyError("\n".join(lines)) from None
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read the policy file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise PolicyError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_policy(data, str(path))

@@ -1,0 +1,130 @@
+"""Where a retention rule is evaluated: the SQL that finds a rule's expired subjects.
+
+A subject is a candidate of a rule when
+  * its status column is one of the rule's statuses,
+  * it has not been pseudonymised already (the subject's marker column is NULL),
+  * its retention clock is strictly older than ``as_of - retain_for``.
+
+Clocks (see `policy.Clock`):
+  * ``last_interaction``: the latest interaction of a *subject-initiated* kind (the policy lists them;
+    a rep's call attempt does not count), else the ``fallback`` column (e.g. ``created_at``);
+  * ``related_max``: the latest value of a column in a mapped table (e.g. the last contract end).
+
+Each candidate row carries the names of the legal holds that block the rule's action; held
+subjects are skipped by `sweep.apply_rule` and counted. Identifiers are composed with
+`psycopg.sql` after `catalog.check_policy` validated them; hold predicates are the policy's own
+SQL expressions (checked to compile by the catalog check).
+"""
+
+from __future__ import annotations
+
+import re
+
+from psycopg import sql
+
+from .policy import Hold, LastInteractionClock, Policy, Rule
+
+AS_OF = re.compile(r"(?<![:\w]):as_of\b")
+
+
+def qualified(name: str) -> sql.Identifier:
+    """'schema.table' -> "schema"."table"."""
+    schema, table = name.split(".", 1)
+    return sql.Identifier(schema, table)
+
+
+def clock_expression(policy: Policy, rule: Rule) -> sql.Composable:
+    """SQL expression of the rule's clock for the subject row aliased ``s``."""
+    pk = sql.Identifier("s", policy.subject.primary_key)
+    clock = rule.clock
+    if isinstance(clock, LastInteractionClock):
+        inter = policy.interactions
+        last = sql.SQL(
+            "(SELECT max(i.{at}) FROM {table} i WHERE i.{subj} = {pk} AND i.{kind} = ANY(%(subject_kinds)s::text[]))"
+        ).format(
+            at=sql.Identifier(inter.at_column),
+            table=qualified(inter.table),
+            subj=sql.Identifier(inter.subject_column),
+            kind=sql.Identifier(inter.kind_column),
+            pk=pk,
+        )
+        if clock.fallback is None:
+            return last
+        return sql.SQL("coalesce({last}, s.{fallback})").format(last=last, fallback=sql.Identifier(clock.fallback))
+    mapped = next(t for t in policy.tables if t.table == clock.table)
+    return sql.SQL("(SELECT max(r.{col}) FROM {table} r WHERE r.{subj} = {pk})").format(
+        col=sql.Identifier(clock.column),
+        table=qualified(clock.table),
+        subj=sql.Identifier(mapped.subject_column),
+        pk=pk,
+    )
+
+
+def hold_predicate(hold: Hold) -> sql.SQL:
+    """The hold's SQL with ``:as_of`` bound to the run's reference instant (a timestamptz)."""
+    text = hold.predicate.replace("%", "%%")
+    return sql.SQL(AS_OF.sub("(%(as_of)s::timestamptz)", text))
+
+
+def holds_expression(policy: Policy, rule: Rule) -> sql.Composable:
+    """text[] of the names of the holds that block this rule's action, for subject ``s``."""
+    blocking = [h for h in policy.holds if rule.action in h.blocks]
+    if not blocking:
+        return sql.SQL("ARRAY[]::text[]")
+    cases = sql.SQL(", ").join(
+        sql.SQL("CASE WHEN ({pred}) THEN {name} END").format(pred=hold_predicate(h), name=sql.Literal(h.name))
+        for h in blocking
+    )
+    return sql.SQL("array_remove(ARRAY[{cases}]::text[], NULL)").format(cases=cases)
+
+
+def candidates_from(policy: Policy, rule: Rule) -> sql.Composable:
+    """FROM/WHERE part shared by the plan (counts) and the apply (batches) queries.
+
+    Parameters: %(statuses)s, %(subject_kinds)s, %(as_of)s, %(retain_for)s.
+    """
+    subject = policy.subject
+    return sql.SQL(
+        "FROM {table} s"
+        " WHERE s.{status} = ANY(%(statuses)s::text[])"
+        " AND s.{marker} IS NULL"
+        " AND {clock} < %(as_of)s::timestamptz - %(retain_for)s::interval"
+    ).format(
+        table=qualified(subject.table),
+        status=sql.Identifier(rule.statuses.column),
+        marker=sql.Identifier(subject.pseudonymised_marker),
+        clock=clock_expression(policy, rule),
+    )
+
+
+def rule_params(policy: Policy, rule: Rule, as_of: str) -> dict[str, object]:
+    return {
+        "statuses": list(rule.statuses.values),
+        "subject_kinds": list(policy.interactions.subject_initiated),
+        "as_of": as_of,
+        "retain_for": rule.retain_for,
+    }
+
+
+def plan_query(policy: Policy, rule: Rule) -> sql.Composed:
+    """One set-based query: candidate count, held count and per-hold counts for a rule."""
+    return sql.SQL(
+        "WITH cand AS (SELECT {holds} AS holds {from_})"
+        " SELECT count(*) AS candidates,"
+        " count(*) FILTER (WHERE cardinality(holds) > 0) AS held,"
+        " coalesce((SELECT jsonb_object_agg(h, n) FROM"
+        " (SELECT h, count(*) AS n FROM cand, unnest(cand.holds) AS h GROUP BY h) x), '{{}}'::jsonb) AS by_hold"
+        " FROM cand"
+    ).format(holds=holds_expression(policy, rule), from_=candidates_from(policy, rule))
+
+
+def batch_query(policy: Policy, rule: Rule, first: bool) -> sql.Composed:
+    """Next keyset batch of candidates: (subject id, blocking holds), ordered by primary key.
+
+    Extra parameters: %(limit)s, and %(after)s unless ``first``.
+    """
+    pk = sql.Identifier("s", policy.subject.primary_key)
+    keyset = sql.SQL("") if first else sql.SQL(" AND {pk} > %(after)s").format(pk=pk)
+    return sql.SQL("SELECT {pk}, {holds} {from_}{keyset} ORDER BY {pk} LIMIT %(limit)s").format(
+        pk=pk, holds=holds_expression(policy, rule), from_=candidates_from(policy, rule), keyset=keyset
+    )

@@ -1,0 +1,79 @@
+"""Airflow glue: where the policy file is, and how a task gets its connections and keys.
+
+Nothing here runs at DAG import time except `policy_path()` / `try_load_policy()`, which read a
+local file only (no database, no network).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from .audit import RunContext
+from .crypto import Keys
+from .policy import Policy, load_policy
+
+log = logging.getLogger(__name__)
+
+POLICY_ENV = "WAREHOUSE_GDPR_POLICY"
+
+
+def policy_path() -> Path:
+    """$WAREHOUSE_GDPR_POLICY, else the repository's include/policy.yaml."""
+    override = os.environ.get(POLICY_ENV)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[2] / "include" / "policy.yaml"
+
+
+def try_load_policy() -> Policy | None:
+    """For DAG parse time: the policy if it loads, else None (the check task then reports why)."""
+    try:
+        return load_policy(policy_path())
+    except Exception:  # noqa: BLE001 - a broken policy must not hide the DAG; check_policy explains it
+        return None
+
+
+def connect(policy: Policy) -> psycopg.Connection:
+    """A psycopg 3 connection to the warehouse through the policy's Airflow connection."""
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    conn = PostgresHook(postgres_conn_id=policy.airflow.warehouse_connection_id).get_conn()
+    if not isinstance(conn, psycopg.Connection):
+        raise RuntimeError("warehouse-gdpr needs psycopg 3: install apache-airflow-providers-postgres with psycopg")
+    conn.autocommit = False
+    return conn
+
+
+def load_keys(policy: Policy) -> Keys:
+    """Keys from the policy's keys connection (any Airflow secrets backend)."""
+    from airflow.sdk import BaseHook
+
+    conn_id = policy.airflow.keys_connection_id
+    try:
+        connection = BaseHook.get_connection(conn_id)
+    except Exception as exc:  # noqa: BLE001 - AirflowNotFoundException and backend errors alike
+        raise RuntimeError(
+            f"the keys connection {conn_id!r} is not defined ({type(exc).__name__}); create it with the "
+            "hmac_pepper and archive_keys extras (see README, 'Keys')"
+        ) from None
+    return Keys.from_extra(connection.extra_dejson, conn_id)
+
+
+def run_context(context: Any, dry_run: bool) -> RunContext:
+    return RunContext(
+        dag_id=context["dag"].dag_id,
+        run_id=context["run_id"],
+        task_id=context["ti"].task_id,
+        dry_run=dry_run,
+    )
+
+
+def as_of(context: Any) -> str:
+    """The instant the retention clocks are measured against: the run's data interval end (stable on retry)."""
+    moment = context.get("data_interval_end") or context.get("logical_date") or context["dag_run"].run_after
+    return moment.isoformat()

@@ -1,0 +1,143 @@
+"""What each task of the `gdpr_retention_sweep` DAG does. The DAG file only wires these together.
+
+Every task opens its own connection (tasks may run on different workers), writes its audit rows,
+logs counts and timings only, and returns a small JSON-able dict (no personal data in XComs).
+Configuration errors raise AirflowFailException: retrying cannot fix a wrong policy or a missing key.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from airflow.sdk.exceptions import AirflowFailException
+
+from . import audit, catalog, runtime, schema, sweep
+from .crypto import KeyError_
+from .policy import PolicyError, load_policy
+
+log = logging.getLogger(__name__)
+
+
+def _params(context: Any) -> tuple[bool, list[str] | None]:
+    params = context["params"]
+    return bool(params.get("dry_run", False)), params.get("rules") or None
+
+
+def check_policy(context: Any) -> dict[str, Any]:
+    """Validate the policy file, the keys and the live catalog before anything writes."""
+    path = runtime.policy_path()
+    dry_run, names = _params(context)
+    try:
+        policy = load_policy(path)
+        selected = sweep.select_rules(policy, names)
+        runtime.load_keys(policy)
+    except (PolicyError, KeyError_, ValueError, RuntimeError) as exc:
+        log.error("Policy or keys are not usable; nothing was changed. Fix and trigger again.\n%s", exc)
+        raise AirflowFailException(str(exc)) from None
+    with runtime.connect(policy) as conn:
+        try:
+            schema.ensure_schema(conn)
+            report = catalog.check_policy(conn, policy)
+        except (catalog.CatalogError, schema.SchemaError) as exc:
+            log.error("%s", exc)
+            raise AirflowFailException(str(exc)) from None
+        for warning in report.warnings:
+            log.warning("index check: %s", warning)
+        ctx = runtime.run_context(context, dry_run)
+        with conn.transaction():
+            audit.record(
+                conn, ctx, action="check_policy", outcome="ok",
+                details={"policy": path.name, "rules": [r.name for r in selected], "warnings": len(report.warnings)},
+            )
+    log.info("Policy %s matches the warehouse: %d tables, %d personal columns, rules: %s",
+             path, report.tables, report.columns, ", ".join(r.name for r in selected))
+    return {"rules": [r.name for r in selected], "as_of": runtime.as_of(context), "dry_run": dry_run}
+
+
+def plan(checked: dict[str, Any], context: Any) -> list[dict[str, Any]]:
+    """Count candidates and held subjects per rule (one set-based query each)."""
+    policy = load_policy(runtime.policy_path())
+    selected = sweep.select_rules(policy, checked["rules"])
+    with runtime.connect(policy) as conn:
+        plans = sweep.plan(conn, policy, selected, checked["as_of"])
+    log.info(
+        "Plan as of %s%s:\n%s", checked["as_of"], " (DRY RUN)" if checked["dry_run"] else "",
+        sweep.format_table(
+            ["rule", "action", "candidates", "held", "to process", "seconds"],
+            [[p.rule, p.action, p.candidates, p.held, p.candidates - p.held, f"{p.seconds:.2f}"] for p in plans],
+        ),
+    )
+    return [p.__dict__ for p in plans]
+
+
+def apply(checked: dict[str, Any], plans: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
+    """Delete or pseudonymise per rule in audited keyset batches; a dry run only records the plan."""
+    policy = load_policy(runtime.policy_path())
+    selected = sweep.select_rules(policy, checked["rules"])
+    ctx = runtime.run_context(context, checked["dry_run"])
+    results: list[dict[str, Any]] = []
+    with runtime.connect(policy) as conn:
+        if checked["dry_run"]:
+            with conn.transaction():
+                for p in plans:
+                    audit.record(
+                        conn, ctx, action=p["action"], outcome="dry_run", rule=p["rule"],
+                        row_count=p["candidates"] - p["held"],
+                        details={"candidates": p["candidates"], "held": p["held"], "by_hold": p["by_hold"]},
+                    )
+            log.info("DRY RUN: nothing was changed; the plan was written to gdpr.audit_log.")
+            return plans
+        keys = runtime.load_keys(policy)
+        for rule in selected:
+            result = sweep.apply_rule(conn, policy, rule, keys, ctx, checked["as_of"])
+            results.append(result.as_dict())
+            log.info(
+                "Rule %s done in %d batch(es), %.2f s:\n%s", rule.name, result.batches, result.seconds,
+                sweep.format_table(
+                    ["table", "rows " + ("deleted" if rule.action == "delete" else "pseudonymised")],
+                    [[t, n] for t, n in result.rows_by_table.items()],
+                ),
+            )
+    log.info(
+        "Apply summary:\n%s",
+        sweep.format_table(
+            ["rule", "candidates", "held", "archived", "pseudonymised", "deleted", "seconds"],
+            [[r["rule"], r["candidates"], r["held"], r["archived"], r["pseudonymised"], r["deleted"],
+              f"{r['seconds']:.2f}"] for r in results],
+        ),
+    )
+    return results
+
+
+def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Remove archived originals whose own retention period (archive_for) has ended."""
+    policy = load_policy(runtime.policy_path())
+    ctx = runtime.run_context(context, checked["dry_run"])
+    with runtime.connect(policy) as conn:
+        n = sweep.purge_archive(conn, ctx, checked["as_of"], policy.batch_size)
+    log.info("Archive purge: %d expired archive row(s) %s.", n, "would be removed" if checked["dry_run"] else "removed")
+    return {"purged": n}
+
+
+def report(checked: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Summarise the run from the audit log (what happened, not what was intended) and record it."""
+    policy = load_policy(runtime.policy_path())
+    ctx = runtime.run_context(context, checked["dry_run"])
+    with runtime.connect(policy) as conn:
+        rows = audit.rows_for_run(conn, ctx.dag_id, ctx.run_id)
+        totals: dict[tuple[str, str, str], int] = {}
+        for row in rows:
+            if row["action"] in ("delete", "pseudonymise", "archive", "purge_archive") and row["table_name"]:
+                key = (row["rule"] or "-", row["action"], row["table_name"])
+                totals[key] = totals.get(key, 0) + row["row_count"]
+        summary = {f"{r}/{a}/{t}": n for (r, a, t), n in sorted(totals.items())}
+        with conn.transaction():
+            audit.record(conn, ctx, action="report", outcome="ok", details={"totals": summary})
+    log.info(
+        "Retention sweep %s%s — rows changed, from gdpr.audit_log:\n%s",
+        ctx.run_id, " (DRY RUN: none)" if ctx.dry_run else "",
+        sweep.format_table(["rule", "action", "table", "rows"], [[*k, n] for k, n in sorted(totals.items())])
+        if totals else "(no row changed)",
+    )
+    return {"dry_run": ctx.dry_run, "totals": summary}
