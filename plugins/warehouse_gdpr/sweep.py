@@ -228,16 +228,7 @@ def _pseudonymise_batch(
         ).fetchall()
         if not originals:
             continue
-        with conn.cursor().copy(
-            "COPY gdpr_archive.archived_row (source_table, source_pk, subject_id, rule, run_id, purge_after,"
-            " key_id, nonce, ciphertext) FROM STDIN"
-        ) as copy:
-            for source_pk, subject_id, row_json in originals:
-                key_id, nonce, ciphertext = keys.encrypt(row_json.encode(), archive_aad(mapped.table, source_pk, keys.archive_key_id))
-                copy.write_row(
-                    (mapped.table, source_pk, subject_id, rule.name, ctx.run_id, purge_after, key_id, nonce, ciphertext)
-                )
-        archived += len(originals)
+        archived += _archive_rows(conn, mapped.table, originals, rule, keys, ctx, purge_after)
         if hashed:
             # Keyed hashes are computed here; they travel back through a typed temp table.
             conn.execute(
@@ -270,6 +261,40 @@ def _pseudonymise_batch(
             )
         counts[mapped.table] = cur.rowcount
     return counts, archived
+
+
+ARCHIVE_COLUMNS = "source_table, source_pk, subject_id, rule, run_id, purge_after, key_id, nonce, ciphertext"
+
+
+def _archive_rows(
+    conn: psycopg.Connection,
+    table: str,
+    originals: list[tuple[str, str, str]],
+    rule: Rule,
+    keys: Keys,
+    ctx: RunContext,
+    purge_after: datetime | None,
+) -> int:
+    """Encrypt (pk, subject id, row JSON) originals into gdpr_archive.archived_row; returns rows added.
+
+    A row archived before (e.g. restored from a backup and pseudonymised again) keeps its first
+    archived original: ON CONFLICT DO NOTHING, through a staging table because COPY cannot.
+    """
+    conn.execute(
+        "CREATE TEMP TABLE _gdpr_archive_stage ON COMMIT DROP AS"
+        f" SELECT {ARCHIVE_COLUMNS} FROM gdpr_archive.archived_row WITH NO DATA"
+    )
+    with conn.cursor().copy(f"COPY _gdpr_archive_stage ({ARCHIVE_COLUMNS}) FROM STDIN") as copy:
+        for source_pk, subject_id, row_json in originals:
+            aad = archive_aad(table, source_pk, keys.archive_key_id)
+            key_id, nonce, ciphertext = keys.encrypt(row_json.encode(), aad)
+            copy.write_row((table, source_pk, subject_id, rule.name, ctx.run_id, purge_after, key_id, nonce, ciphertext))
+    cur = conn.execute(
+        f"INSERT INTO gdpr_archive.archived_row ({ARCHIVE_COLUMNS}) SELECT {ARCHIVE_COLUMNS} FROM _gdpr_archive_stage"
+        " ON CONFLICT (source_table, source_pk) DO NOTHING"
+    )
+    conn.execute("DROP TABLE _gdpr_archive_stage")
+    return cur.rowcount
 
 
 # -- archive purge ----------------------------------------------------------------------------
