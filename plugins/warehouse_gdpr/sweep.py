@@ -329,6 +329,11 @@ def purge_archive(conn: psycopg.Connection, ctx: RunContext, as_of: str, batch_s
                     table="gdpr_archive.archived_row", row_count=n,
                 )
         total += len(rows)
+    if total == 0:
+        with conn.transaction():
+            audit.record(
+                conn, ctx, action="purge_archive", outcome="nothing_to_purge", table="gdpr_archive.archived_row"
+            )
     return total
 
 

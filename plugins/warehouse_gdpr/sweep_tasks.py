@@ -59,8 +59,16 @@ def plan(checked: dict[str, Any], context: Any) -> list[dict[str, Any]]:
     """Count candidates and held subjects per rule (one set-based query each)."""
     policy = load_policy(runtime.policy_path())
     selected = sweep.select_rules(policy, checked["rules"])
+    ctx = runtime.run_context(context, checked["dry_run"])
     with runtime.connect(policy) as conn:
         plans = sweep.plan(conn, policy, selected, checked["as_of"])
+        with conn.transaction():
+            for p in plans:
+                audit.record(
+                    conn, ctx, action="plan", outcome="ok", rule=p.rule, row_count=p.candidates - p.held,
+                    details={"candidates": p.candidates, "held": p.held, "by_hold": p.by_hold,
+                             "seconds": round(p.seconds, 3), "as_of": checked["as_of"]},
+                )
     log.info(
         "Plan as of %s%s:\n%s", checked["as_of"], " (DRY RUN)" if checked["dry_run"] else "",
         sweep.format_table(
