@@ -293,7 +293,9 @@ def test_hold_predicate_the_dag_role_may_not_read(
 
 def test_hold_predicate_is_compiled_not_run(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
     """EXPLAIN plans the predicate: a predicate that would fail at run time still passes, nothing is executed."""
-    policy = _variant(demo_data, lambda d: d["holds"][2].update(predicate="s.contact_id / (s.contact_id - s.contact_id) > 0"))
+    policy = _variant(
+        demo_data, lambda d: d["holds"][2].update(predicate="s.contact_id / (s.contact_id - s.contact_id) > 0")
+    )
     assert check_policy(conn, policy).warnings == []
 
 

@@ -115,7 +115,9 @@ def test_archive_key_must_be_32_bytes(size: int) -> None:
 
 @pytest.mark.parametrize("archive_keys", [None, {}, "archive-1=abc", ["archive-1"]])
 def test_archive_keys_missing_or_not_a_mapping(archive_keys: Any) -> None:
-    assert _refused(_extra(archive_keys=archive_keys)) == "connection 'gdpr_keys': archive_keys (key id -> base64 key) is missing"
+    assert _refused(_extra(archive_keys=archive_keys)) == (
+        "connection 'gdpr_keys': archive_keys (key id -> base64 key) is missing"
+    )
 
 
 @pytest.mark.parametrize("active", [None, "archive-9", "", 1])

@@ -1,13 +1,12 @@
 """The demo CRM generator (warehouse_gdpr.demo_data), against a real PostgreSQL.
 
-Needs WAREHOUSE_TEST_URL (schema `crm` there is dropped and recreated); skipped without it.
+Each test seeds its own copy of the template database (conftest `warehouse`/`conn`: the embedded
+server, or $WAREHOUSE_TEST_URL's); `seed` drops and recreates schema `crm` there.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -22,12 +21,9 @@ LINE = {"line": years_before(TODAY, 3), "today": TODAY}  # query parameters
 
 
 @pytest.fixture
-def _demo_db() -> Iterator[psycopg.Connection]:
-    url = os.environ.get("WAREHOUSE_TEST_URL")
-    if not url:
-        pytest.skip("WAREHOUSE_TEST_URL is not set")
-    with psycopg.connect(url) as conn:
-        yield conn
+def _demo_db(conn: psycopg.Connection) -> psycopg.Connection:
+    """A connection to this test's own database (a fresh copy of the seeded template)."""
+    return conn
 
 
 def _scalar(conn: psycopg.Connection, query: str, params: dict | None = None):
@@ -154,8 +150,10 @@ def test_values_look_real_and_stay_fictional(_demo_db: psycopg.Connection) -> No
     assert _scalar(_demo_db, "SELECT count(*) FROM crm.contracts WHERE end_date <= start_date") == 0
 
 
-def test_command_line_seeds_and_prints_counts(_demo_db: psycopg.Connection, capsys: pytest.CaptureFixture) -> None:
-    main(["--url", os.environ["WAREHOUSE_TEST_URL"], "--contacts", "100", "--seed", "3", "--today", "2025-06-15"])
+def test_command_line_seeds_and_prints_counts(
+    warehouse: str, _demo_db: psycopg.Connection, capsys: pytest.CaptureFixture
+) -> None:
+    main(["--url", warehouse, "--contacts", "100", "--seed", "3", "--today", "2025-06-15"])
     out = capsys.readouterr().out
     assert "contacts" in out and "100" in out
     assert _scalar(_demo_db, "SELECT count(*) FROM crm.contacts") == 100

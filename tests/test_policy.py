@@ -134,6 +134,19 @@ def test_malformed_durations_are_refused(tmp_path: Path, demo_data: dict[str, An
     ]
 
 
+def test_duration_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    text = DEMO.read_text(encoding="utf-8").replace("    retain_for: P3Y\n    action: delete\n",
+                                                    "    retain_for: |\n      P3Y\n    action: delete\n", 1)
+    path.write_text(text, encoding="utf-8")
+    assert yaml.safe_load(text)["rules"][0]["retain_for"] == "P3Y\n"  # the block scalar keeps its newline
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert _problems(str(info.value)) == [
+        "rules[0].retain_for: expected an ISO 8601 duration such as P3Y, P18M or P30D, got 'P3Y\\n'"
+    ]
+
+
 @pytest.mark.parametrize("value", ["P3Y", "P18M", "P30D", "P2W", "P1Y6M", "P1Y2M3W4D"])
 def test_well_formed_durations_are_accepted(tmp_path: Path, demo_data: dict[str, Any], value: str) -> None:
     data = copy.deepcopy(demo_data)
@@ -299,6 +312,18 @@ def test_bad_indentation_names_the_line(tmp_path: Path) -> None:
     assert str(info.value) == f"{path}: not valid YAML at line 2, column 13: mapping values are not allowed here"
 
 
+def test_duplicate_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    text = DEMO.read_text(encoding="utf-8").replace(
+        "    retain_for: P3Y\n", "    retain_for: P3Y\n    retain_for: P30Y\n", 1
+    )
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(path) in str(info.value)
+    assert "retain_for" in str(info.value)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.yaml"
     with pytest.raises(PolicyError) as info:
@@ -312,11 +337,6 @@ def test_directory_instead_of_a_file(tmp_path: Path) -> None:
     assert str(info.value) == f"{tmp_path}: cannot read the policy file (Is a directory)"
 
 
-@pytest.mark.xfail(
-    reason="policy.load_policy catches only OSError around read_text(encoding='utf-8'): a file that is not UTF-8 "
-    "raises a bare UnicodeDecodeError that names neither the file nor what was expected",
-    strict=True,
-)
 def test_file_not_in_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes("version: 1\n# r\xe9tention\n".encode("latin-1"))

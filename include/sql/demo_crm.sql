@@ -69,3 +69,14 @@ CREATE TABLE crm.invoices (
     billing_name text
 );
 CREATE INDEX invoices_contact_idx ON crm.invoices (contact_id, issued_on);
+
+CREATE TABLE crm.support_tickets (
+    ticket_id       bigint PRIMARY KEY,
+    contact_id      bigint REFERENCES crm.contacts (contact_id),
+    requester_email text NOT NULL,
+    subject         text,
+    body            text,
+    created_at      timestamptz NOT NULL
+);
+CREATE INDEX support_tickets_contact_idx ON crm.support_tickets (contact_id);
+CREATE INDEX support_tickets_email_idx ON crm.support_tickets (lower(requester_email));

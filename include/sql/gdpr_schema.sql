@@ -74,7 +74,10 @@ ALTER TABLE gdpr.audit_log ENABLE ALWAYS TRIGGER audit_log_no_update_delete;
 ALTER TABLE gdpr.audit_log ENABLE ALWAYS TRIGGER audit_log_no_truncate;
 
 REVOKE ALL ON gdpr.audit_log FROM PUBLIC;
-GRANT SELECT, INSERT ON gdpr.audit_log TO gdpr_engine;
+-- INSERT on the descriptive columns only: the engine cannot choose audit_id or logged_at.
+GRANT SELECT ON gdpr.audit_log TO gdpr_engine;
+GRANT INSERT (dag_id, run_id, task_id, rule, table_name, action, row_count, dry_run, outcome, subject_hash, details)
+    ON gdpr.audit_log TO gdpr_engine;
 GRANT SELECT ON gdpr.audit_log TO gdpr_auditor;
 GRANT SELECT ON gdpr.schema_version TO gdpr_engine, gdpr_auditor;
 
@@ -100,4 +103,58 @@ REVOKE ALL ON gdpr_archive.archived_row FROM PUBLIC;
 GRANT SELECT, INSERT, DELETE ON gdpr_archive.archived_row TO gdpr_engine;
 GRANT SELECT ON gdpr_archive.archived_row TO gdpr_archive_reader;
 
-INSERT INTO gdpr.schema_version (version) VALUES (1) ON CONFLICT (version) DO NOTHING;
+-- Suppression (opt-out / exclusion) list: keyed hashes of normalised emails, kept forever.
+-- No grant of UPDATE or DELETE to anyone: an entry is permanent.
+CREATE TABLE IF NOT EXISTS gdpr.suppression_list (
+    email_hash  text PRIMARY KEY,
+    key_id      text NOT NULL,
+    reason      text NOT NULL CHECK (reason IN ('erasure', 'opt_out')),
+    source      text NOT NULL,
+    request_id  text,
+    first_seen  timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON gdpr.suppression_list FROM PUBLIC;
+GRANT SELECT, INSERT ON gdpr.suppression_list TO gdpr_engine;
+GRANT SELECT ON gdpr.suppression_list TO gdpr_auditor;
+
+-- Erasure requests (GDPR art. 17): one row per request id; the subject appears only as a keyed hash.
+CREATE TABLE IF NOT EXISTS gdpr.erasure_request (
+    request_id    text PRIMARY KEY,
+    subject_hash  text NOT NULL,
+    received_at   date NOT NULL,
+    due_date      date NOT NULL,
+    status        text NOT NULL CHECK (status IN ('refused', 'not_found', 'pending_propagation', 'completed')),
+    outcome       text NOT NULL CHECK (outcome IN ('erased', 'restricted', 'refused', 'not_found')),
+    reason        text,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    completed_at  timestamptz,
+    deadline_warned_at timestamptz,
+    details       jsonb NOT NULL DEFAULT '{}'::jsonb
+);
+REVOKE ALL ON gdpr.erasure_request FROM PUBLIC;
+GRANT SELECT, INSERT, UPDATE ON gdpr.erasure_request TO gdpr_engine;
+GRANT SELECT ON gdpr.erasure_request TO gdpr_auditor;
+
+-- Outbox of erasures to propagate downstream. The identifier a target needs is kept only
+-- encrypted (AES-256-GCM, AAD = request_id|target|key_id) until the target acknowledged; then the
+-- ciphertext is destroyed (set to NULL) and the destruction audited.
+CREATE TABLE IF NOT EXISTS gdpr.erasure_propagation (
+    request_id       text NOT NULL REFERENCES gdpr.erasure_request (request_id),
+    target           text NOT NULL,
+    status           text NOT NULL CHECK (status IN ('pending', 'acknowledged')),
+    attempts         integer NOT NULL DEFAULT 0,
+    key_id           text,
+    nonce            bytea,
+    identifier_ciphertext bytea,
+    last_result      text,
+    last_attempt_at  timestamptz,
+    acknowledged_at  timestamptz,
+    PRIMARY KEY (request_id, target),
+    CHECK (status = 'pending' OR identifier_ciphertext IS NULL)
+);
+REVOKE ALL ON gdpr.erasure_propagation FROM PUBLIC;
+GRANT SELECT, INSERT, UPDATE ON gdpr.erasure_propagation TO gdpr_engine;
+GRANT SELECT (request_id, target, status, attempts, last_result, last_attempt_at, acknowledged_at)
+    ON gdpr.erasure_propagation TO gdpr_auditor;
+
+INSERT INTO gdpr.schema_version (version) VALUES (1), (2) ON CONFLICT (version) DO NOTHING;

@@ -64,7 +64,7 @@ def _indexed_first_columns(conn: psycopg.Connection, schemas: set[str]) -> set[t
         JOIN pg_catalog.pg_class t ON t.oid = i.indrelid
         JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
         JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0]
-        WHERE n.nspname = ANY(%s)
+        WHERE n.nspname = ANY(%s) AND i.indisvalid AND i.indpred IS NULL
         """,
         (sorted(schemas),),
     ).fetchall()

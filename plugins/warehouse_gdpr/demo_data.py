@@ -52,6 +52,8 @@ COLUMNS = {
     "notes": "note_id int8, contact_id int8, author text, body text, created_at timestamptz",
     "contracts": "contract_id int8, contact_id int8, start_date date, end_date date, value_eur numeric",
     "invoices": "invoice_id int8, contact_id int8, issued_on date, amount_eur numeric, billing_name text",
+    "support_tickets": "ticket_id int8, contact_id int8, requester_email text, subject text, body text, "
+    "created_at timestamptz",
 }
 # Subject-initiated kinds restart the retention clock; rep-initiated kinds do not (include/policy.yaml).
 OWN_KINDS = (
@@ -199,8 +201,9 @@ class _Generator:
             created, own, rep, latest = self.pipeline_timeline(scenario, edge)
         else:
             created, own, rep, latest = self.customer_timeline(contact_id, status, scenario, edge, f"{first} {last}")
+        email = f"{self.slugs[first]}.{self.slugs[last]}.{contact_id}@{domain}"
         self.add("contacts", (
-            contact_id, company_id, status, f"{self.slugs[first]}.{self.slugs[last]}.{contact_id}@{domain}",
+            contact_id, company_id, status, email,
             first, last, phone if random_() < 0.8 else None, pick(JOB_TITLES) if random_() < 0.95 else None,
             self.at(created), random_() < 0.02, random_() < 0.01,
         ))
@@ -214,6 +217,14 @@ class _Generator:
             body = pick(NOTE_BODIES).format(**names)
             self.add("notes", (self.counts["notes"] + 1, contact_id, pick(REPS), body,
                                self.at(self.between(latest, created))))
+        if status in ("client", "former_client") and random_() < 0.3:
+            # Support desk tickets carry the requester's email; a quarter were never linked to the
+            # contact (sent before the account existed): only the email finds them.
+            linked = contact_id if random_() < 0.75 else None
+            self.add("support_tickets", (
+                self.counts["support_tickets"] + 1, linked, email, "Question about my invoice",
+                f"Hello, {first} here. Could you resend the last invoice?", self.at(self.between(latest, created)),
+            ))
 
     def pipeline_timeline(self, scenario: str, edge: int) -> tuple[int, list[int], list[int], int]:
         """Prospect or lead: (created_at age, own activity ages, rep activity ages, newest age), in seconds."""

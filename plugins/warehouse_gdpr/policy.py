@@ -34,8 +34,11 @@ class _Model(BaseModel):
 
 
 def _check_duration(value: str) -> str:
-    if not DURATION.match(value):
+    match = DURATION.fullmatch(value)
+    if not match:
         raise ValueError(f"expected an ISO 8601 duration such as P3Y, P18M or P30D, got {value!r}")
+    if not any(int(n) for n in match.groups() if n):
+        raise ValueError(f"a retention period must be longer than zero, got {value!r}")
     return value
 
 
@@ -229,6 +232,21 @@ def parse_policy(data: object, source: str = "<policy>") -> Policy:
         raise PolicyError("\n".join(lines)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:  # type: ignore[override]
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (a second value would silently win)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_policy(path: str | Path) -> Policy:
     """Read and validate a policy file."""
     path = Path(path)
@@ -236,8 +254,10 @@ def load_policy(path: str | Path) -> Policy:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read the policy file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); save the policy as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
