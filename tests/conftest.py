@@ -146,3 +146,88 @@ def airflow_conns(
     monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps(conn))
     monkeypatch.setenv("AIRFLOW_CONN_GDPR_KEYS", json.dumps({"conn_type": "generic", "extra": key_extra}))
     return warehouse
+
+
+# -- erasure: real downstream services on 127.0.0.1 and a support-desk database ------------------
+
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+os.environ["no_proxy"] = os.environ["NO_PROXY"]
+
+
+class Downstream:
+    """The three demo targets of the policy's erasure section, running for one test."""
+
+    def __init__(self, emailing, telephony, desk_url: str) -> None:  # type: ignore[no-untyped-def]
+        self.emailing = emailing
+        self.telephony = telephony
+        self.desk_url = desk_url
+
+    def add_person(self, email: str) -> None:
+        self.emailing.add_contact(email, attributes={"FIRSTNAME": "Zoé"})
+        self.telephony.add_contact(email, phone="+33 6 00 00 00 00")
+        with psycopg.connect(self.desk_url) as desk:
+            tid = desk.execute(
+                "INSERT INTO desk.tickets (requester_email, subject) VALUES (%s, 'Invoice question') RETURNING ticket_id",
+                (email,),
+            ).fetchone()[0]  # type: ignore[index]
+            desk.execute("INSERT INTO desk.ticket_messages (ticket_id, body) VALUES (%s, 'Hello, Zoé here')", (tid,))
+
+    def desk_rows(self, email: str) -> int:
+        with psycopg.connect(self.desk_url) as desk:
+            return desk.execute(
+                "SELECT count(*) FROM desk.tickets WHERE lower(requester_email) = lower(%s)", (email,)
+            ).fetchone()[0]  # type: ignore[index]
+
+
+def _conn_json(url: str) -> dict[str, object]:
+    params = conninfo_to_dict(url)
+    conn: dict[str, object] = {
+        "conn_type": "postgres", "host": params.get("host", ""), "login": params.get("user", ""),
+        "password": params.get("password") or "", "schema": params["dbname"],
+    }
+    if params.get("port"):
+        conn["port"] = int(params["port"])  # type: ignore[arg-type]
+    return conn
+
+
+@pytest.fixture
+def downstream(server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Downstream]:
+    from warehouse_gdpr.demo_services import start_emailing, start_telephony
+
+    name = f"gdpr_desk_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    desk_url = _with_db(server_url, name)
+    with psycopg.connect(desk_url) as desk:
+        desk.execute(read_sql("demo_support_desk.sql"))  # type: ignore[arg-type]
+    emailing = start_emailing("test-api-key")
+    telephony = start_telephony("test-token")
+    monkeypatch.setenv("AIRFLOW_CONN_EMAILING", json.dumps(
+        {"conn_type": "http", "host": "127.0.0.1", "port": emailing.port, "schema": "http",
+         "extra": {"api-key": "test-api-key"}}))
+    monkeypatch.setenv("AIRFLOW_CONN_TELEPHONY", json.dumps(
+        {"conn_type": "http", "host": "127.0.0.1", "port": telephony.port, "schema": "http",
+         "extra": {"Authorization": "Bearer test-token"}}))
+    monkeypatch.setenv("AIRFLOW_CONN_SUPPORT_DESK", json.dumps(_conn_json(desk_url)))
+    services = Downstream(emailing, telephony, desk_url)
+    try:
+        yield services
+    finally:
+        services.emailing.stop()
+        services.telephony.stop()
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def fast_retry_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The demo policy with erasure retries short enough for dag.test() (which waits real time)."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "include" / "policy.yaml").read_text())
+    data["erasure"]["retries"] = 1
+    data["erasure"]["retry_delay_seconds"] = 1
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv("WAREHOUSE_GDPR_POLICY", str(path))
+    return path

@@ -104,6 +104,14 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
             "expected a timestamp"
         )
 
+    if subject.restriction_column:
+        flag = need("subject.restriction_column", subject.table, subject.restriction_column)
+        if flag and flag.type != "boolean":
+            problems.append(
+                f"subject.restriction_column: column {subject.table}.{subject.restriction_column} is {flag.type}, "
+                "expected boolean"
+            )
+
     for i, mapped in enumerate(policy.tables):
         where = f"tables[{i}]"
         if mapped.table not in catalog:
@@ -112,6 +120,10 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
         report.tables += 1
         need(f"{where}.primary_key", mapped.table, mapped.primary_key)
         need(f"{where}.subject_column", mapped.table, mapped.subject_column)
+        for j, name in enumerate(mapped.email_columns):
+            col = need(f"{where}.email_columns[{j}]", mapped.table, name)
+            if col and col.type not in TEXT_TYPES:
+                problems.append(f"{where}.email_columns[{j}]: column {mapped.table}.{name} is {col.type}, expected text")
         for name, treatment in mapped.columns.items():
             col = need(f"{where}.columns.{name}", mapped.table, name)
             if col is None:

@@ -56,6 +56,10 @@ class Subject(_Model):
     pseudonymised_marker: Ident = Field(
         description="timestamptz column set when the subject is pseudonymised; such subjects are not selected again"
     )
+    restriction_column: Ident | None = Field(
+        default=None,
+        description="boolean column set to true when an erasure is restricted by a hold (e.g. a do-not-contact flag)",
+    )
 
 
 class HashColumn(_Model):
@@ -84,6 +88,13 @@ class MappedTable(_Model):
     table: QualifiedName
     primary_key: Ident
     subject_column: Ident = Field(description="column holding the subject's primary key")
+    email_columns: list[Ident] = Field(
+        default_factory=list,
+        description="columns holding the person's email: an erasure also finds rows by them (e.g. unlinked tickets)",
+    )
+    kept_when_held: bool = Field(
+        default=False, description="kept (not erased) when a hold restricts an erasure, e.g. accounting records"
+    )
     columns: dict[Ident, ColumnTreatment] = Field(default_factory=dict)
 
 
@@ -103,6 +114,10 @@ class Hold(_Model):
     description: str = ""
     predicate: str = Field(min_length=1, max_length=4000)
     blocks: list[Action] = Field(default_factory=lambda: ["delete", "pseudonymise"], min_length=1)
+    on_erasure: Literal["refuse", "restrict"] = Field(
+        default="restrict",
+        description="erasure request of a held subject: refuse it, or erase what is not kept_when_held and restrict the rest",
+    )
 
     @field_validator("predicate")
     @classmethod
@@ -155,6 +170,62 @@ class Rule(_Model):
         return self
 
 
+class HttpTarget(_Model):
+    """A downstream system reached over HTTP; base URL and auth come from an Airflow HTTP connection."""
+
+    name: Ident
+    kind: Literal["http"]
+    connection_id: Ident
+    preset: Literal["brevo", "hubspot"] | None = None
+    method: Literal["DELETE", "POST", "PUT"] | None = None
+    endpoint: str | None = Field(default=None, description="path template; {identifier} is URL-encoded into it")
+    body: dict[str, object] | None = Field(default=None, description="JSON body; the string '{identifier}' is replaced")
+    success_codes: list[int] = Field(default_factory=lambda: [200, 201, 202, 204])
+
+    @model_validator(mode="after")
+    def _preset_or_explicit(self) -> "HttpTarget":
+        if self.preset is None and (self.method is None or self.endpoint is None):
+            raise ValueError("an http target needs a preset (brevo, hubspot) or both method and endpoint")
+        if self.endpoint is not None and "{identifier}" not in self.endpoint and not self.body:
+            raise ValueError("the endpoint or the body must contain {identifier}")
+        return self
+
+
+class SqlTarget(_Model):
+    """Another database reached through an Airflow connection; statements take %(identifier)s."""
+
+    name: Ident
+    kind: Literal["sql"]
+    connection_id: Ident
+    statements: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+
+    @field_validator("statements")
+    @classmethod
+    def _parameterised(cls, value: list[str]) -> list[str]:
+        for statement in value:
+            if "%(identifier)s" not in statement:
+                raise ValueError("each statement must use the %(identifier)s parameter (never string formatting)")
+        return value
+
+
+Target = Annotated[Union[HttpTarget, SqlTarget], Field(discriminator="kind")]
+
+
+class Erasure(_Model):
+    approval_required: bool = Field(default=False, description="four-eyes approval (ApprovalOperator) before erasing")
+    retries: int = Field(default=5, ge=0, le=50)
+    retry_delay_seconds: int = Field(default=60, ge=1)
+    deadline_warning_days: int = Field(default=7, ge=0, le=30)
+    targets: list[Target] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> "Erasure":
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError("target names must be unique")
+        return self
+
+
 class Policy(_Model):
     version: Literal[1]
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
@@ -164,6 +235,7 @@ class Policy(_Model):
     interactions: Interactions
     holds: list[Hold] = Field(default_factory=list)
     rules: list[Rule] = Field(min_length=1)
+    erasure: Erasure = Field(default_factory=Erasure)
 
     @model_validator(mode="after")
     def _cross_references(self) -> "Policy":
