@@ -145,6 +145,13 @@ def verify(context: Any) -> dict[str, Any]:
                      [[t["target"], t["status"], t["attempts"], t["acknowledged_at"] or "-"] for t in certificate["targets"]])
         if certificate["targets"] else "(no downstream target)",
     )
+    pending = [t["target"] for t in certificate["targets"] if t["status"] == "pending"]
+    if pending:
+        raise AirflowFailException(
+            f"request {request.request_id}: {certificate['outcome']} in the warehouse, but {len(pending)} target(s) "
+            f"have not acknowledged: {', '.join(pending)}. gdpr_erasure_retry retries them hourly; "
+            f"the request is due on {certificate['due_date']}."
+        )
     return {"request_id": request.request_id, "status": certificate["status"], "outcome": certificate["outcome"]}
 
 
