@@ -20,9 +20,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Stop the embedded demo PostgreSQL (data stays under .demo/pg; `make demo` starts it again).
+# Stop the demo's downstream services and embedded PostgreSQL (data stays under .demo/pg).
 stop: $(STAMP)
-	$(PY) -m warehouse_gdpr.embedded stop .demo/pg
+	$(PY) -m warehouse_gdpr.demo stop
 
 # Refresh constraints.txt from a clean venv after changing dependencies in pyproject.toml.
 lock:

@@ -131,18 +131,11 @@ def airflow_home() -> Path:
 def airflow_conns(
     monkeypatch: pytest.MonkeyPatch, warehouse: str, key_extra: dict[str, object]
 ) -> str:
-    """Point the DAGs' connections at this test's warehouse copy, as the least-privileged gdpr_dag role."""
-    dag_url = _with_db(warehouse, conninfo_to_dict(warehouse)["dbname"], user="gdpr_dag")  # type: ignore[arg-type]
-    params = conninfo_to_dict(dag_url)
-    conn = {
-        "conn_type": "postgres",
-        "host": params.get("host", ""),
-        "login": params.get("user", ""),
-        "password": params.get("password", "") or "",
-        "schema": params["dbname"],
-    }
-    if params.get("port"):
-        conn["port"] = int(params["port"])  # type: ignore[arg-type]
+    """Point the DAGs' connections at this test's warehouse copy, as the least-privileged gdpr_dag role
+    (on an external $WAREHOUSE_TEST_URL server, with its own credentials: gdpr_dag has no password there)."""
+    url = warehouse if os.environ.get("WAREHOUSE_TEST_URL") else _with_db(
+        warehouse, conninfo_to_dict(warehouse)["dbname"], user="gdpr_dag")  # type: ignore[arg-type]
+    conn = embedded.airflow_conn_json(url)
     monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps(conn))
     monkeypatch.setenv("AIRFLOW_CONN_GDPR_KEYS", json.dumps({"conn_type": "generic", "extra": key_extra}))
     return warehouse
@@ -179,17 +172,6 @@ class Downstream:
             ).fetchone()[0]  # type: ignore[index]
 
 
-def _conn_json(url: str) -> dict[str, object]:
-    params = conninfo_to_dict(url)
-    conn: dict[str, object] = {
-        "conn_type": "postgres", "host": params.get("host", ""), "login": params.get("user", ""),
-        "password": params.get("password") or "", "schema": params["dbname"],
-    }
-    if params.get("port"):
-        conn["port"] = int(params["port"])  # type: ignore[arg-type]
-    return conn
-
-
 @pytest.fixture
 def downstream(server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Downstream]:
     from warehouse_gdpr.demo_services import start_emailing, start_telephony
@@ -208,7 +190,7 @@ def downstream(server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Dow
     monkeypatch.setenv("AIRFLOW_CONN_TELEPHONY", json.dumps(
         {"conn_type": "http", "host": "127.0.0.1", "port": telephony.port, "schema": "http",
          "extra": {"Authorization": "Bearer test-token"}}))
-    monkeypatch.setenv("AIRFLOW_CONN_SUPPORT_DESK", json.dumps(_conn_json(desk_url)))
+    monkeypatch.setenv("AIRFLOW_CONN_SUPPORT_DESK", json.dumps(embedded.airflow_conn_json(desk_url)))
     services = Downstream(emailing, telephony, desk_url)
     try:
         yield services

@@ -62,7 +62,7 @@ def test_demo_policy_loads() -> None:
     assert policy.version == 1
     assert policy.subject.table == "crm.contacts"
     assert [t.table for t in policy.tables] == [
-        "crm.contacts", "crm.activities", "crm.notes", "crm.contracts", "crm.invoices",
+        "crm.contacts", "crm.activities", "crm.notes", "crm.contracts", "crm.invoices", "crm.support_tickets",
     ]
     assert [r.name for r in policy.rules] == ["prospects_never_converted", "leads_not_converted", "former_clients"]
     assert [h.name for h in policy.holds] == ["active_contract", "invoice_under_10_years", "litigation"]
@@ -74,7 +74,7 @@ def test_demo_policy_loads() -> None:
     assert isinstance(policy.subject_mapping.columns["email"], HashColumn)
     # Dependents are deleted in reverse order of the file, the subject table last (not listed).
     assert [t.table for t in policy.dependent_tables] == [
-        "crm.invoices", "crm.contracts", "crm.notes", "crm.activities",
+        "crm.support_tickets", "crm.invoices", "crm.contracts", "crm.notes", "crm.activities",
     ]
 
 

@@ -28,7 +28,7 @@ CREATE TABLE crm.contacts (
     litigation_hold  boolean NOT NULL DEFAULT false,
     pseudonymised_at timestamptz
 );
-CREATE INDEX contacts_email_idx ON crm.contacts (lower(email));
+CREATE INDEX contacts_email_idx ON crm.contacts (lower(btrim(email)));
 CREATE INDEX contacts_status_idx ON crm.contacts (status, contact_id);
 
 CREATE TABLE crm.activities (
@@ -79,4 +79,4 @@ CREATE TABLE crm.support_tickets (
     created_at      timestamptz NOT NULL
 );
 CREATE INDEX support_tickets_contact_idx ON crm.support_tickets (contact_id);
-CREATE INDEX support_tickets_email_idx ON crm.support_tickets (lower(requester_email));
+CREATE INDEX support_tickets_email_idx ON crm.support_tickets (lower(btrim(requester_email)));

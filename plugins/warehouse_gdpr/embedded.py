@@ -16,7 +16,6 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 
 def _pgserver():  # type: ignore[no-untyped-def]
@@ -63,22 +62,23 @@ def bin_dir() -> Path | None:
     return POSTGRES_VERSIONS.get(TARGET_POSTGRES_VERSION)
 
 
-def airflow_conn_json(url: str) -> dict[str, object]:
-    """An Airflow connection (JSON form) for a libpq URL, Unix-socket URLs included."""
-    parts = urlsplit(url)
-    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
-    host = query.pop("host", None) or parts.hostname or ""
+def airflow_conn_json(conninfo: str) -> dict[str, object]:
+    """An Airflow connection (JSON form) for a libpq URL or key=value string, Unix sockets included."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(conninfo)
     conn: dict[str, object] = {
         "conn_type": "postgres",
-        "host": host,
-        "login": parts.username or "",
-        "password": parts.password or "",
-        "schema": parts.path.lstrip("/") or "postgres",
+        "host": params.pop("host", "") or "",
+        "login": params.pop("user", "") or "",
+        "password": params.pop("password", "") or "",
+        "schema": params.pop("dbname", "") or "postgres",
     }
-    if parts.port:
-        conn["port"] = parts.port
-    if query:
-        conn["extra"] = query
+    port = params.pop("port", None)
+    if port:
+        conn["port"] = int(port)  # type: ignore[arg-type]
+    if params:
+        conn["extra"] = {k: str(v) for k, v in params.items()}
     return conn
 
 

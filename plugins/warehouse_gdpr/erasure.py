@@ -1,5 +1,8 @@
 """Subject erasure on request (GDPR art. 17): validate, locate, evaluate holds, erase, verify, certify.
 
+Emails are compared as ``lower(btrim(column)) = normalised email``: index that expression on the
+subject's email column and on every `email_columns` entry (include/sql/demo_crm.sql does).
+
 The email is only ever held in memory by the task that needs it (read from the run's params); logs,
 audit rows, XComs and exceptions refer to the person by `subject_hash` (HMAC of the normalised email)
 or by internal ids. Every statement is set-based over the subject's ids and identity values, and
@@ -103,7 +106,7 @@ def _match(mapped: MappedTable, email_param: bool) -> sql.Composable:
     """WHERE clause of the rows of `mapped` that belong to the person: by subject id, and by email."""
     parts = [sql.SQL("{c} = ANY(%(ids)s)").format(c=sql.Identifier(mapped.subject_column))]
     if email_param:
-        parts += [sql.SQL("lower({c}) = %(email)s").format(c=sql.Identifier(c)) for c in mapped.email_columns]
+        parts += [sql.SQL("lower(btrim({c})) = %(email)s").format(c=sql.Identifier(c)) for c in mapped.email_columns]
     return sql.SQL("(") + sql.SQL(" OR ").join(parts) + sql.SQL(")")
 
 
@@ -114,7 +117,8 @@ def locate(conn: psycopg.Connection, policy: Policy, keys: Keys, request: Erasur
     if request.email is not None:
         email: str | None = normalise_email(request.email)
         ids = [r[0] for r in conn.execute(
-            sql.SQL("SELECT {pk} FROM {t} WHERE lower({e}) = %s ORDER BY 1").format(pk=pk, t=table, e=email_col), (email,)
+            sql.SQL("SELECT {pk} FROM {t} WHERE lower(btrim({e})) = %s ORDER BY 1").format(pk=pk, t=table, e=email_col),
+            (email,),
         ).fetchall()]
     else:
         row = conn.execute(
@@ -210,7 +214,7 @@ def erase(
             " WHERE request_id = %s FOR UPDATE", (request.request_id,)
         ).fetchone()
         if existing:
-            if request.email is not None and existing[0] != located.subject_hash:
+            if located.email is not None and existing[0] != located.subject_hash:
                 raise RequestError(f"request id {request.request_id} was already used for another subject")
             recorded = ErasureResult(request.request_id, existing[0], existing[1], existing[2] or "", existing[3],
                                      existing[4].isoformat(), rows=existing[5].get("rows", {}),

@@ -63,7 +63,10 @@ def call_http(target: HttpTarget, identifier: str) -> tuple[bool, str]:
     endpoint = (target.endpoint or preset["endpoint"]).replace("{identifier}", quote(identifier, safe=""))
     body = target.body if target.body is not None else preset.get("body")
     hook = HttpHook(method=method, http_conn_id=target.connection_id)
-    session = hook.get_conn()  # base URL and auth (headers, basic auth) from the Airflow connection
+    try:
+        session = hook.get_conn()  # base URL and auth (headers, basic auth) from the Airflow connection
+    except Exception as exc:  # noqa: BLE001 - e.g. the connection is not defined: a failed attempt
+        return False, f"connection {target.connection_id!r} not usable ({type(exc).__name__})"
     url = hook.url_from_endpoint(endpoint)
     try:
         response = session.request(
@@ -85,8 +88,10 @@ def call_sql(target: SqlTarget, identifier: str) -> tuple[bool, str]:
     """Run the target's parameterised statements in one transaction on its Airflow connection."""
     from airflow.sdk import BaseHook
 
-    hook = BaseHook.get_connection(target.connection_id).get_hook()
-    conn = hook.get_conn()
+    try:
+        conn = BaseHook.get_connection(target.connection_id).get_hook().get_conn()
+    except Exception as exc:  # noqa: BLE001 - unknown connection, unreachable server: a failed attempt
+        return False, f"cannot connect ({type(exc).__name__})"
     try:
         rows = 0
         with conn.cursor() as cur:
