@@ -37,7 +37,7 @@ CREATE TABLE crm.activities (
     kind         text NOT NULL CHECK (kind IN (
                      'email_open', 'link_click', 'email_reply', 'web_visit', 'event_attended',
                      'content_download', 'form_submit',
-                     'call_attempt', 'email_sent', 'note_added')),
+                     'call_attempt', 'email_sent', 'note_added', 'unsubscribe')),
     occurred_at  timestamptz NOT NULL,
     subject_line text
 );

@@ -226,6 +226,42 @@ class Erasure(_Model):
         return self
 
 
+class OptOutSource(_Model):
+    """Where opt-outs are collected: a SQL predicate on the subject row `s` (e.g. a do-not-contact flag)."""
+
+    name: Ident
+    predicate: str = Field(min_length=1, max_length=4000)
+
+    @field_validator("predicate")
+    @classmethod
+    def _single_expression(cls, value: str) -> str:
+        if ";" in value:
+            raise ValueError("an opt-out predicate is one SQL boolean expression: ';' is not allowed")
+        return value
+
+
+class ShareTarget(_Model):
+    """A downstream system that accepts the list of hashes (HTTP POST of JSON batches)."""
+
+    name: Ident
+    connection_id: Ident
+    endpoint: str = Field(min_length=1)
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+
+
+class OptOut(_Model):
+    schedule: str = "@daily"
+    sources: list[OptOutSource] = Field(default_factory=list)
+    strip_plus_tags: bool = Field(
+        default=False, description="treat a+tag@x and a@x as one address (normalisation before hashing)"
+    )
+    resurrection: Literal["erase", "quarantine"] = Field(
+        default="erase", description="what happens to an erased person who comes back through an import"
+    )
+    share_targets: list[ShareTarget] = Field(default_factory=list)
+    export_path: str | None = Field(default=None, description="file written with the hashes only, one per line")
+
+
 class Policy(_Model):
     version: Literal[1]
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
@@ -236,6 +272,7 @@ class Policy(_Model):
     holds: list[Hold] = Field(default_factory=list)
     rules: list[Rule] = Field(min_length=1)
     erasure: Erasure = Field(default_factory=Erasure)
+    optout: OptOut = Field(default_factory=OptOut)
 
     @model_validator(mode="after")
     def _cross_references(self) -> "Policy":
