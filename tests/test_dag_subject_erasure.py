@@ -169,3 +169,20 @@ def test_dry_run_changes_nothing(
         assert conn.execute("SELECT count(*) FROM crm.contacts WHERE contact_id = %s", (contact_id,)).fetchone()[0] == 1  # type: ignore[index]
         for table in ("gdpr.erasure_request", "gdpr.suppression_list", "gdpr.erasure_propagation"):
             assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table  # type: ignore[index]
+
+
+def test_four_eyes_approval_sits_before_the_erasure(
+    airflow_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    data = yaml.safe_load((ROOT / "include" / "policy.yaml").read_text())
+    data["erasure"]["approval_required"] = True
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv("WAREHOUSE_GDPR_POLICY", str(path))
+    dag = _dag("gdpr_subject_erasure")
+    approve = dag.get_task("approve_erasure")
+    assert type(approve).__name__ == "ApprovalOperator"
+    assert approve.upstream_task_ids == {"validate_request"}
+    assert "approve_erasure" in dag.get_task("erase").upstream_task_ids
