@@ -260,7 +260,7 @@ def test_hold_predicate_with_a_semicolon(tmp_path: Path, demo_data: dict[str, An
     )
     assert str(path) in message
     assert _problems(message) == [
-        "holds[2].predicate: a hold predicate is one SQL boolean expression: ';' is not allowed"
+        "holds[2].predicate: a predicate is one SQL boolean expression: ';' is not allowed"
     ]
 
 

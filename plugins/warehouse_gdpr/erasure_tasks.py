@@ -12,7 +12,7 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from . import audit, catalog, erasure, propagation, runtime, schema
+from . import audit, erasure, propagation, runtime
 from .crypto import KeyError_
 from .erasure import ErasureRequest, RequestError
 from .policy import Policy, PolicyError, load_policy
@@ -45,13 +45,7 @@ def validate_request(context: Any) -> dict[str, Any]:
     except (KeyError_, RuntimeError) as exc:
         raise AirflowFailException(str(exc)) from None
     with runtime.connect(policy) as conn:
-        try:
-            schema.ensure_schema(conn)
-            report = catalog.check_policy(conn, policy)
-        except (catalog.CatalogError, schema.SchemaError) as exc:
-            raise AirflowFailException(str(exc)) from None
-        for warning in report.warnings:
-            log.warning("index check: %s", warning)
+        runtime.prepare_warehouse(conn, policy)
         located = erasure.locate(conn, policy, keys, request)
         holds = erasure.holds_in_force(conn, policy, located, runtime.as_of(context))
         outcome, reason = erasure.decide(located, holds)

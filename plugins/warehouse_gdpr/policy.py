@@ -15,13 +15,23 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 IDENT = r"^[a-z_][a-z0-9_]{0,62}$"
 QUALIFIED = r"^[a-z_][a-z0-9_]{0,62}\.[a-z_][a-z0-9_]{0,62}$"
 DURATION = re.compile(r"^P(?=\d)(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?$")
 
 Ident = Annotated[str, Field(pattern=IDENT)]
+
+
+def _one_expression(value: str) -> str:
+    if ";" in value:
+        raise ValueError("a predicate is one SQL boolean expression: ';' is not allowed")
+    return value
+
+
+# A SQL boolean expression on the subject row `s`, written by the policy's author (never by a user).
+Predicate = Annotated[str, Field(min_length=1, max_length=4000), AfterValidator(_one_expression)]
 QualifiedName = Annotated[str, Field(pattern=QUALIFIED, description="schema.table")]
 
 
@@ -112,19 +122,12 @@ Action = Literal["delete", "pseudonymise"]
 class Hold(_Model):
     name: Ident
     description: str = ""
-    predicate: str = Field(min_length=1, max_length=4000)
+    predicate: Predicate
     blocks: list[Action] = Field(default_factory=lambda: ["delete", "pseudonymise"], min_length=1)
     on_erasure: Literal["refuse", "restrict"] = Field(
         default="restrict",
         description="erasure request of a held subject: refuse it, or erase what is not kept_when_held and restrict the rest",
     )
-
-    @field_validator("predicate")
-    @classmethod
-    def _single_expression(cls, value: str) -> str:
-        if ";" in value:
-            raise ValueError("a hold predicate is one SQL boolean expression: ';' is not allowed")
-        return value
 
 
 class StatusFilter(_Model):
@@ -230,14 +233,7 @@ class OptOutSource(_Model):
     """Where opt-outs are collected: a SQL predicate on the subject row `s` (e.g. a do-not-contact flag)."""
 
     name: Ident
-    predicate: str = Field(min_length=1, max_length=4000)
-
-    @field_validator("predicate")
-    @classmethod
-    def _single_expression(cls, value: str) -> str:
-        if ";" in value:
-            raise ValueError("an opt-out predicate is one SQL boolean expression: ';' is not allowed")
-        return value
+    predicate: Predicate
 
 
 class ShareTarget(_Model):

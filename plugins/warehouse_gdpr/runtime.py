@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from .audit import RunContext
 from .crypto import Keys
 from .policy import Policy, load_policy
+
+if TYPE_CHECKING:
+    from .catalog import CatalogReport
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +80,21 @@ def as_of(context: Any) -> str:
     """The instant the retention clocks are measured against: the run's data interval end (stable on retry)."""
     moment = context.get("data_interval_end") or context.get("logical_date") or context["dag_run"].run_after
     return moment.isoformat()
+
+
+def prepare_warehouse(conn: psycopg.Connection, policy: Policy) -> "CatalogReport":
+    """Before any write: install the control schema if missing, check the policy against the live
+    catalog, log the index warnings. Configuration errors fail the task at once (no retry)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from . import catalog, schema
+
+    try:
+        schema.ensure_schema(conn)
+        report = catalog.check_policy(conn, policy)
+    except (catalog.CatalogError, schema.SchemaError) as exc:
+        log.error("%s", exc)
+        raise AirflowFailException(str(exc)) from None
+    for warning in report.warnings:
+        log.warning("index check: %s", warning)
+    return report

@@ -12,7 +12,7 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from . import audit, catalog, runtime, schema, sweep
+from . import audit, runtime, sweep
 from .crypto import KeyError_
 from .policy import PolicyError, load_policy
 
@@ -36,14 +36,7 @@ def check_policy(context: Any) -> dict[str, Any]:
         log.error("Policy or keys are not usable; nothing was changed. Fix and trigger again.\n%s", exc)
         raise AirflowFailException(str(exc)) from None
     with runtime.connect(policy) as conn:
-        try:
-            schema.ensure_schema(conn)
-            report = catalog.check_policy(conn, policy)
-        except (catalog.CatalogError, schema.SchemaError) as exc:
-            log.error("%s", exc)
-            raise AirflowFailException(str(exc)) from None
-        for warning in report.warnings:
-            log.warning("index check: %s", warning)
+        report = runtime.prepare_warehouse(conn, policy)
         ctx = runtime.run_context(context, dry_run)
         with conn.transaction():
             audit.record(
