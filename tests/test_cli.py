@@ -1,0 +1,50 @@
+"""`warehouse-gdpr policy schema|check` outside Airflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from warehouse_gdpr.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICY = ROOT / "include" / "policy.yaml"
+
+
+def test_schema_is_the_models_json_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"subject", "tables", "rules", "holds", "erasure", "optout"} <= set(schema["properties"])
+    assert "subject" in schema["required"]
+
+
+def test_check_without_a_warehouse_validates_the_file(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("WAREHOUSE_URL", raising=False)
+    assert main(["policy", "check", str(POLICY)]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_check_against_the_warehouse_prints_counts_only(warehouse: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "check", str(POLICY), "--url", warehouse, "--as-of", "2026-06-15T00:00:00+00:00"]) == 0
+    out = capsys.readouterr().out
+    assert "prospects_never_converted" in out and "former_clients" in out
+    assert "@" not in out
+
+
+def test_check_names_a_missing_column(warehouse: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = yaml.safe_load(POLICY.read_text())
+    data["tables"][1]["columns"]["subject_lin"] = data["tables"][1]["columns"].pop("subject_line")
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert main(["policy", "check", str(path), "--url", warehouse]) == 1
+    assert "tables[1].columns.subject_lin: column crm.activities.subject_lin does not exist" in capsys.readouterr().err
+
+
+def test_check_refuses_an_invalid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("version: 1\n")
+    assert main(["policy", "check", str(path)]) == 2
+    assert "subject: required key is missing" in capsys.readouterr().err
