@@ -29,17 +29,17 @@ def _request(context: Any) -> ErasureRequest:
         raise AirflowFailException(f"invalid erasure request: {exc}") from None
 
 
-def _policy() -> Policy:
+def _policy(policy_file: str) -> Policy:
     try:
-        return load_policy(runtime.policy_path())
+        return load_policy(policy_file)
     except PolicyError as exc:
         raise AirflowFailException(str(exc)) from None
 
 
-def validate_request(context: Any) -> dict[str, Any]:
+def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
     """Check the params together and the policy, keys and live catalog. Writes nothing but an audit row."""
     request = _request(context)
-    policy = _policy()
+    policy = _policy(policy_file)
     try:
         keys = runtime.load_keys(policy)
     except (KeyError_, RuntimeError) as exc:
@@ -62,10 +62,10 @@ def validate_request(context: Any) -> dict[str, Any]:
             "due_date": request.due_date.isoformat(), "dry_run": request.dry_run}
 
 
-def erase(context: Any) -> dict[str, Any]:
+def erase(policy_file: str, context: Any) -> dict[str, Any]:
     """Erase everywhere, suppress, record the request and the outbox: one transaction."""
     request = _request(context)
-    policy = _policy()
+    policy = _policy(policy_file)
     keys = runtime.load_keys(policy)
     ctx = runtime.run_context(context, request.dry_run)
     with runtime.connect(policy) as conn:
@@ -89,10 +89,10 @@ def erase(context: Any) -> dict[str, Any]:
     return out
 
 
-def propagate(target: str, context: Any) -> str:
+def propagate(policy_file: str, target: str, context: Any) -> str:
     """Tell one downstream system to erase the person; raise (Airflow retries) until it acknowledges."""
     params = context["params"]
-    policy = _policy()
+    policy = _policy(policy_file)
     keys = runtime.load_keys(policy)
     ctx = runtime.run_context(context, False)
     with runtime.connect(policy) as conn:
@@ -103,10 +103,10 @@ def propagate(target: str, context: Any) -> str:
             raise
 
 
-def verify(context: Any) -> dict[str, Any]:
+def verify(policy_file: str, context: Any) -> dict[str, Any]:
     """Rescan every mapped table, then certify (or report what is pending). Fails if anything is left."""
     request = _request(context)
-    policy = _policy()
+    policy = _policy(policy_file)
     keys = runtime.load_keys(policy)
     ctx = runtime.run_context(context, request.dry_run)
     with runtime.connect(policy) as conn:
@@ -161,9 +161,9 @@ def _warn_deadline(certificate: dict[str, Any], policy: Policy) -> None:
 # -- gdpr_erasure_retry --------------------------------------------------------------------------
 
 
-def retry_pending(context: Any) -> dict[str, Any]:
+def retry_pending(policy_file: str, context: Any) -> dict[str, Any]:
     """Try every pending outbox row once; complete and certify requests whose targets all acknowledged."""
-    policy = _policy()
+    policy = _policy(policy_file)
     keys = runtime.load_keys(policy)
     ctx = runtime.run_context(context, False)
     tried = acknowledged = 0
@@ -190,9 +190,9 @@ def retry_pending(context: Any) -> dict[str, Any]:
     return {"tried": tried, "acknowledged": acknowledged, "completed": completed}
 
 
-def check_deadlines(context: Any) -> dict[str, Any]:
+def check_deadlines(policy_file: str, context: Any) -> dict[str, Any]:
     """Make requests near or past their due date visible: log warnings, flag them, audit."""
-    policy = _policy()
+    policy = _policy(policy_file)
     ctx = runtime.run_context(context, False)
     days = policy.erasure.deadline_warning_days
     with runtime.connect(policy) as conn, conn.transaction():

@@ -1,7 +1,6 @@
 """Airflow glue: where the policy file is, and how a task gets its connections and keys.
 
-Nothing here runs at DAG import time except `policy_path()` / `try_load_policy()`, which read a
-local file only (no database, no network).
+Nothing here runs at DAG import time except `policy_path()` (no file, database or network access).
 """
 
 from __future__ import annotations
@@ -31,14 +30,6 @@ def policy_path() -> Path:
     if override:
         return Path(override)
     return Path(__file__).resolve().parents[2] / "include" / "policy.yaml"
-
-
-def try_load_policy() -> Policy | None:
-    """For DAG parse time: the policy if it loads, else None (the check task then reports why)."""
-    try:
-        return load_policy(policy_path())
-    except Exception:  # noqa: BLE001 - a broken policy must not hide the DAG; check_policy explains it
-        return None
 
 
 def connect(policy: Policy) -> psycopg.Connection:

@@ -8,6 +8,7 @@ Configuration errors raise AirflowFailException: retrying cannot fix a wrong pol
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
@@ -24,9 +25,9 @@ def _params(context: Any) -> tuple[bool, list[str] | None]:
     return bool(params.get("dry_run", False)), params.get("rules") or None
 
 
-def check_policy(context: Any) -> dict[str, Any]:
+def check_policy(policy_file: str, context: Any) -> dict[str, Any]:
     """Validate the policy file, the keys and the live catalog before anything writes."""
-    path = runtime.policy_path()
+    path = Path(policy_file)
     dry_run, names = _params(context)
     try:
         policy = load_policy(path)
@@ -45,12 +46,13 @@ def check_policy(context: Any) -> dict[str, Any]:
             )
     log.info("Policy %s matches the warehouse: %d tables, %d personal columns, rules: %s",
              path, report.tables, report.columns, ", ".join(r.name for r in selected))
-    return {"rules": [r.name for r in selected], "as_of": runtime.as_of(context), "dry_run": dry_run}
+    return {"rules": [r.name for r in selected], "as_of": runtime.as_of(context), "dry_run": dry_run,
+            "policy_file": str(path)}
 
 
 def plan(checked: dict[str, Any], context: Any) -> list[dict[str, Any]]:
     """Count candidates and held subjects per rule (one set-based query each)."""
-    policy = load_policy(runtime.policy_path())
+    policy = load_policy(checked["policy_file"])
     selected = sweep.select_rules(policy, checked["rules"])
     ctx = runtime.run_context(context, checked["dry_run"])
     with runtime.connect(policy) as conn:
@@ -74,7 +76,7 @@ def plan(checked: dict[str, Any], context: Any) -> list[dict[str, Any]]:
 
 def apply(checked: dict[str, Any], plans: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
     """Delete or pseudonymise per rule in audited keyset batches; a dry run only records the plan."""
-    policy = load_policy(runtime.policy_path())
+    policy = load_policy(checked["policy_file"])
     selected = sweep.select_rules(policy, checked["rules"])
     ctx = runtime.run_context(context, checked["dry_run"])
     results: list[dict[str, Any]] = []
@@ -113,7 +115,7 @@ def apply(checked: dict[str, Any], plans: list[dict[str, Any]], context: Any) ->
 
 def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Remove archived originals whose own retention period (archive_for) has ended."""
-    policy = load_policy(runtime.policy_path())
+    policy = load_policy(checked["policy_file"])
     ctx = runtime.run_context(context, checked["dry_run"])
     with runtime.connect(policy) as conn:
         n = sweep.purge_archive(conn, ctx, checked["as_of"], policy.batch_size)
@@ -123,7 +125,7 @@ def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
 
 def report(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Summarise the run from the audit log (what happened, not what was intended) and record it."""
-    policy = load_policy(runtime.policy_path())
+    policy = load_policy(checked["policy_file"])
     ctx = runtime.run_context(context, checked["dry_run"])
     with runtime.connect(policy) as conn:
         rows = audit.rows_for_run(conn, ctx.dag_id, ctx.run_id)
