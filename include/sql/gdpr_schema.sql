@@ -6,6 +6,7 @@
 --   gdpr_engine          the role the DAGs act as (grant it to the login role of the Airflow connection)
 --   gdpr_archive_reader  legal / accounting: may read the encrypted archive (still needs the key to decrypt)
 --   gdpr_auditor         may read the audit log, nothing else
+--   gdpr_list_reader     may read the suppression list (hashes only), nothing else: for import pipelines
 
 DO $$
 BEGIN
@@ -117,6 +118,74 @@ REVOKE ALL ON gdpr.suppression_list FROM PUBLIC;
 GRANT SELECT, INSERT ON gdpr.suppression_list TO gdpr_engine;
 GRANT SELECT ON gdpr.suppression_list TO gdpr_auditor;
 
+-- v3: an entry may change in two ways only, both checked below for everyone (the owner included):
+--   re-keying after a pepper rotation: email_hash and key_id change, nothing else (see optout.py);
+--   an opted-out person is erased later: reason 'opt_out' -> 'erasure' with the request id, nothing else.
+-- DELETE and TRUNCATE are refused: an entry is permanent.
+GRANT UPDATE (email_hash, key_id, reason, request_id) ON gdpr.suppression_list TO gdpr_engine;
+
+CREATE OR REPLACE FUNCTION gdpr.guard_suppression_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.key_id IS DISTINCT FROM OLD.key_id AND NEW.email_hash IS DISTINCT FROM OLD.email_hash
+           AND NEW.email_hash ~ '^[0-9a-f]{64}$'
+           AND (NEW.reason, NEW.source, NEW.request_id, NEW.first_seen)
+               IS NOT DISTINCT FROM (OLD.reason, OLD.source, OLD.request_id, OLD.first_seen) THEN
+            RETURN NEW;  -- re-keyed
+        END IF;
+        IF OLD.reason = 'opt_out' AND NEW.reason = 'erasure' AND NEW.request_id IS NOT NULL
+           AND (NEW.email_hash, NEW.key_id, NEW.source, NEW.first_seen)
+               IS NOT DISTINCT FROM (OLD.email_hash, OLD.key_id, OLD.source, OLD.first_seen) THEN
+            RETURN NEW;  -- opted out, then erased
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'gdpr.suppression_list is permanent: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'only re-keying (email_hash and key_id) and opt_out -> erasure (reason and request_id) are allowed';
+END
+$$;
+
+DROP TRIGGER IF EXISTS suppression_list_guard ON gdpr.suppression_list;
+CREATE TRIGGER suppression_list_guard
+    BEFORE UPDATE OR DELETE ON gdpr.suppression_list
+    FOR EACH ROW EXECUTE FUNCTION gdpr.guard_suppression_change();
+DROP TRIGGER IF EXISTS suppression_list_no_truncate ON gdpr.suppression_list;
+CREATE TRIGGER suppression_list_no_truncate
+    BEFORE TRUNCATE ON gdpr.suppression_list
+    FOR EACH STATEMENT EXECUTE FUNCTION gdpr.guard_suppression_change();
+ALTER TABLE gdpr.suppression_list ENABLE ALWAYS TRIGGER suppression_list_guard;
+ALTER TABLE gdpr.suppression_list ENABLE ALWAYS TRIGGER suppression_list_no_truncate;
+
+-- v3: ingestion pipelines that check before import (optout.filter_suppressed / is_suppressed) read
+-- the list and nothing else: GRANT gdpr_list_reader TO <the loader's login role>.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'gdpr_list_reader') THEN
+        CREATE ROLE gdpr_list_reader NOLOGIN;
+    END IF;
+END
+$$;
+GRANT USAGE ON SCHEMA gdpr TO gdpr_list_reader;
+GRANT SELECT ON gdpr.suppression_list TO gdpr_list_reader;
+
+-- v3: subjects found again after their erasure (re-imported) and quarantined instead of erased
+-- (policy `optout.resurrection: quarantine`, or a legal hold applies now). A person appears only as
+-- the subject's internal id and the list's keyed hash. A quarantined subject is not reported again;
+-- a reviewer erases it (gdpr_subject_erasure) or keeps it, and the row stays as the record.
+CREATE TABLE IF NOT EXISTS gdpr.quarantine (
+    subject_table  text NOT NULL,
+    subject_id     text NOT NULL,
+    email_hash     text NOT NULL,
+    request_id     text,
+    reason         text NOT NULL,
+    quarantined_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (subject_table, subject_id)
+);
+REVOKE ALL ON gdpr.quarantine FROM PUBLIC;
+GRANT SELECT, INSERT ON gdpr.quarantine TO gdpr_engine;
+GRANT SELECT ON gdpr.quarantine TO gdpr_auditor;
+
 -- Erasure requests (GDPR art. 17): one row per request id; the subject appears only as a keyed hash.
 CREATE TABLE IF NOT EXISTS gdpr.erasure_request (
     request_id    text PRIMARY KEY,
@@ -157,4 +226,4 @@ GRANT SELECT, INSERT, UPDATE ON gdpr.erasure_propagation TO gdpr_engine;
 GRANT SELECT (request_id, target, status, attempts, last_result, last_attempt_at, acknowledged_at)
     ON gdpr.erasure_propagation TO gdpr_auditor;
 
-INSERT INTO gdpr.schema_version (version) VALUES (1), (2) ON CONFLICT (version) DO NOTHING;
+INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3) ON CONFLICT (version) DO NOTHING;

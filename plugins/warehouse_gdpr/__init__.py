@@ -5,7 +5,9 @@ Where things are:
   catalog.py    checks the policy against the live database before any write
   rules.py      the SQL that evaluates a retention rule (clock, status, holds): start here
   sweep.py      plan / apply / purge / report of the weekly retention sweep
-  crypto.py     keys from the Airflow connection, keyed hashes, AES-256-GCM archive cipher
+  crypto.py     keys from the Airflow connection, keyed hashes (chained on rotation), AES-256-GCM archive cipher
+  optout.py     the hashed opt-out list: collect, resurrection guard, enforce, share; is_suppressed
+                and filter_suppressed for import pipelines (tasks: optout_tasks.py)
   audit.py      the append-only audit log
   schema.py     installs include/sql/gdpr_schema.sql (control schema and roles)
   demo_data.py  the seeded demo CRM generator

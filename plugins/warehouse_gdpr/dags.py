@@ -9,7 +9,7 @@ for Airflow's DAG discovery, hence the comment):
 Building reads the policy file (a local file) for the schedule, the rule names offered in the trigger
 form and the erasure retry settings; nothing touches a database or the network. A policy that does
 not load still gives DAGs (weekly defaults): their first task reports what is wrong with the file.
-Task bodies live in sweep_tasks.py and erasure_tasks.py.
+Task bodies live in sweep_tasks.py, erasure_tasks.py and optout_tasks.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from airflow.sdk import DAG, Param, dag, get_current_context, task
 
-from . import erasure, erasure_tasks, runtime, sweep_tasks
+from . import erasure, erasure_tasks, optout_tasks, runtime, sweep_tasks
 from .policy import Policy, load_policy
 
 START = datetime(2026, 1, 1)
@@ -199,7 +199,79 @@ def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
     return gdpr_erasure_retry()
 
 
+def build_optout_sync(policy_file: str | Path | None = None) -> DAG:
+    """check -> rekey -> collect -> guard_resurrections -> enforce -> share[target] -> export -> report
+    (optout_tasks.py; engine: optout.py)."""
+    path = str(policy_file or runtime.policy_path())
+    policy = _load(path)
+
+    @dag(
+        dag_id="gdpr_optout_sync",
+        schedule=policy.optout.schedule if policy else "@daily",
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        tags=["gdpr", "opt-out"],
+        default_args=DEFAULT_ARGS,
+        params={
+            "dry_run": Param(
+                False, type="boolean", title="Dry run",
+                description="Compute and log what each step would do, write one audit row per step, change "
+                            "nothing else (no list entry, no flag, no deletion, nothing shared or exported).",
+            ),
+        },
+        doc_md="The hashed opt-out list: collect opt-outs, erase (or quarantine) erased people who came back, "
+               "mark every listed person do-not-contact, share the hashes downstream. Only keyed hashes are "
+               "stored, shared or exported; see `warehouse_gdpr/optout.py` (key rotation included).",
+    )
+    def gdpr_optout_sync() -> None:
+        @task
+        def check(policy_file: str) -> dict:
+            return optout_tasks.check(policy_file, get_current_context())
+
+        @task
+        def rekey(checked: dict) -> dict:
+            return optout_tasks.rekey(checked, get_current_context())
+
+        @task
+        def collect(checked: dict, rekeyed: dict) -> dict:
+            return optout_tasks.collect(checked, get_current_context())
+
+        @task
+        def guard_resurrections(checked: dict, collected: dict) -> dict:
+            return optout_tasks.guard(checked, get_current_context())
+
+        @task
+        def enforce(checked: dict, guarded: dict) -> dict:
+            return optout_tasks.enforce(checked, get_current_context())
+
+        @task
+        def share_targets(checked: dict, enforced: dict) -> list:
+            return checked["targets"]
+
+        @task
+        def share(policy_file: str, target: str) -> dict:
+            return optout_tasks.share(policy_file, target, get_current_context())
+
+        @task
+        def export(checked: dict, enforced: dict) -> dict:
+            return optout_tasks.export(checked, get_current_context())
+
+        @task(trigger_rule="none_failed")
+        def report(checked: dict) -> dict:
+            return optout_tasks.report(checked, get_current_context())
+
+        checked = check(path)
+        enforced = enforce(checked, guard_resurrections(checked, collect(checked, rekey(checked))))
+        shared = share.partial(policy_file=path).expand(target=share_targets(checked, enforced))
+        exported = export(checked, enforced)
+        [shared, exported] >> report(checked)
+
+    return gdpr_optout_sync()
+
+
 def build_all(policy_file: str | Path | None = None) -> dict[str, DAG]:
     """Every warehouse-gdpr DAG for one policy file, keyed by dag_id (for `globals().update(...)`)."""
-    dags = [build_retention_sweep(policy_file), build_subject_erasure(policy_file), build_erasure_retry(policy_file)]
+    dags = [build_retention_sweep(policy_file), build_subject_erasure(policy_file), build_erasure_retry(policy_file),
+            build_optout_sync(policy_file)]
     return {d.dag_id: d for d in dags}

@@ -3,14 +3,17 @@
 Two flavours, each with an in-memory contact store keyed by normalised email (strip + lower):
 
 - emailing tool, a Brevo-compatible subset: ``POST /v3/contacts`` -> 201 ``{"id": n}``,
-  ``GET|DELETE /v3/contacts/{url-encoded email}`` (DELETE -> 204), header ``api-key``;
+  ``GET|DELETE /v3/contacts/{url-encoded email}`` (DELETE -> 204), header ``api-key``; and the
+  hashed block list the opt-out sync shares: ``POST /v3/contacts/blocklist/hashes`` with
+  ``{"hashes": ["<64 hex>", ...]}`` -> 200 ``{"received": n, "total": m}`` (anything but 64-hex
+  strings -> 400, so an email never gets in);
 - telephony tool, Aircall-like: ``POST /contacts`` -> 201, ``GET|DELETE /contacts/{email}``
   (DELETE -> 200 ``{"deleted": true}``), header ``Authorization: Bearer <token>``.
 
 Both serve, without auth, ``POST /_control/fail`` ``{"count": N, "status": 500}`` (the next N
 non-control requests answer that status), ``GET /_control/requests`` (method, redacted path,
 status and time of each non-control request; bodies are never kept) and
-``GET /_control/contacts/count``. Emails are personal data: paths are stored and logged with the
+``GET /_control/contacts/count`` (and ``GET /_control/blocklist/count``). Emails are personal data: paths are stored and logged with the
 identifier replaced by ``<redacted>`` and query strings dropped. Servers bind to 127.0.0.1 only.
 
 ``python -m warehouse_gdpr.demo_services --emailing-port P1 --telephony-port P2 --api-key K
@@ -57,6 +60,7 @@ class _Flavour:
     delete_status: int
     delete_body: dict[str, Any] | None
     created: Callable[[dict[str, Any]], dict[str, Any]]
+    blocklist_path: str | None = None  # POST {"hashes": [...]}: the shared opt-out list (emailing only)
 
 
 def normalise(email: str) -> str:
@@ -75,6 +79,7 @@ class _State:
         self.fail_remaining = 0
         self.fail_status = 500
         self.requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
+        self.blocklist: set[str] = set()
 
     def add(self, email: str, fields: Mapping[str, Any]) -> dict[str, Any] | None:
         """Store a contact; None when the email is already known."""
@@ -98,7 +103,7 @@ class _State:
     def redact(self, path: str) -> str:
         """``path`` without query string and with any identifier replaced by ``<redacted>``."""
         path = urlsplit(path).path
-        if path == self.flavour.prefix or path.startswith(CONTROL):
+        if path == self.flavour.prefix or path.startswith(CONTROL) or path == self.flavour.blocklist_path:
             return path
         if path.startswith(self.flavour.prefix + "/"):
             return f"{self.flavour.prefix}/{REDACTED}"
@@ -148,6 +153,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = 10  # seconds an idle client may hold a handler thread (stop() cuts connections at once)
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stall
 
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         self._dispatch()
@@ -170,6 +176,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(failure, {"code": "simulated_failure", "message": "Simulated outage"})
         if not flavour.authorised(self.headers):
             return self._send(401, flavour.unauthorised)
+        if flavour.blocklist_path and path == flavour.blocklist_path and self.command == "POST":
+            return self._blocklist(state, raw)
         if path == flavour.prefix and self.command == "POST":
             body = _json_object(raw)
             email = body.get("email") if body is not None else None
@@ -192,6 +200,16 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(flavour.delete_status, flavour.delete_body)
         return self._send(200, record)
 
+    def _blocklist(self, state: _State, raw: bytes) -> None:
+        body = _json_object(raw)
+        hashes = body.get("hashes") if body is not None else None
+        if not isinstance(hashes, list) or not all(isinstance(h, str) and _is_hash(h) for h in hashes):
+            return self._send(400, {"code": "invalid_parameter", "message": "hashes must be 64 hex characters each"})
+        with state.lock:
+            state.blocklist.update(hashes)
+            total = len(state.blocklist)
+        return self._send(200, {"received": len(hashes), "total": total})
+
     def _control(self, state: _State, path: str, raw: bytes) -> None:
         if path == CONTROL + "fail" and self.command == "POST":
             body = _json_object(raw) or {}
@@ -208,6 +226,10 @@ class _Handler(BaseHTTPRequestHandler):
         if path == CONTROL + "contacts/count" and self.command == "GET":
             with state.lock:
                 count = len(state.contacts)
+            return self._send(200, {"count": count})
+        if path == CONTROL + "blocklist/count" and self.command == "GET":
+            with state.lock:
+                count = len(state.blocklist)
             return self._send(200, {"count": count})
         return self._send(404, {"code": "not_found", "message": "Unknown control route"})
 
@@ -242,6 +264,10 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.server.state.redact(getattr(self, "path", "") or "")
         name, method = self.server.state.flavour.name, getattr(self, "command", None)
         log.debug("%s %s %s: request error (details withheld)", name, method, path)
+
+
+def _is_hash(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:
@@ -280,6 +306,11 @@ class DemoService:
         """Number of contacts in the store."""
         with self._state.lock:
             return len(self._state.contacts)
+
+    def blocklist_hashes(self) -> set[str]:
+        """The hashes received on the block-list route (emailing tool), as a set."""
+        with self._state.lock:
+            return set(self._state.blocklist)
 
     def contacts_snapshot(self) -> dict[str, dict[str, Any]]:
         """A deep copy of the store, to pass as ``contacts=`` when restarting on the same port."""
@@ -320,6 +351,7 @@ def start_emailing(api_key: str, port: int = 0, contacts: Mapping[str, dict[str,
         delete_status=204,
         delete_body=None,
         created=lambda record: {"id": record["id"]},
+        blocklist_path="/v3/contacts/blocklist/hashes",
     )
     return DemoService(flavour, port, contacts)
 

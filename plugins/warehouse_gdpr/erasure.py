@@ -126,7 +126,9 @@ def locate(conn: psycopg.Connection, policy: Policy, keys: Keys, request: Erasur
         ).fetchone()
         ids = [row[0]] if row else []
         email = normalise_email(row[1]) if row and row[1] and "@" in row[1] else None
-    subject_hash = keys.subject_hash(email) if email else keys.hash_value(f"subject-id:{request.subject_id}")
+    # The same normalisation as the opt-out list (policy optout.strip_plus_tags): both must agree.
+    subject_hash = (keys.subject_hash(email, policy.optout.strip_plus_tags) if email
+                    else keys.hash_value(f"subject-id:{request.subject_id}"))
     located = Located(ids, subject_hash, email)
     params = {"ids": ids, "email": email}
     for mapped in policy.tables:
@@ -234,12 +236,18 @@ def erase(
             audit.record(conn, ctx, action="erase", outcome=outcome, table=table, row_count=n,
                          subject_hash=located.subject_hash, details={"request_id": request.request_id})
         if located.email:
+            # An opted-out person erased now: the entry becomes an erasure one (the resurrection guard
+            # of optout.py needs it); an entry already of reason 'erasure' is kept as it is.
             cur = conn.execute(
                 "INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source, request_id)"
-                " VALUES (%s, %s, 'erasure', 'erasure_request', %s) ON CONFLICT (email_hash) DO NOTHING",
+                " VALUES (%s, %s, 'erasure', 'erasure_request', %s) ON CONFLICT (email_hash) DO UPDATE"
+                " SET reason = 'erasure', request_id = EXCLUDED.request_id WHERE gdpr.suppression_list.reason = 'opt_out'"
+                " RETURNING (xmax = 0)",
                 (located.subject_hash, keys.hmac_key_id, request.request_id),
             )
-            audit.record(conn, ctx, action="suppress", outcome="added" if cur.rowcount else "already_listed",
+            row = cur.fetchone()
+            audit.record(conn, ctx, action="suppress",
+                         outcome="already_listed" if row is None else "added" if row[0] else "opt_out_now_erasure",
                          table="gdpr.suppression_list", row_count=cur.rowcount, subject_hash=located.subject_hash,
                          details={"request_id": request.request_id, "reason": "erasure"})
         conn.execute(

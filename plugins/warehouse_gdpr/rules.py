@@ -60,10 +60,16 @@ def clock_expression(policy: Policy, rule: Rule) -> sql.Composable:
     )
 
 
+def bound_predicate(predicate: str) -> sql.SQL:
+    """A policy SQL predicate (a hold's, an opt-out source's) with ``:as_of`` bound to the run's
+    reference instant (a timestamptz, parameter ``%(as_of)s``) and literal ``%`` escaped."""
+    text = predicate.replace("%", "%%")
+    return sql.SQL(AS_OF.sub("(%(as_of)s::timestamptz)", text))
+
+
 def hold_predicate(hold: Hold) -> sql.SQL:
     """The hold's SQL with ``:as_of`` bound to the run's reference instant (a timestamptz)."""
-    text = hold.predicate.replace("%", "%%")
-    return sql.SQL(AS_OF.sub("(%(as_of)s::timestamptz)", text))
+    return bound_predicate(hold.predicate)
 
 
 def holds_expression(policy: Policy, rule: Rule) -> sql.Composable:
