@@ -20,6 +20,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmark against raw SQL at BENCH_CONTACTS contacts (default 1000000); see bench/README.md.
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) bench/run.py
+
 # Stop the demo's downstream services and embedded PostgreSQL (data stays under .demo/pg).
 stop: $(STAMP)
 	$(PY) -m warehouse_gdpr.demo stop
