@@ -7,6 +7,8 @@
 5. Starts two downstream services on 127.0.0.1 (an emailing tool and a telephony tool) and a
    support-desk database, erases one demo contact with `gdpr_subject_erasure`, and prints each
    target's acknowledgement.
+6. Re-imports the erased person and runs `gdpr_optout_sync`: opt-outs collected and enforced, the
+   resurrection caught, the hashed list shared with the emailing tool.
 
 `python -m warehouse_gdpr.demo stop` stops the services and the embedded PostgreSQL (`make stop`).
 """
@@ -195,7 +197,7 @@ def share_with_downstream(conn: psycopg.Connection, services: dict[str, object],
     return len(rows)
 
 
-def demo_erasure(owner_url: str, env: dict[str, str]) -> int:
+def demo_erasure(owner_url: str, env: dict[str, str]) -> tuple[int, str]:
     """Erase one demo contact (still held downstream) through the real DAG; print the acknowledgements."""
     with psycopg.connect(owner_url) as conn:
         row = conn.execute(
@@ -225,12 +227,51 @@ def demo_erasure(owner_url: str, env: dict[str, str]) -> int:
 
     if status is None:
         print(f"The erasure failed before recording the request (exit {proc.returncode}); see {log_path}", file=sys.stderr)
-        return 1
+        return 1, email
     print(f"Request {request_id}: outcome {status[1]}, status {status[0]}, due {status[2]}; "
           f"contact rows left in the warehouse: {left}.")
     print(format_table(["target", "status", "attempts", "acknowledged at (UTC)", "answer", "identifier destroyed"],
                        [list(t) for t in targets]))
-    return 0 if proc.returncode == 0 else 1
+    return (0 if proc.returncode == 0 else 1), email
+
+
+def demo_optout(owner_url: str, env: dict[str, str], services: dict[str, object], erased_email: str) -> int:
+    """Re-import the erased person (as a CRM import would), then run gdpr_optout_sync: opt-outs are
+    collected and enforced, the resurrection is caught, the list is shared with the emailing tool."""
+    with psycopg.connect(owner_url) as conn:
+        conn.execute(
+            "INSERT INTO crm.contacts (contact_id, company_id, status, email, first_name, last_name, created_at)"
+            " SELECT max(contact_id) + 1, min(company_id), 'lead', %s, 'Re', 'Imported', now() FROM crm.contacts",
+            (erased_email.upper(),),
+        )
+    print("\nA CRM import brought the erased person back (new contact, same email in capitals).")
+    print("Running `airflow dags test gdpr_optout_sync` (task logs: .demo/optout.log) ...")
+    with (DEMO / "optout.log").open("w") as log_file:
+        proc = subprocess.run(["airflow", "dags", "test", "gdpr_optout_sync"], env=env,
+                              stdout=log_file, stderr=subprocess.STDOUT)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{services['emailing_port']}/_control/blocklist/count", timeout=10) as answer:
+        shared = json.load(answer)["count"]
+    with psycopg.connect(owner_url) as conn:
+        listed = conn.execute("SELECT reason, count(*) FROM gdpr.suppression_list GROUP BY 1 ORDER BY 1").fetchall()
+        caught = conn.execute(
+            "SELECT outcome, details->>'request_id' FROM gdpr.audit_log WHERE action = 'resurrection' ORDER BY audit_id"
+        ).fetchall()
+        flagged = conn.execute("SELECT count(*) FROM crm.contacts WHERE do_not_contact").fetchone()[0]  # type: ignore[index]
+        back = conn.execute("SELECT count(*) FROM crm.contacts WHERE lower(email) = lower(%s)",
+                            (erased_email,)).fetchone()[0]  # type: ignore[index]
+    from .sweep import format_table
+
+    print("Suppression list (hashes only):")
+    print(format_table(["reason", "entries"], [list(r) for r in listed]))
+    print(f"Resurrections caught: {len(caught)} ("
+          + ", ".join(f"{outcome}, original request {req}" for outcome, req in caught) + f"); "
+          f"rows of the re-imported person left: {back}.")
+    print(f"Contacts marked do-not-contact: {flagged}. Hashes shared with the emailing tool: {shared}.")
+    if proc.returncode != 0:
+        print("The opt-out sync failed; see .demo/optout.log", file=sys.stderr)
+        return 1
+    return 0
 
 
 def stop() -> int:
@@ -279,12 +320,14 @@ def main() -> int:
         shared = share_with_downstream(conn, services)
     print(f"\nDownstream: emailing tool on port {services['emailing_port']}, telephony on port "
           f"{services['telephony_port']}, support-desk database; {shared} contacts synced to each.")
-    if demo_erasure(owner_url, env):
+    failed, erased_email = demo_erasure(owner_url, env)
+    if failed or demo_optout(owner_url, env, services, erased_email):
         return 1
     print(
         "\nNext: `source .demo/env`, then for example\n"
         "  airflow dags test gdpr_retention_sweep -c '{\"dry_run\": true}'\n"
         "  airflow dags test gdpr_subject_erasure -c '{\"email\": \"someone@example.com\", \"request_id\": \"REQ-1\"}'\n"
+        "  airflow dags test gdpr_optout_sync\n"
         "  psql \"$WAREHOUSE_URL\" -c 'SELECT * FROM gdpr.audit_log ORDER BY audit_id DESC LIMIT 20'\n"
         "Stop the embedded PostgreSQL with `make stop`."
     )
