@@ -1,4 +1,4 @@
-"""Locate the reviewable SQL files (include/sql in the repository)."""
+"""Locate the reviewable SQL files (include/sql in the repository, package data in a wheel)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from pathlib import Path
 
 
 def sql_dir() -> Path:
-    """The folder holding the DDL: $WAREHOUSE_GDPR_SQL_DIR, else the repository's include/sql."""
+    """The folder holding the DDL: $WAREHOUSE_GDPR_SQL_DIR, else the package's own copy (in the
+    repository, plugins/warehouse_gdpr/sql links to include/sql; in a wheel it holds the files)."""
     override = os.environ.get("WAREHOUSE_GDPR_SQL_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "include" / "sql"
+    return Path(__file__).resolve().parent / "sql"
 
 
 def read_sql(name: str) -> str:
