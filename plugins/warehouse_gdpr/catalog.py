@@ -159,15 +159,9 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
 
     # Hold predicates are SQL: make the server compile each one (EXPLAIN runs nothing).
     for i, hold in enumerate(policy.holds):
-        query = sql.SQL("EXPLAIN SELECT 1 FROM {table} s WHERE ({pred})").format(
-            table=qualified(subject.table), pred=hold_predicate(hold)
-        )
-        try:
-            with conn.transaction():
-                conn.execute(query, {"as_of": "now"})
-        except psycopg.Error as exc:
-            detail = (exc.diag.message_primary or type(exc).__name__) if exc.diag else type(exc).__name__
-            problems.append(f"holds[{i}] ({hold.name}).predicate: does not compile: {detail}")
+        problem = compile_problem(conn, subject.table, hold_predicate(hold))
+        if problem:
+            problems.append(f"holds[{i}] ({hold.name}).predicate: does not compile: {problem}")
     if problems:
         raise CatalogError(_message(problems))
 
@@ -180,6 +174,20 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
     if (inter.table, inter.subject_column) not in indexed:
         report.warnings.append(f"{inter.table}.{inter.subject_column} has no index: clock evaluation will scan the table")
     return report
+
+
+def compile_problem(conn: psycopg.Connection, subject_table: str, predicate: sql.Composable) -> str | None:
+    """None when a policy predicate on the subject row `s` compiles (EXPLAIN plans, runs nothing),
+    else the server's message."""
+    query = sql.SQL("EXPLAIN SELECT 1 FROM {table} s WHERE ({pred})").format(
+        table=qualified(subject_table), pred=predicate
+    )
+    try:
+        with conn.transaction():
+            conn.execute(query, {"as_of": "now"})
+    except psycopg.Error as exc:
+        return (exc.diag.message_primary or type(exc).__name__) if exc.diag else type(exc).__name__
+    return None
 
 
 def _message(problems: list[str]) -> str:

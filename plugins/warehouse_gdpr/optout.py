@@ -85,7 +85,7 @@ from typing import IO, Any
 import psycopg
 from psycopg import sql
 
-from . import audit, erasure, rules
+from . import audit, catalog, erasure, rules
 from .audit import RunContext
 from .crypto import KeyError_, Keys
 from .policy import OptOutSource, Policy, ShareTarget
@@ -134,14 +134,9 @@ def check(conn: psycopg.Connection, policy: Policy) -> list[str]:
     if len(set(targets)) != len(targets):
         problems.append("optout.share_targets: target names must be unique")
     for i, source in enumerate(optout.sources):
-        query = sql.SQL("EXPLAIN SELECT 1 FROM {t} s WHERE ({p})").format(
-            t=rules.qualified(subject.table), p=source_predicate(source))
-        try:
-            with conn.transaction():
-                conn.execute(query, {"as_of": "now"})
-        except psycopg.Error as exc:
-            detail = (exc.diag.message_primary or type(exc).__name__) if exc.diag else type(exc).__name__
-            problems.append(f"optout.sources[{i}] ({source.name}).predicate: does not compile: {detail}")
+        problem = catalog.compile_problem(conn, subject.table, source_predicate(source))
+        if problem:
+            problems.append(f"optout.sources[{i}] ({source.name}).predicate: does not compile: {problem}")
     if problems:
         raise OptOutError("the opt-out policy cannot run (nothing was changed):\n"
                           + "\n".join(f"  - {p}" for p in problems))
