@@ -322,3 +322,21 @@ def test_certificate_once_every_target_acknowledged(conn, policy: Policy, keys: 
     assert _no_at_in_audit(conn)
     assert not downstream.emailing.has_contact(email) and not downstream.telephony.has_contact(email)
     assert downstream.desk_rows(email) == 0
+
+
+def test_a_target_is_never_called_twice_at_once(
+    conn, warehouse: str, policy: Policy, keys: Keys, downstream, person
+) -> None:
+    """While one worker holds the outbox row (mid-call), another is told to try later and calls nothing."""
+    _, email = person
+    downstream.add_person(email)
+    _erase(conn, policy, keys, email, "REQ-LOCK-1")
+    with psycopg.connect(warehouse) as other:
+        other.execute(
+            "SELECT 1 FROM gdpr.erasure_propagation WHERE request_id = 'REQ-LOCK-1' AND target = 'emailing' FOR UPDATE"
+        )
+        with pytest.raises(TargetNotAcknowledged, match="another worker"):
+            propagation.propagate(conn, policy, keys, CTX, "REQ-LOCK-1", "emailing")
+        assert downstream.emailing.has_contact(email)
+    assert propagation.propagate(conn, policy, keys, CTX, "REQ-LOCK-1", "emailing") == "HTTP 204"
+    assert not downstream.emailing.has_contact(email)

@@ -114,25 +114,36 @@ def propagate(
     target = next((t for t in policy.erasure.targets if t.name == target_name), None)
     if target is None:
         raise ValueError(f"target {target_name!r} is not declared in the policy's erasure.targets")
+    # The outbox row stays locked from the read to the record of the attempt, so two workers (this
+    # run's task and gdpr_erasure_retry) never call the same target for the same request at once.
     with conn.transaction():
         row = conn.execute(
             "SELECT p.status, p.key_id, p.nonce, p.identifier_ciphertext, r.subject_hash"
             " FROM gdpr.erasure_propagation p JOIN gdpr.erasure_request r USING (request_id)"
-            " WHERE p.request_id = %s AND p.target = %s FOR UPDATE OF p",
+            " WHERE p.request_id = %s AND p.target = %s FOR UPDATE OF p SKIP LOCKED",
             (request_id, target_name),
         ).fetchone()
-    if row is None:
-        raise ValueError(f"no outbox row for request {request_id} and target {target_name}")
-    status, key_id, nonce, ciphertext, subject_hash = row
-    if status == "acknowledged":
-        return "already acknowledged"
-    identifier = keys.decrypt(key_id, bytes(nonce), bytes(ciphertext), outbox_aad(request_id, target_name, key_id)).decode()
-    if isinstance(target, HttpTarget):
-        acknowledged, result = call_http(target, identifier)
-    else:
-        acknowledged, result = call_sql(target, identifier)
-    del identifier
-    with conn.transaction():
+        if row is None:
+            exists = conn.execute(
+                "SELECT 1 FROM gdpr.erasure_propagation WHERE request_id = %s AND target = %s",
+                (request_id, target_name),
+            ).fetchone()
+            if exists is None:
+                raise ValueError(f"no outbox row for request {request_id} and target {target_name}")
+            raise TargetNotAcknowledged(
+                f"target {target_name} is being propagated for request {request_id} by another worker; try later"
+            )
+        status, key_id, nonce, ciphertext, subject_hash = row
+        if status == "acknowledged":
+            return "already acknowledged"
+        identifier = keys.decrypt(
+            key_id, bytes(nonce), bytes(ciphertext), outbox_aad(request_id, target_name, key_id)
+        ).decode()
+        if isinstance(target, HttpTarget):
+            acknowledged, result = call_http(target, identifier)
+        else:
+            acknowledged, result = call_sql(target, identifier)
+        del identifier
         conn.execute(
             "UPDATE gdpr.erasure_propagation SET attempts = attempts + 1, last_result = %s, last_attempt_at = now()"
             " WHERE request_id = %s AND target = %s",
