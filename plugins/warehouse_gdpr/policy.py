@@ -368,3 +368,26 @@ def load_policy(path: str | Path) -> Policy:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise PolicyError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     return parse_policy(data, str(path))
+
+
+def key_paths(model: type[BaseModel] = Policy, prefix: str = "") -> list[str]:
+    """Every key the policy file accepts, as documented in docs/policy.md (``tables[].columns.*.value``).
+
+    docs/policy.md is checked against this list by the tests, so the reference cannot drift."""
+    import typing
+
+    def models_in(annotation: object) -> list[type[BaseModel]]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+
+    paths: list[str] = []
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        if path not in paths:
+            paths.append(path)
+        container = typing.get_origin(info.annotation)
+        separator = "[]." if container is list else ".*." if container is dict else "."
+        for sub in models_in(info.annotation):
+            paths += [p for p in key_paths(sub, path + separator) if p not in paths]
+    return paths
