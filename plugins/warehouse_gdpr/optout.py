@@ -127,12 +127,6 @@ def check(conn: psycopg.Connection, policy: Policy) -> list[str]:
         problems.append("subject.restriction_column: enforcement needs the subject's do-not-contact flag column")
     if not optout.sources:
         warnings.append("optout.sources is empty: nothing is collected (erasure entries are still enforced)")
-    names = [s.name for s in optout.sources]
-    if len(set(names)) != len(names):
-        problems.append("optout.sources: source names must be unique")
-    targets = [t.name for t in optout.share_targets]
-    if len(set(targets)) != len(targets):
-        problems.append("optout.share_targets: target names must be unique")
     for i, source in enumerate(optout.sources):
         problem = catalog.compile_problem(conn, subject.table, source_predicate(source))
         if problem:

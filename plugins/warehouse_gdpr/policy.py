@@ -257,6 +257,13 @@ class OptOut(_Model):
     share_targets: list[ShareTarget] = Field(default_factory=list)
     export_path: str | None = Field(default=None, description="file written with the hashes only, one per line")
 
+    @model_validator(mode="after")
+    def _unique_names(self) -> "OptOut":
+        for what, names in (("source", [s.name for s in self.sources]), ("share target", [t.name for t in self.share_targets])):
+            if len(set(names)) != len(names):
+                raise ValueError(f"{what} names must be unique")
+        return self
+
 
 class Policy(_Model):
     version: Literal[1]
