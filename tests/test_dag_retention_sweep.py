@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 from helpers import CRM_TABLES, table_checksum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,11 @@ def test_dagbag_imports_without_errors(airflow_home: Path) -> None:
     dag = bag.get_dag("gdpr_retention_sweep")
     assert dag is not None
     assert {"gdpr", "retention"} <= set(dag.tags)
-    assert [t.task_id for t in dag.topological_sort()] == ["check_policy", "plan", "apply", "purge_archive", "report"]
+    order = [t.task_id for t in dag.topological_sort() if t.task_id != "write_register"]
+    assert order == ["check_policy", "plan", "apply", "purge_archive", "report"]
+    # The register runs beside the sweep: an unfinished register never delays a deletion.
+    assert dag.get_task("write_register").upstream_task_ids == {"check_policy"}
+    assert dag.get_task("write_register").downstream_task_ids == set()
     assert all(t.retries >= 2 for t in dag.tasks)
     assert set(dag.params.keys()) == {"dry_run", "rules"}
 
@@ -82,8 +87,33 @@ def test_whole_dag_run_sweeps_and_logs_no_personal_data(
         audit_text = conn.execute("SELECT string_agg(a::text, ' ') FROM gdpr.audit_log a").fetchone()[0]  # type: ignore[index]
         pseudonymised = conn.execute("SELECT count(*) FROM crm.contacts WHERE pseudonymised_at IS NOT NULL").fetchone()[0]  # type: ignore[index]
     assert after < before and pseudonymised > 0
-    assert steps == {"check_policy", "plan", "apply", "purge_archive", "report"}
+    assert steps == {"check_policy", "plan", "apply", "purge_archive", "report", "write_register"}
     assert "@" not in audit_text
+    register_md = airflow_home / "gdpr_register" / "register.md"
+    assert "## Processing activity 1" in register_md.read_text(encoding="utf-8")
+    assert (airflow_home / "gdpr_register" / "register.html").is_file()
+
+
+def test_an_incomplete_register_fails_the_run_but_not_the_sweep(
+    airflow_home: Path, airflow_conns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    data = yaml.safe_load((ROOT / "include" / "policy.yaml").read_text(encoding="utf-8"))
+    del data["processing_register"]["activities"][0]["security_measures"]
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    monkeypatch.setenv("WAREHOUSE_GDPR_POLICY", str(policy_file))
+
+    dag = _dagbag().get_dag("gdpr_retention_sweep")
+    with caplog.at_level(logging.INFO):
+        dag_run = dag.test(run_after=RUN_AFTER, logical_date=RUN_AFTER)
+    logs = "".join(capfd.readouterr()) + caplog.text
+
+    states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+    assert str(dag_run.state) == "failed"
+    assert states["write_register"] == "failed"
+    assert states["apply"] == "success" and states["report"] == "success"
+    assert "activities[0].security_measures: required" in logs
 
 
 def test_dry_run_changes_no_row(

@@ -175,7 +175,7 @@ def test_duplicate_rule_names(tmp_path: Path, demo_data: dict[str, Any]) -> None
 
 def test_duplicate_hold_names(tmp_path: Path, demo_data: dict[str, Any]) -> None:
     _, message = _refused(tmp_path, demo_data, lambda d: d["holds"][2].update(name="active_contract"))
-    assert _problems(message) == ["(document root): hold names must be unique"]
+    assert _problems(message) == ["(document root): hold names must be unique, repeated: active_contract"]
 
 
 def test_table_mapped_twice(tmp_path: Path, demo_data: dict[str, Any]) -> None:

@@ -3,6 +3,8 @@
     warehouse-gdpr policy schema                     JSON Schema of the policy file (editor completion, CI)
     warehouse-gdpr policy check POLICY --url URL     validate POLICY against a live warehouse; print what
                                                      each rule would select (counts only); changes nothing
+    warehouse-gdpr register POLICY [--out DIR]       write the article 30 register (register.md and
+                                                     register.html); fails while a required field is missing
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
+from pathlib import Path
 
 from .policy import Policy, PolicyError, load_policy
 
@@ -31,6 +34,10 @@ def _check(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 2
+    from . import register
+
+    for problem in register.problems(policy):
+        print(f"warning: register: {problem}")
     url = args.url or os.environ.get("WAREHOUSE_URL")
     if not url:
         print(f"{args.policy}: valid. Give --url (or set WAREHOUSE_URL) to check it against a warehouse.")
@@ -55,6 +62,22 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register(args: argparse.Namespace) -> int:
+    from . import register
+
+    try:
+        policy = load_policy(args.policy)
+        register.check(policy)
+    except (PolicyError, register.RegisterIncomplete) as exc:
+        print(f"{args.policy}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, PolicyError) else 1
+    out = Path(args.out) if args.out else register.output_dir(policy, Path.cwd())
+    files = register.generate(policy, out, args.date or date.today(), Path(args.policy).name)
+    print(f"Register of processing activities ({files.activities} activities):")
+    print(f"  {files.markdown}\n  {files.html}\n  sha256 {files.sha256}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="warehouse-gdpr", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--url", help="libpq URL of the warehouse (default: $WAREHOUSE_URL)")
     check.add_argument("--as-of", help="ISO instant the clocks are measured against (default: now)")
     check.set_defaults(run=_check)
+    reg = commands.add_parser("register", help="write the register of processing activities (GDPR art. 30)")
+    reg.add_argument("policy", help="path to the policy YAML file")
+    reg.add_argument("--out", help="output directory (default: processing_register.output_dir, under the current directory)")
+    reg.add_argument("--date", type=date.fromisoformat, help="date printed as generation date (default: today)")
+    reg.set_defaults(run=_register)
     args = parser.parse_args(argv)
     return int(args.run(args))
 

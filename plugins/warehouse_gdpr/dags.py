@@ -34,7 +34,9 @@ def _load(policy_file: str) -> Policy | None:
 
 
 def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
-    """check_policy -> plan -> apply -> purge_archive -> report (see sweep_tasks.py, rules.py)."""
+    """check_policy -> plan -> apply -> purge_archive -> report, and check_policy -> write_register
+    (the article 30 register, beside the sweep so that it never delays a deletion). See sweep_tasks.py,
+    rules.py, register.py."""
     path = str(policy_file or runtime.policy_path())
     policy = _load(path)
     rule_names = [r.name for r in policy.rules] if policy else []
@@ -82,7 +84,12 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
         def report(checked: dict, purged: dict) -> dict:
             return sweep_tasks.report(checked, get_current_context())
 
+        @task
+        def write_register(checked: dict) -> dict:
+            return sweep_tasks.write_register(checked, get_current_context())
+
         checked = check_policy(path)
+        write_register(checked)
         plans = plan(checked)
         applied = apply(checked, plans)
         purged = purge_archive(checked, applied)

@@ -43,6 +43,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _require_unique(names: list[str], what: str) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} names must be unique, repeated: {', '.join(dupes)}")
+
+
 def _check_duration(value: str) -> str:
     match = DURATION.fullmatch(value)
     if not match:
@@ -223,9 +229,7 @@ class Erasure(_Model):
 
     @model_validator(mode="after")
     def _unique_targets(self) -> "Erasure":
-        names = [t.name for t in self.targets]
-        if len(set(names)) != len(names):
-            raise ValueError("target names must be unique")
+        _require_unique([t.name for t in self.targets], "target")
         return self
 
 
@@ -259,9 +263,89 @@ class OptOut(_Model):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "OptOut":
-        for what, names in (("source", [s.name for s in self.sources]), ("share target", [t.name for t in self.share_targets])):
-            if len(set(names)) != len(names):
-                raise ValueError(f"{what} names must be unique")
+        _require_unique([s.name for s in self.sources], "source")
+        _require_unique([t.name for t in self.share_targets], "share target")
+        return self
+
+
+# --- Article 30 register of processing activities (register.py renders it) -----------------------
+# Every field has a default so that an unfinished register never stops a sweep or an erasure from
+# loading the policy; `register.missing_fields` names what is missing and generating the register
+# fails until it is complete.
+
+LegalBasis = Literal[
+    "consent", "contract", "legal_obligation", "vital_interests", "public_task", "legitimate_interest"
+]
+TransferMechanism = Literal[
+    "adequacy_decision", "standard_contractual_clauses", "binding_corporate_rules", "derogation_art49"
+]
+Text = Annotated[str, Field(max_length=2000)]
+
+
+class Controller(_Model):
+    name: Text = ""
+    represented_by: Text = ""
+    address: Text = ""
+    contact: Text = ""
+    dpo: Text = ""
+
+
+class DataCategory(_Model):
+    category: Text = ""
+    items: list[Text] = Field(default_factory=list)
+
+
+class Recipient(_Model):
+    name: Text = ""
+    access: Text = ""
+
+
+class Processor(_Model):
+    name: Text = ""
+    service: Text = ""
+    country: Annotated[str, Field(pattern=r"^([A-Z]{2})?$")] = ""
+    targets: list[Ident] = Field(default_factory=list)
+
+
+class Transfer(_Model):
+    recipient: Text = ""
+    country: Annotated[str, Field(pattern=r"^([A-Z]{2})?$")] = ""
+    mechanism: TransferMechanism | None = None
+    safeguards: Text = ""
+
+
+class RetentionEntry(_Model):
+    category: Text = ""
+    rule: Ident | None = None
+    period: Text = ""
+    optout_list: bool = False
+
+
+class Activity(_Model):
+    name: Ident
+    title: Text = ""
+    purpose: Text = ""
+    legal_basis: LegalBasis | None = None
+    legal_basis_detail: Text = ""
+    data_subjects: list[Text] = Field(default_factory=list)
+    data_categories: list[DataCategory] = Field(default_factory=list)
+    sources: list[Text] = Field(default_factory=list)
+    recipients: list[Recipient] = Field(default_factory=list)
+    processors: list[Processor] = Field(default_factory=list)
+    transfers: list[Transfer] = Field(default_factory=list)
+    retention: list[RetentionEntry] = Field(default_factory=list)
+    security_measures: list[Text] = Field(default_factory=list)
+    rights: Text = ""
+
+
+class Register(_Model):
+    controller: Controller = Field(default_factory=Controller)
+    output_dir: str = "gdpr_register"
+    activities: list[Activity] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_activities(self) -> "Register":
+        _require_unique([a.name for a in self.activities], "activity")
         return self
 
 
@@ -276,16 +360,12 @@ class Policy(_Model):
     rules: list[Rule] = Field(min_length=1)
     erasure: Erasure = Field(default_factory=Erasure)
     optout: OptOut = Field(default_factory=OptOut)
+    processing_register: Register | None = None
 
     @model_validator(mode="after")
     def _cross_references(self) -> "Policy":
-        names = [r.name for r in self.rules]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"rule names must be unique, repeated: {', '.join(dupes)}")
-        hold_names = [h.name for h in self.holds]
-        if len(set(hold_names)) != len(hold_names):
-            raise ValueError("hold names must be unique")
+        _require_unique([r.name for r in self.rules], "rule")
+        _require_unique([h.name for h in self.holds], "hold")
         tables = [t.table for t in self.tables]
         if len(set(tables)) != len(tables):
             raise ValueError("each table may be mapped once in `tables`")

@@ -32,6 +32,11 @@ def policy_path() -> Path:
     return Path(__file__).resolve().parents[2] / "include" / "policy.yaml"
 
 
+def airflow_home() -> Path:
+    """$AIRFLOW_HOME (where relative output paths of the policy go), else ~/airflow like Airflow itself."""
+    return Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
+
+
 def connect(policy: Policy) -> psycopg.Connection:
     """A psycopg 3 connection to the warehouse through the policy's Airflow connection."""
     from airflow.providers.postgres.hooks.postgres import PostgresHook

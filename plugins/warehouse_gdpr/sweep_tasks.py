@@ -8,12 +8,13 @@ Configuration errors raise AirflowFailException: retrying cannot fix a wrong pol
 from __future__ import annotations
 
 import logging
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from . import audit, runtime, sweep
+from . import audit, register, runtime, sweep
 from .crypto import KeyError_
 from .policy import PolicyError, load_policy
 
@@ -121,6 +122,32 @@ def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
         n = sweep.purge_archive(conn, ctx, checked["as_of"], policy.batch_size)
     log.info("Archive purge: %d expired archive row(s) %s.", n, "would be removed" if checked["dry_run"] else "removed")
     return {"purged": n}
+
+
+def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Generate the article 30 register (Markdown and HTML) from the policy; fail while it is incomplete.
+
+    Runs beside the sweep, not before it: an unfinished register fails the run (on-call sees it) but
+    never delays a deletion that is due. The audit row records the digest of the register in force."""
+    policy = load_policy(checked["policy_file"])
+    try:
+        register.check(policy)
+    except register.RegisterIncomplete as exc:
+        log.error("Register of processing activities not written; complete processing_register in %s.\n%s",
+                  checked["policy_file"], exc)
+        raise AirflowFailException(str(exc)) from None
+    base = runtime.airflow_home()
+    files = register.generate(policy, register.output_dir(policy, base),
+                              date.fromisoformat(checked["as_of"][:10]), Path(checked["policy_file"]).name)
+    ctx = runtime.run_context(context, checked["dry_run"])
+    result = {"markdown": str(files.markdown), "html": str(files.html), "sha256": files.sha256,
+              "activities": files.activities}
+    with runtime.connect(policy) as conn, conn.transaction():
+        audit.record(conn, ctx, action="register", outcome="ok", row_count=files.activities,
+                     details={"sha256": files.sha256, "files": [files.markdown.name, files.html.name]})
+    log.info("Register of processing activities (%d activities) written to %s and %s, sha256 %s",
+             files.activities, files.markdown, files.html, files.sha256)
+    return result
 
 
 def report(checked: dict[str, Any], context: Any) -> dict[str, Any]:

@@ -1,0 +1,344 @@
+"""The register of processing activities (GDPR article 30), generated from the policy file.
+
+The policy's `processing_register` section carries what only people know (controller, purposes, legal
+bases, recipients, transfers, security measures). Retention periods are not retyped: an entry names a
+retention `rule` and the register states what the sweep enforces (period, clock, action, archive),
+together with the legal holds that suspend it. So the register cannot promise one thing while the
+code does another.
+
+`problems(policy)` lists every missing or inconsistent field (empty when the register is complete);
+`generate(...)` refuses to write anything while there is one. The output follows the structure of the
+reference article's model record ("Modèle de fiche traitement"): one section per processing activity
+with controller, purpose, legal basis, data subjects, data processed, sources, recipients, transfers
+outside the EU, retention, security measures and exercise of rights. Markdown and HTML are rendered
+from the same list of sections, so they always say the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from .policy import DURATION, Activity, LastInteractionClock, Policy, RelatedMaxClock, Rule
+
+# EU member states and the other EEA countries (ISO 3166-1 alpha-2; Greece is EL in EU usage, GR in ISO).
+EEA = frozenset(
+    "AT BE BG HR CY CZ DK EE FI FR DE GR EL HU IE IT LV LT LU MT NL PL PT RO SK SI ES SE IS LI NO".split()
+)
+
+LEGAL_BASES = {
+    "consent": "Consent (art. 6(1)(a))",
+    "contract": "Performance of a contract (art. 6(1)(b))",
+    "legal_obligation": "Legal obligation (art. 6(1)(c))",
+    "vital_interests": "Vital interests (art. 6(1)(d))",
+    "public_task": "Public interest task (art. 6(1)(e))",
+    "legitimate_interest": "Legitimate interest (art. 6(1)(f))",
+}
+
+MECHANISMS = {
+    "adequacy_decision": "Adequacy decision of the European Commission (art. 45)",
+    "standard_contractual_clauses": "Standard contractual clauses approved by the European Commission (art. 46(2)(c))",
+    "binding_corporate_rules": "Binding corporate rules (art. 47)",
+    "derogation_art49": "Derogation for a specific situation (art. 49)",
+}
+
+DOC = "docs/policy.md#processing_register"
+
+
+class RegisterIncomplete(ValueError):
+    """The policy's register section misses required fields; the message lists each, by path."""
+
+
+@dataclass(frozen=True)
+class RegisterFiles:
+    markdown: Path
+    html: Path
+    sha256: str  # of the Markdown: which version of the register was in force
+    activities: int
+
+
+# --- completeness -----------------------------------------------------------------------------------
+
+
+def problems(policy: Policy) -> list[str]:
+    """Every missing or inconsistent field of the register, by path; empty when it is complete."""
+    reg = policy.processing_register
+    if reg is None:
+        return [f"processing_register: section missing (see {DOC})"]
+    out: list[str] = []
+
+    def need(value: object, path: str, what: str = "required") -> None:
+        if value in ("", None, []):
+            out.append(f"{path}: {what}")
+
+    for key in ("name", "represented_by", "contact"):
+        need(getattr(reg.controller, key), f"processing_register.controller.{key}")
+    need(reg.activities, "processing_register.activities", "at least one processing activity is required")
+
+    rule_names = {r.name for r in policy.rules}
+    target_names = {t.name for t in policy.erasure.targets} | {t.name for t in policy.optout.share_targets}
+    for i, act in enumerate(reg.activities):
+        out += _activity_problems(act, f"processing_register.activities[{i}]", rule_names, target_names)
+
+    retained = {e.rule for a in reg.activities for e in a.retention if e.rule}
+    for name in sorted(rule_names - retained):
+        out.append(f"processing_register: retention rule {name!r} is enforced but no activity's retention names it")
+    if policy.optout.sources and not any(e.optout_list for a in reg.activities for e in a.retention):
+        out.append(
+            "processing_register: the opt-out list is kept forever (optout.sources is set) but no activity's "
+            "retention has an entry with optout_list: true"
+        )
+    listed = {t for a in reg.activities for p in a.processors for t in p.targets}
+    for name in sorted(target_names - listed):
+        out.append(
+            f"processing_register: downstream system {name!r} receives personal data (erasure target or opt-out "
+            "share target) but no processor lists it in `targets`"
+        )
+    return out
+
+
+def _activity_problems(act: Activity, at: str, rule_names: set[str], target_names: set[str]) -> list[str]:
+    out: list[str] = []
+
+    def need(value: object, path: str, what: str = "required") -> None:
+        if value in ("", None, []):
+            out.append(f"{at}.{path}: {what}")
+
+    for key in ("title", "purpose", "legal_basis", "data_subjects", "data_categories", "retention",
+                "security_measures", "rights"):
+        need(getattr(act, key), key)
+    if act.legal_basis == "legitimate_interest":
+        need(act.legal_basis_detail, "legal_basis_detail", "required with legitimate_interest: state the interest")
+    if not act.recipients and not act.processors:
+        out.append(f"{at}.recipients: at least one recipient or processor is required")
+    for j, cat in enumerate(act.data_categories):
+        need(cat.category, f"data_categories[{j}].category")
+        need(cat.items, f"data_categories[{j}].items", "list the data of this category")
+    for j, rec in enumerate(act.recipients):
+        need(rec.name, f"recipients[{j}].name")
+        need(rec.access, f"recipients[{j}].access", "say what this recipient may do with the data")
+    transferred = {t.recipient for t in act.transfers}
+    for j, proc in enumerate(act.processors):
+        for key in ("name", "service", "country"):
+            need(getattr(proc, key), f"processors[{j}].{key}")
+        if proc.country and proc.country not in EEA and proc.name not in transferred:
+            out.append(
+                f"{at}.processors[{j}]: {proc.name!r} is in {proc.country}, outside the EU/EEA: list it under "
+                "transfers (recipient with the same name) with its mechanism"
+            )
+        for name in proc.targets:
+            if name not in target_names:
+                out.append(f"{at}.processors[{j}].targets: {name!r} is not an erasure target or opt-out share target")
+    for j, tr in enumerate(act.transfers):
+        for key in ("recipient", "country", "mechanism"):
+            need(getattr(tr, key), f"transfers[{j}].{key}")
+        if tr.country in EEA:
+            out.append(f"{at}.transfers[{j}].country: {tr.country} is in the EU/EEA; this is not a transfer")
+    for j, entry in enumerate(act.retention):
+        need(entry.category, f"retention[{j}].category")
+        given = sum((entry.rule is not None, bool(entry.period), entry.optout_list))
+        if given != 1:
+            out.append(f"{at}.retention[{j}]: give exactly one of rule, period or optout_list")
+        if entry.rule is not None and entry.rule not in rule_names:
+            out.append(f"{at}.retention[{j}].rule: {entry.rule!r} is not a rule of this policy")
+    return out
+
+
+def check(policy: Policy) -> None:
+    """Raise RegisterIncomplete listing every problem, or return when the register is complete."""
+    found = problems(policy)
+    if found:
+        lines = [f"the register of processing activities is incomplete ({len(found)} problem(s)):"]
+        raise RegisterIncomplete("\n".join(lines + [f"  - {p}" for p in found]))
+
+
+# --- wording derived from the rules -------------------------------------------------------------------
+
+
+def humanise(duration: str) -> str:
+    """P3Y -> '3 years', P1Y6M -> '1 year 6 months', P30D -> '30 days'."""
+    match = DURATION.fullmatch(duration)
+    if not match:
+        return duration
+    parts = []
+    for number, unit in zip(match.groups(), ("year", "month", "week", "day")):
+        if number and int(number):
+            parts.append(f"{int(number)} {unit}{'s' if int(number) > 1 else ''}")
+    return " ".join(parts)
+
+
+def describe_rule(policy: Policy, rule: Rule) -> str:
+    """What the sweep enforces for one rule, in words (period, clock, action, archive)."""
+    if isinstance(rule.clock, LastInteractionClock):
+        kinds = ", ".join(f"`{k}`" for k in policy.interactions.subject_initiated)
+        clock = (f"the person's own last interaction ({kinds}); contact attempts by the company do not "
+                 "restart it")
+        if rule.clock.fallback:
+            clock += f"; without any interaction, from `{rule.clock.fallback}`"
+    else:
+        assert isinstance(rule.clock, RelatedMaxClock)
+        clock = f"the latest `{rule.clock.table}.{rule.clock.column}` of the person's records"
+    if rule.action == "delete":
+        then = "then deleted with all related records"
+    else:
+        then = (f"then pseudonymised; the originals are kept encrypted in a restricted archive for "
+                f"{humanise(rule.archive_for or '')}, then destroyed")
+    values = ", ".join(f"`{v}`" for v in rule.statuses.values)
+    return (f"{humanise(rule.retain_for)} after {clock}, {then} "
+            f"(records with `{rule.statuses.column}` in: {values}; rule `{rule.name}`)")
+
+
+def _holds(policy: Policy, actions: set[str]) -> list[str]:
+    """The legal holds that suspend any of `actions`, in words."""
+    return [f"Suspended while legal hold `{h.name}` applies: {h.description or 'no description'} "
+            f"(suspends: {', '.join(h.blocks)})"
+            for h in policy.holds if actions & set(h.blocks)]
+
+
+# --- rendering ----------------------------------------------------------------------------------------
+
+Item = tuple[str, str | list[str]]  # (label, paragraph or bullet list)
+
+
+def _sections(policy: Policy) -> list[tuple[str, list[Item]]]:
+    reg = policy.processing_register
+    assert reg is not None
+    ctl = reg.controller
+    controller = f"{ctl.name}, represented by {ctl.represented_by}"
+    if ctl.address:
+        controller += f", {ctl.address}"
+    controller += f"; contact: {ctl.contact}"
+    if ctl.dpo:
+        controller += f"; data protection officer: {ctl.dpo}"
+    out = []
+    for number, act in enumerate(reg.activities, start=1):
+        basis = LEGAL_BASES[act.legal_basis or "consent"]
+        if act.legal_basis_detail:
+            basis += f": {act.legal_basis_detail}"
+        recipients = [f"{r.name}: {r.access}" for r in act.recipients]
+        recipients += [f"Processor {p.name} ({p.service}, {p.country})" for p in act.processors]
+        transfers = [
+            f"{t.recipient} ({t.country}): {MECHANISMS[t.mechanism or 'adequacy_decision']}"
+            + (f"; {t.safeguards}" if t.safeguards else "")
+            for t in act.transfers
+        ] or "None."
+        retention = []
+        for entry in act.retention:
+            if entry.rule:
+                retention.append(f"{entry.category}: {describe_rule(policy, policy.rule(entry.rule))}")
+            elif entry.optout_list:
+                retention.append(f"{entry.category}: kept permanently as a keyed hash (HMAC-SHA256) of the "
+                                 "normalised email on the suppression list, so the objection keeps being honoured; "
+                                 "no other data is kept")
+            else:
+                retention.append(f"{entry.category}: {entry.period}")
+        retention += _holds(policy, {policy.rule(e.rule).action for e in act.retention if e.rule})
+        fields: list[Item] = [
+            ("Controller", controller),
+            ("Purpose", act.purpose),
+            ("Legal basis", basis),
+            ("Data subjects", act.data_subjects),
+            ("Data processed", [f"{c.category}: {', '.join(c.items)}" for c in act.data_categories]),
+        ]
+        if act.sources:
+            fields.append(("Sources", act.sources))
+        fields += [
+            ("Recipients", recipients),
+            ("Transfers outside the EU", transfers),
+            ("Retention", retention),
+            ("Security measures", act.security_measures),
+            ("Exercise of rights", act.rights),
+        ]
+        out.append((f"Processing activity {number}: {act.title}", fields))
+    return out
+
+
+def _md(text: str) -> str:
+    """Keep policy text from being read as Markdown structure (emphasis, HTML, links); `code` spans stay."""
+    text = " ".join(text.split())
+    if text.count("`") % 2:  # unpaired backtick: no code spans at all, escape everything
+        return re.sub(r"([\\`*_<>#\[\]|])", r"\\\1", text)
+    pieces = text.split("`")  # even pieces are outside code spans
+    return "`".join(re.sub(r"([\\*_<>#\[\]|])", r"\\\1", p) if i % 2 == 0 else p for i, p in enumerate(pieces))
+
+
+def render_markdown(policy: Policy, generated_on: date, source: str) -> str:
+    lines = [
+        "# Register of processing activities (GDPR article 30)",
+        "",
+        f"Generated on {generated_on.isoformat()} by warehouse-gdpr from `{source}`. Retention periods are "
+        "those the retention sweep enforces (rules of the policy file).",
+        "",
+    ]
+    for title, fields in _sections(policy):
+        lines += [f"## {_md(title)}", ""]
+        for label, value in fields:
+            if isinstance(value, str):
+                lines.append(f"**{label}:** {_md(value)}")
+                lines.append("")
+            else:
+                lines.append(f"**{label}:**")
+                lines.append("")
+                lines += [f"- {_md(item)}" for item in value]
+                lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _html_inline(text: str) -> str:
+    """Escape, then show `code` spans (the only markup the derived wording uses)."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(" ".join(text.split())))
+
+
+def render_html(policy: Policy, generated_on: date, source: str) -> str:
+    title = "Register of processing activities (GDPR article 30)"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{title}</title>",
+        "<style>body{font-family:sans-serif;max-width:60rem;margin:2rem auto;line-height:1.4}"
+        "dt{font-weight:bold;margin-top:.8rem}section{border-top:1px solid #ccc;margin-top:1.5rem}</style>",
+        "</head><body>",
+        f"<h1>{title}</h1>",
+        f"<p>Generated on {generated_on.isoformat()} by warehouse-gdpr from <code>{html.escape(source)}</code>. "
+        "Retention periods are those the retention sweep enforces (rules of the policy file).</p>",
+    ]
+    for heading, fields in _sections(policy):
+        parts += ["<section>", f"<h2>{html.escape(heading)}</h2>", "<dl>"]
+        for label, value in fields:
+            parts.append(f"<dt>{label}</dt>")
+            if isinstance(value, str):
+                parts.append(f"<dd>{_html_inline(value)}</dd>")
+            else:
+                items = "".join(f"<li>{_html_inline(v)}</li>" for v in value)
+                parts.append(f"<dd><ul>{items}</ul></dd>")
+        parts += ["</dl>", "</section>"]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def output_dir(policy: Policy, base: str | Path) -> Path:
+    """The policy's `output_dir`; a relative one is taken under `base` ($AIRFLOW_HOME in Airflow)."""
+    assert policy.processing_register is not None
+    return Path(base) / Path(policy.processing_register.output_dir).expanduser()
+
+
+def generate(policy: Policy, out_dir: str | Path, generated_on: date, source: str) -> RegisterFiles:
+    """Check completeness, then write register.md and register.html into out_dir (created if needed)."""
+    check(policy)
+    assert policy.processing_register is not None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = render_markdown(policy, generated_on, source)
+    md_path, html_path = out / "register.md", out / "register.html"
+    md_path.write_text(markdown, encoding="utf-8")
+    html_path.write_text(render_html(policy, generated_on, source), encoding="utf-8")
+    return RegisterFiles(
+        markdown=md_path,
+        html=html_path,
+        sha256=hashlib.sha256(markdown.encode("utf-8")).hexdigest(),
+        activities=len(policy.processing_register.activities),
+    )
