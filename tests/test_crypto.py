@@ -305,3 +305,21 @@ def test_hash_value_does_not_normalise() -> None:
     keys = Keys.from_extra(_extra())
     assert keys.hash_value("John") != keys.hash_value("john")
     assert keys.hash_value("john") == keys.subject_hash("JOHN")
+
+
+def test_command_line_prints_fresh_usable_keys() -> None:
+    """`python -m warehouse_gdpr.crypto` (README, compose stack): one line of JSON, no spaces, valid keys,
+    different every time."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "plugins")}
+    outputs = [subprocess.run([sys.executable, "-m", "warehouse_gdpr.crypto"], capture_output=True, text=True,
+                              env=env, check=True, timeout=60).stdout for _ in range(2)]
+    for out in outputs:
+        assert out.count("\n") == 1 and " " not in out
+        keys = Keys.from_extra(json.loads(out))
+        assert len(keys.pepper) == 32 and keys.archive_key_id in keys.archive_keys
+    assert outputs[0] != outputs[1]

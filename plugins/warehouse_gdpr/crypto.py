@@ -217,3 +217,15 @@ def generate_extra() -> dict[str, object]:
         "archive_key_id": "archive-1",
         "archive_keys": {"archive-1": base64.b64encode(os.urandom(32)).decode()},
     }
+
+
+def main() -> None:
+    """``python -m warehouse_gdpr.crypto``: print fresh keys as one line of connection-extra JSON (no spaces,
+    so it fits an env file), e.g. for the compose stack's ``GDPR_KEYS_EXTRA``. Store it in your secrets backend."""
+    import json
+
+    print(json.dumps(generate_extra(), separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    main()
