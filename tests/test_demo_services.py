@@ -290,7 +290,55 @@ def test_command_line_runs_both_until_sigterm() -> None:
         _, stderr = process.communicate(timeout=10)
         assert process.returncode == 0, stderr
         assert EMAIL not in stderr
+        assert "warning" not in stderr  # loopback by default: nothing to warn about
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_host_option_binds_all_interfaces_with_a_warning() -> None:
+    """`--host 0.0.0.0` (the compose stack's downstream container): reachable, warned about on stderr;
+    the key and token may come from the environment instead of the command line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins"),
+           "DEMO_EMAILING_API_KEY": API_KEY, "DEMO_TELEPHONY_TOKEN": TOKEN}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "warehouse_gdpr.demo_services", "--host", "0.0.0.0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        assert process.stdout is not None
+        urls = dict(process.stdout.readline().split() for _ in range(2))
+        assert urls["emailing"].startswith("http://0.0.0.0:")
+        port = urls["emailing"].rsplit(":", 1)[1]
+        assert call("POST", f"http://127.0.0.1:{port}/v3/contacts", {"email": EMAIL}, KEY) == (201, {"id": 1})
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=10)
+        assert process.returncode == 0, stderr
+        assert "warning: demo services listening on 0.0.0.0" in stderr
+        assert "no TLS" in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_api_key_comes_from_args_or_env() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DEMO_EMAILING_API_KEY", "DEMO_TELEPHONY_TOKEN")}
+    env["PYTHONPATH"] = str(ROOT / "plugins")
+    missing = subprocess.run([sys.executable, "-m", "warehouse_gdpr.demo_services", "--token", TOKEN],
+                             capture_output=True, text=True, env=env, timeout=30)
+    assert missing.returncode == 2 and "--api-key (or $DEMO_EMAILING_API_KEY) is required" in missing.stderr
+
+
+def test_host_parameter_and_loopback_check() -> None:
+    from warehouse_gdpr.demo_services import is_loopback
+
+    service = start_emailing(API_KEY, host="0.0.0.0")
+    try:
+        assert service._server.server_address[0] == "0.0.0.0"
+        assert call("GET", f"http://127.0.0.1:{service.port}/_control/contacts/count") == (200, {"count": 0})
+    finally:
+        service.stop()
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("downstream")

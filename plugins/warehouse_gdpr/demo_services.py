@@ -14,10 +14,13 @@ Both serve, without auth, ``POST /_control/fail`` ``{"count": N, "status": 500}`
 non-control requests answer that status), ``GET /_control/requests`` (method, redacted path,
 status and time of each non-control request; bodies are never kept) and
 ``GET /_control/contacts/count`` (and ``GET /_control/blocklist/count``). Emails are personal data: paths are stored and logged with the
-identifier replaced by ``<redacted>`` and query strings dropped. Servers bind to 127.0.0.1 only.
+identifier replaced by ``<redacted>`` and query strings dropped. Servers bind to 127.0.0.1 unless
+told otherwise (``host=``, ``--host``): plain HTTP, demo credentials, no auth on the control routes.
 
 ``python -m warehouse_gdpr.demo_services --emailing-port P1 --telephony-port P2 --api-key K
---token T`` runs both in the foreground until SIGTERM or Ctrl-C.
+--token T [--host H]`` runs both in the foreground until SIGTERM or Ctrl-C. The key and token may
+come from ``$DEMO_EMAILING_API_KEY`` and ``$DEMO_TELEPHONY_TOKEN`` instead (kept out of ``ps``).
+In a container, ``--host 0.0.0.0`` lets the other containers reach them (a warning says so).
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ import argparse
 import copy
 import datetime as dt
 import hmac
+import ipaddress
 import json
 import logging
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -42,7 +48,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 log = logging.getLogger(__name__)
-HOST = "127.0.0.1"
+HOST = "127.0.0.1"  # the default bind address: loopback only
+API_KEY_ENV = "DEMO_EMAILING_API_KEY"
+TOKEN_ENV = "DEMO_TELEPHONY_TOKEN"
 REDACTED = "<redacted>"
 CONTROL = "/_control/"
 REQUEST_LOG_SIZE = 10_000  # most recent requests kept for /_control/requests
@@ -119,10 +127,10 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     daemon_threads = True
 
-    def __init__(self, port: int, state: _State) -> None:
+    def __init__(self, port: int, state: _State, host: str = HOST) -> None:
         self.state = state
         self.clients: dict[socket.socket, threading.Thread] = {}  # open connection -> its handler thread
-        super().__init__((HOST, port), _Handler)
+        super().__init__((host, port), _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         name = f"demo-{self.state.flavour.name}-request"
@@ -279,14 +287,15 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
 
 
 class DemoService:
-    """One running demo server, served by a daemon thread on 127.0.0.1."""
+    """One running demo server, served by a daemon thread on ``host`` (default 127.0.0.1)."""
 
-    def __init__(self, flavour: _Flavour, port: int, contacts: Mapping[str, dict[str, Any]] | None) -> None:
+    def __init__(self, flavour: _Flavour, port: int, contacts: Mapping[str, dict[str, Any]] | None,
+                 host: str = HOST) -> None:
         self._state = _State(flavour, contacts)
-        self._server = _Server(port, self._state)
+        self._server = _Server(port, self._state, host)
         self.name: str = flavour.name
         self.port: int = self._server.server_address[1]
-        self.base_url: str = f"http://{HOST}:{self.port}"
+        self.base_url: str = f"http://{host}:{self.port}"
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"demo-{self.name}", daemon=True
         )
@@ -340,7 +349,8 @@ def _header_is(name: str, expected: str) -> Callable[[Message], bool]:
     return lambda headers: hmac.compare_digest(headers.get(name, "").encode(), expected.encode())
 
 
-def start_emailing(api_key: str, port: int = 0, contacts: Mapping[str, dict[str, Any]] | None = None) -> DemoService:
+def start_emailing(api_key: str, port: int = 0, contacts: Mapping[str, dict[str, Any]] | None = None,
+                   host: str = HOST) -> DemoService:
     """Start the Brevo-compatible emailing tool (port 0: any free port), optionally with ``contacts``."""
     flavour = _Flavour(
         name="emailing",
@@ -353,10 +363,11 @@ def start_emailing(api_key: str, port: int = 0, contacts: Mapping[str, dict[str,
         created=lambda record: {"id": record["id"]},
         blocklist_path="/v3/contacts/blocklist/hashes",
     )
-    return DemoService(flavour, port, contacts)
+    return DemoService(flavour, port, contacts, host)
 
 
-def start_telephony(token: str, port: int = 0, contacts: Mapping[str, dict[str, Any]] | None = None) -> DemoService:
+def start_telephony(token: str, port: int = 0, contacts: Mapping[str, dict[str, Any]] | None = None,
+                    host: str = HOST) -> DemoService:
     """Start the Aircall-like telephony tool (port 0: any free port), optionally with ``contacts``."""
     flavour = _Flavour(
         name="telephony",
@@ -368,17 +379,43 @@ def start_telephony(token: str, port: int = 0, contacts: Mapping[str, dict[str, 
         delete_body={"deleted": True},
         created=lambda record: record,
     )
-    return DemoService(flavour, port, contacts)
+    return DemoService(flavour, port, contacts, host)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the services on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `main` (the key and token default to their environment variables)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--emailing-port", type=int, default=0)
+    parser.add_argument("--telephony-port", type=int, default=0)
+    parser.add_argument("--host", default=HOST, help=f"address to bind (default {HOST}, this machine only)")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"value the emailing tool expects in 'api-key' (default ${API_KEY_ENV})")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                        help=f"bearer token the telephony tool expects (default ${TOKEN_ENV})")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run both services in the foreground until SIGTERM or Ctrl-C."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--emailing-port", type=int, default=0)
-    parser.add_argument("--telephony-port", type=int, default=0)
-    parser.add_argument("--api-key", required=True, help="value the emailing tool expects in 'api-key'")
-    parser.add_argument("--token", required=True, help="bearer token the telephony tool expects")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    for option, env in (("--api-key", API_KEY_ENV), ("--token", TOKEN_ENV)):
+        if not getattr(args, option[2:].replace("-", "_")):
+            parser.error(f"{option} (or ${env}) is required")
+    if not is_loopback(args.host):
+        print(f"warning: demo services listening on {args.host}: demo only, plain HTTP (no TLS), demo "
+              "credentials, control routes without auth; keep them on a private demo network.",
+              file=sys.stderr, flush=True)
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -386,8 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, interrupt)
     services: list[DemoService] = []
     try:
-        services.append(start_emailing(args.api_key, args.emailing_port))
-        services.append(start_telephony(args.token, args.telephony_port))
+        services.append(start_emailing(args.api_key, args.emailing_port, host=args.host))
+        services.append(start_telephony(args.token, args.telephony_port, host=args.host))
         for service in services:
             print(f"{service.name} {service.base_url}", flush=True)
         while True:
