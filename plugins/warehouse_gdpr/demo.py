@@ -11,6 +11,8 @@
    resurrection caught, the hashed list shared with the emailing tool.
 
 `python -m warehouse_gdpr.demo stop` stops the services and the embedded PostgreSQL (`make stop`).
+The docker compose stack seeds its warehouse with the same steps (`seed_warehouse`,
+`create_support_desk`, `share_with_downstream`) through `warehouse_gdpr.compose_seed`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import psycopg
 import psycopg.conninfo
+import psycopg.sql
 
 from . import demo_data, embedded, schema
 from .crypto import generate_extra
@@ -147,6 +150,31 @@ def stop_services() -> None:
         SERVICES_PID.unlink()
 
 
+def seed_warehouse(owner_url: str, contacts: int) -> dict[str, int]:
+    """A new demo warehouse: the demo CRM seeded afresh, the control schema (re)installed empty, the demo
+    grants. Returns the rows written per table."""
+    with psycopg.connect(owner_url) as conn:
+        # A demo reseed is a new warehouse: its archive and audit history start over too.
+        with conn.transaction():
+            conn.execute("DROP SCHEMA IF EXISTS gdpr CASCADE; DROP SCHEMA IF EXISTS gdpr_archive CASCADE")
+        counts = demo_data.seed(conn, contacts=contacts)
+        schema.ensure_schema(conn)
+        with conn.transaction():
+            conn.execute(read_sql("demo_grants.sql"))  # type: ignore[arg-type]
+    return counts
+
+
+def create_support_desk(owner_url: str, name: str = "support_desk") -> str:
+    """(Re)create the support desk's own database (a SQL erasure target) on the warehouse's server; its URL."""
+    with psycopg.connect(owner_url, autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psycopg.sql.Identifier(name)))
+        admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+    desk_url = psycopg.conninfo.make_conninfo(owner_url, dbname=name)
+    with psycopg.connect(desk_url) as desk:
+        desk.execute(read_sql("demo_support_desk.sql"))  # type: ignore[arg-type]
+    return desk_url
+
+
 def start_services(owner_url: str) -> dict[str, object]:
     """The demo's downstream systems: two HTTP services (detached, until `make stop`) and a desk DB."""
     stop_services()
@@ -160,13 +188,8 @@ def start_services(owner_url: str) -> dict[str, object]:
     for _ in range(2):
         proc.stdout.readline()  # "emailing http://..." then "telephony http://...": both listen
     SERVICES_PID.write_text(str(proc.pid))
-    with psycopg.connect(owner_url, autocommit=True) as admin:
-        admin.execute("DROP DATABASE IF EXISTS support_desk WITH (FORCE)")
-        admin.execute("CREATE DATABASE support_desk")
-    desk_url = psycopg.conninfo.make_conninfo(owner_url, dbname="support_desk")
-    with psycopg.connect(desk_url) as desk:
-        desk.execute(read_sql("demo_support_desk.sql"))  # type: ignore[arg-type]
-    return {**ports, "desk_url": desk_url}
+    urls = {f"{name}_url": f"http://127.0.0.1:{ports[f'{name}_port']}" for name in ("emailing", "telephony")}
+    return {**ports, **urls, "desk_url": create_support_desk(owner_url)}
 
 
 def _post(url: str, body: dict[str, object], headers: dict[str, str]) -> None:
@@ -176,8 +199,11 @@ def _post(url: str, body: dict[str, object], headers: dict[str, str]) -> None:
     opener.open(request, timeout=10).close()
 
 
-def share_with_downstream(conn: psycopg.Connection, services: dict[str, object], limit: int = 200) -> int:
-    """Copy some demo contacts to the downstream systems, as a real CRM sync would have."""
+def share_with_downstream(conn: psycopg.Connection, services: dict[str, object], limit: int = 200,
+                          api_key: str = DEMO_API_KEY, token: str = DEMO_TOKEN) -> int:
+    """Copy some demo contacts to the downstream systems, as a real CRM sync would have.
+
+    `services`: ``emailing_url``, ``telephony_url`` (base URLs) and ``desk_url`` (the desk database)."""
     rows = conn.execute(
         "SELECT email, direct_phone, first_name FROM crm.contacts WHERE status IN ('prospect', 'lead', 'client')"
         " AND pseudonymised_at IS NULL ORDER BY contact_id LIMIT %s", (limit,)
@@ -185,10 +211,10 @@ def share_with_downstream(conn: psycopg.Connection, services: dict[str, object],
     conn.rollback()
     with psycopg.connect(str(services["desk_url"])) as desk:
         for email, phone, first in rows:
-            _post(f"http://127.0.0.1:{services['emailing_port']}/v3/contacts",
-                  {"email": email, "attributes": {"FIRSTNAME": first}}, {"api-key": DEMO_API_KEY})
-            _post(f"http://127.0.0.1:{services['telephony_port']}/contacts",
-                  {"email": email, "phone": phone}, {"Authorization": f"Bearer {DEMO_TOKEN}"})
+            _post(f"{services['emailing_url']}/v3/contacts",
+                  {"email": email, "attributes": {"FIRSTNAME": first}}, {"api-key": api_key})
+            _post(f"{services['telephony_url']}/contacts",
+                  {"email": email, "phone": phone}, {"Authorization": f"Bearer {token}"})
             ticket = desk.execute(
                 "INSERT INTO desk.tickets (requester_email, subject) VALUES (%s, 'Demo ticket') RETURNING ticket_id",
                 (email,)).fetchone()[0]  # type: ignore[index]
@@ -250,7 +276,7 @@ def demo_optout(owner_url: str, env: dict[str, str], services: dict[str, object]
         proc = subprocess.run(["airflow", "dags", "test", "gdpr_optout_sync"], env=env,
                               stdout=log_file, stderr=subprocess.STDOUT)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{services['emailing_port']}/_control/blocklist/count", timeout=10) as answer:
+    with opener.open(f"{services['emailing_url']}/_control/blocklist/count", timeout=10) as answer:
         shared = json.load(answer)["count"]
     with psycopg.connect(owner_url) as conn:
         listed = conn.execute("SELECT reason, count(*) FROM gdpr.suppression_list GROUP BY 1 ORDER BY 1").fetchall()
@@ -285,17 +311,10 @@ def main() -> int:
     contacts = int(os.environ.get("DEMO_CONTACTS", "10000"))
     owner_url, is_embedded = warehouse_url()
     print(f"Warehouse: {'embedded PostgreSQL under .demo/pg' if is_embedded else '$WAREHOUSE_URL'}")
-    with psycopg.connect(owner_url) as conn:
-        started = time.monotonic()
-        # A demo reseed is a new warehouse: its archive and audit history start over too.
-        with conn.transaction():
-            conn.execute("DROP SCHEMA IF EXISTS gdpr CASCADE; DROP SCHEMA IF EXISTS gdpr_archive CASCADE")
-        counts = demo_data.seed(conn, contacts=contacts)
-        schema.ensure_schema(conn)
-        with conn.transaction():
-            conn.execute(read_sql("demo_grants.sql"))  # type: ignore[arg-type]
-        print(f"Seeded the demo CRM in {time.monotonic() - started:.1f} s: "
-              + ", ".join(f"{n} {t}" for t, n in counts.items()))
+    started = time.monotonic()
+    counts = seed_warehouse(owner_url, contacts)
+    print(f"Seeded the demo CRM in {time.monotonic() - started:.1f} s: "
+          + ", ".join(f"{n} {t}" for t, n in counts.items()))
     services = start_services(owner_url)
     env_file = write_env(owner_url, engine_url(owner_url, is_embedded), load_keys_file(), services)
     env = airflow_env(env_file)
