@@ -3,6 +3,10 @@
     warehouse-gdpr policy schema                     JSON Schema of the policy file (editor completion, CI)
     warehouse-gdpr policy check POLICY --url URL     validate POLICY against a live warehouse; print what
                                                      each rule would select (counts only); changes nothing
+    warehouse-gdpr schema sql                        print the control schema DDL shipped in the package
+    warehouse-gdpr schema install --url URL          install or upgrade it (run as the warehouse owner)
+    warehouse-gdpr subject-hash POLICY < email       the person's keyed hashes (audit log, suppression list);
+                                                     reads the email on stdin, keys from the Airflow connection
     warehouse-gdpr register POLICY [--out DIR]       write the article 30 register (register.md and
                                                      register.html); fails while a required field is missing
 """
@@ -62,6 +66,54 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schema_sql(_: argparse.Namespace) -> int:
+    from .sqlfiles import read_sql
+
+    print(read_sql("gdpr_schema.sql"))
+    return 0
+
+
+def _schema_install(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from . import schema
+
+    url = args.url or os.environ.get("WAREHOUSE_URL")
+    if not url:
+        print("give --url (or set WAREHOUSE_URL): the warehouse, as its owner or a DBA role", file=sys.stderr)
+        return 2
+    with psycopg.connect(url) as conn:
+        try:
+            ran = schema.ensure_schema(conn)
+        except schema.SchemaError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+    print(f"control schema version {schema.SCHEMA_VERSION} " + ("installed." if ran else "already installed."))
+    return 0
+
+
+def _subject_hash(args: argparse.Namespace) -> int:
+    """Keyed hashes of one email read on stdin (never an argument: it would land in shell history)."""
+    from . import runtime
+    from .crypto import KeyError_
+
+    try:
+        policy = load_policy(args.policy)
+        keys = runtime.load_keys(policy)
+    except (PolicyError, KeyError_, RuntimeError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    email = sys.stdin.readline().strip()
+    if "@" not in email:
+        print("give the email on stdin, e.g.: read -rs EMAIL; printf '%s' \"$EMAIL\" | warehouse-gdpr "
+              "subject-hash POLICY", file=sys.stderr)
+        return 2
+    for key_id, value in keys.subject_hashes(email, policy.optout.strip_plus_tags).items():
+        current = " (current)" if key_id == keys.hmac_key_id else ""
+        print(f"{key_id}\t{value}{current}")
+    return 0
+
+
 def _register(args: argparse.Namespace) -> int:
     from . import register
 
@@ -88,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--url", help="libpq URL of the warehouse (default: $WAREHOUSE_URL)")
     check.add_argument("--as-of", help="ISO instant the clocks are measured against (default: now)")
     check.set_defaults(run=_check)
+    ddl = commands.add_parser("schema", help="the control schema (gdpr, gdpr_archive, roles)").add_subparsers(
+        dest="action", required=True)
+    ddl.add_parser("sql", help="print the DDL, for a DBA to review or run").set_defaults(run=_schema_sql)
+    install = ddl.add_parser("install", help="install or upgrade the control schema (idempotent)")
+    install.add_argument("--url", help="libpq URL of the warehouse as its owner (default: $WAREHOUSE_URL)")
+    install.set_defaults(run=_schema_install)
+    hashes = commands.add_parser("subject-hash", help="a person's keyed hashes, to search the audit log")
+    hashes.add_argument("policy", help="path to the policy YAML file (names the keys connection)")
+    hashes.set_defaults(run=_subject_hash)
     reg = commands.add_parser("register", help="write the register of processing activities (GDPR art. 30)")
     reg.add_argument("policy", help="path to the policy YAML file")
     reg.add_argument("--out", help="output directory (default: processing_register.output_dir, under the current directory)")
