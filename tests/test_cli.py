@@ -19,6 +19,7 @@ def test_schema_is_the_models_json_schema(capsys: pytest.CaptureFixture[str]) ->
     schema = json.loads(capsys.readouterr().out)
     assert {"subject", "tables", "rules", "holds", "erasure", "optout"} <= set(schema["properties"])
     assert "subject" in schema["required"]
+    assert schema["$defs"]["Rule"]["properties"]["retain_for"]["description"]  # editors show docs/policy.md's text
 
 
 def test_check_without_a_warehouse_validates_the_file(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -11,11 +11,14 @@ database before any write.
 from __future__ import annotations
 
 import re
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 IDENT = r"^[a-z_][a-z0-9_]{0,62}$"
 QUALIFIED = r"^[a-z_][a-z0-9_]{0,62}\.[a-z_][a-z0-9_]{0,62}$"
@@ -58,41 +61,71 @@ def _check_duration(value: str) -> str:
     return value
 
 
+# Field descriptions are the "meaning" column of docs/policy.md, word for word (tests/test_docs.py checks
+# it): the JSON Schema of `warehouse-gdpr policy schema` shows editors the same text as the reference.
+# A key that several models share (each column treatment's `pseudonymise`, each clock's `kind`, each
+# erasure target's `name`) takes its text from one constant below.
+
+_PSEUDONYMISE = (
+    '`hash`: HMAC-SHA256 with the pepper (stays joinable; needs a text column of 64+ characters); `"null"`: '
+    "set to NULL; `fixed`: set to `value`; `keep`: left as it is"
+)
+_CLOCK_KIND = (
+    "`last_interaction`: the person's last own interaction; `related_max`: the latest value of a column of a "
+    "mapped table"
+)
+_TARGET_NAME = "unique name of the target (outbox, audit, the register's `processors[].targets`)"
+_TARGET_KIND = "how it is reached: `http` (an API) or `sql` (statements on another database)"
+_TARGET_CONNECTION = "Airflow connection (HTTP: base URL and auth headers; SQL: any DB-API connection)"
+
+
 class AirflowSettings(_Model):
-    warehouse_connection_id: Ident = "warehouse"
-    keys_connection_id: Ident = "gdpr_keys"
-    sweep_schedule: str = "@weekly"
+    warehouse_connection_id: Ident = Field(
+        default="warehouse", description="Airflow connection to the warehouse (postgres, psycopg 3)"
+    )
+    keys_connection_id: Ident = Field(
+        default="gdpr_keys", description="Airflow connection whose extra holds the pepper and archive keys"
+    )
+    sweep_schedule: str = Field(default="@weekly", description="schedule of `gdpr_retention_sweep`")
 
 
 class Subject(_Model):
-    table: QualifiedName
-    primary_key: Ident
-    email_column: Ident
-    phone_column: Ident | None = None
+    table: QualifiedName = Field(description="the table of people (also listed in `tables`)")
+    primary_key: Ident = Field(description="its primary key (the sweep's keyset batches follow it)")
+    email_column: Ident = Field(
+        description="the email that identifies the person (erasure looks it up, opt-out hashes it)"
+    )
+    phone_column: Ident | None = Field(
+        default=None,
+        description="the direct phone column, if any; only checked to exist (pseudonymise it through "
+        "`tables[].columns`)",
+    )
     pseudonymised_marker: Ident = Field(
-        description="timestamptz column set when the subject is pseudonymised; such subjects are not selected again"
+        description="timestamp column set to `now()` by pseudonymisation; a marked subject is never selected by a rule "
+        "again"
     )
     restriction_column: Ident | None = Field(
         default=None,
-        description="boolean column set to true when an erasure is restricted by a hold (e.g. a do-not-contact flag)",
+        description="boolean do-not-contact flag, set to true when processing is restricted (an erasure restricted by "
+        "a hold, opt-out enforcement, a quarantined resurrection); `gdpr_optout_sync` needs it",
     )
 
 
 class HashColumn(_Model):
-    pseudonymise: Literal["hash"]
+    pseudonymise: Literal["hash"] = Field(description=_PSEUDONYMISE)
 
 
 class NullColumn(_Model):
-    pseudonymise: Literal["null"]
+    pseudonymise: Literal["null"] = Field(description=_PSEUDONYMISE)
 
 
 class FixedColumn(_Model):
-    pseudonymise: Literal["fixed"]
-    value: str
+    pseudonymise: Literal["fixed"] = Field(description=_PSEUDONYMISE)
+    value: str = Field(description="the constant written by `fixed` (a text that fits the column)")
 
 
 class KeepColumn(_Model):
-    pseudonymise: Literal["keep"]
+    pseudonymise: Literal["keep"] = Field(description=_PSEUDONYMISE)
 
 
 ColumnTreatment = Annotated[
@@ -101,70 +134,93 @@ ColumnTreatment = Annotated[
 
 
 class MappedTable(_Model):
-    table: QualifiedName
-    primary_key: Ident
-    subject_column: Ident = Field(description="column holding the subject's primary key")
+    table: QualifiedName = Field(description="a table holding personal data")
+    primary_key: Ident = Field(description="its primary key (identifies each archived original and each hashed row)")
+    subject_column: Ident = Field(description="the column holding the subject's primary key")
     email_columns: list[Ident] = Field(
         default_factory=list,
-        description="columns holding the person's email: an erasure also finds rows by them (e.g. unlinked tickets)",
+        description="text columns holding the person's email: an erasure also finds rows by them (rows never linked "
+        "to the subject)",
     )
     kept_when_held: bool = Field(
-        default=False, description="kept (not erased) when a hold restricts an erasure, e.g. accounting records"
+        default=False, description="kept, not erased, when a hold restricts an erasure (e.g. accounting records)"
     )
-    columns: dict[Ident, ColumnTreatment] = Field(default_factory=dict)
+    columns: dict[Ident, ColumnTreatment] = Field(
+        default_factory=dict,
+        description="what pseudonymisation does to each personal column; unlisted columns are left as they are",
+    )
 
 
 class Interactions(_Model):
-    table: QualifiedName
-    subject_column: Ident
-    kind_column: Ident
-    at_column: Ident
-    subject_initiated: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(min_length=1)
+    table: QualifiedName = Field(description="the activity table")
+    subject_column: Ident = Field(description="its column holding the subject's primary key")
+    kind_column: Ident = Field(description="its column holding the kind of activity")
+    at_column: Ident = Field(description="its column holding when the activity happened")
+    subject_initiated: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        min_length=1,
+        description="the kinds that are the person's own; only these restart a `last_interaction` clock",
+    )
 
 
 Action = Literal["delete", "pseudonymise"]
 
 
 class Hold(_Model):
-    name: Ident
-    description: str = ""
-    predicate: Predicate
-    blocks: list[Action] = Field(default_factory=lambda: ["delete", "pseudonymise"], min_length=1)
+    name: Ident = Field(description="unique name of the hold (logs, audit, certificates)")
+    description: str = Field(default="", description="why it exists (quoted in the register's retention wording)")
+    predicate: Predicate = Field(description="true when the hold applies to the subject `s`")
+    blocks: list[Action] = Field(
+        default_factory=lambda: ["delete", "pseudonymise"],
+        min_length=1,
+        description="the sweep actions it suspends; an erasure request is checked against every hold, whatever this "
+        "says",
+    )
     on_erasure: Literal["refuse", "restrict"] = Field(
         default="restrict",
-        description="erasure request of a held subject: refuse it, or erase what is not kept_when_held and restrict the rest",
+        description="an erasure request of a held person: `restrict` erases what is not `kept_when_held` and flags "
+        "the subject row with `restriction_column`; `refuse` erases nothing (a refusing hold wins)",
     )
 
 
 class StatusFilter(_Model):
-    column: Ident
-    values: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(min_length=1)
+    column: Ident = Field(description="the subject's status column")
+    values: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        min_length=1, description="the status values the rule applies to"
+    )
 
 
 class LastInteractionClock(_Model):
-    kind: Literal["last_interaction"]
+    kind: Literal["last_interaction"] = Field(description=_CLOCK_KIND)
     fallback: Ident | None = Field(
-        default=None, description="subject column used when the person never interacted (e.g. created_at)"
+        default=None,
+        description="with `last_interaction`: subject column used when the person never interacted (e.g. "
+        "`created_at`); without it, such a person is never selected",
     )
 
 
 class RelatedMaxClock(_Model):
-    kind: Literal["related_max"]
-    table: QualifiedName
-    column: Ident
+    kind: Literal["related_max"] = Field(description=_CLOCK_KIND)
+    table: QualifiedName = Field(description="a mapped table, joined on its `subject_column` (e.g. contracts)")
+    column: Ident = Field(description="its date column (e.g. `end_date`)")
 
 
 Clock = Annotated[Union[LastInteractionClock, RelatedMaxClock], Field(discriminator="kind")]
 
 
 class Rule(_Model):
-    name: Ident
-    description: str = ""
-    statuses: StatusFilter
-    clock: Clock
-    retain_for: str
-    action: Action
-    archive_for: str | None = None
+    name: Ident = Field(description="unique rule name (the sweep's `rules` param takes these)")
+    description: str = Field(default="", description="what it implements (for readers; the code does not use it)")
+    statuses: StatusFilter = Field(description="which subjects the rule applies to")
+    clock: Clock = Field(description="the retention clock")
+    retain_for: str = Field(description="how long after the clock the data may stay")
+    action: Action = Field(
+        description="what happens to expired subjects: `delete` removes them and their rows in every mapped table; "
+        "`pseudonymise` archives the originals encrypted, then applies `tables[].columns`"
+    )
+    archive_for: str | None = Field(
+        default=None,
+        description="how long the encrypted originals stay in `gdpr_archive` (only with `pseudonymise`)",
+    )
 
     _duration = field_validator("retain_for", "archive_for")(
         lambda cls, v: v if v is None else _check_duration(v)
@@ -182,14 +238,26 @@ class Rule(_Model):
 class HttpTarget(_Model):
     """A downstream system reached over HTTP; base URL and auth come from an Airflow HTTP connection."""
 
-    name: Ident
-    kind: Literal["http"]
-    connection_id: Ident
-    preset: Literal["brevo", "hubspot"] | None = None
-    method: Literal["DELETE", "POST", "PUT"] | None = None
-    endpoint: str | None = Field(default=None, description="path template; {identifier} is URL-encoded into it")
-    body: dict[str, object] | None = Field(default=None, description="JSON body; the string '{identifier}' is replaced")
-    success_codes: list[int] = Field(default_factory=lambda: [200, 201, 202, 204])
+    name: Ident = Field(description=_TARGET_NAME)
+    kind: Literal["http"] = Field(description=_TARGET_KIND)
+    connection_id: Ident = Field(description=_TARGET_CONNECTION)
+    preset: Literal["brevo", "hubspot"] | None = Field(
+        default=None,
+        description="HTTP: known API (`DELETE /v3/contacts/{identifier}`, "
+        "`POST /crm/v3/objects/contacts/gdpr-delete`)",
+    )
+    method: Literal["DELETE", "POST", "PUT"] | None = Field(default=None, description="HTTP method")
+    endpoint: str | None = Field(
+        default=None, description="path template; `{identifier}` is URL-encoded into it"
+    )
+    body: dict[str, object] | None = Field(
+        default=None,
+        description="JSON body; a string value that is exactly `{identifier}` is replaced by the identifier",
+    )
+    success_codes: list[int] = Field(
+        default_factory=lambda: [200, 201, 202, 204],
+        description='acknowledged answers (404 always counts as "already gone")',
+    )
 
     @model_validator(mode="after")
     def _preset_or_explicit(self) -> "HttpTarget":
@@ -203,10 +271,13 @@ class HttpTarget(_Model):
 class SqlTarget(_Model):
     """Another database reached through an Airflow connection; statements take %(identifier)s."""
 
-    name: Ident
-    kind: Literal["sql"]
-    connection_id: Ident
-    statements: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    name: Ident = Field(description=_TARGET_NAME)
+    kind: Literal["sql"] = Field(description=_TARGET_KIND)
+    connection_id: Ident = Field(description=_TARGET_CONNECTION)
+    statements: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1,
+        description="run in one transaction with the `%(identifier)s` parameter (each statement must use it)",
+    )
 
     @field_validator("statements")
     @classmethod
@@ -221,11 +292,30 @@ Target = Annotated[Union[HttpTarget, SqlTarget], Field(discriminator="kind")]
 
 
 class Erasure(_Model):
-    approval_required: bool = Field(default=False, description="four-eyes approval (ApprovalOperator) before erasing")
-    retries: int = Field(default=5, ge=0, le=50)
-    retry_delay_seconds: int = Field(default=60, ge=1)
-    deadline_warning_days: int = Field(default=7, ge=0, le=30)
-    targets: list[Target] = Field(default_factory=list)
+    approval_required: bool = Field(
+        default=False, description="four-eyes approval (`ApprovalOperator`) before erasing"
+    )
+    retries: int = Field(
+        default=5,
+        ge=0,
+        le=50,
+        description="retries of each propagation task (exponential backoff); after the last one "
+        "`gdpr_erasure_retry` keeps trying hourly",
+    )
+    retry_delay_seconds: int = Field(
+        default=60,
+        ge=1,
+        description="delay before the first retry of a propagation task, in seconds (longer at each retry: "
+        "exponential backoff)",
+    )
+    deadline_warning_days: int = Field(
+        default=7, ge=0, le=30, description="warn this many days before the one-month due date"
+    )
+    targets: list[Target] = Field(
+        default_factory=list,
+        description="downstream systems told to erase the person, by normalised email (none when the erasure is "
+        "refused or no email is known)",
+    )
 
     @model_validator(mode="after")
     def _unique_targets(self) -> "Erasure":
@@ -236,30 +326,44 @@ class Erasure(_Model):
 class OptOutSource(_Model):
     """Where opt-outs are collected: a SQL predicate on the subject row `s` (e.g. a do-not-contact flag)."""
 
-    name: Ident
-    predicate: Predicate
+    name: Ident = Field(
+        description="unique name of the source (stored as the entry's source; when several select a subject, the "
+        "first listed wins)"
+    )
+    predicate: Predicate = Field(description="true for an opted-out subject")
 
 
 class ShareTarget(_Model):
     """A downstream system that accepts the list of hashes (HTTP POST of JSON batches)."""
 
-    name: Ident
-    connection_id: Ident
-    endpoint: str = Field(min_length=1)
-    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    name: Ident = Field(
+        description="unique name of the share target (audit, the register's `processors[].targets`)"
+    )
+    connection_id: Ident = Field(description="Airflow HTTP connection (base URL and auth headers)")
+    endpoint: str = Field(min_length=1, description='receives `POST {"hashes": [...]}`')
+    batch_size: int = Field(default=1000, ge=1, le=100_000, description="hashes per request")
 
 
 class OptOut(_Model):
-    schedule: str = "@daily"
-    sources: list[OptOutSource] = Field(default_factory=list)
+    schedule: str = Field(default="@daily", description="schedule of `gdpr_optout_sync`")
+    sources: list[OptOutSource] = Field(default_factory=list, description="where opt-outs are collected")
     strip_plus_tags: bool = Field(
-        default=False, description="treat a+tag@x and a@x as one address (normalisation before hashing)"
+        default=False,
+        description="fold `jane+news@x` onto `jane@x` before hashing (erasure hashes the same way)",
     )
     resurrection: Literal["erase", "quarantine"] = Field(
-        default="erase", description="what happens to an erased person who comes back through an import"
+        default="erase",
+        description="an erased person who comes back (an import, a form): `erase` erases them again, `quarantine` "
+        "keeps them flagged and listed in `gdpr.quarantine`; a held person is always quarantined",
     )
-    share_targets: list[ShareTarget] = Field(default_factory=list)
-    export_path: str | None = Field(default=None, description="file written with the hashes only, one per line")
+    share_targets: list[ShareTarget] = Field(
+        default_factory=list, description="downstream systems that accept the list of hashes"
+    )
+    export_path: str | None = Field(
+        default=None,
+        description="file written with the hashes only, one per line; a relative path is under the policy file's "
+        "folder",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> "OptOut":
@@ -270,7 +374,7 @@ class OptOut(_Model):
 
 # --- Article 30 register of processing activities (register.py renders it) -----------------------
 # Every field has a default so that an unfinished register never stops a sweep or an erasure from
-# loading the policy; `register.missing_fields` names what is missing and generating the register
+# loading the policy; `register.problems` names what is missing and generating the register
 # fails until it is complete.
 
 LegalBasis = Literal[
@@ -280,68 +384,106 @@ TransferMechanism = Literal[
     "adequacy_decision", "standard_contractual_clauses", "binding_corporate_rules", "derogation_art49"
 ]
 Text = Annotated[str, Field(max_length=2000)]
+Country = Annotated[str, Field(pattern=r"^([A-Z]{2})?$")]
 
 
 class Controller(_Model):
-    name: Text = ""
-    represented_by: Text = ""
-    address: Text = ""
-    contact: Text = ""
-    dpo: Text = ""
+    name: Text = Field(default="", description="legal name of the company")
+    represented_by: Text = Field(default="", description="its representative (managing director, DPO)")
+    address: Text = Field(default="", description="postal address")
+    contact: Text = Field(default="", description="contact for data protection questions")
+    dpo: Text = Field(default="", description="data protection officer, if one is designated")
 
 
 class DataCategory(_Model):
-    category: Text = ""
-    items: list[Text] = Field(default_factory=list)
+    category: Text = Field(default="", description='name of the category, e.g. "Contact data"')
+    items: list[Text] = Field(
+        default_factory=list, description="the data of this category, e.g. `[professional email, direct phone]`"
+    )
 
 
 class Recipient(_Model):
-    name: Text = ""
-    access: Text = ""
+    name: Text = Field(default="", description='who receives the data, e.g. "Sales team"')
+    access: Text = Field(default="", description='what they may do, e.g. "read access for campaigns"')
 
 
 class Processor(_Model):
-    name: Text = ""
-    service: Text = ""
-    country: Annotated[str, Field(pattern=r"^([A-Z]{2})?$")] = ""
-    targets: list[Ident] = Field(default_factory=list)
+    name: Text = Field(
+        default="", description='the processor\'s name, e.g. "Brevo" (a transfer names it as its `recipient`)'
+    )
+    service: Text = Field(default="", description='what it does for the controller, e.g. "emailing"')
+    country: Country = Field(
+        default="",
+        description="where it processes the data; outside the EU/EEA it needs a `transfers` entry of the same name",
+    )
+    targets: list[Ident] = Field(
+        default_factory=list,
+        description="the erasure targets and opt-out share targets of this policy that are this processor",
+    )
 
 
 class Transfer(_Model):
-    recipient: Text = ""
-    country: Annotated[str, Field(pattern=r"^([A-Z]{2})?$")] = ""
-    mechanism: TransferMechanism | None = None
-    safeguards: Text = ""
+    recipient: Text = Field(default="", description="the recipient (same name as its processor)")
+    country: Country = Field(default="", description="destination, outside the EU/EEA")
+    mechanism: TransferMechanism | None = Field(default=None, description="legal mechanism (art. 45–49)")
+    safeguards: Text = Field(
+        default="", description='additional safeguards, e.g. "transfer impact assessment on file"'
+    )
 
 
 class RetentionEntry(_Model):
-    category: Text = ""
-    rule: Ident | None = None
-    period: Text = ""
-    optout_list: bool = False
+    category: Text = Field(
+        default="", description='the category of data or people it covers, e.g. "Prospects never converted"'
+    )
+    rule: Ident | None = Field(
+        default=None,
+        description="a retention rule of this policy: the entry is worded from it (period, clock, action, archive) "
+        "and the holds that suspend it",
+    )
+    period: Text = Field(default="", description="a period the sweep does not enforce, in words")
+    optout_list: bool = Field(
+        default=False,
+        description="the hashed opt-out list, kept permanently (an entry is needed when `optout.sources` is set)",
+    )
 
 
 class Activity(_Model):
-    name: Ident
-    title: Text = ""
-    purpose: Text = ""
-    legal_basis: LegalBasis | None = None
-    legal_basis_detail: Text = ""
-    data_subjects: list[Text] = Field(default_factory=list)
-    data_categories: list[DataCategory] = Field(default_factory=list)
-    sources: list[Text] = Field(default_factory=list)
-    recipients: list[Recipient] = Field(default_factory=list)
-    processors: list[Processor] = Field(default_factory=list)
-    transfers: list[Transfer] = Field(default_factory=list)
-    retention: list[RetentionEntry] = Field(default_factory=list)
-    security_measures: list[Text] = Field(default_factory=list)
-    rights: Text = ""
+    name: Ident = Field(description="short unique name")
+    title: Text = Field(
+        default="", description='title of the record, e.g. "Management of B2B commercial prospecting"'
+    )
+    purpose: Text = Field(default="", description="what the data is used for")
+    legal_basis: LegalBasis | None = Field(default=None, description="legal basis (art. 6(1))")
+    legal_basis_detail: Text = Field(default="", description="the interest pursued, or other precision")
+    data_subjects: list[Text] = Field(default_factory=list, description="categories of people concerned")
+    data_categories: list[DataCategory] = Field(default_factory=list, description="categories of data processed")
+    sources: list[Text] = Field(default_factory=list, description="where the data comes from")
+    recipients: list[Recipient] = Field(
+        default_factory=list, description="internal recipients (at least one recipient or processor)"
+    )
+    processors: list[Processor] = Field(default_factory=list, description="subprocessors (sous-traitants)")
+    transfers: list[Transfer] = Field(default_factory=list, description="transfers outside the EU/EEA")
+    retention: list[RetentionEntry] = Field(
+        default_factory=list, description="retention per category of data or people"
+    )
+    security_measures: list[Text] = Field(
+        default_factory=list, description="technical and organisational measures"
+    )
+    rights: Text = Field(default="", description="how people exercise their rights, and the answer time")
 
 
 class Register(_Model):
-    controller: Controller = Field(default_factory=Controller)
-    output_dir: str = "gdpr_register"
-    activities: list[Activity] = Field(default_factory=list)
+    controller: Controller = Field(
+        default_factory=Controller, description="the controller (responsable de traitement)"
+    )
+    output_dir: str = Field(
+        default="gdpr_register",
+        description="where the task writes `register.md` and `register.html`; relative paths are under "
+        "`$AIRFLOW_HOME` (the CLI: under the current directory)",
+    )
+    activities: list[Activity] = Field(
+        default_factory=list, description="the processing activities (traitements)"
+    )
 
     @model_validator(mode="after")
     def _unique_activities(self) -> "Register":
@@ -350,17 +492,36 @@ class Register(_Model):
 
 
 class Policy(_Model):
-    version: Literal[1]
-    airflow: AirflowSettings = Field(default_factory=AirflowSettings)
-    batch_size: int = Field(default=10_000, ge=1, le=1_000_000)
-    subject: Subject
-    tables: list[MappedTable] = Field(min_length=1)
-    interactions: Interactions
-    holds: list[Hold] = Field(default_factory=list)
-    rules: list[Rule] = Field(min_length=1)
-    erasure: Erasure = Field(default_factory=Erasure)
-    optout: OptOut = Field(default_factory=OptOut)
-    processing_register: Register | None = None
+    version: Literal[1] = Field(description="format version of the file (always 1)")
+    airflow: AirflowSettings = Field(
+        default_factory=AirflowSettings, description="Airflow connections and the sweep's schedule"
+    )
+    batch_size: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="subjects per sweep transaction (keyset batches over the subject's primary key); also archive "
+        "rows per purge transaction",
+    )
+    subject: Subject = Field(description="the table of people")
+    tables: list[MappedTable] = Field(
+        min_length=1,
+        description="every table holding personal data, the subject's table included; dependents are deleted in "
+        "reverse order of the list",
+    )
+    interactions: Interactions = Field(
+        description="the activity table whose subject-initiated rows restart a `last_interaction` clock"
+    )
+    holds: list[Hold] = Field(
+        default_factory=list,
+        description="legal holds: they suspend sweep actions and restrict or refuse erasure requests",
+    )
+    rules: list[Rule] = Field(min_length=1, description="retention rules, applied by `gdpr_retention_sweep`")
+    erasure: Erasure = Field(default_factory=Erasure, description="erasure on request and its propagation")
+    optout: OptOut = Field(default_factory=OptOut, description="the hashed opt-out list")
+    processing_register: Register | None = Field(
+        default=None, description="the register of processing activities (GDPR art. 30)"
+    )
 
     @model_validator(mode="after")
     def _cross_references(self) -> "Policy":
@@ -457,24 +618,39 @@ def load_policy(path: str | Path) -> Policy:
     return parse_policy(data, str(path))
 
 
+def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """(key path, field) for every field of `model` and of the models under it, depth first."""
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        yield path, info
+        container = typing.get_origin(info.annotation)
+        separator = "[]." if container is list else ".*." if container is dict else "."
+        for sub in _models_in(info.annotation):
+            yield from _fields(sub, path + separator)
+
+
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
 def key_paths(model: type[BaseModel] = Policy, prefix: str = "") -> list[str]:
     """Every key the policy file accepts, as documented in docs/policy.md (``tables[].columns.*.value``).
 
     docs/policy.md is checked against this list by the tests, so the reference cannot drift."""
-    import typing
+    return list(dict.fromkeys(path for path, _ in _fields(model, prefix)))
 
-    def models_in(annotation: object) -> list[type[BaseModel]]:
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            return [annotation]
-        return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
 
-    paths: list[str] = []
-    for name, info in model.model_fields.items():
-        path = f"{prefix}{name}"
-        if path not in paths:
-            paths.append(path)
-        container = typing.get_origin(info.annotation)
-        separator = "[]." if container is list else ".*." if container is dict else "."
-        for sub in models_in(info.annotation):
-            paths += [p for p in key_paths(sub, path + separator) if p not in paths]
-    return paths
+def key_descriptions(model: type[BaseModel] = Policy, prefix: str = "") -> dict[str, str]:
+    """{key path: the field's description} for every key of `key_paths` ("" when a field has none).
+
+    The description is the "meaning" column of the key's row in docs/policy.md (the tests check it) and
+    what the JSON Schema shows. A key several models share (the `pseudonymise` of each column treatment,
+    the `kind` of each clock) has one row, so its fields must agree: ValueError names the key otherwise."""
+    out: dict[str, str] = {}
+    for path, info in _fields(model, prefix):
+        text = info.description or ""
+        if out.setdefault(path, text) != text:
+            raise ValueError(f"{path}: the models sharing this key describe it differently: {out[path]!r}, {text!r}")
+    return out
