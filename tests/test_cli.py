@@ -49,3 +49,52 @@ def test_check_refuses_an_invalid_file(tmp_path: Path, capsys: pytest.CaptureFix
     path.write_text("version: 1\n")
     assert main(["policy", "check", str(path)]) == 2
     assert "subject: required key is missing" in capsys.readouterr().err
+
+
+def test_schema_sql_prints_the_packaged_ddl(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema", "sql"]) == 0
+    assert "CREATE TABLE IF NOT EXISTS gdpr.audit_log" in capsys.readouterr().out
+
+
+def test_schema_install_is_idempotent(warehouse: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import psycopg
+
+    with psycopg.connect(warehouse, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
+    assert main(["schema", "install", "--url", warehouse]) == 0
+    assert "installed." in capsys.readouterr().out
+    assert main(["schema", "install", "--url", warehouse]) == 0
+    assert "already installed." in capsys.readouterr().out
+
+
+def test_schema_install_by_a_role_that_may_not_says_who_must(warehouse: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    with psycopg.connect(warehouse, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
+        conn.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'cli_nobody') "
+                     "THEN CREATE ROLE cli_nobody LOGIN; END IF; END $$")
+    if "WAREHOUSE_TEST_URL" in __import__("os").environ:
+        pytest.skip("cli_nobody has no password on an external server")
+    nobody = make_conninfo(**{**conninfo_to_dict(warehouse), "user": "cli_nobody"})
+    assert main(["schema", "install", "--url", nobody]) == 1
+    assert "Ask a DBA to run" in capsys.readouterr().err
+
+
+def test_subject_hash_reads_the_email_on_stdin(
+    airflow_conns: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    from warehouse_gdpr import runtime
+    from warehouse_gdpr.policy import load_policy
+
+    keys = runtime.load_keys(load_policy(POLICY))
+    monkeypatch.setattr("sys.stdin", io.StringIO("  Jane.Doe@ACME.example \n"))
+    assert main(["subject-hash", str(POLICY)]) == 0
+    out = capsys.readouterr().out
+    assert out == f"{keys.hmac_key_id}\t{keys.subject_hash('jane.doe@acme.example')} (current)\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["subject-hash", str(POLICY)]) == 2
+    assert "on stdin" in capsys.readouterr().err
