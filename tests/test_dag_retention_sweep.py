@@ -86,12 +86,14 @@ def test_whole_dag_run_sweeps_and_logs_no_personal_data(
         }
         audit_text = conn.execute("SELECT string_agg(a::text, ' ') FROM gdpr.audit_log a").fetchone()[0]  # type: ignore[index]
         pseudonymised = conn.execute("SELECT count(*) FROM crm.contacts WHERE pseudonymised_at IS NOT NULL").fetchone()[0]  # type: ignore[index]
+        stored = conn.execute("SELECT sha256, activities FROM gdpr.processing_register").fetchall()
     assert after < before and pseudonymised > 0
     assert steps == {"check_policy", "plan", "apply", "purge_archive", "report", "write_register"}
     assert "@" not in audit_text
     register_md = airflow_home / "gdpr_register" / "register.md"
     assert "## Processing activity 1" in register_md.read_text(encoding="utf-8")
     assert (airflow_home / "gdpr_register" / "register.html").is_file()
+    assert len(stored) == 1 and stored[0][1] == 2  # kept in the warehouse too (workers may be ephemeral)
 
 
 def test_an_incomplete_register_fails_the_run_but_not_the_sweep(

@@ -160,3 +160,35 @@ def test_cli_fails_on_an_incomplete_register(tmp_path: Path, capsys: pytest.Capt
     # `policy check` still accepts the file (the sweep may run) and warns about the register.
     assert main(["policy", "check", str(path)]) == 0
     assert "warning: register: processing_register.activities[0].purpose: required" in capsys.readouterr().out
+
+
+def test_the_digest_names_the_content_not_the_day(tmp_path: Path) -> None:
+    policy = policy_with()
+    monday = register.generate(policy, tmp_path / "a", date(2026, 11, 30), "policy.yaml")
+    next_monday = register.generate(policy, tmp_path / "b", date(2026, 12, 7), "policy.yaml")
+    assert monday.sha256 == next_monday.sha256
+    assert monday.markdown.read_text() != next_monday.markdown.read_text()
+    changed = register.generate(policy_with(lambda d: activity(d).update(purpose="Something else")),
+                                tmp_path / "c", date(2026, 11, 30), "policy.yaml")
+    assert changed.sha256 != monday.sha256
+
+
+def test_every_version_is_kept_once_in_the_warehouse(warehouse: str, tmp_path: Path) -> None:
+    import psycopg
+
+    policy = policy_with()
+    first = register.generate(policy, tmp_path / "a", date(2026, 11, 30), "policy.yaml")
+    again = register.generate(policy, tmp_path / "b", date(2026, 12, 7), "policy.yaml")
+    changed = register.generate(policy_with(lambda d: activity(d).update(purpose="Something else")),
+                                tmp_path / "c", date(2026, 12, 14), "policy.yaml")
+    with psycopg.connect(warehouse) as conn:
+        assert register.store(conn, first, "policy.yaml") is True
+        assert register.store(conn, again, "policy.yaml") is False
+        assert register.store(conn, changed, "policy.yaml") is True
+        conn.commit()
+        rows = conn.execute(
+            "SELECT sha256, activities, markdown LIKE '%Generated on 2026-11-30%' FROM gdpr.processing_register"
+            " ORDER BY generated_at, sha256"
+        ).fetchall()
+    assert {r[0] for r in rows} == {first.sha256, changed.sha256}
+    assert [r for r in rows if r[0] == first.sha256][0][1:] == (2, True)  # the first text is kept

@@ -118,6 +118,7 @@ def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
         assert tables == {
             "gdpr.schema_version", "gdpr.audit_log", "gdpr_archive.archived_row",
             "gdpr.suppression_list", "gdpr.erasure_request", "gdpr.erasure_propagation", "gdpr.quarantine",
+            "gdpr.processing_register",
         }
 
 

@@ -226,4 +226,20 @@ GRANT SELECT, INSERT, UPDATE ON gdpr.erasure_propagation TO gdpr_engine;
 GRANT SELECT (request_id, target, status, attempts, last_result, last_attempt_at, acknowledged_at)
     ON gdpr.erasure_propagation TO gdpr_auditor;
 
-INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3) ON CONFLICT (version) DO NOTHING;
+-- Every version of the register of processing activities (GDPR art. 30) the sweep generated: the text
+-- in force on a given day can be shown later, whatever happened to the worker that wrote the files.
+-- No data subject's personal data: the register describes processing, not people. Append-only by
+-- grants (a new text is a new row; the same text generated again keeps its first row).
+CREATE TABLE IF NOT EXISTS gdpr.processing_register (
+    sha256        text PRIMARY KEY CHECK (sha256 ~ '^[0-9a-f]{64}$'),
+    generated_at  timestamptz NOT NULL DEFAULT now(),
+    policy_file   text NOT NULL,
+    activities    integer NOT NULL,
+    markdown      text NOT NULL,
+    html          text NOT NULL
+);
+REVOKE ALL ON gdpr.processing_register FROM PUBLIC;
+GRANT SELECT, INSERT ON gdpr.processing_register TO gdpr_engine;
+GRANT SELECT ON gdpr.processing_register TO gdpr_auditor;
+
+INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3), (4) ON CONFLICT (version) DO NOTHING;

@@ -22,8 +22,12 @@ import re
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .policy import DURATION, Activity, LastInteractionClock, Policy, RelatedMaxClock, Rule
+
+if TYPE_CHECKING:
+    import psycopg
 
 # EU member states and the other EEA countries (ISO 3166-1 alpha-2; Greece is EL in EU usage, GR in ISO).
 EEA = frozenset(
@@ -57,8 +61,23 @@ class RegisterIncomplete(ValueError):
 class RegisterFiles:
     markdown: Path
     html: Path
-    sha256: str  # of the Markdown: which version of the register was in force
+    sha256: str  # of the Markdown activities (not the dated header): which register was in force
     activities: int
+
+
+STORE = """
+INSERT INTO gdpr.processing_register (sha256, policy_file, activities, markdown, html)
+VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (sha256) DO NOTHING
+"""
+
+
+def store(conn: "psycopg.Connection", files: RegisterFiles, source: str) -> bool:
+    """Keep this version of the register in gdpr.processing_register, in the caller's transaction.
+    Returns False when the same text was stored before (its first row, and date, are kept)."""
+    cur = conn.execute(STORE, (files.sha256, source, files.activities,
+                               files.markdown.read_text(encoding="utf-8"), files.html.read_text(encoding="utf-8")))
+    return cur.rowcount == 1
 
 
 # --- completeness -----------------------------------------------------------------------------------
@@ -267,13 +286,20 @@ def _md(text: str) -> str:
 
 
 def render_markdown(policy: Policy, generated_on: date, source: str) -> str:
-    lines = [
+    header = [
         "# Register of processing activities (GDPR article 30)",
         "",
         f"Generated on {generated_on.isoformat()} by warehouse-gdpr from `{source}`. Retention periods are "
         "those the retention sweep enforces (rules of the policy file).",
         "",
     ]
+    return "\n".join(header) + "\n" + markdown_body(policy)
+
+
+def markdown_body(policy: Policy) -> str:
+    """The activities, without the dated header: what the register's sha256 is computed over, so that
+    regenerating an unchanged register gives the same digest."""
+    lines: list[str] = []
     for title, fields in _sections(policy):
         lines += [f"## {_md(title)}", ""]
         for label, value in fields:
@@ -339,6 +365,6 @@ def generate(policy: Policy, out_dir: str | Path, generated_on: date, source: st
     return RegisterFiles(
         markdown=md_path,
         html=html_path,
-        sha256=hashlib.sha256(markdown.encode("utf-8")).hexdigest(),
+        sha256=hashlib.sha256(markdown_body(policy).encode("utf-8")).hexdigest(),
         activities=len(policy.processing_register.activities),
     )

@@ -143,10 +143,13 @@ def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     result = {"markdown": str(files.markdown), "html": str(files.html), "sha256": files.sha256,
               "activities": files.activities}
     with runtime.connect(policy) as conn, conn.transaction():
-        audit.record(conn, ctx, action="register", outcome="ok", row_count=files.activities,
+        new = register.store(conn, files, Path(checked["policy_file"]).name)
+        audit.record(conn, ctx, action="register", outcome="ok" if new else "unchanged", row_count=files.activities,
                      details={"sha256": files.sha256, "files": [files.markdown.name, files.html.name]})
-    log.info("Register of processing activities (%d activities) written to %s and %s, sha256 %s",
-             files.activities, files.markdown, files.html, files.sha256)
+    result["new_version"] = new
+    log.info("Register of processing activities (%d activities) written to %s and %s, sha256 %s (%s); "
+             "every version is kept in gdpr.processing_register.", files.activities, files.markdown, files.html,
+             files.sha256, "a new version" if new else "unchanged since it was first stored")
     return result
 
 
