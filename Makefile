@@ -25,6 +25,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 
+# Regenerate docs/policy.schema.json (the policy file's JSON Schema, for editors and CI) after changing
+# plugins/warehouse_gdpr/policy.py; tests/test_docs.py fails while it is stale.
+.PHONY: schema
+schema: $(STAMP)
+	$(VENV)/bin/warehouse-gdpr policy schema > docs/policy.schema.json
+
 # Stop the demo's downstream services and embedded PostgreSQL (data stays under .demo/pg).
 stop: $(STAMP)
 	$(PY) -m warehouse_gdpr.demo stop

@@ -83,3 +83,19 @@ def test_the_json_schema_carries_the_descriptions() -> None:
         if not spec.get("description")
     ]
     assert not undescribed, f"JSON Schema properties without a description: {undescribed}"
+
+
+def test_the_committed_json_schema_is_the_models_and_the_demo_policy_validates() -> None:
+    import json
+
+    import jsonschema
+
+    from warehouse_gdpr.policy import Policy
+
+    committed = json.loads((ROOT / "docs" / "policy.schema.json").read_text(encoding="utf-8"))
+    assert committed == Policy.model_json_schema(), "docs/policy.schema.json is stale: run `make schema`"
+    demo = yaml.safe_load((ROOT / "include" / "policy.yaml").read_text(encoding="utf-8"))
+    jsonschema.validate(demo, committed)
+    assert (ROOT / "include" / "policy.yaml").read_text().startswith(
+        "# yaml-language-server: $schema=../docs/policy.schema.json\n"
+    )
