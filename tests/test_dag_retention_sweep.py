@@ -133,7 +133,26 @@ def test_dry_run_changes_no_row(
         rows = conn.execute(
             "SELECT action, outcome, dry_run FROM gdpr.audit_log WHERE task_id = 'apply'"
         ).fetchall()
+        stored = conn.execute("SELECT count(*) FROM gdpr.processing_register").fetchone()[0]  # type: ignore[index]
     assert rows and all(r[1] == "dry_run" and r[2] for r in rows)
+    assert stored == 0, "a dry run stores no register version"
+
+
+def test_a_policy_without_a_register_section_skips_the_register(
+    airflow_home: Path, airflow_conns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = yaml.safe_load((ROOT / "include" / "policy.yaml").read_text(encoding="utf-8"))
+    del data["processing_register"]
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    monkeypatch.setenv("WAREHOUSE_GDPR_POLICY", str(policy_file))
+
+    dag_run = _dagbag().get_dag("gdpr_retention_sweep").test(
+        run_after=RUN_AFTER, logical_date=RUN_AFTER, run_conf={"dry_run": True})
+
+    states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+    assert str(dag_run.state) == "success"
+    assert states["write_register"] == "skipped" and states["report"] == "success"
 
 
 def test_bad_keys_fail_before_any_write(

@@ -23,7 +23,7 @@ DAY = date(2026, 11, 30)
 # The reference article's model record ("Modèle de fiche traitement CRM"), in its order.
 MODEL_RECORD = [
     "Controller", "Purpose", "Legal basis", "Data subjects", "Data processed", "Sources", "Recipients",
-    "Transfers outside the EU", "Retention", "Security measures", "Exercise of rights",
+    "Transfers outside the EU/EEA", "Retention", "Security measures", "Exercise of rights",
 ]
 
 
@@ -55,6 +55,8 @@ def test_the_demo_register_is_complete_and_follows_the_model_record(tmp_path: Pa
     assert labels == [label for label in MODEL_RECORD if label != "Sources"]  # sources are optional
     assert "Legitimate interest (art. 6(1)(f)): commercial development" in sections[0]
     assert "Salesforce (US): Standard contractual clauses" in sections[0]
+    assert "(stated by the controller; not enforced by warehouse-gdpr)" in sections[1]  # the invoices' period
+    assert "copies held by processors follow their own retention settings" in sections[0]
     assert "Generated on 2026-11-30" in markdown
     page = files.html.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.count("<section>") == 2
@@ -70,12 +72,25 @@ def test_retention_is_what_the_rules_enforce_not_retyped_text(tmp_path: Path) ->
     prospects = next(line for line in markdown.splitlines() if line.startswith("- Prospects never converted"))
     assert prospects.startswith("- Prospects never converted: 2 years 6 months after the person's own last interaction")
     assert "contact attempts by the company do not restart it" in prospects
-    assert "then deleted" in prospects and "rule `prospects_never_converted`" in prospects
+    assert "then deleted from the warehouse, with the person's rows in `crm.contacts`" in prospects
+    assert "rule `prospects_never_converted`" in prospects
+    assert "for a person who never interacted, from `created_at`" in prospects
     former = next(line for line in markdown.splitlines() if line.startswith("- Former clients"))
     assert "3 years after the latest `crm.contracts.end_date`" in former
+    assert "a person without such a record is not selected by this rule" in former
     assert "restricted archive for 5 years, then destroyed" in former
     assert "Suspended while legal hold `litigation` applies" in markdown
-    assert "kept permanently as a keyed hash (HMAC-SHA256)" in markdown
+    assert "the keyed hash (HMAC-SHA256) of the normalised email is kept permanently" in markdown
+    assert "the rest of the person's record follows the retention of its category" in markdown
+
+
+def test_a_clock_without_fallback_says_who_is_never_selected() -> None:
+    def no_fallback(data: dict[str, Any]) -> None:
+        data["rules"][1]["clock"].pop("fallback")
+
+    markdown = register.render_markdown(policy_with(no_fallback), DAY, "policy.yaml")
+    leads = next(line for line in markdown.splitlines() if line.startswith("- Qualified leads not converted"))
+    assert "a person who never interacted is not selected by this rule" in leads
 
 
 @pytest.mark.parametrize(
@@ -97,6 +112,15 @@ def test_retention_is_what_the_rules_enforce_not_retyped_text(tmp_path: Path) ->
         (lambda d: activity(d)["processors"][2].update(targets=[]), "downstream system 'telephony' receives personal data"),
         (lambda d: activity(d)["processors"][2].update(targets=["telephony", "fax"]), "'fax' is not an erasure target"),
         (lambda d: activity(d, 1).update(recipients=[], processors=[]), "activities[1].recipients: at least one"),
+        (lambda d: activity(d)["transfers"][0].update(recipient="Salesforse"), "'Salesforse' is not a processor or"),
+        (lambda d: activity(d)["transfers"][0].update(country="CN"), "transfers[0].country: CN, but processor 'Salesforce' is in US"),
+        (lambda d: activity(d)["transfers"][0].update(mechanism="derogation_art49", safeguards=""),
+         "transfers[0].safeguards: required with derogation_art49"),
+        (lambda d: d["holds"][2].update(description=""), "holds[2].description: required by the register"),
+        (lambda d: activity(d)["processors"][0].update(country="us"), "processors[0].country: String should match"),
+        (lambda d: activity(d)["transfers"][0].update(mechanism="scc"), "transfers[0].mechanism: Input should be"),
+        (lambda d: d["processing_register"].update(colour="blue"), "processing_register.colour: unknown key"),
+        (lambda d: d.update(processing_register="to do"), "processing_register: Input should be a valid dictionary"),
     ],
 )
 def test_an_incomplete_register_is_refused_and_nothing_is_written(change: Any, expected: str, tmp_path: Path) -> None:
@@ -119,9 +143,18 @@ def test_every_problem_is_listed_at_once() -> None:
     ]
 
 
-def test_an_unfinished_register_never_stops_the_policy_from_loading() -> None:
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d["processing_register"].update(activities=[{"name": "draft"}]),
+        lambda d: activity(d)["transfers"][0].update(mechanism="scc"),  # malformed, not only missing
+        lambda d: activity(d).pop("name"),
+        lambda d: d["processing_register"].update(activities="later"),
+    ],
+)
+def test_an_unfinished_or_malformed_register_never_stops_the_policy_from_loading(change: Any) -> None:
     """Sweeps and erasures must not wait for the DPO: only the register itself is refused."""
-    policy = policy_with(lambda d: d["processing_register"].update(activities=[{"name": "draft"}]))
+    policy = policy_with(change)
     assert policy.rules and register.problems(policy)
 
 
@@ -134,6 +167,17 @@ def test_policy_text_cannot_inject_markup(tmp_path: Path) -> None:
     markdown = files.markdown.read_text(encoding="utf-8")
     assert r"\<script\>" in markdown and r"\*\*bold\*\*" in markdown and r"\[link\]" in markdown
     assert r"\`code" in markdown
+
+
+@pytest.mark.parametrize(
+    ("text", "escaped"),
+    [("---", r"\---"), ("- x", r"\- x"), ("1. x", r"1\. x"), ("+ y", r"\+ y"), ("# h", r"\# h"),
+     ("a &copy; ~~s~~", r"a \&copy; \~\~s\~\~"), ("keep `a_b` c_d", r"keep `a_b` c\_d")],
+)
+def test_markdown_structure_in_policy_text_is_escaped(text: str, escaped: str) -> None:
+    policy = policy_with(lambda d: activity(d)["security_measures"].append(text))
+    markdown = register.render_markdown(policy, DAY, "policy.yaml")
+    assert f"\n- {escaped}\n" in markdown
 
 
 def test_humanise_durations() -> None:
@@ -177,10 +221,10 @@ def test_every_version_is_kept_once_in_the_warehouse(warehouse: str, tmp_path: P
     import psycopg
 
     policy = policy_with()
-    first = register.generate(policy, tmp_path / "a", date(2026, 11, 30), "policy.yaml")
-    again = register.generate(policy, tmp_path / "b", date(2026, 12, 7), "policy.yaml")
-    changed = register.generate(policy_with(lambda d: activity(d).update(purpose="Something else")),
-                                tmp_path / "c", date(2026, 12, 14), "policy.yaml")
+    first = register.render(policy, date(2026, 11, 30), "policy.yaml")
+    again = register.render(policy, date(2026, 12, 7), "policy.yaml")
+    changed = register.render(policy_with(lambda d: activity(d).update(purpose="Something else")),
+                              date(2026, 12, 14), "policy.yaml")
     with psycopg.connect(warehouse) as conn:
         assert register.store(conn, first, "policy.yaml") is True
         assert register.store(conn, again, "policy.yaml") is False

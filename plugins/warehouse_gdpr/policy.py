@@ -17,7 +17,18 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 IDENT = r"^[a-z_][a-z0-9_]{0,62}$"
@@ -490,6 +501,24 @@ class Register(_Model):
         _require_unique([a.name for a in self.activities], "activity")
         return self
 
+    # Problems found while reading the section (a typo, a wrong type): kept here instead of refusing
+    # the whole policy, so that an unfinished register never stops a sweep or an erasure.
+    _invalid: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def invalid(self) -> list[str]:
+        """Why the section could not be read (empty when it could); register.problems() reports them."""
+        return self._invalid
+
+
+def _tolerate_register(value: object, handler: ValidatorFunctionWrapHandler) -> Register | None:
+    try:
+        return handler(value)  # type: ignore[no-any-return]
+    except ValidationError as exc:
+        unreadable = Register()
+        unreadable._invalid = [_format_error(err, prefix=("processing_register",)) for err in exc.errors()]
+        return unreadable
+
 
 class Policy(_Model):
     version: Literal[1] = Field(description="format version of the file (always 1)")
@@ -519,7 +548,7 @@ class Policy(_Model):
     rules: list[Rule] = Field(min_length=1, description="retention rules, applied by `gdpr_retention_sweep`")
     erasure: Erasure = Field(default_factory=Erasure, description="erasure on request and its propagation")
     optout: OptOut = Field(default_factory=OptOut, description="the hashed opt-out list")
-    processing_register: Register | None = Field(
+    processing_register: Annotated[Register | None, WrapValidator(_tolerate_register)] = Field(
         default=None, description="the register of processing activities (GDPR art. 30)"
     )
 
@@ -575,14 +604,18 @@ def parse_policy(data: object, source: str = "<policy>") -> Policy:
         return Policy.model_validate(data)
     except ValidationError as exc:
         lines = [f"{source}: {exc.error_count()} problem(s) in the policy:"]
-        for err in exc.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling; see include/policy.yaml for the keys)"
-            elif err["type"] == "missing":
-                msg = "required key is missing"
-            lines.append(f"  - {_format_loc(err['loc'])}: {msg}")
+        lines += [f"  - {_format_error(err)}" for err in exc.errors()]
         raise PolicyError("\n".join(lines)) from None
+
+
+def _format_error(err: typing.Any, prefix: tuple[str, ...] = ()) -> str:
+    """One pydantic error as ``path: message`` in the policy's own words."""
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see include/policy.yaml for the keys)"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    return f"{_format_loc((*prefix, *err['loc']))}: {msg}"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

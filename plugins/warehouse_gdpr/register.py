@@ -24,7 +24,7 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .policy import DURATION, Activity, LastInteractionClock, Policy, RelatedMaxClock, Rule
+from .policy import DURATION, Activity, Hold, LastInteractionClock, Policy, RelatedMaxClock, Rule
 
 if TYPE_CHECKING:
     import psycopg
@@ -51,6 +51,8 @@ MECHANISMS = {
 }
 
 DOC = "docs/policy.md#processing_register"
+HEADER_NOTE = ("Retention entries that name a rule are worded from the rules the retention sweep enforces; "
+               "other periods are stated by the controller.")
 
 
 class RegisterIncomplete(ValueError):
@@ -58,10 +60,21 @@ class RegisterIncomplete(ValueError):
 
 
 @dataclass(frozen=True)
+class Rendered:
+    """One register, rendered; `sha256` is of the Markdown activities (not the dated header), so it names
+    the content: regenerating an unchanged register gives the same digest."""
+
+    markdown: str
+    html: str
+    sha256: str
+    activities: int
+
+
+@dataclass(frozen=True)
 class RegisterFiles:
     markdown: Path
     html: Path
-    sha256: str  # of the Markdown activities (not the dated header): which register was in force
+    sha256: str
     activities: int
 
 
@@ -72,11 +85,10 @@ ON CONFLICT (sha256) DO NOTHING
 """
 
 
-def store(conn: "psycopg.Connection", files: RegisterFiles, source: str) -> bool:
+def store(conn: "psycopg.Connection", rendered: Rendered, source: str) -> bool:
     """Keep this version of the register in gdpr.processing_register, in the caller's transaction.
-    Returns False when the same text was stored before (its first row, and date, are kept)."""
-    cur = conn.execute(STORE, (files.sha256, source, files.activities,
-                               files.markdown.read_text(encoding="utf-8"), files.html.read_text(encoding="utf-8")))
+    Returns False when the same content was stored before (its first row, and date, are kept)."""
+    cur = conn.execute(STORE, (rendered.sha256, source, rendered.activities, rendered.markdown, rendered.html))
     return cur.rowcount == 1
 
 
@@ -88,6 +100,8 @@ def problems(policy: Policy) -> list[str]:
     reg = policy.processing_register
     if reg is None:
         return [f"processing_register: section missing (see {DOC})"]
+    if reg.invalid:
+        return list(reg.invalid)
     out: list[str] = []
 
     def need(value: object, path: str, what: str = "required") -> None:
@@ -111,6 +125,12 @@ def problems(policy: Policy) -> list[str]:
             "processing_register: the opt-out list is kept forever (optout.sources is set) but no activity's "
             "retention has an entry with optout_list: true"
         )
+    quoting = {policy.rule(e.rule).action for a in reg.activities for e in a.retention if e.rule in rule_names}
+    for hold in _quoted_holds(policy, quoting):
+        if not hold.description.strip():
+            i = policy.holds.index(hold)
+            out.append(f"holds[{i}].description: required by the register, which quotes it as the reason a "
+                       "retention period is suspended")
     listed = {t for a in reg.activities for p in a.processors for t in p.targets}
     for name in sorted(target_names - listed):
         out.append(
@@ -152,11 +172,22 @@ def _activity_problems(act: Activity, at: str, rule_names: set[str], target_name
         for name in proc.targets:
             if name not in target_names:
                 out.append(f"{at}.processors[{j}].targets: {name!r} is not an erasure target or opt-out share target")
+    countries = {p.name: p.country for p in act.processors}
+    named = set(countries) | {r.name for r in act.recipients}
     for j, tr in enumerate(act.transfers):
         for key in ("recipient", "country", "mechanism"):
             need(getattr(tr, key), f"transfers[{j}].{key}")
         if tr.country in EEA:
             out.append(f"{at}.transfers[{j}].country: {tr.country} is in the EU/EEA; this is not a transfer")
+        if tr.recipient and tr.recipient not in named:
+            out.append(f"{at}.transfers[{j}].recipient: {tr.recipient!r} is not a processor or recipient of this "
+                       "activity")
+        elif tr.recipient in countries and tr.country and countries[tr.recipient] != tr.country:
+            out.append(f"{at}.transfers[{j}].country: {tr.country}, but processor {tr.recipient!r} is in "
+                       f"{countries[tr.recipient]}")
+        if tr.mechanism == "derogation_art49":
+            need(tr.safeguards, f"transfers[{j}].safeguards", "required with derogation_art49: state the "
+                 "derogation of art. 49(1) relied on")
     for j, entry in enumerate(act.retention):
         need(entry.category, f"retention[{j}].category")
         given = sum((entry.rule is not None, bool(entry.period), entry.optout_list))
@@ -195,27 +226,32 @@ def describe_rule(policy: Policy, rule: Rule) -> str:
     if isinstance(rule.clock, LastInteractionClock):
         kinds = ", ".join(f"`{k}`" for k in policy.interactions.subject_initiated)
         clock = (f"the person's own last interaction ({kinds}); contact attempts by the company do not "
-                 "restart it")
-        if rule.clock.fallback:
-            clock += f"; without any interaction, from `{rule.clock.fallback}`"
+                 "restart it; ")
+        clock += (f"for a person who never interacted, from `{rule.clock.fallback}`" if rule.clock.fallback
+                  else "a person who never interacted is not selected by this rule")
     else:
         assert isinstance(rule.clock, RelatedMaxClock)
-        clock = f"the latest `{rule.clock.table}.{rule.clock.column}` of the person's records"
+        clock = (f"the latest `{rule.clock.table}.{rule.clock.column}` among the person's records; a person "
+                 "without such a record is not selected by this rule")
+    tables = ", ".join(f"`{t.table}`" for t in policy.tables)
     if rule.action == "delete":
-        then = "then deleted with all related records"
+        then = f"then deleted from the warehouse, with the person's rows in {tables}"
     else:
-        then = (f"then pseudonymised; the originals are kept encrypted in a restricted archive for "
-                f"{humanise(rule.archive_for or '')}, then destroyed")
+        then = (f"then pseudonymised in the warehouse (personal columns of {tables}); the originals are kept "
+                f"encrypted in a restricted archive for {humanise(rule.archive_for or '')}, then destroyed")
     values = ", ".join(f"`{v}`" for v in rule.statuses.values)
-    return (f"{humanise(rule.retain_for)} after {clock}, {then} "
+    return (f"{humanise(rule.retain_for)} after {clock}; {then} "
             f"(records with `{rule.statuses.column}` in: {values}; rule `{rule.name}`)")
 
 
 def _holds(policy: Policy, actions: set[str]) -> list[str]:
     """The legal holds that suspend any of `actions`, in words."""
-    return [f"Suspended while legal hold `{h.name}` applies: {h.description or 'no description'} "
-            f"(suspends: {', '.join(h.blocks)})"
-            for h in policy.holds if actions & set(h.blocks)]
+    return [f"Suspended while legal hold `{h.name}` applies: {h.description} (suspends: {', '.join(h.blocks)})"
+            for h in _quoted_holds(policy, actions)]
+
+
+def _quoted_holds(policy: Policy, actions: set[str]) -> list[Hold]:
+    return [h for h in policy.holds if actions & set(h.blocks)]
 
 
 # --- rendering ----------------------------------------------------------------------------------------
@@ -250,12 +286,19 @@ def _sections(policy: Policy) -> list[tuple[str, list[Item]]]:
             if entry.rule:
                 retention.append(f"{entry.category}: {describe_rule(policy, policy.rule(entry.rule))}")
             elif entry.optout_list:
-                retention.append(f"{entry.category}: kept permanently as a keyed hash (HMAC-SHA256) of the "
-                                 "normalised email on the suppression list, so the objection keeps being honoured; "
-                                 "no other data is kept")
+                retention.append(f"{entry.category}: the keyed hash (HMAC-SHA256) of the normalised email is kept "
+                                 "permanently on the suppression list, so that the objection keeps being honoured "
+                                 "(no other data is kept on that list); the rest of the person's record follows the "
+                                 "retention of its category")
             else:
-                retention.append(f"{entry.category}: {entry.period}")
-        retention += _holds(policy, {policy.rule(e.rule).action for e in act.retention if e.rule})
+                retention.append(f"{entry.category}: {entry.period} (stated by the controller; not enforced by "
+                                 "warehouse-gdpr)")
+        ruled = [e for e in act.retention if e.rule]
+        retention += _holds(policy, {policy.rule(e.rule).action for e in ruled if e.rule})
+        if ruled and act.processors:
+            retention.append("The retention sweep deletes and pseudonymises in the warehouse only: copies held by "
+                             "processors follow their own retention settings (erasure requests are propagated to "
+                             "the processors listed with `targets`)")
         fields: list[Item] = [
             ("Controller", controller),
             ("Purpose", act.purpose),
@@ -267,7 +310,7 @@ def _sections(policy: Policy) -> list[tuple[str, list[Item]]]:
             fields.append(("Sources", act.sources))
         fields += [
             ("Recipients", recipients),
-            ("Transfers outside the EU", transfers),
+            ("Transfers outside the EU/EEA", transfers),
             ("Retention", retention),
             ("Security measures", act.security_measures),
             ("Exercise of rights", act.rights),
@@ -276,21 +319,30 @@ def _sections(policy: Policy) -> list[tuple[str, list[Item]]]:
     return out
 
 
+_MD_SPECIAL = re.compile(r"([\\*_<>#\[\]|&~])")
+_MD_SPECIAL_AND_BACKTICK = re.compile(r"([\\`*_<>#\[\]|&~])")
+
+
 def _md(text: str) -> str:
-    """Keep policy text from being read as Markdown structure (emphasis, HTML, links); `code` spans stay."""
+    """Keep policy text from being read as Markdown structure (emphasis, HTML, links, lists); `code`
+    spans stay."""
     text = " ".join(text.split())
     if text.count("`") % 2:  # unpaired backtick: no code spans at all, escape everything
-        return re.sub(r"([\\`*_<>#\[\]|])", r"\\\1", text)
-    pieces = text.split("`")  # even pieces are outside code spans
-    return "`".join(re.sub(r"([\\*_<>#\[\]|])", r"\\\1", p) if i % 2 == 0 else p for i, p in enumerate(pieces))
+        text = _MD_SPECIAL_AND_BACKTICK.sub(r"\\\1", text)
+    else:
+        pieces = text.split("`")  # even pieces are outside code spans
+        text = "`".join(_MD_SPECIAL.sub(r"\\\1", p) if i % 2 == 0 else p for i, p in enumerate(pieces))
+    # A leading list, rule or setext marker would restructure the line it starts ('*', '#', '>' are
+    # escaped above).
+    text = re.sub(r"^([-+=])", r"\\\1", text)
+    return re.sub(r"^(\d+)([.)])", r"\1\\\2", text)
 
 
 def render_markdown(policy: Policy, generated_on: date, source: str) -> str:
     header = [
         "# Register of processing activities (GDPR article 30)",
         "",
-        f"Generated on {generated_on.isoformat()} by warehouse-gdpr from `{source}`. Retention periods are "
-        "those the retention sweep enforces (rules of the policy file).",
+        f"Generated on {generated_on.isoformat()} by warehouse-gdpr from `{source}`. {HEADER_NOTE}",
         "",
     ]
     return "\n".join(header) + "\n" + markdown_body(policy)
@@ -330,7 +382,7 @@ def render_html(policy: Policy, generated_on: date, source: str) -> str:
         "</head><body>",
         f"<h1>{title}</h1>",
         f"<p>Generated on {generated_on.isoformat()} by warehouse-gdpr from <code>{html.escape(source)}</code>. "
-        "Retention periods are those the retention sweep enforces (rules of the policy file).</p>",
+        f"{html.escape(HEADER_NOTE)}</p>",
     ]
     for heading, fields in _sections(policy):
         parts += ["<section>", f"<h2>{html.escape(heading)}</h2>", "<dl>"]
@@ -352,19 +404,29 @@ def output_dir(policy: Policy, base: str | Path) -> Path:
     return Path(base) / Path(policy.processing_register.output_dir).expanduser()
 
 
-def generate(policy: Policy, out_dir: str | Path, generated_on: date, source: str) -> RegisterFiles:
-    """Check completeness, then write register.md and register.html into out_dir (created if needed)."""
+def render(policy: Policy, generated_on: date, source: str) -> Rendered:
+    """Check completeness (RegisterIncomplete lists every problem), then render Markdown and HTML."""
     check(policy)
     assert policy.processing_register is not None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(policy, generated_on, source)
-    md_path, html_path = out / "register.md", out / "register.html"
-    md_path.write_text(markdown, encoding="utf-8")
-    html_path.write_text(render_html(policy, generated_on, source), encoding="utf-8")
-    return RegisterFiles(
-        markdown=md_path,
-        html=html_path,
+    return Rendered(
+        markdown=render_markdown(policy, generated_on, source),
+        html=render_html(policy, generated_on, source),
         sha256=hashlib.sha256(markdown_body(policy).encode("utf-8")).hexdigest(),
         activities=len(policy.processing_register.activities),
     )
+
+
+def write(rendered: Rendered, out_dir: str | Path) -> RegisterFiles:
+    """Write register.md and register.html into out_dir (created if needed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, html_path = out / "register.md", out / "register.html"
+    md_path.write_text(rendered.markdown, encoding="utf-8")
+    html_path.write_text(rendered.html, encoding="utf-8")
+    return RegisterFiles(markdown=md_path, html=html_path, sha256=rendered.sha256, activities=rendered.activities)
+
+
+def generate(policy: Policy, out_dir: str | Path, generated_on: date, source: str) -> RegisterFiles:
+    """Check completeness, then write register.md and register.html into out_dir; nothing is written
+    while the register is incomplete."""
+    return write(render(policy, generated_on, source), out_dir)

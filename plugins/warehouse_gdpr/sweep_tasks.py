@@ -12,7 +12,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from . import audit, register, runtime, sweep
 from .crypto import KeyError_
@@ -125,31 +125,46 @@ def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
 
 
 def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
-    """Generate the article 30 register (Markdown and HTML) from the policy; fail while it is incomplete.
+    """Generate the article 30 register from the policy and keep it; fail while it is incomplete.
 
     Runs beside the sweep, not before it: an unfinished register fails the run (on-call sees it) but
-    never delays a deletion that is due. The audit row records the digest of the register in force."""
+    never delays a deletion that is due. A policy without a `processing_register` section skips it.
+    The warehouse copy (gdpr.processing_register, one row per distinct content) is the record; the
+    files under `output_dir` are a convenience and a worker that cannot write them only logs it.
+    A dry run writes the files and changes nothing in the warehouse but its audit row."""
     policy = load_policy(checked["policy_file"])
+    if policy.processing_register is None:
+        log.warning("The policy has no processing_register section: no register of processing activities "
+                    "is generated (see docs/policy.md#processing_register).")
+        raise AirflowSkipException("no processing_register section in the policy")
+    source = Path(checked["policy_file"]).name
     try:
-        register.check(policy)
+        rendered = register.render(policy, date.fromisoformat(checked["as_of"][:10]), source)
     except register.RegisterIncomplete as exc:
         log.error("Register of processing activities not written; complete processing_register in %s.\n%s",
                   checked["policy_file"], exc)
         raise AirflowFailException(str(exc)) from None
-    base = runtime.airflow_home()
-    files = register.generate(policy, register.output_dir(policy, base),
-                              date.fromisoformat(checked["as_of"][:10]), Path(checked["policy_file"]).name)
     ctx = runtime.run_context(context, checked["dry_run"])
-    result = {"markdown": str(files.markdown), "html": str(files.html), "sha256": files.sha256,
-              "activities": files.activities}
+    new = False
     with runtime.connect(policy) as conn, conn.transaction():
-        new = register.store(conn, files, Path(checked["policy_file"]).name)
-        audit.record(conn, ctx, action="register", outcome="ok" if new else "unchanged", row_count=files.activities,
-                     details={"sha256": files.sha256, "files": [files.markdown.name, files.html.name]})
-    result["new_version"] = new
-    log.info("Register of processing activities (%d activities) written to %s and %s, sha256 %s (%s); "
-             "every version is kept in gdpr.processing_register.", files.activities, files.markdown, files.html,
-             files.sha256, "a new version" if new else "unchanged since it was first stored")
+        if not ctx.dry_run:
+            new = register.store(conn, rendered, source)
+        outcome = "dry_run" if ctx.dry_run else "ok" if new else "unchanged"
+        audit.record(conn, ctx, action="register", outcome=outcome, row_count=rendered.activities,
+                     details={"sha256": rendered.sha256})
+    result: dict[str, Any] = {"sha256": rendered.sha256, "activities": rendered.activities, "new_version": new}
+    out_dir = register.output_dir(policy, runtime.airflow_home())
+    try:
+        files = register.write(rendered, out_dir)
+        result |= {"markdown": str(files.markdown), "html": str(files.html)}
+    except OSError as exc:
+        log.warning("Could not write the register files under %s (%s); the register is in "
+                    "gdpr.processing_register.", out_dir, exc.strerror)
+    log.info("Register of processing activities: %d activities, sha256 %s (%s)%s.", rendered.activities,
+             rendered.sha256,
+             "dry run: not stored" if ctx.dry_run else "a new version, stored in gdpr.processing_register" if new
+             else "unchanged since it was first stored in gdpr.processing_register",
+             f"; files {result['markdown']} and {result['html']}" if "markdown" in result else "")
     return result
 
 
