@@ -67,6 +67,26 @@ def test_schema_install_is_idempotent(warehouse: str, capsys: pytest.CaptureFixt
     assert "already installed." in capsys.readouterr().out
 
 
+def test_url_comes_from_the_environment_without_url(
+    warehouse: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README's deploy steps give no --url: a password in argv would show in `ps`."""
+    import psycopg
+
+    from warehouse_gdpr.schema import SCHEMA_VERSION
+
+    with psycopg.connect(warehouse, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
+    monkeypatch.setenv("WAREHOUSE_URL", warehouse)
+    assert main(["schema", "install"]) == 0
+    assert capsys.readouterr().out == f"control schema version {SCHEMA_VERSION} installed.\n"
+    assert main(["policy", "check", str(POLICY)]) == 0
+    assert "matches the warehouse" in capsys.readouterr().out
+    monkeypatch.delenv("WAREHOUSE_URL")
+    assert main(["schema", "install"]) == 2
+    assert "give --url (or set WAREHOUSE_URL)" in capsys.readouterr().err
+
+
 def test_schema_install_by_a_role_that_may_not_says_who_must(warehouse: str, capsys: pytest.CaptureFixture[str]) -> None:
     import psycopg
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -79,7 +99,9 @@ def test_schema_install_by_a_role_that_may_not_says_who_must(warehouse: str, cap
         pytest.skip("cli_nobody has no password on an external server")
     nobody = make_conninfo(**{**conninfo_to_dict(warehouse), "user": "cli_nobody"})
     assert main(["schema", "install", "--url", nobody]) == 1
-    assert "Ask a DBA to run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not installed and this connection (role cli_nobody) may not install it" in err
+    assert "The warehouse owner or a DBA runs" in err and "`warehouse-gdpr schema install --url <owner URL>`" in err
 
 
 def test_subject_hash_reads_the_email_on_stdin(

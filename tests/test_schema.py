@@ -140,14 +140,68 @@ def test_running_the_ddl_file_again_by_hand_keeps_everything(conn: psycopg.Conne
     assert schema.ensure_schema(conn) is False
 
 
+WHAT_TO_RUN = "`warehouse-gdpr schema install --url <owner URL>` (or with $WAREHOUSE_URL set instead of --url"
+
+
 def test_ensure_schema_without_the_privilege_to_install(empty_db: str, plain_user: str) -> None:
     with psycopg.connect(_url(empty_db, user=plain_user)) as conn:
         with pytest.raises(schema.SchemaError) as info:
             schema.ensure_schema(conn)
-        assert "Ask a DBA to run include/sql/gdpr_schema.sql as the warehouse owner" in str(info.value)
-        assert "permission denied" in str(info.value)
+    message = str(info.value)
+    assert message.startswith("the gdpr control schema is not installed and this connection (role plain_user) "
+                              "may not install it (permission denied")
+    assert WHAT_TO_RUN in message and "`warehouse-gdpr schema sql`" in message
+    assert "include/" not in message  # the wheel has no include/ folder
     with psycopg.connect(empty_db) as owner:  # nothing was half-installed
         assert owner.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'gdpr%'").fetchone()[0] == 0
+
+
+def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user: str) -> None:
+    with psycopg.connect(_url(warehouse, user=plain_user)) as conn:
+        with pytest.raises(schema.SchemaError) as info:
+            schema.ensure_schema(conn)
+    assert str(info.value) == (
+        "this connection (role plain_user) may not read the gdpr control schema (permission denied for schema "
+        "gdpr): a DBA grants gdpr_engine to its login role (README, Control schema and roles)."
+    )
+
+
+def _downgrade_to_version_3(conn: psycopg.Connection) -> None:
+    """The control schema as version 3 left it: no gdpr.processing_register (what version 4 added)."""
+    with conn.transaction():
+        conn.execute("DROP TABLE gdpr.processing_register")
+        conn.execute("DELETE FROM gdpr.schema_version WHERE version = 4")
+    assert schema.SCHEMA_VERSION == 4, "simulate the version before the current one here"
+    assert schema.installed_version(conn) == 3
+    conn.commit()
+
+
+def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
+    conn: psycopg.Connection, dag_conn: psycopg.Connection
+) -> None:
+    """The DAGs connect as a member of gdpr_engine: after a package upgrade they name the installed and
+    the needed version and what the owner runs; the owner's run then upgrades, keeping every row."""
+    _record(conn)
+    _downgrade_to_version_3(conn)
+    with pytest.raises(schema.SchemaError) as info:
+        schema.ensure_schema(dag_conn)
+    message = str(info.value)
+    assert message.startswith("the gdpr control schema is out of date (installed version 3, this package needs 4) "
+                              "and this connection (role gdpr_dag) may not upgrade it (permission denied")
+    assert WHAT_TO_RUN in message and "not installed" not in message and "include/" not in message
+    assert dag_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # rolled back, usable
+    assert schema.installed_version(dag_conn) == 3
+    dag_conn.commit()
+
+    assert schema.ensure_schema(conn) is True
+    assert schema.installed_version(dag_conn) == 4
+    assert _count(conn, "gdpr.audit_log") == 1
+    assert schema.ensure_schema(dag_conn) is False  # the DAGs go on as the engine
+    with dag_conn.transaction():  # with version 4's grants
+        dag_conn.execute(
+            "INSERT INTO gdpr.processing_register (sha256, policy_file, activities, markdown, html)"
+            " VALUES (repeat('a', 64), 'policy.yaml', 1, '# r', '<h1>r</h1>')"
+        )
 
 
 # -- the audit log is append-only --------------------------------------------------------------

@@ -1,14 +1,16 @@
 """`warehouse-gdpr` command line, for use outside Airflow (CI, a DBA's shell).
 
     warehouse-gdpr policy schema                     JSON Schema of the policy file (editor completion, CI)
-    warehouse-gdpr policy check POLICY --url URL     validate POLICY against a live warehouse; print what
+    warehouse-gdpr policy check POLICY [--url URL]   validate POLICY against a live warehouse; print what
                                                      each rule would select (counts only); changes nothing
     warehouse-gdpr schema sql                        print the control schema DDL shipped in the package
-    warehouse-gdpr schema install --url URL          install or upgrade it (run as the warehouse owner)
+    warehouse-gdpr schema install [--url URL]        install or upgrade it (run as the warehouse owner)
     warehouse-gdpr subject-hash POLICY < email       the person's keyed hashes (audit log, suppression list);
                                                      reads the email on stdin, keys from the Airflow connection
     warehouse-gdpr register POLICY [--out DIR]       write the article 30 register (register.md and
                                                      register.html); fails while a required field is missing
+
+URL defaults to $WAREHOUSE_URL, which keeps a password out of the process list (`ps`) and shell history.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 class SchemaError(RuntimeError):
-    """The control schema is missing and this connection may not create it."""
+    """The control schema is missing or older than this package, and this connection may not install it."""
 
 
 def installed_version(conn: psycopg.Connection) -> int | None:
@@ -23,10 +23,32 @@ def installed_version(conn: psycopg.Connection) -> int | None:
     return row[0] if row else None
 
 
+def _cannot_install(version: int | None, role: str, reason: str) -> str:
+    """What a role that may not run the DDL is told: which case it is, and what the owner runs."""
+    if version is None:
+        state, verb = "is not installed", "install"
+    else:
+        state, verb = f"is out of date (installed version {version}, this package needs {SCHEMA_VERSION})", "upgrade"
+    return (
+        f"the gdpr control schema {state} and this connection (role {role}) may not {verb} it ({reason}); "
+        "nothing was changed. The warehouse owner or a DBA runs, with this version of warehouse-gdpr installed: "
+        "`warehouse-gdpr schema install --url <owner URL>` (or with $WAREHOUSE_URL set instead of --url, which "
+        "keeps the password out of the process list); `warehouse-gdpr schema sql` prints the DDL to review. "
+        "It is idempotent and keeps every existing row."
+    )
+
+
 def ensure_schema(conn: psycopg.Connection) -> bool:
     """Apply the DDL if needed (idempotent). Returns True when it ran. Commits."""
     with conn.transaction():
-        version = installed_version(conn)
+        try:
+            version = installed_version(conn)
+        except psycopg.errors.InsufficientPrivilege as exc:  # installed, but not readable by this role
+            raise SchemaError(
+                f"this connection (role {conn.info.user}) may not read the gdpr control schema "
+                f"({exc.diag.message_primary}): a DBA grants gdpr_engine to its login role "
+                "(README, Control schema and roles)."
+            ) from None
         if version is not None and version >= SCHEMA_VERSION:
             return False
         # Two DAGs starting at once must not race on CREATE ROLE / CREATE TABLE.
@@ -34,9 +56,6 @@ def ensure_schema(conn: psycopg.Connection) -> bool:
         try:
             conn.execute(read_sql("gdpr_schema.sql"))  # type: ignore[arg-type]
         except psycopg.errors.InsufficientPrivilege as exc:
-            raise SchemaError(
-                "the gdpr control schema is not installed and this connection may not install it "
-                f"({exc.diag.message_primary}). Ask a DBA to run include/sql/gdpr_schema.sql as the warehouse owner."
-            ) from None
-    log.info("installed the gdpr control schema, version %s", SCHEMA_VERSION)
+            raise SchemaError(_cannot_install(version, str(conn.info.user), str(exc.diag.message_primary))) from None
+    log.info("installed the gdpr control schema, version %s (was %s)", SCHEMA_VERSION, version or "not installed")
     return True
