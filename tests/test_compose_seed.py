@@ -1,5 +1,6 @@
 """warehouse_gdpr.compose_seed, the compose stack's `warehouse-init`: run against a real empty database and
-real demo services, then run again (as `docker compose up` does after a restart): nothing is reseeded."""
+real demo services, then run again (as `docker compose up` does after a restart): nothing is reseeded, but
+a control schema left by an older version of the package is upgraded."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from warehouse_gdpr import compose_seed
+from warehouse_gdpr import compose_seed, schema
 from warehouse_gdpr.demo_services import DemoService, start_emailing, start_telephony
 
 KEY, TOKEN, PASSWORD = "seed-test-key", "seed-test-token", "seed-test-password"
@@ -69,6 +70,9 @@ def test_seeds_once_then_leaves_the_warehouse_alone(
             ).fetchone()[0]  # type: ignore[index]
         # A change made in between (a run of the DAGs) must survive the next `docker compose up`.
         conn.execute("UPDATE crm.contacts SET first_name = 'Changed' WHERE contact_id = 1")
+        # A volume seeded by the previous version of the package: control schema version 3.
+        conn.execute("DROP TABLE gdpr.processing_register")
+        conn.execute("DELETE FROM gdpr.schema_version WHERE version = 4")
     with psycopg.connect(make_conninfo(url, dbname=desk)) as conn:
         assert conn.execute("SELECT count(*) FROM desk.tickets").fetchone()[0] == synced  # type: ignore[index]
     for email in list(emailing.contacts_snapshot())[:3]:
@@ -77,9 +81,15 @@ def test_seeds_once_then_leaves_the_warehouse_alone(
     assert compose_seed.main(args) == 0
     second = capsys.readouterr().out
     assert "seeded already" in second and "Seeded the demo CRM" not in second
+    assert f"Upgraded the control schema from version 3 to {schema.SCHEMA_VERSION}." in second
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT first_name FROM crm.contacts WHERE contact_id = 1").fetchone()[0] == "Changed"  # type: ignore[index]
+        assert schema.installed_version(conn) == schema.SCHEMA_VERSION
+        assert conn.execute("SELECT to_regclass('gdpr.processing_register')").fetchone()[0] is not None  # type: ignore[index]
     assert emailing.contact_count() == synced
+
+    assert compose_seed.main(args) == 0  # and nothing to upgrade the time after
+    assert "Upgraded" not in capsys.readouterr().out
 
 
 def test_refuses_to_run_without_its_secrets(monkeypatch: pytest.MonkeyPatch) -> None:

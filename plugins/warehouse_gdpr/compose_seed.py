@@ -16,8 +16,9 @@ Environment (secrets never on the command line):
   DEMO_EMAILING_API_KEY, DEMO_TELEPHONY_TOKEN   the demo services' credentials
 
 A warehouse seeded before (control schema and desk database present) is left as it is, so its audit
-log and erasure requests survive another `docker compose up`, unless `--reseed`; the password is set
-every time. Contacts are synced downstream only right after seeding and only into empty services
+log and erasure requests survive another `docker compose up`, unless `--reseed`; but its control schema
+is brought up to this package's version every time (idempotent: a volume seeded by an older version
+gets the new tables, every row kept), and the password is set every time. Contacts are synced downstream only right after seeding and only into empty services
 (their store is in memory).
 Prints counts only, never a personal value.
 """
@@ -91,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             with psycopg.connect(owner_url) as conn:
                 shared = demo.share_with_downstream(conn, services, api_key=api_key, token=token)
             print(f"Synced {shared} contacts to the emailing tool, the telephony tool and the support desk.")
+    # As the owner, every time: the DAGs' least-privileged role may not upgrade the control schema.
+    with psycopg.connect(owner_url) as conn:
+        before = schema.installed_version(conn)
+        conn.commit()
+        if schema.ensure_schema(conn):
+            print(f"Upgraded the control schema from version {before} to {schema.SCHEMA_VERSION}.")
     set_dag_password(owner_url, password)
     print(f"Role {DAG_ROLE} can log in with ${PASSWORD_ENV}.")
     return 0
