@@ -40,7 +40,8 @@ REQUIRED_ENV = {"GDPR_KEYS_EXTRA": json.dumps(generate_extra())}
 
 # -- compose's variable substitution ---------------------------------------------------------------
 
-_VARIABLE = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+_VARIABLE = re.compile(
+    r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*)|(.?))", re.S)
 
 
 class MissingVariable(LookupError):
@@ -57,9 +58,11 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
         return value
 
     def substitute(match: re.Match[str]) -> str:
-        escaped, name, operator, argument, bare = match.groups()
+        escaped, name, operator, argument, bare, invalid = match.groups()
         if escaped:
             return "$"
+        if invalid is not None:  # compose refuses the whole file: "Invalid template"
+            raise ValueError(f"invalid template: a lone $ before {invalid!r} in {value!r} (write $$)")
         name = name or bare
         current = env.get(name)
         if operator in (":-", "-"):
@@ -252,6 +255,18 @@ def test_every_long_running_service_has_a_health_check_and_restarts() -> None:
         assert SERVICES[name].get("restart", "no") == "no", f"{name} runs once"
 
 
+def test_postgres_health_checks_go_over_tcp() -> None:
+    """During the postgres image's first-start init the server listens on its Unix socket only: a check
+    over the socket would report healthy before the init scripts and the final restart are done."""
+    for name in ("postgres", "warehouse"):
+        test = SERVICES[name]["healthcheck"]["test"]
+        assert test[:2] == ["CMD", "pg_isready"], name
+        host = test.index("-h") + 1 if "-h" in test else None
+        assert host and test[host] == "127.0.0.1", f"{name}: pg_isready without -h 127.0.0.1"
+        env = environment(services()[name])
+        assert test[test.index("-U") + 1] == env["POSTGRES_USER"] and test[test.index("-d") + 1] == env["POSTGRES_DB"]
+
+
 def test_start_order_waits_on_health_and_completion() -> None:
     for name, service in SERVICES.items():
         for dependency, rule in (service.get("depends_on") or {}).items():
@@ -363,6 +378,28 @@ def test_demo_passwords_are_named_as_demo_values() -> None:
 
 
 # -- AIRFLOW_UID convention -------------------------------------------------------------------------
+
+def test_no_lone_dollar_anywhere() -> None:
+    """compose refuses a file with `$(` or `$ ` (not `$$`, `${VAR}` or `$VAR`) in any value."""
+    interpolate(SERVICES, REQUIRED_ENV)
+    with pytest.raises(ValueError, match="invalid template"):
+        interpolate({"x": "echo $(id -u)"}, {})
+
+
+@pytest.mark.parametrize("uid", [None, "1000"])
+def test_airflow_init_warning_shows_the_command_to_copy(uid: str | None) -> None:
+    """airflow-init runs as root: the hint must print `$(id -u)` itself for the user to copy, not 0."""
+    script = services({} if uid is None else {"AIRFLOW_UID": uid})["airflow-init"]["command"][1]
+    warning = re.search(r"^if \[\[ -z .*?^fi$", script, re.M | re.S)
+    assert warning, "airflow-init lost its AIRFLOW_UID warning"
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", warning.group(0)], capture_output=True, text=True,
+                         timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    if uid is None:
+        assert "On Linux start the stack with: AIRFLOW_UID=$(id -u) docker compose up\n" in out.stdout
+    else:
+        assert out.stdout == ""
+
 
 def test_airflow_uid_convention() -> None:
     for name in AIRFLOW_SERVICES:
