@@ -4,12 +4,16 @@ The blocks are taken from README.md as they are written. The only preparation is
 offline and fast: the fresh virtual environment sees this test run's installed dependencies (Airflow,
 psycopg, ...) through a .pth file, so `pip install <wheel> -c constraints.txt` finds them satisfied and
 installs the wheel only; this project's own editable install is hidden from it. Airflow's `airflow`
-command is provided in the fresh venv as an install would. The warehouse is this test's database.
+command is provided in the fresh venv as an install would. The block's `python3` is this test run's
+interpreter (the linked dependencies are built for its version), from a PATH entry that holds nothing
+else. The warehouse is this test's database, without the control schema: the block's
+`warehouse-gdpr schema install` installs it from the wheel's DDL.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -20,6 +24,8 @@ from urllib.parse import quote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+
+from warehouse_gdpr.schema import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -42,6 +48,17 @@ def visible_dependencies(tmp_path: Path) -> Path:
             continue
         (deps / entry.name).symlink_to(entry)
     return deps
+
+
+def python3_only(tmp_path: Path) -> Path:
+    """A PATH entry holding only `python3`: this test run's base interpreter. The README's `python3 -m venv`
+    then keeps the venv on the version the linked dependencies are for, and no script of the test venv
+    (`airflow`, `warehouse-gdpr`) is reachable."""
+    bin_dir = tmp_path / "python3-only"
+    bin_dir.mkdir()
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    (bin_dir / "python3").symlink_to(os.path.realpath(base))
+    return bin_dir
 
 
 def uri(conninfo: str) -> str:
@@ -93,14 +110,22 @@ def test_deploy_section_works_as_written_from_a_wheel(tmp_path: Path, warehouse:
     airflow.write_text(f"#!{python}\nimport sys\nfrom airflow.__main__ import main\nsys.exit(main())\n")
     airflow.chmod(0o755)
 
+    # A warehouse that has never seen warehouse-gdpr: the block installs the control schema.
+    with psycopg.connect(warehouse, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
+
     steps = block("deploy-steps")
+    assert "--url" not in steps, "a password on the command line shows in `ps`: the CLI reads $WAREHOUSE_URL"
+    env = clean_env(REPO=str(repo), WAREHOUSE_URL=uri(warehouse))
+    env["PATH"] = str(python3_only(tmp_path)) + os.pathsep + env["PATH"]
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", steps + '\npython -c "import warehouse_gdpr; print(warehouse_gdpr.__file__)"\n'],
-        cwd=work, env=clean_env(REPO=str(repo), WAREHOUSE_URL=uri(warehouse)),
-        capture_output=True, text=True, timeout=600,
+        cwd=work, env=env, capture_output=True, text=True, timeout=600,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
+    assert f"version = {platform.python_version()}\n" in (work / "gdpr-venv" / "pyvenv.cfg").read_text()
+    assert f"control schema version {SCHEMA_VERSION} installed.\n" in result.stdout, output[-3000:]
 
     # The package came from the wheel, into the fresh venv; the DAGs were built from the copied policy.
     assert result.stdout.strip().splitlines()[-1].startswith(purelib)
