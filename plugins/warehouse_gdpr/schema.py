@@ -39,7 +39,8 @@ def _cannot_install(version: int | None, role: str, reason: str) -> str:
 
 
 def ensure_schema(conn: psycopg.Connection) -> bool:
-    """Apply the DDL if needed (idempotent). Returns True when it ran. Commits."""
+    """Apply the DDL if needed (idempotent). Returns True when it ran. Commits when called outside a
+    transaction (as the DAGs and the CLI do); inside one it runs as a savepoint of the caller's."""
     with conn.transaction():
         try:
             version = installed_version(conn)
