@@ -236,3 +236,10 @@ def test_every_version_is_kept_once_in_the_warehouse(warehouse: str, tmp_path: P
         ).fetchall()
     assert {r[0] for r in rows} == {first.sha256, changed.sha256}
     assert [r for r in rows if r[0] == first.sha256][0][1:] == (2, True)  # the first text is kept
+
+
+def test_cli_says_when_it_cannot_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["register", str(POLICY_FILE), "--out", str(blocker / "out")]) == 1
+    assert "cannot write the register under" in capsys.readouterr().err

@@ -121,12 +121,19 @@ def _register(args: argparse.Namespace) -> int:
 
     try:
         policy = load_policy(args.policy)
-        register.check(policy)
-    except (PolicyError, register.RegisterIncomplete) as exc:
+        rendered = register.render(policy, args.date or date.today(), Path(args.policy).name)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)  # already names the file
+        return 2
+    except register.RegisterIncomplete as exc:
         print(f"{args.policy}: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, PolicyError) else 1
+        return 1
     out = Path(args.out) if args.out else register.output_dir(policy, Path.cwd())
-    files = register.generate(policy, out, args.date or date.today(), Path(args.policy).name)
+    try:
+        files = register.write(rendered, out)
+    except OSError as exc:
+        print(f"cannot write the register under {out}: {exc.strerror}", file=sys.stderr)
+        return 1
     print(f"Register of processing activities ({files.activities} activities):")
     print(f"  {files.markdown}\n  {files.html}\n  sha256 {files.sha256}")
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import html
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -103,14 +104,10 @@ def problems(policy: Policy) -> list[str]:
     if reg.invalid:
         return list(reg.invalid)
     out: list[str] = []
-
-    def need(value: object, path: str, what: str = "required") -> None:
-        if value in ("", None, []):
-            out.append(f"{path}: {what}")
-
+    need = _needs(out, "processing_register")
     for key in ("name", "represented_by", "contact"):
-        need(getattr(reg.controller, key), f"processing_register.controller.{key}")
-    need(reg.activities, "processing_register.activities", "at least one processing activity is required")
+        need(getattr(reg.controller, key), f"controller.{key}")
+    need(reg.activities, "activities", "at least one processing activity is required")
 
     rule_names = {r.name for r in policy.rules}
     target_names = {t.name for t in policy.erasure.targets} | {t.name for t in policy.optout.share_targets}
@@ -140,13 +137,19 @@ def problems(policy: Policy) -> list[str]:
     return out
 
 
-def _activity_problems(act: Activity, at: str, rule_names: set[str], target_names: set[str]) -> list[str]:
-    out: list[str] = []
+def _needs(out: list[str], at: str) -> Callable[..., None]:
+    """need(value, path, what="required"): record `at.path: what` in `out` when value is empty."""
 
     def need(value: object, path: str, what: str = "required") -> None:
         if value in ("", None, []):
             out.append(f"{at}.{path}: {what}")
 
+    return need
+
+
+def _activity_problems(act: Activity, at: str, rule_names: set[str], target_names: set[str]) -> list[str]:
+    out: list[str] = []
+    need = _needs(out, at)
     for key in ("title", "purpose", "legal_basis", "data_subjects", "data_categories", "retention",
                 "security_measures", "rights"):
         need(getattr(act, key), key)
