@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The demo package (demo/warehouse_gdpr_demo) is not installed with the wheel: it is found here.
+export PYTHONPATH := $(CURDIR)/demo$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: demo test stop lock clean
 
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m warehouse_gdpr.demo
+	$(PY) -m warehouse_gdpr_demo
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -26,14 +28,14 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 # Regenerate docs/policy.schema.json (the policy file's JSON Schema, for editors and CI) after changing
-# plugins/warehouse_gdpr/policy.py; tests/test_docs.py fails while it is stale.
+# plugins/warehouse_gdpr/engine/policy.py; tests/test_docs.py fails while it is stale.
 .PHONY: schema
 schema: $(STAMP)
 	$(VENV)/bin/warehouse-gdpr policy schema > docs/policy.schema.json
 
 # Stop the demo's downstream services and embedded PostgreSQL (data stays under .demo/pg).
 stop: $(STAMP)
-	$(PY) -m warehouse_gdpr.demo stop
+	$(PY) -m warehouse_gdpr_demo stop
 
 # Refresh constraints.txt from a clean venv after changing dependencies in pyproject.toml.
 lock:

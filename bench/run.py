@@ -55,10 +55,12 @@ import psycopg  # noqa: E402
 from psycopg import ClientCursor, sql  # noqa: E402
 from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
 
-from warehouse_gdpr import rules, sweep  # noqa: E402
-from warehouse_gdpr.audit import RunContext  # noqa: E402
-from warehouse_gdpr.crypto import Keys, archive_aad, generate_extra  # noqa: E402
-from warehouse_gdpr.policy import FixedColumn, HashColumn, KeepColumn, MappedTable, NullColumn, Policy, Rule, load_policy  # noqa: E402
+from warehouse_gdpr.engine import candidates
+
+from warehouse_gdpr.engine import sweep  # noqa: E402
+from warehouse_gdpr.engine.audit import RunContext  # noqa: E402
+from warehouse_gdpr.engine.crypto import Keys, archive_aad, generate_extra  # noqa: E402
+from warehouse_gdpr.engine.policy import FixedColumn, HashColumn, KeepColumn, MappedTable, NullColumn, Policy, Rule, load_policy  # noqa: E402
 
 SEED = 42
 TODAY = dt.date(2026, 6, 15)  # the seed's "today": fixed so that runs are comparable
@@ -131,7 +133,7 @@ class Server:
 
 def template_fingerprint(contacts: int) -> str:
     digest = hashlib.sha256(f"{TEMPLATE_FORMAT}|{contacts}|{SEED}|{TODAY}".encode())
-    for path in (ROOT / "plugins" / "warehouse_gdpr" / "demo_data.py", ROOT / "include" / "sql" / "demo_crm.sql",
+    for path in (ROOT / "demo" / "warehouse_gdpr_demo" / "data.py", ROOT / "demo" / "warehouse_gdpr_demo" / "sql" / "demo_crm.sql",
                  ROOT / "include" / "sql" / "gdpr_schema.sql"):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:32]
@@ -139,7 +141,8 @@ def template_fingerprint(contacts: int) -> str:
 
 def ensure_template(server: Server, name: str, contacts: int, reseed: bool) -> dict[str, Any]:
     """Seed `name` with the demo generator at `contacts` (reused when seeded before with the same inputs)."""
-    from warehouse_gdpr import demo_data, schema
+    from warehouse_gdpr_demo import data as demo_data
+    from warehouse_gdpr.engine import schema
 
     fingerprint = template_fingerprint(contacts)
     with server.admin() as admin:
@@ -228,8 +231,8 @@ EXISTS_ONLY = re.compile(r"^\s*EXISTS\s*\(.*\)\s*$", re.S | re.I)
 def unheld_candidates(conn: psycopg.Connection, policy: Policy, rule: Rule) -> str:
     """The rule's candidates with no blocking hold, as one SELECT with its parameters inlined.
 
-    Same FROM/WHERE as the engine (`rules.candidates_from`); a subject is unheld when no blocking
-    hold predicate is true, which is what `cardinality(rules.holds_expression) = 0` means. Written
+    Same FROM/WHERE as the engine (`candidates.candidates_from`); a subject is unheld when no blocking
+    hold predicate is true, which is what `cardinality(candidates.holds_expression) = 0` means. Written
     the way a DBA would: NOT EXISTS for EXISTS predicates (so the planner may anti-join), IS NOT TRUE
     for the others (NULL is not a hold, as in the engine's CASE WHEN).
     """
@@ -237,16 +240,16 @@ def unheld_candidates(conn: psycopg.Connection, policy: Policy, rule: Rule) -> s
     for hold in policy.holds:
         if rule.action not in hold.blocks:
             continue
-        pred = rules.hold_predicate(hold)
+        pred = candidates.hold_predicate(hold)
         if EXISTS_ONLY.match(hold.predicate):
             unheld.append(sql.SQL(" AND NOT ({p})").format(p=pred))
         else:
             unheld.append(sql.SQL(" AND ({p}) IS NOT TRUE").format(p=pred))
     query = sql.SQL("SELECT {pk} AS subject_id {from_}{unheld}").format(
-        pk=sql.Identifier("s", policy.subject.primary_key), from_=rules.candidates_from(policy, rule),
+        pk=sql.Identifier("s", policy.subject.primary_key), from_=candidates.candidates_from(policy, rule),
         unheld=sql.Composed(unheld),
     )
-    return ClientCursor(conn).mogrify(query, rules.rule_params(policy, rule, AS_OF))
+    return ClientCursor(conn).mogrify(query, candidates.rule_params(policy, rule, AS_OF))
 
 
 def union_candidates(conn: psycopg.Connection, policy: Policy, selected: list[Rule]) -> str:
@@ -265,7 +268,7 @@ def raw_delete_sql(conn: psycopg.Connection, policy: Policy, selected: list[Rule
     for i, mapped in enumerate([*policy.dependent_tables, next(t for t in policy.tables if t.table == policy.subject.table)]):
         column = policy.subject.primary_key if mapped.table == policy.subject.table else mapped.subject_column
         ctes.append(sql.SQL("d{i} AS (DELETE FROM {t} WHERE {c} IN (SELECT subject_id FROM cand) RETURNING 1)").format(
-            i=sql.SQL(str(i)), t=rules.qualified(mapped.table), c=sql.Identifier(column)).as_string(conn))
+            i=sql.SQL(str(i)), t=candidates.qualified(mapped.table), c=sql.Identifier(column)).as_string(conn))
         names.append(mapped.table)
     select = ", ".join(f"(SELECT count(*) FROM d{i})" for i in range(len(names)))
     return "WITH " + ",\n".join(ctes) + f"\nSELECT {select}", names
@@ -300,7 +303,7 @@ def raw_pseudonymise_sql(conn: psycopg.Connection, policy: Policy, rule: Rule) -
     names = []
     purge_after = ClientCursor(conn).mogrify("%s::timestamptz + %s::interval", (AS_OF, rule.archive_for))
     for i, mapped in enumerate(treated_tables(policy)):
-        t, pk, link = rules.qualified(mapped.table), sql.Identifier(mapped.primary_key), sql.Identifier(mapped.subject_column)
+        t, pk, link = candidates.qualified(mapped.table), sql.Identifier(mapped.primary_key), sql.Identifier(mapped.subject_column)
         ctes.append(sql.SQL(
             "a{i} AS (INSERT INTO gdpr_archive.archived_row"
             " (source_table, source_pk, subject_id, rule, run_id, purge_after, key_id, nonce, ciphertext)"
@@ -357,7 +360,7 @@ def table_state(conn: psycopg.Connection, table: str, pk: str, row: sql.Composab
     count, pk_md5, rows_sum = conn.execute(sql.SQL(
         "SELECT count(*), md5(coalesce(string_agg(t.{pk}::text, ',' ORDER BY t.{pk}), '')),"
         " coalesce(sum(hashtextextended({row}::text, 0)::numeric), 0)::text FROM {t} t"
-    ).format(pk=sql.Identifier(pk), row=row, t=rules.qualified(table))).fetchone()  # type: ignore[misc]
+    ).format(pk=sql.Identifier(pk), row=row, t=candidates.qualified(table))).fetchone()  # type: ignore[misc]
     return {"rows": count, "pk_md5": pk_md5, "rows_checksum": rows_sum}
 
 
@@ -520,7 +523,7 @@ class Bench:
             cand = unheld_candidates(conn, self.policy, rule)
             union = " UNION ALL ".join(
                 sql.SQL("SELECT {name} AS tbl, t.{pk}::text AS pk FROM {t} t WHERE t.{link} IN (SELECT subject_id FROM cand)").format(
-                    name=sql.Literal(m.table), pk=sql.Identifier(m.primary_key), t=rules.qualified(m.table),
+                    name=sql.Literal(m.table), pk=sql.Identifier(m.primary_key), t=candidates.qualified(m.table),
                     link=sql.Identifier(m.subject_column)).as_string(conn)
                 for m in tables.values())
             sample = conn.execute(
@@ -530,7 +533,7 @@ class Bench:
             conn.rollback()
         statements = {
             name: sql.SQL("UPDATE {t} SET {sets} WHERE {pk} = %s").format(
-                t=rules.qualified(name), sets=sql.SQL(", ").join(treatment_sets(m, self.policy)), pk=sql.Identifier(m.primary_key))
+                t=candidates.qualified(name), sets=sql.SQL(", ").join(treatment_sets(m, self.policy)), pk=sql.Identifier(m.primary_key))
             for name, m in tables.items()
         }
         log(f"per-row baseline: {len(sample)} rows, one UPDATE on a fresh connection each")
@@ -547,7 +550,7 @@ class Bench:
             for table, pk in sample:
                 m = tables[table]
                 query = sql.SQL("SELECT {row}::text FROM {t} t WHERE t.{pk} = %s").format(
-                    row=masked_row(row_conn, self.policy, m), t=rules.qualified(table), pk=sql.Identifier(m.primary_key))
+                    row=masked_row(row_conn, self.policy, m), t=candidates.qualified(table), pk=sql.Identifier(m.primary_key))
                 if row_conn.execute(query, (pk,)).fetchone() != ours_conn.execute(query, (pk,)).fetchone():
                     mismatched += 1
         by_table: dict[str, int] = {}
@@ -561,7 +564,7 @@ class Bench:
         }
 
     def erasure(self) -> dict[str, Any]:
-        from warehouse_gdpr import erasure
+        from warehouse_gdpr.engine import erasure
 
         db, url = self.clone("erasure")
         ctx = RunContext(dag_id="bench", run_id=f"bench-erasure-{self.run_tag}", task_id="erase")
@@ -752,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     url = os.environ.get("WAREHOUSE_URL")
     embedded_dir = None
     if not url:
-        from warehouse_gdpr import embedded
+        from warehouse_gdpr_demo import embedded
 
         embedded_dir = args.data_dir / "pg"
         url = embedded.start(embedded_dir)
@@ -780,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in {args.contacts, args.rss_small, args.rss_large}:
                 server.drop(bench.template_for(n))
         if embedded_dir and not args.keep_server:
-            from warehouse_gdpr import embedded
+            from warehouse_gdpr_demo import embedded
 
             embedded.stop(embedded_dir)
 

@@ -51,8 +51,10 @@ def example_check_before_import() -> None:
         from airflow.providers.postgres.hooks.postgres import PostgresHook
         from psycopg import sql
 
-        from warehouse_gdpr import optout, runtime
-        from warehouse_gdpr.policy import load_policy
+        from warehouse_gdpr.engine import optout
+
+        from warehouse_gdpr.airflow import connections as runtime
+        from warehouse_gdpr.engine.policy import load_policy
 
         params = get_current_context()["params"]
         staging, target = params["staging_table"], params["target_table"]

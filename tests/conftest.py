@@ -35,10 +35,12 @@ os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ["WAREHOUSE_GDPR_POLICY"] = str(ROOT / "include" / "policy.yaml")
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from warehouse_gdpr import demo_data, embedded, schema  # noqa: E402
-from warehouse_gdpr.crypto import Keys, generate_extra  # noqa: E402
-from warehouse_gdpr.policy import Policy, load_policy  # noqa: E402
-from warehouse_gdpr.sqlfiles import read_sql  # noqa: E402
+from warehouse_gdpr_demo import data as demo_data, embedded  # noqa: E402
+
+from warehouse_gdpr.engine import schema  # noqa: E402
+from warehouse_gdpr.engine.crypto import Keys, generate_extra  # noqa: E402
+from warehouse_gdpr.engine.policy import Policy, load_policy  # noqa: E402
+from warehouse_gdpr_demo.sqlfiles import read_sql  # noqa: E402
 
 TEMPLATE_DB = "gdpr_test_template"
 TEMPLATE_CONTACTS = 1500
@@ -174,7 +176,7 @@ class Downstream:
 
 @pytest.fixture
 def downstream(server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Downstream]:
-    from warehouse_gdpr.demo_services import start_emailing, start_telephony
+    from warehouse_gdpr_demo.services import start_emailing, start_telephony
 
     name = f"gdpr_desk_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_url, autocommit=True) as admin:

@@ -7,8 +7,8 @@ from datetime import date, datetime, timezone
 
 import psycopg
 
-from warehouse_gdpr import rules
-from warehouse_gdpr.policy import Policy
+from warehouse_gdpr.engine import candidates as candidate_sql
+from warehouse_gdpr.engine.policy import Policy
 
 AS_OF = "2026-06-15T00:00:00+00:00"
 AS_OF_DATE = date(2026, 6, 15)
@@ -70,7 +70,7 @@ def candidates(conn: psycopg.Connection, policy: Policy, rule_name: str, as_of: 
     """{subject id: blocking holds} of every candidate of a rule."""
     rule = policy.rule(rule_name)
     rows = conn.execute(
-        rules.batch_query(policy, rule, first=True), {**rules.rule_params(policy, rule, as_of), "limit": 10**9}
+        candidate_sql.batch_query(policy, rule, first=True), {**candidate_sql.rule_params(policy, rule, as_of), "limit": 10**9}
     ).fetchall()
     conn.rollback()
     return {r[0]: list(r[1]) for r in rows}

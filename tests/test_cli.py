@@ -73,7 +73,7 @@ def test_url_comes_from_the_environment_without_url(
     """README's deploy steps give no --url: a password in argv would show in `ps`."""
     import psycopg
 
-    from warehouse_gdpr.schema import SCHEMA_VERSION
+    from warehouse_gdpr.engine.schema import SCHEMA_VERSION
 
     with psycopg.connect(warehouse, autocommit=True) as conn:
         conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
@@ -109,8 +109,8 @@ def test_subject_hash_reads_the_email_on_stdin(
 ) -> None:
     import io
 
-    from warehouse_gdpr import runtime
-    from warehouse_gdpr.policy import load_policy
+    from warehouse_gdpr.airflow import connections as runtime
+    from warehouse_gdpr.engine.policy import load_policy
 
     keys = runtime.load_keys(load_policy(POLICY))
     monkeypatch.setattr("sys.stdin", io.StringIO("  Jane.Doe@ACME.example \n"))

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from warehouse_gdpr import compose_seed, demo_services
-from warehouse_gdpr.crypto import Keys, generate_extra
-from warehouse_gdpr.policy import load_policy
+from warehouse_gdpr_demo import compose_seed, services as demo_services
+from warehouse_gdpr.engine.crypto import Keys, generate_extra
+from warehouse_gdpr.engine.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -227,21 +227,22 @@ def test_dags_plugins_and_include_are_mounted_where_the_code_reads_them(name: st
 
 
 def test_warehouse_init_and_downstream_run_modules_that_exist_with_valid_arguments() -> None:
-    parsers = {"warehouse_gdpr.compose_seed": compose_seed.build_parser,
-               "warehouse_gdpr.demo_services": demo_services.build_parser}
+    parsers = {"warehouse_gdpr_demo.compose_seed": compose_seed.build_parser,
+               "warehouse_gdpr_demo.services": demo_services.build_parser}
     for name in ("warehouse-init", "downstream"):
         service = services()[name]
         command = [str(part) for part in service["command"]]
         assert command[:2] == ["python", "-m"], name
         module = command[2]
-        plugins = host_path(service, environment(service)["PYTHONPATH"])
-        assert plugins is not None and (plugins / (module.replace(".", "/") + ".py")).is_file(), module
+        paths = [host_path(service, p) for p in environment(service)["PYTHONPATH"].split(":")]
+        assert any(p is not None and (p / (module.replace(".", "/") + ".py")).is_file() for p in paths), module
+        assert ROOT / "plugins" in paths  # the engine the demo module imports
         parsers[module]().parse_args(command[3:])  # exits (SystemExit) on an unknown or missing option
         assert environment(service)["CONNECTION_CHECK_MAX_COUNT"] == "0"  # no metadata DB to wait for
     downstream = demo_services.build_parser().parse_args([str(p) for p in SERVICES["downstream"]["command"][3:]])
     assert downstream.host == "0.0.0.0"  # reachable from the other containers
     sql_dir = host_path(SERVICES["warehouse-init"], environment(SERVICES["warehouse-init"])["WAREHOUSE_GDPR_SQL_DIR"])
-    assert sql_dir is not None and (sql_dir / "demo_crm.sql").is_file()
+    assert sql_dir is not None and (sql_dir / "gdpr_schema.sql").is_file()  # the control schema it installs
 
 
 # -- health checks and start order ------------------------------------------------------------------

@@ -25,7 +25,7 @@ from urllib.parse import quote
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from warehouse_gdpr.schema import SCHEMA_VERSION
+from warehouse_gdpr.engine.schema import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

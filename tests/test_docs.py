@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from warehouse_gdpr.policy import Policy, key_descriptions, key_paths, load_policy
+from warehouse_gdpr.engine.policy import Policy, key_descriptions, key_paths, load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "policy.md").read_text(encoding="utf-8")
@@ -52,7 +52,7 @@ def test_the_demo_policy_the_docs_point_to_loads() -> None:
 
 def test_every_policy_key_has_a_description() -> None:
     missing = [key for key, text in key_descriptions().items() if not text.strip()]
-    assert not missing, f"fields of plugins/warehouse_gdpr/policy.py without a description=: {missing}"
+    assert not missing, f"fields of plugins/warehouse_gdpr/engine/policy.py without a description=: {missing}"
     assert list(key_descriptions()) == key_paths()
 
 
@@ -61,7 +61,7 @@ def test_the_docs_meaning_of_each_key_is_the_models_description() -> None:
     described = {key: " ".join(text.split()) for key, text in key_descriptions().items()}
     differing = sorted(key for key in described.keys() & documented.keys() if described[key] != documented[key])
     assert not differing, (
-        "the meaning column of docs/policy.md and the description= of the model (plugins/warehouse_gdpr/policy.py) "
+        "the meaning column of docs/policy.md and the description= of the model (plugins/warehouse_gdpr/engine/policy.py) "
         "differ for: " + "; ".join(f"{k}: docs {documented[k]!r} != model {described[k]!r}" for k in differing)
     )
 
@@ -90,7 +90,7 @@ def test_the_committed_json_schema_is_the_models_and_the_demo_policy_validates()
 
     import jsonschema
 
-    from warehouse_gdpr.policy import Policy
+    from warehouse_gdpr.engine.policy import Policy
 
     committed = json.loads((ROOT / "docs" / "policy.schema.json").read_text(encoding="utf-8"))
     assert committed == Policy.model_json_schema(), "docs/policy.schema.json is stale: run `make schema`"

@@ -20,6 +20,12 @@ def test_wheel_installs_and_builds_the_dags_outside_the_repository(tmp_path: Pat
         check=True, capture_output=True,
     )
     wheel = next(wheels.glob("warehouse_gdpr-*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [n for n in names if "demo" in n], "the demo must never be in the wheel"
+    assert [n for n in names if n.endswith(".sql")] == ["warehouse_gdpr/sql/gdpr_schema.sql"]
+    assert "warehouse_gdpr/engine/candidates.py" in names and "warehouse_gdpr/airflow/dag_factory.py" in names
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -41,7 +47,8 @@ def test_wheel_installs_and_builds_the_dags_outside_the_repository(tmp_path: Pat
         f"from warehouse_gdpr.dags import build_all; globals().update(build_all({str(tmp_path / 'policy.yaml')!r}))\n"
     )
     probe = textwrap.dedent(f"""
-        import warehouse_gdpr, warehouse_gdpr.sqlfiles as sqlfiles
+        import importlib.util, warehouse_gdpr, warehouse_gdpr.engine.sqlfiles as sqlfiles
+        assert importlib.util.find_spec("warehouse_gdpr_demo") is None  # the demo is not installed
         assert warehouse_gdpr.__file__.startswith({str(site)!r}), warehouse_gdpr.__file__
         assert "gdpr.audit_log" in sqlfiles.read_sql("gdpr_schema.sql")
         from airflow.dag_processing.dagbag import DagBag

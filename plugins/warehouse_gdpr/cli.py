@@ -22,7 +22,7 @@ import sys
 from datetime import date, datetime, timezone
 from pathlib import Path
 
-from .policy import Policy, PolicyError, load_policy
+from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
 
 
 def _schema(_: argparse.Namespace) -> int:
@@ -33,14 +33,14 @@ def _schema(_: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import psycopg
 
-    from . import catalog, sweep
+    from warehouse_gdpr.engine import catalog, sweep
 
     try:
         policy = load_policy(args.policy)
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 2
-    from . import register
+    from warehouse_gdpr.engine import register
 
     for problem in register.problems(policy):
         print(f"warning: register: {problem}")
@@ -69,7 +69,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _schema_sql(_: argparse.Namespace) -> int:
-    from .sqlfiles import read_sql
+    from warehouse_gdpr.engine.sqlfiles import read_sql
 
     print(read_sql("gdpr_schema.sql"))
     return 0
@@ -78,7 +78,7 @@ def _schema_sql(_: argparse.Namespace) -> int:
 def _schema_install(args: argparse.Namespace) -> int:
     import psycopg
 
-    from . import schema
+    from warehouse_gdpr.engine import schema
 
     url = args.url or os.environ.get("WAREHOUSE_URL")
     if not url:
@@ -96,12 +96,12 @@ def _schema_install(args: argparse.Namespace) -> int:
 
 def _subject_hash(args: argparse.Namespace) -> int:
     """Keyed hashes of one email read on stdin (never an argument: it would land in shell history)."""
-    from . import runtime
-    from .crypto import KeyError_
+    from warehouse_gdpr.airflow import connections
+    from warehouse_gdpr.engine.crypto import KeyError_
 
     try:
         policy = load_policy(args.policy)
-        keys = runtime.load_keys(policy)
+        keys = connections.load_keys(policy)
     except (PolicyError, KeyError_, RuntimeError) as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -117,7 +117,7 @@ def _subject_hash(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from . import register
+    from warehouse_gdpr.engine import register
 
     try:
         policy = load_policy(args.policy)

@@ -1,0 +1,288 @@
+"""DAG factory: build warehouse-gdpr's DAGs from a policy file.
+
+One line in your dags folder creates them all (the words "airflow" and "dag" must appear in the file
+for Airflow's DAG discovery, hence the comment):
+
+    # airflow dags of warehouse-gdpr
+    from warehouse_gdpr.dags import build_all; globals().update(build_all("/opt/airflow/include/policy.yaml"))
+
+Building reads the policy file (a local file) for the schedule, the rule names offered in the trigger
+form and the erasure retry settings; nothing touches a database or the network. A policy that does
+not load still gives DAGs (weekly defaults): their first task reports what is wrong with the file.
+Task bodies live in sweep_tasks.py, erasure_tasks.py and optout_tasks.py.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from airflow.sdk import DAG, Param, dag, get_current_context, task
+
+from warehouse_gdpr.airflow import connections
+from warehouse_gdpr.airflow.tasks import erasure as erasure_tasks
+from warehouse_gdpr.airflow.tasks import optout as optout_tasks
+from warehouse_gdpr.airflow.tasks import sweep as sweep_tasks
+from warehouse_gdpr.engine import erasure
+from warehouse_gdpr.engine.policy import Policy, load_policy
+
+START = datetime(2026, 1, 1)
+DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(minutes=5), "retry_exponential_backoff": True}
+
+
+def _load(policy_file: str) -> Policy | None:
+    try:
+        return load_policy(policy_file)
+    except Exception:  # noqa: BLE001 - a broken policy must not hide the DAGs; their first task explains it
+        return None
+
+
+def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
+    """check_policy -> plan -> apply -> purge_archive -> report, and check_policy -> write_register
+    (the article 30 register, beside the sweep so that it never delays a deletion). See sweep_tasks.py,
+    rules.py, register.py."""
+    path = str(policy_file or connections.policy_path())
+    policy = _load(path)
+    rule_names = [r.name for r in policy.rules] if policy else []
+
+    @dag(
+        dag_id="gdpr_retention_sweep",
+        schedule=policy.airflow.sweep_schedule if policy else "@weekly",
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        tags=["gdpr", "retention"],
+        default_args=DEFAULT_ARGS,
+        params={
+            "dry_run": Param(
+                False, type="boolean", title="Dry run",
+                description="Compute and log the plan, write one audit row per rule, change nothing else.",
+            ),
+            "rules": Param(
+                None, type=["null", "array"], title="Rules",
+                description="Run only these rules (names from the policy). Empty: all rules.",
+                items={"type": "string", **({"enum": rule_names} if rule_names else {})},
+            ),
+        },
+        doc_md="Enforce the policy's retention rules on the warehouse. Rules are evaluated in "
+               "`warehouse_gdpr/rules.py`; see docs/runbook.md when a run fails.",
+    )
+    def gdpr_retention_sweep() -> None:
+        @task
+        def check_policy(policy_file: str) -> dict:
+            return sweep_tasks.check_policy(policy_file, get_current_context())
+
+        @task
+        def plan(checked: dict) -> list:
+            return sweep_tasks.plan(checked, get_current_context())
+
+        @task
+        def apply(checked: dict, plans: list) -> list:
+            return sweep_tasks.apply(checked, plans, get_current_context())
+
+        @task
+        def purge_archive(checked: dict, applied: list) -> dict:
+            return sweep_tasks.purge_archive(checked, get_current_context())
+
+        @task
+        def report(checked: dict, purged: dict) -> dict:
+            return sweep_tasks.report(checked, get_current_context())
+
+        @task
+        def write_register(checked: dict) -> dict:
+            return sweep_tasks.write_register(checked, get_current_context())
+
+        checked = check_policy(path)
+        write_register(checked)
+        plans = plan(checked)
+        applied = apply(checked, plans)
+        purged = purge_archive(checked, applied)
+        report(checked, purged)
+
+    return gdpr_retention_sweep()
+
+
+def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
+    """validate_request -> [approve_erasure] -> erase -> propagate[target] -> verify (erasure_tasks.py)."""
+    path = str(policy_file or connections.policy_path())
+    policy = _load(path)
+    settings = policy.erasure if policy else None
+
+    @dag(
+        dag_id="gdpr_subject_erasure",
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        tags=["gdpr", "erasure"],
+        default_args={**DEFAULT_ARGS, "retry_delay": timedelta(minutes=1)},
+        params={
+            "email": Param(
+                None, type=["null", "string"], title="Email",
+                description="The person's email (plain ASCII). Give this or the subject id, not both.",
+                pattern=erasure.EMAIL_PATTERN, minLength=6, maxLength=erasure.EMAIL_MAX_LENGTH,
+            ),
+            "subject_id": Param(
+                None, type=["null", "integer"], minimum=1, title="Subject id",
+                description="The person's internal id in the subject table, instead of the email.",
+            ),
+            "request_id": Param(
+                type="string", title="Request id", pattern=erasure.REQUEST_ID_PATTERN,
+                description="The ticket reference of the request (3-64 letters, digits, '.', '_', ':', '-').",
+            ),
+            "received_at": Param(
+                None, type=["null", "string"], format="date", title="Received on",
+                description="The date the request arrived (YYYY-MM-DD; empty: today). Due one month later.",
+            ),
+            "dry_run": Param(False, type="boolean", title="Dry run",
+                             description="Locate and evaluate holds, record the plan, change nothing."),
+        },
+        doc_md="Erase one person on request (GDPR art. 17), propagate downstream, certify. "
+               "Outcomes and what to do: docs/runbook.md.",
+    )
+    def gdpr_subject_erasure() -> None:
+        @task
+        def validate_request(policy_file: str) -> dict:
+            return erasure_tasks.validate_request(policy_file, get_current_context())
+
+        @task
+        def erase(policy_file: str, checked: dict) -> dict:
+            return erasure_tasks.erase(policy_file, get_current_context())
+
+        @task
+        def targets_to_notify(erased: dict) -> list:
+            return erased["targets"]
+
+        @task(
+            retries=settings.retries if settings else 5,
+            retry_delay=timedelta(seconds=settings.retry_delay_seconds if settings else 60),
+            retry_exponential_backoff=True,
+        )
+        def propagate(policy_file: str, target: str) -> str:
+            return erasure_tasks.propagate(policy_file, target, get_current_context())
+
+        @task(trigger_rule="all_done")
+        def verify(policy_file: str, erased: dict) -> dict:
+            return erasure_tasks.verify(policy_file, get_current_context())
+
+        checked = validate_request(path)
+        erased = erase(path, checked)
+        if settings and settings.approval_required:
+            from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+            approval = ApprovalOperator(
+                task_id="approve_erasure",
+                subject="Approve GDPR erasure {{ params.request_id }}",
+                body="Request {{ params.request_id }}: see the validate_request log for counts and holds.",
+            )
+            checked >> approval >> erased
+        propagated = propagate.partial(policy_file=path).expand(target=targets_to_notify(erased))
+        propagated >> verify(path, erased)
+
+    return gdpr_subject_erasure()
+
+
+def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
+    """Hourly: retry pending propagations, then flag requests near or past their due date."""
+    path = str(policy_file or connections.policy_path())
+
+    @dag(
+        dag_id="gdpr_erasure_retry",
+        schedule="@hourly",
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        tags=["gdpr", "erasure"],
+        default_args=DEFAULT_ARGS,
+        doc_md="Retry pending erasure propagations until each target acknowledges; flag requests due "
+               "within `deadline_warning_days` or overdue.",
+    )
+    def gdpr_erasure_retry() -> None:
+        @task
+        def retry_pending(policy_file: str) -> dict:
+            return erasure_tasks.retry_pending(policy_file, get_current_context())
+
+        @task(trigger_rule="all_done")
+        def check_deadlines(policy_file: str, retried: dict) -> dict:
+            return erasure_tasks.check_deadlines(policy_file, get_current_context())
+
+        check_deadlines(path, retry_pending(path))
+
+    return gdpr_erasure_retry()
+
+
+def build_optout_sync(policy_file: str | Path | None = None) -> DAG:
+    """check -> rekey -> collect -> guard_resurrections -> enforce -> share[target] -> export -> report
+    (optout_tasks.py; engine: optout.py)."""
+    path = str(policy_file or connections.policy_path())
+    policy = _load(path)
+
+    @dag(
+        dag_id="gdpr_optout_sync",
+        schedule=policy.optout.schedule if policy else "@daily",
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        tags=["gdpr", "opt-out"],
+        default_args=DEFAULT_ARGS,
+        params={
+            "dry_run": Param(
+                False, type="boolean", title="Dry run",
+                description="Compute and log what each step would do, write one audit row per step, change "
+                            "nothing else (no list entry, no flag, no deletion, nothing shared or exported).",
+            ),
+        },
+        doc_md="The hashed opt-out list: collect opt-outs, erase (or quarantine) erased people who came back, "
+               "mark every listed person do-not-contact, share the hashes downstream. Only keyed hashes are "
+               "stored, shared or exported; see `warehouse_gdpr/optout.py` (key rotation included).",
+    )
+    def gdpr_optout_sync() -> None:
+        @task
+        def check(policy_file: str) -> dict:
+            return optout_tasks.check(policy_file, get_current_context())
+
+        @task
+        def rekey(checked: dict) -> dict:
+            return optout_tasks.rekey(checked, get_current_context())
+
+        @task
+        def collect(checked: dict, rekeyed: dict) -> dict:
+            return optout_tasks.collect(checked, get_current_context())
+
+        @task
+        def guard_resurrections(checked: dict, collected: dict) -> dict:
+            return optout_tasks.guard(checked, get_current_context())
+
+        @task
+        def enforce(checked: dict, guarded: dict) -> dict:
+            return optout_tasks.enforce(checked, get_current_context())
+
+        @task
+        def share_targets(checked: dict, enforced: dict) -> list:
+            return checked["targets"]
+
+        @task
+        def share(policy_file: str, target: str) -> dict:
+            return optout_tasks.share(policy_file, target, get_current_context())
+
+        @task
+        def export(checked: dict, enforced: dict) -> dict:
+            return optout_tasks.export(checked, get_current_context())
+
+        @task(trigger_rule="none_failed")
+        def report(checked: dict) -> dict:
+            return optout_tasks.report(checked, get_current_context())
+
+        checked = check(path)
+        enforced = enforce(checked, guard_resurrections(checked, collect(checked, rekey(checked))))
+        shared = share.partial(policy_file=path).expand(target=share_targets(checked, enforced))
+        exported = export(checked, enforced)
+        [shared, exported] >> report(checked)
+
+    return gdpr_optout_sync()
+
+
+def build_all(policy_file: str | Path | None = None) -> dict[str, DAG]:
+    """Every warehouse-gdpr DAG for one policy file, keyed by dag_id (for `globals().update(...)`)."""
+    dags = [build_retention_sweep(policy_file), build_subject_erasure(policy_file), build_erasure_retry(policy_file),
+            build_optout_sync(policy_file)]
+    return {d.dag_id: d for d in dags}

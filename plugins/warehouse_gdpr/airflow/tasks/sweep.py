@@ -1,0 +1,192 @@
+"""What each task of the `gdpr_retention_sweep` DAG does. The DAG file only wires these together.
+
+Every task opens its own connection (tasks may run on different workers), writes its audit rows,
+logs counts and timings only, and returns a small JSON-able dict (no personal data in XComs).
+Configuration errors raise AirflowFailException: retrying cannot fix a wrong policy or a missing key.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from warehouse_gdpr.airflow import connections
+from warehouse_gdpr.engine import audit, register, sweep
+from warehouse_gdpr.engine.crypto import KeyError_
+from warehouse_gdpr.engine.policy import PolicyError, load_policy
+
+log = logging.getLogger(__name__)
+
+
+def _params(context: Any) -> tuple[bool, list[str] | None]:
+    params = context["params"]
+    return bool(params.get("dry_run", False)), params.get("rules") or None
+
+
+def check_policy(policy_file: str, context: Any) -> dict[str, Any]:
+    """Validate the policy file, the keys and the live catalog before anything writes."""
+    path = Path(policy_file)
+    dry_run, names = _params(context)
+    try:
+        policy = load_policy(path)
+        selected = sweep.select_rules(policy, names)
+        connections.load_keys(policy)
+    except (PolicyError, KeyError_, ValueError, RuntimeError) as exc:
+        log.error("Policy or keys are not usable; nothing was changed. Fix and trigger again.\n%s", exc)
+        raise AirflowFailException(str(exc)) from None
+    with connections.connect(policy) as conn:
+        report = connections.prepare_warehouse(conn, policy)
+        ctx = connections.run_context(context, dry_run)
+        with conn.transaction():
+            audit.record(
+                conn, ctx, action="check_policy", outcome="ok",
+                details={"policy": path.name, "rules": [r.name for r in selected], "warnings": len(report.warnings)},
+            )
+    log.info("Policy %s matches the warehouse: %d tables, %d personal columns, rules: %s",
+             path, report.tables, report.columns, ", ".join(r.name for r in selected))
+    return {"rules": [r.name for r in selected], "as_of": connections.as_of(context), "dry_run": dry_run,
+            "policy_file": str(path)}
+
+
+def plan(checked: dict[str, Any], context: Any) -> list[dict[str, Any]]:
+    """Count candidates and held subjects per rule (one set-based query each)."""
+    policy = load_policy(checked["policy_file"])
+    selected = sweep.select_rules(policy, checked["rules"])
+    ctx = connections.run_context(context, checked["dry_run"])
+    with connections.connect(policy) as conn:
+        plans = sweep.plan(conn, policy, selected, checked["as_of"])
+        with conn.transaction():
+            for p in plans:
+                audit.record(
+                    conn, ctx, action="plan", outcome="ok", rule=p.rule, row_count=p.candidates - p.held,
+                    details={"candidates": p.candidates, "held": p.held, "by_hold": p.by_hold,
+                             "seconds": round(p.seconds, 3), "as_of": checked["as_of"]},
+                )
+    log.info(
+        "Plan as of %s%s:\n%s", checked["as_of"], " (DRY RUN)" if checked["dry_run"] else "",
+        sweep.format_table(
+            ["rule", "action", "candidates", "held", "to process", "seconds"],
+            [[p.rule, p.action, p.candidates, p.held, p.candidates - p.held, f"{p.seconds:.2f}"] for p in plans],
+        ),
+    )
+    return [p.__dict__ for p in plans]
+
+
+def apply(checked: dict[str, Any], plans: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
+    """Delete or pseudonymise per rule in audited keyset batches; a dry run only records the plan."""
+    policy = load_policy(checked["policy_file"])
+    selected = sweep.select_rules(policy, checked["rules"])
+    ctx = connections.run_context(context, checked["dry_run"])
+    results: list[dict[str, Any]] = []
+    with connections.connect(policy) as conn:
+        if checked["dry_run"]:
+            with conn.transaction():
+                for p in plans:
+                    audit.record(
+                        conn, ctx, action=p["action"], outcome="dry_run", rule=p["rule"],
+                        row_count=p["candidates"] - p["held"],
+                        details={"candidates": p["candidates"], "held": p["held"], "by_hold": p["by_hold"]},
+                    )
+            log.info("DRY RUN: nothing was changed; the plan was written to gdpr.audit_log.")
+            return plans
+        keys = connections.load_keys(policy)
+        for rule in selected:
+            result = sweep.apply_rule(conn, policy, rule, keys, ctx, checked["as_of"])
+            results.append(result.as_dict())
+            log.info(
+                "Rule %s done in %d batch(es), %.2f s:\n%s", rule.name, result.batches, result.seconds,
+                sweep.format_table(
+                    ["table", "rows " + ("deleted" if rule.action == "delete" else "pseudonymised")],
+                    [[t, n] for t, n in result.rows_by_table.items()],
+                ),
+            )
+    log.info(
+        "Apply summary:\n%s",
+        sweep.format_table(
+            ["rule", "candidates", "held", "archived", "pseudonymised", "deleted", "seconds"],
+            [[r["rule"], r["candidates"], r["held"], r["archived"], r["pseudonymised"], r["deleted"],
+              f"{r['seconds']:.2f}"] for r in results],
+        ),
+    )
+    return results
+
+
+def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Remove archived originals whose own retention period (archive_for) has ended."""
+    policy = load_policy(checked["policy_file"])
+    ctx = connections.run_context(context, checked["dry_run"])
+    with connections.connect(policy) as conn:
+        n = sweep.purge_archive(conn, ctx, checked["as_of"], policy.batch_size)
+    log.info("Archive purge: %d expired archive row(s) %s.", n, "would be removed" if checked["dry_run"] else "removed")
+    return {"purged": n}
+
+
+def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Generate the article 30 register from the policy and keep it; fail while it is incomplete.
+
+    Runs beside the sweep, not before it: an unfinished register fails the run (on-call sees it) but
+    never delays a deletion that is due. A policy without a `processing_register` section skips it.
+    The warehouse copy (gdpr.processing_register, one row per distinct content) is the record; the
+    files under `output_dir` are a convenience and a worker that cannot write them only logs it.
+    A dry run writes the files and changes nothing in the warehouse but its audit row."""
+    policy = load_policy(checked["policy_file"])
+    if policy.processing_register is None:
+        log.warning("The policy has no processing_register section: no register of processing activities "
+                    "is generated (see docs/policy.md#processing_register).")
+        raise AirflowSkipException("no processing_register section in the policy")
+    source = Path(checked["policy_file"]).name
+    try:
+        rendered = register.render(policy, date.fromisoformat(checked["as_of"][:10]), source)
+    except register.RegisterIncomplete as exc:
+        log.error("Register of processing activities not written; complete processing_register in %s.\n%s",
+                  checked["policy_file"], exc)
+        raise AirflowFailException(str(exc)) from None
+    ctx = connections.run_context(context, checked["dry_run"])
+    new = False
+    with connections.connect(policy) as conn, conn.transaction():
+        if not ctx.dry_run:
+            new = register.store(conn, rendered, source)
+        outcome = "dry_run" if ctx.dry_run else "ok" if new else "unchanged"
+        audit.record(conn, ctx, action="register", outcome=outcome, row_count=rendered.activities,
+                     details={"sha256": rendered.sha256})
+    result: dict[str, Any] = {"sha256": rendered.sha256, "activities": rendered.activities, "new_version": new}
+    out_dir = register.output_dir(policy, connections.airflow_home())
+    try:
+        files = register.write(rendered, out_dir)
+        result |= {"markdown": str(files.markdown), "html": str(files.html)}
+    except OSError as exc:
+        log.warning("Could not write the register files under %s (%s); the register is in "
+                    "gdpr.processing_register.", out_dir, exc.strerror)
+    log.info("Register of processing activities: %d activities, sha256 %s (%s)%s.", rendered.activities,
+             rendered.sha256,
+             "dry run: not stored" if ctx.dry_run else "a new version, stored in gdpr.processing_register" if new
+             else "unchanged since it was first stored in gdpr.processing_register",
+             f"; files {result['markdown']} and {result['html']}" if "markdown" in result else "")
+    return result
+
+
+def report(checked: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Summarise the run from the audit log (what happened, not what was intended) and record it."""
+    policy = load_policy(checked["policy_file"])
+    ctx = connections.run_context(context, checked["dry_run"])
+    with connections.connect(policy) as conn:
+        rows = audit.rows_for_run(conn, ctx.dag_id, ctx.run_id)
+        totals: dict[tuple[str, str, str], int] = {}
+        for row in rows:
+            if row["action"] in ("delete", "pseudonymise", "archive", "purge_archive") and row["table_name"]:
+                key = (row["rule"] or "-", row["action"], row["table_name"])
+                totals[key] = totals.get(key, 0) + row["row_count"]
+        summary = {f"{r}/{a}/{t}": n for (r, a, t), n in sorted(totals.items())}
+        with conn.transaction():
+            audit.record(conn, ctx, action="report", outcome="ok", details={"totals": summary})
+    log.info(
+        "Retention sweep %s%s — rows changed, from gdpr.audit_log:\n%s",
+        ctx.run_id, " (DRY RUN: none)" if ctx.dry_run else "",
+        sweep.format_table(["rule", "action", "table", "rows"], [[*k, n] for k, n in sorted(totals.items())])
+        if totals else "(no row changed)",
+    )
+    return {"dry_run": ctx.dry_run, "totals": summary}

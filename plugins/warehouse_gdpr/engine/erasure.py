@@ -1,0 +1,317 @@
+"""Subject erasure on request (GDPR art. 17): validate, locate, evaluate holds, erase, verify, certify.
+
+Emails are compared as ``lower(btrim(column)) = normalised email``: index that expression on the
+subject's email column and on every `email_columns` entry (demo/warehouse_gdpr_demo/sql/demo_crm.sql does).
+
+The email is only ever held in memory by the task that needs it (read from the run's params); logs,
+audit rows, XComs and exceptions refer to the person by `subject_hash` (HMAC of the normalised email)
+or by internal ids. Every statement is set-based over the subject's ids and identity values, and
+uses the indexes on the join and email columns.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import audit
+from .audit import RunContext
+from .crypto import Keys, normalise_email
+from .policy import MappedTable, Policy
+from .candidates import hold_predicate, qualified
+
+# ASCII only on purpose: a Unicode look-alike (Cyrillic "а" in "pаul@…") is refused, not matched.
+EMAIL_PATTERN = (
+    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
+)
+EMAIL_MAX_LENGTH = 254
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{2,63}$"
+
+
+class RequestError(ValueError):
+    """The erasure request is malformed. The message names the field, never the value of an email."""
+
+
+@dataclass(frozen=True, repr=False)
+class ErasureRequest:
+    request_id: str
+    email: str | None
+    subject_id: int | None
+    received_at: date
+    dry_run: bool = False
+
+    def __repr__(self) -> str:  # never print the email
+        return f"ErasureRequest(request_id={self.request_id!r}, by={'email' if self.email else 'subject_id'})"
+
+    @property
+    def due_date(self) -> date:
+        """One calendar month after receipt (GDPR art. 12(3)); the 31st falls back to the month's last day."""
+        year, month = (self.received_at.year + 1, 1) if self.received_at.month == 12 else (
+            self.received_at.year, self.received_at.month + 1)
+        return date(year, month, min(self.received_at.day, calendar.monthrange(year, month)[1]))
+
+
+def parse_request(params: Mapping[str, Any], today: date | None = None) -> ErasureRequest:
+    """Check a trigger's params (JSON schema already checked each field; this checks them together)."""
+    email = params.get("email") or None
+    subject_id = params.get("subject_id")
+    if (email is None) == (subject_id is None):
+        raise RequestError("give exactly one of `email` or `subject_id`")
+    if email is not None:
+        if not isinstance(email, str) or len(email) > EMAIL_MAX_LENGTH or not re.fullmatch(EMAIL_PATTERN, email.strip()):
+            raise RequestError(
+                "`email` is not a plain ASCII address of at most 254 characters (look-alike characters are refused)"
+            )
+    if subject_id is not None and (not isinstance(subject_id, int) or isinstance(subject_id, bool) or subject_id < 1):
+        raise RequestError("`subject_id` must be a positive integer")
+    request_id = params.get("request_id")
+    if not isinstance(request_id, str) or not re.fullmatch(REQUEST_ID_PATTERN, request_id):
+        raise RequestError("`request_id` must be 3-64 characters: letters, digits, '.', '_', ':' or '-'")
+    received = params.get("received_at") or (today or date.today()).isoformat()
+    try:
+        received_at = date.fromisoformat(str(received))
+    except ValueError:
+        raise RequestError("`received_at` must be a date, YYYY-MM-DD") from None
+    if received_at > (today or date.today()):
+        raise RequestError("`received_at` is in the future")
+    return ErasureRequest(request_id, email, subject_id, received_at, bool(params.get("dry_run", False)))
+
+
+@dataclass(repr=False)
+class Located:
+    """Where the person is. `email` stays in memory only (repr hides it)."""
+
+    subject_ids: list[Any]
+    subject_hash: str
+    email: str | None
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Located(subjects={len(self.subject_ids)}, rows={self.rows})"
+
+    @property
+    def found(self) -> bool:
+        return bool(self.subject_ids) or any(self.rows.values())
+
+
+def _match(mapped: MappedTable, email_param: bool) -> sql.Composable:
+    """WHERE clause of the rows of `mapped` that belong to the person: by subject id, and by email."""
+    parts = [sql.SQL("{c} = ANY(%(ids)s)").format(c=sql.Identifier(mapped.subject_column))]
+    if email_param:
+        parts += [sql.SQL("lower(btrim({c})) = %(email)s").format(c=sql.Identifier(c)) for c in mapped.email_columns]
+    return sql.SQL("(") + sql.SQL(" OR ").join(parts) + sql.SQL(")")
+
+
+def locate(conn: psycopg.Connection, policy: Policy, keys: Keys, request: ErasureRequest) -> Located:
+    """Find the subject rows and count every linked row, per mapped table (indexed lookups only)."""
+    subject = policy.subject
+    table, pk, email_col = qualified(subject.table), sql.Identifier(subject.primary_key), sql.Identifier(subject.email_column)
+    if request.email is not None:
+        email: str | None = normalise_email(request.email)
+        ids = [r[0] for r in conn.execute(
+            sql.SQL("SELECT {pk} FROM {t} WHERE lower(btrim({e})) = %s ORDER BY 1").format(pk=pk, t=table, e=email_col),
+            (email,),
+        ).fetchall()]
+    else:
+        row = conn.execute(
+            sql.SQL("SELECT {pk}, {e} FROM {t} WHERE {pk} = %s").format(pk=pk, t=table, e=email_col), (request.subject_id,)
+        ).fetchone()
+        ids = [row[0]] if row else []
+        email = normalise_email(row[1]) if row and row[1] and "@" in row[1] else None
+    # The same normalisation as the opt-out list (policy optout.strip_plus_tags): both must agree.
+    subject_hash = (keys.subject_hash(email, policy.optout.strip_plus_tags) if email
+                    else keys.hash_value(f"subject-id:{request.subject_id}"))
+    located = Located(ids, subject_hash, email)
+    params = {"ids": ids, "email": email}
+    for mapped in policy.tables:
+        if mapped.table == subject.table:
+            located.rows[mapped.table] = len(ids)
+            continue
+        count = conn.execute(
+            sql.SQL("SELECT count(*) FROM {t} WHERE {m}").format(t=qualified(mapped.table), m=_match(mapped, email is not None)),
+            params,
+        ).fetchone()[0]  # type: ignore[index]
+        located.rows[mapped.table] = int(count)
+    conn.rollback()
+    return located
+
+
+def holds_in_force(conn: psycopg.Connection, policy: Policy, located: Located, as_of: str) -> dict[str, str]:
+    """{hold name: 'refuse' | 'restrict'} for every hold true for one of the subject rows."""
+    if not located.subject_ids or not policy.holds:
+        return {}
+    cases = sql.SQL(", ").join(
+        sql.SQL("CASE WHEN ({p}) THEN {n} END").format(p=hold_predicate(h), n=sql.Literal(h.name)) for h in policy.holds
+    )
+    row = conn.execute(
+        sql.SQL(
+            "SELECT array_agg(DISTINCT h) FILTER (WHERE h IS NOT NULL)"
+            " FROM {t} s CROSS JOIN LATERAL unnest(ARRAY[{cases}]::text[]) h WHERE s.{pk} = ANY(%(ids)s)"
+        ).format(t=qualified(policy.subject.table), cases=cases, pk=sql.Identifier(policy.subject.primary_key)),
+        {"ids": located.subject_ids, "as_of": as_of},
+    ).fetchone()
+    conn.rollback()
+    names = (row[0] if row else None) or []
+    return {h.name: h.on_erasure for h in policy.holds if h.name in names}
+
+
+def decide(located: Located, holds: dict[str, str]) -> tuple[str, str]:
+    """(outcome, reason): erased, restricted (kept_when_held tables kept), refused, or not_found."""
+    if not located.found:
+        return "not_found", "no row matches the subject in any mapped table"
+    refusing = sorted(n for n, how in holds.items() if how == "refuse")
+    if refusing:
+        return "refused", "legal hold: " + ", ".join(refusing)
+    if holds:
+        return "restricted", "legal hold: " + ", ".join(sorted(holds)) + "; held records kept and restricted"
+    return "erased", "no legal hold"
+
+
+@dataclass
+class ErasureResult:
+    request_id: str
+    subject_hash: str
+    outcome: str
+    reason: str
+    status: str
+    due_date: str
+    rows: dict[str, int] = field(default_factory=dict)
+    targets: list[str] = field(default_factory=list)
+    already_recorded: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def erase(
+    conn: psycopg.Connection,
+    policy: Policy,
+    keys: Keys,
+    ctx: RunContext,
+    request: ErasureRequest,
+    located: Located,
+    holds: dict[str, str],
+) -> ErasureResult:
+    """Erase everywhere, suppress, record the request and its outbox, audit: ONE transaction.
+
+    Triggering the same request id again returns the recorded result and changes nothing.
+    """
+    outcome, reason = decide(located, holds)
+    targets = [t.name for t in policy.erasure.targets] if outcome != "refused" and located.email else []
+    status = "refused" if outcome == "refused" else "pending_propagation" if targets else (
+        "not_found" if outcome == "not_found" else "completed")
+    result = ErasureResult(request.request_id, located.subject_hash, outcome, reason, status,
+                           request.due_date.isoformat(), targets=targets)
+    with conn.transaction():
+        existing = conn.execute(
+            "SELECT subject_hash, outcome, reason, status, due_date, details FROM gdpr.erasure_request"
+            " WHERE request_id = %s FOR UPDATE", (request.request_id,)
+        ).fetchone()
+        if existing:
+            if located.email is not None and existing[0] != located.subject_hash:
+                raise RequestError(f"request id {request.request_id} was already used for another subject")
+            recorded = ErasureResult(request.request_id, existing[0], existing[1], existing[2] or "", existing[3],
+                                     existing[4].isoformat(), rows=existing[5].get("rows", {}),
+                                     targets=existing[5].get("targets", []), already_recorded=True)
+            audit.record(conn, ctx, action="erase", outcome="already_recorded", subject_hash=located.subject_hash,
+                         details={"request_id": request.request_id, "status": recorded.status})
+            return recorded
+        if request.dry_run:
+            audit.record(conn, ctx, action="erase", outcome="dry_run", subject_hash=located.subject_hash,
+                         row_count=sum(located.rows.values()),
+                         details={"request_id": request.request_id, "would_be": outcome, "rows": located.rows})
+            result.rows = dict(located.rows)
+            return result
+        if outcome in ("erased", "restricted"):
+            result.rows = _delete_everywhere(conn, policy, located, restricted=outcome == "restricted")
+        for table, n in result.rows.items():
+            audit.record(conn, ctx, action="erase", outcome=outcome, table=table, row_count=n,
+                         subject_hash=located.subject_hash, details={"request_id": request.request_id})
+        if located.email:
+            # An opted-out person erased now: the entry becomes an erasure one (the resurrection guard
+            # of optout.py needs it); an entry already of reason 'erasure' is kept as it is.
+            cur = conn.execute(
+                "INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source, request_id)"
+                " VALUES (%s, %s, 'erasure', 'erasure_request', %s) ON CONFLICT (email_hash) DO UPDATE"
+                " SET reason = 'erasure', request_id = EXCLUDED.request_id WHERE gdpr.suppression_list.reason = 'opt_out'"
+                " RETURNING (xmax = 0)",
+                (located.subject_hash, keys.hmac_key_id, request.request_id),
+            )
+            row = cur.fetchone()
+            audit.record(conn, ctx, action="suppress",
+                         outcome="already_listed" if row is None else "added" if row[0] else "opt_out_now_erasure",
+                         table="gdpr.suppression_list", row_count=cur.rowcount, subject_hash=located.subject_hash,
+                         details={"request_id": request.request_id, "reason": "erasure"})
+        conn.execute(
+            "INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status, outcome,"
+            " reason, completed_at, details) VALUES (%s, %s, %s, %s, %s, %s, %s,"
+            " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)",
+            (request.request_id, located.subject_hash, request.received_at, request.due_date, status, outcome,
+             reason, status, psycopg.types.json.Jsonb({"rows": result.rows, "targets": targets,
+                                                       "holds": sorted(holds)})),
+        )
+        for name in targets:
+            assert located.email is not None
+            key_id, nonce, ciphertext = keys.encrypt(located.email.encode(), outbox_aad(request.request_id, name, keys.archive_key_id))
+            conn.execute(
+                "INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce, identifier_ciphertext)"
+                " VALUES (%s, %s, 'pending', %s, %s, %s)",
+                (request.request_id, name, key_id, nonce, ciphertext),
+            )
+        audit.record(conn, ctx, action="erasure_request", outcome=outcome, subject_hash=located.subject_hash,
+                     row_count=sum(result.rows.values()),
+                     details={"request_id": request.request_id, "status": status, "reason": reason,
+                              "received_at": request.received_at.isoformat(), "due_date": result.due_date,
+                              "targets": targets})
+    return result
+
+
+def outbox_aad(request_id: str, target: str, key_id: str) -> bytes:
+    return f"erasure|{request_id}|{target}|{key_id}".encode()
+
+
+def _delete_everywhere(conn: psycopg.Connection, policy: Policy, located: Located, restricted: bool) -> dict[str, int]:
+    """Delete every linked row, dependents first; under a restricting hold keep kept_when_held tables and
+    the subject row, which is flagged (restriction_column) instead."""
+    params = {"ids": located.subject_ids, "email": located.email}
+    counts: dict[str, int] = {}
+    for mapped in policy.dependent_tables:
+        if restricted and mapped.kept_when_held:
+            continue
+        cur = conn.execute(
+            sql.SQL("DELETE FROM {t} WHERE {m}").format(t=qualified(mapped.table), m=_match(mapped, located.email is not None)),
+            params,
+        )
+        counts[mapped.table] = cur.rowcount
+    subject = policy.subject
+    table, pk = qualified(subject.table), sql.Identifier(subject.primary_key)
+    if restricted:
+        if subject.restriction_column:
+            conn.execute(
+                sql.SQL("UPDATE {t} SET {flag} = true WHERE {pk} = ANY(%(ids)s)").format(
+                    t=table, flag=sql.Identifier(subject.restriction_column), pk=pk),
+                params,
+            )
+    else:
+        cur = conn.execute(sql.SQL("DELETE FROM {t} WHERE {pk} = ANY(%(ids)s)").format(t=table, pk=pk), params)
+        counts[subject.table] = cur.rowcount
+    return counts
+
+
+def verify(conn: psycopg.Connection, policy: Policy, keys: Keys, request: ErasureRequest,
+           outcome: str) -> dict[str, int]:
+    """Rescan every mapped table: rows still linked to the person, per table. Under a restricting hold the
+    kept_when_held tables and the subject row may remain; anything else remaining is a failure."""
+    located = locate(conn, policy, keys, request)
+    allowed = set()
+    if outcome in ("restricted", "refused"):
+        allowed = {t.table for t in policy.tables if t.kept_when_held or outcome == "refused"} | {policy.subject.table}
+    return {t: n for t, n in located.rows.items() if n and t not in allowed}

@@ -1,0 +1,173 @@
+"""The gdpr_retention_sweep DAG: import, a whole dag.test() run, dry run, and PII-free task logs."""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+from helpers import CRM_TABLES, table_checksum
+
+ROOT = Path(__file__).resolve().parents[2]
+# dag.test() runs as of this instant: 2026-06-15, the template's "today".
+RUN_AFTER = datetime(2026, 6, 15, 12, 0, tzinfo=timezone.utc)
+
+
+def _dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(ROOT / "dags"))
+
+
+def test_dagbag_imports_without_errors(airflow_home: Path) -> None:
+    bag = _dagbag()
+    assert bag.import_errors == {}
+    dag = bag.get_dag("gdpr_retention_sweep")
+    assert dag is not None
+    assert {"gdpr", "retention"} <= set(dag.tags)
+    order = [t.task_id for t in dag.topological_sort() if t.task_id != "write_register"]
+    assert order == ["check_policy", "plan", "apply", "purge_archive", "report"]
+    # The register runs beside the sweep: an unfinished register never delays a deletion.
+    assert dag.get_task("write_register").upstream_task_ids == {"check_policy"}
+    assert dag.get_task("write_register").downstream_task_ids == set()
+    assert all(t.retries >= 2 for t in dag.tasks)
+    assert set(dag.params.keys()) == {"dry_run", "rules"}
+
+
+def _personal_values(conn: psycopg.Connection) -> list[str]:
+    """Every seeded email and phone, and every full name and note body: none may reach a log."""
+    values: list[str] = []
+    for email, phone, first, last in conn.execute(
+        "SELECT email, direct_phone, first_name, last_name FROM crm.contacts"
+    ).fetchall():
+        values.append(email)
+        if phone:
+            values.append(phone)
+        if first and last:
+            values.append(f"{first} {last}")
+    values += [r[0] for r in conn.execute("SELECT DISTINCT body FROM crm.notes").fetchall()]
+    conn.rollback()
+    return values
+
+
+def _run(dag_conf: dict, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> tuple[str, str]:
+    dag = _dagbag().get_dag("gdpr_retention_sweep")
+    with caplog.at_level(logging.INFO):
+        dag_run = dag.test(run_after=RUN_AFTER, logical_date=RUN_AFTER, run_conf=dag_conf)
+    out, err = capfd.readouterr()
+    logs = out + err + caplog.text
+    return str(dag_run.state), logs
+
+
+def test_whole_dag_run_sweeps_and_logs_no_personal_data(
+    airflow_home: Path, airflow_conns: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with psycopg.connect(airflow_conns) as conn:
+        personal = _personal_values(conn)
+        before = conn.execute("SELECT count(*) FROM crm.contacts").fetchone()[0]  # type: ignore[index]
+
+    state, logs = _run({}, caplog, capfd)
+
+    assert state == "success", logs[-3000:]
+    assert "Apply summary" in logs and "prospects_never_converted" in logs
+    leaked = [v for v in personal if v in logs]
+    assert leaked == [], f"{len(leaked)} personal value(s) found in task logs"
+    assert not re.search(r"[\w.+-]+@[\w-]+\.example", logs), "an email address reached the logs"
+    with psycopg.connect(airflow_conns) as conn:
+        after = conn.execute("SELECT count(*) FROM crm.contacts").fetchone()[0]  # type: ignore[index]
+        steps = {
+            r[0] for r in conn.execute(
+                "SELECT DISTINCT task_id FROM gdpr.audit_log WHERE dag_id = 'gdpr_retention_sweep'"
+            ).fetchall()
+        }
+        audit_text = conn.execute("SELECT string_agg(a::text, ' ') FROM gdpr.audit_log a").fetchone()[0]  # type: ignore[index]
+        pseudonymised = conn.execute("SELECT count(*) FROM crm.contacts WHERE pseudonymised_at IS NOT NULL").fetchone()[0]  # type: ignore[index]
+        stored = conn.execute("SELECT sha256, activities FROM gdpr.processing_register").fetchall()
+    assert after < before and pseudonymised > 0
+    assert steps == {"check_policy", "plan", "apply", "purge_archive", "report", "write_register"}
+    assert "@" not in audit_text
+    register_md = airflow_home / "gdpr_register" / "register.md"
+    assert "## Processing activity 1" in register_md.read_text(encoding="utf-8")
+    assert (airflow_home / "gdpr_register" / "register.html").is_file()
+    assert len(stored) == 1 and stored[0][1] == 2  # kept in the warehouse too (workers may be ephemeral)
+
+
+def test_an_incomplete_register_fails_the_run_but_not_the_sweep(
+    airflow_home: Path, airflow_conns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    data = yaml.safe_load((ROOT / "include" / "policy.yaml").read_text(encoding="utf-8"))
+    del data["processing_register"]["activities"][0]["security_measures"]
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    monkeypatch.setenv("WAREHOUSE_GDPR_POLICY", str(policy_file))
+
+    dag = _dagbag().get_dag("gdpr_retention_sweep")
+    with caplog.at_level(logging.INFO):
+        dag_run = dag.test(run_after=RUN_AFTER, logical_date=RUN_AFTER)
+    logs = "".join(capfd.readouterr()) + caplog.text
+
+    states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+    assert str(dag_run.state) == "failed"
+    assert states["write_register"] == "failed"
+    assert states["apply"] == "success" and states["report"] == "success"
+    assert "activities[0].security_measures: required" in logs
+
+
+def test_dry_run_changes_no_row(
+    airflow_home: Path, airflow_conns: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with psycopg.connect(airflow_conns) as conn:
+        before = table_checksum(conn, [*CRM_TABLES, "gdpr_archive.archived_row"])
+
+    state, logs = _run({"dry_run": True}, caplog, capfd)
+
+    assert state == "success", logs[-3000:]
+    assert "DRY RUN" in logs
+    with psycopg.connect(airflow_conns) as conn:
+        assert table_checksum(conn, [*CRM_TABLES, "gdpr_archive.archived_row"]) == before
+        rows = conn.execute(
+            "SELECT action, outcome, dry_run FROM gdpr.audit_log WHERE task_id = 'apply'"
+        ).fetchall()
+        stored = conn.execute("SELECT count(*) FROM gdpr.processing_register").fetchone()[0]  # type: ignore[index]
+    assert rows and all(r[1] == "dry_run" and r[2] for r in rows)
+    assert stored == 0, "a dry run stores no register version"
+
+
+def test_a_policy_without_a_register_section_skips_the_register(
+    airflow_home: Path, airflow_conns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = yaml.safe_load((ROOT / "include" / "policy.yaml").read_text(encoding="utf-8"))
+    del data["processing_register"]
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    monkeypatch.setenv("WAREHOUSE_GDPR_POLICY", str(policy_file))
+
+    dag_run = _dagbag().get_dag("gdpr_retention_sweep").test(
+        run_after=RUN_AFTER, logical_date=RUN_AFTER, run_conf={"dry_run": True})
+
+    states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+    assert str(dag_run.state) == "success"
+    assert states["write_register"] == "skipped" and states["report"] == "success"
+
+
+def test_bad_keys_fail_before_any_write(
+    airflow_home: Path, airflow_conns: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_GDPR_KEYS", '{"conn_type": "generic", "extra": {"hmac_key_id": "p1", "hmac_pepper": "c2hvcnQ="}}')
+    with psycopg.connect(airflow_conns) as conn:
+        before = table_checksum(conn, CRM_TABLES)
+
+    state, logs = _run({}, caplog, capfd)
+
+    assert state == "failed"
+    assert "hmac_pepper is 5 bytes" in logs
+    assert "c2hvcnQ=" not in logs, "a secret value reached the logs"
+    with psycopg.connect(airflow_conns) as conn:
+        assert table_checksum(conn, CRM_TABLES) == before
+        assert conn.execute("SELECT count(*) FROM gdpr.audit_log").fetchone()[0] == 0  # type: ignore[index]

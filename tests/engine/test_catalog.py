@@ -1,0 +1,359 @@
+"""catalog.check_policy against a live copy of the seeded warehouse.
+
+Each test gets its own database (conftest `warehouse`/`conn`), so catalog changes made here (dropped
+index, altered column) do not leak into other tests.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from warehouse_gdpr.engine.catalog import CatalogError, CatalogReport, check_policy
+from warehouse_gdpr.engine.policy import Policy, parse_policy
+
+DEMO = Path(__file__).resolve().parents[2] / "include" / "policy.yaml"
+HEADER = "the policy does not match the warehouse (nothing was changed):"
+
+
+@pytest.fixture(scope="module")
+def demo_data() -> dict[str, Any]:
+    return yaml.safe_load(DEMO.read_text(encoding="utf-8"))
+
+
+def _variant(demo_data: dict[str, Any], mutate: Callable[[dict[str, Any]], None]) -> Policy:
+    data = copy.deepcopy(demo_data)
+    mutate(data)
+    return parse_policy(data, "variant")
+
+
+def _problems(exc: pytest.ExceptionInfo[CatalogError]) -> list[str]:
+    lines = str(exc.value).splitlines()
+    assert lines[0] == HEADER
+    return [line.removeprefix("  - ") for line in lines[1:]]
+
+
+def _state(conn: psycopg.Connection) -> tuple[Any, ...]:
+    """What a check must never change: the audit log, the control schema, the CRM data."""
+    return conn.execute(
+        """
+        SELECT (SELECT count(*) FROM gdpr.audit_log),
+               (SELECT count(*) FROM gdpr_archive.archived_row),
+               (SELECT md5(string_agg(c::text, '|' ORDER BY contact_id)) FROM crm.contacts c),
+               (SELECT count(*) FROM crm.notes),
+               (SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = 'crm'::regnamespace)
+        """
+    ).fetchone()
+
+
+@pytest.fixture
+def dag_conn(warehouse: str) -> Iterator[psycopg.Connection]:
+    """The same database as the least-privileged DAG login role (member of gdpr_engine)."""
+    params = conninfo_to_dict(warehouse)
+    params["user"] = "gdpr_dag"
+    params.pop("password", None)
+    with psycopg.connect(make_conninfo(**params)) as connection:  # type: ignore[arg-type]
+        yield connection
+
+
+# -- the demo policy ---------------------------------------------------------------------------
+
+
+def test_demo_policy_passes_without_warnings(conn: psycopg.Connection, policy: Policy) -> None:
+    report = check_policy(conn, policy)
+    assert isinstance(report, CatalogReport)
+    assert report.warnings == []
+    assert report.tables == 6
+    # email, first_name, last_name, direct_phone, job_title, subject_line, body, author, billing_name,
+    # requester_email, body (support tickets)
+    assert report.columns == 11
+
+
+def test_demo_policy_passes_as_the_dag_role(dag_conn: psycopg.Connection, policy: Policy) -> None:
+    assert dag_conn.execute("SELECT current_user").fetchone()[0] == "gdpr_dag"
+    report = check_policy(dag_conn, policy)
+    assert report.warnings == []
+    assert (report.tables, report.columns) == (6, 11)
+
+
+# -- tables and columns ------------------------------------------------------------------------
+
+
+def test_missing_table_is_named_with_its_policy_path(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    policy = _variant(demo_data, lambda d: d["tables"][1].update(table="crm.activity_log"))
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    assert _problems(info) == ["tables[1].table: table crm.activity_log does not exist"]
+
+
+def test_missing_interactions_table(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    policy = _variant(demo_data, lambda d: d["interactions"].update(table="crm.events"))
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    # The table is reported once per column the policy needs from it.
+    assert _problems(info) == [
+        "interactions.table: table crm.events does not exist",
+        "interactions.subject_column: table crm.events does not exist",
+        "interactions.kind_column: table crm.events does not exist",
+        "interactions.at_column: table crm.events does not exist",
+    ]
+
+
+def test_missing_schema(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    policy = _variant(demo_data, lambda d: d["tables"][4].update(table="billing.invoices"))
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    assert _problems(info) == ["tables[4].table: table billing.invoices does not exist"]
+
+
+def test_missing_column_is_named_with_its_policy_path(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    policy = _variant(demo_data, lambda d: d["tables"][0]["columns"].update(nickname={"pseudonymise": "null"}))
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    assert _problems(info) == ["tables[0].columns.nickname: column crm.contacts.nickname does not exist"]
+
+
+def test_missing_key_columns(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    def mutate(d: dict[str, Any]) -> None:
+        d["tables"][2]["primary_key"] = "id"
+        d["tables"][3]["subject_column"] = "customer_id"
+        d["subject"]["phone_column"] = "mobile"
+
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, _variant(demo_data, mutate))
+    assert _problems(info) == [
+        "subject.phone_column: column crm.contacts.mobile does not exist",
+        "tables[2].primary_key: column crm.notes.id does not exist",
+        "tables[3].subject_column: column crm.contracts.customer_id does not exist",
+    ]
+
+
+def test_several_problems_are_all_listed_in_one_error(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    def mutate(d: dict[str, Any]) -> None:
+        d["tables"][1]["table"] = "crm.activity_log"
+        d["tables"][0]["columns"]["nickname"] = {"pseudonymise": "null"}
+        d["tables"][2]["columns"]["author"] = {"pseudonymise": "null"}
+        d["interactions"]["at_column"] = "happened_at"
+        d["rules"][0]["statuses"]["column"] = "stage"
+        d["rules"][1]["clock"]["fallback"] = "inserted_at"
+        d["rules"][2]["clock"]["column"] = "value_eur"
+
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, _variant(demo_data, mutate))
+    assert _problems(info) == [
+        "tables[0].columns.nickname: column crm.contacts.nickname does not exist",
+        "tables[1].table: table crm.activity_log does not exist",
+        "tables[2].columns.author: column crm.notes.author is NOT NULL, so it cannot be pseudonymised to null",
+        "interactions.at_column: column crm.activities.happened_at does not exist",
+        "rules[0].statuses.column: column crm.contacts.stage does not exist",
+        "rules[1].clock.fallback: column crm.contacts.inserted_at does not exist",
+        "rules[2].clock.column: crm.contracts.value_eur is numeric, expected a date",
+    ]
+
+
+# -- column types ------------------------------------------------------------------------------
+
+
+def test_null_on_a_not_null_column_is_refused(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    policy = _variant(demo_data, lambda d: d["tables"][0]["columns"].update(email={"pseudonymise": "null"}))
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    assert _problems(info) == [
+        "tables[0].columns.email: column crm.contacts.email is NOT NULL, so it cannot be pseudonymised to null"
+    ]
+
+
+def test_hash_on_a_non_text_column_is_refused(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    def mutate(d: dict[str, Any]) -> None:
+        d["tables"][3]["columns"] = {"value_eur": {"pseudonymise": "hash"}, "start_date": {"pseudonymise": "hash"}}
+
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, _variant(demo_data, mutate))
+    assert _problems(info) == [
+        "tables[3].columns.value_eur: column crm.contracts.value_eur is numeric; hash and fixed need a text column",
+        "tables[3].columns.start_date: column crm.contracts.start_date is date; hash and fixed need a text column",
+    ]
+
+
+def test_fixed_on_a_non_text_column_is_refused(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    policy = _variant(
+        demo_data, lambda d: d["tables"][0]["columns"].update(do_not_contact={"pseudonymise": "fixed", "value": "x"})
+    )
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    assert _problems(info) == [
+        "tables[0].columns.do_not_contact: column crm.contacts.do_not_contact is boolean; "
+        "hash and fixed need a text column"
+    ]
+
+
+def test_hash_needs_room_for_64_characters(conn: psycopg.Connection, policy: Policy) -> None:
+    with conn.transaction():
+        conn.execute("ALTER TABLE crm.contacts ALTER COLUMN email TYPE varchar(63)")
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    assert _problems(info) == [
+        "tables[0].columns.email: column crm.contacts.email holds 63 characters; a hash needs 64"
+    ]
+
+
+@pytest.mark.parametrize("type_", ["varchar(64)", "varchar(320)", "char(64)", "varchar"])
+def test_hash_accepts_text_types_wide_enough(conn: psycopg.Connection, policy: Policy, type_: str) -> None:
+    with conn.transaction():
+        conn.execute(f"ALTER TABLE crm.contacts ALTER COLUMN email TYPE {type_}")
+    assert check_policy(conn, policy).warnings == []
+
+
+def test_fixed_value_longer_than_the_column(conn: psycopg.Connection, policy: Policy) -> None:
+    with conn.transaction():
+        conn.execute("UPDATE crm.contacts SET job_title = left(job_title, 7)")
+        conn.execute("ALTER TABLE crm.contacts ALTER COLUMN job_title TYPE varchar(7)")  # 'redacted' has 8
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    assert _problems(info) == [
+        "tables[0].columns.job_title: column crm.contacts.job_title holds 7 characters; the fixed value is longer"
+    ]
+
+
+def test_fixed_value_that_fits_exactly(conn: psycopg.Connection, policy: Policy) -> None:
+    with conn.transaction():
+        conn.execute("UPDATE crm.contacts SET job_title = left(job_title, 8)")
+        conn.execute("ALTER TABLE crm.contacts ALTER COLUMN job_title TYPE varchar(8)")
+    assert check_policy(conn, policy).warnings == []
+
+
+def test_marker_must_be_a_timestamp(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    policy = _variant(demo_data, lambda d: d["subject"].update(pseudonymised_marker="job_title"))
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    assert _problems(info) == [
+        "subject.pseudonymised_marker: column crm.contacts.job_title is text, expected a timestamp"
+    ]
+
+
+# -- hold predicates ---------------------------------------------------------------------------
+
+
+def test_hold_predicate_that_does_not_compile(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    policy = _variant(demo_data, lambda d: d["holds"][2].update(predicate="s.no_such_column"))
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    assert _problems(info) == [
+        "holds[2] (litigation).predicate: does not compile: column s.no_such_column does not exist"
+    ]
+
+
+def test_every_bad_hold_is_listed(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    def mutate(d: dict[str, Any]) -> None:
+        d["holds"][0]["predicate"] = "EXISTS (SELECT 1 FROM crm.orders o WHERE o.contact_id = s.contact_id)"
+        d["holds"][2]["predicate"] = "s.email"  # compiles as SQL, but is not a boolean
+
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, _variant(demo_data, mutate))
+    assert _problems(info) == [
+        'holds[0] (active_contract).predicate: does not compile: relation "crm.orders" does not exist',
+        "holds[2] (litigation).predicate: does not compile: argument of WHERE must be type boolean, not type text",
+    ]
+
+
+def test_hold_predicate_syntax_error(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    policy = _variant(demo_data, lambda d: d["holds"][1].update(predicate="s.litigation_hold AND AND true"))
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    assert _problems(info) == [
+        'holds[1] (invoice_under_10_years).predicate: does not compile: syntax error at or near "AND"'
+    ]
+
+
+def test_hold_predicate_the_dag_role_may_not_read(
+    conn: psycopg.Connection, dag_conn: psycopg.Connection, demo_data: dict[str, Any]
+) -> None:
+    """Compiled with the caller's privileges: a table the engine cannot read is caught before any write."""
+    with conn.transaction():
+        conn.execute("CREATE TABLE crm.legal_cases (contact_id bigint)")  # no grant to gdpr_engine
+    policy = _variant(
+        demo_data,
+        lambda d: d["holds"][2].update(
+            predicate="EXISTS (SELECT 1 FROM crm.legal_cases l WHERE l.contact_id = s.contact_id)"
+        ),
+    )
+    assert check_policy(conn, policy).warnings == []  # the owner may read it
+    with pytest.raises(CatalogError) as info:
+        check_policy(dag_conn, policy)
+    assert _problems(info) == [
+        "holds[2] (litigation).predicate: does not compile: permission denied for table legal_cases"
+    ]
+
+
+def test_hold_predicate_is_compiled_not_run(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    """EXPLAIN plans the predicate: a predicate that would fail at run time still passes, nothing is executed."""
+    policy = _variant(
+        demo_data, lambda d: d["holds"][2].update(predicate="s.contact_id / (s.contact_id - s.contact_id) > 0")
+    )
+    assert check_policy(conn, policy).warnings == []
+
+
+def test_as_of_is_bound_when_compiling(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    policy = _variant(demo_data, lambda d: d["holds"][2].update(predicate="s.created_at < :as_of - interval '1 day'"))
+    assert check_policy(conn, policy).warnings == []
+
+
+# -- index warnings ----------------------------------------------------------------------------
+
+
+def test_missing_index_on_a_subject_column_warns(conn: psycopg.Connection, policy: Policy) -> None:
+    with conn.transaction():
+        conn.execute("DROP INDEX crm.notes_contact_idx")
+    report = check_policy(conn, policy)
+    assert report.warnings == [
+        "crm.notes.contact_id has no index starting with it: sweeps and erasures will scan the table"
+    ]
+    assert (report.tables, report.columns) == (6, 11)
+
+
+def test_missing_index_on_the_interactions_table_warns_twice(conn: psycopg.Connection, policy: Policy) -> None:
+    with conn.transaction():
+        conn.execute("DROP INDEX crm.activities_contact_kind_idx")
+    assert check_policy(conn, policy).warnings == [
+        "crm.activities.contact_id has no index starting with it: sweeps and erasures will scan the table",
+        "crm.activities.contact_id has no index: clock evaluation will scan the table",
+    ]
+
+
+def test_index_not_starting_with_the_subject_column_warns(conn: psycopg.Connection, policy: Policy) -> None:
+    with conn.transaction():
+        conn.execute("DROP INDEX crm.invoices_contact_idx")
+        conn.execute("CREATE INDEX invoices_issued_contact_idx ON crm.invoices (issued_on, contact_id)")
+    assert check_policy(conn, policy).warnings == [
+        "crm.invoices.contact_id has no index starting with it: sweeps and erasures will scan the table"
+    ]
+
+
+# -- a failing check changes nothing -----------------------------------------------------------
+
+
+def test_failing_check_changes_nothing(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    conn.commit()
+    before = _state(conn)
+    conn.commit()
+    bad_table = _variant(demo_data, lambda d: d["tables"][1].update(table="crm.activity_log"))
+    bad_hold = _variant(
+        demo_data, lambda d: d["holds"][2].update(predicate="s.no_such_column OR s.litigation_hold")
+    )
+    for policy in (bad_table, bad_hold):
+        with pytest.raises(CatalogError):
+            check_policy(conn, policy)
+        # The connection is still usable (the failed EXPLAIN was rolled back to its savepoint) ...
+        assert conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR
+        conn.commit()
+    # ... and a fresh connection sees exactly what was there before.
+    with psycopg.connect(conn.info.dsn) as other:
+        assert _state(other) == before
+    assert before[0] == 0  # the template holds no audit rows: nothing was recorded by the check either

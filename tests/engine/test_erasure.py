@@ -1,0 +1,572 @@
+"""Subject erasure at engine level (warehouse_gdpr.engine.erasure), on a real PostgreSQL.
+
+parse_request -> locate -> holds_in_force -> erase -> verify, called directly. The email is
+personal data: no exception, repr, audit row or leftover column may contain it.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+import psycopg
+import pytest
+from helpers import AS_OF, add_activity, add_contact, add_contract, add_invoice, new_id, table_checksum
+from psycopg import sql
+
+from warehouse_gdpr.engine import erasure
+from warehouse_gdpr.engine.audit import RunContext
+from warehouse_gdpr.engine.crypto import Keys
+from warehouse_gdpr.engine.erasure import ErasureRequest, RequestError
+from warehouse_gdpr.engine.policy import Policy
+
+CTX = RunContext("test", "run-1", "erase")
+TODAY = date(2026, 6, 15)  # the seeded template's today (AS_OF)
+GOOD_EMAIL = "paul.durand@example.com"
+TARGETS = ["emailing", "support_desk", "telephony"]
+CRM_ALL = ["crm.contacts", "crm.activities", "crm.notes", "crm.contracts", "crm.invoices", "crm.support_tickets"]
+CONTROL = ["gdpr.suppression_list", "gdpr.erasure_request", "gdpr.erasure_propagation"]
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _count(conn: psycopg.Connection, query: str, *params: object) -> int:
+    value = conn.execute(query, params).fetchone()[0]  # type: ignore[index]
+    conn.rollback()
+    return int(value)
+
+
+def _one(conn: psycopg.Connection, query: str, *params: object) -> tuple[Any, ...] | None:
+    row = conn.execute(query, params).fetchone()
+    conn.rollback()
+    return row
+
+
+def _run(conn: psycopg.Connection, policy: Policy, keys: Keys, params: dict[str, Any], as_of: str = AS_OF):
+    """The engine's steps, as the DAG's erase task chains them."""
+    request = erasure.parse_request(params, today=TODAY)
+    located = erasure.locate(conn, policy, keys, request)
+    holds = erasure.holds_in_force(conn, policy, located, as_of)
+    result = erasure.erase(conn, policy, keys, CTX, request, located, holds)
+    return request, located, holds, result
+
+
+def _erasable_prospect(conn: psycopg.Connection) -> tuple[int, str]:
+    """A seeded prospect with no hold (no litigation, no contract, no invoice), with activities and notes."""
+    row = _one(
+        conn,
+        "SELECT contact_id, email FROM crm.contacts c WHERE status = 'prospect' AND NOT litigation_hold"
+        " AND NOT EXISTS (SELECT 1 FROM crm.contracts x WHERE x.contact_id = c.contact_id)"
+        " AND NOT EXISTS (SELECT 1 FROM crm.invoices x WHERE x.contact_id = c.contact_id)"
+        " AND EXISTS (SELECT 1 FROM crm.activities a WHERE a.contact_id = c.contact_id)"
+        " AND EXISTS (SELECT 1 FROM crm.notes n WHERE n.contact_id = c.contact_id)"
+        " ORDER BY contact_id LIMIT 1",
+    )
+    assert row is not None, "the seeded template must hold an erasable prospect with activities and notes"
+    return int(row[0]), str(row[1])
+
+
+def _email_of(conn: psycopg.Connection, contact_id: int) -> str:
+    """The contact's email, read inside the current transaction (no rollback)."""
+    return str(conn.execute("SELECT email FROM crm.contacts WHERE contact_id = %s", (contact_id,)).fetchone()[0])  # type: ignore[index]
+
+
+def _add_ticket(conn: psycopg.Connection, contact_id: int | None, email: str) -> int:
+    tid = new_id()
+    conn.execute(
+        "INSERT INTO crm.support_tickets (ticket_id, contact_id, requester_email, subject, body, created_at)"
+        " VALUES (%s, %s, %s, 'Question about my invoice', 'Hello, could you resend it?', now())",
+        (tid, contact_id, email),
+    )
+    return tid
+
+
+def _add_note(conn: psycopg.Connection, contact_id: int) -> None:
+    conn.execute(
+        "INSERT INTO crm.notes (note_id, contact_id, author, body, created_at)"
+        " VALUES (%s, %s, 'Claire Martin', 'Called about the renewal', now())",
+        (new_id(), contact_id),
+    )
+
+
+def _linked(conn: psycopg.Connection, table: str, ids: list[int], email: str | None = None) -> int:
+    """Rows of a crm table linked to the contact ids (support tickets: or carrying the email)."""
+    if table == "crm.support_tickets" and email is not None:
+        return _count(
+            conn,
+            "SELECT count(*) FROM crm.support_tickets WHERE contact_id = ANY(%s) OR lower(requester_email) = lower(%s)",
+            ids, email,
+        )
+    return _count(conn, f"SELECT count(*) FROM {table} WHERE contact_id = ANY(%s)", ids)  # fixed names only
+
+
+def _email_hits(conn: psycopg.Connection, email: str) -> tuple[dict[str, int], int]:
+    """({schema.table.column: rows containing the email}, columns scanned) over every text-like column
+    (text, varchar, char, json, jsonb, arrays) of every table and view of the database."""
+    columns = conn.execute(
+        "SELECT table_schema, table_name, column_name FROM information_schema.columns"
+        " WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
+        " AND (data_type IN ('text', 'character varying', 'character', 'json', 'jsonb')"
+        "      OR (data_type = 'ARRAY' AND udt_name IN ('_text', '_varchar', '_bpchar', '_json', '_jsonb')))"
+        " ORDER BY 1, 2, 3"
+    ).fetchall()
+    hits: dict[str, int] = {}
+    for schema, table, column in columns:
+        n = conn.execute(
+            sql.SQL("SELECT count(*) FROM {t} WHERE position(lower(%s) in lower({c}::text)) > 0").format(
+                t=sql.Identifier(schema, table), c=sql.Identifier(column)
+            ),
+            (email,),
+        ).fetchone()[0]  # type: ignore[index]
+        if n:
+            hits[f"{schema}.{table}.{column}"] = int(n)
+    conn.rollback()
+    return hits, len(columns)
+
+
+def _audit_rows_with_at(conn: psycopg.Connection) -> int:
+    return _count(conn, "SELECT count(*) FROM gdpr.audit_log a WHERE position('@' in a::text) > 0")
+
+
+def _state(conn: psycopg.Connection) -> dict[str, str]:
+    """Checksums of every crm table and of the control tables (the audit log excepted)."""
+    return table_checksum(conn, CRM_ALL + CONTROL)
+
+
+# -- parse_request -------------------------------------------------------------------------------------
+
+LONG_EMAIL = "a" * (255 - len("@example.com")) + "@example.com"
+assert len(LONG_EMAIL) == 255
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"email": "x@", "request_id": "REQ-1"}, "email"),
+        ({"email": "a@b", "request_id": "REQ-1"}, "email"),
+        ({"email": "no-at-sign", "request_id": "REQ-1"}, "email"),
+        ({"email": "'; drop table crm.contacts; --", "request_id": "REQ-1"}, "email"),
+        ({"email": "p\u0430ul@example.com", "request_id": "REQ-1"}, "email"),  # Cyrillic а
+        ({"email": "paul\uff20example.com", "request_id": "REQ-1"}, "email"),  # fullwidth ＠
+        ({"email": LONG_EMAIL, "request_id": "REQ-1"}, "email"),
+        ({"email": LONG_EMAIL + "m", "request_id": "REQ-1"}, "email"),
+        ({"email": GOOD_EMAIL, "subject_id": 3, "request_id": "REQ-1"}, "subject_id"),
+        ({"request_id": "REQ-1"}, "subject_id"),
+        ({"email": None, "subject_id": None, "request_id": "REQ-1"}, "email"),
+        ({"email": GOOD_EMAIL, "request_id": "'; drop table crm.contacts; --"}, "request_id"),
+        ({"email": GOOD_EMAIL, "request_id": "R1"}, "request_id"),
+        ({"email": GOOD_EMAIL, "request_id": "REQ 2026 1"}, "request_id"),
+        ({"email": GOOD_EMAIL}, "request_id"),
+        ({"email": GOOD_EMAIL, "request_id": "REQ-1", "received_at": "not-a-date"}, "received_at"),
+        ({"email": GOOD_EMAIL, "request_id": "REQ-1", "received_at": "2026-02-30"}, "received_at"),
+        ({"email": GOOD_EMAIL, "request_id": "REQ-1", "received_at": "2026-06-16"}, "received_at"),  # future
+        ({"subject_id": 0, "request_id": "REQ-1"}, "subject_id"),
+        ({"subject_id": "3", "request_id": "REQ-1"}, "subject_id"),
+    ],
+    ids=[
+        "email-x@", "email-a@b", "email-no-at", "email-sql", "email-cyrillic", "email-fullwidth-at",
+        "email-255", "email-256", "both", "neither", "both-none", "request_id-sql", "request_id-short",
+        "request_id-spaces", "request_id-missing", "received_at-text", "received_at-feb30",
+        "received_at-future", "subject_id-zero", "subject_id-str",
+    ],
+)
+def test_parse_request_refuses_with_a_message_naming_the_field(params: dict[str, Any], field: str) -> None:
+    with pytest.raises(RequestError) as info:
+        erasure.parse_request(params, today=TODAY)
+    message = str(info.value)
+    assert f"`{field}`" in message
+    texts = [message, repr(info.value), *map(str, info.value.args)]
+    for value in (params.get("email"), GOOD_EMAIL):
+        if isinstance(value, str):
+            assert all(value.lower() not in t.lower() for t in texts)
+    assert all("@" not in t and "\uff20" not in t for t in texts)
+    assert info.value.__cause__ is None
+
+
+def test_parse_request_accepts_a_good_request() -> None:
+    request = erasure.parse_request(
+        {"email": " Paul.Durand+crm@Example.COM ", "request_id": "REQ-2026.0001:a_b", "received_at": "2026-06-01"},
+        today=TODAY,
+    )
+    assert (request.request_id, request.subject_id, request.received_at, request.dry_run) == (
+        "REQ-2026.0001:a_b", None, date(2026, 6, 1), False)
+    assert request.email is not None and request.email.strip().lower() == "paul.durand+crm@example.com"
+
+    by_id = erasure.parse_request({"subject_id": 42, "request_id": "REQ-2", "dry_run": True}, today=TODAY)
+    assert (by_id.email, by_id.subject_id, by_id.received_at, by_id.dry_run) == (None, 42, TODAY, True)
+
+    longest = "a" * (254 - len("@example.com")) + "@example.com"
+    assert erasure.parse_request({"email": longest, "request_id": "REQ-3"}, today=TODAY).email == longest
+    # received today is not in the future
+    assert erasure.parse_request({"email": GOOD_EMAIL, "request_id": "REQ-4", "received_at": "2026-06-15"},
+                                 today=TODAY).received_at == TODAY
+
+
+@pytest.mark.parametrize(
+    ("received", "due"),
+    [
+        ("2026-01-31", date(2026, 2, 28)),
+        ("2028-01-31", date(2028, 2, 29)),  # leap year
+        ("2025-12-15", date(2026, 1, 15)),
+        ("2025-12-31", date(2026, 1, 31)),
+        ("2026-03-31", date(2026, 4, 30)),
+        ("2026-06-15", date(2026, 7, 15)),
+    ],
+)
+def test_due_date_is_one_calendar_month_later(received: str, due: date) -> None:
+    request = erasure.parse_request({"email": GOOD_EMAIL, "request_id": "REQ-1", "received_at": received},
+                                    today=date(2030, 1, 1))
+    assert request.due_date == due
+
+
+# -- erase: the subject found by email -----------------------------------------------------------------
+
+
+def test_subject_found_by_email_is_erased_everywhere_in_one_call(conn, policy: Policy, keys: Keys) -> None:
+    cid, email = _erasable_prospect(conn)
+    _add_ticket(conn, cid, email)
+    _add_ticket(conn, None, email)  # never linked to the contact: only the email finds it
+    _add_ticket(conn, None, email.upper())
+    conn.commit()
+    other_tickets = _count(conn, "SELECT count(*) FROM crm.support_tickets") - 3
+    before = {t: _linked(conn, t, [cid], email) for t in CRM_ALL}
+    assert before["crm.activities"] and before["crm.notes"] and before["crm.support_tickets"] == 3
+    hits_before, _ = _email_hits(conn, email)
+    assert set(hits_before) == {"crm.contacts.email", "crm.support_tickets.requester_email"}
+
+    request, located, holds, result = _run(
+        conn, policy, keys, {"email": email, "request_id": "REQ-2026-0001", "received_at": "2026-06-10"})
+
+    assert located.subject_ids == [cid] and holds == {}
+    assert located.rows == before
+    assert (result.outcome, result.status, result.already_recorded) == ("erased", "pending_propagation", False)
+    assert result.targets == [t.name for t in policy.erasure.targets]
+    assert result.due_date == "2026-07-10"
+    assert result.rows == before
+    subject_hash = keys.subject_hash(email)
+    assert result.subject_hash == subject_hash
+    # every linked row is gone; nobody else's
+    for table in CRM_ALL:
+        assert _linked(conn, table, [cid], email) == 0, table
+    assert _count(conn, "SELECT count(*) FROM crm.support_tickets") == other_tickets
+    # suppressed, by keyed hash
+    assert _one(conn, "SELECT key_id, reason, source, request_id FROM gdpr.suppression_list WHERE email_hash = %s",
+                subject_hash) == (keys.hmac_key_id, "erasure", "erasure_request", "REQ-2026-0001")
+    # the request, recorded
+    row = _one(conn, "SELECT subject_hash, received_at, due_date, status, outcome, completed_at, details"
+                     " FROM gdpr.erasure_request WHERE request_id = 'REQ-2026-0001'")
+    assert row is not None
+    assert row[:6] == (subject_hash, date(2026, 6, 10), date(2026, 7, 10), "pending_propagation", "erased", None)
+    assert row[6]["rows"] == before and sorted(row[6]["targets"]) == TARGETS
+    # the outbox: one pending row per target, the identifier only encrypted
+    outbox = conn.execute(
+        "SELECT target, status, attempts, key_id, nonce, identifier_ciphertext FROM gdpr.erasure_propagation"
+        " WHERE request_id = 'REQ-2026-0001' ORDER BY target"
+    ).fetchall()
+    conn.rollback()
+    assert [r[0] for r in outbox] == TARGETS
+    for target, status, attempts, key_id, nonce, ciphertext in outbox:
+        assert (status, attempts) == ("pending", 0)
+        assert email.encode() not in bytes(ciphertext)
+        plain = keys.decrypt(key_id, bytes(nonce), bytes(ciphertext), erasure.outbox_aad("REQ-2026-0001", target, key_id))
+        assert plain.decode() == email.strip().lower()
+    # audit: one erase row per table with its count, by subject hash; no '@' anywhere in the log
+    audited = dict(conn.execute(
+        "SELECT table_name, row_count FROM gdpr.audit_log WHERE run_id = 'run-1' AND action = 'erase'"
+        " AND outcome = 'erased' AND subject_hash = %s", (subject_hash,)
+    ).fetchall())
+    conn.rollback()
+    assert audited == before
+    assert _count(conn, "SELECT count(*) FROM gdpr.audit_log WHERE action = 'erasure_request' AND subject_hash = %s",
+                  subject_hash) == 1
+    assert _count(conn, "SELECT count(*) FROM gdpr.audit_log WHERE action = 'suppress' AND subject_hash = %s",
+                  subject_hash) == 1
+    assert _audit_rows_with_at(conn) == 0
+    assert erasure.verify(conn, policy, keys, request, result.outcome) == {}
+
+
+def test_after_erasure_the_email_is_in_no_column_of_the_database(conn, policy: Policy, keys: Keys) -> None:
+    cid, email = _erasable_prospect(conn)
+    _add_ticket(conn, cid, email)
+    _add_ticket(conn, None, email)
+    _add_ticket(conn, None, email.upper())  # a copy typed in capitals
+    conn.commit()
+    hits, scanned = _email_hits(conn, email)
+    assert scanned >= 30  # crm and gdpr text/json columns: the scan is not vacuous
+    assert hits == {"crm.contacts.email": 1, "crm.support_tickets.requester_email": 3}
+
+    request, _, _, result = _run(conn, policy, keys, {"email": email, "request_id": "REQ-SCAN-1"})
+
+    assert result.outcome == "erased"
+    assert _email_hits(conn, email)[0] == {}
+    assert erasure.verify(conn, policy, keys, request, result.outcome) == {}
+
+
+def test_a_copy_of_the_email_with_surrounding_blanks_is_erased_too(conn, policy: Policy, keys: Keys) -> None:
+    cid, email = _erasable_prospect(conn)
+    _add_ticket(conn, None, "  " + email.upper() + " ")
+    conn.commit()
+    assert _email_hits(conn, email)[0] == {"crm.contacts.email": 1, "crm.support_tickets.requester_email": 1}
+
+    _run(conn, policy, keys, {"email": email, "request_id": "REQ-SCAN-2"})
+
+    assert _email_hits(conn, email)[0] == {}
+
+
+def test_email_lookup_ignores_case_and_surrounding_blanks(conn, policy: Policy, keys: Keys) -> None:
+    cid = add_contact(conn, "prospect", date(2025, 1, 1), email="zoe.x@example.example")
+    add_activity(conn, cid, "email_open", date(2026, 1, 1))
+    conn.commit()
+
+    _, located, _, result = _run(conn, policy, keys, {"email": "  Zoe.X@Example.EXAMPLE ", "request_id": "REQ-CASE"})
+
+    assert located.subject_ids == [cid]
+    assert located.subject_hash == keys.subject_hash("zoe.x@example.example")
+    assert result.outcome == "erased" and result.rows["crm.contacts"] == 1 and result.rows["crm.activities"] == 1
+    assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = %s", cid) == 0
+    assert _count(conn, "SELECT count(*) FROM gdpr.suppression_list WHERE email_hash = %s",
+                  keys.subject_hash("zoe.x@example.example")) == 1
+
+
+def test_every_contact_with_the_email_is_erased(conn, policy: Policy, keys: Keys) -> None:
+    first = add_contact(conn, "prospect", date(2025, 1, 1), email="dup.person@example.example")
+    second = add_contact(conn, "lead", date(2024, 1, 1), email="Dup.Person@Example.example")
+    add_activity(conn, first, "web_visit", date(2026, 1, 1))
+    add_activity(conn, second, "form_submit", date(2026, 2, 1))
+    conn.commit()
+
+    _, located, _, result = _run(conn, policy, keys, {"email": "dup.person@example.example", "request_id": "REQ-DUP"})
+
+    assert located.subject_ids == [first, second]
+    assert result.outcome == "erased" and result.rows["crm.contacts"] == 2 and result.rows["crm.activities"] == 2
+    assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = ANY(%s)", [first, second]) == 0
+    assert _email_hits(conn, "dup.person@example.example")[0] == {}
+
+
+def test_by_subject_id_erases_and_hashes_the_subjects_email(conn, policy: Policy, keys: Keys) -> None:
+    cid, email = _erasable_prospect(conn)
+    _add_ticket(conn, None, email)
+    conn.commit()
+    before = {t: _linked(conn, t, [cid], email) for t in CRM_ALL}
+
+    request, located, _, result = _run(conn, policy, keys, {"subject_id": cid, "request_id": "REQ-BY-ID"})
+
+    assert located.subject_ids == [cid] and located.email == email.lower()
+    assert result.outcome == "erased" and result.status == "pending_propagation"
+    assert result.subject_hash == keys.subject_hash(email)
+    assert result.rows == before  # including the unlinked ticket, found by the subject's email
+    for table in CRM_ALL:
+        assert _linked(conn, table, [cid], email) == 0, table
+    assert _count(conn, "SELECT count(*) FROM gdpr.suppression_list WHERE email_hash = %s AND reason = 'erasure'",
+                  keys.subject_hash(email)) == 1
+    rows = conn.execute("SELECT target, key_id, nonce, identifier_ciphertext FROM gdpr.erasure_propagation"
+                        " WHERE request_id = 'REQ-BY-ID' ORDER BY target").fetchall()
+    conn.rollback()
+    assert [r[0] for r in rows] == TARGETS
+    for target, key_id, nonce, ciphertext in rows:
+        aad = erasure.outbox_aad("REQ-BY-ID", target, key_id)
+        assert keys.decrypt(key_id, bytes(nonce), bytes(ciphertext), aad).decode() == email.lower()
+    assert erasure.verify(conn, policy, keys, request, result.outcome) == {}
+    assert _email_hits(conn, email)[0] == {}
+
+
+def test_unknown_email_is_not_found_but_suppressed_recorded_and_propagated(conn, policy: Policy, keys: Keys) -> None:
+    email = "nobody.here@nowhere.example"
+    crm_before = table_checksum(conn, CRM_ALL)
+
+    _, located, holds, result = _run(conn, policy, keys, {"email": email, "request_id": "REQ-NF"})
+
+    assert not located.found and holds == {}
+    assert (result.outcome, result.status, result.rows) == ("not_found", "pending_propagation", {})
+    assert table_checksum(conn, CRM_ALL) == crm_before
+    assert _one(conn, "SELECT reason, request_id FROM gdpr.suppression_list WHERE email_hash = %s",
+                keys.subject_hash(email)) == ("erasure", "REQ-NF")
+    assert _one(conn, "SELECT outcome, status, subject_hash FROM gdpr.erasure_request WHERE request_id = 'REQ-NF'") == (
+        "not_found", "pending_propagation", keys.subject_hash(email))
+    # downstream systems may still know the person
+    assert [r[0] for r in conn.execute(
+        "SELECT target FROM gdpr.erasure_propagation WHERE request_id = 'REQ-NF' AND status = 'pending'"
+        " AND identifier_ciphertext IS NOT NULL ORDER BY target").fetchall()] == TARGETS
+    conn.rollback()
+    assert _audit_rows_with_at(conn) == 0
+
+
+# -- holds -----------------------------------------------------------------------------------------------
+
+
+def _held_client(conn: psycopg.Connection, hold: str) -> int:
+    if hold == "active_contract":
+        cid = add_contact(conn, "client", date(2023, 1, 1))
+        add_contract(conn, cid, date(2023, 2, 1), None)
+        add_invoice(conn, cid, date(2010, 1, 1))  # too old to hold anything on its own
+    else:  # invoice_under_10_years: the contract ended, its last invoice is 5 years old
+        cid = add_contact(conn, "former_client", date(2018, 1, 1))
+        add_contract(conn, cid, date(2018, 2, 1), date(2021, 6, 1))
+        add_invoice(conn, cid, date(2021, 6, 1))
+    add_activity(conn, cid, "email_reply", date(2025, 3, 1))
+    add_activity(conn, cid, "call_attempt", date(2025, 4, 1))
+    _add_note(conn, cid)
+    return cid
+
+
+@pytest.mark.parametrize("hold", ["active_contract", "invoice_under_10_years"])
+def test_restricting_hold_keeps_accounting_records_and_flags_the_subject(
+    conn, policy: Policy, keys: Keys, hold: str
+) -> None:
+    cid = _held_client(conn, hold)
+    email = _email_of(conn, cid)
+    _add_ticket(conn, cid, email)
+    _add_ticket(conn, None, email)
+    conn.commit()
+    contracts = _linked(conn, "crm.contracts", [cid])
+    invoices = _linked(conn, "crm.invoices", [cid])
+    assert contracts and invoices
+
+    request, _, holds, result = _run(conn, policy, keys, {"email": email, "request_id": f"REQ-{hold}"})
+
+    assert holds == {hold: "restrict"}
+    assert (result.outcome, result.status) == ("restricted", "pending_propagation")
+    assert hold in result.reason
+    for table in ("crm.activities", "crm.notes", "crm.support_tickets"):
+        assert _linked(conn, table, [cid], email) == 0, table
+    assert _linked(conn, "crm.contracts", [cid]) == contracts
+    assert _linked(conn, "crm.invoices", [cid]) == invoices
+    assert _one(conn, "SELECT do_not_contact FROM crm.contacts WHERE contact_id = %s", cid) == (True,)
+    assert set(result.rows) == {"crm.activities", "crm.notes", "crm.support_tickets"}
+    assert _count(conn, "SELECT count(*) FROM gdpr.suppression_list WHERE email_hash = %s",
+                  keys.subject_hash(email)) == 1
+    assert _count(conn, "SELECT count(*) FROM gdpr.erasure_propagation WHERE request_id = %s", f"REQ-{hold}") == 3
+    assert _one(conn, "SELECT outcome, details->'holds' FROM gdpr.erasure_request WHERE request_id = %s",
+                f"REQ-{hold}") == ("restricted", [hold])
+    # what remains (the subject row, contracts, invoices) is allowed
+    assert erasure.verify(conn, policy, keys, request, result.outcome) == {}
+    assert _audit_rows_with_at(conn) == 0
+
+
+def test_litigation_hold_refuses_and_changes_nothing_but_suppression(conn, policy: Policy, keys: Keys) -> None:
+    cid = add_contact(conn, "client", date(2023, 1, 1), litigation=True)
+    add_contract(conn, cid, date(2023, 2, 1), None)
+    add_activity(conn, cid, "email_reply", date(2025, 3, 1))
+    _add_note(conn, cid)
+    email = _email_of(conn, cid)
+    _add_ticket(conn, None, email)
+    conn.commit()
+    crm_before = table_checksum(conn, CRM_ALL)
+
+    request, _, holds, result = _run(conn, policy, keys, {"email": email, "request_id": "REQ-LIT"})
+
+    assert holds == {"active_contract": "restrict", "litigation": "refuse"}
+    assert (result.outcome, result.status, result.targets, result.rows) == ("refused", "refused", [], {})
+    assert "litigation" in result.reason
+    assert table_checksum(conn, CRM_ALL) == crm_before
+    assert _count(conn, "SELECT count(*) FROM gdpr.erasure_propagation WHERE request_id = 'REQ-LIT'") == 0
+    row = _one(conn, "SELECT status, outcome, completed_at IS NOT NULL FROM gdpr.erasure_request"
+                     " WHERE request_id = 'REQ-LIT'")
+    assert row == ("refused", "refused", True)
+    assert _count(conn, "SELECT count(*) FROM gdpr.suppression_list WHERE email_hash = %s",
+                  keys.subject_hash(email)) == 1
+    assert erasure.verify(conn, policy, keys, request, result.outcome) == {}
+    assert _audit_rows_with_at(conn) == 0
+
+
+# -- idempotence and dry run ---------------------------------------------------------------------------------
+
+
+def test_same_request_id_again_returns_the_recorded_result_and_changes_nothing(
+    conn, policy: Policy, keys: Keys
+) -> None:
+    cid, email = _erasable_prospect(conn)
+    params = {"email": email, "request_id": "REQ-IDEM", "received_at": "2026-06-01"}
+    _, _, _, first = _run(conn, policy, keys, params)
+    assert first.outcome == "erased" and not first.already_recorded
+    state = _state(conn)
+    counts = {t: _count(conn, f"SELECT count(*) FROM {t}") for t in CRM_ALL + CONTROL}
+
+    _, _, _, again = _run(conn, policy, keys, params)
+
+    assert again.already_recorded is True
+    assert (again.outcome, again.status, again.due_date, again.rows, again.subject_hash) == (
+        first.outcome, first.status, first.due_date, first.rows, first.subject_hash)
+    assert sorted(again.targets) == sorted(first.targets)
+    assert _state(conn) == state
+    assert {t: _count(conn, f"SELECT count(*) FROM {t}") for t in CRM_ALL + CONTROL} == counts
+    assert _count(conn, "SELECT count(*) FROM gdpr.suppression_list WHERE email_hash = %s",
+                  keys.subject_hash(email)) == 1
+    assert _count(conn, "SELECT count(*) FROM gdpr.audit_log WHERE outcome = 'already_recorded'") == 1
+
+
+def test_same_request_id_for_another_email_is_refused(conn, policy: Policy, keys: Keys) -> None:
+    cid, email = _erasable_prospect(conn)
+    other = add_contact(conn, "prospect", date(2025, 1, 1))
+    other_email = _email_of(conn, other)
+    conn.commit()
+    _run(conn, policy, keys, {"email": email, "request_id": "REQ-REUSED"})
+    state = _state(conn)
+
+    with pytest.raises(RequestError) as info:
+        _run(conn, policy, keys, {"email": other_email, "request_id": "REQ-REUSED"})
+
+    assert "request_id" in str(info.value) or "REQ-REUSED" in str(info.value)
+    assert "@" not in str(info.value) and "@" not in repr(info.value)
+    assert _state(conn) == state
+    assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = %s", other) == 1
+
+
+def test_same_request_id_for_another_subject_id_is_refused(conn, policy: Policy, keys: Keys) -> None:
+    cid, email = _erasable_prospect(conn)
+    other = add_contact(conn, "prospect", date(2025, 1, 1))
+    conn.commit()
+    _run(conn, policy, keys, {"subject_id": cid, "request_id": "REQ-REUSED-ID"})
+    state = _state(conn)
+
+    with pytest.raises(RequestError):
+        _run(conn, policy, keys, {"subject_id": other, "request_id": "REQ-REUSED-ID"})
+
+    assert _state(conn) == state
+
+
+def test_dry_run_changes_nothing_and_writes_one_audit_row(conn, policy: Policy, keys: Keys) -> None:
+    cid, email = _erasable_prospect(conn)
+    _add_ticket(conn, None, email)
+    conn.commit()
+    state = _state(conn)
+    audit_before = _count(conn, "SELECT count(*) FROM gdpr.audit_log")
+    expected = {t: _linked(conn, t, [cid], email) for t in CRM_ALL}
+
+    _, _, _, result = _run(conn, policy, keys, {"email": email, "request_id": "REQ-DRY", "dry_run": True})
+
+    assert result.outcome == "erased" and result.rows == expected and not result.already_recorded
+    assert _state(conn) == state
+    rows = conn.execute("SELECT action, outcome, subject_hash, row_count, details FROM gdpr.audit_log"
+                        " ORDER BY audit_id OFFSET %s", (audit_before,)).fetchall()
+    conn.rollback()
+    assert len(rows) == 1
+    action, outcome, subject_hash, row_count, details = rows[0]
+    assert (action, outcome, subject_hash, row_count) == ("erase", "dry_run", keys.subject_hash(email),
+                                                          sum(expected.values()))
+    assert details["would_be"] == "erased" and details["rows"] == expected
+    assert _audit_rows_with_at(conn) == 0
+    # the real request can follow the dry run under the same id
+    _, _, _, real = _run(conn, policy, keys, {"email": email, "request_id": "REQ-DRY"})
+    assert real.outcome == "erased" and not real.already_recorded
+
+
+# -- no email in exceptions or reprs ---------------------------------------------------------------------------
+
+
+def test_repr_of_request_located_and_result_never_show_the_email(conn, policy: Policy, keys: Keys) -> None:
+    cid, email = _erasable_prospect(conn)
+    spelled = "  " + email.upper() + " "
+    request = erasure.parse_request({"email": spelled, "request_id": "REQ-REPR"}, today=TODAY)
+    located = erasure.locate(conn, policy, keys, request)
+    holds = erasure.holds_in_force(conn, policy, located, AS_OF)
+    result = erasure.erase(conn, policy, keys, CTX, request, located, holds)
+    by_id = erasure.parse_request({"subject_id": cid, "request_id": "REQ-REPR-2"}, today=TODAY)
+    located_by_id = erasure.locate(conn, policy, keys, by_id)  # after erasure: not found, no email
+
+    for obj in (request, located, result, by_id, located_by_id):
+        for text in (repr(obj), str(obj), f"{obj}", f"{obj!r}"):
+            assert email.lower() not in text.lower() and "@" not in text, type(obj).__name__
+    assert isinstance(request, ErasureRequest) and "REQ-REPR" in repr(request)
+    assert "@" not in repr(located.rows)

@@ -1,0 +1,219 @@
+"""Apply, atomicity, idempotent rerun, archive encryption and purge, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+
+import psycopg
+import pytest
+from cryptography.exceptions import InvalidTag
+from helpers import AS_OF, CRM_TABLES, THREE_YEARS_BEFORE, add_activity, add_contact, add_contract, candidates, table_checksum
+
+from warehouse_gdpr.engine import sweep
+from warehouse_gdpr.engine.audit import RunContext
+from warehouse_gdpr.engine.crypto import Keys, archive_aad
+from warehouse_gdpr.engine.policy import Policy
+
+CTX = RunContext("test_sweep", "run-1", "apply")
+
+
+def _count(conn: psycopg.Connection, query: str, *params: object) -> int:
+    value = conn.execute(query, params).fetchone()[0]  # type: ignore[index]
+    conn.rollback()
+    return int(value)
+
+
+def _audited(conn: psycopg.Connection, run_id: str, action: str, table: str) -> int:
+    return _count(
+        conn,
+        "SELECT coalesce(sum(row_count), 0) FROM gdpr.audit_log WHERE run_id = %s AND action = %s AND table_name = %s",
+        run_id, action, table,
+    )
+
+
+def test_delete_rule_removes_subject_and_dependents_keeps_held(conn, policy: Policy, keys: Keys) -> None:
+    rule = policy.rule("prospects_never_converted")
+    before = candidates(conn, policy, rule.name)
+    held = {cid for cid, holds in before.items() if holds}
+    doomed = [cid for cid in before if cid not in held]
+    assert doomed and held, "the seeded template must exercise both paths"
+    activities_of_doomed = _count(conn, "SELECT count(*) FROM crm.activities WHERE contact_id = ANY(%s)", doomed)
+
+    result = sweep.apply_rule(conn, policy, rule, keys, CTX, AS_OF, batch_size=100)
+
+    assert result.candidates == len(before) and result.held == len(held) and result.deleted == len(doomed)
+    assert result.batches == -(-len(before) // 100)
+    assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = ANY(%s)", doomed) == 0
+    for table in ("crm.activities", "crm.notes", "crm.contracts", "crm.invoices"):
+        assert _count(conn, f"SELECT count(*) FROM {table} WHERE contact_id = ANY(%s)", doomed) == 0
+    assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = ANY(%s)", list(held)) == len(held)
+    # the audit equals what happened
+    assert _audited(conn, "run-1", "delete", "crm.contacts") == len(doomed)
+    assert _audited(conn, "run-1", "delete", "crm.activities") == activities_of_doomed
+    # rerun: nothing left to do but the held subjects
+    again = sweep.apply_rule(conn, policy, rule, keys, RunContext("test_sweep", "run-2", "apply"), AS_OF, batch_size=100)
+    assert (again.deleted, again.held) == (0, len(held))
+
+
+def test_pseudonymise_archives_encrypted_originals(conn, policy: Policy, keys: Keys) -> None:
+    rule = policy.rule("former_clients")
+    todo = [cid for cid, holds in candidates(conn, policy, rule.name).items() if not holds]
+    originals = {
+        r[0]: r[1]
+        for r in conn.execute(
+            "SELECT contact_id::text, to_jsonb(c) FROM crm.contacts c WHERE contact_id = ANY(%s)", (todo,)
+        ).fetchall()
+    }
+    conn.rollback()
+
+    result = sweep.apply_rule(conn, policy, rule, keys, CTX, AS_OF, batch_size=50)
+    assert result.pseudonymised == len(todo)
+
+    rows = conn.execute(
+        "SELECT contact_id::text, email, first_name, last_name, direct_phone, job_title, pseudonymised_at"
+        " FROM crm.contacts WHERE contact_id = ANY(%s)", (todo,)
+    ).fetchall()
+    for cid, email, first, last, phone, title, marker in rows:
+        assert email == keys.hash_value(originals[cid]["email"]), "email becomes a stable keyed pseudonym"
+        assert (first, last, phone, title) == (None, None, None, "redacted")
+        assert marker is not None
+    notes = conn.execute("SELECT DISTINCT body FROM crm.notes WHERE contact_id = ANY(%s)", (todo,)).fetchall()
+    assert notes == [("[removed under GDPR retention policy]",)]
+
+    archived = conn.execute(
+        "SELECT source_pk, key_id, nonce, ciphertext, purge_after FROM gdpr_archive.archived_row"
+        " WHERE source_table = 'crm.contacts'"
+    ).fetchall()
+    assert {r[0] for r in archived} == set(originals)
+    for source_pk, key_id, nonce, ciphertext, purge_after in archived:
+        aad = archive_aad("crm.contacts", source_pk, key_id)
+        assert json.loads(keys.decrypt(key_id, nonce, ciphertext, aad)) == originals[source_pk]
+        assert originals[source_pk]["email"].encode() not in ciphertext
+        wrong_key = Keys(keys.hmac_key_id, keys.pepper, key_id, {key_id: os.urandom(32)})
+        with pytest.raises(InvalidTag):
+            wrong_key.decrypt(key_id, nonce, ciphertext, aad)
+        with pytest.raises(InvalidTag):  # a ciphertext cannot be replayed onto another row
+            keys.decrypt(key_id, nonce, ciphertext, archive_aad("crm.contacts", source_pk + "0", key_id))
+        assert purge_after.year == 2036  # as_of + P10Y
+    # every pseudonymised subject leaves the candidate set: a rerun changes nothing
+    again = sweep.apply_rule(conn, policy, rule, keys, RunContext("t", "run-2", "apply"), AS_OF)
+    assert again.pseudonymised == 0 and again.archived == 0
+
+
+def test_failure_mid_batch_leaves_nothing_half_done(conn, policy: Policy, keys: Keys) -> None:
+    rule = policy.rule("former_clients")
+    todo = sorted(cid for cid, holds in candidates(conn, policy, rule.name).items() if not holds)
+    with_notes = [
+        r[0] for r in conn.execute(
+            "SELECT DISTINCT contact_id FROM crm.notes WHERE contact_id = ANY(%s) ORDER BY 1", (todo,)
+        ).fetchall()
+    ]
+    victim = with_notes[len(with_notes) // 2]
+    # A real server-side failure late in the batch: after the archive copy and the contacts update.
+    conn.execute(
+        "CREATE FUNCTION crm.fail_on_victim() RETURNS trigger LANGUAGE plpgsql AS $$"
+        f" BEGIN IF NEW.contact_id = {victim} THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$"
+    )
+    conn.execute(
+        "CREATE TRIGGER fail_on_victim BEFORE UPDATE ON crm.notes FOR EACH ROW EXECUTE FUNCTION crm.fail_on_victim()"
+    )
+    conn.commit()
+
+    with pytest.raises(psycopg.errors.RaiseException):
+        sweep.apply_rule(conn, policy, rule, keys, CTX, AS_OF, batch_size=20)
+    conn.rollback()
+
+    done = {
+        r[0] for r in conn.execute(
+            "SELECT contact_id FROM crm.contacts WHERE contact_id = ANY(%s) AND pseudonymised_at IS NOT NULL", (todo,)
+        ).fetchall()
+    }
+    assert victim not in done and 0 < len(done) < len(todo)
+    archived_subjects = {
+        int(r[0]) for r in conn.execute("SELECT DISTINCT subject_id FROM gdpr_archive.archived_row").fetchall()
+    }
+    assert archived_subjects == done, "archive copies exist exactly for the fully processed subjects"
+    untouched_emails = conn.execute(
+        "SELECT count(*) FROM crm.contacts WHERE contact_id = ANY(%s) AND pseudonymised_at IS NULL"
+        " AND email LIKE '%%@%%'", (todo,)
+    ).fetchone()[0]
+    assert untouched_emails == len(todo) - len(done)
+    assert _audited(conn, "run-1", "pseudonymise", "crm.contacts") == len(done)
+    conn.rollback()
+
+    conn.execute("DROP TRIGGER fail_on_victim ON crm.notes")
+    conn.commit()
+    rerun = sweep.apply_rule(conn, policy, rule, keys, RunContext("t", "run-2", "apply"), AS_OF, batch_size=20)
+    assert rerun.pseudonymised == len(todo) - len(done)
+    assert _count(
+        conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = ANY(%s) AND pseudonymised_at IS NULL", todo
+    ) == 0
+
+
+def test_delete_failure_rolls_back_dependents(conn, policy: Policy, keys: Keys) -> None:
+    rule = policy.rule("leads_not_converted")
+    todo = sorted(cid for cid, holds in candidates(conn, policy, rule.name).items() if not holds)
+    victim = todo[-1]
+    acts = _count(conn, "SELECT count(*) FROM crm.activities WHERE contact_id = %s", victim)
+    conn.execute(
+        "CREATE FUNCTION crm.no_delete() RETURNS trigger LANGUAGE plpgsql AS $$"
+        f" BEGIN IF OLD.contact_id = {victim} THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN OLD; END $$"
+    )
+    conn.execute("CREATE TRIGGER no_delete BEFORE DELETE ON crm.contacts FOR EACH ROW EXECUTE FUNCTION crm.no_delete()")
+    conn.commit()
+    with pytest.raises(psycopg.errors.RaiseException):
+        sweep.apply_rule(conn, policy, rule, keys, CTX, AS_OF, batch_size=1000)
+    conn.rollback()
+    assert _count(conn, "SELECT count(*) FROM crm.activities WHERE contact_id = %s", victim) == acts
+    assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = ANY(%s)", todo) == len(todo)
+    assert _count(conn, "SELECT count(*) FROM gdpr.audit_log WHERE run_id = 'run-1'") == 0
+
+
+def test_plan_changes_nothing(conn, policy: Policy) -> None:
+    before = table_checksum(conn, CRM_TABLES)
+    plans = sweep.plan(conn, policy, policy.rules, AS_OF)
+    assert [p.rule for p in plans] == [r.name for r in policy.rules]
+    assert all(p.candidates > p.held >= 0 for p in plans)
+    assert table_checksum(conn, CRM_TABLES) == before
+    assert _count(conn, "SELECT count(*) FROM gdpr_archive.archived_row") == 0
+
+
+def test_purge_archive_after_its_own_period(conn, policy: Policy, keys: Keys) -> None:
+    cid = add_contact(conn, "former_client", THREE_YEARS_BEFORE - timedelta(days=900))
+    add_contract(conn, cid, THREE_YEARS_BEFORE - timedelta(days=900), THREE_YEARS_BEFORE - timedelta(days=10))
+    add_activity(conn, cid, "email_open", THREE_YEARS_BEFORE - timedelta(days=20))
+    conn.commit()
+    sweep.apply_rule(conn, policy, policy.rule("former_clients"), keys, CTX, AS_OF)
+    archived = _count(conn, "SELECT count(*) FROM gdpr_archive.archived_row")
+    assert archived > 0
+
+    purge_ctx = RunContext("test_sweep", "purge", "purge_archive")
+    assert sweep.purge_archive(conn, purge_ctx, "2035-06-15T00:00:00+00:00", 1000) == 0
+    dry = RunContext("test_sweep", "purge-dry", "purge_archive", dry_run=True)
+    assert sweep.purge_archive(conn, dry, "2037-01-01T00:00:00+00:00", 1000) == archived
+    assert _count(conn, "SELECT count(*) FROM gdpr_archive.archived_row") == archived
+    assert sweep.purge_archive(conn, purge_ctx, "2037-01-01T00:00:00+00:00", 100) == archived
+    assert _count(conn, "SELECT count(*) FROM gdpr_archive.archived_row") == 0
+    assert _audited(conn, "purge", "purge_archive", "gdpr_archive.archived_row") == archived
+
+
+def test_unmapped_foreign_key_gives_a_clear_error(conn, policy: Policy, keys: Keys) -> None:
+    conn.execute(
+        "CREATE TABLE crm.tickets (ticket_id bigint PRIMARY KEY, contact_id bigint REFERENCES crm.contacts)"
+    )
+    conn.commit()
+    victim = next(cid for cid, holds in candidates(conn, policy, "leads_not_converted").items() if not holds)
+    conn.execute("INSERT INTO crm.tickets VALUES (1, %s)", (victim,))
+    conn.commit()
+    with pytest.raises(RuntimeError, match="crm.tickets|tickets") as err:
+        sweep.apply_rule(conn, policy, policy.rule("leads_not_converted"), keys, CTX, AS_OF)
+    assert "does not map" in str(err.value)
+    assert "@" not in str(err.value)
+
+
+def test_select_rules_rejects_unknown_names(policy: Policy) -> None:
+    assert [r.name for r in sweep.select_rules(policy, ["former_clients"])] == ["former_clients"]
+    with pytest.raises(ValueError, match="unknown rule"):
+        sweep.select_rules(policy, ["former_clients", "everyone"])
