@@ -10,7 +10,7 @@ least-privileged login role `gdpr_dag` gets its password, so the `warehouse` con
 over TCP.
 
 Environment (secrets never on the command line):
-  WAREHOUSE_URL          owner connection string of the warehouse; empty or unset: libpq's PGHOST,
+  WAREHOUSE_GDPR_DEMO_URL owner connection string of the warehouse; empty or unset: libpq's PGHOST,
                          PGUSER, PGPASSWORD, PGDATABASE
   GDPR_DAG_PASSWORD      the password of `gdpr_dag` (the `warehouse` Airflow connection's)
   DEMO_EMAILING_API_KEY, DEMO_TELEPHONY_TOKEN   the demo services' credentials
@@ -37,6 +37,7 @@ from psycopg import sql
 from warehouse_gdpr.engine import schema
 
 from . import run as demo
+from . import safety
 
 PASSWORD_ENV = "GDPR_DAG_PASSWORD"
 DAG_ROLE = "gdpr_dag"  # created by demo/warehouse_gdpr_demo/sql/demo_grants.sql
@@ -78,12 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     api_key, token = os.environ.get("DEMO_EMAILING_API_KEY"), os.environ.get("DEMO_TELEPHONY_TOKEN")
     if not password or not api_key or not token:
         parser.error(f"set ${PASSWORD_ENV}, $DEMO_EMAILING_API_KEY and $DEMO_TELEPHONY_TOKEN")
-    owner_url = os.environ.get("WAREHOUSE_URL", "")
+    owner_url = os.environ.get(safety.DEMO_URL_ENV, "")
 
     if is_seeded(owner_url, args.desk_db) and not args.reseed:
         print("The warehouse is seeded already: left as it is (run with --reseed to start over).")
     else:
-        counts = demo.seed_warehouse(owner_url, args.contacts)
+        try:
+            counts = demo.seed_warehouse(owner_url, args.contacts)
+        except safety.NotADemoWarehouse as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print("Seeded the demo CRM: " + ", ".join(f"{n} {t}" for t, n in counts.items()))
         services: dict[str, object] = {"emailing_url": args.emailing_url.rstrip("/"),
                                        "telephony_url": args.telephony_url.rstrip("/"),

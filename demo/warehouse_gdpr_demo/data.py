@@ -37,6 +37,7 @@ from typing import TypeVar
 import psycopg
 from psycopg import sql
 
+from . import safety
 from .sqlfiles import read_sql
 
 T = TypeVar("T")
@@ -306,9 +307,11 @@ def seed(conn: psycopg.Connection, contacts: int = 10_000, seed: int = 42,
     """
     if contacts < 1:
         raise ValueError(f"contacts must be at least 1, got {contacts}")
+    safety.check_demo_target(conn)  # never drops a schema the demo did not create
     rng = random.Random(seed)
     gen = _Generator(rng, today or dt.date.today(), max(1, contacts // 8))
     with conn.transaction():
+        safety.mark(conn)
         conn.execute(read_sql("demo_crm.sql"))
         # Foreign keys are dropped during the load and put back after it (from the catalog's own
         # definitions): one check per row costs more than generating the row, one join at the end little.

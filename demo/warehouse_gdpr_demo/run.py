@@ -1,6 +1,7 @@
 """`make demo`: a demo CRM warehouse, a local Airflow, and one real retention sweep.
 
-1. Warehouse: $WAREHOUSE_URL if set, else the embedded PostgreSQL under .demo/pg.
+1. Warehouse: $WAREHOUSE_GDPR_DEMO_URL if set (never $WAREHOUSE_URL), else the embedded PostgreSQL under
+   .demo/pg. The demo refuses a database it did not seed that holds data (safety.py).
 2. Installs the control schema and roles, seeds the demo CRM ($DEMO_CONTACTS, default 10000).
 3. Writes .demo/env (source it to use `airflow` and `psql` by hand), migrates Airflow's SQLite DB.
 4. Runs `airflow dags test gdpr_retention_sweep` and prints the PII-free summary from gdpr.audit_log.
@@ -35,7 +36,7 @@ import psycopg.sql
 from warehouse_gdpr.engine import schema
 
 from . import data as demo_data
-from . import embedded
+from . import embedded, safety
 from warehouse_gdpr.engine.crypto import generate_extra
 from .sqlfiles import read_sql
 
@@ -45,7 +46,7 @@ DEMO = ROOT / ".demo"
 
 def warehouse_url() -> tuple[str, bool]:
     """(owner URL, embedded?)"""
-    url = os.environ.get("WAREHOUSE_URL")
+    url = os.environ.get(safety.DEMO_URL_ENV)
     if url:
         return url, False
     return embedded.start(DEMO / "pg"), True
@@ -157,6 +158,7 @@ def seed_warehouse(owner_url: str, contacts: int) -> dict[str, int]:
     """A new demo warehouse: the demo CRM seeded afresh, the control schema (re)installed empty, the demo
     grants. Returns the rows written per table."""
     with psycopg.connect(owner_url) as conn:
+        safety.check_demo_target(conn)  # never drops a control schema the demo did not create
         # A demo reseed is a new warehouse: its archive and audit history start over too.
         with conn.transaction():
             conn.execute("DROP SCHEMA IF EXISTS gdpr CASCADE; DROP SCHEMA IF EXISTS gdpr_archive CASCADE")
@@ -313,9 +315,13 @@ def main() -> int:
     DEMO.mkdir(exist_ok=True)
     contacts = int(os.environ.get("DEMO_CONTACTS", "10000"))
     owner_url, is_embedded = warehouse_url()
-    print(f"Warehouse: {'embedded PostgreSQL under .demo/pg' if is_embedded else '$WAREHOUSE_URL'}")
+    print(f"Warehouse: {'embedded PostgreSQL under .demo/pg' if is_embedded else '$' + safety.DEMO_URL_ENV}")
     started = time.monotonic()
-    counts = seed_warehouse(owner_url, contacts)
+    try:
+        counts = seed_warehouse(owner_url, contacts)
+    except safety.NotADemoWarehouse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"Seeded the demo CRM in {time.monotonic() - started:.1f} s: "
           + ", ".join(f"{n} {t}" for t, n in counts.items()))
     services = start_services(owner_url)

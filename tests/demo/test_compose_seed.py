@@ -49,7 +49,7 @@ def test_seeds_once_then_leaves_the_warehouse_alone(
 ) -> None:
     url, desk = empty_db
     emailing, telephony = services
-    monkeypatch.setenv("WAREHOUSE_URL", url)
+    monkeypatch.setenv("WAREHOUSE_GDPR_DEMO_URL", url)
     monkeypatch.setenv("GDPR_DAG_PASSWORD", PASSWORD)
     monkeypatch.setenv("DEMO_EMAILING_API_KEY", KEY)
     monkeypatch.setenv("DEMO_TELEPHONY_TOKEN", TOKEN)
