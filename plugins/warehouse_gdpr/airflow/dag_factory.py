@@ -38,7 +38,7 @@ def _load(policy_file: str) -> Policy | None:
 
 
 def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
-    """check_policy -> plan -> apply -> purge_archive -> report, and check_policy -> write_register
+    """check_policy -> plan -> apply -> purge_archive -> purge_requests -> report, and check_policy -> write_register
     (the article 30 register, beside the sweep so that it never delays a deletion). See sweep_tasks.py,
     rules.py, register.py."""
     path = str(policy_file or connections.policy_path())
@@ -85,6 +85,10 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
             return sweep_tasks.purge_archive(checked, get_current_context())
 
         @task
+        def purge_requests(checked: dict, purged: dict) -> dict:
+            return sweep_tasks.purge_requests(checked, get_current_context())
+
+        @task
         def report(checked: dict, purged: dict) -> dict:
             return sweep_tasks.report(checked, get_current_context())
 
@@ -97,7 +101,7 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
         plans = plan(checked)
         applied = apply(checked, plans)
         purged = purge_archive(checked, applied)
-        report(checked, purged)
+        report(checked, purge_requests(checked, purged))
 
     return gdpr_retention_sweep()
 
@@ -118,7 +122,9 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
         params={
             "email": Param(
                 None, type=["null", "string"], title="Email",
-                description="The person's email (plain ASCII). Give this or the subject id, not both.",
+                description="The person's email (plain ASCII). Give this or the subject id, not both; or neither, "
+                            "for a request registered with `warehouse-gdpr request new` (recommended: the "
+                            "address then stays out of the run's conf).",
                 pattern=erasure.EMAIL_PATTERN, minLength=6, maxLength=erasure.EMAIL_MAX_LENGTH,
             ),
             "subject_id": Param(
@@ -127,11 +133,13 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
             ),
             "request_id": Param(
                 type="string", title="Request id", pattern=erasure.REQUEST_ID_PATTERN,
-                description="The ticket reference of the request (3-64 letters, digits, '.', '_', ':', '-').",
+                description="The ticket reference of the request (3-64 letters, digits, '.', '_', ':', '-'). "
+                            "Alone, it runs the request registered under this id.",
             ),
             "received_at": Param(
                 None, type=["null", "string"], format="date", title="Received on",
-                description="The date the request arrived (YYYY-MM-DD; empty: today). Due one month later.",
+                description="The date the request arrived (YYYY-MM-DD; empty: today, or the registered date). "
+                            "Due one month later.",
             ),
             "dry_run": Param(False, type="boolean", title="Dry run",
                              description="Locate and evaluate holds, record the plan, change nothing."),

@@ -212,9 +212,14 @@ def erase(
                            request.due_date.isoformat(), targets=targets)
     with conn.transaction():
         existing = conn.execute(
-            "SELECT subject_hash, outcome, reason, status, due_date, details FROM gdpr.erasure_request"
-            " WHERE request_id = %s FOR UPDATE", (request.request_id,)
+            "SELECT subject_hash, outcome, reason, status, coalesce(extended_due_date, due_date), details, kind"
+            " FROM gdpr.request WHERE request_id = %s FOR UPDATE", (request.request_id,)
         ).fetchone()
+        if existing and existing[6] != "erasure":
+            raise RequestError(f"request id {request.request_id} is of kind {existing[6]}, not erasure")
+        if existing and existing[3] == "registered":  # registered (requests.py), run now: recorded below
+            result.due_date = existing[4].isoformat()
+            existing = None
         if existing:
             if located.email is not None and existing[0] != located.subject_hash:
                 raise RequestError(f"request id {request.request_id} was already used for another subject")
@@ -250,14 +255,22 @@ def erase(
                          outcome="already_listed" if row is None else "added" if row[0] else "opt_out_now_erasure",
                          table="gdpr.suppression_list", row_count=cur.rowcount, subject_hash=located.subject_hash,
                          details={"request_id": request.request_id, "reason": "erasure"})
-        conn.execute(
-            "INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status, outcome,"
-            " reason, completed_at, details) VALUES (%s, %s, %s, %s, %s, %s, %s,"
-            " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)",
+        # One row per request of every kind (gdpr.request); a registered one gets its outcome here.
+        recorded = conn.execute(
+            "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome,"
+            " reason, completed_at, details) VALUES (%s, 'erasure', %s, %s, %s, %s, %s, %s,"
+            " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)"
+            " ON CONFLICT (request_id) DO UPDATE SET subject_hash = EXCLUDED.subject_hash, status = EXCLUDED.status,"
+            " outcome = EXCLUDED.outcome, reason = EXCLUDED.reason, completed_at = EXCLUDED.completed_at,"
+            " details = gdpr.request.details || EXCLUDED.details || jsonb_build_object('run_at', now())"
+            " WHERE gdpr.request.status = 'registered'"
+            " RETURNING request_id",
             (request.request_id, located.subject_hash, request.received_at, request.due_date, status, outcome,
              reason, status, psycopg.types.json.Jsonb({"rows": result.rows, "targets": targets,
                                                        "holds": sorted(holds)})),
-        )
+        ).fetchone()
+        if recorded is None:  # cannot happen: the row is locked above
+            raise RequestError(f"request id {request.request_id} was recorded by another run meanwhile")
         for name in targets:
             assert located.email is not None
             key_id, nonce, ciphertext = keys.encrypt(located.email.encode(), outbox_aad(request.request_id, name, keys.archive_key_id))

@@ -1,7 +1,8 @@
 """What each task of `gdpr_subject_erasure` and `gdpr_erasure_retry` does. The DAG files only wire them.
 
-The email is read from the run's params by the tasks that need it and never returned: XComs carry
-the request id, the subject's keyed hash, outcomes and counts.
+The email is read from the run's params by the tasks that need it (or, for a request registered with
+`warehouse-gdpr request new` and triggered with its id alone, decrypted from gdpr.request in memory)
+and never returned: XComs carry the request id, the subject's keyed hash, outcomes and counts.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from airflow.sdk.exceptions import AirflowFailException
 
 from warehouse_gdpr.airflow import connections
-from warehouse_gdpr.engine import audit, erasure, propagation
+from warehouse_gdpr.engine import audit, erasure, propagation, requests
 from warehouse_gdpr.engine.crypto import KeyError_
 from warehouse_gdpr.engine.erasure import ErasureRequest, RequestError
 from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
@@ -22,10 +23,12 @@ from warehouse_gdpr.engine.sweep import format_table
 log = logging.getLogger(__name__)
 
 
-def _request(context: Any) -> ErasureRequest:
+def _request(context: Any, conn: Any, keys: Any) -> ErasureRequest:
+    """The run's request: from its params, or from the registered request when they hold its id alone
+    (requests.resolve_params decrypts the identifier in memory; it never reaches a log or an XCom)."""
     try:
-        return erasure.parse_request(context["params"])
-    except RequestError as exc:
+        return erasure.parse_request(requests.resolve_params(conn, keys, "erasure", context["params"]))
+    except (RequestError, requests.RequestStoreError) as exc:
         log.error("The erasure request is refused before any change: %s", exc)
         raise AirflowFailException(f"invalid erasure request: {exc}") from None
 
@@ -39,7 +42,6 @@ def _policy(policy_file: str) -> Policy:
 
 def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
     """Check the params together and the policy, keys and live catalog. Writes nothing but an audit row."""
-    request = _request(context)
     policy = _policy(policy_file)
     try:
         keys = connections.load_keys(policy)
@@ -47,6 +49,7 @@ def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
         raise AirflowFailException(str(exc)) from None
     with connections.connect(policy) as conn:
         connections.prepare_warehouse(conn, policy)
+        request = _request(context, conn, keys)
         located = erasure.locate(conn, policy, keys, request)
         holds = erasure.holds_in_force(conn, policy, located, connections.as_of(context))
         outcome, reason = erasure.decide(located, holds)
@@ -65,11 +68,11 @@ def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
 
 def erase(policy_file: str, context: Any) -> dict[str, Any]:
     """Erase everywhere, suppress, record the request and the outbox: one transaction."""
-    request = _request(context)
     policy = _policy(policy_file)
     keys = connections.load_keys(policy)
-    ctx = connections.run_context(context, request.dry_run)
     with connections.connect(policy) as conn:
+        request = _request(context, conn, keys)
+        ctx = connections.run_context(context, request.dry_run)
         located = erasure.locate(conn, policy, keys, request)
         holds = erasure.holds_in_force(conn, policy, located, connections.as_of(context))
         try:
@@ -106,13 +109,14 @@ def propagate(policy_file: str, target: str, context: Any) -> str:
 
 def verify(policy_file: str, context: Any) -> dict[str, Any]:
     """Rescan every mapped table, then certify (or report what is pending). Fails if anything is left."""
-    request = _request(context)
     policy = _policy(policy_file)
     keys = connections.load_keys(policy)
-    ctx = connections.run_context(context, request.dry_run)
     with connections.connect(policy) as conn:
+        request = _request(context, conn, keys)
+        ctx = connections.run_context(context, request.dry_run)
         row = conn.execute(
-            "SELECT outcome, status FROM gdpr.erasure_request WHERE request_id = %s", (request.request_id,)
+            "SELECT outcome, status FROM gdpr.request WHERE request_id = %s AND kind = 'erasure'"
+            " AND status <> 'registered'", (request.request_id,)
         ).fetchone()
         conn.rollback()
         if request.dry_run or row is None:
@@ -133,6 +137,8 @@ def verify(policy_file: str, context: Any) -> dict[str, Any]:
         if certificate is None:
             with conn.transaction():
                 certificate = propagation.write_certificate(conn, ctx, request.request_id)
+                if certificate["status"] in requests.TERMINAL:  # verified and certified: the request is complete
+                    requests.destroy_identifier(conn, ctx, request.request_id)
         _warn_deadline(certificate, policy)
     log.info(
         "Request %s: outcome %s, status %s.\n%s", request.request_id, certificate["outcome"], certificate["status"],
@@ -198,15 +204,15 @@ def check_deadlines(policy_file: str, context: Any) -> dict[str, Any]:
     days = policy.erasure.deadline_warning_days
     with connections.connect(policy) as conn, conn.transaction():
         rows = conn.execute(
-            "SELECT request_id, due_date, subject_hash,"
+            "SELECT request_id, coalesce(extended_due_date, due_date), subject_hash,"
             " (SELECT count(*) FROM gdpr.erasure_propagation p WHERE p.request_id = r.request_id AND p.status = 'pending')"
-            " FROM gdpr.erasure_request r WHERE status = 'pending_propagation' AND due_date - %s <= current_date"
-            " ORDER BY due_date",
+            " FROM gdpr.request r WHERE kind = 'erasure' AND status = 'pending_propagation'"
+            " AND coalesce(extended_due_date, due_date) - %s <= current_date ORDER BY 2",
             (days,),
         ).fetchall()
         for request_id, due, subject_hash, pending in rows:
             overdue = due < date.today()
-            conn.execute("UPDATE gdpr.erasure_request SET deadline_warned_at = now() WHERE request_id = %s", (request_id,))
+            conn.execute("UPDATE gdpr.request SET deadline_warned_at = now() WHERE request_id = %s", (request_id,))
             audit.record(conn, ctx, action="deadline_warning", outcome="overdue" if overdue else "due_soon",
                          subject_hash=subject_hash, details={"request_id": request_id, "due_date": due.isoformat(),
                                                              "pending_targets": pending})
