@@ -27,6 +27,7 @@ from datetime import date
 from typing import Any
 
 import psycopg
+from cryptography.exceptions import InvalidTag
 from psycopg.types.json import Jsonb
 
 from . import audit
@@ -189,7 +190,13 @@ def load(conn: psycopg.Connection, keys: Keys, request_id: str, kind: str) -> Re
             f"request {request_id} holds no identifier (it was triggered with the email or subject id): "
             "trigger it the same way"
         )
-    plaintext = keys.decrypt(key_id, bytes(nonce), bytes(ciphertext), identifier_aad(request_id, kind, key_id)).decode()
+    try:
+        plaintext = keys.decrypt(key_id, bytes(nonce), bytes(ciphertext), identifier_aad(request_id, kind, key_id)).decode()
+    except InvalidTag:
+        raise RequestStoreError(
+            f"the encrypted identifier of request {request_id} does not decrypt (altered, or copied from another "
+            "request): nothing was changed; register the request again under a new id"
+        ) from None
     email, subject_id = (None, int(plaintext[len(SUBJECT_ID_PREFIX):])) if plaintext.startswith(SUBJECT_ID_PREFIX) \
         else (plaintext, None)
     del plaintext
