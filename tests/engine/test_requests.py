@@ -363,3 +363,21 @@ def test_purge_after_keep_for_with_the_outbox_rows(conn: psycopg.Connection, key
     assert audit == [("gdpr.erasure_propagation", 2, 1), ("gdpr.request", 4, 4)]  # two batches: 2 + 1, by kind; 1 id
     assert requests.purge(conn, ctx, "P3Y", AS_OF, 2) == {"requests": 0, "outbox": 0, "identifiers_destroyed": 0}
     assert requests.purge(conn, ctx, "P1Y", "2026-06-15T00:00:00+00:00", 100)["requests"] == 1  # the policy's period
+
+
+def test_keep_for_is_a_policy_duration(policy: Policy) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from warehouse_gdpr.engine.policy import PolicyError, parse_policy
+
+    assert policy.requests.keep_for == "P3Y"
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "include" / "policy.yaml").read_text(encoding="utf-8"))
+    data["requests"] = {"keep_for": "three years"}
+    with pytest.raises(PolicyError, match=r"requests\.keep_for: expected an ISO 8601 duration such as P3Y"):
+        parse_policy(data, "policy.yaml")
+    data["requests"] = {"keep_for": "P5Y"}
+    assert parse_policy(data).requests.keep_for == "P5Y"
+    del data["requests"]
+    assert parse_policy(data).requests.keep_for == "P3Y"
