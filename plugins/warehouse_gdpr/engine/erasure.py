@@ -1,7 +1,10 @@
 """Subject erasure on request (GDPR art. 17): validate, locate, evaluate holds, erase, verify, certify.
 
-Emails are compared as ``lower(btrim(column)) = normalised email``: index that expression on the
-subject's email column and on every `email_columns` entry (demo/warehouse_gdpr_demo/sql/demo_crm.sql does).
+The person's rows in each mapped table are those `matcher.rows` selects: linked to one of their
+subject rows, or carrying their email in an `email_columns` column, compared as
+``lower(btrim(column)) = normalised email``: index that expression on the subject's email column and
+on every `email_columns` entry (demo/warehouse_gdpr_demo/sql/demo_crm.sql does). The sweep and the opt-out guard use
+the same definition.
 
 The email is only ever held in memory by the task that needs it (read from the run's params); logs,
 audit rows, XComs and exceptions refer to the person by `subject_hash` (HMAC of the normalised email)
@@ -21,10 +24,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import audit
+from . import audit, matcher
 from .audit import RunContext
 from .crypto import Keys, normalise_email
-from .policy import MappedTable, Policy
+from .policy import Policy
 from .candidates import hold_predicate, qualified
 
 # ASCII only on purpose: a Unicode look-alike (Cyrillic "а" in "pаul@…") is refused, not matched.
@@ -102,14 +105,6 @@ class Located:
         return bool(self.subject_ids) or any(self.rows.values())
 
 
-def _match(mapped: MappedTable, email_param: bool) -> sql.Composable:
-    """WHERE clause of the rows of `mapped` that belong to the person: by subject id, and by email."""
-    parts = [sql.SQL("{c} = ANY(%(ids)s)").format(c=sql.Identifier(mapped.subject_column))]
-    if email_param:
-        parts += [sql.SQL("lower(btrim({c})) = %(email)s").format(c=sql.Identifier(c)) for c in mapped.email_columns]
-    return sql.SQL("(") + sql.SQL(" OR ").join(parts) + sql.SQL(")")
-
-
 def locate(conn: psycopg.Connection, policy: Policy, keys: Keys, request: ErasureRequest) -> Located:
     """Find the subject rows and count every linked row, per mapped table (indexed lookups only)."""
     subject = policy.subject
@@ -130,14 +125,15 @@ def locate(conn: psycopg.Connection, policy: Policy, keys: Keys, request: Erasur
     subject_hash = (keys.subject_hash(email, policy.optout.strip_plus_tags) if email
                     else keys.hash_value(f"subject-id:{request.subject_id}"))
     located = Located(ids, subject_hash, email)
-    params = {"ids": ids, "email": email}
+    persons = matcher.for_person(conn, policy, ids, email)
     for mapped in policy.tables:
         if mapped.table == subject.table:
             located.rows[mapped.table] = len(ids)
             continue
         count = conn.execute(
-            sql.SQL("SELECT count(*) FROM {t} WHERE {m}").format(t=qualified(mapped.table), m=_match(mapped, email is not None)),
-            params,
+            sql.SQL("SELECT count(*) FROM {t} WHERE {m}").format(
+                t=qualified(mapped.table), m=matcher.rows(policy, mapped, persons)),
+            persons.params,
         ).fetchone()[0]  # type: ignore[index]
         located.rows[mapped.table] = int(count)
     conn.rollback()
@@ -231,7 +227,8 @@ def erase(
             result.rows = dict(located.rows)
             return result
         if outcome in ("erased", "restricted"):
-            result.rows = _delete_everywhere(conn, policy, located, restricted=outcome == "restricted")
+            persons = matcher.for_person(conn, policy, located.subject_ids, located.email)
+            result.rows = _delete_everywhere(conn, policy, persons, restricted=outcome == "restricted")
         for table, n in result.rows.items():
             audit.record(conn, ctx, action="erase", outcome=outcome, table=table, row_count=n,
                          subject_hash=located.subject_hash, details={"request_id": request.request_id})
@@ -278,30 +275,31 @@ def outbox_aad(request_id: str, target: str, key_id: str) -> bytes:
     return f"erasure|{request_id}|{target}|{key_id}".encode()
 
 
-def _delete_everywhere(conn: psycopg.Connection, policy: Policy, located: Located, restricted: bool) -> dict[str, int]:
-    """Delete every linked row, dependents first; under a restricting hold keep kept_when_held tables and
-    the subject row, which is flagged (restriction_column) instead."""
-    params = {"ids": located.subject_ids, "email": located.email}
+def _delete_everywhere(conn: psycopg.Connection, policy: Policy, persons: matcher.Persons,
+                       restricted: bool) -> dict[str, int]:
+    """Delete every row of the persons (`matcher.rows`), dependents first; under a restricting hold keep
+    kept_when_held tables and the subject row, which is flagged (restriction_column) instead."""
+    params = persons.params or None
     counts: dict[str, int] = {}
     for mapped in policy.dependent_tables:
         if restricted and mapped.kept_when_held:
             continue
         cur = conn.execute(
-            sql.SQL("DELETE FROM {t} WHERE {m}").format(t=qualified(mapped.table), m=_match(mapped, located.email is not None)),
+            sql.SQL("DELETE FROM {t} WHERE {m}").format(t=qualified(mapped.table), m=matcher.rows(policy, mapped, persons)),
             params,
         )
         counts[mapped.table] = cur.rowcount
     subject = policy.subject
-    table, pk = qualified(subject.table), sql.Identifier(subject.primary_key)
+    table, own = qualified(subject.table), matcher.rows(policy, policy.subject_mapping, persons)
     if restricted:
         if subject.restriction_column:
             conn.execute(
-                sql.SQL("UPDATE {t} SET {flag} = true WHERE {pk} = ANY(%(ids)s)").format(
-                    t=table, flag=sql.Identifier(subject.restriction_column), pk=pk),
+                sql.SQL("UPDATE {t} SET {flag} = true WHERE {m}").format(
+                    t=table, flag=sql.Identifier(subject.restriction_column), m=own),
                 params,
             )
     else:
-        cur = conn.execute(sql.SQL("DELETE FROM {t} WHERE {pk} = ANY(%(ids)s)").format(t=table, pk=pk), params)
+        cur = conn.execute(sql.SQL("DELETE FROM {t} WHERE {m}").format(t=table, m=own), params)
         counts[subject.table] = cur.rowcount
     return counts
 

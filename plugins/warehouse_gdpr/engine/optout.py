@@ -85,7 +85,7 @@ from typing import IO, Any
 import psycopg
 from psycopg import sql
 
-from . import audit, catalog, erasure, candidates
+from . import audit, candidates, catalog, erasure, matcher
 from .audit import RunContext
 from .crypto import KeyError_, Keys
 from .policy import OptOutSource, Policy, ShareTarget
@@ -387,9 +387,12 @@ def guard(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
             conn.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {t} s WHERE s.{pk} IN (SELECT subject_id FROM {res})"
                                  " FOR UPDATE) locked").format(t=table, pk=pk, res=RESURRECTED))
             if erase_ids:
-                located = erasure.Located(list(erase_ids), "", None)
+                # Every row of theirs, found as the sweep and erasure find them (`matcher`): linked
+                # rows and rows carrying their email.
+                persons = matcher.stage(conn, policy, sql.SQL("(SELECT subject_id FROM {res} WHERE handled = 'erased')")
+                                        .format(res=RESURRECTED))
                 try:
-                    result["rows"] = erasure._delete_everywhere(conn, policy, located, restricted=False)
+                    result["rows"] = erasure._delete_everywhere(conn, policy, persons, restricted=False)
                 except psycopg.errors.ForeignKeyViolation as exc:
                     raise RuntimeError(
                         f"erasing resurrected subjects from {subject.table} is blocked by a foreign key from table "

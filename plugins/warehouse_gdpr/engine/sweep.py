@@ -7,7 +7,9 @@ untouched or fully processed, and a rerun finishes the job: candidates are re-ev
 pseudonymised subject carries the marker column so it is never selected twice.
 
 The batch's subject ids never leave the server: they live in a temporary table for the length of
-the transaction, and every statement is set-based over it. Only pseudonymisation brings rows to
+the transaction, and every statement is set-based over it. The rows of the batch's persons in each
+mapped table are those `matcher.rows` selects (linked to them, or carrying their email), the same
+definition erasure and the opt-out guard use. Only pseudonymisation brings rows to
 Python, because encryption and keyed hashing happen here (the warehouse may lack pgcrypto).
 """
 
@@ -23,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import audit, candidates
+from . import audit, candidates, matcher
 from .audit import RunContext
 from .crypto import Keys, archive_aad
 from .policy import FixedColumn, HashColumn, KeepColumn, MappedTable, NullColumn, Policy, Rule
@@ -158,13 +160,15 @@ def apply_rule(
 
 
 def _delete_batch(conn: psycopg.Connection, policy: Policy) -> dict[str, int]:
-    """Delete the batch's unheld subjects and every mapped dependent row, dependents first."""
+    """Delete the batch's unheld subjects and every row of theirs in the mapped tables, dependents first."""
     counts: dict[str, int] = {}
+    persons = matcher.stage(conn, policy, UNHELD)  # their emails, read before anything is deleted
     for mapped in policy.dependent_tables:
         cur = conn.execute(
-            sql.SQL("DELETE FROM {t} WHERE {c} IN {ids}").format(
-                t=candidates.qualified(mapped.table), c=sql.Identifier(mapped.subject_column), ids=UNHELD
-            )
+            sql.SQL("DELETE FROM {t} WHERE {m}").format(
+                t=candidates.qualified(mapped.table), m=matcher.rows(policy, mapped, persons)
+            ),
+            persons.params or None,
         )
         counts[mapped.table] = cur.rowcount
     subject = policy.subject
@@ -211,6 +215,9 @@ def _pseudonymise_batch(
     counts: dict[str, int] = {}
     archived = 0
     subject = policy.subject
+    # The persons' emails are read now, before the subject's email column is hashed below: rows found
+    # by email (never linked to the subject) are matched with the original address.
+    persons = matcher.stage(conn, policy, UNHELD)
     for mapped in policy.tables:
         hashed, sets = _treatment_sql(mapped)
         is_subject = mapped.table == subject.table
@@ -220,11 +227,12 @@ def _pseudonymise_batch(
             continue
         table = candidates.qualified(mapped.table)
         pk = sql.Identifier(mapped.primary_key)
-        link = sql.Identifier(mapped.subject_column)
+        match = matcher.rows(policy, mapped, persons, alias="t")
         originals = conn.execute(
-            sql.SQL("SELECT t.{pk}::text, t.{link}::text, to_jsonb(t)::text FROM {t} t WHERE t.{link} IN {ids}").format(
-                pk=pk, link=link, t=table, ids=UNHELD
-            )
+            sql.SQL("SELECT t.{pk}::text, ({owner})::text, to_jsonb(t)::text FROM {t} t WHERE {m}").format(
+                pk=pk, owner=matcher.owner(policy, mapped, persons, "t"), t=table, m=match
+            ),
+            persons.params or None,
         ).fetchall()
         if not originals:
             continue
@@ -255,9 +263,8 @@ def _pseudonymise_batch(
             conn.execute("DROP TABLE _gdpr_hash")
         else:
             cur = conn.execute(
-                sql.SQL("UPDATE {t} SET {sets} WHERE {link} IN {ids}").format(
-                    t=table, sets=sql.SQL(", ").join(sets), link=link, ids=UNHELD
-                )
+                sql.SQL("UPDATE {t} t SET {sets} WHERE {m}").format(t=table, sets=sql.SQL(", ").join(sets), m=match),
+                persons.params or None,
             )
         counts[mapped.table] = cur.rowcount
     return counts, archived
