@@ -357,3 +357,60 @@ def test_failing_check_changes_nothing(conn: psycopg.Connection, demo_data: dict
     with psycopg.connect(conn.info.dsn) as other:
         assert _state(other) == before
     assert before[0] == 0  # the template holds no audit rows: nothing was recorded by the check either
+
+
+# -- rules that select nobody (issue 10, point 4) ------------------------------------------------------
+
+
+def _former_clients_without_a_date(conn: psycopg.Connection) -> tuple[int, int]:
+    """Adds a former client with no contract and one with an open contract only; returns (those without a
+    date for the contracts clock, unpseudonymised former clients)."""
+    from helpers import add_contact, add_contract
+    from datetime import date
+
+    add_contact(conn, "former_client", date(2019, 1, 1))
+    open_only = add_contact(conn, "former_client", date(2019, 1, 1))
+    add_contract(conn, open_only, date(2019, 1, 1), None)
+    conn.commit()
+    missing, total = conn.execute(
+        "SELECT count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM crm.contracts x WHERE x.contact_id = c.contact_id"
+        " AND x.end_date IS NOT NULL)), count(*) FROM crm.contacts c WHERE status = 'former_client'"
+        " AND pseudonymised_at IS NULL").fetchone()  # type: ignore[misc]
+    conn.rollback()
+    return missing, total
+
+
+def test_a_rule_that_never_selects_some_subjects_warns(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    missing, total = _former_clients_without_a_date(conn)
+    assert missing == 2  # the seeded former clients all have an ended contract
+    no_fallback = _variant(demo_data, lambda d: d["rules"][2]["clock"].pop("fallback"))
+    assert check_policy(conn, no_fallback).warnings == [
+        f"rules[2] (former_clients): 2 of the {total} subjects with status in (former_client) have no row with a"
+        " end_date in crm.contracts and the clock has no fallback (set clock.fallback, e.g. created_at);"
+        " the rule never selects them"
+    ]
+    # The demo policy's fallback (created_at, NOT NULL) gives every one of them a date: nothing to say.
+    assert check_policy(conn, parse_policy(demo_data, "demo")).warnings == []
+
+
+def test_a_fallback_column_that_may_be_empty_is_counted_too(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    _, total = _former_clients_without_a_date(conn)
+    nullable = _variant(demo_data, lambda d: d["rules"][2]["clock"].update(fallback="pseudonymised_at"))
+    assert check_policy(conn, nullable).warnings == [
+        f"rules[2] (former_clients): 2 of the {total} subjects with status in (former_client) have no row with a"
+        " end_date in crm.contracts and no pseudonymised_at; the rule never selects them"
+    ]
+
+
+def test_a_rule_whose_statuses_match_no_subject_warns(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    typo = _variant(demo_data, lambda d: d["rules"][2]["statuses"].update(values=["former-client"]))
+    assert check_policy(conn, typo).warnings == [
+        "rules[2] (former_clients): no subject has status in (former-client): the rule selects nobody"
+        " (check statuses.values)"
+    ]
+
+
+def test_a_fallback_must_be_a_date_column(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, _variant(demo_data, lambda d: d["rules"][2]["clock"].update(fallback="email")))
+    assert _problems(info) == ["rules[2].clock.fallback: crm.contacts.email is text, expected a date"]

@@ -80,7 +80,7 @@ def as_of(context: Any) -> str:
 
 def prepare_warehouse(conn: psycopg.Connection, policy: Policy) -> "CatalogReport":
     """Before any write: install the control schema if missing, check the policy against the live
-    catalog, log the index warnings. Configuration errors fail the task at once (no retry)."""
+    catalog, log its warnings (indexes, rules that select nobody). Configuration errors fail the task at once (no retry)."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from warehouse_gdpr.engine import catalog, schema
@@ -92,5 +92,5 @@ def prepare_warehouse(conn: psycopg.Connection, policy: Policy) -> "CatalogRepor
         log.error("%s", exc)
         raise AirflowFailException(str(exc)) from None
     for warning in report.warnings:
-        log.warning("index check: %s", warning)
+        log.warning("catalog check: %s", warning)
     return report

@@ -3,7 +3,8 @@
 `check_policy(conn, policy)` reads pg_catalog once, then checks every table and column the policy
 names, the column types pseudonymisation needs, and that each hold predicate compiles. It raises
 `CatalogError` listing every problem with its place in the policy (``tables[2].columns.body``), and
-returns warnings (e.g. a join column without an index) for the logs.
+returns warnings for the logs: a join or email column without its index, and a rule that can never
+select some subjects of its statuses (their clock has no date and no fallback) or selects nobody.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import psycopg
 from psycopg import sql
 
 from .policy import FixedColumn, HashColumn, LastInteractionClock, NullColumn, Policy, RelatedMaxClock
-from .candidates import hold_predicate, qualified
+from .candidates import hold_predicate, qualified, rule_params, unselectable_query
 
 TEXT_TYPES = ("text", "character varying", "character")
 TIME_TYPES = ("timestamp with time zone", "timestamp without time zone", "date")
@@ -147,8 +148,11 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
     for i, rule in enumerate(policy.rules):
         where = f"rules[{i}]"
         need(f"{where}.statuses.column", subject.table, rule.statuses.column)
-        if isinstance(rule.clock, LastInteractionClock) and rule.clock.fallback:
-            need(f"{where}.clock.fallback", subject.table, rule.clock.fallback)
+        if rule.clock.fallback:
+            col = need(f"{where}.clock.fallback", subject.table, rule.clock.fallback)
+            if col and col.type not in TIME_TYPES:
+                problems.append(
+                    f"{where}.clock.fallback: {subject.table}.{rule.clock.fallback} is {col.type}, expected a date")
         if isinstance(rule.clock, RelatedMaxClock):
             col = need(f"{where}.clock.column", rule.clock.table, rule.clock.column)
             if col and col.type not in TIME_TYPES:
@@ -173,7 +177,37 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
             )
     if (inter.table, inter.subject_column) not in indexed:
         report.warnings.append(f"{inter.table}.{inter.subject_column} has no index: clock evaluation will scan the table")
+    for i in range(len(policy.rules)):
+        report.warnings += _unselectable(conn, policy, i, catalog[subject.table])
     return report
+
+
+def _unselectable(conn: psycopg.Connection, policy: Policy, i: int, subject_columns: dict[str, Column]) -> list[str]:
+    """Warnings for rule `i`: no subject has its statuses, or some will never have a clock value. One
+    query; it counts only when that can happen (a NOT NULL fallback column gives every subject a date)."""
+    rule = policy.rules[i]
+    where = f"rules[{i}] ({rule.name})"
+    values = ", ".join(rule.statuses.values)
+    fallback = subject_columns.get(rule.clock.fallback) if rule.clock.fallback else None
+    with conn.transaction():
+        row = conn.execute(
+            unselectable_query(policy, rule, count_missing=not (fallback and fallback.not_null)),
+            rule_params(policy, rule, "now"),
+        ).fetchone()
+    exists, total, missing = row if row else (False, 0, 0)
+    if not exists:
+        return [f"{where}: no subject has {rule.statuses.column} in ({values}): the rule selects nobody "
+                "(check statuses.values)"]
+    if not missing:
+        return []
+    clock = rule.clock
+    why = (f"no row with a {clock.column} in {clock.table}" if isinstance(clock, RelatedMaxClock)
+           else "no own interaction")
+    cure = (f"and no {clock.fallback}" if clock.fallback
+            else "and the clock has no fallback (set clock.fallback, e.g. created_at)")
+    everyone = ": the rule selects nobody" if missing == total else ""
+    return [f"{where}: {missing} of the {total} subjects with {rule.statuses.column} in ({values}) have {why} {cure}; "
+            f"the rule never selects them{everyone}"]
 
 
 def compile_problem(conn: psycopg.Connection, subject_table: str, predicate: sql.Composable) -> str | None:

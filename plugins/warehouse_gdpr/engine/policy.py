@@ -85,6 +85,11 @@ _CLOCK_KIND = (
     "`last_interaction`: the person's last own interaction; `related_max`: the latest value of a column of a "
     "mapped table"
 )
+_CLOCK_FALLBACK = (
+    "subject column (a date) the clock uses when it finds no date: with `last_interaction`, a person who never "
+    "interacted; with `related_max`, a person with no row in `table` or only NULL values in `column` (e.g. "
+    "`created_at`); without it, such a person is never selected (the catalog check warns)"
+)
 _TARGET_NAME = "unique name of the target (outbox, audit, the register's `processors[].targets`)"
 _TARGET_KIND = "how it is reached: `http` (an API) or `sql` (statements on another database)"
 _TARGET_CONNECTION = "Airflow connection (HTTP: base URL and auth headers; SQL: any DB-API connection)"
@@ -150,8 +155,8 @@ class MappedTable(_Model):
     subject_column: Ident = Field(description="the column holding the subject's primary key")
     email_columns: list[Ident] = Field(
         default_factory=list,
-        description="text columns holding the person's email: an erasure also finds rows by them (rows never linked "
-        "to the subject)",
+        description="text columns holding the person's email: the sweep, erasure and the opt-out guard also find the "
+        "person's rows by them (rows never linked to the subject); index `lower(btrim(column))`",
     )
     kept_when_held: bool = Field(
         default=False, description="kept, not erased, when a hold restricts an erasure (e.g. accounting records)"
@@ -202,17 +207,16 @@ class StatusFilter(_Model):
 
 class LastInteractionClock(_Model):
     kind: Literal["last_interaction"] = Field(description=_CLOCK_KIND)
-    fallback: Ident | None = Field(
-        default=None,
-        description="with `last_interaction`: subject column used when the person never interacted (e.g. "
-        "`created_at`); without it, such a person is never selected",
-    )
+    fallback: Ident | None = Field(default=None, description=_CLOCK_FALLBACK)
 
 
 class RelatedMaxClock(_Model):
     kind: Literal["related_max"] = Field(description=_CLOCK_KIND)
     table: QualifiedName = Field(description="a mapped table, joined on its `subject_column` (e.g. contracts)")
-    column: Ident = Field(description="its date column (e.g. `end_date`)")
+    column: Ident = Field(
+        description="its date column (e.g. `end_date`); NULL values are ignored (an open contract has no end)"
+    )
+    fallback: Ident | None = Field(default=None, description=_CLOCK_FALLBACK)
 
 
 Clock = Annotated[Union[LastInteractionClock, RelatedMaxClock], Field(discriminator="kind")]
