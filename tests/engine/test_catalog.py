@@ -383,7 +383,7 @@ def _former_clients_without_a_date(conn: psycopg.Connection) -> tuple[int, int]:
 def test_a_rule_that_never_selects_some_subjects_warns(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
     missing, total = _former_clients_without_a_date(conn)
     assert missing == 2  # the seeded former clients all have an ended contract
-    no_fallback = _variant(demo_data, lambda d: d["rules"][2]["clock"].pop("fallback"))
+    no_fallback = _variant(demo_data, lambda d: d["rules"][2]["clock"].pop("fallback", None))
     assert check_policy(conn, no_fallback).warnings == [
         f"rules[2] (former_clients): 2 of the {total} subjects with status in (former_client) have no row with a"
         " end_date in crm.contracts and the clock has no fallback (set clock.fallback, e.g. created_at);"
