@@ -231,6 +231,24 @@ def test_an_email_another_subject_still_holds_stays_with_that_subject(conn, poli
     assert located.subject_ids == [active] and located.rows["crm.support_tickets"] == 1
 
 
+def test_an_email_every_holder_of_which_is_treated_goes_with_them(conn, policy: Policy, keys: Keys) -> None:
+    shared = "twice.imported@rare-names.example"
+    first = add_contact(conn, "prospect", date(2018, 1, 1), email=shared)
+    second = add_contact(conn, "lead", date(2018, 2, 1), email=" " + shared.upper())  # both expired
+    ticket = new_id()
+    conn.execute("INSERT INTO crm.support_tickets (ticket_id, contact_id, requester_email, subject, body, created_at)"
+                 " VALUES (%s, NULL, %s, 'Help', 'Hello', now())", (ticket, shared))
+    conn.commit()
+
+    prospects = sweep.apply_rule(conn, policy, policy.rule("prospects_never_converted"), keys, CTX, AS_OF)
+    assert _count(conn, "SELECT count(*) FROM crm.support_tickets WHERE ticket_id = %s", ticket) == 1  # the lead holds it
+    leads = sweep.apply_rule(conn, policy, policy.rule("leads_not_converted"), keys, CTX, AS_OF)
+
+    assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = ANY(%s)", [first, second]) == 0
+    assert _count(conn, "SELECT count(*) FROM crm.support_tickets WHERE ticket_id = %s", ticket) == 0
+    assert prospects.rows_by_table["crm.support_tickets"] == 0 and leads.rows_by_table["crm.support_tickets"] == 1
+
+
 def test_a_resurrected_persons_unlinked_rows_are_erased_again(conn, policy: Policy, keys: Keys) -> None:
     email = "phoenix.rowan@rare-names.example"
     first = add_contact(conn, "prospect", date(2024, 1, 1), email=email)

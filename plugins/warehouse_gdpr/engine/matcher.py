@@ -91,14 +91,16 @@ def stage(conn: psycopg.Connection, policy: Policy, ids: sql.Composable) -> Pers
     subject = policy.subject
     table, pk = qualified(subject.table), sql.Identifier(subject.primary_key)
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {e}").format(e=EMAIL_TABLE))
+    # One row per email of the set; kept when every subject holding it is in the set (its holders,
+    # counted through the email index, one probe per email: no scan of the subject table).
     conn.execute(
         sql.SQL(
             "CREATE TEMP TABLE {e} ON COMMIT DROP AS"
-            " SELECT DISTINCT ON (m.email_norm) m.email_norm, m.subject_id"
-            " FROM (SELECT {norm} AS email_norm, s.{pk} AS subject_id FROM {t} s WHERE s.{pk} IN {ids}) m"
+            " SELECT m.email_norm, m.subject_id"
+            " FROM (SELECT {norm} AS email_norm, (array_agg(s.{pk} ORDER BY s.{pk}))[1] AS subject_id,"
+            "  count(*) AS in_set FROM {t} s WHERE s.{pk} IN {ids} GROUP BY 1) m"
             " WHERE position('@' in m.email_norm) > 0"
-            "  AND NOT EXISTS (SELECT 1 FROM {t} o WHERE {onorm} = m.email_norm AND o.{pk} NOT IN {ids})"
-            " ORDER BY m.email_norm, m.subject_id"
+            "  AND (SELECT count(*) FROM {t} o WHERE {onorm} = m.email_norm) = m.in_set"
         ).format(e=EMAIL_TABLE, norm=normalised(sql.Identifier("s", subject.email_column)), pk=pk, t=table, ids=ids,
                  onorm=normalised(sql.Identifier("o", subject.email_column)))
     )
