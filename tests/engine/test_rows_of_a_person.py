@@ -23,10 +23,10 @@ from helpers import (
 )
 from psycopg import sql
 
-from warehouse_gdpr import erasure, matcher, optout, sweep
-from warehouse_gdpr.audit import RunContext
-from warehouse_gdpr.crypto import Keys
-from warehouse_gdpr.policy import Policy
+from warehouse_gdpr.engine import erasure, matcher, optout, sweep
+from warehouse_gdpr.engine.audit import RunContext
+from warehouse_gdpr.engine.crypto import Keys
+from warehouse_gdpr.engine.policy import Policy
 
 CTX = RunContext("test_rows", "run-1", "apply")
 TODAY = date(2026, 6, 15)
