@@ -81,11 +81,12 @@ def email_tables(policy: Policy) -> list[MappedTable]:
     return [t for t in policy.tables if t.email_columns and t.table != policy.subject.table]
 
 
-def stage(conn: psycopg.Connection, policy: Policy, ids: sql.Composable) -> Persons:
+def stage(conn: psycopg.Connection, policy: Policy, ids: sql.Composable, owners: bool = False) -> Persons:
     """The persons whose subject ids `ids` (a parenthesised subquery) names, for set-based statements.
 
     Creates ``_gdpr_match_email`` (dropped at commit) from the subject rows as they are NOW: call it
-    first in the transaction, before the subject's email is overwritten. Run inside a transaction."""
+    first in the transaction, before the subject's email is overwritten. Run inside a transaction.
+    With `owners`, the table is indexed for `owner` (one lookup per row found by email)."""
     if not email_tables(policy):
         return Persons(ids=ids)  # nothing is found by email: no need to read the emails
     subject = policy.subject
@@ -104,7 +105,8 @@ def stage(conn: psycopg.Connection, policy: Policy, ids: sql.Composable) -> Pers
         ).format(e=EMAIL_TABLE, norm=normalised(sql.Identifier("s", subject.email_column)), pk=pk, t=table, ids=ids,
                  onorm=normalised(sql.Identifier("o", subject.email_column)))
     )
-    conn.execute(sql.SQL("CREATE UNIQUE INDEX ON {e} (email_norm)").format(e=EMAIL_TABLE))
+    if owners:
+        conn.execute(sql.SQL("CREATE UNIQUE INDEX ON {e} (email_norm)").format(e=EMAIL_TABLE))
     return Persons(ids=ids, staged=True)
 
 

@@ -217,7 +217,7 @@ def _pseudonymise_batch(
     subject = policy.subject
     # The persons' emails are read now, before the subject's email column is hashed below: rows found
     # by email (never linked to the subject) are matched with the original address.
-    persons = matcher.stage(conn, policy, UNHELD)
+    persons = matcher.stage(conn, policy, UNHELD, owners=True)
     for mapped in policy.tables:
         hashed, sets = _treatment_sql(mapped)
         is_subject = mapped.table == subject.table
