@@ -315,6 +315,17 @@ def preflight_passed(conn: psycopg.Connection, ctx: RunContext, target_name: str
     return row is not None and row[0] == "passed"
 
 
+def failed_preflights(conn: psycopg.Connection, ctx: RunContext) -> list[str]:
+    """The targets whose latest preflight in this DAG run failed (from the audit log), sorted."""
+    rows = conn.execute(
+        "SELECT DISTINCT ON (table_name) table_name, outcome FROM gdpr.audit_log WHERE dag_id = %s AND run_id = %s"
+        " AND action = 'preflight' ORDER BY table_name, audit_id DESC",
+        (ctx.dag_id, ctx.run_id),
+    ).fetchall()
+    conn.rollback()
+    return sorted(name.removeprefix("target:") for name, outcome in rows if outcome != "passed")
+
+
 # -- one attempt -----------------------------------------------------------------------------------------
 
 
