@@ -16,9 +16,9 @@ Every route but the control routes needs the key or token (401 otherwise). A mis
 404 with the tool's own not-found body; an unknown route answers 404 ``{"code": "not_found", ...}``.
 
 Both serve, without auth, ``POST /_control/fail`` ``{"count": N, "status": 500}`` (the next N
-non-control requests answer that status; ``"method": "DELETE"`` limits it to that method), ``GET /_control/requests`` (method, redacted path,
-status and time of each non-control request; bodies are never kept) and
-``GET /_control/contacts/count`` (and ``GET /_control/blocklist/count``). Emails are personal data: paths are stored and logged with the
+non-control requests answer that status; ``"method": "DELETE"`` limits it to that method),
+``GET /_control/requests`` (method, redacted path, status and time of each non-control request;
+bodies are never kept) and ``GET /_control/contacts/count`` (and ``GET /_control/blocklist/count``). Emails are personal data: paths are stored and logged with the
 identifier replaced by ``<redacted>`` and query strings dropped. Servers bind to 127.0.0.1 unless
 told otherwise (``host=``, ``--host``): plain HTTP, demo credentials, no auth on the control routes.
 
@@ -119,7 +119,8 @@ class _State:
     def redact(self, path: str) -> str:
         """``path`` without query string and with any identifier replaced by ``<redacted>``."""
         path = urlsplit(path).path
-        if path in (self.flavour.prefix, self.flavour.blocklist_path, self.flavour.account_path) or path.startswith(CONTROL):
+        flavour = self.flavour
+        if path in (flavour.prefix, flavour.blocklist_path, flavour.account_path) or path.startswith(CONTROL):
             return path
         if path.startswith(self.flavour.prefix + "/"):
             return f"{self.flavour.prefix}/{REDACTED}"

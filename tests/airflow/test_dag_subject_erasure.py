@@ -39,8 +39,10 @@ def _erasable_person(url: str) -> tuple[int, str, str, str]:
     return row  # type: ignore[return-value]
 
 
-def _run(dag_id: str, conf: dict, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
-         run_after: datetime = RUN_AFTER):
+def _run(  # type: ignore[no-untyped-def]
+    dag_id: str, conf: dict, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+    run_after: datetime = RUN_AFTER,
+):
     with caplog.at_level(logging.INFO):
         dag_run = _dag(dag_id).test(run_after=run_after, logical_date=run_after, run_conf=conf)
     out, err = capfd.readouterr()

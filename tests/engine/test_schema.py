@@ -220,8 +220,8 @@ def test_version_5_adds_the_outbox_claim_and_keeps_pending_erasures(
     """v5's step on its own: the outbox of a v4 warehouse gets claimed_until/claimed_by, its rows kept, and
     the engine's role may claim a row (propagation holds no transaction across a downstream call)."""
     with conn.transaction():
-        conn.execute("INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status, outcome)"
-                     " VALUES ('REQ-V5', repeat('b', 64), current_date, current_date + 30, 'pending_propagation',"
+        conn.execute("INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status,"
+                     " outcome) VALUES ('REQ-V5', repeat('b', 64), current_date, current_date + 30, 'pending_propagation',"
                      " 'erased')")
         conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce,"
                      " identifier_ciphertext) VALUES ('REQ-V5', 'emailing', 'pending', 'k1', '\\x00', '\\x01')")

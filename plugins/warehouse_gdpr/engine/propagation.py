@@ -380,7 +380,9 @@ def propagate(
     key_id, nonce, ciphertext, subject_hash = claimed
     # 2. The call, outside any transaction.
     assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-    identifier = keys.decrypt(key_id, bytes(nonce), bytes(ciphertext), outbox_aad(request_id, target_name, key_id)).decode()
+    identifier = keys.decrypt(
+        key_id, bytes(nonce), bytes(ciphertext), outbox_aad(request_id, target_name, key_id)
+    ).decode()
     if isinstance(target, HttpTarget):
         acknowledged, result, misconfigured = call_http(target, identifier, transport)
     else:

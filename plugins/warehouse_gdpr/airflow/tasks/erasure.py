@@ -195,7 +195,7 @@ def preflight_pending(policy_file: str, context: Any) -> dict[str, Any]:
     failed: dict[str, str] = {}
     with connections.connect(policy) as conn:
         targets = [r[0] for r in conn.execute(
-            "SELECT target, count(*) FROM gdpr.erasure_propagation WHERE status = 'pending' GROUP BY target ORDER BY target"
+            "SELECT DISTINCT target FROM gdpr.erasure_propagation WHERE status = 'pending' ORDER BY target"
         ).fetchall()]
         conn.rollback()
         for target in targets:
