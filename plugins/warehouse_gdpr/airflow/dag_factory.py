@@ -105,7 +105,7 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
 
 def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
     """validate_request -> [approve_erasure] -> erase -> downstream[target] (preflight -> propagate) -> verify
-    (erasure_tasks.py)."""
+    (airflow/tasks/erasure.py)."""
     path = str(policy_file or connections.policy_path())
     policy = _load(path)
     settings = policy.erasure if policy else None

@@ -6,8 +6,8 @@ row lock is held while the target is called (schema v5):
 1. claim the outbox row in a short committed transaction (`claimed_until`, `claimed_by`); a second
    worker skips a row whose claim has not expired, so a target is never called twice at once, and the
    claim of a worker that died mid-call expires by itself;
-2. decrypt the identifier and call the target through the transport seam (transport.py; the Airflow
-   adapters are in airflow_transport.py): each call has an overall deadline;
+2. decrypt the identifier and call the target through the transport seam (warehouse_gdpr.transport;
+   the Airflow adapters are in airflow/transport.py): each call has an overall deadline;
 3. record the attempt in a second short transaction. On acknowledgement the outbox row is marked
    acknowledged and its ciphertext destroyed, in the same transaction as the audit rows. Otherwise it
    raises `TargetNotAcknowledged` (`TargetMisconfigured` when retrying cannot help), and the row stays
@@ -42,7 +42,7 @@ from .audit import RunContext
 from .crypto import Keys
 from .erasure import outbox_aad
 from .policy import HttpTarget, Policy, SqlTarget
-from .transport import ConnectionNotUsable, HttpAnswer, Transport, TransportError
+from ..transport import ConnectionNotUsable, HttpAnswer, Transport, TransportError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The seam between the engine and the downstream systems it tells to erase a person.
 
-The engine (propagation.py) calls a downstream system only through these two small interfaces and
-never imports Airflow; the Airflow layer (airflow_transport.py) implements them with HttpHook and the
+The engine (engine/propagation.py) calls a downstream system only through these two small interfaces
+and never imports Airflow; the Airflow layer (airflow/transport.py) implements them with HttpHook and the
 connection's DB-API hook, and the task bodies pass that implementation in. A test or another
 orchestrator can pass its own.
 

@@ -1,4 +1,4 @@
-"""The Airflow side of the transport seam (transport.py): what the engine's downstream calls go through.
+"""The Airflow side of the transport seam (warehouse_gdpr.transport): what the engine's downstream calls go through.
 
 - HTTP: `HttpHook` gives the base URL, auth and headers of the target's HTTP connection (its extras:
   `verify`, `proxies`, ...). The request never follows a redirect and has an overall deadline: a
@@ -25,7 +25,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .transport import ConnectionNotUsable, DeadlineExceeded, HttpAnswer, SqlOutcome, TransportError
+from warehouse_gdpr.transport import ConnectionNotUsable, DeadlineExceeded, HttpAnswer, SqlOutcome, TransportError
 
 MAX_BODY = 1 << 20  # bytes of an answer we read; a longer one is not an answer we can judge
 QUERY_CANCELED = "57014"  # PostgreSQL's SQLSTATE when statement_timeout cut a statement
