@@ -242,4 +242,13 @@ REVOKE ALL ON gdpr.processing_register FROM PUBLIC;
 GRANT SELECT, INSERT ON gdpr.processing_register TO gdpr_engine;
 GRANT SELECT ON gdpr.processing_register TO gdpr_auditor;
 
-INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3), (4) ON CONFLICT (version) DO NOTHING;
+-- v5: a claim (lease) on an outbox row while one worker calls its target, so that no transaction and no
+-- row lock is held across the network call. A worker sets claimed_until and claimed_by in a short
+-- committed transaction, calls the target, then records the answer in a second short transaction; another
+-- worker skips a row whose claim has not expired. The claim of a worker that died mid-call expires by
+-- itself. claimed_by names the DAG run and task (no personal data).
+ALTER TABLE gdpr.erasure_propagation ADD COLUMN IF NOT EXISTS claimed_until timestamptz;
+ALTER TABLE gdpr.erasure_propagation ADD COLUMN IF NOT EXISTS claimed_by text;
+GRANT SELECT (claimed_until, claimed_by) ON gdpr.erasure_propagation TO gdpr_auditor;
+
+INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3), (4), (5) ON CONFLICT (version) DO NOTHING;

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+import os
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from scripted_http import ScriptedServer
 from warehouse_gdpr_demo.services import start_telephony
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,9 +39,12 @@ def _erasable_person(url: str) -> tuple[int, str, str, str]:
     return row  # type: ignore[return-value]
 
 
-def _run(dag_id: str, conf: dict, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+def _run(  # type: ignore[no-untyped-def]
+    dag_id: str, conf: dict, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+    run_after: datetime = RUN_AFTER,
+):
     with caplog.at_level(logging.INFO):
-        dag_run = _dag(dag_id).test(run_after=RUN_AFTER, logical_date=RUN_AFTER, run_conf=conf)
+        dag_run = _dag(dag_id).test(run_after=run_after, logical_date=run_after, run_conf=conf)
     out, err = capfd.readouterr()
     return str(dag_run.state), out + err + caplog.text
 
@@ -101,7 +106,7 @@ def test_erasure_propagates_after_a_500_and_logs_no_personal_data(
 ) -> None:
     contact_id, email, first, last = _erasable_person(airflow_conns)
     downstream.add_person(email)
-    downstream.emailing.fail_next(1, 500)
+    downstream.emailing.fail_next(1, 500, method="DELETE")  # the erasure call, not the preflight
 
     state, logs = _run("gdpr_subject_erasure", {"email": email.upper(), "request_id": "REQ-2026-0001"}, caplog, capfd)
 
@@ -137,8 +142,9 @@ def test_target_down_stays_pending_then_retry_dag_completes(
 
     state, logs = _run("gdpr_subject_erasure", {"email": email, "request_id": "REQ-2026-0002"}, caplog, capfd)
 
-    assert state == "failed"  # propagate[telephony] exhausted its retries: the run says so
-    assert "did not acknowledge" in logs
+    assert state == "failed"  # preflight[telephony] exhausted its retries: nothing was sent, the run says so
+    assert "preflight of target telephony failed: GET /company answered no answer (ConnectionError)" in logs
+    assert "1 target(s) have not acknowledged: telephony" in logs
     assert _request(airflow_conns, "REQ-2026-0002") == ("pending_propagation", "erased")
 
     downstream.telephony = start_telephony("test-token", port=port, contacts=snapshot)
@@ -153,6 +159,63 @@ def test_target_down_stays_pending_then_retry_dag_completes(
             "SELECT count(*) FROM gdpr.erasure_propagation WHERE identifier_ciphertext IS NOT NULL"
         ).fetchone()[0]  # type: ignore[index]
     assert left == 0, "every acknowledged identifier is destroyed"
+
+
+def _outbox(url: str, request_id: str) -> dict[str, tuple]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT target, status, attempts, identifier_ciphertext IS NOT NULL FROM gdpr.erasure_propagation"
+            " WHERE request_id = %s ORDER BY target", (request_id,)
+        ).fetchall()
+    return {r[0]: r[1:] for r in rows}
+
+
+def test_a_wrong_base_url_fails_the_preflight_and_the_erasure_stays_pending_until_fixed(
+    airflow_home: Path, airflow_conns: str, downstream, fast_retry_policy: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A connection pointing at the wrong base URL gets 404 for every call. "404 = already gone" used to
+    complete the request and destroy the identifier while the emailing tool kept the person."""
+    _, email, first, last = _erasable_person(airflow_conns)
+    downstream.add_person(email)
+    right = os.environ["AIRFLOW_CONN_EMAILING"]
+    wrong = ScriptedServer([])  # answers 404 to everything
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_EMAILING", wrong.connection(**{"api-key": "test-api-key"}))
+
+        state, logs = _run("gdpr_subject_erasure", {"email": email, "request_id": "REQ-2026-0404"}, caplog, capfd)
+
+        assert state == "failed"
+        assert ("preflight of target emailing failed: GET /v3/account answered HTTP 404 (wrong base URL or "
+                "endpoint?). The base URL or the credentials of its connection 'emailing' are not proven right, "
+                "so nothing is sent to it and its erasures stay pending") in logs
+        assert "1 target(s) have not acknowledged: emailing" in logs
+        assert _request(airflow_conns, "REQ-2026-0404") == ("pending_propagation", "erased")
+        assert _outbox(airflow_conns, "REQ-2026-0404") == {
+            "emailing": ("pending", 0, True), "support_desk": ("acknowledged", 1, False),
+            "telephony": ("acknowledged", 1, False)}
+        assert wrong.requests == [("GET", "/v3/account")], "a configuration error is not retried; nothing sent"
+
+        state, logs = _run("gdpr_erasure_retry", {}, caplog, capfd)
+
+        assert state == "failed"
+        assert "1 target(s) failed their preflight: preflight of target emailing failed" in logs
+        assert _request(airflow_conns, "REQ-2026-0404") == ("pending_propagation", "erased")
+        assert _outbox(airflow_conns, "REQ-2026-0404")["emailing"] == ("pending", 0, True)
+        assert wrong.requests == [("GET", "/v3/account")] * 2
+    finally:
+        wrong.stop()
+    assert downstream.emailing.has_contact(email)
+    monkeypatch.setenv("AIRFLOW_CONN_EMAILING", right)  # on-call fixes the connection
+
+    state, logs = _run("gdpr_erasure_retry", {}, caplog, capfd, run_after=RUN_AFTER + timedelta(hours=1))
+
+    assert state == "success", logs[-4000:]
+    assert _request(airflow_conns, "REQ-2026-0404") == ("completed", "erased")
+    assert not downstream.emailing.has_contact(email)
+    assert _outbox(airflow_conns, "REQ-2026-0404")["emailing"] == ("acknowledged", 1, False)
+    for value in (email, f"{first} {last}"):
+        assert value not in logs
 
 
 def test_dry_run_changes_nothing(

@@ -166,12 +166,22 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
     )
 
 
+def _downgrade_to_version_4(conn: psycopg.Connection) -> None:
+    """The control schema as version 4 left it: no claim columns on the outbox (what version 5 added)."""
+    with conn.transaction():
+        conn.execute("ALTER TABLE gdpr.erasure_propagation DROP COLUMN claimed_until, DROP COLUMN claimed_by")
+        conn.execute("DELETE FROM gdpr.schema_version WHERE version = 5")
+    assert schema.installed_version(conn) == 4
+    conn.commit()
+
+
 def _downgrade_to_version_3(conn: psycopg.Connection) -> None:
     """The control schema as version 3 left it: no gdpr.processing_register (what version 4 added)."""
+    _downgrade_to_version_4(conn)
     with conn.transaction():
         conn.execute("DROP TABLE gdpr.processing_register")
         conn.execute("DELETE FROM gdpr.schema_version WHERE version = 4")
-    assert schema.SCHEMA_VERSION == 4, "simulate the version before the current one here"
+    assert schema.SCHEMA_VERSION == 5, "simulate the versions before the current one here"
     assert schema.installed_version(conn) == 3
     conn.commit()
 
@@ -186,7 +196,7 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
     with pytest.raises(schema.SchemaError) as info:
         schema.ensure_schema(dag_conn)
     message = str(info.value)
-    assert message.startswith("the gdpr control schema is out of date (installed version 3, this package needs 4) "
+    assert message.startswith("the gdpr control schema is out of date (installed version 3, this package needs 5) "
                               "and this connection (role gdpr_dag) may not upgrade it (permission denied")
     assert WHAT_TO_RUN in message and "not installed" not in message and "include/" not in message
     assert dag_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # rolled back, usable
@@ -194,7 +204,7 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
     dag_conn.commit()
 
     assert schema.ensure_schema(conn) is True
-    assert schema.installed_version(dag_conn) == 4
+    assert schema.installed_version(dag_conn) == 5
     assert _count(conn, "gdpr.audit_log") == 1
     assert schema.ensure_schema(dag_conn) is False  # the DAGs go on as the engine
     with dag_conn.transaction():  # with version 4's grants
@@ -202,6 +212,37 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
             "INSERT INTO gdpr.processing_register (sha256, policy_file, activities, markdown, html)"
             " VALUES (repeat('a', 64), 'policy.yaml', 1, '# r', '<h1>r</h1>')"
         )
+
+
+def test_version_5_adds_the_outbox_claim_and_keeps_pending_erasures(
+    conn: psycopg.Connection, dag_conn: psycopg.Connection
+) -> None:
+    """v5's step on its own: the outbox of a v4 warehouse gets claimed_until/claimed_by, its rows kept, and
+    the engine's role may claim a row (propagation holds no transaction across a downstream call)."""
+    with conn.transaction():
+        conn.execute("INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status,"
+                     " outcome) VALUES ('REQ-V5', repeat('b', 64), current_date, current_date + 30, 'pending_propagation',"
+                     " 'erased')")
+        conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce,"
+                     " identifier_ciphertext) VALUES ('REQ-V5', 'emailing', 'pending', 'k1', '\\x00', '\\x01')")
+    _downgrade_to_version_4(conn)
+    with pytest.raises(schema.SchemaError, match=r"installed version 4, this package needs 5"):
+        schema.ensure_schema(dag_conn)
+    dag_conn.rollback()
+
+    assert schema.ensure_schema(conn) is True
+
+    row = dag_conn.execute(
+        "UPDATE gdpr.erasure_propagation SET claimed_until = now() + interval '1 minute', claimed_by = 'test'"
+        " WHERE request_id = 'REQ-V5' RETURNING status, key_id, identifier_ciphertext IS NOT NULL, claimed_by"
+    ).fetchone()
+    dag_conn.commit()
+    assert row == ("pending", "k1", True, "test")
+    auditor = conn.execute(
+        "SELECT has_column_privilege('gdpr_auditor', 'gdpr.erasure_propagation', 'claimed_until', 'SELECT'),"
+        " has_column_privilege('gdpr_auditor', 'gdpr.erasure_propagation', 'identifier_ciphertext', 'SELECT')"
+    ).fetchone()
+    assert auditor == (True, False)
 
 
 # -- the audit log is append-only --------------------------------------------------------------

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from airflow.sdk import DAG, Param, dag, get_current_context, task
+from airflow.sdk import DAG, Param, dag, get_current_context, task, task_group
 
 from warehouse_gdpr.airflow import connections
 from warehouse_gdpr.airflow.tasks import erasure as erasure_tasks
@@ -103,7 +104,8 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
 
 
 def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
-    """validate_request -> [approve_erasure] -> erase -> propagate[target] -> verify (erasure_tasks.py)."""
+    """validate_request -> [approve_erasure] -> erase -> downstream[target] (preflight -> propagate) -> verify
+    (airflow/tasks/erasure.py)."""
     path = str(policy_file or connections.policy_path())
     policy = _load(path)
     settings = policy.erasure if policy else None
@@ -152,13 +154,25 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
         def targets_to_notify(erased: dict) -> list:
             return erased["targets"]
 
-        @task(
-            retries=settings.retries if settings else 5,
-            retry_delay=timedelta(seconds=settings.retry_delay_seconds if settings else 60),
-            retry_exponential_backoff=True,
-        )
+        retry: dict[str, Any] = {
+            "retries": settings.retries if settings else 5,
+            "retry_delay": timedelta(seconds=settings.retry_delay_seconds if settings else 60),
+            "retry_exponential_backoff": True,
+        }
+
+        @task(**retry)
+        def preflight(policy_file: str, target: str) -> str:
+            return erasure_tasks.preflight(policy_file, target, get_current_context())
+
+        @task(**retry)
         def propagate(policy_file: str, target: str) -> str:
             return erasure_tasks.propagate(policy_file, target, get_current_context())
+
+        @task_group
+        def downstream(target: str) -> None:
+            """Per target: prove its base URL and credentials, then send the erasure (nothing is sent to a
+            target whose preflight failed: its erasure stays pending, and only its own tasks fail)."""
+            preflight(path, target) >> propagate(path, target)
 
         @task(trigger_rule="all_done")
         def verify(policy_file: str, erased: dict) -> dict:
@@ -175,14 +189,15 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
                 body="Request {{ params.request_id }}: see the validate_request log for counts and holds.",
             )
             checked >> approval >> erased
-        propagated = propagate.partial(policy_file=path).expand(target=targets_to_notify(erased))
+        propagated = downstream.expand(target=targets_to_notify(erased))
         propagated >> verify(path, erased)
 
     return gdpr_subject_erasure()
 
 
 def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
-    """Hourly: retry pending propagations, then flag requests near or past their due date."""
+    """Hourly: preflight the targets with pending erasures, retry those erasures (a target whose preflight
+    failed gets nothing), then flag requests near or past their due date."""
     path = str(policy_file or connections.policy_path())
 
     @dag(
@@ -193,11 +208,16 @@ def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
         max_active_runs=1,
         tags=["gdpr", "erasure"],
         default_args=DEFAULT_ARGS,
-        doc_md="Retry pending erasure propagations until each target acknowledges; flag requests due "
+        doc_md="Retry pending erasure propagations until each target acknowledges (after this run's preflight "
+               "of each target: a target whose preflight fails gets nothing and fails the run); flag requests due "
                "within `deadline_warning_days` or overdue.",
     )
     def gdpr_erasure_retry() -> None:
         @task
+        def preflight(policy_file: str) -> dict:
+            return erasure_tasks.preflight_pending(policy_file, get_current_context())
+
+        @task(trigger_rule="all_done")
         def retry_pending(policy_file: str) -> dict:
             return erasure_tasks.retry_pending(policy_file, get_current_context())
 
@@ -205,7 +225,9 @@ def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
         def check_deadlines(policy_file: str, retried: dict) -> dict:
             return erasure_tasks.check_deadlines(policy_file, get_current_context())
 
-        check_deadlines(path, retry_pending(path))
+        retried = retry_pending(path)
+        preflight(path) >> retried
+        check_deadlines(path, retried)
 
     return gdpr_erasure_retry()
 

@@ -93,6 +93,10 @@ _CLOCK_FALLBACK = (
 _TARGET_NAME = "unique name of the target (outbox, audit, the register's `processors[].targets`)"
 _TARGET_KIND = "how it is reached: `http` (an API) or `sql` (statements on another database)"
 _TARGET_CONNECTION = "Airflow connection (HTTP: base URL and auth headers; SQL: any DB-API connection)"
+_TARGET_TIMEOUT = (
+    "overall deadline of each call to the target, in seconds (HTTP: connecting, sending and the whole answer; "
+    "SQL on PostgreSQL: each statement's `statement_timeout`)"
+)
 
 
 class AirflowSettings(_Model):
@@ -251,7 +255,12 @@ class Rule(_Model):
 
 
 class HttpTarget(_Model):
-    """A downstream system reached over HTTP; base URL and auth come from an Airflow HTTP connection."""
+    """A downstream system reached over HTTP; base URL and auth come from an Airflow HTTP connection.
+
+    Redirects are never followed. An answer counts as an acknowledgement only when it is what the API
+    says success is (code and body); a 404 ("already gone") only after this run's preflight proved the
+    base URL and credentials right; and, where there is a lookup, only when the lookup then answers 404.
+    The presets (propagation.PRESETS) give each of these for their API."""
 
     name: Ident = Field(description=_TARGET_NAME)
     kind: Literal["http"] = Field(description=_TARGET_KIND)
@@ -269,10 +278,33 @@ class HttpTarget(_Model):
         default=None,
         description="JSON body; a string value that is exactly `{identifier}` is replaced by the identifier",
     )
-    success_codes: list[int] = Field(
-        default_factory=lambda: [200, 201, 202, 204],
-        description='acknowledged answers (404 always counts as "already gone")',
+    success_codes: list[int] | None = Field(
+        default=None,
+        description="the 2xx answers that acknowledge (default: the preset's, else 200, 201, 202, 204); a 3xx "
+        "redirect is never followed nor an acknowledgement",
     )
+    success_body: dict[str, object] | None = Field(
+        default=None,
+        description="JSON values a success answer's body must hold to count (e.g. `{deleted: true}`); in any case "
+        "a success answer whose body is not JSON, or holds an `error` or `errors` key, does not count",
+    )
+    not_found_body: dict[str, object] | None = Field(
+        default=None,
+        description='JSON values a 404 body must hold to mean "already gone" (default: the preset\'s); a 404 counts '
+        "only after this run's preflight passed",
+    )
+    preflight_endpoint: str | None = Field(
+        default=None,
+        description="authenticated `GET` path called once per run before any erasure is sent: a 2xx JSON object "
+        "proves the base URL and credentials, anything else keeps the target's erasures pending "
+        "(default: the preset's; required without a preset)",
+    )
+    lookup_endpoint: str | None = Field(
+        default=None,
+        description="`GET` path template with `{identifier}` that confirms a deletion: acknowledged only when it "
+        "answers 404 after the erasure call (default: the preset's)",
+    )
+    timeout_seconds: int = Field(default=30, ge=1, le=600, description=_TARGET_TIMEOUT)
 
     @model_validator(mode="after")
     def _preset_or_explicit(self) -> "HttpTarget":
@@ -280,6 +312,18 @@ class HttpTarget(_Model):
             raise ValueError("an http target needs a preset (brevo, hubspot) or both method and endpoint")
         if self.endpoint is not None and "{identifier}" not in self.endpoint and not self.body:
             raise ValueError("the endpoint or the body must contain {identifier}")
+        if self.preset is None and self.preflight_endpoint is None:
+            raise ValueError(
+                "an http target without a preset needs preflight_endpoint: an authenticated GET (e.g. the API's "
+                "account endpoint) that proves the base URL and credentials before any erasure is sent"
+            )
+        if self.preflight_endpoint is not None and "{identifier}" in self.preflight_endpoint:
+            raise ValueError("preflight_endpoint is called without a person: it must not contain {identifier}")
+        if self.lookup_endpoint is not None and "{identifier}" not in self.lookup_endpoint:
+            raise ValueError("lookup_endpoint must contain {identifier} (the lookup of the erased person)")
+        bad = [c for c in self.success_codes or [] if not 200 <= c <= 299]
+        if bad:
+            raise ValueError(f"success_codes must be 2xx answers (a redirect or an error never acknowledges), got {bad}")
         return self
 
 
@@ -293,6 +337,12 @@ class SqlTarget(_Model):
         min_length=1,
         description="run in one transaction with the `%(identifier)s` parameter (each statement must use it)",
     )
+    max_rows: int = Field(
+        default=100, ge=1, le=1_000_000,
+        description="the most rows the statements may change together for one person: a call that changes more "
+        "(or whose count the driver cannot give) is rolled back and not acknowledged",
+    )
+    timeout_seconds: int = Field(default=30, ge=1, le=600, description=_TARGET_TIMEOUT)
 
     @field_validator("statements")
     @classmethod

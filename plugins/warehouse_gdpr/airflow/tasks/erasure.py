@@ -13,6 +13,7 @@ from typing import Any
 from airflow.sdk.exceptions import AirflowFailException
 
 from warehouse_gdpr.airflow import connections
+from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import audit, erasure, propagation
 from warehouse_gdpr.engine.crypto import KeyError_
 from warehouse_gdpr.engine.erasure import ErasureRequest, RequestError
@@ -90,6 +91,24 @@ def erase(policy_file: str, context: Any) -> dict[str, Any]:
     return out
 
 
+def preflight(policy_file: str, target: str, context: Any) -> str:
+    """Prove the target's base URL and credentials (an authenticated call) before anything is sent to it.
+    A wrong URL, a redirect or refused credentials fail at once (no retry); no answer or a 5xx retries."""
+    policy = _policy(policy_file)
+    ctx = connections.run_context(context, False)
+    with connections.connect(policy) as conn:
+        try:
+            return propagation.preflight(conn, policy, ctx, target, AirflowTransport())
+        except propagation.PreflightFailed as exc:
+            if exc.retryable:
+                log.warning("%s. Airflow retries with backoff.", exc)
+                raise
+            log.error("%s", exc)
+            raise AirflowFailException(str(exc)) from None
+        except ValueError as exc:  # a target no longer in the policy
+            raise AirflowFailException(str(exc)) from None
+
+
 def propagate(policy_file: str, target: str, context: Any) -> str:
     """Tell one downstream system to erase the person; raise (Airflow retries) until it acknowledges."""
     params = context["params"]
@@ -98,7 +117,11 @@ def propagate(policy_file: str, target: str, context: Any) -> str:
     ctx = connections.run_context(context, False)
     with connections.connect(policy) as conn:
         try:
-            return propagation.propagate(conn, policy, keys, ctx, params["request_id"], target)
+            return propagation.propagate(conn, policy, keys, ctx, params["request_id"], target, AirflowTransport())
+        except propagation.TargetMisconfigured as exc:
+            log.error("%s. Retrying will not help: the erasure stays pending until the target is fixed; "
+                      "gdpr_erasure_retry then completes it.", exc)
+            raise AirflowFailException(str(exc)) from None
         except propagation.TargetNotAcknowledged as exc:
             log.warning("%s. Airflow retries with backoff; after the last retry gdpr_erasure_retry keeps trying.", exc)
             raise
@@ -162,11 +185,43 @@ def _warn_deadline(certificate: dict[str, Any], policy: Policy) -> None:
 # -- gdpr_erasure_retry --------------------------------------------------------------------------
 
 
+def preflight_pending(policy_file: str, context: Any) -> dict[str, Any]:
+    """Preflight every HTTP target that has pending erasures (once per run). Fails, after trying them all,
+    when one failed: its erasures stay pending (retry_pending sends it nothing) while the others go on."""
+    policy = _policy(policy_file)
+    ctx = connections.run_context(context, False)
+    declared = {t.name for t in policy.erasure.targets}
+    passed: list[str] = []
+    failed: dict[str, str] = {}
+    with connections.connect(policy) as conn:
+        targets = [r[0] for r in conn.execute(
+            "SELECT DISTINCT target FROM gdpr.erasure_propagation WHERE status = 'pending' ORDER BY target"
+        ).fetchall()]
+        conn.rollback()
+        for target in targets:
+            if target not in declared:
+                continue  # retry_pending says so
+            try:
+                propagation.preflight(conn, policy, ctx, target, AirflowTransport())
+                passed.append(target)
+            except propagation.PreflightFailed as exc:
+                log.error("%s", exc)
+                failed[target] = str(exc)
+    if failed:
+        raise AirflowFailException(
+            f"{len(failed)} target(s) failed their preflight: {'; '.join(failed.values())}. The other targets' "
+            "erasures are retried by retry_pending."
+        )
+    return {"passed": passed}
+
+
 def retry_pending(policy_file: str, context: Any) -> dict[str, Any]:
-    """Try every pending outbox row once; complete and certify requests whose targets all acknowledged."""
+    """Try every pending outbox row once (an HTTP target only if its preflight passed in this run); complete
+    and certify requests whose targets all acknowledged."""
     policy = _policy(policy_file)
     keys = connections.load_keys(policy)
     ctx = connections.run_context(context, False)
+    transport = AirflowTransport()
     tried = acknowledged = 0
     completed: list[str] = []
     with connections.connect(policy) as conn:
@@ -177,7 +232,7 @@ def retry_pending(policy_file: str, context: Any) -> dict[str, Any]:
         for request_id, target in pending:
             tried += 1
             try:
-                propagation.propagate(conn, policy, keys, ctx, request_id, target)
+                propagation.propagate(conn, policy, keys, ctx, request_id, target, transport)
                 acknowledged += 1
             except propagation.TargetNotAcknowledged as exc:
                 log.warning("%s", exc)
@@ -192,7 +247,8 @@ def retry_pending(policy_file: str, context: Any) -> dict[str, Any]:
 
 
 def check_deadlines(policy_file: str, context: Any) -> dict[str, Any]:
-    """Make requests near or past their due date visible: log warnings, flag them, audit."""
+    """Make requests near or past their due date visible: log warnings, flag them, audit. Then, as the DAG's
+    last task, fail the run if a target failed its preflight in this run (its erasures wait on a fix)."""
     policy = _policy(policy_file)
     ctx = connections.run_context(context, False)
     days = policy.erasure.deadline_warning_days
@@ -215,4 +271,11 @@ def check_deadlines(policy_file: str, context: Any) -> dict[str, Any]:
                 "and the target's availability (runbook: 'a target stays pending').",
                 request_id, "OVERDUE" if overdue else "due within %d days" % days, due, pending,
             )
+    with connections.connect(policy) as conn:
+        unproven = propagation.failed_preflights(conn, ctx)
+    if unproven:
+        raise AirflowFailException(
+            f"target(s) {', '.join(unproven)} failed their preflight in this run: their erasures stay pending "
+            "until the connection is fixed (see the preflight task's log; runbook: 'A preflight fails')"
+        )
     return {"flagged": [r[0] for r in rows]}
