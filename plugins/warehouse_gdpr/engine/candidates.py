@@ -11,8 +11,9 @@ Clocks (see `policy.Clock`):
   * ``related_max``: the latest value of a column in a mapped table (e.g. the last contract end).
 
 Each candidate row carries the names of the legal holds that block the rule's action; held
-subjects are skipped by `sweep.apply_rule` and counted. Identifiers are composed with
-`psycopg.sql` after `catalog.check_policy` validated them; hold predicates are the policy's own
+subjects are skipped by `sweep.apply_rule` and counted. `still_eligible` re-evaluates the same
+predicate on a batch the sweep has locked ("lock, then check", see sweep.py). Identifiers are
+composed with `psycopg.sql` after `catalog.check_policy` validated them; hold predicates are the policy's own
 SQL expressions (checked to compile by the catalog check).
 """
 
@@ -133,4 +134,17 @@ def batch_query(policy: Policy, rule: Rule, first: bool) -> sql.Composed:
     keyset = sql.SQL("") if first else sql.SQL(" AND {pk} > %(after)s").format(pk=pk)
     return sql.SQL("SELECT {pk}, {holds} {from_}{keyset} ORDER BY {pk} LIMIT %(limit)s").format(
         pk=pk, holds=holds_expression(policy, rule), from_=candidates_from(policy, rule), keyset=keyset
+    )
+
+
+def still_eligible(policy: Policy, rule: Rule, ids: sql.Composable) -> sql.Composed:
+    """``SELECT subject_id``: those of `ids` (a subquery of subject ids) that the rule selects now and no
+    hold blocks: the re-check of a locked batch (`sweep.apply_rule`, "lock, then check").
+
+    Walks the subject's primary-key index for the given ids only (``= ANY(ARRAY(...))``), so its cost is
+    the batch's, not the table's. Parameters as `candidates_from`.
+    """
+    pk = sql.Identifier("s", policy.subject.primary_key)
+    return sql.SQL("SELECT {pk} AS subject_id {from_} AND {pk} = ANY(ARRAY{ids}) AND cardinality({holds}) = 0").format(
+        pk=pk, from_=candidates_from(policy, rule), ids=ids, holds=holds_expression(policy, rule)
     )
