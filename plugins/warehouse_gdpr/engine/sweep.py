@@ -184,9 +184,15 @@ def sweep_lock(conn: psycopg.Connection, ctx: RunContext, wait_seconds: float | 
     """Hold the warehouse's sweep lock (session-level advisory lock SWEEP_LOCK, see the module doc) for the
     block. Waits at most `wait_seconds` (default LOCK_WAIT_SECONDS; 0: do not wait), then raises
     SweepLockBusy naming the holder, after an audit row (action 'sweep_lock', outcome 'busy'). Reentrant
-    on one connection. The connection must have no open transaction."""
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        raise RuntimeError("the sweep needs a connection without an open transaction: commit or roll back first")
+    on one connection. An open transaction that only read is rolled back; one that wrote is refused
+    (each batch of the sweep commits on its own)."""
+    status = psycopg.pq.TransactionStatus
+    if conn.info.transaction_status == status.INTRANS:
+        if conn.execute("SELECT pg_current_xact_id_if_assigned() IS NOT NULL").fetchone()[0]:  # type: ignore[index]
+            raise RuntimeError("the sweep needs a connection without uncommitted changes: commit or roll back first")
+        conn.rollback()
+    if conn.info.transaction_status != status.IDLE:
+        raise RuntimeError("the sweep needs a connection without an open transaction: roll back first")
     if wait_seconds is None:
         wait_seconds = LOCK_WAIT_SECONDS
     started = time.monotonic()
@@ -222,8 +228,7 @@ def apply_rule(
     lock_wait_seconds: float | None = None,
 ) -> RuleResult:
     """Delete or pseudonymise the rule's expired, unheld subjects, batch by batch, under the warehouse's
-    sweep lock (see module doc; `lock_wait_seconds` as `sweep_lock`). The connection must have no open
-    transaction."""
+    sweep lock (see module doc; `lock_wait_seconds` and the connection's state as `sweep_lock`)."""
     with sweep_lock(conn, ctx, lock_wait_seconds):
         return _apply_rule_locked(conn, policy, rule, keys, ctx, as_of, batch_size)
 
