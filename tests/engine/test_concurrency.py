@@ -209,22 +209,27 @@ def _pseudonymised_by_someone_else(conn: psycopg.Connection, cid: int) -> None:
     )
 
 
+REPEATABLE_READ = psycopg.IsolationLevel.REPEATABLE_READ
+
+
 @pytest.mark.parametrize(
-    ("status", "rule", "change"),
+    ("status", "rule", "change", "isolation"),
     [
-        ("prospect", "prospects_never_converted", _litigation),
-        ("prospect", "prospects_never_converted", _new_contract),
-        ("lead", "leads_not_converted", _own_reply),
-        ("former_client", "former_clients", _litigation),
-        ("former_client", "former_clients", _new_contract),
-        ("former_client", "former_clients", _pseudonymised_by_someone_else),
+        ("prospect", "prospects_never_converted", _litigation, None),
+        ("prospect", "prospects_never_converted", _new_contract, None),
+        ("lead", "leads_not_converted", _own_reply, None),
+        ("former_client", "former_clients", _litigation, None),
+        ("former_client", "former_clients", _new_contract, None),
+        ("former_client", "former_clients", _pseudonymised_by_someone_else, None),
+        # a session whose default is REPEATABLE READ: the batch still re-checks in a fresh snapshot
+        ("prospect", "prospects_never_converted", _new_contract, REPEATABLE_READ),
     ],
     ids=["delete-litigation", "delete-new-contract", "delete-own-reply", "pseudonymise-litigation",
-         "pseudonymise-new-contract", "pseudonymise-marker-set-meanwhile"],
+         "pseudonymise-new-contract", "pseudonymise-marker-set-meanwhile", "repeatable-read-session"],
 )
 def test_a_change_committed_while_the_sweep_waits_is_honoured(
     warehouse: str, policy: Policy, keys: Keys, status: str, rule: str,
-    change: Callable[[psycopg.Connection, int], None],
+    change: Callable[[psycopg.Connection, int], None], isolation: psycopg.IsolationLevel | None,
 ) -> None:
     with psycopg.connect(warehouse) as conn:
         cid = add_contact(conn, status, LONG_AGO)
@@ -236,6 +241,7 @@ def test_a_change_committed_while_the_sweep_waits_is_honoured(
         change(other, cid)  # uncommitted: it holds a lock on the person's row
         after_change = other.execute("SELECT c::text FROM crm.contacts c WHERE contact_id = %s", (cid,)).fetchone()
         worker = Worker(warehouse, _run_rules(policy, keys, RunContext("test", "run-1", "apply"), [rule]))
+        worker.conn.isolation_level = isolation
         worker.start()
         wait_for_lock_wait(observer, worker)  # selected the person, now waits for the row lock
         other.commit()
@@ -373,3 +379,16 @@ def test_the_lock_is_reentrant_and_released_after_each_rule(warehouse: str, poli
         assert other.execute("SELECT pg_try_advisory_lock(%s, %s)", sweep.SWEEP_LOCK).fetchone() == (True,)
         other.execute("SELECT pg_advisory_unlock(%s, %s)", sweep.SWEEP_LOCK)
         other.rollback()
+
+
+def test_a_connection_with_uncommitted_changes_is_refused(conn, policy: Policy, keys: Keys) -> None:
+    """Each batch commits on its own: the sweep never commits (or silently drops) a caller's changes."""
+    before = table_checksum(conn, CRM_ALL)
+    cid = add_contact(conn, "prospect", LONG_AGO)  # not committed
+    with pytest.raises(RuntimeError, match="uncommitted changes"):
+        sweep.apply_rule(conn, policy, policy.rule("prospects_never_converted"), keys,
+                         RunContext("test", "run-1", "apply"), AS_OF)
+    assert conn.execute("SELECT count(*) FROM crm.contacts WHERE contact_id = %s", (cid,)).fetchone() == (1,)
+    conn.rollback()
+    assert table_checksum(conn, CRM_ALL) == before
+    assert _count(conn, "SELECT count(*) FROM gdpr.audit_log WHERE run_id = 'run-1'") == 0

@@ -11,7 +11,7 @@ Clocks (see `policy.Clock`):
   * ``related_max``: the latest value of a column in a mapped table (e.g. the last contract end).
 
 Each candidate row carries the names of the legal holds that block the rule's action; held
-subjects are skipped by `sweep.apply_rule` and counted. `still_eligible` re-evaluates the same
+subjects are skipped by `sweep.apply_rule` and counted. `selects_now` re-evaluates the same
 predicate on a batch the sweep has locked ("lock, then check", see sweep.py). Identifiers are
 composed with `psycopg.sql` after `catalog.check_policy` validated them; hold predicates are the policy's own
 SQL expressions (checked to compile by the catalog check).
@@ -137,14 +137,17 @@ def batch_query(policy: Policy, rule: Rule, first: bool) -> sql.Composed:
     )
 
 
-def still_eligible(policy: Policy, rule: Rule, ids: sql.Composable) -> sql.Composed:
-    """``SELECT subject_id``: those of `ids` (a subquery of subject ids) that the rule selects now and no
-    hold blocks: the re-check of a locked batch (`sweep.apply_rule`, "lock, then check").
 
-    Walks the subject's primary-key index for the given ids only (``= ANY(ARRAY(...))``), so its cost is
-    the batch's, not the table's. Parameters as `candidates_from`.
+def selects_now(policy: Policy, rule: Rule, subject_id: sql.Composable) -> sql.Composed:
+    """Boolean SQL: the rule selects subject `subject_id` (an SQL expression) and no hold blocks it,
+    evaluated when the statement runs: the re-check of a locked batch (`sweep.apply_rule`, "lock, then
+    check"). False for a subject row that no longer exists, and when the predicate is NULL.
+
+    Written as a correlated ``count(*)`` so that it stays one primary-key lookup per subject (a subplan
+    the planner cannot turn into a join, which could scan the whole subject table). Parameters as
+    `candidates_from`.
     """
     pk = sql.Identifier("s", policy.subject.primary_key)
-    return sql.SQL("SELECT {pk} AS subject_id {from_} AND {pk} = ANY(ARRAY{ids}) AND cardinality({holds}) = 0").format(
-        pk=pk, from_=candidates_from(policy, rule), ids=ids, holds=holds_expression(policy, rule)
+    return sql.SQL("((SELECT count(*) {from_} AND {pk} = {id} AND cardinality({holds}) = 0) > 0)").format(
+        from_=candidates_from(policy, rule), pk=pk, id=subject_id, holds=holds_expression(policy, rule)
     )

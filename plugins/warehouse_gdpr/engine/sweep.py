@@ -280,10 +280,9 @@ def _apply_rule_locked(
                 ).format(t=candidates.qualified(policy.subject.table), pk=sql.Identifier(policy.subject.primary_key), ids=UNHELD)
             )
             changed = conn.execute(
-                sql.SQL(
-                    "WITH still AS MATERIALIZED ({eligible}) DELETE FROM {b} b WHERE cardinality(b.holds) = 0"
-                    " AND NOT EXISTS (SELECT 1 FROM still WHERE still.subject_id = b.subject_id)"
-                ).format(eligible=candidates.still_eligible(policy, rule, UNHELD), b=BATCH_TABLE),
+                sql.SQL("DELETE FROM {b} b WHERE cardinality(b.holds) = 0 AND NOT {now}").format(
+                    b=BATCH_TABLE, now=candidates.selects_now(policy, rule, sql.SQL("b.subject_id"))
+                ),
                 params,
             ).rowcount
             if rule.action == "delete":
