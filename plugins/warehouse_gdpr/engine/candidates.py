@@ -13,8 +13,8 @@ Clocks (see `policy.Clock`):
 Each candidate row carries the names of the legal holds that block the rule's action; held
 subjects are skipped by `sweep.apply_rule` and counted. `selects_now` re-evaluates the same
 predicate on a batch the sweep has locked ("lock, then check", see sweep.py). Identifiers are
-composed with `psycopg.sql` after `catalog.check_policy` validated them; hold predicates are the policy's own
-SQL expressions (checked to compile by the catalog check).
+composed with `psycopg.sql` after `catalog.check_policy` validated them; hold predicates are the
+policy's own SQL expressions (checked to compile by the catalog check).
 """
 
 from __future__ import annotations
@@ -135,7 +135,6 @@ def batch_query(policy: Policy, rule: Rule, first: bool) -> sql.Composed:
     return sql.SQL("SELECT {pk}, {holds} {from_}{keyset} ORDER BY {pk} LIMIT %(limit)s").format(
         pk=pk, holds=holds_expression(policy, rule), from_=candidates_from(policy, rule), keyset=keyset
     )
-
 
 
 def selects_now(policy: Policy, rule: Rule, subject_id: sql.Composable) -> sql.Composed:
