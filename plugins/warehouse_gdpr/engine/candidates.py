@@ -16,9 +16,10 @@ A subject whose clock has no value (no date and no fallback) is never selected b
 `catalog.check_policy` counts them (`clock_missing`) and warns.
 
 Each candidate row carries the names of the legal holds that block the rule's action; held
-subjects are skipped by `sweep.apply_rule` and counted. Identifiers are composed with
-`psycopg.sql` after `catalog.check_policy` validated them; hold predicates are the policy's own
-SQL expressions (checked to compile by the catalog check).
+subjects are skipped by `sweep.apply_rule` and counted. `selects_now` re-evaluates the same
+predicate on a batch the sweep has locked ("lock, then check", see sweep.py). Identifiers are
+composed with `psycopg.sql` after `catalog.check_policy` validated them; hold predicates are the
+policy's own SQL expressions (checked to compile by the catalog check).
 """
 
 from __future__ import annotations
@@ -182,4 +183,19 @@ def batch_query(policy: Policy, rule: Rule, first: bool) -> sql.Composed:
     keyset = sql.SQL("") if first else sql.SQL(" AND {pk} > %(after)s").format(pk=pk)
     return sql.SQL("SELECT {pk}, {holds} {from_}{keyset} ORDER BY {pk} LIMIT %(limit)s").format(
         pk=pk, holds=holds_expression(policy, rule), from_=candidates_from(policy, rule), keyset=keyset
+    )
+
+
+def selects_now(policy: Policy, rule: Rule, subject_id: sql.Composable) -> sql.Composed:
+    """Boolean SQL: the rule selects subject `subject_id` (an SQL expression) and no hold blocks it,
+    evaluated when the statement runs: the re-check of a locked batch (`sweep.apply_rule`, "lock, then
+    check"). False for a subject row that no longer exists, and when the predicate is NULL.
+
+    Written as a correlated ``count(*)`` so that it stays one primary-key lookup per subject (a subplan
+    the planner cannot turn into a join, which could scan the whole subject table). Parameters as
+    `candidates_from`.
+    """
+    pk = sql.Identifier("s", policy.subject.primary_key)
+    return sql.SQL("((SELECT count(*) {from_} AND {pk} = {id} AND cardinality({holds}) = 0) > 0)").format(
+        from_=candidates_from(policy, rule), pk=pk, id=subject_id, holds=holds_expression(policy, rule)
     )

@@ -10,6 +10,12 @@ The email is only ever held in memory by the task that needs it (read from the r
 audit rows, XComs and exceptions refer to the person by `subject_hash` (HMAC of the normalised email)
 or by internal ids. Every statement is set-based over the subject's ids and identity values, and
 uses the indexes on the join and email columns.
+
+Lock order (the same for every writer of the engine, see sweep.py): `erase` first locks the
+subject rows, ``FOR UPDATE`` in primary-key order in one statement (the located subjects and the
+subjects of rows found by email in other tables), then deletes the dependent rows in
+`Policy.dependent_tables` order, and changes the subject rows last. A retention sweep working on
+the same person therefore waits for the erasure, or the erasure for the sweep, never both.
 """
 
 from __future__ import annotations
@@ -275,12 +281,34 @@ def outbox_aad(request_id: str, target: str, key_id: str) -> bytes:
     return f"erasure|{request_id}|{target}|{key_id}".encode()
 
 
+def _lock_subjects(conn: psycopg.Connection, policy: Policy, persons: matcher.Persons) -> None:
+    """Lock order (module doc): lock the subject rows this erasure touches, FOR UPDATE in primary-key
+    order, before any dependent row: the person's subject rows and the owners of rows matched by email."""
+    subject = policy.subject
+    pk = sql.Identifier("s", subject.primary_key)
+    owners = [
+        sql.SQL("SELECT {c} FROM {t} WHERE {m}").format(
+            c=sql.Identifier(mapped.subject_column), t=qualified(mapped.table), m=matcher.rows(policy, mapped, persons))
+        for mapped in policy.dependent_tables if mapped.email_columns
+    ]
+    which = sql.SQL("{pk} = ANY({ids})").format(pk=pk, ids=persons.id_array())
+    if owners:
+        which = sql.SQL("({ids} OR {pk} = ANY(ARRAY({q})))").format(ids=which, pk=pk, q=sql.SQL(" UNION ").join(owners))
+    conn.execute(
+        sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {t} s WHERE {which} ORDER BY {pk} FOR UPDATE) locked").format(
+            t=qualified(subject.table), which=which, pk=pk),
+        persons.params,
+    )
+
+
 def _delete_everywhere(conn: psycopg.Connection, policy: Policy, persons: matcher.Persons,
                        restricted: bool) -> dict[str, int]:
     """Delete every row of the persons (`matcher.rows`), dependents first; under a restricting hold keep
-    kept_when_held tables and the subject row, which is flagged (restriction_column) instead."""
+    kept_when_held tables and the subject row, which is flagged (restriction_column) instead. Subject rows
+    are locked first."""
     params = persons.params or None
     counts: dict[str, int] = {}
+    _lock_subjects(conn, policy, persons)
     for mapped in policy.dependent_tables:
         if restricted and mapped.kept_when_held:
             continue

@@ -383,9 +383,9 @@ def guard(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
         ).fetchone()  # type: ignore[misc]
         result.update(found=found, held=held, erased=len(erase_ids), quarantined=found - len(erase_ids))
         if found:
-            # Lock the subjects first, as the sweep does: concurrent writers wait for this transaction.
+            # Lock the subjects first, in primary-key order, as every writer does (lock order: sweep.py).
             conn.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {t} s WHERE s.{pk} IN (SELECT subject_id FROM {res})"
-                                 " FOR UPDATE) locked").format(t=table, pk=pk, res=RESURRECTED))
+                                 " ORDER BY s.{pk} FOR UPDATE) locked").format(t=table, pk=pk, res=RESURRECTED))
             if erase_ids:
                 # Every row of theirs, found as the sweep and erasure find them (`matcher`): linked
                 # rows and rows carrying their email.
@@ -435,10 +435,13 @@ def enforce(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContex
     table, pk, flag = candidates.qualified(subject.table), sql.Identifier(subject.primary_key), sql.Identifier(subject.restriction_column)
     with conn.transaction() as tx:
         hashed = _stage_subject_hashes(conn, policy, keys, {})
+        # The rows to flag are locked in primary-key order before any is updated (lock order: sweep.py).
         listed, flagged = conn.execute(
             sql.SQL(
                 "WITH m AS (SELECT DISTINCT h.subject_id FROM {stage} h JOIN {l} l ON l.email_hash = h.email_hash),"
-                " u AS (UPDATE {t} s SET {flag} = true FROM m WHERE s.{pk} = m.subject_id AND s.{flag} IS NOT TRUE"
+                " k AS (SELECT s.{pk} FROM {t} s WHERE s.{pk} IN (SELECT subject_id FROM m) AND s.{flag} IS NOT TRUE"
+                " ORDER BY s.{pk} FOR NO KEY UPDATE),"
+                " u AS (UPDATE {t} s SET {flag} = true FROM k WHERE s.{pk} = k.{pk} AND s.{flag} IS NOT TRUE"
                 " RETURNING 1)"
                 " SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM u)"
             ).format(stage=HASH_STAGE, l=candidates.qualified(LIST), t=table, flag=flag, pk=pk)

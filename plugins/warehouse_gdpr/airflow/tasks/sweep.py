@@ -94,22 +94,29 @@ def apply(checked: dict[str, Any], plans: list[dict[str, Any]], context: Any) ->
             log.info("DRY RUN: nothing was changed; the plan was written to gdpr.audit_log.")
             return plans
         keys = connections.load_keys(policy)
-        for rule in selected:
-            result = sweep.apply_rule(conn, policy, rule, keys, ctx, checked["as_of"])
-            results.append(result.as_dict())
-            log.info(
-                "Rule %s done in %d batch(es), %.2f s:\n%s", rule.name, result.batches, result.seconds,
-                sweep.format_table(
-                    ["table", "rows " + ("deleted" if rule.action == "delete" else "pseudonymised")],
-                    [[t, n] for t, n in result.rows_by_table.items()],
-                ),
-            )
+        # One sweep per warehouse: the lock is held for all the rules of this task (engine/sweep.py, module doc).
+        # A second sweep waits up to sweep.LOCK_WAIT_SECONDS, then fails (Airflow retries it later).
+        try:
+            with sweep.sweep_lock(conn, ctx):
+                for rule in selected:
+                    result = sweep.apply_rule(conn, policy, rule, keys, ctx, checked["as_of"])
+                    results.append(result.as_dict())
+                    log.info(
+                        "Rule %s done in %d batch(es), %.2f s:\n%s", rule.name, result.batches, result.seconds,
+                        sweep.format_table(
+                            ["table", "rows " + ("deleted" if rule.action == "delete" else "pseudonymised")],
+                            [[t, n] for t, n in result.rows_by_table.items()],
+                        ),
+                    )
+        except sweep.SweepLockBusy as exc:
+            log.error("%s", exc)
+            raise
     log.info(
         "Apply summary:\n%s",
         sweep.format_table(
-            ["rule", "candidates", "held", "archived", "pseudonymised", "deleted", "seconds"],
-            [[r["rule"], r["candidates"], r["held"], r["archived"], r["pseudonymised"], r["deleted"],
-              f"{r['seconds']:.2f}"] for r in results],
+            ["rule", "candidates", "held", "changed under lock", "archived", "pseudonymised", "deleted", "seconds"],
+            [[r["rule"], r["candidates"], r["held"], r["changed_under_lock"], r["archived"], r["pseudonymised"],
+              r["deleted"], f"{r['seconds']:.2f}"] for r in results],
         ),
     )
     return results
