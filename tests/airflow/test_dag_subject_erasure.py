@@ -130,7 +130,7 @@ def test_the_trigger_form_checks_no_pattern_or_format_that_would_echo_a_value(ai
     ids=["email-x@", "email-cyrillic", "email-sql", "request_id-an-email", "received_at-1900", "typo-dyr_run"],
 )
 def test_a_refused_value_fails_the_first_task_naming_the_param_never_the_value(
-    airflow_home: Path, airflow_conns: str, conf: dict, field: str, refused: str,
+    airflow_home: Path, airflow_conns: str, fast_retry_policy: Path, conf: dict, field: str, refused: str,
     caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
 ) -> None:
     """Before any change: nothing is read or written but the refusal, which names the param and its rule."""
