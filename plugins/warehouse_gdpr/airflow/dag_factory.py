@@ -14,10 +14,12 @@ Task bodies live in sweep_tasks.py, erasure_tasks.py and optout_tasks.py.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, Param, dag, get_current_context, task, task_group
 
 from warehouse_gdpr.airflow import connections
@@ -27,6 +29,7 @@ from warehouse_gdpr.airflow.tasks import sweep as sweep_tasks
 from warehouse_gdpr.engine import erasure
 from warehouse_gdpr.engine.policy import Policy, load_policy
 
+log = logging.getLogger(__name__)
 START = datetime(2026, 1, 1)
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(minutes=5), "retry_exponential_backoff": True}
 
@@ -35,6 +38,16 @@ def _load(policy_file: str) -> Policy | None:
     try:
         return load_policy(policy_file)
     except Exception:  # noqa: BLE001 - a broken policy must not hide the DAGs; their first task explains it
+        return None
+
+
+def _notifier(policy: Policy | None):  # type: ignore[no-untyped-def]
+    """The policy's erasure.on_failure_callback, imported; None when unset or broken (a broken one never
+    hides the DAG: check_deadlines fails with its error)."""
+    try:
+        return erasure_tasks.resolve_notifier(policy.erasure.on_failure_callback) if policy else None
+    except ValueError as exc:
+        log.error("%s", exc)
         return None
 
 
@@ -104,8 +117,8 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
 
 
 def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
-    """validate_request -> [approve_erasure] -> erase -> downstream[target] (preflight -> propagate) -> verify
-    (airflow/tasks/erasure.py)."""
+    """validate_request -> [approve_erasure] -> erase -> downstream[target] (preflight -> propagate) ->
+    propagation_done -> verify (airflow/tasks/erasure.py)."""
     path = str(policy_file or connections.policy_path())
     policy = _load(path)
     settings = policy.erasure if policy else None
@@ -118,22 +131,28 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
         tags=["gdpr", "erasure"],
         default_args={**DEFAULT_ARGS, "retry_delay": timedelta(minutes=1)},
         params={
+            # No pattern, format or length on these: Airflow's error for a refused value quotes it (an
+            # email). validate_request, the first task, checks them and names the param and the rule.
             "email": Param(
                 None, type=["null", "string"], title="Email",
-                description="The person's email (plain ASCII). Give this or the subject id, not both.",
-                pattern=erasure.EMAIL_PATTERN, minLength=6, maxLength=erasure.EMAIL_MAX_LENGTH,
+                description="The person's email (plain ASCII; case and surrounding spaces do not matter). Give "
+                            "this or the subject id, not both. Even when nobody matches, the erasure adds the "
+                            "email's keyed hash to the suppression list for good (the person is never imported "
+                            "again): a dry run shows it first.",
             ),
             "subject_id": Param(
                 None, type=["null", "integer"], minimum=1, title="Subject id",
                 description="The person's internal id in the subject table, instead of the email.",
             ),
             "request_id": Param(
-                type="string", title="Request id", pattern=erasure.REQUEST_ID_PATTERN,
-                description="The ticket reference of the request (3-64 letters, digits, '.', '_', ':', '-').",
+                type="string", title="Request id",
+                description="The ticket reference of the request (3-64 letters, digits, '.', '_', ':', '-'), "
+                            "one per request: an id already used for another person is refused.",
             ),
             "received_at": Param(
-                None, type=["null", "string"], format="date", title="Received on",
-                description="The date the request arrived (YYYY-MM-DD; empty: today). Due one month later.",
+                None, type=["null", "string"], title="Received on",
+                description="The date the request arrived (YYYY-MM-DD; empty: today; at most "
+                            f"{erasure.MAX_RECEIVED_AGE_DAYS} days ago). Due one month later.",
             ),
             "dry_run": Param(False, type="boolean", title="Dry run",
                              description="Locate and evaluate holds, record the plan, change nothing."),
@@ -174,7 +193,7 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
             target whose preflight failed: its erasure stays pending, and only its own tasks fail)."""
             preflight(path, target) >> propagate(path, target)
 
-        @task(trigger_rule="all_done")
+        @task
         def verify(policy_file: str, erased: dict) -> dict:
             return erasure_tasks.verify(policy_file, get_current_context())
 
@@ -190,15 +209,20 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
             )
             checked >> approval >> erased
         propagated = downstream.expand(target=targets_to_notify(erased))
-        propagated >> verify(path, erased)
+        # verify runs once every propagation is done, whatever its result (it certifies or names the pending
+        # targets), and only when erase succeeded (an erasure refused by erase has nothing to verify).
+        propagation_done = EmptyOperator(task_id="propagation_done", trigger_rule="all_done")
+        propagated >> propagation_done >> verify(path, erased)
 
     return gdpr_subject_erasure()
 
 
 def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
     """Hourly: preflight the targets with pending erasures, retry those erasures (a target whose preflight
-    failed gets nothing), then flag requests near or past their due date."""
+    failed gets nothing), then flag requests near or past their due date (an overdue one fails the run,
+    which calls the policy's `erasure.on_failure_callback`)."""
     path = str(policy_file or connections.policy_path())
+    notifier = _notifier(_load(path))
 
     @dag(
         dag_id="gdpr_erasure_retry",
@@ -210,7 +234,8 @@ def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
         default_args=DEFAULT_ARGS,
         doc_md="Retry pending erasure propagations until each target acknowledges (after this run's preflight "
                "of each target: a target whose preflight fails gets nothing and fails the run); flag requests due "
-               "within `deadline_warning_days` or overdue.",
+               "within `deadline_warning_days`; fail the run while a request is overdue.",
+        on_failure_callback=notifier,
     )
     def gdpr_erasure_retry() -> None:
         @task

@@ -24,7 +24,7 @@ import calendar
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import psycopg
@@ -43,6 +43,12 @@ EMAIL_PATTERN = (
 )
 EMAIL_MAX_LENGTH = 254
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{2,63}$"
+# The params of gdpr_subject_erasure: any other key (a typo such as `emial`) is refused.
+PARAMS = ("email", "subject_id", "request_id", "received_at", "dry_run")
+SAFE_PARAM_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,39}"  # an unknown key is named in the error only if it looks like one
+# A request received longer ago than this is refused as a likely typo (1900, last year instead of this
+# one); one received more than a month ago is accepted, already overdue (the first task says so).
+MAX_RECEIVED_AGE_DAYS = 365
 
 
 class RequestError(ValueError):
@@ -69,29 +75,60 @@ class ErasureRequest:
 
 
 def parse_request(params: Mapping[str, Any], today: date | None = None) -> ErasureRequest:
-    """Check a trigger's params (JSON schema already checked each field; this checks them together)."""
-    email = params.get("email") or None
+    """Check a trigger's params: the DAG's first task calls this before anything is read or written.
+
+    The trigger form only checks types (a Param pattern or format would echo a refused value, e.g. an
+    email, in Airflow's error), so every rule is checked here. A message names the param and the rule
+    it broke, never a refused value. The email is normalised: surrounding whitespace (spaces, tabs,
+    a trailing newline) dropped, lower case; what is left must be a plain ASCII address.
+    """
+    today = today or date.today()
+    unknown = sorted(str(k) for k in params if k not in PARAMS)
+    if unknown:
+        shown = [f"`{k}`" for k in unknown if re.fullmatch(SAFE_PARAM_NAME, k)]
+        hidden = len(unknown) - len(shown)
+        names = ", ".join(shown + ([f"{hidden} other(s) (name not shown)"] if hidden else []))
+        raise RequestError(
+            f"unknown param(s) {names}: this DAG takes only "
+            + ", ".join(f"`{n}`" for n in PARAMS) + " (check the spelling; nothing was changed)"
+        )
+    email = params.get("email")
+    if email is not None and not isinstance(email, str):
+        raise RequestError("`email` must be text")
+    if email is not None:
+        email = email.strip() or None  # blank is "not given"
     subject_id = params.get("subject_id")
     if (email is None) == (subject_id is None):
         raise RequestError("give exactly one of `email` or `subject_id`")
     if email is not None:
-        if not isinstance(email, str) or len(email) > EMAIL_MAX_LENGTH or not re.fullmatch(EMAIL_PATTERN, email.strip()):
+        if len(email) > EMAIL_MAX_LENGTH or not re.fullmatch(EMAIL_PATTERN, email):
             raise RequestError(
                 "`email` is not a plain ASCII address of at most 254 characters (look-alike characters are refused)"
             )
+        email = email.lower()
     if subject_id is not None and (not isinstance(subject_id, int) or isinstance(subject_id, bool) or subject_id < 1):
         raise RequestError("`subject_id` must be a positive integer")
     request_id = params.get("request_id")
     if not isinstance(request_id, str) or not re.fullmatch(REQUEST_ID_PATTERN, request_id):
         raise RequestError("`request_id` must be 3-64 characters: letters, digits, '.', '_', ':' or '-'")
-    received = params.get("received_at") or (today or date.today()).isoformat()
+    received = params.get("received_at") or today.isoformat()
+    if not isinstance(received, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", received.strip()):
+        raise RequestError("`received_at` must be a date, YYYY-MM-DD")
     try:
-        received_at = date.fromisoformat(str(received))
+        received_at = date.fromisoformat(received.strip())
     except ValueError:
         raise RequestError("`received_at` must be a date, YYYY-MM-DD") from None
-    if received_at > (today or date.today()):
+    if received_at > today:
         raise RequestError("`received_at` is in the future")
-    return ErasureRequest(request_id, email, subject_id, received_at, bool(params.get("dry_run", False)))
+    if received_at < today - timedelta(days=MAX_RECEIVED_AGE_DAYS):
+        raise RequestError(
+            f"`received_at` is more than {MAX_RECEIVED_AGE_DAYS} days before today: refused as a likely typo "
+            "(runbook: 'Trigger an erasure')"
+        )
+    dry_run = params.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise RequestError("`dry_run` must be true or false")
+    return ErasureRequest(request_id, email, subject_id, received_at, dry_run)
 
 
 @dataclass(repr=False)
@@ -188,9 +225,66 @@ class ErasureResult:
     rows: dict[str, int] = field(default_factory=dict)
     targets: list[str] = field(default_factory=list)
     already_recorded: bool = False
+    suppression: str = ""  # what happened (or, in a dry run, would happen) to the suppression list
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+# -- one request id, one person -------------------------------------------------------------------------
+# Key of the transaction-level advisory lock taken on a request id (two-int form: its own key space).
+REQUEST_LOCK_CLASS = 0x67647072  # "gdpr"
+
+
+def request_key(keys: Keys, request: ErasureRequest, located: Located) -> str:
+    """Keyed hash of what the request asked for: the email's hash, or the subject id's (stored with the
+    request, so that the same subject id triggered again after its erasure is still recognised)."""
+    return located.subject_hash if request.email is not None else keys.hash_value(f"subject-id:{request.subject_id}")
+
+
+def recorded_request(
+    conn: psycopg.Connection, keys: Keys, request: ErasureRequest, located: Located, *, for_update: bool = False
+) -> ErasureResult | None:
+    """The result recorded under this request id when it is this person's request; None for a new id.
+
+    Raises RequestError when the id was used for another person, or for a subject this request cannot be
+    matched to (a subject id whose row is gone, recorded before `requested_by` was stored): the recorded
+    result of someone else is never reported. Reads only; the caller owns the transaction.
+    """
+    row = conn.execute(
+        "SELECT subject_hash, outcome, reason, status, due_date, details FROM gdpr.erasure_request"
+        " WHERE request_id = %s" + (" FOR UPDATE" if for_update else ""), (request.request_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    subject_hash, outcome, reason, status, due_date, details = row
+    if subject_hash != located.subject_hash and details.get("requested_by") != request_key(keys, request, located):
+        raise RequestError(
+            f"`request_id` {request.request_id} was already used for another request (another person, or one this "
+            "request cannot be matched to): nothing was changed; give this request its own request id"
+        )
+    return ErasureResult(request.request_id, subject_hash, outcome, reason or "", status, due_date.isoformat(),
+                         rows=details.get("rows", {}), targets=details.get("targets", []), already_recorded=True)
+
+
+def lock_request_id(conn: psycopg.Connection, request_id: str) -> None:
+    """Serialise two erasures of one request id (inside the caller's transaction, released at its end): the
+    second waits, then finds the first one's record, instead of failing on the primary key."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (REQUEST_LOCK_CLASS, request_id))
+
+
+def suppression_effect(conn: psycopg.Connection, located: Located) -> str:
+    """What an erasure does to the suppression list for this person (said by a dry run before it happens)."""
+    if not located.email:
+        return "none: no email known, no suppression entry"
+    row = conn.execute("SELECT reason FROM gdpr.suppression_list WHERE email_hash = %s",
+                       (located.subject_hash,)).fetchone()
+    if row is None:
+        return ("would add a suppression entry (permanent: the keyed hash of this email is refused by every import "
+                "and opt-out check from now on, even when nobody matches)")
+    if row[0] == "opt_out":
+        return "would turn the person's opt-out entry into an erasure entry"
+    return "already on the suppression list"
 
 
 def erase(
@@ -213,23 +307,18 @@ def erase(
     result = ErasureResult(request.request_id, located.subject_hash, outcome, reason, status,
                            request.due_date.isoformat(), targets=targets)
     with conn.transaction():
-        existing = conn.execute(
-            "SELECT subject_hash, outcome, reason, status, due_date, details FROM gdpr.erasure_request"
-            " WHERE request_id = %s FOR UPDATE", (request.request_id,)
-        ).fetchone()
-        if existing:
-            if located.email is not None and existing[0] != located.subject_hash:
-                raise RequestError(f"request id {request.request_id} was already used for another subject")
-            recorded = ErasureResult(request.request_id, existing[0], existing[1], existing[2] or "", existing[3],
-                                     existing[4].isoformat(), rows=existing[5].get("rows", {}),
-                                     targets=existing[5].get("targets", []), already_recorded=True)
+        lock_request_id(conn, request.request_id)
+        recorded = recorded_request(conn, keys, request, located, for_update=True)
+        if recorded:
             audit.record(conn, ctx, action="erase", outcome="already_recorded", subject_hash=located.subject_hash,
                          details={"request_id": request.request_id, "status": recorded.status})
             return recorded
         if request.dry_run:
+            result.suppression = suppression_effect(conn, located)
             audit.record(conn, ctx, action="erase", outcome="dry_run", subject_hash=located.subject_hash,
                          row_count=sum(located.rows.values()),
-                         details={"request_id": request.request_id, "would_be": outcome, "rows": located.rows})
+                         details={"request_id": request.request_id, "would_be": outcome, "rows": located.rows,
+                                  "suppression": result.suppression})
             result.rows = dict(located.rows)
             return result
         if outcome in ("erased", "restricted"):
@@ -249,8 +338,8 @@ def erase(
                 (located.subject_hash, keys.hmac_key_id, request.request_id),
             )
             row = cur.fetchone()
-            audit.record(conn, ctx, action="suppress",
-                         outcome="already_listed" if row is None else "added" if row[0] else "opt_out_now_erasure",
+            result.suppression = "already_listed" if row is None else "added" if row[0] else "opt_out_now_erasure"
+            audit.record(conn, ctx, action="suppress", outcome=result.suppression,
                          table="gdpr.suppression_list", row_count=cur.rowcount, subject_hash=located.subject_hash,
                          details={"request_id": request.request_id, "reason": "erasure"})
         conn.execute(
@@ -259,7 +348,8 @@ def erase(
             " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)",
             (request.request_id, located.subject_hash, request.received_at, request.due_date, status, outcome,
              reason, status, psycopg.types.json.Jsonb({"rows": result.rows, "targets": targets,
-                                                       "holds": sorted(holds)})),
+                                                       "holds": sorted(holds),
+                                                       "requested_by": request_key(keys, request, located)})),
         )
         for name in targets:
             assert located.email is not None

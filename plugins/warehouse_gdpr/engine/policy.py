@@ -36,6 +36,15 @@ QUALIFIED = r"^[a-z_][a-z0-9_]{0,62}\.[a-z_][a-z0-9_]{0,62}$"
 DURATION = re.compile(r"^P(?=\d)(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?$")
 
 Ident = Annotated[str, Field(pattern=IDENT)]
+# `package.module:attribute` (an attribute path may be dotted: `module:Class.attribute`)
+CALLABLE_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+
+
+def _callable_path(value: str) -> str:
+    """Only the shape is checked here (the engine imports no Airflow code); the DAG factory imports it."""
+    if not re.fullmatch(CALLABLE_PATH, value):
+        raise ValueError(f"expected `package.module:attribute` (e.g. `my_alerts.pager:notify`), got {value!r}")
+    return value
 
 
 def _one_expression(value: str) -> str:
@@ -375,6 +384,12 @@ class Erasure(_Model):
     )
     deadline_warning_days: int = Field(
         default=7, ge=0, le=30, description="warn this many days before the one-month due date"
+    )
+    on_failure_callback: Annotated[str, AfterValidator(_callable_path)] | None = Field(
+        default=None,
+        description="`package.module:attribute` of an Airflow notifier instance or a function taking the context, "
+        "called when a run of `gdpr_erasure_retry` fails, as it does while a request is overdue: route it to your "
+        "pager",
     )
     targets: list[Target] = Field(
         default_factory=list,

@@ -6,7 +6,9 @@ the request id, the subject's keyed hash, outcomes and counts.
 
 from __future__ import annotations
 
+import importlib
 import logging
+from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any
 
@@ -24,8 +26,14 @@ log = logging.getLogger(__name__)
 
 
 def _request(context: Any) -> ErasureRequest:
+    params = dict(context["params"])
+    # A key of the trigger's conf that is no param (a typo such as `emial`) must be refused, even where
+    # [core] dag_run_conf_overrides_params is off and Airflow leaves it out of the params.
+    dag_run = context.get("dag_run")
+    for key in getattr(dag_run, "conf", None) or {}:
+        params.setdefault(key, None)
     try:
-        return erasure.parse_request(context["params"])
+        return erasure.parse_request(params)
     except RequestError as exc:
         log.error("The erasure request is refused before any change: %s", exc)
         raise AirflowFailException(f"invalid erasure request: {exc}") from None
@@ -36,6 +44,31 @@ def _policy(policy_file: str) -> Policy:
         return load_policy(policy_file)
     except PolicyError as exc:
         raise AirflowFailException(str(exc)) from None
+
+
+def resolve_notifier(path: str | None) -> Callable[[Any], Any] | None:
+    """The policy's `erasure.on_failure_callback` (`package.module:attribute`), imported: a notifier instance
+    (e.g. `pager = SlackNotifier(...)` at module level) or a function taking the context. Raises ValueError
+    with a clear message. Imported here (Airflow layer): by the DAG factory at build time, and by
+    check_deadlines, which reports a broken one; never by the engine."""
+    if not path:
+        return None
+    module_name, _, attribute = path.partition(":")
+    where = f"erasure.on_failure_callback `{path}`"
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or an error raised by the module itself
+        raise ValueError(f"{where}: module {module_name} cannot be imported ({type(exc).__name__}: {exc}); "
+                         "install it where the DAGs run or fix the path") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"{where}: {module_name} has no attribute {attribute}") from None
+        target = getattr(target, part)
+    if isinstance(target, type) or not callable(target):
+        raise ValueError(f"{where} is {'a class' if isinstance(target, type) else 'not callable'}: point it to a "
+                         "notifier instance (e.g. `pager = SlackNotifier(...)` in that module) or to a function "
+                         "taking the context")
+    return target  # type: ignore[no-any-return]
 
 
 def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
@@ -49,8 +82,17 @@ def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
     with connections.connect(policy) as conn:
         connections.prepare_warehouse(conn, policy)
         located = erasure.locate(conn, policy, keys, request)
+        try:  # a request id already used for another person: refused before anything is written
+            recorded = erasure.recorded_request(conn, keys, request, located)
+        except RequestError as exc:
+            log.error("The erasure request is refused before any change: %s", exc)
+            raise AirflowFailException(f"invalid erasure request: {exc}") from None
+        finally:
+            conn.rollback()
         holds = erasure.holds_in_force(conn, policy, located, connections.as_of(context))
         outcome, reason = erasure.decide(located, holds)
+        suppression = erasure.suppression_effect(conn, located)
+        conn.rollback()
         with conn.transaction():
             audit.record(conn, connections.run_context(context, request.dry_run), action="locate", outcome=outcome,
                          subject_hash=located.subject_hash, row_count=sum(located.rows.values()),
@@ -60,8 +102,16 @@ def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
         request.due_date, outcome, reason,
         format_table(["table", "rows linked to the subject"], [[t, n] for t, n in located.rows.items()]),
     )
+    if recorded is not None:
+        log.info("Request %s was already processed (status %s): erase reports the recorded result and changes "
+                 "nothing.", request.request_id, recorded.status)
+    elif located.email:
+        log.info("Suppression list: %s.", suppression)
+    if request.due_date < date.today() and recorded is None:
+        log.warning("Request %s was received on %s: it is already past its due date (%s), %d day(s) overdue.",
+                    request.request_id, request.received_at, request.due_date, (date.today() - request.due_date).days)
     return {"request_id": request.request_id, "subject_hash": located.subject_hash, "expected_outcome": outcome,
-            "due_date": request.due_date.isoformat(), "dry_run": request.dry_run}
+            "due_date": request.due_date.isoformat(), "dry_run": request.dry_run, "suppression": suppression}
 
 
 def erase(policy_file: str, context: Any) -> dict[str, Any]:
@@ -83,6 +133,8 @@ def erase(policy_file: str, context: Any) -> dict[str, Any]:
     else:
         log.info("Request %s %s %s (%s). Status: %s.", request.request_id, verb, result.outcome.upper(),
                  result.reason, result.status)
+    if request.dry_run and not result.already_recorded:
+        log.info("Dry run, suppression list: %s.", result.suppression)
     if result.rows:
         log.info("Rows %s:\n%s", "that would be erased" if request.dry_run else "erased",
                  format_table(["table", "rows"], [[t, n] for t, n in result.rows.items()]))
@@ -247,35 +299,57 @@ def retry_pending(policy_file: str, context: Any) -> dict[str, Any]:
 
 
 def check_deadlines(policy_file: str, context: Any) -> dict[str, Any]:
-    """Make requests near or past their due date visible: log warnings, flag them, audit. Then, as the DAG's
-    last task, fail the run if a target failed its preflight in this run (its erasures wait on a fix)."""
+    """Make requests near or past their due date visible: flag them, audit, warn for the ones due soon, and
+    FAIL the task (a red run; the policy's `erasure.on_failure_callback` pages) for any overdue request with a
+    target still pending, naming the request, its pending targets and the days overdue. As the DAG's last
+    task, it also fails the run when a target failed its preflight in this run (its erasures wait on a fix)."""
     policy = _policy(policy_file)
     ctx = connections.run_context(context, False)
     days = policy.erasure.deadline_warning_days
+    notifier_error = None
+    try:  # a broken pager hook never stops the retries: reported at the end of this last task
+        resolve_notifier(policy.erasure.on_failure_callback)
+    except ValueError as exc:
+        notifier_error = str(exc)
     with connections.connect(policy) as conn, conn.transaction():
         rows = conn.execute(
-            "SELECT request_id, due_date, subject_hash,"
-            " (SELECT count(*) FROM gdpr.erasure_propagation p WHERE p.request_id = r.request_id AND p.status = 'pending')"
+            "SELECT request_id, due_date, subject_hash, current_date - due_date,"
+            " ARRAY(SELECT p.target FROM gdpr.erasure_propagation p"
+            "       WHERE p.request_id = r.request_id AND p.status = 'pending' ORDER BY p.target)"
             " FROM gdpr.erasure_request r WHERE status = 'pending_propagation' AND due_date - %s <= current_date"
-            " ORDER BY due_date",
+            " ORDER BY due_date, request_id",
             (days,),
         ).fetchall()
-        for request_id, due, subject_hash, pending in rows:
-            overdue = due < date.today()
+        for request_id, due, subject_hash, late, targets in rows:
+            overdue = late > 0
             conn.execute("UPDATE gdpr.erasure_request SET deadline_warned_at = now() WHERE request_id = %s", (request_id,))
             audit.record(conn, ctx, action="deadline_warning", outcome="overdue" if overdue else "due_soon",
                          subject_hash=subject_hash, details={"request_id": request_id, "due_date": due.isoformat(),
-                                                             "pending_targets": pending})
+                                                             "pending_targets": len(targets), "targets": targets,
+                                                             "days_overdue": max(late, 0)})
             (log.error if overdue else log.warning)(
-                "Erasure request %s is %s (due %s) with %d target(s) pending: check gdpr.erasure_propagation "
+                "Erasure request %s is %s (due %s) with %d target(s) pending (%s): check gdpr.erasure_propagation "
                 "and the target's availability (runbook: 'a target stays pending').",
-                request_id, "OVERDUE" if overdue else "due within %d days" % days, due, pending,
+                request_id, f"OVERDUE by {late} day(s)" if overdue else "due within %d days" % days, due,
+                len(targets), ", ".join(targets) or "none",
             )
     with connections.connect(policy) as conn:
         unproven = propagation.failed_preflights(conn, ctx)
-    if unproven:
+    preflight_message = (
+        f"target(s) {', '.join(unproven)} failed their preflight in this run: their erasures stay pending "
+        "until the connection is fixed (see the preflight task's log; runbook: 'A preflight fails')"
+    ) if unproven else ""
+    overdue_rows = [(r[0], r[3], r[4]) for r in rows if r[3] > 0]
+    if overdue_rows:
         raise AirflowFailException(
-            f"target(s) {', '.join(unproven)} failed their preflight in this run: their erasures stay pending "
-            "until the connection is fixed (see the preflight task's log; runbook: 'A preflight fails')"
+            f"{len(overdue_rows)} erasure request(s) past their due date with a target pending: "
+            + "; ".join(f"request {rid}: target(s) {', '.join(t)} pending, {late} day(s) overdue" if t else
+                        f"request {rid}: no target pending but not completed (trigger it again to verify and "
+                        f"certify it), {late} day(s) overdue" for rid, late, t in overdue_rows)
+            + ". Runbook: 'An erasure is overdue'." + (f" Also: {preflight_message}." if preflight_message else "") + (f" Your pager was not called: {notifier_error}." if notifier_error else "")
         )
+    if notifier_error:
+        raise AirflowFailException(f"{notifier_error}. Overdue erasures cannot page anyone until it is fixed.")
+    if preflight_message:
+        raise AirflowFailException(preflight_message)
     return {"flagged": [r[0] for r in rows]}
