@@ -15,6 +15,9 @@ from helpers import CRM_TABLES, table_checksum
 ROOT = Path(__file__).resolve().parents[2]
 # dag.test() runs as of this instant: 2026-06-15, the template's "today".
 RUN_AFTER = datetime(2026, 6, 15, 12, 0, tzinfo=timezone.utc)
+# The template's first sweep treats more than 10 % of its 1500 contacts in two rules (346 prospects,
+# 222 leads): a real run needs the operator's confirmation, as the demo's first sweep does.
+CONFIRMED = {"confirm_blast_radius": {"prospects_never_converted": 346, "leads_not_converted": 222}}
 
 
 def _dagbag():
@@ -35,7 +38,7 @@ def test_dagbag_imports_without_errors(airflow_home: Path) -> None:
     assert dag.get_task("write_register").upstream_task_ids == {"check_policy"}
     assert dag.get_task("write_register").downstream_task_ids == set()
     assert all(t.retries >= 2 for t in dag.tasks)
-    assert set(dag.params.keys()) == {"dry_run", "rules"}
+    assert set(dag.params.keys()) == {"dry_run", "rules", "confirm_blast_radius"}
 
 
 def _personal_values(conn: psycopg.Connection) -> list[str]:
@@ -70,7 +73,7 @@ def test_whole_dag_run_sweeps_and_logs_no_personal_data(
         personal = _personal_values(conn)
         before = conn.execute("SELECT count(*) FROM crm.contacts").fetchone()[0]  # type: ignore[index]
 
-    state, logs = _run({}, caplog, capfd)
+    state, logs = _run(CONFIRMED, caplog, capfd)
 
     assert state == "success", logs[-3000:]
     assert "Apply summary" in logs and "prospects_never_converted" in logs
@@ -108,7 +111,7 @@ def test_an_incomplete_register_fails_the_run_but_not_the_sweep(
 
     dag = _dagbag().get_dag("gdpr_retention_sweep")
     with caplog.at_level(logging.INFO):
-        dag_run = dag.test(run_after=RUN_AFTER, logical_date=RUN_AFTER)
+        dag_run = dag.test(run_after=RUN_AFTER, logical_date=RUN_AFTER, run_conf=CONFIRMED)
     logs = "".join(capfd.readouterr()) + caplog.text
 
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
@@ -134,7 +137,11 @@ def test_dry_run_changes_no_row(
             "SELECT action, outcome, dry_run FROM gdpr.audit_log WHERE task_id = 'apply'"
         ).fetchall()
         stored = conn.execute("SELECT count(*) FROM gdpr.processing_register").fetchone()[0]  # type: ignore[index]
-    assert rows and all(r[1] == "dry_run" and r[2] for r in rows)
+    assert rows and all(r[2] for r in rows)
+    # The plan, and the two rules a real run would stop at the blast-radius limit (a dry run never stops).
+    assert [r[1] for r in rows if r[0] != "blast_radius"] == ["dry_run"] * 3
+    assert [r[1] for r in rows if r[0] == "blast_radius"] == ["unconfirmed"] * 2
+    assert "DRY RUN: a real run would stop here" in logs
     assert stored == 0, "a dry run stores no register version"
 
 

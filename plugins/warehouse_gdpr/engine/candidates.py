@@ -11,7 +11,8 @@ Clocks (see `policy.Clock`):
   * ``related_max``: the latest value of a column in a mapped table (e.g. the last contract end).
 
 Each candidate row carries the names of the legal holds that block the rule's action; held
-subjects are skipped by `sweep.apply_rule` and counted. Identifiers are composed with
+subjects are skipped by `sweep.apply_rule` and counted. A hold predicate that evaluates to NULL
+holds (``(predicate) IS NOT FALSE``): a hold that cannot be decided never lets a subject go. Identifiers are composed with
 `psycopg.sql` after `catalog.check_policy` validated them; hold predicates are the policy's own
 SQL expressions (checked to compile by the catalog check).
 """
@@ -78,7 +79,7 @@ def holds_expression(policy: Policy, rule: Rule) -> sql.Composable:
     if not blocking:
         return sql.SQL("ARRAY[]::text[]")
     cases = sql.SQL(", ").join(
-        sql.SQL("CASE WHEN ({pred}) THEN {name} END").format(pred=hold_predicate(h), name=sql.Literal(h.name))
+        sql.SQL("CASE WHEN ({pred}) IS NOT FALSE THEN {name} END").format(pred=hold_predicate(h), name=sql.Literal(h.name))
         for h in blocking
     )
     return sql.SQL("array_remove(ARRAY[{cases}]::text[], NULL)").format(cases=cases)
