@@ -642,8 +642,9 @@ class Policy(_Model):
             raise ValueError(f"the subject table {self.subject.table} must also be listed in `tables`")
         if self.subject_mapping.subject_column != self.subject.primary_key:
             raise ValueError(
-                f"the subject table's entry in `tables` must have subject_column {self.subject.primary_key} "
-                "(subject.primary_key): another column would treat other people's rows"
+                f"subject.primary_key ({self.subject.primary_key}) and the subject_column of {self.subject.table} "
+                f"in `tables` ({self.subject_mapping.subject_column}) must name the same column, the subject's key: "
+                "any other column would treat other people's rows"
             )
         for rule in self.rules:
             if isinstance(rule.clock, RelatedMaxClock) and rule.clock.table not in tables:
