@@ -246,8 +246,8 @@ def test_the_blast_radius_limit_stops_a_delete_everything_rule_until_confirmed(
 
 def test_a_bad_confirm_blast_radius_param_is_refused_by_the_first_task() -> None:
     """check_policy reads the param with these rules (the trigger form's JSON schema says the same)."""
-    from warehouse_gdpr import sweep_tasks
-    from warehouse_gdpr.policy import load_policy
+    from warehouse_gdpr.airflow.tasks import sweep as sweep_tasks
+    from warehouse_gdpr.engine.policy import load_policy
 
     policy = load_policy(ROOT / "include" / "policy.yaml")
     for value, message in [

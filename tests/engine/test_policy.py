@@ -442,7 +442,7 @@ def test_schedules_are_judged_as_airflow_judges_them() -> None:
     from airflow.sdk.definitions.dag import _create_timetable
     from airflow.sdk.definitions.timetables._cron import CRON_PRESETS as AIRFLOW_PRESETS
 
-    from warehouse_gdpr.policy import CRON_PRESETS, _check_schedule
+    from warehouse_gdpr.engine.policy import CRON_PRESETS, _check_schedule
 
     assert CRON_PRESETS == AIRFLOW_PRESETS
 
@@ -469,7 +469,7 @@ def test_the_policy_model_never_imports_airflow() -> None:
     import sys
 
     code = (
-        "import sys; from warehouse_gdpr.policy import load_policy; load_policy(sys.argv[1]); "
+        "import sys; from warehouse_gdpr.engine.policy import load_policy; load_policy(sys.argv[1]); "
         "loaded = sorted(m for m in sys.modules if m == 'airflow' or m.startswith('airflow.')); "
         "print(loaded); sys.exit(1 if loaded else 0)"
     )

@@ -230,9 +230,9 @@ def _open_ended_litigation(conn: psycopg.Connection) -> tuple[Policy, int, int]:
 
     import yaml
 
-    from warehouse_gdpr.policy import parse_policy
+    from warehouse_gdpr.engine.policy import parse_policy
 
-    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "include" / "policy.yaml").read_text())
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "include" / "policy.yaml").read_text())
     data["holds"][2]["predicate"] = "s.litigation_until >= :as_of::date"
     conn.execute("ALTER TABLE crm.contacts ADD COLUMN litigation_until date")
     created = THREE_YEARS_BEFORE - timedelta(days=400)
@@ -258,7 +258,7 @@ def test_a_hold_whose_predicate_is_null_is_not_swept(conn, keys: Keys) -> None:
 def test_erasure_and_the_resurrection_guard_also_hold_on_null(conn, keys: Keys) -> None:
     from psycopg import sql
 
-    from warehouse_gdpr import erasure, optout
+    from warehouse_gdpr.engine import erasure, optout
 
     policy, litigant, ended = _open_ended_litigation(conn)
     for person, expected in ((litigant, {"litigation": "refuse"}), (ended, {})):
