@@ -195,3 +195,15 @@ def test_a_warehouse_that_cannot_be_reached_is_a_clear_message(
     err = capsys.readouterr().err
     assert err.startswith(f"{DEMO}: the check failed while connecting to the warehouse; nothing was changed:")
     assert "Traceback" not in err
+
+
+def test_policy_check_shows_each_rules_share_and_the_confirmation_a_sweep_needs(
+    warehouse: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As of the sweep's reference instant (test_dag_retention_sweep.py runs at RUN_AFTER): the same counts.
+    assert main(["policy", "check", str(DEMO), "--url", warehouse, "--as-of", RUN_AFTER.isoformat()]) == 0
+    out = capsys.readouterr().out
+    assert "(1500 rows in crm.contacts)" in out and "% of table" in out
+    assert ("Above blast_radius_percent (10 %): prospects_never_converted, leads_not_converted. A sweep stops before "
+            'changing anything unless triggered with {"confirm_blast_radius": {"prospects_never_converted": 346, '
+            '"leads_not_converted": 222}}') in out

@@ -433,7 +433,8 @@ def test_a_second_reference_to_the_subject_in_a_mapped_table_warns(conn: psycopg
         conn.execute("CREATE INDEX ON crm.support_tickets (assignee_id)")
     assert check_policy(conn, policy).warnings == [
         "crm.support_tickets.assignee_id references crm.contacts (tickets_assignee_fk) but the policy joins that table "
-        "on contact_id: deleting a subject those columns reference will fail"
+        "on contact_id: rows linked only through those columns are not treated with that subject (deleting the "
+        "subject fails, or cascades, as the foreign key says)"
     ]
 
 

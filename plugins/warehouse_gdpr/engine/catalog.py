@@ -191,7 +191,8 @@ def _key_problems(
         elif mapped_columns[fk.table] not in fk.columns:
             warnings.append(
                 f"{fk.table}.{', '.join(fk.columns)} references {subject.table} ({fk.name}) but the policy joins "
-                f"that table on {mapped_columns[fk.table]}: deleting a subject those columns reference will fail"
+                f"that table on {mapped_columns[fk.table]}: rows linked only through those columns are not treated with "
+                "that subject (deleting the subject fails, or cascades, as the foreign key says)"
             )
     return problems, warnings
 
