@@ -92,5 +92,5 @@ def prepare_warehouse(conn: psycopg.Connection, policy: Policy) -> "CatalogRepor
         log.error("%s", exc)
         raise AirflowFailException(str(exc)) from None
     for warning in report.warnings:
-        log.warning("catalog check: %s", warning)
+        log.warning("policy check: %s", warning)
     return report

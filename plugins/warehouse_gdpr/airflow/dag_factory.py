@@ -77,6 +77,14 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
                 description="Run only these rules (names from the policy). Empty: all rules.",
                 items={"type": "string", **({"enum": rule_names} if rule_names else {})},
             ),
+            "confirm_blast_radius": Param(
+                None, type=["null", "object"], title="Confirm blast radius",
+                description="Only after a run stopped at the blast-radius limit: the rules it named, each with the "
+                            'count it reported, e.g. {"prospects_never_converted": 3402}. Each rule then runs if it '
+                            "treats at most that many subjects. Audited. Empty: none.",
+                additionalProperties={"type": "integer", "minimum": 0},
+                **({"propertyNames": {"enum": rule_names}} if rule_names else {}),
+            ),
         },
         doc_md="Enforce the policy's retention rules on the warehouse. Rules are evaluated in "
                "`warehouse_gdpr/rules.py`; see docs/runbook.md when a run fails.",

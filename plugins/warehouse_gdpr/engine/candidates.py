@@ -16,10 +16,11 @@ A subject whose clock has no value (no date and no fallback) is never selected b
 `catalog.check_policy` counts them (`clock_missing`) and warns.
 
 Each candidate row carries the names of the legal holds that block the rule's action; held
-subjects are skipped by `sweep.apply_rule` and counted. `selects_now` re-evaluates the same
-predicate on a batch the sweep has locked ("lock, then check", see sweep.py). Identifiers are
-composed with `psycopg.sql` after `catalog.check_policy` validated them; hold predicates are the
-policy's own SQL expressions (checked to compile by the catalog check).
+subjects are skipped by `sweep.apply_rule` and counted. A hold predicate that evaluates to NULL
+holds (``(predicate) IS NOT FALSE``): a hold that cannot be decided never lets a subject go.
+`selects_now` re-evaluates the same predicate on a batch the sweep has locked ("lock, then check",
+see sweep.py). Identifiers are composed with `psycopg.sql` after `catalog.check_policy` validated
+them; hold predicates are the policy's own SQL expressions (checked to compile by the catalog check).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def holds_expression(policy: Policy, rule: Rule) -> sql.Composable:
     if not blocking:
         return sql.SQL("ARRAY[]::text[]")
     cases = sql.SQL(", ").join(
-        sql.SQL("CASE WHEN ({pred}) THEN {name} END").format(pred=hold_predicate(h), name=sql.Literal(h.name))
+        sql.SQL("CASE WHEN ({pred}) IS NOT FALSE THEN {name} END").format(pred=hold_predicate(h), name=sql.Literal(h.name))
         for h in blocking
     )
     return sql.SQL("array_remove(ARRAY[{cases}]::text[], NULL)").format(cases=cases)

@@ -188,7 +188,8 @@ def holds_in_force(conn: psycopg.Connection, policy: Policy, located: Located, a
     if not located.subject_ids or not policy.holds:
         return {}
     cases = sql.SQL(", ").join(
-        sql.SQL("CASE WHEN ({p}) THEN {n} END").format(p=hold_predicate(h), n=sql.Literal(h.name)) for h in policy.holds
+        sql.SQL("CASE WHEN ({p}) IS NOT FALSE THEN {n} END").format(p=hold_predicate(h), n=sql.Literal(h.name))
+        for h in policy.holds
     )
     row = conn.execute(
         sql.SQL(

@@ -326,7 +326,7 @@ def _all_holds(policy: Policy) -> sql.Composable:
     if not policy.holds:
         return sql.SQL("ARRAY[]::text[]")
     cases = sql.SQL(", ").join(
-        sql.SQL("CASE WHEN ({p}) THEN {n} END").format(p=candidates.hold_predicate(h), n=sql.Literal(h.name))
+        sql.SQL("CASE WHEN ({p}) IS NOT FALSE THEN {n} END").format(p=candidates.hold_predicate(h), n=sql.Literal(h.name))
         for h in policy.holds
     )
     return sql.SQL("array_remove(ARRAY[{cases}]::text[], NULL)").format(cases=cases)

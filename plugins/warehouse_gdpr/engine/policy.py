@@ -63,13 +63,20 @@ class PolicyError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no coercion. YAML's `batch_size: true` or `retries: "5"` is refused, never read as 1 or 5.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def _require_unique(names: list[str], what: str) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"{what} names must be unique, repeated: {', '.join(dupes)}")
+
+
+def _require_listed(acknowledged: list[str], listed: list[str], where: str) -> None:
+    strays = [v for v in acknowledged if v not in listed]
+    if strays:
+        raise ValueError(f"expect_absent may only name entries of {where}; not listed there: {', '.join(strays)}")
 
 
 def _check_duration(value: str) -> str:
@@ -79,6 +86,41 @@ def _check_duration(value: str) -> str:
     if not any(int(n) for n in match.groups() if n):
         raise ValueError(f"a retention period must be longer than zero, got {value!r}")
     return value
+
+
+# Airflow's schedule presets (airflow.sdk.definitions.timetables._cron.CRON_PRESETS, Airflow 3.3; a test
+# checks they agree). Anything else is a cron expression for croniter, as Airflow parses it; croniter
+# comes with Airflow, but this module never imports Airflow.
+CRON_PRESETS = {
+    "@hourly": "0 * * * *",
+    "@daily": "0 0 * * *",
+    "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *",
+    "@quarterly": "0 0 1 */3 *",
+    "@yearly": "0 0 1 1 *",
+}
+SPECIAL_SCHEDULES = ("@once", "@continuous")
+
+
+def _check_schedule(value: str) -> str:
+    """A schedule string as Airflow's DAG accepts it (a preset, @once, @continuous or a cron expression),
+    refused here rather than making the DAG disappear at import; a cron expression that never fires
+    (``0 0 30 2 *``) is refused too."""
+    if value in SPECIAL_SCHEDULES:
+        return value
+    from croniter import CroniterBadCronError, CroniterBadDateError, croniter
+
+    try:
+        croniter(CRON_PRESETS.get(value, value)).get_next()
+    except (CroniterBadCronError, CroniterBadDateError, ValueError) as exc:
+        raise ValueError(
+            f"not a schedule Airflow accepts ({exc}): use a preset ({', '.join(CRON_PRESETS)}) or a cron "
+            "expression such as '0 3 * * 0'"
+        ) from None
+    return value
+
+
+Schedule = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_check_schedule)]
 
 
 # Field descriptions are the "meaning" column of docs/policy.md, word for word (tests/test_docs.py checks
@@ -115,7 +157,7 @@ class AirflowSettings(_Model):
     keys_connection_id: Ident = Field(
         default="gdpr_keys", description="Airflow connection whose extra holds the pepper and archive keys"
     )
-    sweep_schedule: str = Field(default="@weekly", description="schedule of `gdpr_retention_sweep`")
+    sweep_schedule: Schedule = Field(default="@weekly", description="schedule of `gdpr_retention_sweep`")
 
 
 class Subject(_Model):
@@ -189,6 +231,16 @@ class Interactions(_Model):
         min_length=1,
         description="the kinds that are the person's own; only these restart a `last_interaction` clock",
     )
+    expect_absent: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list,
+        description="kinds of `subject_initiated` that may occur nowhere in the table yet: the check warns instead "
+        "of refusing the policy (any other kind that occurs nowhere is taken for a typo)",
+    )
+
+    @model_validator(mode="after")
+    def _absent_are_listed(self) -> "Interactions":
+        _require_listed(self.expect_absent, self.subject_initiated, "subject_initiated")
+        return self
 
 
 Action = Literal["delete", "pseudonymise"]
@@ -197,7 +249,10 @@ Action = Literal["delete", "pseudonymise"]
 class Hold(_Model):
     name: Ident = Field(description="unique name of the hold (logs, audit, certificates)")
     description: str = Field(default="", description="why it exists (quoted in the register's retention wording)")
-    predicate: Predicate = Field(description="true when the hold applies to the subject `s`")
+    predicate: Predicate = Field(
+        description="true when the hold applies to the subject `s`; NULL counts as true (fail-safe: a hold that "
+        "cannot be decided holds)"
+    )
     blocks: list[Action] = Field(
         default_factory=lambda: ["delete", "pseudonymise"],
         min_length=1,
@@ -216,6 +271,16 @@ class StatusFilter(_Model):
     values: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
         min_length=1, description="the status values the rule applies to"
     )
+    expect_absent: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list,
+        description="values of `values` that may occur nowhere in the subject table yet: the check warns instead of "
+        "refusing the policy (any other value that occurs nowhere is taken for a typo)",
+    )
+
+    @model_validator(mode="after")
+    def _absent_are_listed(self) -> "StatusFilter":
+        _require_listed(self.expect_absent, self.values, "values")
+        return self
 
 
 class LastInteractionClock(_Model):
@@ -425,7 +490,7 @@ class ShareTarget(_Model):
 
 
 class OptOut(_Model):
-    schedule: str = Field(default="@daily", description="schedule of `gdpr_optout_sync`")
+    schedule: Schedule = Field(default="@daily", description="schedule of `gdpr_optout_sync`")
     sources: list[OptOutSource] = Field(default_factory=list, description="where opt-outs are collected")
     strip_plus_tags: bool = Field(
         default=False,
@@ -591,6 +656,13 @@ def _tolerate_register(value: object, handler: ValidatorFunctionWrapHandler) -> 
 
 class Policy(_Model):
     version: Literal[1] = Field(description="format version of the file (always 1)")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_is_a_number(cls, value: object) -> object:
+        if isinstance(value, bool):  # True == 1 in Python: strict mode alone would take `version: true`
+            raise ValueError("expected the number 1")
+        return value
     airflow: AirflowSettings = Field(
         default_factory=AirflowSettings, description="Airflow connections and the sweep's schedule"
     )
@@ -600,6 +672,13 @@ class Policy(_Model):
         le=1_000_000,
         description="subjects per sweep transaction (keyset batches over the subject's primary key); also archive "
         "rows per purge transaction",
+    )
+    blast_radius_percent: float = Field(
+        default=10.0,
+        gt=0,
+        le=100,
+        description="a rule that would delete or pseudonymise more than this share of the subject table in one sweep "
+        "stops before changing anything, unless the run confirms its count (the `confirm_blast_radius` param)",
     )
     subject: Subject = Field(description="the table of people")
     tables: list[MappedTable] = Field(
@@ -630,6 +709,12 @@ class Policy(_Model):
             raise ValueError("each table may be mapped once in `tables`")
         if self.subject.table not in tables:
             raise ValueError(f"the subject table {self.subject.table} must also be listed in `tables`")
+        if self.subject_mapping.subject_column != self.subject.primary_key:
+            raise ValueError(
+                f"subject.primary_key ({self.subject.primary_key}) and the subject_column of {self.subject.table} "
+                f"in `tables` ({self.subject_mapping.subject_column}) must name the same column, the subject's key: "
+                "any other column would treat other people's rows"
+            )
         for rule in self.rules:
             if isinstance(rule.clock, RelatedMaxClock) and rule.clock.table not in tables:
                 raise ValueError(

@@ -500,6 +500,68 @@ def purge_archive(conn: psycopg.Connection, ctx: RunContext, as_of: str, batch_s
     return total
 
 
+# -- blast radius: a rule about to treat a large share of the subject table waits for a person -----
+
+
+@dataclass
+class BlastRadius:
+    """A rule whose plan treats more than the policy's `blast_radius_percent` of the subject table."""
+
+    rule: str
+    to_process: int
+    subject_rows: int
+    confirmed: int | None  # the count the run confirmed for this rule (None: no confirmation)
+
+    @property
+    def percent(self) -> float:
+        return round(100 * self.to_process / self.subject_rows, 1)
+
+    @property
+    def allowed(self) -> bool:
+        """Confirmed for at least the planned count (a confirmation is an upper bound, never a quota)."""
+        return self.confirmed is not None and self.to_process <= self.confirmed
+
+
+def subject_rows(conn: psycopg.Connection, policy: Policy) -> int:
+    """Rows of the subject table: what a rule's share is measured against (one count, no write)."""
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {t}").format(t=candidates.qualified(policy.subject.table))).fetchone()
+    conn.rollback()
+    return int(row[0]) if row else 0
+
+
+def blast_radius(
+    to_process: dict[str, int], rows: int, limit_percent: float, confirmed: dict[str, int] | None = None
+) -> list[BlastRadius]:
+    """The rules (name -> subjects the plan would treat) above `limit_percent` of `rows`, in order."""
+    confirmed = confirmed or {}
+    return [
+        BlastRadius(rule, n, rows, confirmed.get(rule))
+        for rule, n in to_process.items()
+        if rows and n * 100 > limit_percent * rows
+    ]
+
+
+def blast_radius_message(over: list[BlastRadius], limit_percent: float, action: dict[str, str]) -> str:
+    """Why the sweep stopped and the exact param that confirms it (counts and rule names only)."""
+    lines = []
+    for b in over:
+        if b.allowed:
+            continue
+        verb = "delete" if action.get(b.rule) == "delete" else "pseudonymise"
+        lines.append(
+            f"  - {b.rule}: would {verb} {b.to_process} of {b.subject_rows} subjects ({b.percent} %)"
+            + (f", more than the {b.confirmed} confirmed" if b.confirmed is not None else "")
+        )
+    confirm = json.dumps({"confirm_blast_radius": {b.rule: b.to_process for b in over}})
+    return (
+        f"blast-radius limit: these rules would treat more than blast_radius_percent ({limit_percent:g} %) of the "
+        "subject table in one run; the sweep stopped before changing anything:\n" + "\n".join(lines) + "\n"
+        "Check the plan (the plan task's log, or `warehouse-gdpr policy check`). If these counts are intended, "
+        f"trigger the sweep again with the params {confirm} (docs/runbook.md, 'The blast-radius limit stopped "
+        "the sweep')."
+    )
+
+
 # -- logs for on-call staff -------------------------------------------------------------------
 
 

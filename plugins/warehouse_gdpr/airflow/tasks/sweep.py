@@ -27,6 +27,22 @@ def _params(context: Any) -> tuple[bool, list[str] | None]:
     return bool(params.get("dry_run", False)), params.get("rules") or None
 
 
+def _confirmations(context: Any, policy: Any) -> dict[str, int]:
+    """The `confirm_blast_radius` param: {rule name: the count a person confirmed}. ValueError otherwise."""
+    value = context["params"].get("confirm_blast_radius") or {}
+    known = [r.name for r in policy.rules]
+    if not isinstance(value, dict):
+        raise ValueError('confirm_blast_radius must map rule names to counts, e.g. {"former_clients": 2368}')
+    unknown = sorted(name for name in value if name not in known)
+    if unknown:
+        raise ValueError(f"confirm_blast_radius names unknown rule(s) {', '.join(map(str, unknown))}; "
+                         f"the policy defines: {', '.join(known)}")
+    bad = sorted(name for name, n in value.items() if isinstance(n, bool) or not isinstance(n, int) or n < 0)
+    if bad:
+        raise ValueError(f"confirm_blast_radius: the count of {', '.join(bad)} must be a whole number >= 0")
+    return dict(value)
+
+
 def check_policy(policy_file: str, context: Any) -> dict[str, Any]:
     """Validate the policy file, the keys and the live catalog before anything writes."""
     path = Path(policy_file)
@@ -34,6 +50,7 @@ def check_policy(policy_file: str, context: Any) -> dict[str, Any]:
     try:
         policy = load_policy(path)
         selected = sweep.select_rules(policy, names)
+        _confirmations(context, policy)
         connections.load_keys(policy)
     except (PolicyError, KeyError_, ValueError, RuntimeError) as exc:
         log.error("Policy or keys are not usable; nothing was changed. Fix and trigger again.\n%s", exc)
@@ -59,12 +76,13 @@ def plan(checked: dict[str, Any], context: Any) -> list[dict[str, Any]]:
     ctx = connections.run_context(context, checked["dry_run"])
     with connections.connect(policy) as conn:
         plans = sweep.plan(conn, policy, selected, checked["as_of"])
+        rows = sweep.subject_rows(conn, policy)  # the blast-radius limit's denominator, as planned
         with conn.transaction():
             for p in plans:
                 audit.record(
                     conn, ctx, action="plan", outcome="ok", rule=p.rule, row_count=p.candidates - p.held,
                     details={"candidates": p.candidates, "held": p.held, "by_hold": p.by_hold,
-                             "seconds": round(p.seconds, 3), "as_of": checked["as_of"]},
+                             "seconds": round(p.seconds, 3), "as_of": checked["as_of"], "subject_rows": rows},
                 )
     log.info(
         "Plan as of %s%s:\n%s", checked["as_of"], " (DRY RUN)" if checked["dry_run"] else "",
@@ -73,7 +91,46 @@ def plan(checked: dict[str, Any], context: Any) -> list[dict[str, Any]]:
             [[p.rule, p.action, p.candidates, p.held, p.candidates - p.held, f"{p.seconds:.2f}"] for p in plans],
         ),
     )
-    return [p.__dict__ for p in plans]
+    return [{**p.__dict__, "subject_rows": rows} for p in plans]
+
+
+def _blast_radius(conn: Any, policy: Any, plans: list[dict[str, Any]], ctx: Any, context: Any) -> None:
+    """Before any write: a rule whose plan treats more than `blast_radius_percent` of the subject table
+    runs only when the run's `confirm_blast_radius` param confirms its count. Confirmations used and
+    stops are audited (action `blast_radius`); a stop fails the task at once, nothing changed."""
+    rows = plans[0]["subject_rows"] if plans and "subject_rows" in plans[0] else sweep.subject_rows(conn, policy)
+    over = sweep.blast_radius(
+        {p["rule"]: p["candidates"] - p["held"] for p in plans}, rows, policy.blast_radius_percent,
+        _confirmations(context, policy),
+    )
+    if not over:
+        return
+    stopped = [b for b in over if not b.allowed]
+    limit = policy.blast_radius_percent
+    with conn.transaction():
+        for b in over:
+            if b.allowed:
+                if stopped and not ctx.dry_run:
+                    continue  # nothing runs: only the rules that stopped the sweep are recorded
+                outcome = "confirmed"
+            else:
+                outcome = "unconfirmed" if ctx.dry_run else "stopped"
+            audit.record(conn, ctx, action="blast_radius", outcome=outcome, rule=b.rule, table=policy.subject.table,
+                         row_count=b.to_process, details={"subject_rows": b.subject_rows, "percent": b.percent,
+                                                          "limit_percent": limit, "confirmed": b.confirmed})
+    actions = {r.name: r.action for r in policy.rules}
+    if ctx.dry_run:
+        if stopped:
+            log.warning("DRY RUN: a real run would stop here.\n%s", sweep.blast_radius_message(over, limit, actions))
+        return
+    if stopped:
+        message = sweep.blast_radius_message(over, limit, actions)
+        log.error("%s", message)
+        raise AirflowFailException(message)
+    for b in over:
+        log.warning("Rule %s treats %d of %d subjects (%s %%), above blast_radius_percent (%g %%): confirmed for "
+                    "up to %d by this run's confirm_blast_radius param.", b.rule, b.to_process, b.subject_rows,
+                    b.percent, limit, b.confirmed)
 
 
 def apply(checked: dict[str, Any], plans: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
@@ -83,6 +140,7 @@ def apply(checked: dict[str, Any], plans: list[dict[str, Any]], context: Any) ->
     ctx = connections.run_context(context, checked["dry_run"])
     results: list[dict[str, Any]] = []
     with connections.connect(policy) as conn:
+        _blast_radius(conn, policy, plans, ctx, context)
         if checked["dry_run"]:
             with conn.transaction():
                 for p in plans:
