@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from .errors import ConfigurationError
 from .policy import FixedColumn, HashColumn, LastInteractionClock, NullColumn, Policy, RelatedMaxClock
 from .candidates import hold_predicate, qualified
 
@@ -20,7 +21,7 @@ TEXT_TYPES = ("text", "character varying", "character")
 TIME_TYPES = ("timestamp with time zone", "timestamp without time zone", "date")
 
 
-class CatalogError(ValueError):
+class CatalogError(ConfigurationError, ValueError):
     """The policy does not match the live database. The message lists every mismatch."""
 
 

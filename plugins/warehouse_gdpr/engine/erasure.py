@@ -24,6 +24,7 @@ from psycopg import sql
 from . import audit
 from .audit import RunContext
 from .crypto import Keys, normalise_email
+from .errors import ConfigurationError
 from .policy import MappedTable, Policy
 from .candidates import hold_predicate, qualified
 
@@ -36,7 +37,7 @@ EMAIL_MAX_LENGTH = 254
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{2,63}$"
 
 
-class RequestError(ValueError):
+class RequestError(ConfigurationError, ValueError):
     """The erasure request is malformed. The message names the field, never the value of an email."""
 
 

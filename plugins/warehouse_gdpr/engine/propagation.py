@@ -24,6 +24,7 @@ from . import audit
 from .audit import RunContext
 from .crypto import Keys
 from .erasure import outbox_aad
+from .errors import TransientError
 from .policy import HttpTarget, Policy, SqlTarget
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class TargetNotAcknowledged(RuntimeError):
+class TargetNotAcknowledged(TransientError, RuntimeError):
     """The target did not acknowledge the erasure (yet). The message holds no personal data."""
 
 
