@@ -1,7 +1,8 @@
 """What each task of `gdpr_subject_erasure` and `gdpr_erasure_retry` does. The DAG files only wire them.
 
 The email is read from the run's params by the tasks that need it and never returned: XComs carry
-the request id, the subject's keyed hash, outcomes and counts.
+the request id, the subject's keyed hash, outcomes and counts. Every task reads the policy the run
+pinned (`connections.run_policy`); `task_errors` maps failures (airflow/errors.py).
 """
 
 from __future__ import annotations
@@ -10,41 +11,35 @@ import logging
 from datetime import date, timedelta
 from typing import Any
 
+import psycopg
 from airflow.sdk.exceptions import AirflowFailException
 
-from warehouse_gdpr.airflow import connections
+from warehouse_gdpr.airflow import connections, errors
+from warehouse_gdpr.airflow.errors import task_errors
 from warehouse_gdpr.engine import audit, erasure, propagation
-from warehouse_gdpr.engine.crypto import KeyError_
-from warehouse_gdpr.engine.erasure import ErasureRequest, RequestError
-from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
+from warehouse_gdpr.engine.erasure import ErasureRequest
+from warehouse_gdpr.engine.errors import ConfigurationError, TransientError
+from warehouse_gdpr.engine.policy import Policy
 from warehouse_gdpr.engine.sweep import format_table
 
 log = logging.getLogger(__name__)
 
 
 def _request(context: Any) -> ErasureRequest:
-    try:
-        return erasure.parse_request(context["params"])
-    except RequestError as exc:
-        log.error("The erasure request is refused before any change: %s", exc)
-        raise AirflowFailException(f"invalid erasure request: {exc}") from None
+    """The run's request; a malformed one raises RequestError (refused before any change, no retry)."""
+    return erasure.parse_request(context["params"])
 
 
-def _policy(policy_file: str) -> Policy:
-    try:
-        return load_policy(policy_file)
-    except PolicyError as exc:
-        raise AirflowFailException(str(exc)) from None
+def _policy(policy_file: str, context: Any) -> Policy:
+    return connections.run_policy(policy_file, context)
 
 
+@task_errors
 def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
     """Check the params together and the policy, keys and live catalog. Writes nothing but an audit row."""
     request = _request(context)
-    policy = _policy(policy_file)
-    try:
-        keys = connections.load_keys(policy)
-    except (KeyError_, RuntimeError) as exc:
-        raise AirflowFailException(str(exc)) from None
+    policy = _policy(policy_file, context)
+    keys = connections.load_keys(policy)
     with connections.connect(policy) as conn:
         connections.prepare_warehouse(conn, policy)
         located = erasure.locate(conn, policy, keys, request)
@@ -63,19 +58,17 @@ def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
             "due_date": request.due_date.isoformat(), "dry_run": request.dry_run}
 
 
+@task_errors
 def erase(policy_file: str, context: Any) -> dict[str, Any]:
     """Erase everywhere, suppress, record the request and the outbox: one transaction."""
     request = _request(context)
-    policy = _policy(policy_file)
+    policy = _policy(policy_file, context)
     keys = connections.load_keys(policy)
     ctx = connections.run_context(context, request.dry_run)
     with connections.connect(policy) as conn:
         located = erasure.locate(conn, policy, keys, request)
         holds = erasure.holds_in_force(conn, policy, located, connections.as_of(context))
-        try:
-            result = erasure.erase(conn, policy, keys, ctx, request, located, holds)
-        except RequestError as exc:
-            raise AirflowFailException(str(exc)) from None
+        result = erasure.erase(conn, policy, keys, ctx, request, located, holds)
     verb = "would be" if request.dry_run else "was"
     if result.already_recorded:
         log.info("Request %s was already processed (status %s): nothing changed.", request.request_id, result.status)
@@ -90,24 +83,23 @@ def erase(policy_file: str, context: Any) -> dict[str, Any]:
     return out
 
 
+@task_errors
 def propagate(policy_file: str, target: str, context: Any) -> str:
     """Tell one downstream system to erase the person; raise (Airflow retries) until it acknowledges."""
     params = context["params"]
-    policy = _policy(policy_file)
+    policy = _policy(policy_file, context)
     keys = connections.load_keys(policy)
     ctx = connections.run_context(context, False)
     with connections.connect(policy) as conn:
-        try:
-            return propagation.propagate(conn, policy, keys, ctx, params["request_id"], target)
-        except propagation.TargetNotAcknowledged as exc:
-            log.warning("%s. Airflow retries with backoff; after the last retry gdpr_erasure_retry keeps trying.", exc)
-            raise
+        # TargetNotAcknowledged is transient: Airflow retries; after the last retry gdpr_erasure_retry keeps trying.
+        return propagation.propagate(conn, policy, keys, ctx, params["request_id"], target)
 
 
+@task_errors
 def verify(policy_file: str, context: Any) -> dict[str, Any]:
     """Rescan every mapped table, then certify (or report what is pending). Fails if anything is left."""
     request = _request(context)
-    policy = _policy(policy_file)
+    policy = _policy(policy_file, context)
     keys = connections.load_keys(policy)
     ctx = connections.run_context(context, request.dry_run)
     with connections.connect(policy) as conn:
@@ -162,38 +154,78 @@ def _warn_deadline(certificate: dict[str, Any], policy: Policy) -> None:
 # -- gdpr_erasure_retry --------------------------------------------------------------------------
 
 
+@task_errors
 def retry_pending(policy_file: str, context: Any) -> dict[str, Any]:
-    """Try every pending outbox row once; complete and certify requests whose targets all acknowledged."""
-    policy = _policy(policy_file)
+    """Try every pending outbox row once; complete and certify requests whose targets all acknowledged.
+
+    Each row is isolated: one that fails (an identifier that does not decrypt, a lost connection, a
+    target no longer in the policy) is reported and the others are still tried. The task then fails,
+    naming each failed request and target with the error's class (no personal data); a target that
+    simply has not acknowledged yet is not a failure (the row stays pending for the next run)."""
+    policy = _policy(policy_file, context)
     keys = connections.load_keys(policy)
     ctx = connections.run_context(context, False)
     tried = acknowledged = 0
     completed: list[str] = []
-    with connections.connect(policy) as conn:
+    failures: list[tuple[str, bool, str]] = []  # (request/target, retryable, why)
+
+    def failed(what: str, exc: Exception) -> None:
+        retryable, why = errors.classify(exc) or (True, type(exc).__name__)
+        failures.append((what, retryable, why))
+        log.error("%s: %s. The other pending propagations are still tried.", what, why)
+
+    conn = connections.connect(policy)
+    try:
         pending = conn.execute(
             "SELECT request_id, target FROM gdpr.erasure_propagation WHERE status = 'pending' ORDER BY request_id, target"
         ).fetchall()
         conn.rollback()
+        declared = {t.name for t in policy.erasure.targets}
         for request_id, target in pending:
             tried += 1
+            if target not in declared:
+                failed(f"request {request_id}, target {target}", ConfigurationError(
+                    f"target {target} is not declared in the policy's erasure.targets: the outbox row stays "
+                    "pending until it is declared again"))
+                continue
             try:
                 propagation.propagate(conn, policy, keys, ctx, request_id, target)
                 acknowledged += 1
             except propagation.TargetNotAcknowledged as exc:
                 log.warning("%s", exc)
-            except ValueError as exc:  # a target removed from the policy: say so, keep the row pending
-                log.error("%s: the outbox row stays pending until the target is declared again", exc)
+            except Exception as exc:  # noqa: BLE001 - isolated: reported at the end, the others go on
+                failed(f"request {request_id}, target {target}", exc)
+                conn = _usable(conn, policy)
         for request_id in sorted({r for r, _ in pending}):
-            if propagation.complete_if_acknowledged(conn, ctx, request_id):
-                completed.append(request_id)
+            try:
+                if propagation.complete_if_acknowledged(conn, ctx, request_id):
+                    completed.append(request_id)
+            except Exception as exc:  # noqa: BLE001 - isolated, as above
+                failed(f"request {request_id}, completion", exc)
+                conn = _usable(conn, policy)
+    finally:
+        conn.close()
     log.info("Retried %d pending propagation(s): %d acknowledged, %d still pending; completed requests: %s",
              tried, acknowledged, tried - acknowledged, ", ".join(completed) or "none")
+    if failures:
+        message = (f"{len(failures)} of {tried} pending propagation(s) failed, the others were tried: "
+                   + "; ".join(f"{what}: {why}" for what, _, why in failures))
+        raise (TransientError if any(r for _, r, _ in failures) else ConfigurationError)(message)
     return {"tried": tried, "acknowledged": acknowledged, "completed": completed}
 
 
+def _usable(conn: psycopg.Connection, policy: Policy) -> psycopg.Connection:
+    """The same connection if it still works, else a new one (after a lost connection)."""
+    if not conn.closed and not conn.broken:
+        return conn
+    conn.close()
+    return connections.connect(policy)
+
+
+@task_errors
 def check_deadlines(policy_file: str, context: Any) -> dict[str, Any]:
     """Make requests near or past their due date visible: log warnings, flag them, audit."""
-    policy = _policy(policy_file)
+    policy = _policy(policy_file, context)
     ctx = connections.run_context(context, False)
     days = policy.erasure.deadline_warning_days
     with connections.connect(policy) as conn, conn.transaction():
