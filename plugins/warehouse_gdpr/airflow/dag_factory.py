@@ -211,7 +211,7 @@ def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
 
         @task(trigger_rule="all_done")
         def check_deadlines(policy_file: str, retried: dict) -> dict:
-            return erasure_tasks.check_deadlines(policy_file, get_current_context())
+            return erasure_tasks.check_deadlines(policy_file, retried, get_current_context())
 
         check_deadlines(path, retry_pending(path))
 

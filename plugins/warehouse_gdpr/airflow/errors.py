@@ -46,7 +46,7 @@ _HINTS = {
     "40": "the transaction was rolled back by the server (deadlock or serialization failure)",
     "53": "the warehouse server is short of resources",
     "55": "a lock was not available in time",
-    "57": "the statement was cancelled or the server is shutting down",
+    "57": "the statement was cancelled, or the server ended the connection (restart, failover, administrator)",
 }
 
 

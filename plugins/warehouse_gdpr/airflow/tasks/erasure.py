@@ -223,8 +223,10 @@ def _usable(conn: psycopg.Connection, policy: Policy) -> psycopg.Connection:
 
 
 @task_errors
-def check_deadlines(policy_file: str, context: Any) -> dict[str, Any]:
-    """Make requests near or past their due date visible: log warnings, flag them, audit."""
+def check_deadlines(policy_file: str, retried: dict[str, Any] | None, context: Any) -> dict[str, Any]:
+    """Make requests near or past their due date visible: log warnings, flag them, audit. Runs after
+    retry_pending whatever its outcome; when retry_pending failed (`retried` is None), fails too once
+    the deadlines are checked, so that the run is red (a run's state is its last task's)."""
     policy = _policy(policy_file, context)
     ctx = connections.run_context(context, False)
     days = policy.erasure.deadline_warning_days
@@ -247,4 +249,7 @@ def check_deadlines(policy_file: str, context: Any) -> dict[str, Any]:
                 "and the target's availability (runbook: 'a target stays pending').",
                 request_id, "OVERDUE" if overdue else "due within %d days" % days, due, pending,
             )
+    if retried is None:
+        raise AirflowFailException("retry_pending failed: its log names each request and target that failed, and why. "
+                                   "The deadlines were checked.")
     return {"flagged": [r[0] for r in rows]}
