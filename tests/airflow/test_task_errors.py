@@ -19,7 +19,6 @@ import pytest
 import yaml
 from helpers import CRM_TABLES, add_contact, add_contract, table_checksum
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
 from warehouse_gdpr.airflow.errors import task_errors
 from warehouse_gdpr.engine import erasure
 from warehouse_gdpr.engine.audit import RunContext
@@ -261,7 +260,7 @@ class _Killer(BaseHTTPRequestHandler):
     admin_url = ""
     killed = threading.Event()
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         if not self.killed.is_set():
             self.killed.set()
             with psycopg.connect(self.admin_url, autocommit=True) as admin:
@@ -270,7 +269,7 @@ class _Killer(BaseHTTPRequestHandler):
         self.send_response(204)
         self.end_headers()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import pytest
-
 from warehouse_gdpr.engine.catalog import CatalogError
 from warehouse_gdpr.engine.crypto import KeyConfigError, Keys
 from warehouse_gdpr.engine.erasure import RequestError
-from warehouse_gdpr.engine.errors import ConfigurationError, TransientError, UnmappedForeignKey
+from warehouse_gdpr.engine.errors import (
+    ConfigurationError,
+    TransientError,
+    UnmappedForeignKey,
+)
 from warehouse_gdpr.engine.optout import OptOutError, ShareError
 from warehouse_gdpr.engine.policy import Policy, PolicyError
 from warehouse_gdpr.engine.propagation import TargetNotAcknowledged

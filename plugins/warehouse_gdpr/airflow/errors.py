@@ -94,7 +94,7 @@ def task_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - classified below; unknown errors are re-raised untouched
+        except Exception as exc:  # classified below; an unknown error is re-raised untouched
             known = classify(exc)
             if known is None:
                 raise
