@@ -114,12 +114,12 @@ def _schema_install(args: argparse.Namespace) -> int:
 def _subject_hash(args: argparse.Namespace) -> int:
     """Keyed hashes of one email read on stdin (never an argument: it would land in shell history)."""
     from warehouse_gdpr.airflow import connections
-    from warehouse_gdpr.engine.crypto import KeyError_
+    from warehouse_gdpr.engine.crypto import KeyConfigError
 
     try:
         policy = load_policy(args.policy)
         keys = connections.load_keys(policy)
-    except (PolicyError, KeyError_, RuntimeError) as exc:
+    except (PolicyError, KeyConfigError, RuntimeError) as exc:
         print(exc, file=sys.stderr)
         return 2
     email = sys.stdin.readline().strip()

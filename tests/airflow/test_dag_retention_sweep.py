@@ -11,6 +11,7 @@ import psycopg
 import pytest
 import yaml
 from helpers import CRM_TABLES, table_checksum
+from warehouse_gdpr.engine.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[2]
 # dag.test() runs as of this instant: 2026-06-15, the template's "today".
@@ -256,6 +257,6 @@ def test_a_bad_confirm_blast_radius_param_is_refused_by_the_first_task() -> None
         ({"former_clients": -1}, "confirm_blast_radius: the count of former_clients must be a whole number >= 0"),
         ([346], "confirm_blast_radius must map rule names to counts"),
     ]:
-        with pytest.raises(ValueError, match=re.escape(message)):
+        with pytest.raises(ConfigurationError, match=re.escape(message)):
             sweep_tasks._confirmations({"params": {"confirm_blast_radius": value}}, policy)
     assert sweep_tasks._confirmations({"params": {"confirm_blast_radius": None}}, policy) == {}

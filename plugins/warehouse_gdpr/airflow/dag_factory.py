@@ -8,8 +8,10 @@ for Airflow's DAG discovery, hence the comment):
 
 Building reads the policy file (a local file) for the schedule, the rule names offered in the trigger
 form and the erasure retry settings; nothing touches a database or the network. A policy that does
-not load still gives DAGs (weekly defaults): their first task reports what is wrong with the file.
-Task bodies live in sweep_tasks.py, erasure_tasks.py and optout_tasks.py.
+not load still gives DAGs (default schedules), so they stay visible: the reason is logged at ERROR
+when the file is parsed (the dag-processor log) and their first task fails with it.
+Without a path, $WAREHOUSE_GDPR_POLICY names the file (`connections.policy_path`).
+Task bodies live in airflow/tasks/sweep.py, erasure.py and optout.py.
 """
 
 from __future__ import annotations
@@ -27,17 +29,21 @@ from warehouse_gdpr.airflow.tasks import erasure as erasure_tasks
 from warehouse_gdpr.airflow.tasks import optout as optout_tasks
 from warehouse_gdpr.airflow.tasks import sweep as sweep_tasks
 from warehouse_gdpr.engine import erasure
-from warehouse_gdpr.engine.policy import Policy, load_policy
+from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
 
 log = logging.getLogger(__name__)
 START = datetime(2026, 1, 1)
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(minutes=5), "retry_exponential_backoff": True}
 
 
-def _load(policy_file: str) -> Policy | None:
+def _load(policy_file: str, dag_id: str) -> Policy | None:
     try:
         return load_policy(policy_file)
-    except Exception:  # noqa: BLE001 - a broken policy must not hide the DAGs; their first task explains it
+    except Exception as exc:  # noqa: BLE001 - a broken policy must not hide the DAGs; their first task explains it
+        # PolicyError messages name places in the file, never a value of the warehouse; others: the class only.
+        reason = str(exc) if isinstance(exc, PolicyError) else type(exc).__name__
+        log.error("%s is built with default settings because its policy file does not load; every run will "
+                  "fail in its first task until the file is fixed:\n%s", dag_id, reason)
         return None
 
 
@@ -56,7 +62,7 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
     (the article 30 register, beside the sweep so that it never delays a deletion). See sweep_tasks.py,
     rules.py, register.py."""
     path = str(policy_file or connections.policy_path())
-    policy = _load(path)
+    policy = _load(path, "gdpr_retention_sweep")
     rule_names = [r.name for r in policy.rules] if policy else []
 
     @dag(
@@ -128,7 +134,7 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
     """validate_request -> [approve_erasure] -> erase -> downstream[target] (preflight -> propagate) ->
     propagation_done -> verify (airflow/tasks/erasure.py)."""
     path = str(policy_file or connections.policy_path())
-    policy = _load(path)
+    policy = _load(path, "gdpr_subject_erasure")
     settings = policy.erasure if policy else None
 
     @dag(
@@ -230,7 +236,7 @@ def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
     failed gets nothing), then flag requests near or past their due date (an overdue one fails the run,
     which calls the policy's `erasure.on_failure_callback`)."""
     path = str(policy_file or connections.policy_path())
-    notifier = _notifier(_load(path))
+    notifier = _notifier(_load(path, "gdpr_erasure_retry"))
 
     @dag(
         dag_id="gdpr_erasure_retry",
@@ -256,7 +262,7 @@ def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
 
         @task(trigger_rule="all_done")
         def check_deadlines(policy_file: str, retried: dict) -> dict:
-            return erasure_tasks.check_deadlines(policy_file, get_current_context())
+            return erasure_tasks.check_deadlines(policy_file, retried, get_current_context())
 
         retried = retry_pending(path)
         preflight(path) >> retried
@@ -269,7 +275,7 @@ def build_optout_sync(policy_file: str | Path | None = None) -> DAG:
     """check -> rekey -> collect -> guard_resurrections -> enforce -> share[target] -> export -> report
     (optout_tasks.py; engine: optout.py)."""
     path = str(policy_file or connections.policy_path())
-    policy = _load(path)
+    policy = _load(path, "gdpr_optout_sync")
 
     @dag(
         dag_id="gdpr_optout_sync",

@@ -12,4 +12,5 @@
   audit.py        the append-only audit log
   register.py     the register of processing activities (GDPR art. 30), generated from the policy
   schema.py       installs or upgrades the control schema (sql/gdpr_schema.sql); sqlfiles.py finds it
+  errors.py       ConfigurationError (fail at once) and TransientError (retry): every engine exception is one
 """

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from .policy import FixedColumn, HashColumn, LastInteractionClock, NullColumn, Policy, RelatedMaxClock
+from .errors import ConfigurationError
+from .policy import FixedColumn, HashColumn, NullColumn, Policy, RelatedMaxClock
 from .candidates import hold_predicate, qualified, rule_params, unselectable_query
 
 TEXT_TYPES = ("text", "character varying", "character")
@@ -27,7 +28,7 @@ TIME_TYPES = ("timestamp with time zone", "timestamp without time zone", "date")
 INTEGER_TYPES = ("smallint", "integer", "bigint")
 
 
-class CatalogError(ValueError):
+class CatalogError(ConfigurationError, ValueError):
     """The policy does not match the live database. The message lists every mismatch."""
 
 

@@ -33,6 +33,7 @@ from psycopg import sql
 from . import audit, matcher
 from .audit import RunContext
 from .crypto import Keys, normalise_email
+from .errors import ConfigurationError
 from .policy import Policy
 from .candidates import hold_predicate, qualified
 
@@ -51,7 +52,7 @@ SAFE_PARAM_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,39}"  # an unknown key is named in t
 MAX_RECEIVED_AGE_DAYS = 365
 
 
-class RequestError(ValueError):
+class RequestError(ConfigurationError, ValueError):
     """The erasure request is malformed. The message names the field, never the value of an email."""
 
 

@@ -87,7 +87,8 @@ from psycopg import sql
 
 from . import audit, candidates, catalog, erasure, matcher
 from .audit import RunContext
-from .crypto import KeyError_, Keys
+from .crypto import KeyConfigError, Keys
+from .errors import ConfigurationError, TransientError, UnmappedForeignKey
 from .policy import OptOutSource, Policy, ShareTarget
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,11 @@ HASH_STAGE = sql.Identifier("_gdpr_optout_hash")
 RESURRECTED = sql.Identifier("_gdpr_optout_resurrected")
 
 
-class OptOutError(ValueError):
+class OptOutError(ConfigurationError, ValueError):
     """The opt-out configuration cannot work on this warehouse. The message names the policy field."""
 
 
-class ShareError(RuntimeError):
+class ShareError(TransientError, RuntimeError):
     """A share target did not accept a batch. The message holds the target name and HTTP status only."""
 
 
@@ -235,14 +236,14 @@ def _dry_run_record(conn: psycopg.Connection, ctx: RunContext, **record: Any) ->
 def rekey(conn: psycopg.Connection, keys: Keys, ctx: RunContext) -> dict[str, Any]:
     """Bring every entry stored under an earlier pepper of the chain to the current key (one pass).
 
-    Raises KeyError_ (nothing changed) when the list holds a key id the keys connection does not know.
+    Raises KeyConfigError (nothing changed) when the list holds a key id the keys connection does not know.
     """
     current = keys.hmac_key_id
     with conn.transaction() as tx:
         by_key = dict(conn.execute(f"SELECT key_id, count(*) FROM {LIST} GROUP BY key_id ORDER BY key_id").fetchall())
         unknown = {k: n for k, n in by_key.items() if k not in keys.hmac_key_ids}
         if unknown:
-            raise KeyError_(
+            raise KeyConfigError(
                 f"the suppression list holds entries under key id(s) the keys connection does not list: {unknown}; "
                 "add the retired pepper(s) to hmac_chain (oldest first) and run again"
             )
@@ -394,7 +395,7 @@ def guard(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
                 try:
                     result["rows"] = erasure._delete_everywhere(conn, policy, persons, restricted=False)
                 except psycopg.errors.ForeignKeyViolation as exc:
-                    raise RuntimeError(
+                    raise UnmappedForeignKey(
                         f"erasing resurrected subjects from {subject.table} is blocked by a foreign key from table "
                         f"{exc.diag.table_name!r}, which the policy does not map: add it to `tables`"
                     ) from None

@@ -31,6 +31,8 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from .errors import ConfigurationError
+
 IDENT = r"^[a-z_][a-z0-9_]{0,62}$"
 QUALIFIED = r"^[a-z_][a-z0-9_]{0,62}\.[a-z_][a-z0-9_]{0,62}$"
 DURATION = re.compile(r"^P(?=\d)(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?$")
@@ -58,7 +60,7 @@ Predicate = Annotated[str, Field(min_length=1, max_length=4000), AfterValidator(
 QualifiedName = Annotated[str, Field(pattern=QUALIFIED, description="schema.table")]
 
 
-class PolicyError(ValueError):
+class PolicyError(ConfigurationError, ValueError):
     """The policy file is unreadable or invalid. The message lists every problem."""
 
 
@@ -787,11 +789,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Read and validate a policy file."""
+def load_policy(path: str | Path, content: bytes | None = None) -> Policy:
+    """Read and validate a policy file (`content`: its bytes, when the caller has read them already)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = (path.read_bytes() if content is None else content).decode("utf-8")
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read the policy file ({exc.strerror})") from None
     except UnicodeDecodeError as exc:

@@ -41,6 +41,7 @@ from . import audit
 from .audit import RunContext
 from .crypto import Keys
 from .erasure import outbox_aad
+from .errors import TransientError
 from .policy import HttpTarget, Policy, SqlTarget
 from ..transport import ConnectionNotUsable, HttpAnswer, Transport, TransportError
 
@@ -78,7 +79,7 @@ ERROR_KEYS = ("error", "errors")  # a success answer whose JSON object holds one
 LEASE_MARGIN_SECONDS = 60  # a claim outlives the calls' deadlines by this much
 
 
-class TargetNotAcknowledged(RuntimeError):
+class TargetNotAcknowledged(TransientError, RuntimeError):
     """The target did not acknowledge the erasure (yet). The message holds no personal data."""
 
 

@@ -25,6 +25,7 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import ConfigurationError
 from .policy import DURATION, Activity, Hold, LastInteractionClock, Policy, RelatedMaxClock, Rule
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ HEADER_NOTE = ("Retention entries that name a rule are worded from the rules the
                "other periods are stated by the controller.")
 
 
-class RegisterIncomplete(ValueError):
+class RegisterIncomplete(ConfigurationError, ValueError):
     """The policy's register section misses required fields; the message lists each, by path."""
 
 

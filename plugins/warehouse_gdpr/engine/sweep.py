@@ -58,7 +58,8 @@ from psycopg import sql
 from . import audit, candidates, matcher
 from .audit import RunContext
 from .crypto import Keys, archive_aad
-from .policy import FixedColumn, HashColumn, KeepColumn, MappedTable, NullColumn, Policy, Rule
+from .errors import UnmappedForeignKey
+from .policy import FixedColumn, HashColumn, KeepColumn, MappedTable, NullColumn, Policy, PolicyError, Rule
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def select_rules(policy: Policy, names: list[str] | None) -> list[Rule]:
     known = [r.name for r in policy.rules]
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown rule(s) {', '.join(unknown)}; the policy defines: {', '.join(known)}")
+        raise PolicyError(f"unknown rule(s) {', '.join(unknown)}; the policy defines: {', '.join(known)}")
     return [r for r in policy.rules if r.name in names]
 
 
@@ -335,7 +336,7 @@ def _delete_batch(conn: psycopg.Connection, policy: Policy) -> dict[str, int]:
             )
         )
     except psycopg.errors.ForeignKeyViolation as exc:
-        raise RuntimeError(
+        raise UnmappedForeignKey(
             f"deleting from {subject.table} is blocked by a foreign key from table {exc.diag.table_name!r}, "
             "which the policy does not map: add it to `tables` (with its subject_column) so its rows are handled"
         ) from None

@@ -1,7 +1,8 @@
 """What each task of `gdpr_subject_erasure` and `gdpr_erasure_retry` does. The DAG files only wire them.
 
 The email is read from the run's params by the tasks that need it and never returned: XComs carry
-the request id, the subject's keyed hash, outcomes and counts.
+the request id, the subject's keyed hash, outcomes and counts. Every task reads the policy the run
+pinned (`connections.run_policy`); `task_errors` maps failures (airflow/errors.py).
 """
 
 from __future__ import annotations
@@ -12,20 +13,23 @@ from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any
 
+import psycopg
 from airflow.sdk.exceptions import AirflowFailException
 
-from warehouse_gdpr.airflow import connections
+from warehouse_gdpr.airflow import connections, errors
+from warehouse_gdpr.airflow.errors import task_errors
 from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import audit, erasure, propagation
-from warehouse_gdpr.engine.crypto import KeyError_
-from warehouse_gdpr.engine.erasure import ErasureRequest, RequestError
-from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
+from warehouse_gdpr.engine.erasure import ErasureRequest
+from warehouse_gdpr.engine.errors import ConfigurationError, TransientError
+from warehouse_gdpr.engine.policy import Policy
 from warehouse_gdpr.engine.sweep import format_table
 
 log = logging.getLogger(__name__)
 
 
 def _request(context: Any) -> ErasureRequest:
+    """The run's request; a malformed one raises RequestError (refused before any change, no retry)."""
     params = dict(context["params"])
     # A key of the trigger's conf that is no param (a typo such as `emial`) must be refused, even where
     # [core] dag_run_conf_overrides_params is off and Airflow leaves it out of the params.
@@ -34,16 +38,13 @@ def _request(context: Any) -> ErasureRequest:
         params.setdefault(key, None)
     try:
         return erasure.parse_request(params)
-    except RequestError as exc:
+    except erasure.RequestError as exc:
         log.error("The erasure request is refused before any change: %s", exc)
-        raise AirflowFailException(f"invalid erasure request: {exc}") from None
+        raise
 
 
-def _policy(policy_file: str) -> Policy:
-    try:
-        return load_policy(policy_file)
-    except PolicyError as exc:
-        raise AirflowFailException(str(exc)) from None
+def _policy(policy_file: str, context: Any) -> Policy:
+    return connections.run_policy(policy_file, context)
 
 
 def resolve_notifier(path: str | None) -> Callable[[Any], Any] | None:
@@ -71,22 +72,20 @@ def resolve_notifier(path: str | None) -> Callable[[Any], Any] | None:
     return target  # type: ignore[no-any-return]
 
 
+@task_errors
 def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
     """Check the params together and the policy, keys and live catalog. Writes nothing but an audit row."""
     request = _request(context)
-    policy = _policy(policy_file)
-    try:
-        keys = connections.load_keys(policy)
-    except (KeyError_, RuntimeError) as exc:
-        raise AirflowFailException(str(exc)) from None
+    policy = _policy(policy_file, context)
+    keys = connections.load_keys(policy)
     with connections.connect(policy) as conn:
         connections.prepare_warehouse(conn, policy)
         located = erasure.locate(conn, policy, keys, request)
         try:  # a request id already used for another person: refused before anything is written
             recorded = erasure.recorded_request(conn, keys, request, located)
-        except RequestError as exc:
+        except erasure.RequestError as exc:
             log.error("The erasure request is refused before any change: %s", exc)
-            raise AirflowFailException(f"invalid erasure request: {exc}") from None
+            raise
         finally:
             conn.rollback()
         holds = erasure.holds_in_force(conn, policy, located, connections.as_of(context))
@@ -114,19 +113,17 @@ def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
             "due_date": request.due_date.isoformat(), "dry_run": request.dry_run, "suppression": suppression}
 
 
+@task_errors
 def erase(policy_file: str, context: Any) -> dict[str, Any]:
     """Erase everywhere, suppress, record the request and the outbox: one transaction."""
     request = _request(context)
-    policy = _policy(policy_file)
+    policy = _policy(policy_file, context)
     keys = connections.load_keys(policy)
     ctx = connections.run_context(context, request.dry_run)
     with connections.connect(policy) as conn:
         located = erasure.locate(conn, policy, keys, request)
         holds = erasure.holds_in_force(conn, policy, located, connections.as_of(context))
-        try:
-            result = erasure.erase(conn, policy, keys, ctx, request, located, holds)
-        except RequestError as exc:
-            raise AirflowFailException(str(exc)) from None
+        result = erasure.erase(conn, policy, keys, ctx, request, located, holds)
     verb = "would be" if request.dry_run else "was"
     if result.already_recorded:
         log.info("Request %s was already processed (status %s): nothing changed.", request.request_id, result.status)
@@ -143,10 +140,11 @@ def erase(policy_file: str, context: Any) -> dict[str, Any]:
     return out
 
 
+@task_errors
 def preflight(policy_file: str, target: str, context: Any) -> str:
     """Prove the target's base URL and credentials (an authenticated call) before anything is sent to it.
     A wrong URL, a redirect or refused credentials fail at once (no retry); no answer or a 5xx retries."""
-    policy = _policy(policy_file)
+    policy = _policy(policy_file, context)
     ctx = connections.run_context(context, False)
     with connections.connect(policy) as conn:
         try:
@@ -161,10 +159,11 @@ def preflight(policy_file: str, target: str, context: Any) -> str:
             raise AirflowFailException(str(exc)) from None
 
 
+@task_errors
 def propagate(policy_file: str, target: str, context: Any) -> str:
     """Tell one downstream system to erase the person; raise (Airflow retries) until it acknowledges."""
     params = context["params"]
-    policy = _policy(policy_file)
+    policy = _policy(policy_file, context)
     keys = connections.load_keys(policy)
     ctx = connections.run_context(context, False)
     with connections.connect(policy) as conn:
@@ -179,10 +178,11 @@ def propagate(policy_file: str, target: str, context: Any) -> str:
             raise
 
 
+@task_errors
 def verify(policy_file: str, context: Any) -> dict[str, Any]:
     """Rescan every mapped table, then certify (or report what is pending). Fails if anything is left."""
     request = _request(context)
-    policy = _policy(policy_file)
+    policy = _policy(policy_file, context)
     keys = connections.load_keys(policy)
     ctx = connections.run_context(context, request.dry_run)
     with connections.connect(policy) as conn:
@@ -237,10 +237,11 @@ def _warn_deadline(certificate: dict[str, Any], policy: Policy) -> None:
 # -- gdpr_erasure_retry --------------------------------------------------------------------------
 
 
+@task_errors
 def preflight_pending(policy_file: str, context: Any) -> dict[str, Any]:
     """Preflight every HTTP target that has pending erasures (once per run). Fails, after trying them all,
     when one failed: its erasures stay pending (retry_pending sends it nothing) while the others go on."""
-    policy = _policy(policy_file)
+    policy = _policy(policy_file, context)
     ctx = connections.run_context(context, False)
     declared = {t.name for t in policy.erasure.targets}
     passed: list[str] = []
@@ -267,43 +268,84 @@ def preflight_pending(policy_file: str, context: Any) -> dict[str, Any]:
     return {"passed": passed}
 
 
+@task_errors
 def retry_pending(policy_file: str, context: Any) -> dict[str, Any]:
-    """Try every pending outbox row once (an HTTP target only if its preflight passed in this run); complete
-    and certify requests whose targets all acknowledged."""
-    policy = _policy(policy_file)
+    """Try every pending outbox row once (an HTTP target only if its preflight passed in this run); complete and certify requests whose targets all acknowledged.
+
+    Each row is isolated: one that fails (an identifier that does not decrypt, a lost connection, a
+    target no longer in the policy) is reported and the others are still tried. The task then fails,
+    naming each failed request and target with the error's class (no personal data); a target that
+    simply has not acknowledged yet is not a failure (the row stays pending for the next run)."""
+    policy = _policy(policy_file, context)
     keys = connections.load_keys(policy)
     ctx = connections.run_context(context, False)
     transport = AirflowTransport()
     tried = acknowledged = 0
     completed: list[str] = []
-    with connections.connect(policy) as conn:
+    failures: list[tuple[str, bool, str]] = []  # (request/target, retryable, why)
+
+    def failed(what: str, exc: Exception) -> None:
+        retryable, why = errors.classify(exc) or (True, type(exc).__name__)
+        failures.append((what, retryable, why))
+        log.error("%s: %s. The other pending propagations are still tried.", what, why)
+
+    conn = connections.connect(policy)
+    try:
         pending = conn.execute(
             "SELECT request_id, target FROM gdpr.erasure_propagation WHERE status = 'pending' ORDER BY request_id, target"
         ).fetchall()
         conn.rollback()
+        declared = {t.name for t in policy.erasure.targets}
         for request_id, target in pending:
             tried += 1
+            if target not in declared:
+                failed(f"request {request_id}, target {target}", ConfigurationError(
+                    f"target {target} is not declared in the policy's erasure.targets: the outbox row stays "
+                    "pending until it is declared again"))
+                continue
             try:
                 propagation.propagate(conn, policy, keys, ctx, request_id, target, transport)
                 acknowledged += 1
             except propagation.TargetNotAcknowledged as exc:
                 log.warning("%s", exc)
-            except ValueError as exc:  # a target removed from the policy: say so, keep the row pending
-                log.error("%s: the outbox row stays pending until the target is declared again", exc)
+            except Exception as exc:  # noqa: BLE001 - isolated: reported at the end, the others go on
+                failed(f"request {request_id}, target {target}", exc)
+                conn = _usable(conn, policy)
         for request_id in sorted({r for r, _ in pending}):
-            if propagation.complete_if_acknowledged(conn, ctx, request_id):
-                completed.append(request_id)
+            try:
+                if propagation.complete_if_acknowledged(conn, ctx, request_id):
+                    completed.append(request_id)
+            except Exception as exc:  # noqa: BLE001 - isolated, as above
+                failed(f"request {request_id}, completion", exc)
+                conn = _usable(conn, policy)
+    finally:
+        conn.close()
     log.info("Retried %d pending propagation(s): %d acknowledged, %d still pending; completed requests: %s",
              tried, acknowledged, tried - acknowledged, ", ".join(completed) or "none")
+    if failures:
+        message = (f"{len(failures)} of {tried} pending propagation(s) failed, the others were tried: "
+                   + "; ".join(f"{what}: {why}" for what, _, why in failures))
+        raise (TransientError if any(r for _, r, _ in failures) else ConfigurationError)(message)
     return {"tried": tried, "acknowledged": acknowledged, "completed": completed}
 
 
-def check_deadlines(policy_file: str, context: Any) -> dict[str, Any]:
+def _usable(conn: psycopg.Connection, policy: Policy) -> psycopg.Connection:
+    """The same connection if it still works, else a new one (after a lost connection)."""
+    if not conn.closed and not conn.broken:
+        return conn
+    conn.close()
+    return connections.connect(policy)
+
+
+@task_errors
+def check_deadlines(policy_file: str, retried: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     """Make requests near or past their due date visible: flag them, audit, warn for the ones due soon, and
     FAIL the task (a red run; the policy's `erasure.on_failure_callback` pages) for any overdue request with a
     target still pending, naming the request, its pending targets and the days overdue. As the DAG's last
-    task, it also fails the run when a target failed its preflight in this run (its erasures wait on a fix)."""
-    policy = _policy(policy_file)
+    task, it also fails the run when a target failed its preflight in this run (its erasures wait on a fix),
+    and when retry_pending failed (`retried` is None), once the deadlines are checked (a run's state is its
+    last task's)."""
+    policy = _policy(policy_file, context)
     ctx = connections.run_context(context, False)
     days = policy.erasure.deadline_warning_days
     notifier_error = None
@@ -340,16 +382,22 @@ def check_deadlines(policy_file: str, context: Any) -> dict[str, Any]:
         "until the connection is fixed (see the preflight task's log; runbook: 'A preflight fails')"
     ) if unproven else ""
     overdue_rows = [(r[0], r[3], r[4]) for r in rows if r[3] > 0]
+    problems: list[str] = []  # every reason the run is red, in one message
     if overdue_rows:
-        raise AirflowFailException(
+        problems.append(
             f"{len(overdue_rows)} erasure request(s) past their due date with a target pending: "
             + "; ".join(f"request {rid}: target(s) {', '.join(t)} pending, {late} day(s) overdue" if t else
                         f"request {rid}: no target pending but not completed (trigger it again to verify and "
                         f"certify it), {late} day(s) overdue" for rid, late, t in overdue_rows)
-            + ". Runbook: 'An erasure is overdue'." + (f" Also: {preflight_message}." if preflight_message else "") + (f" Your pager was not called: {notifier_error}." if notifier_error else "")
+            + ". Runbook: 'An erasure is overdue'" + (f". Your pager was not called: {notifier_error}" if notifier_error else "")
         )
-    if notifier_error:
-        raise AirflowFailException(f"{notifier_error}. Overdue erasures cannot page anyone until it is fixed.")
+    elif notifier_error:
+        problems.append(f"{notifier_error}. Overdue erasures cannot page anyone until it is fixed")
+    if retried is None:
+        problems.append("retry_pending failed: its log names each request and target that failed, and why. "
+                        "The deadlines were checked")
     if preflight_message:
-        raise AirflowFailException(preflight_message)
+        problems.append(preflight_message)
+    if problems:
+        raise AirflowFailException(". ".join(problems) + ".")
     return {"flagged": [r[0] for r in rows]}

@@ -2,7 +2,9 @@
 
 Every task opens its own connection (tasks may run on different workers), writes its audit rows,
 logs counts and timings only, and returns a small JSON-able dict (no personal data in XComs).
-Configuration errors raise AirflowFailException: retrying cannot fix a wrong policy or a missing key.
+Every task reads the policy the run pinned (`connections.run_policy`); `task_errors` fails
+configuration errors at once (retrying cannot fix a wrong policy or a missing key) and scrubs
+warehouse errors (airflow/errors.py).
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowSkipException
 
 from warehouse_gdpr.airflow import connections
+from warehouse_gdpr.airflow.errors import task_errors
 from warehouse_gdpr.engine import audit, register, sweep
-from warehouse_gdpr.engine.crypto import KeyError_
-from warehouse_gdpr.engine.policy import PolicyError, load_policy
+from warehouse_gdpr.engine.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -28,33 +30,30 @@ def _params(context: Any) -> tuple[bool, list[str] | None]:
 
 
 def _confirmations(context: Any, policy: Any) -> dict[str, int]:
-    """The `confirm_blast_radius` param: {rule name: the count a person confirmed}. ValueError otherwise."""
+    """The `confirm_blast_radius` param: {rule name: the count a person confirmed}. ConfigurationError otherwise."""
     value = context["params"].get("confirm_blast_radius") or {}
     known = [r.name for r in policy.rules]
     if not isinstance(value, dict):
-        raise ValueError('confirm_blast_radius must map rule names to counts, e.g. {"former_clients": 2368}')
+        raise ConfigurationError('confirm_blast_radius must map rule names to counts, e.g. {"former_clients": 2368}')
     unknown = sorted(name for name in value if name not in known)
     if unknown:
-        raise ValueError(f"confirm_blast_radius names unknown rule(s) {', '.join(map(str, unknown))}; "
+        raise ConfigurationError(f"confirm_blast_radius names unknown rule(s) {', '.join(map(str, unknown))}; "
                          f"the policy defines: {', '.join(known)}")
     bad = sorted(name for name, n in value.items() if isinstance(n, bool) or not isinstance(n, int) or n < 0)
     if bad:
-        raise ValueError(f"confirm_blast_radius: the count of {', '.join(bad)} must be a whole number >= 0")
+        raise ConfigurationError(f"confirm_blast_radius: the count of {', '.join(bad)} must be a whole number >= 0")
     return dict(value)
 
 
+@task_errors
 def check_policy(policy_file: str, context: Any) -> dict[str, Any]:
     """Validate the policy file, the keys and the live catalog before anything writes."""
     path = Path(policy_file)
     dry_run, names = _params(context)
-    try:
-        policy = load_policy(path)
-        selected = sweep.select_rules(policy, names)
-        _confirmations(context, policy)
-        connections.load_keys(policy)
-    except (PolicyError, KeyError_, ValueError, RuntimeError) as exc:
-        log.error("Policy or keys are not usable; nothing was changed. Fix and trigger again.\n%s", exc)
-        raise AirflowFailException(str(exc)) from None
+    policy = connections.run_policy(path, context)
+    selected = sweep.select_rules(policy, names)
+    _confirmations(context, policy)
+    connections.load_keys(policy)
     with connections.connect(policy) as conn:
         report = connections.prepare_warehouse(conn, policy)
         ctx = connections.run_context(context, dry_run)
@@ -69,9 +68,10 @@ def check_policy(policy_file: str, context: Any) -> dict[str, Any]:
             "policy_file": str(path)}
 
 
+@task_errors
 def plan(checked: dict[str, Any], context: Any) -> list[dict[str, Any]]:
     """Count candidates and held subjects per rule (one set-based query each)."""
-    policy = load_policy(checked["policy_file"])
+    policy = connections.run_policy(checked["policy_file"], context)
     selected = sweep.select_rules(policy, checked["rules"])
     ctx = connections.run_context(context, checked["dry_run"])
     with connections.connect(policy) as conn:
@@ -126,16 +126,17 @@ def _blast_radius(conn: Any, policy: Any, plans: list[dict[str, Any]], ctx: Any,
     if stopped:
         message = sweep.blast_radius_message(over, limit, actions)
         log.error("%s", message)
-        raise AirflowFailException(message)
+        raise ConfigurationError(message)
     for b in over:
         log.warning("Rule %s treats %d of %d subjects (%s %%), above blast_radius_percent (%g %%): confirmed for "
                     "up to %d by this run's confirm_blast_radius param.", b.rule, b.to_process, b.subject_rows,
                     b.percent, limit, b.confirmed)
 
 
+@task_errors
 def apply(checked: dict[str, Any], plans: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
     """Delete or pseudonymise per rule in audited keyset batches; a dry run only records the plan."""
-    policy = load_policy(checked["policy_file"])
+    policy = connections.run_policy(checked["policy_file"], context)
     selected = sweep.select_rules(policy, checked["rules"])
     ctx = connections.run_context(context, checked["dry_run"])
     results: list[dict[str, Any]] = []
@@ -180,9 +181,10 @@ def apply(checked: dict[str, Any], plans: list[dict[str, Any]], context: Any) ->
     return results
 
 
+@task_errors
 def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Remove archived originals whose own retention period (archive_for) has ended."""
-    policy = load_policy(checked["policy_file"])
+    policy = connections.run_policy(checked["policy_file"], context)
     ctx = connections.run_context(context, checked["dry_run"])
     with connections.connect(policy) as conn:
         n = sweep.purge_archive(conn, ctx, checked["as_of"], policy.batch_size)
@@ -190,6 +192,7 @@ def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     return {"purged": n}
 
 
+@task_errors
 def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Generate the article 30 register from the policy and keep it; fail while it is incomplete.
 
@@ -198,7 +201,7 @@ def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     The warehouse copy (gdpr.processing_register, one row per distinct content) is the record; the
     files under `output_dir` are a convenience and a worker that cannot write them only logs it.
     A dry run writes the files and changes nothing in the warehouse but its audit row."""
-    policy = load_policy(checked["policy_file"])
+    policy = connections.run_policy(checked["policy_file"], context)
     if policy.processing_register is None:
         log.warning("The policy has no processing_register section: no register of processing activities "
                     "is generated (see docs/policy.md#processing_register).")
@@ -206,10 +209,10 @@ def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     source = Path(checked["policy_file"]).name
     try:
         rendered = register.render(policy, date.fromisoformat(checked["as_of"][:10]), source)
-    except register.RegisterIncomplete as exc:
-        log.error("Register of processing activities not written; complete processing_register in %s.\n%s",
-                  checked["policy_file"], exc)
-        raise AirflowFailException(str(exc)) from None
+    except register.RegisterIncomplete:
+        log.error("Register of processing activities not written; complete processing_register in %s.",
+                  checked["policy_file"])
+        raise
     ctx = connections.run_context(context, checked["dry_run"])
     new = False
     with connections.connect(policy) as conn, conn.transaction():
@@ -234,9 +237,10 @@ def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     return result
 
 
+@task_errors
 def report(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Summarise the run from the audit log (what happened, not what was intended) and record it."""
-    policy = load_policy(checked["policy_file"])
+    policy = connections.run_policy(checked["policy_file"], context)
     ctx = connections.run_context(context, checked["dry_run"])
     with connections.connect(policy) as conn:
         rows = audit.rows_for_run(conn, ctx.dag_id, ctx.run_id)
