@@ -64,36 +64,27 @@ def _load_columns(conn: psycopg.Connection, schemas: set[str]) -> dict[str, dict
     return tables
 
 
+_INDEX_FIRST_COLUMNS = """
+    SELECT n.nspname || '.' || t.relname, a.attname
+    FROM pg_catalog.pg_index i
+    JOIN pg_catalog.pg_class t ON t.oid = i.indrelid
+    JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0]
+    WHERE n.nspname = ANY(%s) AND i.indisvalid AND i.indpred IS NULL
+"""
+
+
 def _indexed_first_columns(conn: psycopg.Connection, schemas: set[str]) -> set[tuple[str, str]]:
-    rows = conn.execute(
-        """
-        SELECT n.nspname || '.' || t.relname, a.attname
-        FROM pg_catalog.pg_index i
-        JOIN pg_catalog.pg_class t ON t.oid = i.indrelid
-        JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
-        JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0]
-        WHERE n.nspname = ANY(%s) AND i.indisvalid AND i.indpred IS NULL
-        """,
-        (sorted(schemas),),
-    ).fetchall()
+    """(table, column) pairs that lead a valid, non-partial index (a join on the column can use it)."""
+    rows = conn.execute(_INDEX_FIRST_COLUMNS, (sorted(schemas),)).fetchall()
     return {(table, column) for table, column in rows}
 
 
 def _unique_columns(conn: psycopg.Connection, schemas: set[str]) -> set[tuple[str, str]]:
     """(table, column) pairs that are a key on their own: a valid, non-partial unique index on that one
     column (what a primary key or a single-column unique constraint creates)."""
-    rows = conn.execute(
-        """
-        SELECT n.nspname || '.' || t.relname, a.attname
-        FROM pg_catalog.pg_index i
-        JOIN pg_catalog.pg_class t ON t.oid = i.indrelid
-        JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
-        JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0]
-        WHERE n.nspname = ANY(%s) AND i.indisunique AND i.indisvalid AND i.indnkeyatts = 1
-          AND i.indpred IS NULL AND i.indexprs IS NULL
-        """,
-        (sorted(schemas),),
-    ).fetchall()
+    query = _INDEX_FIRST_COLUMNS + "  AND i.indisunique AND i.indnkeyatts = 1 AND i.indexprs IS NULL\n"
+    rows = conn.execute(query, (sorted(schemas),)).fetchall()
     return {(table, column) for table, column in rows}
 
 
