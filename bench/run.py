@@ -261,14 +261,61 @@ def union_candidates(conn: psycopg.Connection, policy: Policy, selected: list[Ru
     return glue.join(f"({unheld_candidates(conn, policy, r)})" for r in selected)
 
 
+def email_tables(policy: Policy) -> list[MappedTable]:
+    return [m for m in policy.tables if m.email_columns and m.table != policy.subject.table]
+
+
+def candidate_emails_cte(conn: psycopg.Connection, policy: Policy) -> list[str]:
+    """`cand_email`: the normalised emails of the candidates (`cand`) that no other subject holds, for the
+    tables whose rows are also found by email (the engine's `matcher` definition, as a DBA would write it)."""
+    if not email_tables(policy):
+        return []
+    s = policy.subject
+    return [sql.SQL(
+        "cand_email AS MATERIALIZED (SELECT DISTINCT ON (e.email_norm) e.email_norm, e.subject_id"
+        " FROM (SELECT lower(btrim(s.{email})) AS email_norm, s.{pk} AS subject_id FROM {t} s"
+        " JOIN cand c ON c.subject_id = s.{pk}) e WHERE position('@' in e.email_norm) > 0"
+        " AND NOT EXISTS (SELECT 1 FROM {t} o WHERE lower(btrim(o.{email})) = e.email_norm"
+        " AND o.{pk} NOT IN (SELECT subject_id FROM cand)) ORDER BY e.email_norm, e.subject_id)"
+    ).format(email=sql.Identifier(s.email_column), pk=sql.Identifier(s.primary_key),
+             t=candidates.qualified(s.table)).as_string(conn)]
+
+
+def link_of(policy: Policy, mapped: MappedTable) -> sql.Identifier:
+    return sql.Identifier("t", policy.subject.primary_key if mapped.table == policy.subject.table else mapped.subject_column)
+
+
+def raw_rows(policy: Policy, mapped: MappedTable) -> sql.Composable:
+    """The candidates' rows of `mapped` (alias t): linked to a candidate, or (tables with `email_columns`)
+    carrying a candidate's email."""
+    linked = sql.SQL("{link} IN (SELECT subject_id FROM cand)").format(link=link_of(policy, mapped))
+    if mapped not in email_tables(policy):
+        return linked
+    by_email = [sql.SQL("lower(btrim({c})) IN (SELECT email_norm FROM cand_email)").format(c=sql.Identifier("t", c))
+                for c in mapped.email_columns]
+    return sql.SQL("({})").format(sql.SQL(" OR ").join([linked, *by_email]))
+
+
+def raw_owner(policy: Policy, mapped: MappedTable) -> tuple[sql.Composable, sql.Composable]:
+    """(owner, joins): the subject a row of `mapped` (alias t) is archived under, its link, else the
+    candidate whose email it carries, found through LEFT JOINs to `cand_email` (one email per row there)."""
+    link = link_of(policy, mapped)
+    if mapped not in email_tables(policy):
+        return link, sql.SQL("")
+    aliases = [sql.Identifier(f"ce{i}") for i in range(len(mapped.email_columns))]
+    joins = [sql.SQL(" LEFT JOIN cand_email {a} ON {a}.email_norm = lower(btrim({c}))").format(a=a, c=sql.Identifier("t", c))
+             for a, c in zip(aliases, mapped.email_columns)]
+    owner = sql.SQL("coalesce({})").format(sql.SQL(", ").join([link, *(sql.SQL("{a}.subject_id").format(a=a) for a in aliases)]))
+    return owner, sql.Composed(joins)
+
+
 def raw_delete_sql(conn: psycopg.Connection, policy: Policy, selected: list[Rule]) -> tuple[str, list[str]]:
     """One statement deleting the unheld candidates of `selected` and their rows, dependents first."""
-    ctes = [f"cand AS MATERIALIZED ({union_candidates(conn, policy, selected)})"]
+    ctes = [f"cand AS MATERIALIZED ({union_candidates(conn, policy, selected)})", *candidate_emails_cte(conn, policy)]
     names = []
     for i, mapped in enumerate([*policy.dependent_tables, next(t for t in policy.tables if t.table == policy.subject.table)]):
-        column = policy.subject.primary_key if mapped.table == policy.subject.table else mapped.subject_column
-        ctes.append(sql.SQL("d{i} AS (DELETE FROM {t} WHERE {c} IN (SELECT subject_id FROM cand) RETURNING 1)").format(
-            i=sql.SQL(str(i)), t=candidates.qualified(mapped.table), c=sql.Identifier(column)).as_string(conn))
+        ctes.append(sql.SQL("d{i} AS (DELETE FROM {t} t WHERE {m} RETURNING 1)").format(
+            i=sql.SQL(str(i)), t=candidates.qualified(mapped.table), m=raw_rows(policy, mapped)).as_string(conn))
         names.append(mapped.table)
     select = ", ".join(f"(SELECT count(*) FROM d{i})" for i in range(len(names)))
     return "WITH " + ",\n".join(ctes) + f"\nSELECT {select}", names
@@ -299,20 +346,22 @@ def treated_tables(policy: Policy) -> list[MappedTable]:
 
 def raw_pseudonymise_sql(conn: psycopg.Connection, policy: Policy, rule: Rule) -> tuple[str, list[str]]:
     """One statement: archive the originals unencrypted (to_jsonb) and overwrite the same columns (md5)."""
-    ctes = [f"cand AS MATERIALIZED ({unheld_candidates(conn, policy, rule)})"]
+    ctes = [f"cand AS MATERIALIZED ({unheld_candidates(conn, policy, rule)})", *candidate_emails_cte(conn, policy)]
     names = []
     purge_after = ClientCursor(conn).mogrify("%s::timestamptz + %s::interval", (AS_OF, rule.archive_for))
     for i, mapped in enumerate(treated_tables(policy)):
-        t, pk, link = candidates.qualified(mapped.table), sql.Identifier(mapped.primary_key), sql.Identifier(mapped.subject_column)
+        t, pk = candidates.qualified(mapped.table), sql.Identifier(mapped.primary_key)
+        owner, joins = raw_owner(policy, mapped)
         ctes.append(sql.SQL(
             "a{i} AS (INSERT INTO gdpr_archive.archived_row"
             " (source_table, source_pk, subject_id, rule, run_id, purge_after, key_id, nonce, ciphertext)"
-            " SELECT {name}, t.{pk}::text, t.{link}::text, {rule}, 'bench-raw', {purge}, 'plaintext', ''::bytea,"
-            " convert_to(to_jsonb(t)::text, 'UTF8') FROM {t} t WHERE t.{link} IN (SELECT subject_id FROM cand) RETURNING 1)"
-        ).format(i=sql.SQL(str(i)), name=sql.Literal(mapped.table), pk=pk, link=link, rule=sql.Literal(rule.name),
-                 purge=sql.SQL(purge_after), t=t).as_string(conn))
-        ctes.append(sql.SQL("u{i} AS (UPDATE {t} t SET {sets} WHERE t.{link} IN (SELECT subject_id FROM cand) RETURNING 1)").format(
-            i=sql.SQL(str(i)), t=t, sets=sql.SQL(", ").join(treatment_sets(mapped, policy)), link=link).as_string(conn))
+            " SELECT {name}, t.{pk}::text, ({owner})::text, {rule}, 'bench-raw', {purge}, 'plaintext', ''::bytea,"
+            " convert_to(to_jsonb(t)::text, 'UTF8') FROM {t} t{joins} WHERE {m} RETURNING 1)"
+        ).format(i=sql.SQL(str(i)), name=sql.Literal(mapped.table), pk=pk, owner=owner, rule=sql.Literal(rule.name),
+                 purge=sql.SQL(purge_after), t=t, joins=joins, m=raw_rows(policy, mapped)).as_string(conn))
+        ctes.append(sql.SQL("u{i} AS (UPDATE {t} t SET {sets} WHERE {m} RETURNING 1)").format(
+            i=sql.SQL(str(i)), t=t, sets=sql.SQL(", ").join(treatment_sets(mapped, policy)),
+            m=raw_rows(policy, mapped)).as_string(conn))
         names.append(mapped.table)
     select = ", ".join(f"(SELECT count(*) FROM a{i}), (SELECT count(*) FROM u{i})" for i in range(len(names)))
     return "WITH " + ",\n".join(ctes) + f"\nSELECT {select}", names
@@ -520,14 +569,15 @@ class Bench:
         """One UPDATE per row, each on a fresh connection, for a sample of the pseudonymise workload."""
         tables = {m.table: m for m in treated_tables(self.policy)}
         with psycopg.connect(url) as conn:
-            cand = unheld_candidates(conn, self.policy, rule)
+            cand = ", ".join([f"cand AS MATERIALIZED ({unheld_candidates(conn, self.policy, rule)})",
+                              *candidate_emails_cte(conn, self.policy)])
             union = " UNION ALL ".join(
-                sql.SQL("SELECT {name} AS tbl, t.{pk}::text AS pk FROM {t} t WHERE t.{link} IN (SELECT subject_id FROM cand)").format(
+                sql.SQL("SELECT {name} AS tbl, t.{pk}::text AS pk FROM {t} t WHERE {m}").format(
                     name=sql.Literal(m.table), pk=sql.Identifier(m.primary_key), t=candidates.qualified(m.table),
-                    link=sql.Identifier(m.subject_column)).as_string(conn)
+                    m=raw_rows(self.policy, m)).as_string(conn)
                 for m in tables.values())
             sample = conn.execute(
-                f"WITH cand AS MATERIALIZED ({cand}) SELECT tbl, pk FROM ({union}) w ORDER BY md5(tbl || ':' || pk) LIMIT %s",
+                f"WITH {cand} SELECT tbl, pk FROM ({union}) w ORDER BY md5(tbl || ':' || pk) LIMIT %s",
                 (self.args.per_row_sample,),
             ).fetchall()
             conn.rollback()

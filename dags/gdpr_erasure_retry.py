@@ -1,6 +1,6 @@
 """gdpr_erasure_retry airflow DAG: Hourly retry of pending erasure propagations and deadline check.
 
-Built by warehouse_gdpr.dags from the policy file ($WAREHOUSE_GDPR_POLICY, else include/policy.yaml).
+Built by warehouse_gdpr.dags from the policy file ($WAREHOUSE_GDPR_POLICY).
 """
 
 from warehouse_gdpr.dags import build_erasure_retry

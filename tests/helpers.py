@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
 
 import psycopg
+from psycopg import sql
 
 from warehouse_gdpr.engine import candidates as candidate_sql
 from warehouse_gdpr.engine.policy import Policy
@@ -87,3 +92,142 @@ def table_checksum(conn: psycopg.Connection, tables: list[str]) -> dict[str, str
 
 
 CRM_TABLES = ["crm.contacts", "crm.activities", "crm.notes", "crm.contracts", "crm.invoices"]
+
+
+# -- the catalog-wide scan for personal data (issue 10: "every row of a person") -----------------
+
+# Who the demo's notes name as their author: employees, not subjects (notes.author is `keep`).
+EMPLOYEES = ("Claire Martin", "Julien Robert", "Nadia Belkacem", "Olivier Petit", "Sandrine Morel", "Tom Becker")
+_EMAIL = re.compile(r"[^\s@<>\"'(),;:\[\]{}\\]+@[^\s@<>\"'(),;:\[\]{}\\]+")
+_WORD = re.compile(r"\w+")
+_DIGIT_RUN = re.compile(r"\d[\d ().]*\d")
+
+
+@dataclass(frozen=True)
+class Person:
+    """A person's identifying values as they were before the tool treated them."""
+
+    subject_id: int
+    email: str
+    first_name: str | None
+    last_name: str | None
+    phone: str | None
+
+
+def capture_persons(conn: psycopg.Connection) -> dict[int, Person]:
+    """Every demo contact's original email, names and phone, by contact id (call before a sweep)."""
+    rows = conn.execute("SELECT contact_id, email, first_name, last_name, direct_phone FROM crm.contacts").fetchall()
+    conn.rollback()
+    return {r[0]: Person(*r) for r in rows}
+
+
+def _fold(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+def _words(text: str | None) -> tuple[str, ...]:
+    return tuple(_WORD.findall(_fold(text))) if text else ()
+
+
+def _digits(text: str | None) -> str:
+    return "".join(ch for ch in text if ch.isdigit()) if text else ""
+
+
+def scanned_columns(conn: psycopg.Connection, exclude_schemas: tuple[str, ...] = ("gdpr_archive",)) -> list[tuple[str, str, str, bool]]:
+    """(schema, table, column, is_bytea) of every text, varchar, char, json, jsonb, xml or bytea column (also
+    arrays and domains of those) of every table and materialized view of every schema but the system
+    ones and `exclude_schemas`, read from pg_catalog: no table is listed by hand."""
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname, a.attname, base.typname = 'bytea'
+        FROM pg_catalog.pg_attribute a
+        JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+        JOIN pg_catalog.pg_type d ON d.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+        JOIN pg_catalog.pg_type base ON base.oid = CASE WHEN d.typcategory = 'A' THEN d.typelem ELSE d.oid END
+        WHERE c.relkind IN ('r', 'm') AND a.attnum > 0 AND NOT a.attisdropped
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
+          AND n.nspname <> ALL(%s)
+          AND (base.typcategory = 'S' OR base.typname IN ('json', 'jsonb', 'xml', 'bytea'))
+        ORDER BY 1, 2, 3
+        """,
+        (list(exclude_schemas),),
+    ).fetchall()
+    conn.rollback()
+    return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+def pii_scan(
+    conn: psycopg.Connection,
+    persons: Sequence[Person],
+    *,
+    not_theirs: Sequence[Person] = (),
+    exclude_schemas: tuple[str, ...] = ("gdpr_archive",),
+) -> tuple[list[str], dict[str, int]]:
+    """Where the persons' original email, name or phone is still in the database.
+
+    Reads every value of every column of `scanned_columns` (bytea decoded as UTF-8), folded (NFKC,
+    case-folded), and looks for: the email, the phone's digits (separators ignored), the full name (every
+    word of the first and the last name in one value), and the first or the last name alone when no one
+    else has it. A name, phone or email that `not_theirs` (people the data may still be about: namesakes
+    still held in clear) or an employee (`EMPLOYEES`) also has is not looked for: finding it proves nothing.
+
+    Returns (hits as "schema.table.column: <kind> of subject <id>", how many values of each kind were
+    looked for). Values are never returned: a failing test names places and subject ids only."""
+    theirs_emails = {_fold(o.email).strip() for o in not_theirs}
+    theirs_phones = {_digits(o.phone) for o in not_theirs}
+    theirs_full = {(_words(o.first_name), _words(o.last_name)) for o in not_theirs}
+    theirs_words = {w for o in not_theirs for w in _words(o.first_name) + _words(o.last_name)}
+    employee_words = {w for name in EMPLOYEES for w in _words(name)}
+    emails: dict[str, int] = {}
+    phones: dict[str, int] = {}
+    names: dict[str, list[tuple[tuple[str, ...], str, int]]] = {}  # first word -> (all words, kind, subject)
+    looked_for = {"emails": 0, "phones": 0, "full_names": 0, "single_names": 0}
+    for p in persons:
+        email, digits = _fold(p.email).strip(), _digits(p.phone)
+        if "@" in email and email not in theirs_emails:
+            emails[email] = p.subject_id
+        if len(digits) >= 6 and digits not in theirs_phones:
+            phones[digits] = p.subject_id
+        first, last = _words(p.first_name), _words(p.last_name)
+        wanted: list[tuple[tuple[str, ...], str]] = []
+        if first and last and (first, last) not in theirs_full and not set(first + last) <= employee_words:
+            wanted.append((first + last, "full_names"))
+        wanted += [(w, "single_names") for w in (first, last) if w and not set(w) & (theirs_words | employee_words)]
+        for words, kind in wanted:
+            names.setdefault(words[0], []).append((words, kind, p.subject_id))
+    looked_for.update(emails=len(emails), phones=len(phones))
+    for entries in names.values():
+        for _, kind, _ in entries:
+            looked_for[kind] += 1
+    phone_lengths = {len(d) for d in phones}
+    hits: set[str] = set()
+    for schema, table, column, is_bytea in scanned_columns(conn, exclude_schemas):
+        column_sql = sql.Identifier(column) if is_bytea else sql.SQL("{}::text").format(sql.Identifier(column))
+        where = f"{schema}.{table}.{column}"
+        with conn.cursor(name="pii_scan") as cur:
+            cur.itersize = 5000
+            cur.execute(sql.SQL("SELECT {c} FROM {t} WHERE {n} IS NOT NULL").format(
+                c=column_sql, t=sql.Identifier(schema, table), n=sql.Identifier(column)))
+            for (value,) in cur:
+                text = _fold(bytes(value).decode("utf-8", "ignore") if is_bytea else value)
+                if "@" in text:
+                    for found in _EMAIL.findall(text):
+                        sid = emails.get(found.strip("."))
+                        if sid is not None:
+                            hits.add(f"{where}: email of subject {sid}")
+                for run in _DIGIT_RUN.findall(text):
+                    digits = _digits(run)
+                    for n in phone_lengths:
+                        for i in range(len(digits) - n + 1):
+                            sid = phones.get(digits[i:i + n])
+                            if sid is not None:
+                                hits.add(f"{where}: phone of subject {sid}")
+                words = set(_WORD.findall(text))
+                for word in words & names.keys():
+                    for name, kind, sid in names[word]:
+                        if words.issuperset(name):
+                            hits.add(f"{where}: {'full name' if kind == 'full_names' else 'name'} of subject {sid}")
+        conn.rollback()
+    return sorted(hits), looked_for

@@ -194,9 +194,12 @@ def test_the_init_check_passes_with_the_tested_packages(tmp_path: Path) -> None:
     script = SERVICES["airflow-init"]["command"][1]
     check = re.search(r"<<'PY'\n(.*?)\nPY\n", script, re.S)
     assert check, "airflow-init lost its image check"
+    # The policy the container reads ($WAREHOUSE_GDPR_POLICY, a bind mount): there is no default path.
+    policy = host_path(SERVICES["airflow-init"], environment(SERVICES["airflow-init"])["WAREHOUSE_GDPR_POLICY"])
+    assert policy is not None and policy.is_file()
     out = subprocess.run([sys.executable, "-"], input=check.group(1), capture_output=True, text=True, timeout=120,
                          env={"PYTHONPATH": str(ROOT / "plugins"), "PATH": "/usr/bin:/bin",
-                              "AIRFLOW_HOME": str(tmp_path)})
+                              "AIRFLOW_HOME": str(tmp_path), "WAREHOUSE_GDPR_POLICY": str(policy)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "psycopg 3." in out.stdout and "gdpr_subject_erasure" in out.stdout
 

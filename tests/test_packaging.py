@@ -54,6 +54,19 @@ def test_wheel_installs_and_builds_the_dags_outside_the_repository(tmp_path: Pat
         from airflow.dag_processing.dagbag import DagBag
         bag = DagBag(dag_folder={str(dags)!r})
         assert bag.import_errors == {{}}, bag.import_errors
+        # Without a path and without $WAREHOUSE_GDPR_POLICY: a clear error, no file guessed in the virtualenv.
+        import os
+        from warehouse_gdpr.airflow import connections
+        from warehouse_gdpr.engine.errors import ConfigurationError
+        try:
+            guessed = connections.policy_path()
+        except ConfigurationError as exc:
+            assert "set WAREHOUSE_GDPR_POLICY" in str(exc), exc
+        else:
+            raise AssertionError(f"policy_path() guessed {{guessed}}")
+        os.environ["WAREHOUSE_GDPR_POLICY"] = {str(tmp_path / "policy.yaml")!r}
+        from warehouse_gdpr.dags import build_all
+        assert sorted(build_all()) == sorted(bag.dag_ids)
         print(sorted(bag.dag_ids))
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WAREHOUSE_GDPR_", "PYTHONPATH"))}

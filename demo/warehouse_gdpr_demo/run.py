@@ -27,6 +27,7 @@ import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psycopg
@@ -311,6 +312,29 @@ def stop() -> int:
     return 0
 
 
+def first_sweep_confirmation(owner_url: str, as_of: str) -> dict[str, int]:
+    """The confirmation an operator gives for the demo's first sweep, and why it is needed.
+
+    A freshly seeded CRM holds years of backlog: in the first sweep the prospects rule deletes about
+    23 % of the contacts and the leads rule about 15 %, above the policy's blast-radius limit (10 % of
+    the subject table per rule and run), so an unconfirmed run stops before changing anything. The demo does what
+    docs/runbook.md asks of a person: count what each rule would select (as `warehouse-gdpr policy
+    check` does, at the run's own reference instant) and confirm those counts. The limit stays at its
+    default for every later run."""
+    from warehouse_gdpr.engine import sweep
+    from warehouse_gdpr.engine.policy import load_policy
+
+    policy = load_policy(ROOT / "include" / "policy.yaml")
+    with psycopg.connect(owner_url) as conn:
+        plans = sweep.plan(conn, policy, policy.rules, as_of)
+        rows = sweep.subject_rows(conn, policy)
+    over = sweep.blast_radius({p.rule: p.candidates - p.held for p in plans}, rows, policy.blast_radius_percent)
+    for b in over:
+        print(f"First sweep: {b.rule} treats {b.to_process} of {b.subject_rows} contacts ({b.percent} %), above "
+              f"blast_radius_percent ({policy.blast_radius_percent:g} %): confirmed with the confirm_blast_radius param.")
+    return {b.rule: b.to_process for b in over}
+
+
 def main() -> int:
     DEMO.mkdir(exist_ok=True)
     contacts = int(os.environ.get("DEMO_CONTACTS", "10000"))
@@ -330,10 +354,13 @@ def main() -> int:
     print("Preparing Airflow's metadata DB (SQLite under .demo/airflow) ...")
     subprocess.run(["airflow", "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
     log_path = DEMO / "sweep.log"
+    as_of = datetime.now(timezone.utc).replace(microsecond=0)
+    confirm = first_sweep_confirmation(owner_url, as_of.isoformat())
     print(f"Running `airflow dags test gdpr_retention_sweep` (task logs: {log_path.relative_to(ROOT)}) ...")
     with log_path.open("w") as log_file:
         proc = subprocess.run(
-            ["airflow", "dags", "test", "gdpr_retention_sweep"],
+            ["airflow", "dags", "test", "gdpr_retention_sweep", as_of.isoformat(),
+             "-c", json.dumps({"confirm_blast_radius": confirm})],
             env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
     if proc.returncode != 0:

@@ -6,14 +6,19 @@ Two flavours, each with an in-memory contact store keyed by normalised email (st
   ``GET|DELETE /v3/contacts/{url-encoded email}`` (DELETE -> 204), header ``api-key``; and the
   hashed block list the opt-out sync shares: ``POST /v3/contacts/blocklist/hashes`` with
   ``{"hashes": ["<64 hex>", ...]}`` -> 200 ``{"received": n, "total": m}`` (anything but 64-hex
-  strings -> 400, so an email never gets in);
+  strings -> 400, so an email never gets in); ``GET /v3/account`` -> 200 with the account's details
+  (what the erasure preflight calls to prove the base URL and key);
 - telephony tool, Aircall-like: ``POST /contacts`` -> 201, ``GET|DELETE /contacts/{email}``
-  (DELETE -> 200 ``{"deleted": true}``), header ``Authorization: Bearer <token>``.
+  (DELETE -> 200 ``{"deleted": true}``), ``GET /company`` -> 200 ``{"company": {...}}`` (its
+  preflight), header ``Authorization: Bearer <token>``.
+
+Every route but the control routes needs the key or token (401 otherwise). A missing contact answers
+404 with the tool's own not-found body; an unknown route answers 404 ``{"code": "not_found", ...}``.
 
 Both serve, without auth, ``POST /_control/fail`` ``{"count": N, "status": 500}`` (the next N
-non-control requests answer that status), ``GET /_control/requests`` (method, redacted path,
-status and time of each non-control request; bodies are never kept) and
-``GET /_control/contacts/count`` (and ``GET /_control/blocklist/count``). Emails are personal data: paths are stored and logged with the
+non-control requests answer that status; ``"method": "DELETE"`` limits it to that method),
+``GET /_control/requests`` (method, redacted path, status and time of each non-control request;
+bodies are never kept) and ``GET /_control/contacts/count`` (and ``GET /_control/blocklist/count``). Emails are personal data: paths are stored and logged with the
 identifier replaced by ``<redacted>`` and query strings dropped. Servers bind to 127.0.0.1 unless
 told otherwise (``host=``, ``--host``): plain HTTP, demo credentials, no auth on the control routes.
 
@@ -69,6 +74,8 @@ class _Flavour:
     delete_body: dict[str, Any] | None
     created: Callable[[dict[str, Any]], dict[str, Any]]
     blocklist_path: str | None = None  # POST {"hashes": [...]}: the shared opt-out list (emailing only)
+    account_path: str | None = None  # GET: the account's details, behind the same auth (the erasure preflight)
+    account: dict[str, Any] | None = None
 
 
 def normalise(email: str) -> str:
@@ -86,6 +93,7 @@ class _State:
         self.next_id = 1 + max((int(c.get("id", 0)) for c in self.contacts.values()), default=0)
         self.fail_remaining = 0
         self.fail_status = 500
+        self.fail_method: str | None = None  # only requests of this method fail (None: any)
         self.requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
         self.blocklist: set[str] = set()
 
@@ -100,10 +108,10 @@ class _State:
             self.next_id += 1
             return copy.deepcopy(record)
 
-    def take_failure(self) -> int | None:
-        """The status to fail the current request with, if a failure is pending."""
+    def take_failure(self, method: str) -> int | None:
+        """The status to fail the current request with, if a failure is pending (for its method)."""
         with self.lock:
-            if self.fail_remaining <= 0:
+            if self.fail_remaining <= 0 or self.fail_method not in (None, method):
                 return None
             self.fail_remaining -= 1
             return self.fail_status
@@ -111,7 +119,8 @@ class _State:
     def redact(self, path: str) -> str:
         """``path`` without query string and with any identifier replaced by ``<redacted>``."""
         path = urlsplit(path).path
-        if path == self.flavour.prefix or path.startswith(CONTROL) or path == self.flavour.blocklist_path:
+        flavour = self.flavour
+        if path in (flavour.prefix, flavour.blocklist_path, flavour.account_path) or path.startswith(CONTROL):
             return path
         if path.startswith(self.flavour.prefix + "/"):
             return f"{self.flavour.prefix}/{REDACTED}"
@@ -179,13 +188,15 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path.startswith(CONTROL):
             return self._control(state, path, raw)
-        failure = state.take_failure()
+        failure = state.take_failure(self.command)
         if failure is not None:
             return self._send(failure, {"code": "simulated_failure", "message": "Simulated outage"})
         if not flavour.authorised(self.headers):
             return self._send(401, flavour.unauthorised)
         if flavour.blocklist_path and path == flavour.blocklist_path and self.command == "POST":
             return self._blocklist(state, raw)
+        if flavour.account_path and path == flavour.account_path and self.command == "GET":
+            return self._send(200, flavour.account)
         if path == flavour.prefix and self.command == "POST":
             body = _json_object(raw)
             email = body.get("email") if body is not None else None
@@ -221,12 +232,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _control(self, state: _State, path: str, raw: bytes) -> None:
         if path == CONTROL + "fail" and self.command == "POST":
             body = _json_object(raw) or {}
-            count, status = body.get("count", 1), body.get("status", 500)
-            if not (isinstance(count, int) and count >= 0 and isinstance(status, int) and 400 <= status <= 599):
-                return self._send(400, {"code": "invalid_parameter", "message": "count >= 0, status 4xx/5xx"})
+            count, status, method = body.get("count", 1), body.get("status", 500), body.get("method")
+            if not (isinstance(count, int) and count >= 0 and isinstance(status, int) and 400 <= status <= 599
+                    and method in (None, "GET", "POST", "DELETE")):
+                return self._send(400, {"code": "invalid_parameter",
+                                        "message": "count >= 0, status 4xx/5xx, method GET, POST, DELETE or null"})
             with state.lock:
-                state.fail_remaining, state.fail_status = count, status
-            return self._send(200, {"count": count, "status": status})
+                state.fail_remaining, state.fail_status, state.fail_method = count, status, method
+            return self._send(200, {"count": count, "status": status, **({"method": method} if method else {})})
         if path == CONTROL + "requests" and self.command == "GET":
             with state.lock:
                 requests = list(state.requests)
@@ -326,12 +339,13 @@ class DemoService:
         with self._state.lock:
             return copy.deepcopy(self._state.contacts)
 
-    def fail_next(self, count: int, status: int = 500) -> None:
-        """Make the next ``count`` non-control requests answer ``status`` (a recovering outage)."""
+    def fail_next(self, count: int, status: int = 500, method: str | None = None) -> None:
+        """Make the next ``count`` non-control requests (of ``method`` only, if given) answer ``status``
+        (a recovering outage)."""
         if count < 0 or not 400 <= status <= 599:
             raise ValueError("count must be >= 0 and status a 4xx/5xx code")
         with self._state.lock:
-            self._state.fail_remaining, self._state.fail_status = count, status
+            self._state.fail_remaining, self._state.fail_status, self._state.fail_method = count, status, method
 
     def stop(self) -> None:
         """Stop serving, wait for the threads and close the socket (idempotent); the port is free afterwards."""
@@ -362,6 +376,8 @@ def start_emailing(api_key: str, port: int = 0, contacts: Mapping[str, dict[str,
         delete_body=None,
         created=lambda record: {"id": record["id"]},
         blocklist_path="/v3/contacts/blocklist/hashes",
+        account_path="/v3/account",
+        account={"companyName": "Demo emailing", "plan": [{"type": "free", "credits": 300}]},
     )
     return DemoService(flavour, port, contacts, host)
 
@@ -378,6 +394,8 @@ def start_telephony(token: str, port: int = 0, contacts: Mapping[str, dict[str, 
         delete_status=200,
         delete_body={"deleted": True},
         created=lambda record: record,
+        account_path="/company",
+        account={"company": {"name": "Demo telephony", "users_count": 1}},
     )
     return DemoService(flavour, port, contacts, host)
 

@@ -3,7 +3,8 @@
 The folders are the architecture (docs/architecture.md says more):
   engine/      decides and changes data; never imports Airflow. Where a retention rule is evaluated:
                engine/candidates.py. The sweep: engine/sweep.py. Erasure: engine/erasure.py.
-  transport    the seam the engine calls for downstream systems (HTTP call, SQL statement)
+  transport/   the seam the engine calls for downstream systems (HTTP call, SQL statement); its
+               Airflow adapters are airflow/transport.py (HttpHook, the connection's DB-API hook)
   airflow/     the Airflow layer: connections and keys, task bodies (tasks/), the DAG factory
   dags.py      the public `build_all(policy_file)` for a one-line dags file
   cli.py       the `warehouse-gdpr` command

@@ -56,22 +56,39 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{args.policy}: valid. Give --url (or set WAREHOUSE_URL) to check it against a warehouse.")
         return 0
     as_of = args.as_of or datetime.now(timezone.utc).isoformat()
-    with psycopg.connect(url) as conn:
-        conn.read_only = True  # a check never writes
-        try:
-            report = catalog.check_policy(conn, policy)
-        except catalog.CatalogError as exc:
-            print(f"{args.policy}: {exc}", file=sys.stderr)
-            return 1
-        plans = sweep.plan(conn, policy, policy.rules, as_of)
+    step = "connecting to the warehouse"
+    try:
+        with psycopg.connect(url) as conn:
+            conn.read_only = True  # a check never writes
+            step = "checking the policy against the warehouse"
+            try:
+                report = catalog.check_policy(conn, policy)
+            except catalog.CatalogError as exc:
+                print(f"{args.policy}: {exc}", file=sys.stderr)
+                return 1
+            step = "counting what each rule would select (holds and clocks are evaluated here)"
+            plans = sweep.plan(conn, policy, policy.rules, as_of)
+            rows = sweep.subject_rows(conn, policy)
+    except psycopg.Error as exc:
+        # A runtime SQL error (a hold that divides by zero, a timeout, a revoked grant): no traceback, and
+        # no value a data error could quote.
+        print(f"{args.policy}: the check failed while {step}; nothing was changed: {catalog.sql_error(exc)}",
+              file=sys.stderr)
+        return 1
     for warning in report.warnings:
         print(f"warning: {warning}")
     print(f"{args.policy}: matches the warehouse ({report.tables} tables, {report.columns} personal columns).")
-    print(f"What each rule would select as of {as_of}:")
+    print(f"What each rule would select as of {as_of} ({rows} rows in {policy.subject.table}):")
     print(sweep.format_table(
-        ["rule", "action", "candidates", "held", "to process"],
-        [[p.rule, p.action, p.candidates, p.held, p.candidates - p.held] for p in plans],
+        ["rule", "action", "candidates", "held", "to process", "% of table"],
+        [[p.rule, p.action, p.candidates, p.held, p.candidates - p.held,
+          f"{100 * (p.candidates - p.held) / rows:.1f}" if rows else "-"] for p in plans],
     ))
+    over = sweep.blast_radius({p.rule: p.candidates - p.held for p in plans}, rows, policy.blast_radius_percent)
+    if over:
+        confirm = json.dumps({"confirm_blast_radius": {b.rule: b.to_process for b in over}})
+        print(f"Above blast_radius_percent ({policy.blast_radius_percent:g} %): {', '.join(b.rule for b in over)}. "
+              f"A sweep stops before changing anything unless triggered with {confirm}")
     return 0
 
 
@@ -104,12 +121,12 @@ def _schema_install(args: argparse.Namespace) -> int:
 def _subject_hash(args: argparse.Namespace) -> int:
     """Keyed hashes of one email read on stdin (never an argument: it would land in shell history)."""
     from warehouse_gdpr.airflow import connections
-    from warehouse_gdpr.engine.crypto import KeyError_
+    from warehouse_gdpr.engine.crypto import KeyConfigError
 
     try:
         policy = load_policy(args.policy)
         keys = connections.load_keys(policy)
-    except (PolicyError, KeyError_, RuntimeError) as exc:
+    except (PolicyError, KeyConfigError, RuntimeError) as exc:
         print(exc, file=sys.stderr)
         return 2
     email = sys.stdin.readline().strip()

@@ -11,10 +11,14 @@ import psycopg
 import pytest
 import yaml
 from helpers import CRM_TABLES, table_checksum
+from warehouse_gdpr.engine.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[2]
 # dag.test() runs as of this instant: 2026-06-15, the template's "today".
 RUN_AFTER = datetime(2026, 6, 15, 12, 0, tzinfo=timezone.utc)
+# The template's first sweep treats more than 10 % of its 1500 contacts in two rules (346 prospects,
+# 222 leads): a real run needs the operator's confirmation, as the demo's first sweep does.
+CONFIRMED = {"confirm_blast_radius": {"prospects_never_converted": 346, "leads_not_converted": 222}}
 
 
 def _dagbag():
@@ -35,7 +39,7 @@ def test_dagbag_imports_without_errors(airflow_home: Path) -> None:
     assert dag.get_task("write_register").upstream_task_ids == {"check_policy"}
     assert dag.get_task("write_register").downstream_task_ids == set()
     assert all(t.retries >= 2 for t in dag.tasks)
-    assert set(dag.params.keys()) == {"dry_run", "rules"}
+    assert set(dag.params.keys()) == {"dry_run", "rules", "confirm_blast_radius"}
 
 
 def _personal_values(conn: psycopg.Connection) -> list[str]:
@@ -79,7 +83,7 @@ def test_whole_dag_run_sweeps_and_logs_no_personal_data(
         conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status) VALUES"
                      " ('REQ-2022-1', 'emailing', 'acknowledged'), ('REQ-2023-2', 'emailing', 'acknowledged')")
 
-    state, logs = _run({}, caplog, capfd)
+    state, logs = _run(CONFIRMED, caplog, capfd)
 
     assert state == "success", logs[-3000:]
     assert "Apply summary" in logs and "prospects_never_converted" in logs
@@ -123,7 +127,7 @@ def test_an_incomplete_register_fails_the_run_but_not_the_sweep(
 
     dag = _dagbag().get_dag("gdpr_retention_sweep")
     with caplog.at_level(logging.INFO):
-        dag_run = dag.test(run_after=RUN_AFTER, logical_date=RUN_AFTER)
+        dag_run = dag.test(run_after=RUN_AFTER, logical_date=RUN_AFTER, run_conf=CONFIRMED)
     logs = "".join(capfd.readouterr()) + caplog.text
 
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
@@ -149,7 +153,11 @@ def test_dry_run_changes_no_row(
             "SELECT action, outcome, dry_run FROM gdpr.audit_log WHERE task_id = 'apply'"
         ).fetchall()
         stored = conn.execute("SELECT count(*) FROM gdpr.processing_register").fetchone()[0]  # type: ignore[index]
-    assert rows and all(r[1] == "dry_run" and r[2] for r in rows)
+    assert rows and all(r[2] for r in rows)
+    # The plan, and the two rules a real run would stop at the blast-radius limit (a dry run never stops).
+    assert [r[1] for r in rows if r[0] != "blast_radius"] == ["dry_run"] * 3
+    assert [r[1] for r in rows if r[0] == "blast_radius"] == ["unconfirmed"] * 2
+    assert "DRY RUN: a real run would stop here" in logs
     assert stored == 0, "a dry run stores no register version"
 
 
@@ -186,3 +194,84 @@ def test_bad_keys_fail_before_any_write(
     with psycopg.connect(airflow_conns) as conn:
         assert table_checksum(conn, CRM_TABLES) == before
         assert conn.execute("SELECT count(*) FROM gdpr.audit_log").fetchone()[0] == 0  # type: ignore[index]
+
+
+# -- the blast-radius limit (issue 11.3) ------------------------------------------------------------
+
+
+def _delete_everyone_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong rule: every status, expired one day after the last interaction or creation."""
+    data = yaml.safe_load((ROOT / "include" / "policy.yaml").read_text(encoding="utf-8"))
+    data["rules"] = [{
+        "name": "everyone", "statuses": {"column": "status", "values": ["prospect", "lead", "client", "former_client"]},
+        "clock": {"kind": "last_interaction", "fallback": "created_at"}, "retain_for": "P1D", "action": "delete",
+    }]
+    del data["processing_register"]
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    monkeypatch.setenv("WAREHOUSE_GDPR_POLICY", str(policy_file))
+
+
+def _blast_rows(url: str) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT task_id, rule, table_name, outcome, row_count, details->'confirmed', details->'subject_rows'"
+            " FROM gdpr.audit_log WHERE action = 'blast_radius' ORDER BY audit_id"
+        ).fetchall()
+
+
+def test_the_blast_radius_limit_stops_a_delete_everything_rule_until_confirmed(
+    airflow_home: Path, airflow_conns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    _delete_everyone_policy(tmp_path, monkeypatch)
+    with psycopg.connect(airflow_conns) as conn:
+        before = table_checksum(conn, [*CRM_TABLES, "crm.support_tickets"])
+
+    state, logs = _run({}, caplog, capfd)
+
+    assert state == "failed"
+    match = re.search(r"everyone: would delete (\d+) of 1500 subjects \((\d+\.\d) %\)", logs)
+    assert match, logs[-3000:]
+    count = int(match.group(1))
+    assert count > 150  # above the default 10 %
+    assert f'{{"confirm_blast_radius": {{"everyone": {count}}}}}' in logs
+    assert "docs/runbook.md" in logs
+    with psycopg.connect(airflow_conns) as conn:
+        assert table_checksum(conn, [*CRM_TABLES, "crm.support_tickets"]) == before
+        assert conn.execute("SELECT count(*) FROM gdpr.audit_log WHERE action IN ('batch', 'delete')").fetchone()[0] == 0  # type: ignore[index]
+    assert _blast_rows(airflow_conns) == [("apply", "everyone", "crm.contacts", "stopped", count, None, 1500)]
+
+    # A confirmation below the planned count stops it again, naming both counts.
+    state, logs = _run({"confirm_blast_radius": {"everyone": count - 1}}, caplog, capfd)
+    assert state == "failed"
+    assert f"everyone: would delete {count} of 1500 subjects" in logs and f"more than the {count - 1} confirmed" in logs
+    with psycopg.connect(airflow_conns) as conn:
+        assert table_checksum(conn, [*CRM_TABLES, "crm.support_tickets"]) == before
+
+    # The count the stopped run reported lets it run, and the confirmation is audited.
+    state, logs = _run({"confirm_blast_radius": {"everyone": count}}, caplog, capfd)
+    assert state == "success", logs[-3000:]
+    with psycopg.connect(airflow_conns) as conn:
+        deleted = conn.execute(
+            "SELECT sum(row_count) FROM gdpr.audit_log WHERE action = 'delete' AND table_name = 'crm.contacts'"
+        ).fetchone()[0]  # type: ignore[index]
+    assert deleted == count
+    assert _blast_rows(airflow_conns)[-1] == ("apply", "everyone", "crm.contacts", "confirmed", count, count, 1500)
+
+
+def test_a_bad_confirm_blast_radius_param_is_refused_by_the_first_task() -> None:
+    """check_policy reads the param with these rules (the trigger form's JSON schema says the same)."""
+    from warehouse_gdpr.airflow.tasks import sweep as sweep_tasks
+    from warehouse_gdpr.engine.policy import load_policy
+
+    policy = load_policy(ROOT / "include" / "policy.yaml")
+    for value, message in [
+        ({"everyone": 10}, "confirm_blast_radius names unknown rule(s) everyone; the policy defines:"),
+        ({"former_clients": True}, "confirm_blast_radius: the count of former_clients must be a whole number >= 0"),
+        ({"former_clients": -1}, "confirm_blast_radius: the count of former_clients must be a whole number >= 0"),
+        ([346], "confirm_blast_radius must map rule names to counts"),
+    ]:
+        with pytest.raises(ConfigurationError, match=re.escape(message)):
+            sweep_tasks._confirmations({"params": {"confirm_blast_radius": value}}, policy)
+    assert sweep_tasks._confirmations({"params": {"confirm_blast_radius": None}}, policy) == {}

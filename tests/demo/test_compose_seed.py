@@ -72,7 +72,8 @@ def test_seeds_once_then_leaves_the_warehouse_alone(
             ).fetchone()[0]  # type: ignore[index]
         # A change made in between (a run of the DAGs) must survive the next `docker compose up`.
         conn.execute("UPDATE crm.contacts SET first_name = 'Changed' WHERE contact_id = 1")
-        # A volume seeded by the previous version of the package: control schema version 3.
+        # A volume seeded by an older version of the package: control schema version 3.
+        conn.execute("ALTER TABLE gdpr.erasure_propagation DROP COLUMN claimed_until, DROP COLUMN claimed_by")
         conn.execute("DROP TABLE gdpr.processing_register")
         conn.execute("DELETE FROM gdpr.schema_version WHERE version >= 4")
     with psycopg.connect(make_conninfo(url, dbname=desk)) as conn:

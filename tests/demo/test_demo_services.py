@@ -342,3 +342,28 @@ def test_host_parameter_and_loopback_check() -> None:
         service.stop()
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("downstream")
+
+
+def test_account_routes_need_the_key_and_are_not_redacted(emailing: DemoService, telephony: DemoService) -> None:
+    """What the erasure preflight calls: an authenticated account route on each tool."""
+    assert call("GET", f"{emailing.base_url}/v3/account", headers=KEY) == (
+        200, {"companyName": "Demo emailing", "plan": [{"type": "free", "credits": 300}]})
+    assert call("GET", f"{emailing.base_url}/v3/account", headers={"api-key": "wrong"})[0] == 401
+    assert call("GET", f"{telephony.base_url}/company", headers=BEARER) == (
+        200, {"company": {"name": "Demo telephony", "users_count": 1}})
+    assert call("GET", f"{telephony.base_url}/company", headers={})[0] == 401
+    assert call("DELETE", f"{telephony.base_url}/company", headers=BEARER)[0] == 404
+    paths = [r["path"] for r in call("GET", f"{emailing.base_url}/_control/requests")[1]]
+    assert paths == ["/v3/account", "/v3/account"]
+
+
+def test_fail_next_can_target_one_method(emailing: DemoService) -> None:
+    emailing.add_contact(EMAIL)
+    target = f"{emailing.base_url}/v3/contacts/{ENCODED}"
+    emailing.fail_next(1, 503, method="DELETE")
+    assert call("GET", f"{emailing.base_url}/v3/account", headers=KEY)[0] == 200  # a GET is not failed
+    assert call("DELETE", target, headers=KEY)[0] == 503
+    assert call("DELETE", target, headers=KEY)[0] == 204
+    assert call("POST", f"{emailing.base_url}/_control/fail", {"count": 1, "status": 500, "method": "PATCH"})[0] == 400
+    assert call("POST", f"{emailing.base_url}/_control/fail", {"count": 1, "status": 500, "method": "GET"}) == (
+        200, {"count": 1, "status": 500, "method": "GET"})

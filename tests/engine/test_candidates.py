@@ -135,3 +135,41 @@ def test_which_kinds_count_is_policy_not_code(conn, policy: Policy) -> None:
         update={"interactions": policy.interactions.model_copy(update={"subject_initiated": kinds})}
     )
     assert cid in candidates(conn, stricter, "prospects_never_converted")
+
+
+# -- clocks without a date (issue 10, point 4) ---------------------------------------------------------
+
+
+def test_a_former_client_without_a_contract_row_falls_back_to_creation(conn, policy: Policy) -> None:
+    created_before = add_contact(conn, "former_client", THREE_YEARS_BEFORE - DAY)
+    created_on = add_contact(conn, "former_client", THREE_YEARS_BEFORE)
+    created_after = add_contact(conn, "former_client", THREE_YEARS_BEFORE + DAY)
+    conn.commit()
+    found = candidates(conn, policy, "former_clients")
+    assert found.get(created_before) == [], "no contract row: the clock is created_at, and nothing holds the person"
+    assert created_on not in found and created_after not in found
+
+
+def test_an_open_contract_is_no_end_date_and_its_hold_keeps_the_person(conn, policy: Policy) -> None:
+    only_open = add_contact(conn, "former_client", OLD)  # NULL end_date only: the clock falls back to created_at
+    add_contract(conn, only_open, OLD, None)
+    ended_and_open = add_contact(conn, "former_client", OLD)  # the NULL end is ignored: the old end is the clock
+    add_contract(conn, ended_and_open, OLD, THREE_YEARS_BEFORE - 100 * DAY)
+    add_contract(conn, ended_and_open, OLD, None)
+    conn.commit()
+    found = candidates(conn, policy, "former_clients")
+    # Selected by the clock, then kept and counted as held: an open contract is an active one.
+    assert found[only_open] == ["active_contract"]
+    assert found[ended_and_open] == ["active_contract"]
+
+
+def test_without_a_fallback_a_person_without_a_date_is_never_selected(conn, policy: Policy) -> None:
+    no_contract = add_contact(conn, "former_client", OLD)
+    only_open = add_contact(conn, "former_client", OLD)
+    add_contract(conn, only_open, OLD, None)
+    conn.commit()
+    rule = policy.rule("former_clients")
+    bare = rule.model_copy(update={"clock": rule.clock.model_copy(update={"fallback": None})})
+    strict = policy.model_copy(update={"rules": [bare if r.name == rule.name else r for r in policy.rules]})
+    found = candidates(conn, strict, "former_clients")
+    assert no_contract not in found and only_open not in found

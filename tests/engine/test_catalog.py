@@ -357,3 +357,196 @@ def test_failing_check_changes_nothing(conn: psycopg.Connection, demo_data: dict
     with psycopg.connect(conn.info.dsn) as other:
         assert _state(other) == before
     assert before[0] == 0  # the template holds no audit rows: nothing was recorded by the check either
+
+
+# -- rules that select nobody (issue 10, point 4) ------------------------------------------------------
+
+
+def _former_clients_without_a_date(conn: psycopg.Connection) -> tuple[int, int]:
+    """Adds a former client with no contract and one with an open contract only; returns (those without a
+    date for the contracts clock, unpseudonymised former clients)."""
+    from helpers import add_contact, add_contract
+    from datetime import date
+
+    add_contact(conn, "former_client", date(2019, 1, 1))
+    open_only = add_contact(conn, "former_client", date(2019, 1, 1))
+    add_contract(conn, open_only, date(2019, 1, 1), None)
+    conn.commit()
+    missing, total = conn.execute(
+        "SELECT count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM crm.contracts x WHERE x.contact_id = c.contact_id"
+        " AND x.end_date IS NOT NULL)), count(*) FROM crm.contacts c WHERE status = 'former_client'"
+        " AND pseudonymised_at IS NULL").fetchone()  # type: ignore[misc]
+    conn.rollback()
+    return missing, total
+
+
+def test_a_rule_that_never_selects_some_subjects_warns(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    missing, total = _former_clients_without_a_date(conn)
+    assert missing == 2  # the seeded former clients all have an ended contract
+    no_fallback = _variant(demo_data, lambda d: d["rules"][2]["clock"].pop("fallback", None))
+    assert check_policy(conn, no_fallback).warnings == [
+        f"rules[2] (former_clients): 2 of the {total} subjects with status in (former_client) have no row with a"
+        " end_date in crm.contracts and the clock has no fallback (set clock.fallback, e.g. created_at);"
+        " the rule never selects them"
+    ]
+    # The demo policy's fallback (created_at, NOT NULL) gives every one of them a date: nothing to say.
+    assert check_policy(conn, parse_policy(demo_data, "demo")).warnings == []
+
+
+def test_a_fallback_column_that_may_be_empty_is_counted_too(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    _, total = _former_clients_without_a_date(conn)
+    nullable = _variant(demo_data, lambda d: d["rules"][2]["clock"].update(fallback="pseudonymised_at"))
+    assert check_policy(conn, nullable).warnings == [
+        f"rules[2] (former_clients): 2 of the {total} subjects with status in (former_client) have no row with a"
+        " end_date in crm.contracts and no pseudonymised_at; the rule never selects them"
+    ]
+
+
+def test_a_rule_whose_statuses_match_no_subject_warns(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    # A value absent from the data is refused unless acknowledged (expect_absent); acknowledged, it warns.
+    typo = _variant(demo_data, lambda d: d["rules"][2]["statuses"].update(
+        values=["former-client"], expect_absent=["former-client"]))
+    assert "rules[2] (former_clients): no subject has status in (former-client): the rule selects nobody" \
+        " (check statuses.values)" in check_policy(conn, typo).warnings
+
+
+def test_a_fallback_must_be_a_date_column(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, _variant(demo_data, lambda d: d["rules"][2]["clock"].update(fallback="email")))
+    assert _problems(info) == ["rules[2].clock.fallback: crm.contacts.email is text, expected a date"]
+
+
+# -- keys that are not keys, unmapped references (issue 11.3) ----------------------------------------
+
+
+def test_a_unique_index_on_the_column_alone_is_a_key(conn: psycopg.Connection, policy: Policy) -> None:
+    with conn.transaction():
+        conn.execute("ALTER TABLE crm.notes DROP CONSTRAINT notes_pkey")
+        conn.execute("CREATE UNIQUE INDEX notes_note_id_key ON crm.notes (note_id)")
+    assert check_policy(conn, policy).warnings == []
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        "CREATE UNIQUE INDEX notes_pair ON crm.notes (note_id, contact_id)",  # unique only as a pair
+        "CREATE UNIQUE INDEX notes_partial ON crm.notes (note_id) WHERE note_id > 0",  # not every row
+        "CREATE INDEX notes_plain ON crm.notes (note_id)",  # not unique
+        "",
+    ],
+    ids=["two_columns", "partial", "not_unique", "none"],
+)
+def test_a_primary_key_that_is_not_a_key_is_refused(conn: psycopg.Connection, policy: Policy, index: str) -> None:
+    with conn.transaction():
+        conn.execute("ALTER TABLE crm.notes DROP CONSTRAINT notes_pkey")
+        if index:
+            conn.execute(index)  # type: ignore[arg-type]
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    assert _problems(info) == [
+        "tables[2].primary_key: crm.notes.note_id is not a key (no primary key, unique constraint or unique index "
+        "on that column alone): rows sharing a value would be treated together"
+    ]
+
+
+def test_subject_columns_of_another_integer_width_join(conn: psycopg.Connection, policy: Policy) -> None:
+    with conn.transaction():
+        conn.execute("ALTER TABLE crm.notes ALTER COLUMN contact_id TYPE integer")
+    assert check_policy(conn, policy).warnings == []
+
+
+def test_the_interactions_subject_column_is_checked_too(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    with conn.transaction():
+        conn.execute("ALTER TABLE crm.activities ADD COLUMN contact_uuid uuid")
+    policy = _variant(demo_data, lambda d: d["interactions"].update(subject_column="contact_uuid"))
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    assert _problems(info) == [
+        "interactions.subject_column: crm.activities.contact_uuid is uuid, but the subject key "
+        "crm.contacts.contact_id is bigint"
+    ]
+
+
+def test_a_table_of_another_schema_referencing_the_subject_must_be_mapped(
+    conn: psycopg.Connection, policy: Policy
+) -> None:
+    with conn.transaction():
+        conn.execute("CREATE SCHEMA billing")
+        conn.execute("CREATE TABLE billing.reminders (reminder_id bigint PRIMARY KEY,"
+                     " contact_id bigint CONSTRAINT reminders_contact_fk REFERENCES crm.contacts)")
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, policy)
+    assert _problems(info) == [
+        "tables: billing.reminders has a foreign key (reminders_contact_fk) to crm.contacts but is not mapped: add it "
+        "to `tables` (with its primary_key and subject_column) so that its rows are deleted or pseudonymised with "
+        "their subject"
+    ]
+
+
+def test_a_second_reference_to_the_subject_in_a_mapped_table_warns(conn: psycopg.Connection, policy: Policy) -> None:
+    with conn.transaction():
+        conn.execute("ALTER TABLE crm.support_tickets ADD COLUMN assignee_id bigint"
+                     " CONSTRAINT tickets_assignee_fk REFERENCES crm.contacts")
+        conn.execute("CREATE INDEX ON crm.support_tickets (assignee_id)")
+    assert check_policy(conn, policy).warnings == [
+        "crm.support_tickets.assignee_id references crm.contacts (tickets_assignee_fk) but the policy joins that table "
+        "on contact_id: rows linked only through those columns are not treated with that subject (deleting the "
+        "subject fails, or cascades, as the foreign key says)"
+    ]
+
+
+# -- kinds and status values that occur nowhere (issue 11.3) -------------------------------------------
+
+
+def test_absent_values_are_refused_all_at_once(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    def mutate(d: dict[str, Any]) -> None:
+        d["interactions"]["subject_initiated"] += ["webinar_registerd", "Email_open"]
+        d["rules"][1]["statuses"]["values"] = ["lead", "leed"]
+
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, _variant(demo_data, mutate))
+    assert _problems(info) == [
+        "interactions.subject_initiated: 'webinar_registerd', 'Email_open' occur nowhere in crm.activities.kind "
+        "(a typo?); if that is intended, list them under interactions.expect_absent",
+        "rules[1].statuses.values: 'leed' occurs nowhere in crm.contacts.status (a typo?); if that is intended, "
+        "list it under rules[1].statuses.expect_absent",
+    ]
+
+
+def test_acknowledged_absent_values_only_warn(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+    def mutate(d: dict[str, Any]) -> None:
+        d["interactions"]["subject_initiated"].append("webinar_registered")
+        d["interactions"]["expect_absent"] = ["webinar_registered"]
+        d["rules"][0]["statuses"].update(values=["prospect", "suspect"], expect_absent=["suspect"])
+        d["rules"][1]["statuses"]["expect_absent"] = ["lead"]  # acknowledged, but present now
+
+    report = check_policy(conn, _variant(demo_data, mutate))
+    assert report.warnings == [
+        "interactions.subject_initiated: 'webinar_registered' occurs nowhere in crm.activities.kind yet "
+        "(listed in expect_absent)",
+        "rules[0].statuses.values: 'suspect' occurs nowhere in crm.contacts.status yet (listed in expect_absent)",
+        "rules[1].statuses.values: 'lead' occurs in crm.contacts.status now: remove it from expect_absent",
+    ]
+
+
+def test_an_empty_table_only_warns(conn: psycopg.Connection, policy: Policy) -> None:
+    with conn.transaction():
+        conn.execute("TRUNCATE crm.activities")
+    assert check_policy(conn, policy).warnings == [
+        "interactions.subject_initiated: crm.activities is empty, so its interaction kinds could not be compared "
+        "with the data"
+    ]
+
+
+def test_values_the_dag_role_may_not_read_are_a_clear_error(
+    conn: psycopg.Connection, dag_conn: psycopg.Connection, policy: Policy
+) -> None:
+    with conn.transaction():
+        conn.execute("REVOKE SELECT ON crm.activities FROM gdpr_engine")
+    with pytest.raises(CatalogError) as info:
+        check_policy(dag_conn, policy)
+    assert _problems(info) == [
+        "the policy's values could not be compared with the data: permission denied for table activities "
+        "(SQLSTATE 42501)"
+    ]
+    assert dag_conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR

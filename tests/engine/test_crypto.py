@@ -12,7 +12,7 @@ from cryptography.exceptions import InvalidTag
 from warehouse_gdpr.engine.crypto import (
     ARCHIVE_KEY_BYTES,
     Keys,
-    KeyError_,
+    KeyConfigError,
     archive_aad,
     generate_extra,
     normalise_email,
@@ -39,7 +39,7 @@ def _extra(**changes: Any) -> dict[str, Any]:
 
 
 def _refused(extra: dict[str, Any], conn_id: str = "gdpr_keys") -> str:
-    with pytest.raises(KeyError_) as info:
+    with pytest.raises(KeyConfigError) as info:
         Keys.from_extra(extra, conn_id=conn_id)
     return str(info.value)
 
@@ -221,7 +221,7 @@ def test_tampered_ciphertext_or_nonce_fails(keys: Keys) -> None:
 def test_unknown_key_id_is_named(keys: Keys) -> None:
     aad = archive_aad("crm.contacts", "42", keys.archive_key_id)
     _, nonce, ciphertext = keys.encrypt(b"secret row", aad)
-    with pytest.raises(KeyError_) as info:
+    with pytest.raises(KeyConfigError) as info:
         keys.decrypt("archive-2099", nonce, ciphertext, aad)
     assert str(info.value) == "archive key 'archive-2099' is not in the keys connection"
 
@@ -245,11 +245,11 @@ def test_old_key_still_decrypts_after_rotation() -> None:
     assert new_row[0] == "archive-2"
     assert rotated.decrypt(*new_row, aad_new) == b"archived in 2026"
     # ... which the old key set does not know.
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyConfigError):
         old.decrypt(*new_row, aad_new)
     # Once the old key is dropped from the connection, its rows no longer decrypt.
     dropped = Keys.from_extra(_extra(archive_keys={"archive-2": new_key}, archive_key_id="archive-2"))
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyConfigError):
         dropped.decrypt(old_row[0], old_row[1], old_row[2], aad_old)
 
 

@@ -6,7 +6,7 @@ personal data: no exception, repr, audit row or leftover column may contain it.
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import psycopg
@@ -163,12 +163,20 @@ assert len(LONG_EMAIL) == 255
         ({"email": GOOD_EMAIL, "request_id": "REQ-1", "received_at": "2026-06-16"}, "received_at"),  # future
         ({"subject_id": 0, "request_id": "REQ-1"}, "subject_id"),
         ({"subject_id": "3", "request_id": "REQ-1"}, "subject_id"),
+        ({"email": GOOD_EMAIL + "\nother@example.com", "request_id": "REQ-1"}, "email"),
+        ({"email": ["paul@example.com"], "request_id": "REQ-1"}, "email"),
+        ({"email": GOOD_EMAIL, "request_id": "REQ-1", "received_at": "1900-01-01"}, "received_at"),
+        ({"email": GOOD_EMAIL, "request_id": "REQ-1", "received_at": "2025-06-14"}, "received_at"),  # 366 days
+        ({"email": GOOD_EMAIL, "request_id": "REQ-1", "received_at": "20260601"}, "received_at"),
+        ({"emial": GOOD_EMAIL, "subject_id": 3, "request_id": "REQ-1"}, "emial"),
+        ({"email": GOOD_EMAIL, "request_id": "REQ-1", "dyr_run": True}, "dyr_run"),
     ],
     ids=[
         "email-x@", "email-a@b", "email-no-at", "email-sql", "email-cyrillic", "email-fullwidth-at",
         "email-255", "email-256", "both", "neither", "both-none", "request_id-sql", "request_id-short",
         "request_id-spaces", "request_id-missing", "received_at-text", "received_at-feb30",
-        "received_at-future", "subject_id-zero", "subject_id-str",
+        "received_at-future", "subject_id-zero", "subject_id-str", "email-two-lines", "email-list",
+        "received_at-1900", "received_at-366-days", "received_at-basic-format", "unknown-emial", "unknown-dyr_run",
     ],
 )
 def test_parse_request_refuses_with_a_message_naming_the_field(params: dict[str, Any], field: str) -> None:
@@ -177,7 +185,7 @@ def test_parse_request_refuses_with_a_message_naming_the_field(params: dict[str,
     message = str(info.value)
     assert f"`{field}`" in message
     texts = [message, repr(info.value), *map(str, info.value.args)]
-    for value in (params.get("email"), GOOD_EMAIL):
+    for value in (params.get("email"), params.get("emial"), GOOD_EMAIL, params.get("received_at")):
         if isinstance(value, str):
             assert all(value.lower() not in t.lower() for t in texts)
     assert all("@" not in t and "\uff20" not in t for t in texts)
@@ -203,6 +211,33 @@ def test_parse_request_accepts_a_good_request() -> None:
                                  today=TODAY).received_at == TODAY
 
 
+@pytest.mark.parametrize("spelled", ["  Paul.Durand@Example.COM ", "paul.durand@example.com\n",
+                                     "\tPAUL.DURAND@EXAMPLE.COM\r\n", "\u00a0paul.durand@example.com"])
+def test_parse_request_normalises_case_and_surrounding_whitespace(spelled: str) -> None:
+    """The runbook's promise: case and surrounding spaces (a trailing newline from a paste) do not matter."""
+    assert erasure.parse_request({"email": spelled, "request_id": "REQ-1"}, today=TODAY).email == GOOD_EMAIL
+
+
+def test_an_unknown_param_whose_name_looks_like_data_is_not_named() -> None:
+    with pytest.raises(RequestError) as info:
+        erasure.parse_request({"email": GOOD_EMAIL, "request_id": "REQ-1", "Paul.Durand@example.com": True},
+                              today=TODAY)
+    assert "unknown param" in str(info.value) and "name not shown" in str(info.value)
+    assert "@" not in str(info.value) and "durand" not in str(info.value).lower()
+
+
+def test_received_at_bound_is_365_days() -> None:
+    """Older than a month is accepted (already overdue, the first task warns); older than 365 days is refused."""
+    for days in (0, 30, 45, 365):
+        received = TODAY - timedelta(days=days)
+        request = erasure.parse_request({"email": GOOD_EMAIL, "request_id": "REQ-1", "received_at": received.isoformat()},
+                                        today=TODAY)
+        assert request.received_at == received
+    with pytest.raises(RequestError, match="more than 365 days"):
+        erasure.parse_request({"email": GOOD_EMAIL, "request_id": "REQ-1",
+                               "received_at": (TODAY - timedelta(days=366)).isoformat()}, today=TODAY)
+
+
 @pytest.mark.parametrize(
     ("received", "due"),
     [
@@ -216,7 +251,7 @@ def test_parse_request_accepts_a_good_request() -> None:
 )
 def test_due_date_is_one_calendar_month_later(received: str, due: date) -> None:
     request = erasure.parse_request({"email": GOOD_EMAIL, "request_id": "REQ-1", "received_at": received},
-                                    today=date(2030, 1, 1))
+                                    today=date.fromisoformat(received) + timedelta(days=40))
     assert request.due_date == due
 
 
@@ -570,3 +605,129 @@ def test_repr_of_request_located_and_result_never_show_the_email(conn, policy: P
             assert email.lower() not in text.lower() and "@" not in text, type(obj).__name__
     assert isinstance(request, ErasureRequest) and "REQ-REPR" in repr(request)
     assert "@" not in repr(located.rows)
+
+
+# -- params: what is stored, one request id per person, the suppression entry shown first (issues 10 and 11) --
+
+
+def test_an_email_with_a_trailing_newline_is_stored_normalised(conn, policy: Policy, keys: Keys) -> None:
+    """Nothing of the raw spelling is kept: the outbox holds the normalised email, the hashes are of it."""
+    email = "nobody.here@nowhere.example"
+    _, located, _, result = _run(conn, policy, keys, {"email": " NoBody.Here@NoWhere.example\n", "request_id": "REQ-NL"})
+    assert located.email == email and result.subject_hash == keys.subject_hash(email)
+    assert _one(conn, "SELECT reason FROM gdpr.suppression_list WHERE email_hash = %s", keys.subject_hash(email)) == (
+        "erasure",)
+    rows = conn.execute("SELECT target, key_id, nonce, identifier_ciphertext FROM gdpr.erasure_propagation"
+                        " WHERE request_id = 'REQ-NL'").fetchall()
+    conn.rollback()
+    assert len(rows) == len(TARGETS)
+    for target, key_id, nonce, ciphertext in rows:
+        stored = keys.decrypt(key_id, bytes(nonce), bytes(ciphertext), erasure.outbox_aad("REQ-NL", target, key_id))
+        assert stored == email.encode(), "the outbox must hold the normalised email, no newline, no capital"
+
+
+def test_a_reused_request_id_with_an_unknown_subject_never_reports_another_persons_result(
+    conn, policy: Policy, keys: Keys
+) -> None:
+    cid, email = _erasable_prospect(conn)
+    _, _, _, first = _run(conn, policy, keys, {"subject_id": cid, "request_id": "REQ-ID-1"})
+    assert first.outcome == "erased"
+    state = _state(conn)
+    audit_before = _count(conn, "SELECT count(*) FROM gdpr.audit_log")
+
+    for params in ({"subject_id": 987_654_321, "request_id": "REQ-ID-1"},  # no such subject
+                   {"email": "nobody.here@nowhere.example", "request_id": "REQ-ID-1"}):  # no such person
+        request = erasure.parse_request(params, today=TODAY)
+        located = erasure.locate(conn, policy, keys, request)
+        with pytest.raises(RequestError) as info:
+            erasure.recorded_request(conn, keys, request, located)  # what validate_request asks first
+        conn.rollback()
+        assert "`request_id` REQ-ID-1 was already used" in str(info.value) and "@" not in str(info.value)
+        with pytest.raises(RequestError):
+            _run(conn, policy, keys, params)
+    assert _state(conn) == state
+    assert _count(conn, "SELECT count(*) FROM gdpr.audit_log") == audit_before
+
+    # the same subject id again, after its row is gone, is still recognised: the recorded result, nothing changed
+    _, _, _, again = _run(conn, policy, keys, {"subject_id": cid, "request_id": "REQ-ID-1"})
+    assert again.already_recorded and (again.outcome, again.subject_hash) == ("erased", first.subject_hash)
+    assert _state(conn) == state
+
+
+@pytest.mark.parametrize("second_person", [False, True], ids=["same-person", "other-person"])
+def test_two_erasures_of_one_request_id_at_the_same_moment_get_a_clear_answer(
+    warehouse: str, policy: Policy, keys: Keys, second_person: bool
+) -> None:
+    """Two runs (two connections) erase under one request id at once: the second waits for the first and then
+    gets the recorded result (same person) or a clear refusal (another person), never a raw UniqueViolation."""
+    import threading
+    import time
+
+    with psycopg.connect(warehouse) as setup:
+        cid, email = _erasable_prospect(setup)
+        other = add_contact(setup, "prospect", date(2025, 1, 1))
+        other_email = _email_of(setup, other)
+        setup.commit()
+    emails = [email, other_email if second_person else email]
+    outcome: dict[int, object] = {}
+    monitor = psycopg.connect(warehouse, autocommit=True)
+    blocker = psycopg.connect(warehouse)
+    # hold the first run inside its transaction: a lock on the contact row it is about to delete
+    blocker.execute("SELECT 1 FROM crm.contacts WHERE contact_id = %s FOR UPDATE", (cid,))
+
+    def run(i: int) -> None:
+        with psycopg.connect(warehouse) as c:
+            try:
+                request = erasure.parse_request({"email": emails[i], "request_id": "REQ-RACE"}, today=TODAY)
+                located = erasure.locate(c, policy, keys, request)
+                holds = erasure.holds_in_force(c, policy, located, AS_OF)
+                outcome[i] = erasure.erase(c, policy, keys, CTX, request, located, holds)
+            except Exception as exc:  # noqa: BLE001 - the assertion below says which
+                outcome[i] = exc
+
+    def waiting() -> int:
+        return int(monitor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                   " AND wait_event_type = 'Lock'").fetchone()[0])  # type: ignore[index]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    try:
+        threads[0].start()
+        deadline = time.monotonic() + 30
+        while waiting() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        threads[1].start()
+        while waiting() < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waiting() == 2, "both erasures must be waiting at once for the race to be real"
+    finally:
+        blocker.rollback()
+        blocker.close()
+        for t in threads:
+            t.join(60)
+        monitor.close()
+
+    first, second = outcome[0], outcome[1]
+    assert isinstance(first, erasure.ErasureResult) and first.outcome == "erased", first
+    if second_person:
+        assert isinstance(second, RequestError), repr(second)
+        assert "`request_id` REQ-RACE was already used" in str(second) and "@" not in str(second)
+    else:
+        assert isinstance(second, erasure.ErasureResult) and second.already_recorded, repr(second)
+        assert (second.outcome, second.subject_hash) == ("erased", first.subject_hash)
+    with psycopg.connect(warehouse) as check:
+        assert _count(check, "SELECT count(*) FROM gdpr.erasure_request WHERE request_id = 'REQ-RACE'") == 1
+        assert _count(check, "SELECT count(*) FROM crm.contacts WHERE contact_id = %s", other) == 1
+
+
+def test_a_dry_run_for_an_unknown_email_says_it_would_add_a_suppression_entry(conn, policy: Policy, keys: Keys) -> None:
+    email = "nobody.here@nowhere.example"
+    before = _state(conn)
+    _, _, _, dry = _run(conn, policy, keys, {"email": email, "request_id": "REQ-NF-DRY", "dry_run": True})
+    assert dry.outcome == "not_found" and dry.suppression.startswith("would add a suppression entry (permanent")
+    assert _state(conn) == before
+    assert _one(conn, "SELECT details->>'suppression' FROM gdpr.audit_log WHERE outcome = 'dry_run'") == (
+        dry.suppression,)
+    _, _, _, real = _run(conn, policy, keys, {"email": email, "request_id": "REQ-NF-DRY"})
+    assert (real.outcome, real.suppression) == ("not_found", "added")
+    _, _, _, dry_again = _run(conn, policy, keys, {"email": email, "request_id": "REQ-NF-DRY-2", "dry_run": True})
+    assert dry_again.suppression == "already on the suppression list"

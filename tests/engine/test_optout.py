@@ -19,12 +19,12 @@ from typing import Any
 import psycopg
 import pytest
 from helpers import AS_OF, add_activity, add_contact, add_contract, new_id, table_checksum
-from psycopg import errors, sql
+from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from warehouse_gdpr.engine import erasure, optout
 from warehouse_gdpr.engine.audit import RunContext
-from warehouse_gdpr.engine.crypto import Keys, KeyError_, generate_extra
+from warehouse_gdpr.engine.crypto import Keys, KeyConfigError, generate_extra
 from warehouse_gdpr.engine.policy import Policy
 
 CTX = RunContext("gdpr_optout_sync", "run-1", "test")
@@ -412,7 +412,7 @@ def test_rekey_refuses_an_unknown_key_and_changes_nothing(conn, policy: Policy, 
     optout.collect(conn, policy, keys, CTX, AS_OF)
     checksum = table_checksum(conn, ["gdpr.suppression_list"])
     stranger = Keys.from_extra(generate_extra() | {"hmac_key_id": "pepper-9"})
-    with pytest.raises(KeyError_) as info:
+    with pytest.raises(KeyConfigError) as info:
         optout.rekey(conn, stranger, CTX)
     assert keys.hmac_key_id in str(info.value) and "hmac_chain" in str(info.value)
     assert table_checksum(conn, ["gdpr.suppression_list"]) == checksum
@@ -689,7 +689,7 @@ def test_a_chained_hash_is_hmac_of_the_previous_hash(key_extra: dict[str, Any], 
     assert keys2.rekey(second, "pepper-2") == second
     assert keys.subject_hash("john@example.com") == first  # one pepper: unchanged
     assert "pepper-1" in repr(keys2) and key_extra["hmac_pepper"] not in repr(keys2)
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyConfigError):
         keys2.rekey(first, "pepper-0")
 
 
@@ -706,7 +706,7 @@ def test_a_chained_hash_is_hmac_of_the_previous_hash(key_extra: dict[str, Any], 
     ],
 )
 def test_a_bad_chain_is_refused_without_quoting_a_secret(key_extra: dict[str, Any], chain: Any, message: str) -> None:
-    with pytest.raises(KeyError_) as info:
+    with pytest.raises(KeyConfigError) as info:
         Keys.from_extra({**key_extra, "hmac_chain": chain})
     assert str(info.value) == f"connection 'gdpr_keys': {message}"
     assert "secret" not in str(info.value)

@@ -368,3 +368,131 @@ def test_parse_policy_names_its_source() -> None:
         "subject: required key is missing",
         "tables: required key is missing",
     ]
+
+
+# -- strict types, schedules, acknowledged absences (issue 11.3) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mutate", "problem"),
+    [
+        (lambda d: d.update(batch_size=True), "batch_size: Input should be a valid integer"),
+        (lambda d: d.update(batch_size=500.0), "batch_size: Input should be a valid integer"),
+        (lambda d: d.update(batch_size="500"), "batch_size: Input should be a valid integer"),
+        (lambda d: d.update(version=True), "version: expected the number 1"),
+        (lambda d: d.update(blast_radius_percent=True), "blast_radius_percent: Input should be a valid number"),
+        (lambda d: d["tables"][3].update(kept_when_held="yes"), "tables[3].kept_when_held: Input should be a valid boolean"),
+        (lambda d: d["erasure"].update(retries="5"), "erasure.retries: Input should be a valid integer"),
+        (lambda d: d["erasure"].update(approval_required=1), "erasure.approval_required: Input should be a valid boolean"),
+        (lambda d: d["optout"]["share_targets"][0].update(batch_size=False),
+         "optout.share_targets[0].batch_size: Input should be a valid integer"),
+    ],
+    ids=["batch_size_true", "batch_size_float", "batch_size_string", "version_true", "percent_true",
+         "kept_when_held_yes", "retries_string", "approval_one", "share_batch_false"],
+)
+def test_values_of_the_wrong_type_are_refused_not_coerced(
+    tmp_path: Path, demo_data: dict[str, Any], mutate: Callable[[dict[str, Any]], None], problem: str
+) -> None:
+    _, message = _refused(tmp_path, demo_data, mutate)
+    assert _problems(message) == [problem]
+
+
+@pytest.mark.parametrize("value", [0, -5, 100.5])
+def test_blast_radius_percent_out_of_range(tmp_path: Path, demo_data: dict[str, Any], value: float) -> None:
+    _, message = _refused(tmp_path, demo_data, lambda d: d.update(blast_radius_percent=value))
+    assert _problems(message)[0].startswith("blast_radius_percent: Input should be")
+
+
+def test_blast_radius_percent_defaults_to_ten_and_takes_a_whole_number(tmp_path: Path, demo_data: dict[str, Any]) -> None:
+    assert load_policy(DEMO).blast_radius_percent == 10.0
+    data = copy.deepcopy(demo_data)
+    data["blast_radius_percent"] = 25
+    assert load_policy(_write(tmp_path, data)).blast_radius_percent == 25.0
+
+
+ACCEPTED_SCHEDULES = ["@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly", "@once", "@continuous",
+                      "0 3 * * 0", "*/15 * * * *", "0 0 * * sun", "0 6 * * 1-5"]
+REFUSED_SCHEDULES = ["every sunday", "weekly", "@fortnightly", "0 0 * * 8", "61 * * * *", "0 3 * *", "H 3 * * *"]
+
+
+@pytest.mark.parametrize("schedule", ACCEPTED_SCHEDULES)
+def test_schedules_airflow_accepts_are_accepted(tmp_path: Path, demo_data: dict[str, Any], schedule: str) -> None:
+    data = copy.deepcopy(demo_data)
+    data["airflow"]["sweep_schedule"] = schedule
+    data["optout"]["schedule"] = schedule
+    policy = load_policy(_write(tmp_path, data))
+    assert (policy.airflow.sweep_schedule, policy.optout.schedule) == (schedule, schedule)
+
+
+@pytest.mark.parametrize("schedule", [*REFUSED_SCHEDULES, "0 0 30 2 *"])
+def test_schedules_airflow_refuses_are_refused(tmp_path: Path, demo_data: dict[str, Any], schedule: str) -> None:
+    """`0 0 30 2 *` (30 February) passes Airflow's parse but never fires: refused too."""
+    def mutate(d: dict[str, Any]) -> None:
+        d["airflow"]["sweep_schedule"] = schedule
+        d["optout"]["schedule"] = schedule
+
+    _, message = _refused(tmp_path, demo_data, mutate)
+    problems = _problems(message)
+    assert [p.split(":", 1)[0] for p in problems] == ["airflow.sweep_schedule", "optout.schedule"]
+    assert all("not a schedule Airflow accepts" in p and "@weekly" in p for p in problems)
+
+
+def test_schedules_are_judged_as_airflow_judges_them() -> None:
+    """The model parses schedules without importing Airflow; Airflow 3.3's own parse agrees on every case."""
+    from airflow.sdk.definitions.dag import _create_timetable
+    from airflow.sdk.definitions.timetables._cron import CRON_PRESETS as AIRFLOW_PRESETS
+
+    from warehouse_gdpr.engine.policy import CRON_PRESETS, _check_schedule
+
+    assert CRON_PRESETS == AIRFLOW_PRESETS
+
+    def airflow_accepts(schedule: str) -> bool:
+        try:
+            _create_timetable(schedule, "UTC").validate()  # what DAG processing runs on the DAG's schedule
+        except Exception:  # noqa: BLE001 - AirflowTimetableInvalid, ValueError
+            return False
+        return True
+
+    def model_accepts(schedule: str) -> bool:
+        try:
+            _check_schedule(schedule)
+        except ValueError:
+            return False
+        return True
+
+    for schedule in ACCEPTED_SCHEDULES + REFUSED_SCHEDULES:
+        assert model_accepts(schedule) == airflow_accepts(schedule), schedule
+
+
+def test_the_policy_model_never_imports_airflow() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from warehouse_gdpr.engine.policy import load_policy; load_policy(sys.argv[1]); "
+        "loaded = sorted(m for m in sys.modules if m == 'airflow' or m.startswith('airflow.')); "
+        "print(loaded); sys.exit(1 if loaded else 0)"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(DEMO.parents[1] / "plugins")}
+    done = subprocess.run([sys.executable, "-c", code, str(DEMO)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_expect_absent_may_only_name_listed_values(tmp_path: Path, demo_data: dict[str, Any]) -> None:
+    def mutate(d: dict[str, Any]) -> None:
+        d["interactions"]["expect_absent"] = ["webinar_registered"]
+        d["rules"][0]["statuses"]["expect_absent"] = ["prospect", "suspect"]
+
+    _, message = _refused(tmp_path, demo_data, mutate)
+    assert _problems(message) == [
+        "interactions: expect_absent may only name entries of subject_initiated; not listed there: webinar_registered",
+        "rules[0].statuses: expect_absent may only name entries of values; not listed there: suspect",
+    ]
+
+
+def test_the_subject_tables_entry_joins_on_the_subject_key(tmp_path: Path, demo_data: dict[str, Any]) -> None:
+    _, message = _refused(tmp_path, demo_data, lambda d: d["tables"][0].update(subject_column="company_id"))
+    assert _problems(message) == [
+        "(document root): subject.primary_key (contact_id) and the subject_column of crm.contacts in `tables` "
+        "(company_id) must name the same column, the subject's key: any other column would treat other people's rows"
+    ]

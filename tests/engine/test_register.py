@@ -77,7 +77,8 @@ def test_retention_is_what_the_rules_enforce_not_retyped_text(tmp_path: Path) ->
     assert "for a person who never interacted, from `created_at`" in prospects
     former = next(line for line in markdown.splitlines() if line.startswith("- Former clients"))
     assert "3 years after the latest `crm.contracts.end_date`" in former
-    assert "a person without such a record is not selected by this rule" in former
+    assert "(an empty one, e.g. an open contract, does not count)" in former
+    assert "for a person without such a record, from `created_at`" in former
     assert "restricted archive for 5 years, then destroyed" in former
     assert "Suspended while legal hold `litigation` applies" in markdown
     assert "the keyed hash (HMAC-SHA256) of the normalised email is kept permanently" in markdown
@@ -87,10 +88,13 @@ def test_retention_is_what_the_rules_enforce_not_retyped_text(tmp_path: Path) ->
 def test_a_clock_without_fallback_says_who_is_never_selected() -> None:
     def no_fallback(data: dict[str, Any]) -> None:
         data["rules"][1]["clock"].pop("fallback")
+        data["rules"][2]["clock"].pop("fallback")
 
     markdown = register.render_markdown(policy_with(no_fallback), DAY, "policy.yaml")
     leads = next(line for line in markdown.splitlines() if line.startswith("- Qualified leads not converted"))
     assert "a person who never interacted is not selected by this rule" in leads
+    former = next(line for line in markdown.splitlines() if line.startswith("- Former clients"))
+    assert "a person without such a record is not selected by this rule" in former
 
 
 @pytest.mark.parametrize(

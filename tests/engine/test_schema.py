@@ -169,15 +169,17 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
     )
 
 
-V4_DDL = Path(__file__).parent / "data" / "gdpr_schema_v4.sql"
+DATA = Path(__file__).parent / "data"
+PREVIOUS = 5  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v5.sql
 
 
-def _install_version_4(conn: psycopg.Connection) -> None:
-    """The control schema exactly as version 4 (the last release before the request lifecycle) installed it."""
+def _install_version(conn: psycopg.Connection, version: int) -> None:
+    """The control schema exactly as release `version` installed it (its DDL frozen in tests/engine/data)."""
+    assert schema.SCHEMA_VERSION == PREVIOUS + 1, "freeze the previous version's DDL in tests/engine/data"
     with conn.transaction():
         conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
-        conn.execute(V4_DDL.read_text(encoding="utf-8"))  # type: ignore[arg-type]
-    assert schema.installed_version(conn) == 4
+        conn.execute((DATA / f"gdpr_schema_v{version}.sql").read_text(encoding="utf-8"))  # type: ignore[arg-type]
+    assert schema.installed_version(conn) == version
     assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'gdpr.erasure_request'::regclass").fetchone()[0] == "r"
     conn.commit()
 
@@ -187,17 +189,17 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
 ) -> None:
     """The DAGs connect as a member of gdpr_engine: after a package upgrade they name the installed and
     the needed version and what the owner runs; the owner's run then upgrades, keeping every row."""
-    _install_version_4(conn)
+    _install_version(conn, PREVIOUS)
     _record(conn)
     with pytest.raises(schema.SchemaError) as info:
         schema.ensure_schema(dag_conn)
     message = str(info.value)
-    assert message.startswith(f"the gdpr control schema is out of date (installed version 4, this package needs "
-                              f"{schema.SCHEMA_VERSION}) and this connection (role gdpr_dag) may not upgrade it "
+    assert message.startswith(f"the gdpr control schema is out of date (installed version {PREVIOUS}, this package "
+                              f"needs {schema.SCHEMA_VERSION}) and this connection (role gdpr_dag) may not upgrade it "
                               "(permission denied")
     assert WHAT_TO_RUN in message and "not installed" not in message and "include/" not in message
     assert dag_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # rolled back, usable
-    assert schema.installed_version(dag_conn) == 4
+    assert schema.installed_version(dag_conn) == PREVIOUS
     dag_conn.commit()
 
     assert schema.ensure_schema(conn) is True
@@ -215,14 +217,17 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
         )
 
 
-# -- version 5: one request lifecycle (gdpr.request), the erasure requests migrated in place -----------
+# -- version 6: one request lifecycle (gdpr.request), the erasure requests migrated in place -----------
 
 OLD_COLUMNS = ("request_id, subject_hash, received_at, due_date, status, outcome, reason, created_at, completed_at,"
                " deadline_warned_at, details")
+# The claim of a worker that died mid-call (version 5's outbox lease): kept by the upgrade, it expires by itself.
+DEAD_CLAIM = ("2026-05-21 11:05+00", "gdpr_erasure_retry/scheduled__2026-05-21/propagate/0123456789ab")
 
 
-def _fill_version_4(conn: psycopg.Connection) -> None:
-    """Erasure requests and their outbox as version 4's engine wrote them: completed, pending, refused."""
+def _fill_old_version(conn: psycopg.Connection) -> None:
+    """Erasure requests and their outbox as an older engine wrote them: completed, pending, refused; from
+    version 5 on, the pending outbox row also carries the claim of a worker that died mid-call."""
     with conn.transaction():
         conn.execute(
             f"INSERT INTO gdpr.erasure_request ({OLD_COLUMNS}) VALUES"
@@ -242,6 +247,9 @@ def _fill_version_4(conn: psycopg.Connection) -> None:
             " ('REQ-OLD-2', 'emailing', 'acknowledged', 2, NULL, NULL, NULL, 'HTTP 204', '2026-05-21 11:00+00'),"
             " ('REQ-OLD-2', 'telephony', 'pending', 7, 'archive-1', '\\x00'::bytea, '\\x01'::bytea, 'HTTP 503', NULL)"
         )
+        if schema.installed_version(conn) >= 5:
+            conn.execute("UPDATE gdpr.erasure_propagation SET claimed_until = %s, claimed_by = %s"
+                         " WHERE request_id = 'REQ-OLD-2' AND target = 'telephony'", DEAD_CLAIM)
 
 
 def _snapshot(conn: psycopg.Connection) -> tuple[list[tuple], list[tuple]]:
@@ -251,20 +259,32 @@ def _snapshot(conn: psycopg.Connection) -> tuple[list[tuple], list[tuple]]:
     return requests, outbox
 
 
-def test_a_version_4_warehouse_with_erasure_requests_upgrades_in_place(
-    conn: psycopg.Connection, dag_conn: psycopg.Connection
+@pytest.mark.parametrize("steps", [(4,), (5,), (4, 5)], ids=["from-v4", "from-v5", "v4-then-v5"])
+def test_a_warehouse_with_erasure_requests_upgrades_in_place(
+    conn: psycopg.Connection, dag_conn: psycopg.Connection, steps: tuple[int, ...]
 ) -> None:
-    _install_version_4(conn)
-    _fill_version_4(conn)
+    """Installed at steps[0] and filled, upgraded in place by each later release's DDL in turn (as an operator
+    who upgraded one release at a time did), then by this one's."""
+    _install_version(conn, steps[0])
+    _fill_old_version(conn)
+    for version in steps[1:]:
+        with conn.transaction():
+            conn.execute((DATA / f"gdpr_schema_v{version}.sql").read_text(encoding="utf-8"))  # type: ignore[arg-type]
+        assert schema.installed_version(conn) == version
     requests_before, outbox_before = _snapshot(conn)
     assert len(requests_before) == 3 and len(outbox_before) == 3
+    if steps[-1] < 5:  # version 5 adds the claim columns, empty
+        outbox_before = [(*row, None, None) for row in outbox_before]
 
     assert schema.ensure_schema(conn) is True
 
     assert schema.installed_version(conn) == schema.SCHEMA_VERSION
     assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'gdpr.erasure_request'::regclass").fetchone()[0] == "v"
-    # Every row kept, column for column, readable under the old name; the outbox untouched.
+    # Every row kept, column for column, readable under the old name; the outbox untouched, claims included.
     assert _snapshot(conn) == (requests_before, outbox_before)
+    claim = conn.execute("SELECT claimed_until, claimed_by FROM gdpr.erasure_propagation"
+                         " WHERE request_id = 'REQ-OLD-2' AND target = 'telephony'").fetchone()
+    assert (claim[1] == DEAD_CLAIM[1]) == (steps[-1] >= 5) and (claim[0] is None) == (steps[-1] < 5)
     migrated = conn.execute(
         f"SELECT {OLD_COLUMNS} FROM gdpr.request WHERE kind = 'erasure' ORDER BY request_id").fetchall()
     assert migrated == requests_before
@@ -286,12 +306,21 @@ def test_a_version_4_warehouse_with_erasure_requests_upgrades_in_place(
         conn.execute(read_sql("gdpr_schema.sql"))  # type: ignore[arg-type]
     assert _snapshot(conn) == (requests_before, outbox_before)
 
-    # The engine carries on with the migrated rows: the pending target acknowledges, the request completes.
+    # The engine carries on with the migrated rows: the engine's role claims the pending row (the dead
+    # worker's claim has expired), the target acknowledges, the request completes.
     from warehouse_gdpr.engine import propagation
 
+    claimed = dag_conn.execute(
+        "UPDATE gdpr.erasure_propagation p SET claimed_until = now() + interval '1 minute', claimed_by = 'test'"
+        " FROM gdpr.request r WHERE r.request_id = p.request_id AND p.request_id = 'REQ-OLD-2' AND p.status = 'pending'"
+        " AND (p.claimed_until IS NULL OR p.claimed_until <= now()) RETURNING p.target, r.subject_hash"
+    ).fetchall()
+    dag_conn.commit()
+    assert claimed == [("telephony", "2" * 64)]
     with conn.transaction():
         conn.execute("UPDATE gdpr.erasure_propagation SET status = 'acknowledged', acknowledged_at = now(),"
-                     " key_id = NULL, nonce = NULL, identifier_ciphertext = NULL WHERE request_id = 'REQ-OLD-2'")
+                     " claimed_until = NULL, claimed_by = NULL, key_id = NULL, nonce = NULL, identifier_ciphertext = NULL"
+                     " WHERE request_id = 'REQ-OLD-2'")
     certificate = propagation.complete_if_acknowledged(dag_conn, CTX, "REQ-OLD-2")
     assert certificate is not None and certificate["status"] == "completed" and certificate["outcome"] == "restricted"
     assert certificate["rows_by_table"] == {"crm.notes": 4} and len(certificate["targets"]) == 2
@@ -301,16 +330,16 @@ def test_a_version_4_warehouse_with_erasure_requests_upgrades_in_place(
 
 def test_a_dbas_view_on_the_old_table_stops_the_upgrade_loudly(conn: psycopg.Connection) -> None:
     """A view reading gdpr.erasure_request would otherwise follow the rows anywhere: the upgrade refuses to
-    guess, says why, and leaves version 4 as it was."""
-    _install_version_4(conn)
-    _fill_version_4(conn)
+    guess, says why, and leaves the previous version as it was."""
+    _install_version(conn, PREVIOUS)
+    _fill_old_version(conn)
     with conn.transaction():
         conn.execute("CREATE VIEW public.dba_erasures AS SELECT request_id, status FROM gdpr.erasure_request")
     with pytest.raises(errors.DependentObjectsStillExist) as info:
         schema.ensure_schema(conn)
     assert "dba_erasures" in (info.value.diag.message_detail or "")
     conn.rollback()
-    assert schema.installed_version(conn) == 4
+    assert schema.installed_version(conn) == PREVIOUS
     assert _count(conn, "gdpr.erasure_request") == 3
     assert conn.execute("SELECT to_regclass('gdpr.request')").fetchone()[0] is None
 
@@ -404,6 +433,37 @@ def test_auditor_reads_requests_but_not_the_encrypted_identifier(conn: psycopg.C
         with pytest.raises(errors.InsufficientPrivilege):
             with auditor.transaction():
                 auditor.execute(f"SELECT {column} FROM gdpr.request")
+
+
+def test_version_5_adds_the_outbox_claim_and_keeps_pending_erasures(
+    conn: psycopg.Connection, dag_conn: psycopg.Connection
+) -> None:
+    """v5's step (with the later ones): the outbox of a v4 warehouse gets claimed_until/claimed_by, its rows
+    kept, and the engine's role may claim a row (propagation holds no transaction across a downstream call)."""
+    _install_version(conn, 4)
+    with conn.transaction():
+        conn.execute("INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status,"
+                     " outcome) VALUES ('REQ-V5', repeat('b', 64), current_date, current_date + 30, 'pending_propagation',"
+                     " 'erased')")
+        conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce,"
+                     " identifier_ciphertext) VALUES ('REQ-V5', 'emailing', 'pending', 'k1', '\\x00', '\\x01')")
+    with pytest.raises(schema.SchemaError, match=rf"installed version 4, this package needs {schema.SCHEMA_VERSION}"):
+        schema.ensure_schema(dag_conn)
+    dag_conn.rollback()
+
+    assert schema.ensure_schema(conn) is True
+
+    row = dag_conn.execute(
+        "UPDATE gdpr.erasure_propagation SET claimed_until = now() + interval '1 minute', claimed_by = 'test'"
+        " WHERE request_id = 'REQ-V5' RETURNING status, key_id, identifier_ciphertext IS NOT NULL, claimed_by"
+    ).fetchone()
+    dag_conn.commit()
+    assert row == ("pending", "k1", True, "test")
+    auditor = conn.execute(
+        "SELECT has_column_privilege('gdpr_auditor', 'gdpr.erasure_propagation', 'claimed_until', 'SELECT'),"
+        " has_column_privilege('gdpr_auditor', 'gdpr.erasure_propagation', 'identifier_ciphertext', 'SELECT')"
+    ).fetchone()
+    assert auditor == (True, False)
 
 
 # -- the audit log is append-only --------------------------------------------------------------

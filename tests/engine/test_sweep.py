@@ -217,3 +217,73 @@ def test_select_rules_rejects_unknown_names(policy: Policy) -> None:
     assert [r.name for r in sweep.select_rules(policy, ["former_clients"])] == ["former_clients"]
     with pytest.raises(ValueError, match="unknown rule"):
         sweep.select_rules(policy, ["former_clients", "everyone"])
+
+
+# -- a hold that cannot be decided holds (issue 11.3) ------------------------------------------------
+
+
+def _open_ended_litigation(conn: psycopg.Connection) -> tuple[Policy, int, int]:
+    """A litigation hold with an end date: NULL (an open-ended case) must hold, as a passed date must not.
+
+    Returns (policy, the litigant whose predicate is NULL, one whose case ended), both expired prospects."""
+    from pathlib import Path
+
+    import yaml
+
+    from warehouse_gdpr.engine.policy import parse_policy
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "include" / "policy.yaml").read_text())
+    data["holds"][2]["predicate"] = "s.litigation_until >= :as_of::date"
+    conn.execute("ALTER TABLE crm.contacts ADD COLUMN litigation_until date")
+    created = THREE_YEARS_BEFORE - timedelta(days=400)
+    litigant = add_contact(conn, "prospect", created, litigation=True)
+    ended = add_contact(conn, "prospect", created, litigation=True)
+    conn.execute("UPDATE crm.contacts SET litigation_until = '2020-01-01' WHERE contact_id = %s", (ended,))
+    conn.commit()
+    return parse_policy(data, "variant"), litigant, ended
+
+
+def test_a_hold_whose_predicate_is_null_is_not_swept(conn, keys: Keys) -> None:
+    policy, litigant, ended = _open_ended_litigation(conn)
+    rule = policy.rule("prospects_never_converted")
+    found = candidates(conn, policy, rule.name)
+    assert found[litigant] == ["litigation"] and found[ended] == []
+
+    sweep.apply_rule(conn, policy, rule, keys, CTX, AS_OF)
+
+    assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = %s", litigant) == 1
+    assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = %s", ended) == 0
+
+
+def test_erasure_and_the_resurrection_guard_also_hold_on_null(conn, keys: Keys) -> None:
+    from psycopg import sql
+
+    from warehouse_gdpr.engine import erasure, optout
+
+    policy, litigant, ended = _open_ended_litigation(conn)
+    for person, expected in ((litigant, {"litigation": "refuse"}), (ended, {})):
+        located = erasure.Located(subject_ids=[person], subject_hash="h", email=None)
+        assert erasure.holds_in_force(conn, policy, located, AS_OF) == expected
+        holds = conn.execute(
+            sql.SQL("SELECT {h} FROM crm.contacts s WHERE s.contact_id = %(id)s").format(h=optout._all_holds(policy)),
+            {"id": person, "as_of": AS_OF},
+        ).fetchone()[0]  # type: ignore[index]
+        conn.rollback()
+        assert holds == list(expected)
+
+
+# -- the blast-radius limit's arithmetic (the apply task enforces it: test_dag_retention_sweep.py) -----
+
+
+def test_blast_radius_names_the_rules_above_the_limit(conn, policy: Policy) -> None:
+    rows = sweep.subject_rows(conn, policy)
+    assert rows == _count(conn, "SELECT count(*) FROM crm.contacts") == 1500
+    counts = {"a": 150, "b": 151, "c": 0}  # exactly 10 % is allowed, one more is not
+    assert [(b.rule, b.percent, b.confirmed, b.allowed) for b in sweep.blast_radius(counts, rows, 10)] == [
+        ("b", 10.1, None, False)
+    ]
+    # a confirmation is an upper bound: the planned count or more lets the rule run, less does not
+    assert sweep.blast_radius(counts, rows, 10, {"b": 151})[0].allowed
+    assert sweep.blast_radius(counts, rows, 10, {"b": 500})[0].allowed
+    assert not sweep.blast_radius(counts, rows, 10, {"b": 150})[0].allowed
+    assert sweep.blast_radius(counts, rows, 100) == [] and sweep.blast_radius(counts, 0, 10) == []

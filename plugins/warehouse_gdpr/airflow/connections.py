@@ -1,20 +1,24 @@
-"""Airflow glue: where the policy file is, and how a task gets its connections and keys.
+"""Airflow glue: where the policy file is, how a task gets its connections and keys, and the one
+policy of a run (`run_policy`).
 
 Nothing here runs at DAG import time except `policy_path()` (no file, database or network access).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg.rows import tuple_row
 
 from warehouse_gdpr.engine.audit import RunContext
-from warehouse_gdpr.engine.crypto import Keys
-from warehouse_gdpr.engine.policy import Policy, load_policy
+from warehouse_gdpr.engine.crypto import KeyConfigError, Keys
+from warehouse_gdpr.engine.errors import ConfigurationError
+from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
 
 if TYPE_CHECKING:
     from warehouse_gdpr.engine.catalog import CatalogReport
@@ -22,14 +26,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLICY_ENV = "WAREHOUSE_GDPR_POLICY"
+PIN_KEY = "policy_sha256"  # the XCom of a run's first task: the SHA-256 of the policy file it validated
 
 
 def policy_path() -> Path:
-    """$WAREHOUSE_GDPR_POLICY, else the repository's include/policy.yaml."""
+    """The policy file named by $WAREHOUSE_GDPR_POLICY (for DAGs built without an explicit path).
+
+    There is no fallback: a file guessed next to the installed package (a virtualenv's lib folder, once
+    installed from the wheel) is never the one the operator means."""
     override = os.environ.get(POLICY_ENV)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[3] / "include" / "policy.yaml"
+    raise ConfigurationError(
+        f"no policy file: set {POLICY_ENV} to its path, or pass the path to warehouse_gdpr.dags.build_all(path) "
+        "in your dags file (README, 'Deploy to your Airflow')"
+    )
 
 
 def airflow_home() -> Path:
@@ -43,8 +54,11 @@ def connect(policy: Policy) -> psycopg.Connection:
 
     conn = PostgresHook(postgres_conn_id=policy.airflow.warehouse_connection_id).get_conn()
     if not isinstance(conn, psycopg.Connection):
-        raise RuntimeError("warehouse-gdpr needs psycopg 3: install apache-airflow-providers-postgres with psycopg")
+        raise ConfigurationError(
+            "warehouse-gdpr needs psycopg 3: install apache-airflow-providers-postgres with psycopg")
     conn.autocommit = False
+    # The engine unpacks rows as tuples, whatever the connection's extra asks for ({"cursor": "dictcursor"}).
+    conn.row_factory = tuple_row
     return conn
 
 
@@ -56,7 +70,7 @@ def load_keys(policy: Policy) -> Keys:
     try:
         connection = BaseHook.get_connection(conn_id)
     except Exception as exc:  # noqa: BLE001 - AirflowNotFoundException and backend errors alike
-        raise RuntimeError(
+        raise KeyConfigError(
             f"the keys connection {conn_id!r} is not defined ({type(exc).__name__}); create it with the "
             "hmac_pepper and archive_keys extras (see README, 'Keys')"
         ) from None
@@ -80,17 +94,46 @@ def as_of(context: Any) -> str:
 
 def prepare_warehouse(conn: psycopg.Connection, policy: Policy) -> "CatalogReport":
     """Before any write: install the control schema if missing, check the policy against the live
-    catalog, log the index warnings. Configuration errors fail the task at once (no retry)."""
-    from airflow.sdk.exceptions import AirflowFailException
-
+    catalog, log its warnings (indexes, rules that select nobody). Raises CatalogError or SchemaError (configuration errors: the
+    task fails at once, see airflow/errors.py)."""
     from warehouse_gdpr.engine import catalog, schema
 
-    try:
-        schema.ensure_schema(conn)
-        report = catalog.check_policy(conn, policy)
-    except (catalog.CatalogError, schema.SchemaError) as exc:
-        log.error("%s", exc)
-        raise AirflowFailException(str(exc)) from None
+    schema.ensure_schema(conn)
+    report = catalog.check_policy(conn, policy)
     for warning in report.warnings:
-        log.warning("index check: %s", warning)
+        log.warning("policy check: %s", warning)
     return report
+
+
+def run_policy(policy_file: str | Path, context: Any) -> Policy:
+    """The policy of this run, the same file for every task of it.
+
+    The run's first task (the one with no upstream task) reads the file, parses exactly the bytes it
+    read and pins their SHA-256 (XCom `policy_sha256`). Every later task reads the file again and
+    refuses it (ConfigurationError: no retry) unless its SHA-256 is the pinned one, so `apply` never
+    runs a file other than the one `check_policy` validated. Every task body of every DAG calls this."""
+    path = Path(policy_file)
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read the policy file ({exc.strerror})") from None
+    sha256 = hashlib.sha256(content).hexdigest()
+    ti = context["ti"]
+    if not ti.task.upstream_task_ids:
+        policy = load_policy(path, content)
+        ti.xcom_push(key=PIN_KEY, value=sha256)
+        log.info("Policy %s (sha256 %s) pinned for run %s: every task of the run uses this file.",
+                 path, sha256, context["run_id"])
+        return policy
+    first = [t.task_id for t in context["dag"].roots]
+    pinned = [p for p in (ti.xcom_pull(task_ids=task_id, key=PIN_KEY) for task_id in first) if p]
+    if not pinned:
+        raise ConfigurationError(
+            f"no policy was validated in this run ({', '.join(first)} did not pin one): clear the run from "
+            f"{first[0]} or trigger a new run")
+    if sha256 not in pinned:
+        raise ConfigurationError(
+            f"the policy file {path} changed since {first[0]} validated it in this run (sha256 {pinned[0][:12]}… "
+            f"then, {sha256[:12]}… now): a run never mixes two policies. Clear the run from {first[0]} "
+            "(or trigger a new run) to use the new file.")
+    return load_policy(path, content)

@@ -8,32 +8,52 @@ for Airflow's DAG discovery, hence the comment):
 
 Building reads the policy file (a local file) for the schedule, the rule names offered in the trigger
 form and the erasure retry settings; nothing touches a database or the network. A policy that does
-not load still gives DAGs (weekly defaults): their first task reports what is wrong with the file.
-Task bodies live in sweep_tasks.py, erasure_tasks.py and optout_tasks.py.
+not load still gives DAGs (default schedules), so they stay visible: the reason is logged at ERROR
+when the file is parsed (the dag-processor log) and their first task fails with it.
+Without a path, $WAREHOUSE_GDPR_POLICY names the file (`connections.policy_path`).
+Task bodies live in airflow/tasks/sweep.py, erasure.py and optout.py.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from airflow.sdk import DAG, Param, dag, get_current_context, task
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG, Param, dag, get_current_context, task, task_group
 
 from warehouse_gdpr.airflow import connections
 from warehouse_gdpr.airflow.tasks import erasure as erasure_tasks
 from warehouse_gdpr.airflow.tasks import optout as optout_tasks
 from warehouse_gdpr.airflow.tasks import sweep as sweep_tasks
 from warehouse_gdpr.engine import erasure
-from warehouse_gdpr.engine.policy import Policy, load_policy
+from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
 
+log = logging.getLogger(__name__)
 START = datetime(2026, 1, 1)
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(minutes=5), "retry_exponential_backoff": True}
 
 
-def _load(policy_file: str) -> Policy | None:
+def _load(policy_file: str, dag_id: str) -> Policy | None:
     try:
         return load_policy(policy_file)
-    except Exception:  # noqa: BLE001 - a broken policy must not hide the DAGs; their first task explains it
+    except Exception as exc:  # noqa: BLE001 - a broken policy must not hide the DAGs; their first task explains it
+        # PolicyError messages name places in the file, never a value of the warehouse; others: the class only.
+        reason = str(exc) if isinstance(exc, PolicyError) else type(exc).__name__
+        log.error("%s is built with default settings because its policy file does not load; every run will "
+                  "fail in its first task until the file is fixed:\n%s", dag_id, reason)
+        return None
+
+
+def _notifier(policy: Policy | None):  # type: ignore[no-untyped-def]
+    """The policy's erasure.on_failure_callback, imported; None when unset or broken (a broken one never
+    hides the DAG: check_deadlines fails with its error)."""
+    try:
+        return erasure_tasks.resolve_notifier(policy.erasure.on_failure_callback) if policy else None
+    except ValueError as exc:
+        log.error("%s", exc)
         return None
 
 
@@ -42,7 +62,7 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
     (the article 30 register, beside the sweep so that it never delays a deletion). See sweep_tasks.py,
     rules.py, register.py."""
     path = str(policy_file or connections.policy_path())
-    policy = _load(path)
+    policy = _load(path, "gdpr_retention_sweep")
     rule_names = [r.name for r in policy.rules] if policy else []
 
     @dag(
@@ -62,6 +82,14 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
                 None, type=["null", "array"], title="Rules",
                 description="Run only these rules (names from the policy). Empty: all rules.",
                 items={"type": "string", **({"enum": rule_names} if rule_names else {})},
+            ),
+            "confirm_blast_radius": Param(
+                None, type=["null", "object"], title="Confirm blast radius",
+                description="Only after a run stopped at the blast-radius limit: the rules it named, each with the "
+                            'count it reported, e.g. {"prospects_never_converted": 3402}. Each rule then runs if it '
+                            "treats at most that many subjects. Audited. Empty: none.",
+                additionalProperties={"type": "integer", "minimum": 0},
+                **({"propertyNames": {"enum": rule_names}} if rule_names else {}),
             ),
         },
         doc_md="Enforce the policy's retention rules on the warehouse. Rules are evaluated in "
@@ -107,9 +135,10 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
 
 
 def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
-    """validate_request -> [approve_erasure] -> erase -> propagate[target] -> verify (erasure_tasks.py)."""
+    """validate_request -> [approve_erasure] -> erase -> downstream[target] (preflight -> propagate) ->
+    propagation_done -> verify (airflow/tasks/erasure.py)."""
     path = str(policy_file or connections.policy_path())
-    policy = _load(path)
+    policy = _load(path, "gdpr_subject_erasure")
     settings = policy.erasure if policy else None
 
     @dag(
@@ -120,26 +149,31 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
         tags=["gdpr", "erasure"],
         default_args={**DEFAULT_ARGS, "retry_delay": timedelta(minutes=1)},
         params={
+            # No pattern, format or length on these: Airflow's error for a refused value quotes it (an
+            # email). validate_request, the first task, checks them and names the param and the rule.
             "email": Param(
                 None, type=["null", "string"], title="Email",
-                description="The person's email (plain ASCII). Give this or the subject id, not both; or neither, "
-                            "for a request registered with `warehouse-gdpr request new` (recommended: the "
-                            "address then stays out of the run's conf).",
-                pattern=erasure.EMAIL_PATTERN, minLength=6, maxLength=erasure.EMAIL_MAX_LENGTH,
+                description="The person's email (plain ASCII; case and surrounding spaces do not matter). Give "
+                            "this or the subject id, not both; or neither, for a request registered with "
+                            "`warehouse-gdpr request new` (recommended: the address then stays out of the run's "
+                            "conf). Even when nobody matches, the erasure adds the email's keyed hash to the "
+                            "suppression list for good (the person is never imported again): a dry run shows it "
+                            "first.",
             ),
             "subject_id": Param(
                 None, type=["null", "integer"], minimum=1, title="Subject id",
                 description="The person's internal id in the subject table, instead of the email.",
             ),
             "request_id": Param(
-                type="string", title="Request id", pattern=erasure.REQUEST_ID_PATTERN,
-                description="The ticket reference of the request (3-64 letters, digits, '.', '_', ':', '-'). "
-                            "Alone, it runs the request registered under this id.",
+                type="string", title="Request id",
+                description="The ticket reference of the request (3-64 letters, digits, '.', '_', ':', '-'), "
+                            "one per request: an id already used for another person is refused. Alone, it runs "
+                            "the request registered under this id.",
             ),
             "received_at": Param(
-                None, type=["null", "string"], format="date", title="Received on",
-                description="The date the request arrived (YYYY-MM-DD; empty: today, or the registered date). "
-                            "Due one month later.",
+                None, type=["null", "string"], title="Received on",
+                description="The date the request arrived (YYYY-MM-DD; empty: today, or the registered date; at "
+                            f"most {erasure.MAX_RECEIVED_AGE_DAYS} days ago). Due one month later.",
             ),
             "dry_run": Param(False, type="boolean", title="Dry run",
                              description="Locate and evaluate holds, record the plan, change nothing."),
@@ -160,15 +194,27 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
         def targets_to_notify(erased: dict) -> list:
             return erased["targets"]
 
-        @task(
-            retries=settings.retries if settings else 5,
-            retry_delay=timedelta(seconds=settings.retry_delay_seconds if settings else 60),
-            retry_exponential_backoff=True,
-        )
+        retry: dict[str, Any] = {
+            "retries": settings.retries if settings else 5,
+            "retry_delay": timedelta(seconds=settings.retry_delay_seconds if settings else 60),
+            "retry_exponential_backoff": True,
+        }
+
+        @task(**retry)
+        def preflight(policy_file: str, target: str) -> str:
+            return erasure_tasks.preflight(policy_file, target, get_current_context())
+
+        @task(**retry)
         def propagate(policy_file: str, target: str) -> str:
             return erasure_tasks.propagate(policy_file, target, get_current_context())
 
-        @task(trigger_rule="all_done")
+        @task_group
+        def downstream(target: str) -> None:
+            """Per target: prove its base URL and credentials, then send the erasure (nothing is sent to a
+            target whose preflight failed: its erasure stays pending, and only its own tasks fail)."""
+            preflight(path, target) >> propagate(path, target)
+
+        @task
         def verify(policy_file: str, erased: dict) -> dict:
             return erasure_tasks.verify(policy_file, get_current_context())
 
@@ -183,15 +229,21 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
                 body="Request {{ params.request_id }}: see the validate_request log for counts and holds.",
             )
             checked >> approval >> erased
-        propagated = propagate.partial(policy_file=path).expand(target=targets_to_notify(erased))
-        propagated >> verify(path, erased)
+        propagated = downstream.expand(target=targets_to_notify(erased))
+        # verify runs once every propagation is done, whatever its result (it certifies or names the pending
+        # targets), and only when erase succeeded (an erasure refused by erase has nothing to verify).
+        propagation_done = EmptyOperator(task_id="propagation_done", trigger_rule="all_done")
+        propagated >> propagation_done >> verify(path, erased)
 
     return gdpr_subject_erasure()
 
 
 def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
-    """Hourly: retry pending propagations, then flag requests near or past their due date."""
+    """Hourly: preflight the targets with pending erasures, retry those erasures (a target whose preflight
+    failed gets nothing), then flag requests near or past their due date (an overdue one fails the run,
+    which calls the policy's `erasure.on_failure_callback`)."""
     path = str(policy_file or connections.policy_path())
+    notifier = _notifier(_load(path, "gdpr_erasure_retry"))
 
     @dag(
         dag_id="gdpr_erasure_retry",
@@ -201,19 +253,27 @@ def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
         max_active_runs=1,
         tags=["gdpr", "erasure"],
         default_args=DEFAULT_ARGS,
-        doc_md="Retry pending erasure propagations until each target acknowledges; flag requests due "
-               "within `deadline_warning_days` or overdue.",
+        doc_md="Retry pending erasure propagations until each target acknowledges (after this run's preflight "
+               "of each target: a target whose preflight fails gets nothing and fails the run); flag requests due "
+               "within `deadline_warning_days`; fail the run while a request is overdue.",
+        on_failure_callback=notifier,
     )
     def gdpr_erasure_retry() -> None:
         @task
+        def preflight(policy_file: str) -> dict:
+            return erasure_tasks.preflight_pending(policy_file, get_current_context())
+
+        @task(trigger_rule="all_done")
         def retry_pending(policy_file: str) -> dict:
             return erasure_tasks.retry_pending(policy_file, get_current_context())
 
         @task(trigger_rule="all_done")
         def check_deadlines(policy_file: str, retried: dict) -> dict:
-            return erasure_tasks.check_deadlines(policy_file, get_current_context())
+            return erasure_tasks.check_deadlines(policy_file, retried, get_current_context())
 
-        check_deadlines(path, retry_pending(path))
+        retried = retry_pending(path)
+        preflight(path) >> retried
+        check_deadlines(path, retried)
 
     return gdpr_erasure_retry()
 
@@ -222,7 +282,7 @@ def build_optout_sync(policy_file: str | Path | None = None) -> DAG:
     """check -> rekey -> collect -> guard_resurrections -> enforce -> share[target] -> export -> report
     (optout_tasks.py; engine: optout.py)."""
     path = str(policy_file or connections.policy_path())
-    policy = _load(path)
+    policy = _load(path, "gdpr_optout_sync")
 
     @dag(
         dag_id="gdpr_optout_sync",

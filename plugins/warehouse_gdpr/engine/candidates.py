@@ -8,12 +8,19 @@ A subject is a candidate of a rule when
 Clocks (see `policy.Clock`):
   * ``last_interaction``: the latest interaction of a *subject-initiated* kind (the policy lists them;
     a rep's call attempt does not count), else the ``fallback`` column (e.g. ``created_at``);
-  * ``related_max``: the latest value of a column in a mapped table (e.g. the last contract end).
+  * ``related_max``: the latest non-NULL value of a column in a mapped table (e.g. the last contract
+    end; a NULL end date is an open contract, which the policy's holds keep), else the ``fallback``
+    column when the subject has no such row or only NULL values.
+
+A subject whose clock has no value (no date and no fallback) is never selected by the rule;
+`catalog.check_policy` counts them (`clock_missing`) and warns.
 
 Each candidate row carries the names of the legal holds that block the rule's action; held
-subjects are skipped by `sweep.apply_rule` and counted. Identifiers are composed with
-`psycopg.sql` after `catalog.check_policy` validated them; hold predicates are the policy's own
-SQL expressions (checked to compile by the catalog check).
+subjects are skipped by `sweep.apply_rule` and counted. A hold predicate that evaluates to NULL
+holds (``(predicate) IS NOT FALSE``): a hold that cannot be decided never lets a subject go.
+`selects_now` re-evaluates the same predicate on a batch the sweep has locked ("lock, then check",
+see sweep.py). Identifiers are composed with `psycopg.sql` after `catalog.check_policy` validated
+them; hold predicates are the policy's own SQL expressions (checked to compile by the catalog check).
 """
 
 from __future__ import annotations
@@ -52,12 +59,56 @@ def clock_expression(policy: Policy, rule: Rule) -> sql.Composable:
             return last
         return sql.SQL("coalesce({last}, s.{fallback})").format(last=last, fallback=sql.Identifier(clock.fallback))
     mapped = next(t for t in policy.tables if t.table == clock.table)
-    return sql.SQL("(SELECT max(r.{col}) FROM {table} r WHERE r.{subj} = {pk})").format(
+    latest = sql.SQL("(SELECT max(r.{col}) FROM {table} r WHERE r.{subj} = {pk})").format(
         col=sql.Identifier(clock.column),
         table=qualified(clock.table),
         subj=sql.Identifier(mapped.subject_column),
         pk=pk,
     )
+    if clock.fallback is None:
+        return latest
+    return sql.SQL("coalesce({latest}, s.{fallback})").format(latest=latest, fallback=sql.Identifier(clock.fallback))
+
+
+def clock_missing(policy: Policy, rule: Rule) -> sql.Composable:
+    """Predicate on subject ``s``: its clock has no value, so the rule can never select it (no own
+    interaction, or no row / only NULL values in the related table, and no fallback value).
+
+    Written as NOT EXISTS, so that counting such subjects is an anti-join, not a clock per subject.
+    Parameters: %(subject_kinds)s."""
+    pk = sql.Identifier("s", policy.subject.primary_key)
+    clock = rule.clock
+    if isinstance(clock, LastInteractionClock):
+        inter = policy.interactions
+        none = sql.SQL(
+            "NOT EXISTS (SELECT 1 FROM {table} i WHERE i.{subj} = {pk} AND i.{kind} = ANY(%(subject_kinds)s::text[])"
+            " AND i.{at} IS NOT NULL)"
+        ).format(table=qualified(inter.table), subj=sql.Identifier(inter.subject_column), pk=pk,
+                 kind=sql.Identifier(inter.kind_column), at=sql.Identifier(inter.at_column))
+    else:
+        mapped = next(t for t in policy.tables if t.table == clock.table)
+        none = sql.SQL("NOT EXISTS (SELECT 1 FROM {table} r WHERE r.{subj} = {pk} AND r.{col} IS NOT NULL)").format(
+            table=qualified(clock.table), subj=sql.Identifier(mapped.subject_column), pk=pk,
+            col=sql.Identifier(clock.column))
+    if clock.fallback is None:
+        return none
+    return sql.SQL("({none} AND s.{fallback} IS NULL)").format(none=none, fallback=sql.Identifier(clock.fallback))
+
+
+def unselectable_query(policy: Policy, rule: Rule, count_missing: bool = True) -> sql.Composed:
+    """One query: (does any subject have the rule's statuses, how many of them are not pseudonymised yet,
+    how many of those have no clock value). Without `count_missing` the last two are 0 (cheap).
+    Parameters: %(statuses)s, %(subject_kinds)s."""
+    subject = policy.subject
+    table = qualified(subject.table)
+    statuses = sql.SQL("s.{status} = ANY(%(statuses)s::text[])").format(status=sql.Identifier(rule.statuses.column))
+    if not count_missing:
+        return sql.SQL("SELECT EXISTS (SELECT 1 FROM {t} s WHERE {st}), 0, 0").format(t=table, st=statuses)
+    base = sql.SQL("FROM {t} s WHERE {st} AND s.{marker} IS NULL").format(
+        t=table, st=statuses, marker=sql.Identifier(subject.pseudonymised_marker))
+    return sql.SQL(
+        "SELECT EXISTS (SELECT 1 FROM {t} s WHERE {st}), (SELECT count(*) {base}), (SELECT count(*) {base} AND {missing})"
+    ).format(t=table, st=statuses, base=base, missing=clock_missing(policy, rule))
 
 
 def bound_predicate(predicate: str) -> sql.SQL:
@@ -78,7 +129,7 @@ def holds_expression(policy: Policy, rule: Rule) -> sql.Composable:
     if not blocking:
         return sql.SQL("ARRAY[]::text[]")
     cases = sql.SQL(", ").join(
-        sql.SQL("CASE WHEN ({pred}) THEN {name} END").format(pred=hold_predicate(h), name=sql.Literal(h.name))
+        sql.SQL("CASE WHEN ({pred}) IS NOT FALSE THEN {name} END").format(pred=hold_predicate(h), name=sql.Literal(h.name))
         for h in blocking
     )
     return sql.SQL("array_remove(ARRAY[{cases}]::text[], NULL)").format(cases=cases)
@@ -133,4 +184,19 @@ def batch_query(policy: Policy, rule: Rule, first: bool) -> sql.Composed:
     keyset = sql.SQL("") if first else sql.SQL(" AND {pk} > %(after)s").format(pk=pk)
     return sql.SQL("SELECT {pk}, {holds} {from_}{keyset} ORDER BY {pk} LIMIT %(limit)s").format(
         pk=pk, holds=holds_expression(policy, rule), from_=candidates_from(policy, rule), keyset=keyset
+    )
+
+
+def selects_now(policy: Policy, rule: Rule, subject_id: sql.Composable) -> sql.Composed:
+    """Boolean SQL: the rule selects subject `subject_id` (an SQL expression) and no hold blocks it,
+    evaluated when the statement runs: the re-check of a locked batch (`sweep.apply_rule`, "lock, then
+    check"). False for a subject row that no longer exists, and when the predicate is NULL.
+
+    Written as a correlated ``count(*)`` so that it stays one primary-key lookup per subject (a subplan
+    the planner cannot turn into a join, which could scan the whole subject table). Parameters as
+    `candidates_from`.
+    """
+    pk = sql.Identifier("s", policy.subject.primary_key)
+    return sql.SQL("((SELECT count(*) {from_} AND {pk} = {id} AND cardinality({holds}) = 0) > 0)").format(
+        from_=candidates_from(policy, rule), pk=pk, id=subject_id, holds=holds_expression(policy, rule)
     )

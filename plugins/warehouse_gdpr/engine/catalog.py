@@ -1,9 +1,15 @@
 """Check the policy against the live catalog, before any write.
 
 `check_policy(conn, policy)` reads pg_catalog once, then checks every table and column the policy
-names, the column types pseudonymisation needs, and that each hold predicate compiles. It raises
-`CatalogError` listing every problem with its place in the policy (``tables[2].columns.body``), and
-returns warnings (e.g. a join column without an index) for the logs.
+names and the column types pseudonymisation needs; then that the keys are keys (each `primary_key`
+unique, each `subject_column` of the subject key's type and, where a foreign key is declared on it,
+referencing the subject's key), that every table with a foreign key to the subject table is mapped,
+and that each hold predicate compiles; then, with one set-based query per list, that the
+subject-initiated interaction kinds and each rule's status values occur in the data (a typo there
+deletes active people, or keeps expired ones). It raises `CatalogError` listing every problem with
+its place in the policy (``tables[2].columns.body``), and returns warnings for the logs: a join or email
+column without its index, and a rule that can never select some subjects of its statuses (their clock
+has no date and no fallback) or selects nobody. It only reads.
 """
 
 from __future__ import annotations
@@ -13,14 +19,16 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from .policy import FixedColumn, HashColumn, LastInteractionClock, NullColumn, Policy, RelatedMaxClock
-from .candidates import hold_predicate, qualified
+from .errors import ConfigurationError
+from .policy import FixedColumn, HashColumn, NullColumn, Policy, RelatedMaxClock
+from .candidates import hold_predicate, qualified, rule_params, unselectable_query
 
 TEXT_TYPES = ("text", "character varying", "character")
 TIME_TYPES = ("timestamp with time zone", "timestamp without time zone", "date")
+INTEGER_TYPES = ("smallint", "integer", "bigint")
 
 
-class CatalogError(ValueError):
+class CatalogError(ConfigurationError, ValueError):
     """The policy does not match the live database. The message lists every mismatch."""
 
 
@@ -56,19 +64,200 @@ def _load_columns(conn: psycopg.Connection, schemas: set[str]) -> dict[str, dict
     return tables
 
 
+_INDEX_FIRST_COLUMNS = """
+    SELECT n.nspname || '.' || t.relname, a.attname
+    FROM pg_catalog.pg_index i
+    JOIN pg_catalog.pg_class t ON t.oid = i.indrelid
+    JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0]
+    WHERE n.nspname = ANY(%s) AND i.indisvalid AND i.indpred IS NULL
+"""
+
+
 def _indexed_first_columns(conn: psycopg.Connection, schemas: set[str]) -> set[tuple[str, str]]:
+    """(table, column) pairs that lead a valid, non-partial index (a join on the column can use it)."""
+    rows = conn.execute(_INDEX_FIRST_COLUMNS, (sorted(schemas),)).fetchall()
+    return {(table, column) for table, column in rows}
+
+
+def _unique_columns(conn: psycopg.Connection, schemas: set[str]) -> set[tuple[str, str]]:
+    """(table, column) pairs that are a key on their own: a valid, non-partial unique index on that one
+    column (what a primary key or a single-column unique constraint creates)."""
+    query = _INDEX_FIRST_COLUMNS + "  AND i.indisunique AND i.indnkeyatts = 1 AND i.indexprs IS NULL\n"
+    rows = conn.execute(query, (sorted(schemas),)).fetchall()
+    return {(table, column) for table, column in rows}
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    name: str
+    table: str
+    columns: tuple[str, ...]
+    references: str
+    referenced_columns: tuple[str, ...]
+
+
+def _foreign_keys(conn: psycopg.Connection, schemas: set[str], subject_table: str) -> list[ForeignKey]:
+    """Foreign keys declared on the policy's schemas' tables, and every foreign key (from any schema)
+    that references the subject table. Partitions' copies of a parent's constraint are left out."""
+    subject_schema, subject_name = subject_table.split(".", 1)
     rows = conn.execute(
         """
-        SELECT n.nspname || '.' || t.relname, a.attname
-        FROM pg_catalog.pg_index i
-        JOIN pg_catalog.pg_class t ON t.oid = i.indrelid
-        JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
-        JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0]
-        WHERE n.nspname = ANY(%s) AND i.indisvalid AND i.indpred IS NULL
+        SELECT c.conname, fn.nspname || '.' || f.relname,
+               ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(num, ord)
+                     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.num ORDER BY k.ord),
+               tn.nspname || '.' || t.relname,
+               ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(num, ord)
+                     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.num ORDER BY k.ord)
+        FROM pg_catalog.pg_constraint c
+        JOIN pg_catalog.pg_class f ON f.oid = c.conrelid
+        JOIN pg_catalog.pg_namespace fn ON fn.oid = f.relnamespace
+        JOIN pg_catalog.pg_class t ON t.oid = c.confrelid
+        JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
+        WHERE c.contype = 'f' AND c.conparentid = 0
+          AND (fn.nspname = ANY(%s) OR (tn.nspname = %s AND t.relname = %s))
+        ORDER BY 2, 1
         """,
-        (sorted(schemas),),
+        (sorted(schemas), subject_schema, subject_name),
     ).fetchall()
-    return {(table, column) for table, column in rows}
+    return [ForeignKey(name, table, tuple(cols), ref, tuple(ref_cols)) for name, table, cols, ref, ref_cols in rows]
+
+
+def _same_type(a: str, b: str) -> bool:
+    """Joinable without a cast that could change a value: the same type, two integer types or two text types."""
+    return a == b or (a in INTEGER_TYPES and b in INTEGER_TYPES) or (a in TEXT_TYPES and b in TEXT_TYPES)
+
+
+def _key_problems(
+    policy: Policy, catalog: dict[str, dict[str, Column]], unique: set[tuple[str, str]], fks: list[ForeignKey]
+) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the policy's keys: each primary_key is a key, each subject column joins the
+    subject's key (same type; a foreign key declared on it references that key), and every table with a
+    foreign key to the subject table is mapped. Every column named here is known to exist."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    subject = policy.subject
+
+    def not_a_key(where: str, table: str, column: str) -> None:
+        if (table, column) not in unique:
+            problems.append(
+                f"{where}: {table}.{column} is not a key (no primary key, unique constraint or unique index on "
+                "that column alone): rows sharing a value would be treated together"
+            )
+
+    not_a_key("subject.primary_key", subject.table, subject.primary_key)
+    key_type = catalog[subject.table][subject.primary_key].type
+    links = [(f"tables[{i}]", t.table, t.subject_column) for i, t in enumerate(policy.tables)]
+    links.append(("interactions", policy.interactions.table, policy.interactions.subject_column))
+    for i, mapped in enumerate(policy.tables):
+        if mapped.table != subject.table or mapped.primary_key != subject.primary_key:
+            not_a_key(f"tables[{i}].primary_key", mapped.table, mapped.primary_key)
+    for where, table, column in links:
+        if table == subject.table:
+            continue  # the model makes the subject's own entry join on subject.primary_key
+        column_type = catalog[table][column].type
+        if not _same_type(column_type, key_type):
+            problems.append(
+                f"{where}.subject_column: {table}.{column} is {column_type}, but the subject key "
+                f"{subject.table}.{subject.primary_key} is {key_type}"
+            )
+        for fk in fks:
+            if fk.table != table or column not in fk.columns:
+                continue
+            target = (fk.references, fk.referenced_columns[fk.columns.index(column)])
+            if target != (subject.table, subject.primary_key):
+                problems.append(
+                    f"{where}.subject_column: {table}.{column} has a foreign key ({fk.name}) to "
+                    f"{target[0]}.{target[1]}, not to the subject key {subject.table}.{subject.primary_key}"
+                )
+
+    mapped_columns = {t.table: t.subject_column for t in policy.tables}
+    for fk in fks:
+        if fk.references != subject.table or fk.table == subject.table:
+            continue
+        if fk.table not in mapped_columns:
+            problems.append(
+                f"tables: {fk.table} has a foreign key ({fk.name}) to {subject.table} but is not mapped: add it to "
+                "`tables` (with its primary_key and subject_column) so that its rows are deleted or pseudonymised "
+                "with their subject"
+            )
+        elif mapped_columns[fk.table] not in fk.columns:
+            warnings.append(
+                f"{fk.table}.{', '.join(fk.columns)} references {subject.table} ({fk.name}) but the policy joins "
+                f"that table on {mapped_columns[fk.table]}: rows linked only through those columns are not treated with "
+                "that subject (deleting the subject fails, or cascades, as the foreign key says)"
+            )
+    return problems, warnings
+
+
+def _absent_values(
+    conn: psycopg.Connection, table: str, column: str, values: list[str]
+) -> tuple[bool, list[str]]:
+    """(whether the table has any row, the values no row holds in `column`): one set-based query."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM {t}),"
+            " ARRAY(SELECT u.v FROM unnest(%(values)s::text[]) WITH ORDINALITY u(v, n)"
+            " WHERE NOT EXISTS (SELECT 1 FROM {t} x WHERE x.{c}::text = u.v) ORDER BY u.n)"
+        ).format(t=qualified(table), c=sql.Identifier(column)),
+        {"values": values},
+    ).fetchone()
+    assert row is not None
+    return bool(row[0]), list(row[1])
+
+
+def _data_problems(conn: psycopg.Connection, policy: Policy) -> tuple[list[str], list[str]]:
+    """(problems, warnings): kinds and status values of the policy that occur nowhere in the data.
+
+    A kind that occurs nowhere is almost always a typo, and a typo in `subject_initiated` silently
+    drops the person's own interactions from the clock (active people deleted); a status value that
+    occurs nowhere makes a rule never fire (expired people kept). A value listed in `expect_absent`
+    only warns; an empty table only warns (nothing to compare with yet)."""
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    def judge(where: str, what: str, table: str, column: str, values: list[str], expected: list[str]) -> None:
+        has_rows, absent = _absent_values(conn, table, column, values)
+        if not has_rows:
+            warnings.append(f"{where}: {table} is empty, so its {what} could not be compared with the data")
+            return
+        typos = [v for v in absent if v not in expected]
+        if typos:
+            problems.append(
+                f"{where}: {_values(typos, 'occurs', 'occur')} nowhere in {table}.{column} (a typo?); if that is "
+                f"intended, list {'it' if len(typos) == 1 else 'them'} under {where.rsplit('.', 1)[0]}.expect_absent"
+            )
+        waiting = [v for v in absent if v in expected]
+        if waiting:
+            warnings.append(f"{where}: {_values(waiting, 'occurs', 'occur')} nowhere in {table}.{column} yet "
+                            "(listed in expect_absent)")
+        present = [v for v in expected if v not in absent]
+        if present:
+            warnings.append(f"{where}: {_values(present, 'occurs', 'occur')} in {table}.{column} now: remove "
+                            f"{'it' if len(present) == 1 else 'them'} from expect_absent")
+
+    inter = policy.interactions
+    judge("interactions.subject_initiated", "interaction kinds", inter.table, inter.kind_column,
+          list(inter.subject_initiated), list(inter.expect_absent))
+    for i, rule in enumerate(policy.rules):
+        judge(f"rules[{i}].statuses.values", "status values", policy.subject.table, rule.statuses.column,
+              list(rule.statuses.values), list(rule.statuses.expect_absent))
+    return problems, warnings
+
+
+def _values(values: list[str], singular: str, plural: str) -> str:
+    return f"{', '.join(repr(v) for v in values)} {singular if len(values) == 1 else plural}"
+
+
+def sql_error(exc: psycopg.Error) -> str:
+    """What went wrong, for a log or a terminal, without the values a data error may quote."""
+    state = getattr(exc, "sqlstate", None) or ""
+    primary = exc.diag.message_primary if getattr(exc, "diag", None) else None
+    if not state:
+        return str(exc).strip() or type(exc).__name__
+    if state[:2] in ("22", "23", "P0") or not primary:  # data, integrity, raised: may quote a row's value
+        return f"{type(exc).__name__} (SQLSTATE {state})"
+    return f"{primary} (SQLSTATE {state})"
 
 
 def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
@@ -147,8 +336,11 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
     for i, rule in enumerate(policy.rules):
         where = f"rules[{i}]"
         need(f"{where}.statuses.column", subject.table, rule.statuses.column)
-        if isinstance(rule.clock, LastInteractionClock) and rule.clock.fallback:
-            need(f"{where}.clock.fallback", subject.table, rule.clock.fallback)
+        if rule.clock.fallback:
+            col = need(f"{where}.clock.fallback", subject.table, rule.clock.fallback)
+            if col and col.type not in TIME_TYPES:
+                problems.append(
+                    f"{where}.clock.fallback: {subject.table}.{rule.clock.fallback} is {col.type}, expected a date")
         if isinstance(rule.clock, RelatedMaxClock):
             col = need(f"{where}.clock.column", rule.clock.table, rule.clock.column)
             if col and col.type not in TIME_TYPES:
@@ -156,6 +348,13 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
 
     if problems:
         raise CatalogError(_message(problems))
+
+    # Keys that are not keys treat other people's rows; an unmapped table keeps its rows in clear.
+    key_problems, key_warnings = _key_problems(
+        policy, catalog, _unique_columns(conn, schemas), _foreign_keys(conn, schemas, subject.table)
+    )
+    problems += key_problems
+    report.warnings += key_warnings
 
     # Hold predicates are SQL: make the server compile each one (EXPLAIN runs nothing).
     for i, hold in enumerate(policy.holds):
@@ -165,6 +364,18 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
     if problems:
         raise CatalogError(_message(problems))
 
+    # The data itself: one query per list of values, read-only, in a savepoint so the connection stays usable.
+    try:
+        with conn.transaction():
+            problems, data_warnings = _data_problems(conn, policy)
+    except psycopg.Error as exc:
+        raise CatalogError(
+            _message([f"the policy's values could not be compared with the data: {sql_error(exc)}"])
+        ) from None
+    if problems:
+        raise CatalogError(_message(problems))
+    report.warnings += data_warnings
+
     indexed = _indexed_first_columns(conn, schemas)
     for mapped in policy.tables:
         if (mapped.table, mapped.subject_column) not in indexed:
@@ -173,7 +384,37 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
             )
     if (inter.table, inter.subject_column) not in indexed:
         report.warnings.append(f"{inter.table}.{inter.subject_column} has no index: clock evaluation will scan the table")
+    for i in range(len(policy.rules)):
+        report.warnings += _unselectable(conn, policy, i, catalog[subject.table])
     return report
+
+
+def _unselectable(conn: psycopg.Connection, policy: Policy, i: int, subject_columns: dict[str, Column]) -> list[str]:
+    """Warnings for rule `i`: no subject has its statuses, or some will never have a clock value. One
+    query; it counts only when that can happen (a NOT NULL fallback column gives every subject a date)."""
+    rule = policy.rules[i]
+    where = f"rules[{i}] ({rule.name})"
+    values = ", ".join(rule.statuses.values)
+    fallback = subject_columns.get(rule.clock.fallback) if rule.clock.fallback else None
+    with conn.transaction():
+        row = conn.execute(
+            unselectable_query(policy, rule, count_missing=not (fallback and fallback.not_null)),
+            rule_params(policy, rule, "now"),
+        ).fetchone()
+    exists, total, missing = row if row else (False, 0, 0)
+    if not exists:
+        return [f"{where}: no subject has {rule.statuses.column} in ({values}): the rule selects nobody "
+                "(check statuses.values)"]
+    if not missing:
+        return []
+    clock = rule.clock
+    why = (f"no row with a {clock.column} in {clock.table}" if isinstance(clock, RelatedMaxClock)
+           else "no own interaction")
+    cure = (f"and no {clock.fallback}" if clock.fallback
+            else "and the clock has no fallback (set clock.fallback, e.g. created_at)")
+    everyone = ": the rule selects nobody" if missing == total else ""
+    return [f"{where}: {missing} of the {total} subjects with {rule.statuses.column} in ({values}) have {why} {cure}; "
+            f"the rule never selects them{everyone}"]
 
 
 def compile_problem(conn: psycopg.Connection, subject_table: str, predicate: sql.Composable) -> str | None:

@@ -36,21 +36,23 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .errors import ConfigurationError
+
 MIN_PEPPER_BYTES = 32
 ARCHIVE_KEY_BYTES = 32  # AES-256
 
 
-class KeyError_(ValueError):
+class KeyConfigError(ConfigurationError, ValueError):
     """The key material is missing or unusable. The message names the field, never a value."""
 
 
 def _b64(value: object, what: str, conn_id: str) -> bytes:
     if not isinstance(value, str) or not value:
-        raise KeyError_(f"connection {conn_id!r}: {what} is missing from the connection extra")
+        raise KeyConfigError(f"connection {conn_id!r}: {what} is missing from the connection extra")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise KeyError_(f"connection {conn_id!r}: {what} is not valid base64") from None
+        raise KeyConfigError(f"connection {conn_id!r}: {what} is not valid base64") from None
 
 
 @dataclass(frozen=True, repr=False)
@@ -71,29 +73,29 @@ class Keys:
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, object], conn_id: str = "gdpr_keys") -> "Keys":
-        """Build keys from a connection's extra dict; raise KeyError_ naming what is wrong."""
+        """Build keys from a connection's extra dict; raise KeyConfigError naming what is wrong."""
         hmac_key_id = extra.get("hmac_key_id")
         if not isinstance(hmac_key_id, str) or not hmac_key_id:
-            raise KeyError_(f"connection {conn_id!r}: hmac_key_id is missing from the connection extra")
+            raise KeyConfigError(f"connection {conn_id!r}: hmac_key_id is missing from the connection extra")
         pepper = _b64(extra.get("hmac_pepper"), "hmac_pepper", conn_id)
         if len(pepper) < MIN_PEPPER_BYTES:
-            raise KeyError_(
+            raise KeyConfigError(
                 f"connection {conn_id!r}: hmac_pepper is {len(pepper)} bytes, at least {MIN_PEPPER_BYTES} are required"
             )
         raw_keys = extra.get("archive_keys")
         if not isinstance(raw_keys, Mapping) or not raw_keys:
-            raise KeyError_(f"connection {conn_id!r}: archive_keys (key id -> base64 key) is missing")
+            raise KeyConfigError(f"connection {conn_id!r}: archive_keys (key id -> base64 key) is missing")
         archive_keys: dict[str, bytes] = {}
         for key_id, value in raw_keys.items():
             key = _b64(value, f"archive_keys[{key_id!r}]", conn_id)
             if len(key) != ARCHIVE_KEY_BYTES:
-                raise KeyError_(
+                raise KeyConfigError(
                     f"connection {conn_id!r}: archive_keys[{key_id!r}] is {len(key)} bytes, AES-256 needs exactly 32"
                 )
             archive_keys[str(key_id)] = key
         active = extra.get("archive_key_id")
         if not isinstance(active, str) or active not in archive_keys:
-            raise KeyError_(f"connection {conn_id!r}: archive_key_id must name one of archive_keys")
+            raise KeyConfigError(f"connection {conn_id!r}: archive_key_id must name one of archive_keys")
         return cls(hmac_key_id=hmac_key_id, pepper=pepper, archive_key_id=active, archive_keys=archive_keys,
                    hmac_chain=_chain(extra.get("hmac_chain"), hmac_key_id, conn_id))
 
@@ -146,7 +148,7 @@ class Keys:
         """A hash stored under `key_id`, brought to the current key (chaining; no plaintext needed)."""
         ids = self.hmac_key_ids
         if key_id not in ids:
-            raise KeyError_(f"hmac key {key_id!r} is not in the keys connection (hmac_key_id or hmac_chain)")
+            raise KeyConfigError(f"hmac key {key_id!r} is not in the keys connection (hmac_key_id or hmac_chain)")
         value = stored_hash
         for _, pepper in self._peppers()[ids.index(key_id) + 1:]:
             value = hmac.new(pepper, value.encode("utf-8"), hashlib.sha256).hexdigest()
@@ -160,10 +162,10 @@ class Keys:
         return self.archive_key_id, nonce, cipher.encrypt(nonce, plaintext, aad)
 
     def decrypt(self, key_id: str, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
-        """Decrypt an archive row; raises KeyError_ if the key id is unknown, InvalidTag if tampered."""
+        """Decrypt an archive row; raises KeyConfigError if the key id is unknown, InvalidTag if tampered."""
         key = self.archive_keys.get(key_id)
         if key is None:
-            raise KeyError_(f"archive key {key_id!r} is not in the keys connection")
+            raise KeyConfigError(f"archive key {key_id!r} is not in the keys connection")
         return AESGCM(key).decrypt(nonce, ciphertext, aad)
 
 
@@ -187,17 +189,17 @@ def _chain(value: object, current: str, conn_id: str) -> tuple[tuple[str, bytes]
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise KeyError_(f"connection {conn_id!r}: hmac_chain must be a list of {{key_id, pepper}}, oldest first")
+        raise KeyConfigError(f"connection {conn_id!r}: hmac_chain must be a list of {{key_id, pepper}}, oldest first")
     chain: list[tuple[str, bytes]] = []
     for i, item in enumerate(value):
         key_id = item.get("key_id") if isinstance(item, Mapping) else None
         if not isinstance(key_id, str) or not key_id:
-            raise KeyError_(f"connection {conn_id!r}: hmac_chain[{i}].key_id is missing")
+            raise KeyConfigError(f"connection {conn_id!r}: hmac_chain[{i}].key_id is missing")
         if key_id == current or key_id in (k for k, _ in chain):
-            raise KeyError_(f"connection {conn_id!r}: hmac key id {key_id!r} appears twice (hmac_chain, hmac_key_id)")
+            raise KeyConfigError(f"connection {conn_id!r}: hmac key id {key_id!r} appears twice (hmac_chain, hmac_key_id)")
         pepper = _b64(item.get("pepper"), f"hmac_chain[{i}].pepper", conn_id)
         if len(pepper) < MIN_PEPPER_BYTES:
-            raise KeyError_(
+            raise KeyConfigError(
                 f"connection {conn_id!r}: hmac_chain[{i}].pepper is {len(pepper)} bytes, at least {MIN_PEPPER_BYTES} are required"
             )
         chain.append((key_id, pepper))

@@ -1,12 +1,21 @@
 """Subject erasure on request (GDPR art. 17): validate, locate, evaluate holds, erase, verify, certify.
 
-Emails are compared as ``lower(btrim(column)) = normalised email``: index that expression on the
-subject's email column and on every `email_columns` entry (demo/warehouse_gdpr_demo/sql/demo_crm.sql does).
+The person's rows in each mapped table are those `matcher.rows` selects: linked to one of their
+subject rows, or carrying their email in an `email_columns` column, compared as
+``lower(btrim(column)) = normalised email``: index that expression on the subject's email column and
+on every `email_columns` entry (demo/warehouse_gdpr_demo/sql/demo_crm.sql does). The sweep and the opt-out guard use
+the same definition.
 
 The email is only ever held in memory by the task that needs it (read from the run's params); logs,
 audit rows, XComs and exceptions refer to the person by `subject_hash` (HMAC of the normalised email)
 or by internal ids. Every statement is set-based over the subject's ids and identity values, and
 uses the indexes on the join and email columns.
+
+Lock order (the same for every writer of the engine, see sweep.py): `erase` first locks the
+subject rows, ``FOR UPDATE`` in primary-key order in one statement (the located subjects and the
+subjects of rows found by email in other tables), then deletes the dependent rows in
+`Policy.dependent_tables` order, and changes the subject rows last. A retention sweep working on
+the same person therefore waits for the erasure, or the erasure for the sweep, never both.
 """
 
 from __future__ import annotations
@@ -15,16 +24,17 @@ import calendar
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from . import audit
+from . import audit, matcher
 from .audit import RunContext
 from .crypto import Keys, normalise_email
-from .policy import MappedTable, Policy
+from .errors import ConfigurationError
+from .policy import Policy
 from .candidates import hold_predicate, qualified
 
 # ASCII only on purpose: a Unicode look-alike (Cyrillic "а" in "pаul@…") is refused, not matched.
@@ -34,9 +44,15 @@ EMAIL_PATTERN = (
 )
 EMAIL_MAX_LENGTH = 254
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{2,63}$"
+# The params of gdpr_subject_erasure: any other key (a typo such as `emial`) is refused.
+PARAMS = ("email", "subject_id", "request_id", "received_at", "dry_run")
+SAFE_PARAM_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,39}"  # an unknown key is named in the error only if it looks like one
+# A request received longer ago than this is refused as a likely typo (1900, last year instead of this
+# one); one received more than a month ago is accepted, already overdue (the first task says so).
+MAX_RECEIVED_AGE_DAYS = 365
 
 
-class RequestError(ValueError):
+class RequestError(ConfigurationError, ValueError):
     """The erasure request is malformed. The message names the field, never the value of an email."""
 
 
@@ -47,42 +63,80 @@ class ErasureRequest:
     subject_id: int | None
     received_at: date
     dry_run: bool = False
+    # A registered request extended with `warehouse-gdpr request extend` (art. 12(3)): its new due date.
+    extended_due_date: date | None = None
 
     def __repr__(self) -> str:  # never print the email
         return f"ErasureRequest(request_id={self.request_id!r}, by={'email' if self.email else 'subject_id'})"
 
     @property
-    def due_date(self) -> date:
+    def first_due_date(self) -> date:
         """One calendar month after receipt (GDPR art. 12(3)); the 31st falls back to the month's last day."""
         year, month = (self.received_at.year + 1, 1) if self.received_at.month == 12 else (
             self.received_at.year, self.received_at.month + 1)
         return date(year, month, min(self.received_at.day, calendar.monthrange(year, month)[1]))
 
+    @property
+    def due_date(self) -> date:
+        """The date the answer is due: the extended one when the request was extended, else the first."""
+        return self.extended_due_date or self.first_due_date
+
 
 def parse_request(params: Mapping[str, Any], today: date | None = None) -> ErasureRequest:
-    """Check a trigger's params (JSON schema already checked each field; this checks them together)."""
-    email = params.get("email") or None
+    """Check a trigger's params: the DAG's first task calls this before anything is read or written.
+
+    The trigger form only checks types (a Param pattern or format would echo a refused value, e.g. an
+    email, in Airflow's error), so every rule is checked here. A message names the param and the rule
+    it broke, never a refused value. The email is normalised: surrounding whitespace (spaces, tabs,
+    a trailing newline) dropped, lower case; what is left must be a plain ASCII address.
+    """
+    today = today or date.today()
+    unknown = sorted(str(k) for k in params if k not in PARAMS)
+    if unknown:
+        shown = [f"`{k}`" for k in unknown if re.fullmatch(SAFE_PARAM_NAME, k)]
+        hidden = len(unknown) - len(shown)
+        names = ", ".join(shown + ([f"{hidden} other(s) (name not shown)"] if hidden else []))
+        raise RequestError(
+            f"unknown param(s) {names}: this DAG takes only "
+            + ", ".join(f"`{n}`" for n in PARAMS) + " (check the spelling; nothing was changed)"
+        )
+    email = params.get("email")
+    if email is not None and not isinstance(email, str):
+        raise RequestError("`email` must be text")
+    if email is not None:
+        email = email.strip() or None  # blank is "not given"
     subject_id = params.get("subject_id")
     if (email is None) == (subject_id is None):
         raise RequestError("give exactly one of `email` or `subject_id`")
     if email is not None:
-        if not isinstance(email, str) or len(email) > EMAIL_MAX_LENGTH or not re.fullmatch(EMAIL_PATTERN, email.strip()):
+        if len(email) > EMAIL_MAX_LENGTH or not re.fullmatch(EMAIL_PATTERN, email):
             raise RequestError(
                 "`email` is not a plain ASCII address of at most 254 characters (look-alike characters are refused)"
             )
+        email = email.lower()
     if subject_id is not None and (not isinstance(subject_id, int) or isinstance(subject_id, bool) or subject_id < 1):
         raise RequestError("`subject_id` must be a positive integer")
     request_id = params.get("request_id")
     if not isinstance(request_id, str) or not re.fullmatch(REQUEST_ID_PATTERN, request_id):
         raise RequestError("`request_id` must be 3-64 characters: letters, digits, '.', '_', ':' or '-'")
-    received = params.get("received_at") or (today or date.today()).isoformat()
+    received = params.get("received_at") or today.isoformat()
+    if not isinstance(received, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", received.strip()):
+        raise RequestError("`received_at` must be a date, YYYY-MM-DD")
     try:
-        received_at = date.fromisoformat(str(received))
+        received_at = date.fromisoformat(received.strip())
     except ValueError:
         raise RequestError("`received_at` must be a date, YYYY-MM-DD") from None
-    if received_at > (today or date.today()):
+    if received_at > today:
         raise RequestError("`received_at` is in the future")
-    return ErasureRequest(request_id, email, subject_id, received_at, bool(params.get("dry_run", False)))
+    if received_at < today - timedelta(days=MAX_RECEIVED_AGE_DAYS):
+        raise RequestError(
+            f"`received_at` is more than {MAX_RECEIVED_AGE_DAYS} days before today: refused as a likely typo "
+            "(runbook: 'Trigger an erasure')"
+        )
+    dry_run = params.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise RequestError("`dry_run` must be true or false")
+    return ErasureRequest(request_id, email, subject_id, received_at, dry_run)
 
 
 @dataclass(repr=False)
@@ -100,14 +154,6 @@ class Located:
     @property
     def found(self) -> bool:
         return bool(self.subject_ids) or any(self.rows.values())
-
-
-def _match(mapped: MappedTable, email_param: bool) -> sql.Composable:
-    """WHERE clause of the rows of `mapped` that belong to the person: by subject id, and by email."""
-    parts = [sql.SQL("{c} = ANY(%(ids)s)").format(c=sql.Identifier(mapped.subject_column))]
-    if email_param:
-        parts += [sql.SQL("lower(btrim({c})) = %(email)s").format(c=sql.Identifier(c)) for c in mapped.email_columns]
-    return sql.SQL("(") + sql.SQL(" OR ").join(parts) + sql.SQL(")")
 
 
 def locate(conn: psycopg.Connection, policy: Policy, keys: Keys, request: ErasureRequest) -> Located:
@@ -130,14 +176,15 @@ def locate(conn: psycopg.Connection, policy: Policy, keys: Keys, request: Erasur
     subject_hash = (keys.subject_hash(email, policy.optout.strip_plus_tags) if email
                     else keys.hash_value(f"subject-id:{request.subject_id}"))
     located = Located(ids, subject_hash, email)
-    params = {"ids": ids, "email": email}
+    persons = matcher.for_person(conn, policy, ids, email)
     for mapped in policy.tables:
         if mapped.table == subject.table:
             located.rows[mapped.table] = len(ids)
             continue
         count = conn.execute(
-            sql.SQL("SELECT count(*) FROM {t} WHERE {m}").format(t=qualified(mapped.table), m=_match(mapped, email is not None)),
-            params,
+            sql.SQL("SELECT count(*) FROM {t} WHERE {m}").format(
+                t=qualified(mapped.table), m=matcher.rows(policy, mapped, persons)),
+            persons.params,
         ).fetchone()[0]  # type: ignore[index]
         located.rows[mapped.table] = int(count)
     conn.rollback()
@@ -149,7 +196,8 @@ def holds_in_force(conn: psycopg.Connection, policy: Policy, located: Located, a
     if not located.subject_ids or not policy.holds:
         return {}
     cases = sql.SQL(", ").join(
-        sql.SQL("CASE WHEN ({p}) THEN {n} END").format(p=hold_predicate(h), n=sql.Literal(h.name)) for h in policy.holds
+        sql.SQL("CASE WHEN ({p}) IS NOT FALSE THEN {n} END").format(p=hold_predicate(h), n=sql.Literal(h.name))
+        for h in policy.holds
     )
     row = conn.execute(
         sql.SQL(
@@ -186,9 +234,76 @@ class ErasureResult:
     rows: dict[str, int] = field(default_factory=dict)
     targets: list[str] = field(default_factory=list)
     already_recorded: bool = False
+    suppression: str = ""  # what happened (or, in a dry run, would happen) to the suppression list
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+# -- one request id, one person -------------------------------------------------------------------------
+# Key of the transaction-level advisory lock taken on a request id (two-int form: its own key space).
+REQUEST_LOCK_CLASS = 0x67647072  # "gdpr"
+
+
+def request_key(keys: Keys, request: ErasureRequest, located: Located) -> str:
+    """Keyed hash of what the request asked for: the email's hash, or the subject id's (stored with the
+    request, so that the same subject id triggered again after its erasure is still recognised)."""
+    return located.subject_hash if request.email is not None else keys.hash_value(f"subject-id:{request.subject_id}")
+
+
+def recorded_request(
+    conn: psycopg.Connection, keys: Keys, request: ErasureRequest, located: Located, *, for_update: bool = False
+) -> ErasureResult | None:
+    """The result recorded under this request id when it is this person's request; None for a new id, and
+    for this person's request registered (`warehouse-gdpr request new`) but not run yet.
+
+    Raises RequestError when the id was used for another person, or for a subject this request cannot be
+    matched to (a subject id whose row is gone, recorded before `requested_by` was stored), or for a
+    request of another kind (gdpr.request holds every kind): the recorded result of someone else is never
+    reported. Reads only; the caller owns the transaction.
+    """
+    row = conn.execute(
+        "SELECT subject_hash, outcome, reason, status, coalesce(extended_due_date, due_date), details, kind"
+        " FROM gdpr.request WHERE request_id = %s" + (" FOR UPDATE" if for_update else ""), (request.request_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    subject_hash, outcome, reason, status, due_date, details, kind = row
+    if kind != "erasure":
+        raise RequestError(
+            f"`request_id` {request.request_id} is already the id of a request of kind {kind}, not an erasure: "
+            "nothing was changed; give this request its own request id"
+        )
+    key = request_key(keys, request, located)
+    if subject_hash != located.subject_hash and details.get("requested_by") != key and subject_hash != key:
+        raise RequestError(
+            f"`request_id` {request.request_id} was already used for another request (another person, or one this "
+            "request cannot be matched to): nothing was changed; give this request its own request id"
+        )
+    if status == "registered":  # registered for this person, not run yet: erase records its outcome
+        return None
+    return ErasureResult(request.request_id, subject_hash, outcome, reason or "", status, due_date.isoformat(),
+                         rows=details.get("rows", {}), targets=details.get("targets", []), already_recorded=True)
+
+
+def lock_request_id(conn: psycopg.Connection, request_id: str) -> None:
+    """Serialise two erasures of one request id (inside the caller's transaction, released at its end): the
+    second waits, then finds the first one's record, instead of failing on the primary key."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (REQUEST_LOCK_CLASS, request_id))
+
+
+def suppression_effect(conn: psycopg.Connection, located: Located) -> str:
+    """What an erasure does to the suppression list for this person (said by a dry run before it happens)."""
+    if not located.email:
+        return "none: no email known, no suppression entry"
+    row = conn.execute("SELECT reason FROM gdpr.suppression_list WHERE email_hash = %s",
+                       (located.subject_hash,)).fetchone()
+    if row is None:
+        return ("would add a suppression entry (permanent: the keyed hash of this email is refused by every import "
+                "and opt-out check from now on, even when nobody matches)")
+    if row[0] == "opt_out":
+        return "would turn the person's opt-out entry into an erasure entry"
+    return "already on the suppression list"
 
 
 def erase(
@@ -211,32 +326,23 @@ def erase(
     result = ErasureResult(request.request_id, located.subject_hash, outcome, reason, status,
                            request.due_date.isoformat(), targets=targets)
     with conn.transaction():
-        existing = conn.execute(
-            "SELECT subject_hash, outcome, reason, status, coalesce(extended_due_date, due_date), details, kind"
-            " FROM gdpr.request WHERE request_id = %s FOR UPDATE", (request.request_id,)
-        ).fetchone()
-        if existing and existing[6] != "erasure":
-            raise RequestError(f"request id {request.request_id} is of kind {existing[6]}, not erasure")
-        if existing and existing[3] == "registered":  # registered (requests.py), run now: recorded below
-            result.due_date = existing[4].isoformat()
-            existing = None
-        if existing:
-            if located.email is not None and existing[0] != located.subject_hash:
-                raise RequestError(f"request id {request.request_id} was already used for another subject")
-            recorded = ErasureResult(request.request_id, existing[0], existing[1], existing[2] or "", existing[3],
-                                     existing[4].isoformat(), rows=existing[5].get("rows", {}),
-                                     targets=existing[5].get("targets", []), already_recorded=True)
+        lock_request_id(conn, request.request_id)
+        recorded = recorded_request(conn, keys, request, located, for_update=True)
+        if recorded:
             audit.record(conn, ctx, action="erase", outcome="already_recorded", subject_hash=located.subject_hash,
                          details={"request_id": request.request_id, "status": recorded.status})
             return recorded
         if request.dry_run:
+            result.suppression = suppression_effect(conn, located)
             audit.record(conn, ctx, action="erase", outcome="dry_run", subject_hash=located.subject_hash,
                          row_count=sum(located.rows.values()),
-                         details={"request_id": request.request_id, "would_be": outcome, "rows": located.rows})
+                         details={"request_id": request.request_id, "would_be": outcome, "rows": located.rows,
+                                  "suppression": result.suppression})
             result.rows = dict(located.rows)
             return result
         if outcome in ("erased", "restricted"):
-            result.rows = _delete_everywhere(conn, policy, located, restricted=outcome == "restricted")
+            persons = matcher.for_person(conn, policy, located.subject_ids, located.email)
+            result.rows = _delete_everywhere(conn, policy, persons, restricted=outcome == "restricted")
         for table, n in result.rows.items():
             audit.record(conn, ctx, action="erase", outcome=outcome, table=table, row_count=n,
                          subject_hash=located.subject_hash, details={"request_id": request.request_id})
@@ -251,8 +357,8 @@ def erase(
                 (located.subject_hash, keys.hmac_key_id, request.request_id),
             )
             row = cur.fetchone()
-            audit.record(conn, ctx, action="suppress",
-                         outcome="already_listed" if row is None else "added" if row[0] else "opt_out_now_erasure",
+            result.suppression = "already_listed" if row is None else "added" if row[0] else "opt_out_now_erasure"
+            audit.record(conn, ctx, action="suppress", outcome=result.suppression,
                          table="gdpr.suppression_list", row_count=cur.rowcount, subject_hash=located.subject_hash,
                          details={"request_id": request.request_id, "reason": "erasure"})
         # One row per request of every kind (gdpr.request); a registered one gets its outcome here.
@@ -265,11 +371,12 @@ def erase(
             " details = gdpr.request.details || EXCLUDED.details || jsonb_build_object('run_at', now())"
             " WHERE gdpr.request.status = 'registered'"
             " RETURNING request_id",
-            (request.request_id, located.subject_hash, request.received_at, request.due_date, status, outcome,
+            (request.request_id, located.subject_hash, request.received_at, request.first_due_date, status, outcome,
              reason, status, psycopg.types.json.Jsonb({"rows": result.rows, "targets": targets,
-                                                       "holds": sorted(holds)})),
+                                                       "holds": sorted(holds),
+                                                       "requested_by": request_key(keys, request, located)})),
         ).fetchone()
-        if recorded is None:  # cannot happen: the row is locked above
+        if recorded is None:  # cannot happen: the request id is locked above
             raise RequestError(f"request id {request.request_id} was recorded by another run meanwhile")
         for name in targets:
             assert located.email is not None
@@ -291,30 +398,53 @@ def outbox_aad(request_id: str, target: str, key_id: str) -> bytes:
     return f"erasure|{request_id}|{target}|{key_id}".encode()
 
 
-def _delete_everywhere(conn: psycopg.Connection, policy: Policy, located: Located, restricted: bool) -> dict[str, int]:
-    """Delete every linked row, dependents first; under a restricting hold keep kept_when_held tables and
-    the subject row, which is flagged (restriction_column) instead."""
-    params = {"ids": located.subject_ids, "email": located.email}
+def _lock_subjects(conn: psycopg.Connection, policy: Policy, persons: matcher.Persons) -> None:
+    """Lock order (module doc): lock the subject rows this erasure touches, FOR UPDATE in primary-key
+    order, before any dependent row: the person's subject rows and the owners of rows matched by email."""
+    subject = policy.subject
+    pk = sql.Identifier("s", subject.primary_key)
+    owners = [
+        sql.SQL("SELECT {c} FROM {t} WHERE {m}").format(
+            c=sql.Identifier(mapped.subject_column), t=qualified(mapped.table), m=matcher.rows(policy, mapped, persons))
+        for mapped in policy.dependent_tables if mapped.email_columns
+    ]
+    which = sql.SQL("{pk} = ANY({ids})").format(pk=pk, ids=persons.id_array())
+    if owners:
+        which = sql.SQL("({ids} OR {pk} = ANY(ARRAY({q})))").format(ids=which, pk=pk, q=sql.SQL(" UNION ").join(owners))
+    conn.execute(
+        sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {t} s WHERE {which} ORDER BY {pk} FOR UPDATE) locked").format(
+            t=qualified(subject.table), which=which, pk=pk),
+        persons.params,
+    )
+
+
+def _delete_everywhere(conn: psycopg.Connection, policy: Policy, persons: matcher.Persons,
+                       restricted: bool) -> dict[str, int]:
+    """Delete every row of the persons (`matcher.rows`), dependents first; under a restricting hold keep
+    kept_when_held tables and the subject row, which is flagged (restriction_column) instead. Subject rows
+    are locked first."""
+    params = persons.params or None
     counts: dict[str, int] = {}
+    _lock_subjects(conn, policy, persons)
     for mapped in policy.dependent_tables:
         if restricted and mapped.kept_when_held:
             continue
         cur = conn.execute(
-            sql.SQL("DELETE FROM {t} WHERE {m}").format(t=qualified(mapped.table), m=_match(mapped, located.email is not None)),
+            sql.SQL("DELETE FROM {t} WHERE {m}").format(t=qualified(mapped.table), m=matcher.rows(policy, mapped, persons)),
             params,
         )
         counts[mapped.table] = cur.rowcount
     subject = policy.subject
-    table, pk = qualified(subject.table), sql.Identifier(subject.primary_key)
+    table, own = qualified(subject.table), matcher.rows(policy, policy.subject_mapping, persons)
     if restricted:
         if subject.restriction_column:
             conn.execute(
-                sql.SQL("UPDATE {t} SET {flag} = true WHERE {pk} = ANY(%(ids)s)").format(
-                    t=table, flag=sql.Identifier(subject.restriction_column), pk=pk),
+                sql.SQL("UPDATE {t} SET {flag} = true WHERE {m}").format(
+                    t=table, flag=sql.Identifier(subject.restriction_column), m=own),
                 params,
             )
     else:
-        cur = conn.execute(sql.SQL("DELETE FROM {t} WHERE {pk} = ANY(%(ids)s)").format(t=table, pk=pk), params)
+        cur = conn.execute(sql.SQL("DELETE FROM {t} WHERE {m}").format(t=table, m=own), params)
         counts[subject.table] = cur.rowcount
     return counts
 

@@ -85,9 +85,10 @@ from typing import IO, Any
 import psycopg
 from psycopg import sql
 
-from . import audit, catalog, erasure, candidates
+from . import audit, candidates, catalog, erasure, matcher
 from .audit import RunContext
-from .crypto import KeyError_, Keys
+from .crypto import KeyConfigError, Keys
+from .errors import ConfigurationError, TransientError, UnmappedForeignKey
 from .policy import OptOutSource, Policy, ShareTarget
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,11 @@ HASH_STAGE = sql.Identifier("_gdpr_optout_hash")
 RESURRECTED = sql.Identifier("_gdpr_optout_resurrected")
 
 
-class OptOutError(ValueError):
+class OptOutError(ConfigurationError, ValueError):
     """The opt-out configuration cannot work on this warehouse. The message names the policy field."""
 
 
-class ShareError(RuntimeError):
+class ShareError(TransientError, RuntimeError):
     """A share target did not accept a batch. The message holds the target name and HTTP status only."""
 
 
@@ -235,14 +236,14 @@ def _dry_run_record(conn: psycopg.Connection, ctx: RunContext, **record: Any) ->
 def rekey(conn: psycopg.Connection, keys: Keys, ctx: RunContext) -> dict[str, Any]:
     """Bring every entry stored under an earlier pepper of the chain to the current key (one pass).
 
-    Raises KeyError_ (nothing changed) when the list holds a key id the keys connection does not know.
+    Raises KeyConfigError (nothing changed) when the list holds a key id the keys connection does not know.
     """
     current = keys.hmac_key_id
     with conn.transaction() as tx:
         by_key = dict(conn.execute(f"SELECT key_id, count(*) FROM {LIST} GROUP BY key_id ORDER BY key_id").fetchall())
         unknown = {k: n for k, n in by_key.items() if k not in keys.hmac_key_ids}
         if unknown:
-            raise KeyError_(
+            raise KeyConfigError(
                 f"the suppression list holds entries under key id(s) the keys connection does not list: {unknown}; "
                 "add the retired pepper(s) to hmac_chain (oldest first) and run again"
             )
@@ -326,7 +327,7 @@ def _all_holds(policy: Policy) -> sql.Composable:
     if not policy.holds:
         return sql.SQL("ARRAY[]::text[]")
     cases = sql.SQL(", ").join(
-        sql.SQL("CASE WHEN ({p}) THEN {n} END").format(p=candidates.hold_predicate(h), n=sql.Literal(h.name))
+        sql.SQL("CASE WHEN ({p}) IS NOT FALSE THEN {n} END").format(p=candidates.hold_predicate(h), n=sql.Literal(h.name))
         for h in policy.holds
     )
     return sql.SQL("array_remove(ARRAY[{cases}]::text[], NULL)").format(cases=cases)
@@ -383,15 +384,18 @@ def guard(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
         ).fetchone()  # type: ignore[misc]
         result.update(found=found, held=held, erased=len(erase_ids), quarantined=found - len(erase_ids))
         if found:
-            # Lock the subjects first, as the sweep does: concurrent writers wait for this transaction.
+            # Lock the subjects first, in primary-key order, as every writer does (lock order: sweep.py).
             conn.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {t} s WHERE s.{pk} IN (SELECT subject_id FROM {res})"
-                                 " FOR UPDATE) locked").format(t=table, pk=pk, res=RESURRECTED))
+                                 " ORDER BY s.{pk} FOR UPDATE) locked").format(t=table, pk=pk, res=RESURRECTED))
             if erase_ids:
-                located = erasure.Located(list(erase_ids), "", None)
+                # Every row of theirs, found as the sweep and erasure find them (`matcher`): linked
+                # rows and rows carrying their email.
+                persons = matcher.stage(conn, policy, sql.SQL("(SELECT subject_id FROM {res} WHERE handled = 'erased')")
+                                        .format(res=RESURRECTED))
                 try:
-                    result["rows"] = erasure._delete_everywhere(conn, policy, located, restricted=False)
+                    result["rows"] = erasure._delete_everywhere(conn, policy, persons, restricted=False)
                 except psycopg.errors.ForeignKeyViolation as exc:
-                    raise RuntimeError(
+                    raise UnmappedForeignKey(
                         f"erasing resurrected subjects from {subject.table} is blocked by a foreign key from table "
                         f"{exc.diag.table_name!r}, which the policy does not map: add it to `tables`"
                     ) from None
@@ -432,10 +436,13 @@ def enforce(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContex
     table, pk, flag = candidates.qualified(subject.table), sql.Identifier(subject.primary_key), sql.Identifier(subject.restriction_column)
     with conn.transaction() as tx:
         hashed = _stage_subject_hashes(conn, policy, keys, {})
+        # The rows to flag are locked in primary-key order before any is updated (lock order: sweep.py).
         listed, flagged = conn.execute(
             sql.SQL(
                 "WITH m AS (SELECT DISTINCT h.subject_id FROM {stage} h JOIN {l} l ON l.email_hash = h.email_hash),"
-                " u AS (UPDATE {t} s SET {flag} = true FROM m WHERE s.{pk} = m.subject_id AND s.{flag} IS NOT TRUE"
+                " k AS (SELECT s.{pk} FROM {t} s WHERE s.{pk} IN (SELECT subject_id FROM m) AND s.{flag} IS NOT TRUE"
+                " ORDER BY s.{pk} FOR NO KEY UPDATE),"
+                " u AS (UPDATE {t} s SET {flag} = true FROM k WHERE s.{pk} = k.{pk} AND s.{flag} IS NOT TRUE"
                 " RETURNING 1)"
                 " SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM u)"
             ).format(stage=HASH_STAGE, l=candidates.qualified(LIST), t=table, flag=flag, pk=pk)

@@ -31,11 +31,22 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from .errors import ConfigurationError
+
 IDENT = r"^[a-z_][a-z0-9_]{0,62}$"
 QUALIFIED = r"^[a-z_][a-z0-9_]{0,62}\.[a-z_][a-z0-9_]{0,62}$"
 DURATION = re.compile(r"^P(?=\d)(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?$")
 
 Ident = Annotated[str, Field(pattern=IDENT)]
+# `package.module:attribute` (an attribute path may be dotted: `module:Class.attribute`)
+CALLABLE_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+
+
+def _callable_path(value: str) -> str:
+    """Only the shape is checked here (the engine imports no Airflow code); the DAG factory imports it."""
+    if not re.fullmatch(CALLABLE_PATH, value):
+        raise ValueError(f"expected `package.module:attribute` (e.g. `my_alerts.pager:notify`), got {value!r}")
+    return value
 
 
 def _one_expression(value: str) -> str:
@@ -49,18 +60,25 @@ Predicate = Annotated[str, Field(min_length=1, max_length=4000), AfterValidator(
 QualifiedName = Annotated[str, Field(pattern=QUALIFIED, description="schema.table")]
 
 
-class PolicyError(ValueError):
+class PolicyError(ConfigurationError, ValueError):
     """The policy file is unreadable or invalid. The message lists every problem."""
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no coercion. YAML's `batch_size: true` or `retries: "5"` is refused, never read as 1 or 5.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def _require_unique(names: list[str], what: str) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"{what} names must be unique, repeated: {', '.join(dupes)}")
+
+
+def _require_listed(acknowledged: list[str], listed: list[str], where: str) -> None:
+    strays = [v for v in acknowledged if v not in listed]
+    if strays:
+        raise ValueError(f"expect_absent may only name entries of {where}; not listed there: {', '.join(strays)}")
 
 
 def _check_duration(value: str) -> str:
@@ -70,6 +88,41 @@ def _check_duration(value: str) -> str:
     if not any(int(n) for n in match.groups() if n):
         raise ValueError(f"a retention period must be longer than zero, got {value!r}")
     return value
+
+
+# Airflow's schedule presets (airflow.sdk.definitions.timetables._cron.CRON_PRESETS, Airflow 3.3; a test
+# checks they agree). Anything else is a cron expression for croniter, as Airflow parses it; croniter
+# comes with Airflow, but this module never imports Airflow.
+CRON_PRESETS = {
+    "@hourly": "0 * * * *",
+    "@daily": "0 0 * * *",
+    "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *",
+    "@quarterly": "0 0 1 */3 *",
+    "@yearly": "0 0 1 1 *",
+}
+SPECIAL_SCHEDULES = ("@once", "@continuous")
+
+
+def _check_schedule(value: str) -> str:
+    """A schedule string as Airflow's DAG accepts it (a preset, @once, @continuous or a cron expression),
+    refused here rather than making the DAG disappear at import; a cron expression that never fires
+    (``0 0 30 2 *``) is refused too."""
+    if value in SPECIAL_SCHEDULES:
+        return value
+    from croniter import CroniterBadCronError, CroniterBadDateError, croniter
+
+    try:
+        croniter(CRON_PRESETS.get(value, value)).get_next()
+    except (CroniterBadCronError, CroniterBadDateError, ValueError) as exc:
+        raise ValueError(
+            f"not a schedule Airflow accepts ({exc}): use a preset ({', '.join(CRON_PRESETS)}) or a cron "
+            "expression such as '0 3 * * 0'"
+        ) from None
+    return value
+
+
+Schedule = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_check_schedule)]
 
 
 # Field descriptions are the "meaning" column of docs/policy.md, word for word (tests/test_docs.py checks
@@ -85,9 +138,18 @@ _CLOCK_KIND = (
     "`last_interaction`: the person's last own interaction; `related_max`: the latest value of a column of a "
     "mapped table"
 )
+_CLOCK_FALLBACK = (
+    "subject column (a date) the clock uses when it finds no date: with `last_interaction`, a person who never "
+    "interacted; with `related_max`, a person with no row in `table` or only NULL values in `column` (e.g. "
+    "`created_at`); without it, such a person is never selected (the catalog check warns)"
+)
 _TARGET_NAME = "unique name of the target (outbox, audit, the register's `processors[].targets`)"
 _TARGET_KIND = "how it is reached: `http` (an API) or `sql` (statements on another database)"
 _TARGET_CONNECTION = "Airflow connection (HTTP: base URL and auth headers; SQL: any DB-API connection)"
+_TARGET_TIMEOUT = (
+    "overall deadline of each call to the target, in seconds (HTTP: connecting, sending and the whole answer; "
+    "SQL on PostgreSQL: each statement's `statement_timeout`)"
+)
 
 
 class AirflowSettings(_Model):
@@ -97,7 +159,7 @@ class AirflowSettings(_Model):
     keys_connection_id: Ident = Field(
         default="gdpr_keys", description="Airflow connection whose extra holds the pepper and archive keys"
     )
-    sweep_schedule: str = Field(default="@weekly", description="schedule of `gdpr_retention_sweep`")
+    sweep_schedule: Schedule = Field(default="@weekly", description="schedule of `gdpr_retention_sweep`")
 
 
 class Subject(_Model):
@@ -150,8 +212,8 @@ class MappedTable(_Model):
     subject_column: Ident = Field(description="the column holding the subject's primary key")
     email_columns: list[Ident] = Field(
         default_factory=list,
-        description="text columns holding the person's email: an erasure also finds rows by them (rows never linked "
-        "to the subject)",
+        description="text columns holding the person's email: the sweep, erasure and the opt-out guard also find the "
+        "person's rows by them (rows never linked to the subject); index `lower(btrim(column))`",
     )
     kept_when_held: bool = Field(
         default=False, description="kept, not erased, when a hold restricts an erasure (e.g. accounting records)"
@@ -171,6 +233,16 @@ class Interactions(_Model):
         min_length=1,
         description="the kinds that are the person's own; only these restart a `last_interaction` clock",
     )
+    expect_absent: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list,
+        description="kinds of `subject_initiated` that may occur nowhere in the table yet: the check warns instead "
+        "of refusing the policy (any other kind that occurs nowhere is taken for a typo)",
+    )
+
+    @model_validator(mode="after")
+    def _absent_are_listed(self) -> "Interactions":
+        _require_listed(self.expect_absent, self.subject_initiated, "subject_initiated")
+        return self
 
 
 Action = Literal["delete", "pseudonymise"]
@@ -179,7 +251,10 @@ Action = Literal["delete", "pseudonymise"]
 class Hold(_Model):
     name: Ident = Field(description="unique name of the hold (logs, audit, certificates)")
     description: str = Field(default="", description="why it exists (quoted in the register's retention wording)")
-    predicate: Predicate = Field(description="true when the hold applies to the subject `s`")
+    predicate: Predicate = Field(
+        description="true when the hold applies to the subject `s`; NULL counts as true (fail-safe: a hold that "
+        "cannot be decided holds)"
+    )
     blocks: list[Action] = Field(
         default_factory=lambda: ["delete", "pseudonymise"],
         min_length=1,
@@ -198,21 +273,30 @@ class StatusFilter(_Model):
     values: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
         min_length=1, description="the status values the rule applies to"
     )
+    expect_absent: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list,
+        description="values of `values` that may occur nowhere in the subject table yet: the check warns instead of "
+        "refusing the policy (any other value that occurs nowhere is taken for a typo)",
+    )
+
+    @model_validator(mode="after")
+    def _absent_are_listed(self) -> "StatusFilter":
+        _require_listed(self.expect_absent, self.values, "values")
+        return self
 
 
 class LastInteractionClock(_Model):
     kind: Literal["last_interaction"] = Field(description=_CLOCK_KIND)
-    fallback: Ident | None = Field(
-        default=None,
-        description="with `last_interaction`: subject column used when the person never interacted (e.g. "
-        "`created_at`); without it, such a person is never selected",
-    )
+    fallback: Ident | None = Field(default=None, description=_CLOCK_FALLBACK)
 
 
 class RelatedMaxClock(_Model):
     kind: Literal["related_max"] = Field(description=_CLOCK_KIND)
     table: QualifiedName = Field(description="a mapped table, joined on its `subject_column` (e.g. contracts)")
-    column: Ident = Field(description="its date column (e.g. `end_date`)")
+    column: Ident = Field(
+        description="its date column (e.g. `end_date`); NULL values are ignored (an open contract has no end)"
+    )
+    fallback: Ident | None = Field(default=None, description=_CLOCK_FALLBACK)
 
 
 Clock = Annotated[Union[LastInteractionClock, RelatedMaxClock], Field(discriminator="kind")]
@@ -247,7 +331,12 @@ class Rule(_Model):
 
 
 class HttpTarget(_Model):
-    """A downstream system reached over HTTP; base URL and auth come from an Airflow HTTP connection."""
+    """A downstream system reached over HTTP; base URL and auth come from an Airflow HTTP connection.
+
+    Redirects are never followed. An answer counts as an acknowledgement only when it is what the API
+    says success is (code and body); a 404 ("already gone") only after this run's preflight proved the
+    base URL and credentials right; and, where there is a lookup, only when the lookup then answers 404.
+    The presets (propagation.PRESETS) give each of these for their API."""
 
     name: Ident = Field(description=_TARGET_NAME)
     kind: Literal["http"] = Field(description=_TARGET_KIND)
@@ -265,10 +354,33 @@ class HttpTarget(_Model):
         default=None,
         description="JSON body; a string value that is exactly `{identifier}` is replaced by the identifier",
     )
-    success_codes: list[int] = Field(
-        default_factory=lambda: [200, 201, 202, 204],
-        description='acknowledged answers (404 always counts as "already gone")',
+    success_codes: list[int] | None = Field(
+        default=None,
+        description="the 2xx answers that acknowledge (default: the preset's, else 200, 201, 202, 204); a 3xx "
+        "redirect is never followed nor an acknowledgement",
     )
+    success_body: dict[str, object] | None = Field(
+        default=None,
+        description="JSON values a success answer's body must hold to count (e.g. `{deleted: true}`); in any case "
+        "a success answer whose body is not JSON, or holds an `error` or `errors` key, does not count",
+    )
+    not_found_body: dict[str, object] | None = Field(
+        default=None,
+        description='JSON values a 404 body must hold to mean "already gone" (default: the preset\'s); a 404 counts '
+        "only after this run's preflight passed",
+    )
+    preflight_endpoint: str | None = Field(
+        default=None,
+        description="authenticated `GET` path called once per run before any erasure is sent: a 2xx JSON object "
+        "proves the base URL and credentials, anything else keeps the target's erasures pending "
+        "(default: the preset's; required without a preset)",
+    )
+    lookup_endpoint: str | None = Field(
+        default=None,
+        description="`GET` path template with `{identifier}` that confirms a deletion: acknowledged only when it "
+        "answers 404 after the erasure call (default: the preset's)",
+    )
+    timeout_seconds: int = Field(default=30, ge=1, le=600, description=_TARGET_TIMEOUT)
 
     @model_validator(mode="after")
     def _preset_or_explicit(self) -> "HttpTarget":
@@ -276,6 +388,18 @@ class HttpTarget(_Model):
             raise ValueError("an http target needs a preset (brevo, hubspot) or both method and endpoint")
         if self.endpoint is not None and "{identifier}" not in self.endpoint and not self.body:
             raise ValueError("the endpoint or the body must contain {identifier}")
+        if self.preset is None and self.preflight_endpoint is None:
+            raise ValueError(
+                "an http target without a preset needs preflight_endpoint: an authenticated GET (e.g. the API's "
+                "account endpoint) that proves the base URL and credentials before any erasure is sent"
+            )
+        if self.preflight_endpoint is not None and "{identifier}" in self.preflight_endpoint:
+            raise ValueError("preflight_endpoint is called without a person: it must not contain {identifier}")
+        if self.lookup_endpoint is not None and "{identifier}" not in self.lookup_endpoint:
+            raise ValueError("lookup_endpoint must contain {identifier} (the lookup of the erased person)")
+        bad = [c for c in self.success_codes or [] if not 200 <= c <= 299]
+        if bad:
+            raise ValueError(f"success_codes must be 2xx answers (a redirect or an error never acknowledges), got {bad}")
         return self
 
 
@@ -289,6 +413,12 @@ class SqlTarget(_Model):
         min_length=1,
         description="run in one transaction with the `%(identifier)s` parameter (each statement must use it)",
     )
+    max_rows: int = Field(
+        default=100, ge=1, le=1_000_000,
+        description="the most rows the statements may change together for one person: a call that changes more "
+        "(or whose count the driver cannot give) is rolled back and not acknowledged",
+    )
+    timeout_seconds: int = Field(default=30, ge=1, le=600, description=_TARGET_TIMEOUT)
 
     @field_validator("statements")
     @classmethod
@@ -321,6 +451,12 @@ class Erasure(_Model):
     )
     deadline_warning_days: int = Field(
         default=7, ge=0, le=30, description="warn this many days before the one-month due date"
+    )
+    on_failure_callback: Annotated[str, AfterValidator(_callable_path)] | None = Field(
+        default=None,
+        description="`package.module:attribute` of an Airflow notifier instance or a function taking the context, "
+        "called when a run of `gdpr_erasure_retry` fails, as it does while a request is overdue: route it to your "
+        "pager",
     )
     targets: list[Target] = Field(
         default_factory=list,
@@ -356,7 +492,7 @@ class ShareTarget(_Model):
 
 
 class OptOut(_Model):
-    schedule: str = Field(default="@daily", description="schedule of `gdpr_optout_sync`")
+    schedule: Schedule = Field(default="@daily", description="schedule of `gdpr_optout_sync`")
     sources: list[OptOutSource] = Field(default_factory=list, description="where opt-outs are collected")
     strip_plus_tags: bool = Field(
         default=False,
@@ -534,6 +670,13 @@ def _tolerate_register(value: object, handler: ValidatorFunctionWrapHandler) -> 
 
 class Policy(_Model):
     version: Literal[1] = Field(description="format version of the file (always 1)")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_is_a_number(cls, value: object) -> object:
+        if isinstance(value, bool):  # True == 1 in Python: strict mode alone would take `version: true`
+            raise ValueError("expected the number 1")
+        return value
     airflow: AirflowSettings = Field(
         default_factory=AirflowSettings, description="Airflow connections and the sweep's schedule"
     )
@@ -543,6 +686,13 @@ class Policy(_Model):
         le=1_000_000,
         description="subjects per sweep transaction (keyset batches over the subject's primary key); also archive "
         "rows per purge transaction",
+    )
+    blast_radius_percent: float = Field(
+        default=10.0,
+        gt=0,
+        le=100,
+        description="a rule that would delete or pseudonymise more than this share of the subject table in one sweep "
+        "stops before changing anything, unless the run confirms its count (the `confirm_blast_radius` param)",
     )
     subject: Subject = Field(description="the table of people")
     tables: list[MappedTable] = Field(
@@ -576,6 +726,12 @@ class Policy(_Model):
             raise ValueError("each table may be mapped once in `tables`")
         if self.subject.table not in tables:
             raise ValueError(f"the subject table {self.subject.table} must also be listed in `tables`")
+        if self.subject_mapping.subject_column != self.subject.primary_key:
+            raise ValueError(
+                f"subject.primary_key ({self.subject.primary_key}) and the subject_column of {self.subject.table} "
+                f"in `tables` ({self.subject_mapping.subject_column}) must name the same column, the subject's key: "
+                "any other column would treat other people's rows"
+            )
         for rule in self.rules:
             if isinstance(rule.clock, RelatedMaxClock) and rule.clock.table not in tables:
                 raise ValueError(
@@ -648,11 +804,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Read and validate a policy file."""
+def load_policy(path: str | Path, content: bytes | None = None) -> Policy:
+    """Read and validate a policy file (`content`: its bytes, when the caller has read them already)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = (path.read_bytes() if content is None else content).decode("utf-8")
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read the policy file ({exc.strerror})") from None
     except UnicodeDecodeError as exc:

@@ -25,6 +25,7 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import ConfigurationError
 from .policy import DURATION, Activity, Hold, LastInteractionClock, Policy, RelatedMaxClock, Rule
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ HEADER_NOTE = ("Retention entries that name a rule are worded from the rules the
                "other periods are stated by the controller.")
 
 
-class RegisterIncomplete(ValueError):
+class RegisterIncomplete(ConfigurationError, ValueError):
     """The policy's register section misses required fields; the message lists each, by path."""
 
 
@@ -234,8 +235,10 @@ def describe_rule(policy: Policy, rule: Rule) -> str:
                   else "a person who never interacted is not selected by this rule")
     else:
         assert isinstance(rule.clock, RelatedMaxClock)
-        clock = (f"the latest `{rule.clock.table}.{rule.clock.column}` among the person's records; a person "
-                 "without such a record is not selected by this rule")
+        clock = (f"the latest `{rule.clock.table}.{rule.clock.column}` among the person's records (an empty one, "
+                 "e.g. an open contract, does not count); ")
+        clock += (f"for a person without such a record, from `{rule.clock.fallback}`" if rule.clock.fallback
+                  else "a person without such a record is not selected by this rule")
     tables = ", ".join(f"`{t.table}`" for t in policy.tables)
     if rule.action == "delete":
         then = f"then deleted from the warehouse, with the person's rows in {tables}"

@@ -34,6 +34,7 @@ from . import audit
 from .audit import RunContext
 from .crypto import Keys, normalise_email
 from .erasure import EMAIL_MAX_LENGTH, EMAIL_PATTERN, REQUEST_ID_PATTERN
+from .errors import ConfigurationError
 
 KINDS = ("access", "portability", "rectification", "restriction", "restriction_lift", "erasure", "objection")
 TERMINAL = ("completed", "refused", "not_found")
@@ -44,7 +45,7 @@ SUBJECT_ID_PREFIX = "subject_id:"
 DAG_FOR_KIND = {"erasure": "gdpr_subject_erasure"}
 
 
-class RequestStoreError(ValueError):
+class RequestStoreError(ConfigurationError, ValueError):
     """A request cannot be registered, found, extended or run as asked. The message names the request id
     and what is wrong, never an identifier or a refused value; nothing was changed."""
 
@@ -204,8 +205,16 @@ def load(conn: psycopg.Connection, keys: Keys, request_id: str, kind: str) -> Re
 
 
 def resolve_params(conn: psycopg.Connection, keys: Keys, kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """A subject DAG's params, completed from the registered request when they hold its id alone. Call it
-    outside a transaction (it reads, then rolls back).
+    """A subject DAG's params, completed from the registered request when they hold its id alone (see
+    `resolve`)."""
+    return resolve(conn, keys, kind, params)[0]
+
+
+def resolve(conn: psycopg.Connection, keys: Keys, kind: str,
+            params: Mapping[str, Any]) -> tuple[dict[str, Any], Registered | None]:
+    """A subject DAG's params, completed from the registered request when they hold its id alone, and that
+    registered request (None when the params name the person themselves). Call it outside a transaction
+    (it reads, then rolls back).
 
     ``{"request_id": ID}`` alone: the registered request's identifier (decrypted, in memory) and date of
     receipt are filled in. An identifier with the id of a registered request, a request of another kind,
@@ -213,8 +222,10 @@ def resolve_params(conn: psycopg.Connection, keys: Keys, kind: str, params: Mapp
     out = {k: params.get(k) for k in params}
     request_id = out.get("request_id")
     if not isinstance(request_id, str) or not re.fullmatch(REQUEST_ID_PATTERN, request_id):
-        return out  # the caller's own validation names the field
-    has_identifier = bool(out.get("email")) or out.get("subject_id") is not None
+        return out, None  # the caller's own validation names the field
+    email = out.get("email")
+    has_identifier = (bool(email.strip()) if isinstance(email, str) else email is not None) \
+        or out.get("subject_id") is not None  # a blank email is "not given", as erasure.parse_request reads it
     if has_identifier:
         row = conn.execute(
             "SELECT kind, status = 'registered' OR identifier_ciphertext IS NOT NULL FROM gdpr.request"
@@ -229,7 +240,7 @@ def resolve_params(conn: psycopg.Connection, keys: Keys, kind: str, params: Mapp
                 f"request {request_id} is registered with its identifier: trigger it with "
                 f'{{"request_id": "{request_id}"}} alone, without the email or subject id'
             )
-        return out
+        return out, None
     registered = load(conn, keys, request_id, kind)
     received = out.get("received_at")
     if received and str(received) != registered.received_at.isoformat():
@@ -238,7 +249,7 @@ def resolve_params(conn: psycopg.Connection, keys: Keys, kind: str, params: Mapp
             "leave `received_at` empty"
         )
     out.update(registered.params())
-    return out
+    return out, registered
 
 
 def extend(conn: psycopg.Connection, ctx: RunContext, request_id: str, reason: str, today: date) -> dict[str, Any]:

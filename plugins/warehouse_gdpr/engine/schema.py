@@ -6,13 +6,14 @@ import logging
 
 import psycopg
 
+from .errors import ConfigurationError
 from .sqlfiles import read_sql
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 log = logging.getLogger(__name__)
 
 
-class SchemaError(RuntimeError):
+class SchemaError(ConfigurationError, RuntimeError):
     """The control schema is missing or older than this package, and this connection may not install it."""
 
 

@@ -7,8 +7,38 @@ untouched or fully processed, and a rerun finishes the job: candidates are re-ev
 pseudonymised subject carries the marker column so it is never selected twice.
 
 The batch's subject ids never leave the server: they live in a temporary table for the length of
-the transaction, and every statement is set-based over it. Only pseudonymisation brings rows to
+the transaction, and every statement is set-based over it. The rows of the batch's persons in each
+mapped table are those `matcher.rows` selects (linked to them, or carrying their email), the same
+definition erasure and the opt-out guard use. Only pseudonymisation brings rows to
 Python, because encryption and keyed hashing happen here (the warehouse may lack pgcrypto).
+
+Concurrency (a warehouse that others write to)
+----------------------------------------------
+* One sweep per warehouse: `apply_rule` (and the DAG's apply task, around all its rules) holds the
+  session-level advisory lock `SWEEP_LOCK` = (1195659346, 1), i.e. ("GDPR" in ASCII, 1). Advisory
+  locks are per database, so this is one lock per warehouse. A second sweep waits for it at most
+  `LOCK_WAIT_SECONDS`, then stops before changing anything with `SweepLockBusy`, whose message names
+  the holder (backend pid, application_name, since when; no personal data). The lock goes with the
+  session: released at the end of the apply, or by the server when the holder's backend ends (a
+  killed task's connection closes; a vanished host's only when TCP keepalive gives up, see the
+  runbook). It is reentrant within a session. A holder shows in ``pg_locks`` as locktype 'advisory',
+  classid 1195659346, objid 1, objsubid 2.
+* Lock, then check: each batch is selected in one statement, its unheld subject rows are locked
+  (``FOR UPDATE``, in primary-key order), and then ONE statement re-evaluates the rule on the locked
+  rows (status, pseudonymised marker, clock, holds). Subjects no longer eligible (a contract, a
+  litigation flag, the person's own reply or a pseudonymisation committed while the sweep waited for
+  its lock) leave the batch untouched and are counted as ``changed_under_lock``. The batch runs
+  READ COMMITTED, so that re-check takes a snapshot newer than every lock wait. ``FOR UPDATE``
+  (not ``FOR NO KEY UPDATE``) because it conflicts with the ``FOR KEY SHARE`` lock a foreign-key
+  check takes on the subject row: a concurrent insert of a contract or an activity either commits
+  before the re-check (and is seen by it) or waits for the batch to commit (and then fails its
+  foreign-key check if the subject was deleted). A dependent row written by a transaction that does
+  not touch the subject row (no foreign key declared) is not covered by this. The re-check is also
+  what keeps a subject from being treated twice if two sweeps ever run together anyway.
+* Lock order, the same for every writer of the engine (sweep, erasure, opt-out guard and enforce):
+  first the subject rows, ``FOR UPDATE`` ordered by primary key, in one statement; then the
+  dependent tables in `Policy.dependent_tables` order; the subject rows themselves are changed last.
+  Two writers therefore never wait for each other in a cycle.
 """
 
 from __future__ import annotations
@@ -16,6 +46,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,15 +55,20 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import audit, candidates
+from . import audit, candidates, matcher
 from .audit import RunContext
 from .crypto import Keys, archive_aad
-from .policy import FixedColumn, HashColumn, KeepColumn, MappedTable, NullColumn, Policy, Rule
+from .errors import UnmappedForeignKey
+from .policy import FixedColumn, HashColumn, KeepColumn, MappedTable, NullColumn, Policy, PolicyError, Rule
 
 log = logging.getLogger(__name__)
 
 BATCH_TABLE = sql.Identifier("_gdpr_batch")
 UNHELD = sql.SQL("(SELECT subject_id FROM _gdpr_batch WHERE cardinality(holds) = 0)")
+
+# The warehouse's sweep lock: pg_advisory_lock(int4, int4) with key ("GDPR" in ASCII, 1).
+SWEEP_LOCK = (0x47445052, 1)
+LOCK_WAIT_SECONDS = 60.0
 
 
 @dataclass
@@ -53,6 +90,7 @@ class RuleResult:
     archived: int = 0
     pseudonymised: int = 0
     deleted: int = 0
+    changed_under_lock: int = 0
     rows_by_table: dict[str, int] = field(default_factory=dict)
     batches: int = 0
     seconds: float = 0.0
@@ -68,7 +106,7 @@ def select_rules(policy: Policy, names: list[str] | None) -> list[Rule]:
     known = [r.name for r in policy.rules]
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown rule(s) {', '.join(unknown)}; the policy defines: {', '.join(known)}")
+        raise PolicyError(f"unknown rule(s) {', '.join(unknown)}; the policy defines: {', '.join(known)}")
     return [r for r in policy.rules if r.name in names]
 
 
@@ -84,6 +122,101 @@ def plan(conn: psycopg.Connection, policy: Policy, selected: list[Rule], as_of: 
     return plans
 
 
+# -- the warehouse's sweep lock ---------------------------------------------------------------
+
+
+class SweepLockBusy(RuntimeError):
+    """Another sweep holds the warehouse's sweep lock; this one changed nothing. The message names the
+    holder by backend pid and application_name (no personal data)."""
+
+
+def _lock_holder(conn: psycopg.Connection) -> str:
+    """Who holds SWEEP_LOCK in this database, from pg_locks and pg_stat_activity."""
+    row = conn.execute(
+        "SELECT l.pid, a.application_name, a.backend_start, a.state, a.state_change"
+        " FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+        " AND l.classid = %s::oid AND l.objid = %s::oid"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        SWEEP_LOCK,
+    ).fetchone()
+    if row is None:
+        return "a session that released it meanwhile"
+    pid, app, since, state, state_since = row
+    return (f"backend pid {pid} (application_name {app or '(none)'!r}, connected since "
+            f"{since.isoformat(timespec='seconds') if since else 'unknown'}, state {state or 'unknown'}"
+            f"{' since ' + state_since.isoformat(timespec='seconds') if state_since else ''})")
+
+
+def _acquire(conn: psycopg.Connection, wait_seconds: float, application_name: str) -> bool:
+    with conn.transaction():
+        if wait_seconds <= 0:
+            got = bool(conn.execute("SELECT pg_try_advisory_lock(%s, %s)", SWEEP_LOCK).fetchone()[0])  # type: ignore[index]
+        else:
+            # lock_timeout bounds the wait (SET LOCAL: this transaction only).
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{max(1, round(wait_seconds * 1000))}ms",))
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_lock(%s, %s)", SWEEP_LOCK)
+                got = True
+            except psycopg.errors.LockNotAvailable:
+                got = False
+        if got:  # what another sweep's error message (and pg_stat_activity) will show of this one
+            conn.execute("SELECT set_config('application_name', %s, false)", (application_name[:63],))
+        return got
+
+
+def _release(conn: psycopg.Connection) -> None:
+    status = psycopg.pq.TransactionStatus
+    try:
+        if conn.closed or conn.broken:
+            return
+        if conn.info.transaction_status == status.INERROR:
+            conn.rollback()
+        idle = conn.info.transaction_status == status.IDLE
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", SWEEP_LOCK)  # immediate, not transactional
+        if idle:
+            conn.rollback()
+    except psycopg.OperationalError:
+        log.warning("The sweep lock could not be released: the connection is gone, and the server released "
+                    "the lock with its session.")
+
+
+@contextmanager
+def sweep_lock(conn: psycopg.Connection, ctx: RunContext, wait_seconds: float | None = None) -> Iterator[None]:
+    """Hold the warehouse's sweep lock (session-level advisory lock SWEEP_LOCK, see the module doc) for the
+    block. Waits at most `wait_seconds` (default LOCK_WAIT_SECONDS; 0: do not wait), then raises
+    SweepLockBusy naming the holder, after an audit row (action 'sweep_lock', outcome 'busy'). Reentrant
+    on one connection. An open transaction that only read is rolled back; one that wrote is refused
+    (each batch of the sweep commits on its own)."""
+    status = psycopg.pq.TransactionStatus
+    if conn.info.transaction_status == status.INTRANS:
+        if conn.execute("SELECT pg_current_xact_id_if_assigned() IS NOT NULL").fetchone()[0]:  # type: ignore[index]
+            raise RuntimeError("the sweep needs a connection without uncommitted changes: commit or roll back first")
+        conn.rollback()
+    if conn.info.transaction_status != status.IDLE:
+        raise RuntimeError("the sweep needs a connection without an open transaction: roll back first")
+    if wait_seconds is None:
+        wait_seconds = LOCK_WAIT_SECONDS
+    started = time.monotonic()
+    if not _acquire(conn, wait_seconds, f"warehouse-gdpr sweep {ctx.run_id}"):
+        waited = round(time.monotonic() - started, 1)
+        holder = _lock_holder(conn)
+        conn.rollback()
+        with conn.transaction():
+            audit.record(conn, ctx, action="sweep_lock", outcome="busy", details={"waited_seconds": waited,
+                         "holder": holder, "lock": list(SWEEP_LOCK)})
+        raise SweepLockBusy(
+            f"another retention sweep is running on this warehouse: its lock (advisory lock {SWEEP_LOCK[0]}, "
+            f"{SWEEP_LOCK[1]}) is held by {holder}; waited {waited} s. This run changed nothing. Let that "
+            "sweep finish, then clear this task (docs/runbook.md, 'The sweep lock is held')."
+        )
+    try:
+        yield
+    finally:
+        _release(conn)
+
+
 # -- apply ------------------------------------------------------------------------------------
 
 
@@ -95,8 +228,23 @@ def apply_rule(
     ctx: RunContext,
     as_of: str,
     batch_size: int | None = None,
+    lock_wait_seconds: float | None = None,
 ) -> RuleResult:
-    """Delete or pseudonymise the rule's expired, unheld subjects, batch by batch (see module doc)."""
+    """Delete or pseudonymise the rule's expired, unheld subjects, batch by batch, under the warehouse's
+    sweep lock (see module doc; `lock_wait_seconds` and the connection's state as `sweep_lock`)."""
+    with sweep_lock(conn, ctx, lock_wait_seconds):
+        return _apply_rule_locked(conn, policy, rule, keys, ctx, as_of, batch_size)
+
+
+def _apply_rule_locked(
+    conn: psycopg.Connection,
+    policy: Policy,
+    rule: Rule,
+    keys: Keys,
+    ctx: RunContext,
+    as_of: str,
+    batch_size: int | None = None,
+) -> RuleResult:
     batch_size = batch_size or policy.batch_size
     result = RuleResult(rule.name, rule.action)
     params: dict[str, Any] = {**candidates.rule_params(policy, rule, as_of), "limit": batch_size}
@@ -111,6 +259,8 @@ def apply_rule(
     while True:
         batch_started = time.monotonic()
         with conn.transaction():
+            # READ COMMITTED whatever the server's default: the re-check below needs a fresh snapshot.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             query = candidates.batch_query(policy, rule, first=after is None)
             conn.execute(
                 sql.SQL("CREATE TEMP TABLE {t} ON COMMIT DROP AS {q}").format(
@@ -124,13 +274,20 @@ def apply_rule(
             if count == 0:
                 break
             after = last
-            # Lock the batch's subjects so that concurrent writers (new activities reference the
-            # subject) wait for this transaction instead of racing it.
+            # Lock, then check (module doc): lock the batch's unheld subjects in primary-key order, so
+            # that concurrent writers (a new contract or activity references the subject) wait for this
+            # transaction; then, in a new statement (a new snapshot), drop those the rule no longer selects.
             conn.execute(
-                sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {t} s WHERE s.{pk} IN {ids} FOR UPDATE) locked").format(
-                    t=candidates.qualified(policy.subject.table), pk=sql.Identifier(policy.subject.primary_key), ids=UNHELD
-                )
+                sql.SQL(
+                    "SELECT count(*) FROM (SELECT 1 FROM {t} s WHERE s.{pk} IN {ids} ORDER BY s.{pk} FOR UPDATE) locked"
+                ).format(t=candidates.qualified(policy.subject.table), pk=sql.Identifier(policy.subject.primary_key), ids=UNHELD)
             )
+            changed = conn.execute(
+                sql.SQL("DELETE FROM {b} b WHERE cardinality(b.holds) = 0 AND NOT {now}").format(
+                    b=BATCH_TABLE, now=candidates.selects_now(policy, rule, sql.SQL("b.subject_id"))
+                ),
+                params,
+            ).rowcount
             if rule.action == "delete":
                 counts = _delete_batch(conn, policy)
                 result.deleted += counts.get(policy.subject.table, 0)
@@ -147,24 +304,28 @@ def apply_rule(
                     table="gdpr_archive.archived_row", row_count=archived,
                 )
             audit.record(
-                conn, ctx, action="batch", outcome="done", rule=rule.name, row_count=count - held,
-                details={"candidates": count, "held": held, "seconds": round(time.monotonic() - batch_started, 3)},
+                conn, ctx, action="batch", outcome="done", rule=rule.name, row_count=count - held - changed,
+                details={"candidates": count, "held": held, "changed_under_lock": changed,
+                         "seconds": round(time.monotonic() - batch_started, 3)},
             )
         result.candidates += count
         result.held += held
+        result.changed_under_lock += changed
         result.batches += 1
     result.seconds = time.monotonic() - started
     return result
 
 
 def _delete_batch(conn: psycopg.Connection, policy: Policy) -> dict[str, int]:
-    """Delete the batch's unheld subjects and every mapped dependent row, dependents first."""
+    """Delete the batch's unheld subjects and every row of theirs in the mapped tables, dependents first."""
     counts: dict[str, int] = {}
+    persons = matcher.stage(conn, policy, UNHELD)  # their emails, read before anything is deleted
     for mapped in policy.dependent_tables:
         cur = conn.execute(
-            sql.SQL("DELETE FROM {t} WHERE {c} IN {ids}").format(
-                t=candidates.qualified(mapped.table), c=sql.Identifier(mapped.subject_column), ids=UNHELD
-            )
+            sql.SQL("DELETE FROM {t} WHERE {m}").format(
+                t=candidates.qualified(mapped.table), m=matcher.rows(policy, mapped, persons)
+            ),
+            persons.params or None,
         )
         counts[mapped.table] = cur.rowcount
     subject = policy.subject
@@ -175,7 +336,7 @@ def _delete_batch(conn: psycopg.Connection, policy: Policy) -> dict[str, int]:
             )
         )
     except psycopg.errors.ForeignKeyViolation as exc:
-        raise RuntimeError(
+        raise UnmappedForeignKey(
             f"deleting from {subject.table} is blocked by a foreign key from table {exc.diag.table_name!r}, "
             "which the policy does not map: add it to `tables` (with its subject_column) so its rows are handled"
         ) from None
@@ -211,6 +372,9 @@ def _pseudonymise_batch(
     counts: dict[str, int] = {}
     archived = 0
     subject = policy.subject
+    # The persons' emails are read now, before the subject's email column is hashed below: rows found
+    # by email (never linked to the subject) are matched with the original address.
+    persons = matcher.stage(conn, policy, UNHELD, owners=True)
     for mapped in policy.tables:
         hashed, sets = _treatment_sql(mapped)
         is_subject = mapped.table == subject.table
@@ -220,11 +384,12 @@ def _pseudonymise_batch(
             continue
         table = candidates.qualified(mapped.table)
         pk = sql.Identifier(mapped.primary_key)
-        link = sql.Identifier(mapped.subject_column)
+        match = matcher.rows(policy, mapped, persons, alias="t")
         originals = conn.execute(
-            sql.SQL("SELECT t.{pk}::text, t.{link}::text, to_jsonb(t)::text FROM {t} t WHERE t.{link} IN {ids}").format(
-                pk=pk, link=link, t=table, ids=UNHELD
-            )
+            sql.SQL("SELECT t.{pk}::text, ({owner})::text, to_jsonb(t)::text FROM {t} t WHERE {m}").format(
+                pk=pk, owner=matcher.owner(policy, mapped, persons, "t"), t=table, m=match
+            ),
+            persons.params or None,
         ).fetchall()
         if not originals:
             continue
@@ -255,9 +420,8 @@ def _pseudonymise_batch(
             conn.execute("DROP TABLE _gdpr_hash")
         else:
             cur = conn.execute(
-                sql.SQL("UPDATE {t} SET {sets} WHERE {link} IN {ids}").format(
-                    t=table, sets=sql.SQL(", ").join(sets), link=link, ids=UNHELD
-                )
+                sql.SQL("UPDATE {t} t SET {sets} WHERE {m}").format(t=table, sets=sql.SQL(", ").join(sets), m=match),
+                persons.params or None,
             )
         counts[mapped.table] = cur.rowcount
     return counts, archived
@@ -335,6 +499,68 @@ def purge_archive(conn: psycopg.Connection, ctx: RunContext, as_of: str, batch_s
                 conn, ctx, action="purge_archive", outcome="nothing_to_purge", table="gdpr_archive.archived_row"
             )
     return total
+
+
+# -- blast radius: a rule about to treat a large share of the subject table waits for a person -----
+
+
+@dataclass
+class BlastRadius:
+    """A rule whose plan treats more than the policy's `blast_radius_percent` of the subject table."""
+
+    rule: str
+    to_process: int
+    subject_rows: int
+    confirmed: int | None  # the count the run confirmed for this rule (None: no confirmation)
+
+    @property
+    def percent(self) -> float:
+        return round(100 * self.to_process / self.subject_rows, 1)
+
+    @property
+    def allowed(self) -> bool:
+        """Confirmed for at least the planned count (a confirmation is an upper bound, never a quota)."""
+        return self.confirmed is not None and self.to_process <= self.confirmed
+
+
+def subject_rows(conn: psycopg.Connection, policy: Policy) -> int:
+    """Rows of the subject table: what a rule's share is measured against (one count, no write)."""
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {t}").format(t=candidates.qualified(policy.subject.table))).fetchone()
+    conn.rollback()
+    return int(row[0]) if row else 0
+
+
+def blast_radius(
+    to_process: dict[str, int], rows: int, limit_percent: float, confirmed: dict[str, int] | None = None
+) -> list[BlastRadius]:
+    """The rules (name -> subjects the plan would treat) above `limit_percent` of `rows`, in order."""
+    confirmed = confirmed or {}
+    return [
+        BlastRadius(rule, n, rows, confirmed.get(rule))
+        for rule, n in to_process.items()
+        if rows and n * 100 > limit_percent * rows
+    ]
+
+
+def blast_radius_message(over: list[BlastRadius], limit_percent: float, action: dict[str, str]) -> str:
+    """Why the sweep stopped and the exact param that confirms it (counts and rule names only)."""
+    lines = []
+    for b in over:
+        if b.allowed:
+            continue
+        verb = "delete" if action.get(b.rule) == "delete" else "pseudonymise"
+        lines.append(
+            f"  - {b.rule}: would {verb} {b.to_process} of {b.subject_rows} subjects ({b.percent} %)"
+            + (f", more than the {b.confirmed} confirmed" if b.confirmed is not None else "")
+        )
+    confirm = json.dumps({"confirm_blast_radius": {b.rule: b.to_process for b in over}})
+    return (
+        f"blast-radius limit: these rules would treat more than blast_radius_percent ({limit_percent:g} %) of the "
+        "subject table in one run; the sweep stopped before changing anything:\n" + "\n".join(lines) + "\n"
+        "Check the plan (the plan task's log, or `warehouse-gdpr policy check`). If these counts are intended, "
+        f"trigger the sweep again with the params {confirm} (docs/runbook.md, 'The blast-radius limit stopped "
+        "the sweep')."
+    )
 
 
 # -- logs for on-call staff -------------------------------------------------------------------

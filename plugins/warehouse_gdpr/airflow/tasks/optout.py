@@ -1,9 +1,10 @@
 """What each task of the `gdpr_optout_sync` DAG does. The DAG file only wires them.
 
 Every task opens its own connection, writes its audit rows, logs counts only and returns a small
-JSON-able dict of counts (no email, no hash list in XComs). Configuration errors raise
-AirflowFailException: retrying cannot fix a wrong policy or a missing key. A share target that does
-not answer raises ShareError, which Airflow retries.
+JSON-able dict of counts (no email, no hash list in XComs). Every task reads the policy the run
+pinned (`connections.run_policy`). `task_errors` maps failures (airflow/errors.py): configuration
+errors fail at once (retrying cannot fix a wrong policy or a missing key); a share target that does
+not answer raises ShareError, which Airflow retries (the whole list is pushed again next time).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk.exceptions import AirflowFailException
-
 from warehouse_gdpr.airflow import connections
+from warehouse_gdpr.airflow.errors import task_errors
 from warehouse_gdpr.engine import audit, optout
-from warehouse_gdpr.engine.crypto import KeyError_, Keys
-from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
+from warehouse_gdpr.engine.crypto import Keys
+from warehouse_gdpr.engine.errors import ConfigurationError
+from warehouse_gdpr.engine.policy import Policy
 from warehouse_gdpr.engine.sweep import format_table
 
 log = logging.getLogger(__name__)
@@ -29,27 +30,19 @@ def _dry_run(context: Any) -> bool:
     return bool(context["params"].get("dry_run", False))
 
 
-def _setup(policy_file: str) -> tuple[Policy, Keys]:
-    try:
-        policy = load_policy(policy_file)
-        keys = connections.load_keys(policy)
-    except (PolicyError, KeyError_, RuntimeError) as exc:
-        log.error("Policy or keys are not usable; nothing was changed. Fix and trigger again.\n%s", exc)
-        raise AirflowFailException(str(exc)) from None
-    return policy, keys
+def _setup(policy_file: str, context: Any) -> tuple[Policy, Keys]:
+    policy = connections.run_policy(policy_file, context)
+    return policy, connections.load_keys(policy)
 
 
+@task_errors
 def check(policy_file: str, context: Any) -> dict[str, Any]:
     """Validate the policy, the keys, the live catalog and the opt-out section before anything writes."""
-    policy, keys = _setup(policy_file)
+    policy, keys = _setup(policy_file, context)
     dry_run = _dry_run(context)
     with connections.connect(policy) as conn:
         connections.prepare_warehouse(conn, policy)
-        try:
-            warnings = optout.check(conn, policy)
-        except optout.OptOutError as exc:
-            log.error("%s", exc)
-            raise AirflowFailException(str(exc)) from None
+        warnings = optout.check(conn, policy)
         for warning in warnings:
             log.warning("opt-out check: %s", warning)
         settings = policy.optout
@@ -66,14 +59,12 @@ def check(policy_file: str, context: Any) -> dict[str, Any]:
             "export": details["export"], "policy_file": policy_file}
 
 
+@task_errors
 def rekey(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Bring entries stored under a retired pepper to the current key (after a rotation)."""
-    policy, keys = _setup(checked["policy_file"])
+    policy, keys = _setup(checked["policy_file"], context)
     with connections.connect(policy) as conn:
-        try:
-            result = optout.rekey(conn, keys, connections.run_context(context, checked["dry_run"]))
-        except KeyError_ as exc:
-            raise AirflowFailException(str(exc)) from None
+        result = optout.rekey(conn, keys, connections.run_context(context, checked["dry_run"]))
     if result["stale"]:
         log.info("Re-keyed the suppression list to %s:\n%s", result["key_id"], format_table(
             ["from key", "entries"], [[k, n] for k, n in result["stale"].items()]))
@@ -87,9 +78,10 @@ def rekey(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     return {k: result[k] for k in ("key_id", "rekeyed", "superseded")}
 
 
+@task_errors
 def collect(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Hash the opted-out subjects' emails and add the new hashes to the list."""
-    policy, keys = _setup(checked["policy_file"])
+    policy, keys = _setup(checked["policy_file"], context)
     with connections.connect(policy) as conn:
         result = optout.collect(conn, policy, keys, connections.run_context(context, checked["dry_run"]), checked["as_of"])
     log.info("Collected opt-outs: %d subject(s) selected by the sources, new entries: %d%s:\n%s",
@@ -99,15 +91,13 @@ def collect(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     return result
 
 
+@task_errors
 def guard(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Erase again (or quarantine) the erased people who came back."""
-    policy, keys = _setup(checked["policy_file"])
+    policy, keys = _setup(checked["policy_file"], context)
     with connections.connect(policy) as conn:
-        try:
-            result = optout.guard(conn, policy, keys, connections.run_context(context, checked["dry_run"]),
-                                  checked["as_of"])
-        except (optout.OptOutError, RuntimeError) as exc:
-            raise AirflowFailException(str(exc)) from None
+        result = optout.guard(conn, policy, keys, connections.run_context(context, checked["dry_run"]),
+                              checked["as_of"])
     log.info("Resurrection guard (policy: %s)%s: %d erased subject(s) found again.\n%s",
              result["policy"], " (DRY RUN: nothing changed)" if checked["dry_run"] else "", result["found"],
              format_table(["handled", "subjects"], [["erased again", result["erased"]],
@@ -121,32 +111,25 @@ def guard(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     return {k: result[k] for k in ("found", "erased", "quarantined", "held")}
 
 
+@task_errors
 def enforce(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Mark every listed person do-not-contact."""
-    policy, keys = _setup(checked["policy_file"])
+    policy, keys = _setup(checked["policy_file"], context)
     with connections.connect(policy) as conn:
-        try:
-            result = optout.enforce(conn, policy, keys, connections.run_context(context, checked["dry_run"]))
-        except optout.OptOutError as exc:
-            raise AirflowFailException(str(exc)) from None
+        result = optout.enforce(conn, policy, keys, connections.run_context(context, checked["dry_run"]))
     log.info("Enforcement%s:\n%s", " (DRY RUN: nothing changed)" if checked["dry_run"] else "", format_table(
         ["subjects with an email", "on the list", "newly flagged do-not-contact"],
         [[result["subjects"], result["listed"], result["flagged"]]]))
     return result
 
 
+@task_errors
 def share(policy_file: str, target: str, context: Any) -> dict[str, Any]:
     """Push the list (hashes only) to one share target; raise (Airflow retries) if it refuses a batch."""
-    policy, keys = _setup(policy_file)
+    policy, keys = _setup(policy_file, context)
     dry_run = _dry_run(context)
     with connections.connect(policy) as conn:
-        try:
-            result = optout.share(conn, policy, keys, connections.run_context(context, dry_run), target)
-        except optout.OptOutError as exc:
-            raise AirflowFailException(str(exc)) from None
-        except optout.ShareError as exc:
-            log.warning("%s. Airflow retries; the whole list is pushed again next time.", exc)
-            raise
+        result = optout.share(conn, policy, keys, connections.run_context(context, dry_run), target)
     if dry_run:
         log.info("DRY RUN: %d hash(es) would be shared with %s.", result["hashes"], target)
     else:
@@ -155,9 +138,10 @@ def share(policy_file: str, target: str, context: Any) -> dict[str, Any]:
     return result
 
 
+@task_errors
 def export(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Write the hashes-only export file, if the policy names one."""
-    policy, keys = _setup(checked["policy_file"])
+    policy, keys = _setup(checked["policy_file"], context)
     path = optout.export_path(policy, Path(checked["policy_file"]))
     if path is None:
         log.info("No optout.export_path in the policy: no export file.")
@@ -166,15 +150,16 @@ def export(checked: dict[str, Any], context: Any) -> dict[str, Any]:
         try:
             result = optout.export(conn, keys, connections.run_context(context, checked["dry_run"]), path)
         except OSError as exc:
-            raise AirflowFailException(f"cannot write the export file {path}: {exc.strerror}") from None
+            raise ConfigurationError(f"cannot write the export file {path}: {exc.strerror}") from None
     log.info("%s %d hash(es) to %s.", "DRY RUN: would write" if checked["dry_run"] else "Wrote",
              result["hashes"], path)
     return result
 
 
+@task_errors
 def report(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Summarise the run from the audit log (what happened) and record it."""
-    policy, _ = _setup(checked["policy_file"])
+    policy, _ = _setup(checked["policy_file"], context)
     ctx = connections.run_context(context, checked["dry_run"])
     with connections.connect(policy) as conn:
         rows = audit.rows_for_run(conn, ctx.dag_id, ctx.run_id)

@@ -2,7 +2,9 @@
 
 Every task opens its own connection (tasks may run on different workers), writes its audit rows,
 logs counts and timings only, and returns a small JSON-able dict (no personal data in XComs).
-Configuration errors raise AirflowFailException: retrying cannot fix a wrong policy or a missing key.
+Every task reads the policy the run pinned (`connections.run_policy`); `task_errors` fails
+configuration errors at once (retrying cannot fix a wrong policy or a missing key) and scrubs
+warehouse errors (airflow/errors.py).
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowSkipException
 
 from warehouse_gdpr.airflow import connections
+from warehouse_gdpr.airflow.errors import task_errors
 from warehouse_gdpr.engine import audit, register, requests, sweep
-from warehouse_gdpr.engine.crypto import KeyError_
-from warehouse_gdpr.engine.policy import PolicyError, load_policy
+from warehouse_gdpr.engine.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +29,31 @@ def _params(context: Any) -> tuple[bool, list[str] | None]:
     return bool(params.get("dry_run", False)), params.get("rules") or None
 
 
+def _confirmations(context: Any, policy: Any) -> dict[str, int]:
+    """The `confirm_blast_radius` param: {rule name: the count a person confirmed}. ConfigurationError otherwise."""
+    value = context["params"].get("confirm_blast_radius") or {}
+    known = [r.name for r in policy.rules]
+    if not isinstance(value, dict):
+        raise ConfigurationError('confirm_blast_radius must map rule names to counts, e.g. {"former_clients": 2368}')
+    unknown = sorted(name for name in value if name not in known)
+    if unknown:
+        raise ConfigurationError(f"confirm_blast_radius names unknown rule(s) {', '.join(map(str, unknown))}; "
+                         f"the policy defines: {', '.join(known)}")
+    bad = sorted(name for name, n in value.items() if isinstance(n, bool) or not isinstance(n, int) or n < 0)
+    if bad:
+        raise ConfigurationError(f"confirm_blast_radius: the count of {', '.join(bad)} must be a whole number >= 0")
+    return dict(value)
+
+
+@task_errors
 def check_policy(policy_file: str, context: Any) -> dict[str, Any]:
     """Validate the policy file, the keys and the live catalog before anything writes."""
     path = Path(policy_file)
     dry_run, names = _params(context)
-    try:
-        policy = load_policy(path)
-        selected = sweep.select_rules(policy, names)
-        connections.load_keys(policy)
-    except (PolicyError, KeyError_, ValueError, RuntimeError) as exc:
-        log.error("Policy or keys are not usable; nothing was changed. Fix and trigger again.\n%s", exc)
-        raise AirflowFailException(str(exc)) from None
+    policy = connections.run_policy(path, context)
+    selected = sweep.select_rules(policy, names)
+    _confirmations(context, policy)
+    connections.load_keys(policy)
     with connections.connect(policy) as conn:
         report = connections.prepare_warehouse(conn, policy)
         ctx = connections.run_context(context, dry_run)
@@ -52,19 +68,21 @@ def check_policy(policy_file: str, context: Any) -> dict[str, Any]:
             "policy_file": str(path)}
 
 
+@task_errors
 def plan(checked: dict[str, Any], context: Any) -> list[dict[str, Any]]:
     """Count candidates and held subjects per rule (one set-based query each)."""
-    policy = load_policy(checked["policy_file"])
+    policy = connections.run_policy(checked["policy_file"], context)
     selected = sweep.select_rules(policy, checked["rules"])
     ctx = connections.run_context(context, checked["dry_run"])
     with connections.connect(policy) as conn:
         plans = sweep.plan(conn, policy, selected, checked["as_of"])
+        rows = sweep.subject_rows(conn, policy)  # the blast-radius limit's denominator, as planned
         with conn.transaction():
             for p in plans:
                 audit.record(
                     conn, ctx, action="plan", outcome="ok", rule=p.rule, row_count=p.candidates - p.held,
                     details={"candidates": p.candidates, "held": p.held, "by_hold": p.by_hold,
-                             "seconds": round(p.seconds, 3), "as_of": checked["as_of"]},
+                             "seconds": round(p.seconds, 3), "as_of": checked["as_of"], "subject_rows": rows},
                 )
     log.info(
         "Plan as of %s%s:\n%s", checked["as_of"], " (DRY RUN)" if checked["dry_run"] else "",
@@ -73,16 +91,57 @@ def plan(checked: dict[str, Any], context: Any) -> list[dict[str, Any]]:
             [[p.rule, p.action, p.candidates, p.held, p.candidates - p.held, f"{p.seconds:.2f}"] for p in plans],
         ),
     )
-    return [p.__dict__ for p in plans]
+    return [{**p.__dict__, "subject_rows": rows} for p in plans]
 
 
+def _blast_radius(conn: Any, policy: Any, plans: list[dict[str, Any]], ctx: Any, context: Any) -> None:
+    """Before any write: a rule whose plan treats more than `blast_radius_percent` of the subject table
+    runs only when the run's `confirm_blast_radius` param confirms its count. Confirmations used and
+    stops are audited (action `blast_radius`); a stop fails the task at once, nothing changed."""
+    rows = plans[0]["subject_rows"] if plans and "subject_rows" in plans[0] else sweep.subject_rows(conn, policy)
+    over = sweep.blast_radius(
+        {p["rule"]: p["candidates"] - p["held"] for p in plans}, rows, policy.blast_radius_percent,
+        _confirmations(context, policy),
+    )
+    if not over:
+        return
+    stopped = [b for b in over if not b.allowed]
+    limit = policy.blast_radius_percent
+    with conn.transaction():
+        for b in over:
+            if b.allowed:
+                if stopped and not ctx.dry_run:
+                    continue  # nothing runs: only the rules that stopped the sweep are recorded
+                outcome = "confirmed"
+            else:
+                outcome = "unconfirmed" if ctx.dry_run else "stopped"
+            audit.record(conn, ctx, action="blast_radius", outcome=outcome, rule=b.rule, table=policy.subject.table,
+                         row_count=b.to_process, details={"subject_rows": b.subject_rows, "percent": b.percent,
+                                                          "limit_percent": limit, "confirmed": b.confirmed})
+    actions = {r.name: r.action for r in policy.rules}
+    if ctx.dry_run:
+        if stopped:
+            log.warning("DRY RUN: a real run would stop here.\n%s", sweep.blast_radius_message(over, limit, actions))
+        return
+    if stopped:
+        message = sweep.blast_radius_message(over, limit, actions)
+        log.error("%s", message)
+        raise ConfigurationError(message)
+    for b in over:
+        log.warning("Rule %s treats %d of %d subjects (%s %%), above blast_radius_percent (%g %%): confirmed for "
+                    "up to %d by this run's confirm_blast_radius param.", b.rule, b.to_process, b.subject_rows,
+                    b.percent, limit, b.confirmed)
+
+
+@task_errors
 def apply(checked: dict[str, Any], plans: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
     """Delete or pseudonymise per rule in audited keyset batches; a dry run only records the plan."""
-    policy = load_policy(checked["policy_file"])
+    policy = connections.run_policy(checked["policy_file"], context)
     selected = sweep.select_rules(policy, checked["rules"])
     ctx = connections.run_context(context, checked["dry_run"])
     results: list[dict[str, Any]] = []
     with connections.connect(policy) as conn:
+        _blast_radius(conn, policy, plans, ctx, context)
         if checked["dry_run"]:
             with conn.transaction():
                 for p in plans:
@@ -94,30 +153,38 @@ def apply(checked: dict[str, Any], plans: list[dict[str, Any]], context: Any) ->
             log.info("DRY RUN: nothing was changed; the plan was written to gdpr.audit_log.")
             return plans
         keys = connections.load_keys(policy)
-        for rule in selected:
-            result = sweep.apply_rule(conn, policy, rule, keys, ctx, checked["as_of"])
-            results.append(result.as_dict())
-            log.info(
-                "Rule %s done in %d batch(es), %.2f s:\n%s", rule.name, result.batches, result.seconds,
-                sweep.format_table(
-                    ["table", "rows " + ("deleted" if rule.action == "delete" else "pseudonymised")],
-                    [[t, n] for t, n in result.rows_by_table.items()],
-                ),
-            )
+        # One sweep per warehouse: the lock is held for all the rules of this task (engine/sweep.py, module doc).
+        # A second sweep waits up to sweep.LOCK_WAIT_SECONDS, then fails (Airflow retries it later).
+        try:
+            with sweep.sweep_lock(conn, ctx):
+                for rule in selected:
+                    result = sweep.apply_rule(conn, policy, rule, keys, ctx, checked["as_of"])
+                    results.append(result.as_dict())
+                    log.info(
+                        "Rule %s done in %d batch(es), %.2f s:\n%s", rule.name, result.batches, result.seconds,
+                        sweep.format_table(
+                            ["table", "rows " + ("deleted" if rule.action == "delete" else "pseudonymised")],
+                            [[t, n] for t, n in result.rows_by_table.items()],
+                        ),
+                    )
+        except sweep.SweepLockBusy as exc:
+            log.error("%s", exc)
+            raise
     log.info(
         "Apply summary:\n%s",
         sweep.format_table(
-            ["rule", "candidates", "held", "archived", "pseudonymised", "deleted", "seconds"],
-            [[r["rule"], r["candidates"], r["held"], r["archived"], r["pseudonymised"], r["deleted"],
-              f"{r['seconds']:.2f}"] for r in results],
+            ["rule", "candidates", "held", "changed under lock", "archived", "pseudonymised", "deleted", "seconds"],
+            [[r["rule"], r["candidates"], r["held"], r["changed_under_lock"], r["archived"], r["pseudonymised"],
+              r["deleted"], f"{r['seconds']:.2f}"] for r in results],
         ),
     )
     return results
 
 
+@task_errors
 def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Remove archived originals whose own retention period (archive_for) has ended."""
-    policy = load_policy(checked["policy_file"])
+    policy = connections.run_policy(checked["policy_file"], context)
     ctx = connections.run_context(context, checked["dry_run"])
     with connections.connect(policy) as conn:
         n = sweep.purge_archive(conn, ctx, checked["as_of"], policy.batch_size)
@@ -125,10 +192,11 @@ def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     return {"purged": n}
 
 
+@task_errors
 def purge_requests(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Purge the requests (every kind) completed more than `requests.keep_for` ago, kept until then as proof,
     with their outbox rows; destroy any identifier a completed request still holds."""
-    policy = load_policy(checked["policy_file"])
+    policy = connections.run_policy(checked["policy_file"], context)
     ctx = connections.run_context(context, checked["dry_run"])
     keep_for = policy.requests.keep_for
     with connections.connect(policy) as conn:
@@ -139,6 +207,7 @@ def purge_requests(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     return result
 
 
+@task_errors
 def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Generate the article 30 register from the policy and keep it; fail while it is incomplete.
 
@@ -147,7 +216,7 @@ def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     The warehouse copy (gdpr.processing_register, one row per distinct content) is the record; the
     files under `output_dir` are a convenience and a worker that cannot write them only logs it.
     A dry run writes the files and changes nothing in the warehouse but its audit row."""
-    policy = load_policy(checked["policy_file"])
+    policy = connections.run_policy(checked["policy_file"], context)
     if policy.processing_register is None:
         log.warning("The policy has no processing_register section: no register of processing activities "
                     "is generated (see docs/policy.md#processing_register).")
@@ -155,10 +224,10 @@ def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     source = Path(checked["policy_file"]).name
     try:
         rendered = register.render(policy, date.fromisoformat(checked["as_of"][:10]), source)
-    except register.RegisterIncomplete as exc:
-        log.error("Register of processing activities not written; complete processing_register in %s.\n%s",
-                  checked["policy_file"], exc)
-        raise AirflowFailException(str(exc)) from None
+    except register.RegisterIncomplete:
+        log.error("Register of processing activities not written; complete processing_register in %s.",
+                  checked["policy_file"])
+        raise
     ctx = connections.run_context(context, checked["dry_run"])
     new = False
     with connections.connect(policy) as conn, conn.transaction():
@@ -183,9 +252,10 @@ def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     return result
 
 
+@task_errors
 def report(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Summarise the run from the audit log (what happened, not what was intended) and record it."""
-    policy = load_policy(checked["policy_file"])
+    policy = connections.run_policy(checked["policy_file"], context)
     ctx = connections.run_context(context, checked["dry_run"])
     with connections.connect(policy) as conn:
         rows = audit.rows_for_run(conn, ctx.dag_id, ctx.run_id)
