@@ -179,7 +179,7 @@ def _request_new(args: argparse.Namespace) -> int:
     """Register a request; the identifier comes on stdin (never argv: shell history, `ps`)."""
     from warehouse_gdpr.airflow import connections
     from warehouse_gdpr.engine import requests
-    from warehouse_gdpr.engine.crypto import KeyError_
+    from warehouse_gdpr.engine.crypto import KeyConfigError
 
     if args.kind not in requests.KINDS:
         print(f"unknown --kind: give one of {', '.join(requests.KINDS)}", file=sys.stderr)
@@ -196,7 +196,7 @@ def _request_new(args: argparse.Namespace) -> int:
     try:
         policy = load_policy(policy_file)
         keys = connections.load_keys(policy)
-    except (PolicyError, KeyError_, RuntimeError) as exc:
+    except (PolicyError, KeyConfigError, RuntimeError) as exc:
         print(exc, file=sys.stderr)
         return 2
     identifier = _read_identifier()

@@ -220,7 +220,7 @@ def test_erase_refuses_the_id_of_another_kind(conn: psycopg.Connection, keys: Ke
     before = _state(conn)
     request = erasure.parse_request({"request_id": "REQ-R-ACC", "subject_id": 1}, today=TODAY)
     located = erasure.locate(conn, policy, keys, request)
-    with pytest.raises(RequestError, match="^request id REQ-R-ACC is of kind access, not erasure$"):
+    with pytest.raises(RequestError, match="^`request_id` REQ-R-ACC is already the id of a request of kind access, not an erasure: nothing was changed"):
         erasure.erase(conn, policy, keys, CTX, request, located, {})
     assert _state(conn) == before
     assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = 1") == 1
