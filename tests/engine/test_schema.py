@@ -166,13 +166,13 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
     )
 
 
-def _downgrade_to_version_3(conn: psycopg.Connection) -> None:
-    """The control schema as version 3 left it: no gdpr.processing_register (what version 4 added)."""
+def _downgrade_to_version_4(conn: psycopg.Connection) -> None:
+    """The control schema as version 4 left it: no index on the archive's subject ids (what version 5 added)."""
     with conn.transaction():
-        conn.execute("DROP TABLE gdpr.processing_register")
-        conn.execute("DELETE FROM gdpr.schema_version WHERE version = 4")
-    assert schema.SCHEMA_VERSION == 4, "simulate the version before the current one here"
-    assert schema.installed_version(conn) == 3
+        conn.execute("DROP INDEX gdpr_archive.archived_row_subject_idx")
+        conn.execute("DELETE FROM gdpr.schema_version WHERE version = 5")
+    assert schema.SCHEMA_VERSION == 5, "simulate the version before the current one here"
+    assert schema.installed_version(conn) == 4
     conn.commit()
 
 
@@ -182,22 +182,23 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
     """The DAGs connect as a member of gdpr_engine: after a package upgrade they name the installed and
     the needed version and what the owner runs; the owner's run then upgrades, keeping every row."""
     _record(conn)
-    _downgrade_to_version_3(conn)
+    _downgrade_to_version_4(conn)
     with pytest.raises(schema.SchemaError) as info:
         schema.ensure_schema(dag_conn)
     message = str(info.value)
-    assert message.startswith("the gdpr control schema is out of date (installed version 3, this package needs 4) "
+    assert message.startswith("the gdpr control schema is out of date (installed version 4, this package needs 5) "
                               "and this connection (role gdpr_dag) may not upgrade it (permission denied")
     assert WHAT_TO_RUN in message and "not installed" not in message and "include/" not in message
     assert dag_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # rolled back, usable
-    assert schema.installed_version(dag_conn) == 3
+    assert schema.installed_version(dag_conn) == 4
     dag_conn.commit()
 
     assert schema.ensure_schema(conn) is True
-    assert schema.installed_version(dag_conn) == 4
+    assert schema.installed_version(dag_conn) == 5
+    assert dag_conn.execute("SELECT to_regclass('gdpr_archive.archived_row_subject_idx')").fetchone()[0] is not None
     assert _count(conn, "gdpr.audit_log") == 1
     assert schema.ensure_schema(dag_conn) is False  # the DAGs go on as the engine
-    with dag_conn.transaction():  # with version 4's grants
+    with dag_conn.transaction():  # with the grants of the current version
         dag_conn.execute(
             "INSERT INTO gdpr.processing_register (sha256, policy_file, activities, markdown, html)"
             " VALUES (repeat('a', 64), 'policy.yaml', 1, '# r', '<h1>r</h1>')"

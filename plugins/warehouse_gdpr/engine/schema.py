@@ -8,7 +8,7 @@ import psycopg
 
 from .sqlfiles import read_sql
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 log = logging.getLogger(__name__)
 
 
