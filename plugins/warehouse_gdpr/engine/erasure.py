@@ -2,6 +2,9 @@
 
 Emails are compared as ``lower(btrim(column)) = normalised email``: index that expression on the
 subject's email column and on every `email_columns` entry (demo/warehouse_gdpr_demo/sql/demo_crm.sql does).
+A person the sweep pseudonymised is found the same way by the keyed hashes of their email in hashed
+email columns (`email_hashes`), and their encrypted originals in gdpr_archive by subject id: those no
+legal obligation keeps are destroyed with the rest, the others are kept and the outcome says until when.
 
 The email is only ever held in memory by the task that needs it (read from the run's params); logs,
 audit rows, XComs and exceptions refer to the person by `subject_hash` (HMAC of the normalised email)
