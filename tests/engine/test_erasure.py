@@ -675,7 +675,8 @@ def test_an_obligation_alone_restricts_and_everything_else_is_erased(conn, keys:
 
     assert holds == {}
     assert (result.outcome, result.status) == ("restricted", "pending_propagation")
-    assert result.reason == f"archived originals kept by legal obligation: crm.invoices (1 rows) until 2036-06-15, {OBLIGATION}"
+    assert result.reason == (
+        f"archived originals kept by legal obligation: crm.invoices (1 rows) until 2036-06-15, {OBLIGATION}")
     assert result.archive == {"destroyed": {}, "kept": [
         {"table": "crm.invoices", "rows": 1, "obligation": OBLIGATION, "until": "2036-06-15"}]}
     for table in CRM_ALL:

@@ -11,8 +11,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from cryptography.exceptions import InvalidTag
 import yaml
+from cryptography.exceptions import InvalidTag
 from helpers import (
     AS_OF,
     CRM_TABLES,
@@ -143,8 +143,8 @@ def _former_client(conn: psycopg.Connection, email: str | None = None) -> int:
     conn.execute("INSERT INTO crm.notes (note_id, contact_id, author, body, created_at)"
                  " VALUES (%s, %s, 'Claire Martin', 'Renewal call', now())", (new_id(), cid))
     conn.execute("INSERT INTO crm.support_tickets (ticket_id, contact_id, requester_email, body, created_at)"
-                 " VALUES (%s, %s, %s, 'Hello', now())",
-                 (new_id(), cid, conn.execute("SELECT email FROM crm.contacts WHERE contact_id = %s", (cid,)).fetchone()[0]))  # type: ignore[index]
+                 " SELECT %s, contact_id, email, 'Hello', now() FROM crm.contacts WHERE contact_id = %s",
+                 (new_id(), cid))
     return cid
 
 
@@ -310,8 +310,10 @@ def test_purge_archive_after_its_own_period(conn, policy: Policy, keys: Keys) ->
     invoice = _invoice(conn, cid, THREE_YEARS_BEFORE - timedelta(days=100))  # 2023-03-07: kept until 2033-03-07
     # An archive row written under the former policy (rules[].archive_for: the contact row, for as_of + P10Y):
     # it keeps its own purge date and stays decryptable.
-    contact_json = conn.execute("SELECT to_jsonb(c)::text FROM crm.contacts c WHERE contact_id = %s", (cid,)).fetchone()[0]  # type: ignore[index]
-    key_id, nonce, ciphertext = keys.encrypt(contact_json.encode(), archive_aad("crm.contacts", str(cid), keys.archive_key_id))
+    contact_json = conn.execute(
+        "SELECT to_jsonb(c)::text FROM crm.contacts c WHERE contact_id = %s", (cid,)).fetchone()[0]  # type: ignore[index]
+    key_id, nonce, ciphertext = keys.encrypt(
+        contact_json.encode(), archive_aad("crm.contacts", str(cid), keys.archive_key_id))
     conn.execute(
         "INSERT INTO gdpr_archive.archived_row (source_table, source_pk, subject_id, rule, run_id, purge_after, key_id,"
         " nonce, ciphertext) VALUES ('crm.contacts', %s, %s, 'former_clients', 'old-run', '2036-06-15T00:00:00+00:00',"
@@ -329,8 +331,8 @@ def test_purge_archive_after_its_own_period(conn, policy: Policy, keys: Keys) ->
     assert len(_archive_of(conn, cid)) == 2
     assert sweep.purge_archive(conn, purge_ctx, "2033-03-08T00:00:00+00:00", 100) == 1
     assert set(_archive_of(conn, cid)) == {("crm.contacts", str(cid))}
-    row = conn.execute("SELECT key_id, nonce, ciphertext FROM gdpr_archive.archived_row WHERE source_table = 'crm.contacts'"
-                       " AND source_pk = %s", (str(cid),)).fetchone()
+    row = conn.execute("SELECT key_id, nonce, ciphertext FROM gdpr_archive.archived_row"
+                       " WHERE source_table = 'crm.contacts' AND source_pk = %s", (str(cid),)).fetchone()
     conn.rollback()
     assert row is not None
     assert json.loads(keys.decrypt(row[0], row[1], row[2], archive_aad("crm.contacts", str(cid), row[0]))) == (

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .policy import (
-    DURATION, Activity, Hold, KeepColumn, LastInteractionClock, MappedTable, Policy, RelatedMaxClock, Rule,
+    DURATION,
+    Activity,
+    Hold,
+    KeepColumn,
+    LastInteractionClock,
+    MappedTable,
+    Policy,
+    RelatedMaxClock,
+    Rule,
 )
 
 if TYPE_CHECKING:

@@ -55,8 +55,8 @@ def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
                          subject_hash=located.subject_hash, row_count=sum(located.rows.values()),
                          details={"request_id": request.request_id, "rows": located.rows, "holds": sorted(holds),
                                   "archive": [a.as_dict() for a in located.archive]})
-    archived = [[f"gdpr_archive: {a.source_table} ({f'kept until {a.until}' if a.obligation else 'to destroy'})", a.rows]
-                for a in located.archive]
+    archived = [[f"gdpr_archive: {a.source_table} ({f'kept until {a.until}' if a.obligation else 'to destroy'})",
+                 a.rows] for a in located.archive]
     log.info(
         "Request %s (subject %s…, due %s): %s — %s\n%s", request.request_id, located.subject_hash[:12],
         request.due_date, outcome, reason,

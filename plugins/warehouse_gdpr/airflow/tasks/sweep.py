@@ -116,7 +116,7 @@ def apply(checked: dict[str, Any], plans: list[dict[str, Any]], context: Any) ->
 
 
 def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
-    """Remove archived originals whose own retention period (archive_for) has ended."""
+    """Remove archived originals whose own purge date (set when archived, from the table's `archive`) has passed."""
     policy = load_policy(checked["policy_file"])
     ctx = connections.run_context(context, checked["dry_run"])
     with connections.connect(policy) as conn:
