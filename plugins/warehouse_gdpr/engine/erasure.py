@@ -339,15 +339,7 @@ def erase(
         for table, n in result.rows.items():
             audit.record(conn, ctx, action="erase", outcome=outcome, table=table, row_count=n,
                          subject_hash=located.subject_hash, details={"request_id": request.request_id})
-        for table, n in result.archive.get("destroyed", {}).items():
-            audit.record(conn, ctx, action="erase_archive", outcome="destroyed", table="gdpr_archive.archived_row",
-                         row_count=n, subject_hash=located.subject_hash,
-                         details={"request_id": request.request_id, "source_table": table})
-        for kept in result.archive.get("kept", []):
-            audit.record(conn, ctx, action="erase_archive", outcome="kept", table="gdpr_archive.archived_row",
-                         row_count=kept["rows"], subject_hash=located.subject_hash,
-                         details={"request_id": request.request_id, "source_table": kept["table"],
-                                  "obligation": kept["obligation"], "until": kept["until"]})
+        _audit_archive(conn, ctx, result)
         if located.email:
             # An opted-out person erased now: the entry becomes an erasure one (the resurrection guard
             # of optout.py needs it); an entry already of reason 'erasure' is kept as it is.
@@ -441,6 +433,20 @@ def _archive_summary(located: Located, destroyed: dict[str, int]) -> dict[str, A
     if not located.archive:
         return {}
     return {"destroyed": destroyed, "kept": [a.as_dict() for a in located.kept_archive]}
+
+
+def _audit_archive(conn: psycopg.Connection, ctx: RunContext, result: ErasureResult) -> None:
+    """One audit row per source table of the person's archive: rows destroyed, and rows kept with the
+    obligation and the date until which they are kept."""
+    for table, n in result.archive.get("destroyed", {}).items():
+        audit.record(conn, ctx, action="erase_archive", outcome="destroyed", table="gdpr_archive.archived_row",
+                     row_count=n, subject_hash=result.subject_hash,
+                     details={"request_id": result.request_id, "source_table": table})
+    for kept in result.archive.get("kept", []):
+        audit.record(conn, ctx, action="erase_archive", outcome="kept", table="gdpr_archive.archived_row",
+                     row_count=kept["rows"], subject_hash=result.subject_hash,
+                     details={"request_id": result.request_id, "source_table": kept["table"],
+                              "obligation": kept["obligation"], "until": kept["until"]})
 
 
 def verify(conn: psycopg.Connection, policy: Policy, keys: Keys, request: ErasureRequest,
