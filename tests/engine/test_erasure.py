@@ -821,6 +821,29 @@ def test_a_pseudonymised_former_client_erased_by_email_is_found_and_told_what_th
     assert _audit_rows_with_at(conn) == 0
 
 
+def test_an_unlinked_ticket_the_sweep_pseudonymised_is_found_by_the_hash_of_the_email(
+    conn, policy: Policy, keys: Keys
+) -> None:
+    """A ticket sent before the account existed (no contact_id) is pseudonymised with its person: its
+    requester email becomes the subject hash. An erasure by email still finds and deletes it (the
+    matcher's keyed-hash side), and verify rescans it the same way."""
+    email = f"zoe.unlinked.{new_id()}@scenario.example"
+    cid = add_contact(conn, "former_client", date(2015, 1, 1), email=email)
+    add_contract(conn, cid, date(2015, 1, 1), date(2023, 6, 5))
+    ticket = _add_ticket(conn, None, "  " + email.upper())
+    conn.commit()
+    sweep.apply_rule(conn, policy, policy.rule("former_clients"), keys, RunContext("sweep", "s-2", "apply"), AS_OF)
+    assert _one(conn, "SELECT requester_email FROM crm.support_tickets WHERE ticket_id = %s", ticket) == (
+        keys.subject_hash(email),)
+
+    request, located, _, result = _run(conn, policy, keys, {"email": email, "request_id": "REQ-UNLINKED"})
+
+    assert located.rows["crm.support_tickets"] == 1
+    assert result.rows["crm.support_tickets"] == 1
+    assert _count(conn, "SELECT count(*) FROM crm.support_tickets WHERE ticket_id = %s", ticket) == 0
+    assert erasure.verify(conn, policy, keys, request, result.outcome) == {}
+
+
 def test_an_obligation_alone_restricts_and_everything_else_is_erased(conn, keys: Keys) -> None:
     """No hold in force (the invoice is older than 10 years), but the archive keeps it until as_of + 10
     years (an obligation without `from`): `restricted`, the live rows all gone, the archived invoice kept."""
