@@ -99,6 +99,8 @@ CREATE TABLE IF NOT EXISTS gdpr_archive.archived_row (
     UNIQUE (source_table, source_pk)
 );
 CREATE INDEX IF NOT EXISTS archived_row_purge_idx ON gdpr_archive.archived_row (purge_after, archive_id);
+-- v6: an erasure finds the person's archived originals by subject id.
+CREATE INDEX IF NOT EXISTS archived_row_subject_idx ON gdpr_archive.archived_row (subject_id);
 
 REVOKE ALL ON gdpr_archive.archived_row FROM PUBLIC;
 GRANT SELECT, INSERT, DELETE ON gdpr_archive.archived_row TO gdpr_engine;
@@ -187,8 +189,8 @@ GRANT SELECT, INSERT ON gdpr.quarantine TO gdpr_engine;
 GRANT SELECT ON gdpr.quarantine TO gdpr_auditor;
 
 -- Erasure requests (GDPR art. 17): one row per request id; the subject appears only as a keyed hash.
--- Versions 1-5 kept them in this table; version 6 moves its rows into gdpr.request (every kind of
--- request) and replaces it by a read-only view of the same name (see "v6: one request lifecycle").
+-- Versions 1-6 kept them in this table; version 7 moves its rows into gdpr.request (every kind of
+-- request) and replaces it by a read-only view of the same name (see "v7: one request lifecycle").
 CREATE TABLE IF NOT EXISTS gdpr.erasure_request (
     request_id    text PRIMARY KEY,
     subject_hash  text NOT NULL,
@@ -253,7 +255,7 @@ ALTER TABLE gdpr.erasure_propagation ADD COLUMN IF NOT EXISTS claimed_until time
 ALTER TABLE gdpr.erasure_propagation ADD COLUMN IF NOT EXISTS claimed_by text;
 GRANT SELECT (claimed_until, claimed_by) ON gdpr.erasure_propagation TO gdpr_auditor;
 
--- v6: one request lifecycle. Every request a person makes (GDPR art. 15-21) is one row of gdpr.request,
+-- v7: one request lifecycle. Every request a person makes (GDPR art. 15-21) is one row of gdpr.request,
 -- whatever its kind; the subject appears only as a keyed hash. A request registered before it runs
 -- (`warehouse-gdpr request new`) also holds the person's identifier (normalised email, or
 -- 'subject_id:N'), encrypted with the archive key (AES-256-GCM, AAD = request|request_id|kind|key_id);
@@ -322,7 +324,7 @@ CREATE TRIGGER request_guard
     FOR EACH ROW EXECUTE FUNCTION gdpr.guard_request_change();
 ALTER TABLE gdpr.request ENABLE ALWAYS TRIGGER request_guard;
 
--- The upgrade from an earlier version (1-5), in place: the erasure requests move into gdpr.request (kind 'erasure'),
+-- The upgrade from an earlier version (1-6), in place: the erasure requests move into gdpr.request (kind 'erasure'),
 -- the outbox's foreign key follows them, the old table is dropped. Nothing is lost: this runs in the
 -- installer's one transaction. A DBA's own view on the old table stops the upgrade (DROP refuses),
 -- rather than silently reading every kind of request.
@@ -351,7 +353,7 @@ BEGIN
 END
 $$;
 
--- For readers of versions 1-5 (reports, a DBA's queries): the erasure requests that ran, with the
+-- For readers of versions 1-6 (reports, a DBA's queries): the erasure requests that ran, with the
 -- columns they had (due_date is the extended one when extended). Read-only: the engine writes gdpr.request.
 CREATE OR REPLACE VIEW gdpr.erasure_request AS
 SELECT request_id, subject_hash, received_at, coalesce(extended_due_date, due_date) AS due_date, status, outcome,
@@ -392,4 +394,4 @@ CREATE TRIGGER erasure_propagation_no_pending_delete
     FOR EACH ROW EXECUTE FUNCTION gdpr.guard_propagation_delete();
 ALTER TABLE gdpr.erasure_propagation ENABLE ALWAYS TRIGGER erasure_propagation_no_pending_delete;
 
-INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3), (4), (5), (6) ON CONFLICT (version) DO NOTHING;
+INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7) ON CONFLICT (version) DO NOTHING;

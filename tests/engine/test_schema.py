@@ -170,7 +170,7 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
 
 
 DATA = Path(__file__).parent / "data"
-PREVIOUS = 5  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v5.sql
+PREVIOUS = 6  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v6.sql
 
 
 def _install_version(conn: psycopg.Connection, version: int) -> None:
@@ -184,26 +184,41 @@ def _install_version(conn: psycopg.Connection, version: int) -> None:
     conn.commit()
 
 
+def _install_version_3(conn: psycopg.Connection) -> None:
+    """The control schema as version 3 left it: version 4's, without gdpr.processing_register (what 4 added)."""
+    _install_version(conn, 4)
+    with conn.transaction():
+        conn.execute("DROP TABLE gdpr.processing_register")
+        conn.execute("DELETE FROM gdpr.schema_version WHERE version = 4")
+    assert schema.installed_version(conn) == 3
+    conn.commit()
+
+
+@pytest.mark.parametrize("version", [3, PREVIOUS])
 def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
-    conn: psycopg.Connection, dag_conn: psycopg.Connection
+    conn: psycopg.Connection, dag_conn: psycopg.Connection, version: int
 ) -> None:
     """The DAGs connect as a member of gdpr_engine: after a package upgrade they name the installed and
     the needed version and what the owner runs; the owner's run then upgrades, keeping every row."""
-    _install_version(conn, PREVIOUS)
+    if version == 3:
+        _install_version_3(conn)
+    else:
+        _install_version(conn, version)
     _record(conn)
     with pytest.raises(schema.SchemaError) as info:
         schema.ensure_schema(dag_conn)
     message = str(info.value)
-    assert message.startswith(f"the gdpr control schema is out of date (installed version {PREVIOUS}, this package "
+    assert message.startswith(f"the gdpr control schema is out of date (installed version {version}, this package "
                               f"needs {schema.SCHEMA_VERSION}) and this connection (role gdpr_dag) may not upgrade it "
                               "(permission denied")
     assert WHAT_TO_RUN in message and "not installed" not in message and "include/" not in message
     assert dag_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # rolled back, usable
-    assert schema.installed_version(dag_conn) == PREVIOUS
+    assert schema.installed_version(dag_conn) == version
     dag_conn.commit()
 
     assert schema.ensure_schema(conn) is True
     assert schema.installed_version(dag_conn) == schema.SCHEMA_VERSION
+    assert dag_conn.execute("SELECT to_regclass('gdpr_archive.archived_row_subject_idx')").fetchone()[0] is not None
     assert _count(conn, "gdpr.audit_log") == 1
     assert schema.ensure_schema(dag_conn) is False  # the DAGs go on as the engine
     with dag_conn.transaction():  # with the grants of the current version
@@ -217,7 +232,7 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
         )
 
 
-# -- version 6: one request lifecycle (gdpr.request), the erasure requests migrated in place -----------
+# -- version 7: one request lifecycle (gdpr.request), the erasure requests migrated in place -----------
 
 OLD_COLUMNS = ("request_id, subject_hash, received_at, due_date, status, outcome, reason, created_at, completed_at,"
                " deadline_warned_at, details")
@@ -259,7 +274,8 @@ def _snapshot(conn: psycopg.Connection) -> tuple[list[tuple], list[tuple]]:
     return requests, outbox
 
 
-@pytest.mark.parametrize("steps", [(4,), (5,), (4, 5)], ids=["from-v4", "from-v5", "v4-then-v5"])
+@pytest.mark.parametrize("steps", [(4,), (5,), (6,), (5, 6), (4, 5, 6)],
+                         ids=["from-v4", "from-v5", "from-v6", "v5-then-v6", "v4-then-v5-then-v6"])
 def test_a_warehouse_with_erasure_requests_upgrades_in_place(
     conn: psycopg.Connection, dag_conn: psycopg.Connection, steps: tuple[int, ...]
 ) -> None:
@@ -280,6 +296,7 @@ def test_a_warehouse_with_erasure_requests_upgrades_in_place(
 
     assert schema.installed_version(conn) == schema.SCHEMA_VERSION
     assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'gdpr.erasure_request'::regclass").fetchone()[0] == "v"
+    assert conn.execute("SELECT to_regclass('gdpr_archive.archived_row_subject_idx')").fetchone()[0] is not None  # v6
     # Every row kept, column for column, readable under the old name; the outbox untouched, claims included.
     assert _snapshot(conn) == (requests_before, outbox_before)
     claim = conn.execute("SELECT claimed_until, claimed_by FROM gdpr.erasure_propagation"

@@ -1,4 +1,4 @@
--- The control schema DDL of version 5 (warehouse-gdpr before the request lifecycle: the outbox claim
+-- The control schema DDL of version 5 (the outbox claim
 -- columns), frozen: the upgrade tests install it, fill it, and upgrade it in place with the current
 -- include/sql/gdpr_schema.sql.
 -- warehouse-gdpr control schema. Idempotent: every statement can run again on an installed warehouse.
