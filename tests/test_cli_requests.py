@@ -88,6 +88,24 @@ def test_request_new_refuses_bad_input_and_changes_nothing(
     assert _state(engine_url) == before
 
 
+@pytest.mark.parametrize(
+    "extra", [["jane.doe@acme.example"], ["--email", "jane.doe@acme.example"], ["--email=jane.doe@acme.example"]],
+    ids=["positional", "option", "option="],
+)
+def test_an_identifier_on_the_command_line_is_refused_without_echo(
+    engine_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], extra: list[str]
+) -> None:
+    """The email typed as an argument by mistake (argparse would quote it back on stderr): refused, not shown."""
+    before = _state(engine_url)
+    with pytest.raises(SystemExit) as info:
+        _new(monkeypatch, "--kind", "erasure", "--request-id", "REQ-CLI-ARGV", *extra)
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert "jane" not in out + err and "@" not in out + err
+    assert f"error: {len(extra)} unrecognized argument(s), not shown" in err and "on stdin" in err
+    assert _state(engine_url) == before
+
+
 def test_request_new_refuses_a_bad_or_used_request_id(
     engine_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

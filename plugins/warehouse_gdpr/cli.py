@@ -28,6 +28,7 @@ import os
 import sys
 from datetime import date, datetime, timezone
 from pathlib import Path
+from typing import NoReturn
 
 from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
 
@@ -295,8 +296,21 @@ def _register(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that an argument it does not know is never quoted back: it may be a person's email
+    typed on the command line by mistake (`request new` reads it on stdin)."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            count = len(message.split(":", 1)[1].split())
+            message = (f"{count} unrecognized argument(s), not shown (they may be personal data: `request new` "
+                       "reads the person's email, or subject_id:N, on stdin, never from the command line)")
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="warehouse-gdpr", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="warehouse-gdpr", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     policy = commands.add_parser("policy", help="work with a policy file").add_subparsers(dest="action", required=True)
     policy.add_parser("schema", help="print the JSON Schema of the policy file").set_defaults(run=_schema)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import psycopg
@@ -124,6 +124,10 @@ def test_a_registered_request_runs_from_its_id_alone(
          'request REQ-REG-1 is registered with its identifier: trigger it with {"request_id": "REQ-REG-1"} alone'),
         ({"request_id": "REQ-REG-1", "received_at": "2026-06-02"},
          "request REQ-REG-1 was registered as received on 2026-06-01: leave `received_at` empty"),
+        # a typo in a param's name is named as such, before any look-up of the request id
+        ({"request_id": "REQ-REG-NEW", "emial": "jane.doe@acme.example"},
+         "unknown param(s) `emial`: this DAG takes only `email`, `subject_id`"),
+        ({"request_id": "REQ-REG-1", "dyr_run": True}, "unknown param(s) `dyr_run`"),
     ],
 )
 def test_a_wrong_request_id_fails_clearly_and_changes_nothing(
@@ -141,5 +145,31 @@ def test_a_wrong_request_id_fails_clearly_and_changes_nothing(
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
     assert states["validate_request"] == "failed" and states["erase"] == "upstream_failed"
     assert message in logs
-    assert email not in logs
+    assert email not in logs and "jane.doe" not in logs
     assert _state(airflow_conns) == before
+
+
+def test_an_extended_request_runs_with_its_extended_due_date(
+    airflow_home: Path, airflow_conns: str, keys: Keys, caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Registered 40 days ago and extended within its first month (art. 12(3)): past its first due date but
+    not overdue. The run says so, and records and reports the extended due date."""
+    _, email = _erasable_person(airflow_conns)
+    today = date.today()  # the DAG's today (erasure.parse_request bounds received_at with the real date)
+    received = today - timedelta(days=40)
+    with psycopg.connect(airflow_conns) as conn:
+        requests.register(conn, keys, CTX, kind="erasure", request_id="REQ-REG-EXT", identifier=email,
+                          received_at=received, today=received)
+        extended = requests.extend(conn, CTX, "REQ-REG-EXT", "twelve systems to search", today=received + timedelta(days=5))
+    assert date.fromisoformat(extended["due_date"]) < today < date.fromisoformat(extended["extended_due_date"])
+
+    dag_run, logs = _run({"request_id": "REQ-REG-EXT", "dry_run": True}, caplog, capfd)
+
+    assert str(dag_run.state) == "success", logs[-4000:]
+    assert "already past its due date" not in logs and "overdue" not in logs.lower(), logs[-4000:]
+    assert f"due {extended['extended_due_date']}" in logs
+    stored = _stored(dag_run)
+    assert f'"due_date": "{extended["extended_due_date"]}"' in stored or \
+        f"'due_date': '{extended['extended_due_date']}'" in stored
+    assert extended["due_date"] not in stored

@@ -108,6 +108,8 @@ def test_register_by_subject_id(conn: psycopg.Connection, keys: Keys) -> None:
         ({"identifier": "subject_id:-3"}, "`subject_id:N` needs a positive integer N"),
         ({"identifier": "subject_id:abc"}, "`subject_id:N` needs a positive integer N"),
         ({"received": TODAY + timedelta(days=1)}, "the date of receipt is in the future"),
+        # the bound the subject DAG applies (erasure.MAX_RECEIVED_AGE_DAYS): refused here, not when it runs
+        ({"received": TODAY - timedelta(days=366)}, "the date of receipt is more than 365 days before today"),
     ],
 )
 def test_register_refuses_bad_input_and_changes_nothing(
@@ -338,7 +340,7 @@ def test_purge_after_keep_for_with_the_outbox_rows(conn: psycopg.Connection, key
     _completed(conn, "REQ-P-OLD-2", "2023-06-14", kind="access")
     _completed(conn, "REQ-P-OLD-3", "2022-12-01", kind="objection")
     _completed(conn, "REQ-P-KEPT", "2023-06-16", targets=("emailing",))   # not three years yet
-    _register(conn, keys, "REQ-P-OPEN", received=date(2020, 1, 1), today=TODAY)  # never completed: never purged
+    _register(conn, keys, "REQ-P-OPEN", received=date(2025, 6, 16), today=TODAY)  # never completed: never purged
     _register(conn, keys, "REQ-P-LEFT")
     with conn.transaction():  # a completed request that still holds its identifier (a forgotten destruction)
         conn.execute("UPDATE gdpr.request SET status = 'refused', outcome = 'refused', completed_at = now()"

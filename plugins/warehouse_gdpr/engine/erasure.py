@@ -85,15 +85,9 @@ class ErasureRequest:
         return self.extended_due_date or self.first_due_date
 
 
-def parse_request(params: Mapping[str, Any], today: date | None = None) -> ErasureRequest:
-    """Check a trigger's params: the DAG's first task calls this before anything is read or written.
-
-    The trigger form only checks types (a Param pattern or format would echo a refused value, e.g. an
-    email, in Airflow's error), so every rule is checked here. A message names the param and the rule
-    it broke, never a refused value. The email is normalised: surrounding whitespace (spaces, tabs,
-    a trailing newline) dropped, lower case; what is left must be a plain ASCII address.
-    """
-    today = today or date.today()
+def refuse_unknown_params(params: Mapping[str, Any]) -> None:
+    """Refuse a param this DAG does not take (a typo such as `emial`), naming it only if it looks like a name.
+    Checked first, before a registered request is looked up by its id (a typo is named as such)."""
     unknown = sorted(str(k) for k in params if k not in PARAMS)
     if unknown:
         shown = [f"`{k}`" for k in unknown if re.fullmatch(SAFE_PARAM_NAME, k)]
@@ -103,6 +97,18 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Erasu
             f"unknown param(s) {names}: this DAG takes only "
             + ", ".join(f"`{n}`" for n in PARAMS) + " (check the spelling; nothing was changed)"
         )
+
+
+def parse_request(params: Mapping[str, Any], today: date | None = None) -> ErasureRequest:
+    """Check a trigger's params: the DAG's first task calls this before anything is read or written.
+
+    The trigger form only checks types (a Param pattern or format would echo a refused value, e.g. an
+    email, in Airflow's error), so every rule is checked here. A message names the param and the rule
+    it broke, never a refused value. The email is normalised: surrounding whitespace (spaces, tabs,
+    a trailing newline) dropped, lower case; what is left must be a plain ASCII address.
+    """
+    today = today or date.today()
+    refuse_unknown_params(params)
     email = params.get("email")
     if email is not None and not isinstance(email, str):
         raise RequestError("`email` must be text")

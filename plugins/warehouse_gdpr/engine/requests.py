@@ -23,7 +23,7 @@ import calendar
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import psycopg
@@ -33,7 +33,7 @@ from psycopg.types.json import Jsonb
 from . import audit
 from .audit import RunContext
 from .crypto import Keys, normalise_email
-from .erasure import EMAIL_MAX_LENGTH, EMAIL_PATTERN, REQUEST_ID_PATTERN
+from .erasure import EMAIL_MAX_LENGTH, EMAIL_PATTERN, MAX_RECEIVED_AGE_DAYS, REQUEST_ID_PATTERN
 from .errors import ConfigurationError
 
 KINDS = ("access", "portability", "rectification", "restriction", "restriction_lift", "erasure", "objection")
@@ -137,6 +137,11 @@ def register(
     email, subject_id = parse_identifier(identifier)
     if received_at > today:
         raise RequestStoreError("the date of receipt is in the future")
+    if received_at < today - timedelta(days=MAX_RECEIVED_AGE_DAYS):  # the subject DAG would refuse to run it
+        raise RequestStoreError(
+            f"the date of receipt is more than {MAX_RECEIVED_AGE_DAYS} days before today: refused as a likely typo "
+            "(a request that old is long overdue: tell the DPO; runbook: 'Trigger an erasure')"
+        )
     # The hash erasure.locate gives the same person (by email), or the one it gives an id without an email.
     subject_hash = keys.subject_hash(email, strip_plus_tags) if email else keys.hash_value(f"subject-id:{subject_id}")
     plaintext = email if email else f"{SUBJECT_ID_PREFIX}{subject_id}"

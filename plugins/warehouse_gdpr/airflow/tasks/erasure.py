@@ -42,6 +42,7 @@ def _request(context: Any, conn: psycopg.Connection, keys: Any) -> ErasureReques
     for key in getattr(dag_run, "conf", None) or {}:
         params.setdefault(key, None)
     try:
+        erasure.refuse_unknown_params(params)
         resolved, registered = requests.resolve(conn, keys, "erasure", params)
         request = erasure.parse_request(resolved)
     except (erasure.RequestError, requests.RequestStoreError) as exc:
