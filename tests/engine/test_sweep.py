@@ -9,8 +9,17 @@ from datetime import timedelta
 import psycopg
 import pytest
 from cryptography.exceptions import InvalidTag
-from helpers import AS_OF, CRM_TABLES, THREE_YEARS_BEFORE, add_activity, add_contact, add_contract, candidates, table_checksum
 
+from helpers import (
+    AS_OF,
+    CRM_TABLES,
+    THREE_YEARS_BEFORE,
+    add_activity,
+    add_contact,
+    add_contract,
+    candidates,
+    table_checksum,
+)
 from warehouse_gdpr.engine import sweep
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys, archive_aad
@@ -258,14 +267,16 @@ def test_a_hold_whose_predicate_is_null_is_not_swept(conn, keys: Keys) -> None:
 def test_erasure_and_the_resurrection_guard_also_hold_on_null(conn, keys: Keys) -> None:
     from psycopg import sql
 
-    from warehouse_gdpr.engine import erasure, optout
+    from warehouse_gdpr.engine import candidates as engine_candidates
+    from warehouse_gdpr.engine import erasure
 
     policy, litigant, ended = _open_ended_litigation(conn)
     for person, expected in ((litigant, {"litigation": "refuse"}), (ended, {})):
         located = erasure.Located(subject_ids=[person], subject_hash="h", email=None)
         assert erasure.holds_in_force(conn, policy, located, AS_OF) == expected
-        holds = conn.execute(
-            sql.SQL("SELECT {h} FROM crm.contacts s WHERE s.contact_id = %(id)s").format(h=optout._all_holds(policy)),
+        holds = conn.execute(  # every hold, as the resurrection guard evaluates them
+            sql.SQL("SELECT {h} FROM crm.contacts s WHERE s.contact_id = %(id)s").format(
+                h=engine_candidates.holds_array(policy.holds)),
             {"id": person, "as_of": AS_OF},
         ).fetchone()[0]  # type: ignore[index]
         conn.rollback()
