@@ -35,11 +35,11 @@ os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ["WAREHOUSE_GDPR_POLICY"] = str(ROOT / "include" / "policy.yaml")
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from warehouse_gdpr_demo import data as demo_data, embedded  # noqa: E402
-
 from warehouse_gdpr.engine import schema  # noqa: E402
 from warehouse_gdpr.engine.crypto import Keys, generate_extra  # noqa: E402
 from warehouse_gdpr.engine.policy import Policy, load_policy  # noqa: E402
+from warehouse_gdpr_demo import data as demo_data  # noqa: E402
+from warehouse_gdpr_demo import embedded  # noqa: E402
 from warehouse_gdpr_demo.sqlfiles import read_sql  # noqa: E402
 
 TEMPLATE_DB = "gdpr_test_template"

@@ -25,7 +25,7 @@ Behaviour = Callable[["_Handler"], None]
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
 

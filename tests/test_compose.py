@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from warehouse_gdpr_demo import compose_seed, services as demo_services
 from warehouse_gdpr.engine.crypto import Keys, generate_extra
 from warehouse_gdpr.engine.policy import load_policy
+from warehouse_gdpr_demo import compose_seed
+from warehouse_gdpr_demo import services as demo_services
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

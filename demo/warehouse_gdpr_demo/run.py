@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
-import urllib.request
-import shlex
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,10 +35,10 @@ import psycopg.conninfo
 import psycopg.sql
 
 from warehouse_gdpr.engine import schema
+from warehouse_gdpr.engine.crypto import generate_extra
 
 from . import data as demo_data
 from . import embedded, safety
-from warehouse_gdpr.engine.crypto import generate_extra
 from .sqlfiles import read_sql
 
 ROOT = Path(__file__).resolve().parents[2]

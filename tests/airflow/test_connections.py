@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from warehouse_gdpr.airflow import connections
 from warehouse_gdpr.engine.errors import ConfigurationError
 from warehouse_gdpr.engine.policy import Policy

@@ -12,13 +12,12 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+
 from helpers import AS_OF, add_activity, add_contact
-
-from warehouse_gdpr_demo import embedded
-
 from warehouse_gdpr.engine import erasure, optout
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys
+from warehouse_gdpr_demo import embedded
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_AFTER = datetime(2026, 6, 15, 12, 0, tzinfo=timezone.utc)

@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
+
 from helpers import CRM_TABLES, table_checksum
 from warehouse_gdpr.engine.errors import ConfigurationError
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
 from helpers import CRM_TABLES, table_checksum
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,8 +18,9 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from helpers import CRM_TABLES, add_contact, add_contract, table_checksum
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from helpers import CRM_TABLES, add_contact, add_contract, table_checksum
 from warehouse_gdpr.airflow.errors import task_errors
 from warehouse_gdpr.engine import erasure
 from warehouse_gdpr.engine.audit import RunContext

@@ -365,8 +365,9 @@ def test_failing_check_changes_nothing(conn: psycopg.Connection, demo_data: dict
 def _former_clients_without_a_date(conn: psycopg.Connection) -> tuple[int, int]:
     """Adds a former client with no contract and one with an open contract only; returns (those without a
     date for the contracts clock, unpseudonymised former clients)."""
-    from helpers import add_contact, add_contract
     from datetime import date
+
+    from helpers import add_contact, add_contract
 
     add_contact(conn, "former_client", date(2019, 1, 1))
     open_only = add_contact(conn, "former_client", date(2019, 1, 1))

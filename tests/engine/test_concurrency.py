@@ -22,9 +22,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import AS_OF, CRM_TABLES, add_activity, add_contact, add_contract, new_id, table_checksum
 from psycopg import sql
 
+from helpers import AS_OF, CRM_TABLES, add_activity, add_contact, add_contract, new_id, table_checksum
 from warehouse_gdpr.engine import erasure, sweep
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys, archive_aad

@@ -18,13 +18,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import AS_OF, add_activity, add_contact, add_contract, new_id, table_checksum
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from helpers import AS_OF, add_activity, add_contact, add_contract, new_id, table_checksum
 from warehouse_gdpr.engine import erasure, optout
 from warehouse_gdpr.engine.audit import RunContext
-from warehouse_gdpr.engine.crypto import Keys, KeyConfigError, generate_extra
+from warehouse_gdpr.engine.crypto import KeyConfigError, Keys, generate_extra
 from warehouse_gdpr.engine.policy import Policy
 
 CTX = RunContext("gdpr_optout_sync", "run-1", "test")
@@ -335,9 +335,8 @@ def test_the_engine_cannot_remove_or_alter_an_entry(
     conn, warehouse: str, policy: Policy, keys: Keys, statement: str, message: str
 ) -> None:
     _erased_then_reimported(conn, policy, keys, "REQ-PERM-1")
-    with _as_engine(warehouse) as engine:
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            engine.execute(statement)
+    with _as_engine(warehouse) as engine, pytest.raises(errors.InsufficientPrivilege) as info:
+        engine.execute(statement)
     assert info.value.diag.message_primary == message
     assert _count(conn, "SELECT count(*) FROM gdpr.suppression_list WHERE reason = 'erasure'") == 1
 
@@ -345,9 +344,8 @@ def test_the_engine_cannot_remove_or_alter_an_entry(
 @pytest.mark.parametrize("statement", ["DELETE FROM gdpr.suppression_list", "TRUNCATE gdpr.suppression_list"])
 def test_even_the_owner_cannot_remove_an_entry(conn, policy: Policy, keys: Keys, statement: str) -> None:
     _erased_then_reimported(conn, policy, keys, "REQ-PERM-2")
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with conn.transaction():
-            conn.execute(statement)
+    with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():
+        conn.execute(statement)
     assert info.value.diag.message_primary.startswith("gdpr.suppression_list is permanent")
     assert _count(conn, "SELECT count(*) FROM gdpr.suppression_list") == 1
 

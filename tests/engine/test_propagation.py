@@ -21,9 +21,9 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+
 from helpers import AS_OF, add_activity, add_contact
 from scripted_http import ScriptedServer, after, html_answer, json_answer, raw_answer, redirect, trickle
-
 from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import erasure, propagation
 from warehouse_gdpr.engine.audit import RunContext

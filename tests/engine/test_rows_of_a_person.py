@@ -8,6 +8,8 @@ from __future__ import annotations
 from datetime import date
 
 import psycopg
+from psycopg import sql
+
 from helpers import (
     AS_OF,
     Person,
@@ -21,8 +23,6 @@ from helpers import (
     scanned_columns,
     ts,
 )
-from psycopg import sql
-
 from warehouse_gdpr.engine import erasure, matcher, optout, sweep
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys
@@ -161,7 +161,7 @@ def test_the_scan_finds_what_is_left(conn, policy: Policy) -> None:
     conn.execute("CREATE TABLE elsewhere.leftovers (doc jsonb, blob bytea, line varchar(200))")
     conn.execute("INSERT INTO elsewhere.leftovers VALUES (%s, NULL, NULL), (NULL, %s, NULL), (NULL, NULL, %s),"
                  " (NULL, NULL, %s)",
-                 ('{"to": "Quintilla.Marchbanks@Rare-Names.example"}', "Tel. +33 (6) 10.20.30.40".encode(),
+                 ('{"to": "Quintilla.Marchbanks@Rare-Names.example"}', b"Tel. +33 (6) 10.20.30.40",
                   "Dear QUINTILLA", "Marchbanks, Quintilla"))
     conn.commit()
     hits, _ = pii_scan(conn, [person])

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from .candidates import hold_predicate, qualified, rule_params, unselectable_query
 from .errors import ConfigurationError
 from .policy import FixedColumn, HashColumn, NullColumn, Policy, RelatedMaxClock
-from .candidates import hold_predicate, qualified, rule_params, unselectable_query
 
 TEXT_TYPES = ("text", "character varying", "character")
 TIME_TYPES = ("timestamp with time zone", "timestamp without time zone", "date")

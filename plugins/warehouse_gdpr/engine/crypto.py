@@ -72,7 +72,7 @@ class Keys:
                 f"archive_key_ids={sorted(self.archive_keys)!r})")
 
     @classmethod
-    def from_extra(cls, extra: Mapping[str, object], conn_id: str = "gdpr_keys") -> "Keys":
+    def from_extra(cls, extra: Mapping[str, object], conn_id: str = "gdpr_keys") -> Keys:
         """Build keys from a connection's extra dict; raise KeyConfigError naming what is wrong."""
         hmac_key_id = extra.get("hmac_key_id")
         if not isinstance(hmac_key_id, str) or not hmac_key_id:
