@@ -162,7 +162,8 @@ class Downstream:
         self.telephony.add_contact(email, phone="+33 6 00 00 00 00")
         with psycopg.connect(self.desk_url) as desk:
             tid = desk.execute(
-                "INSERT INTO desk.tickets (requester_email, subject) VALUES (%s, 'Invoice question') RETURNING ticket_id",
+                "INSERT INTO desk.tickets (requester_email, subject) VALUES (%s, 'Invoice question')"
+                " RETURNING ticket_id",
                 (email,),
             ).fetchone()[0]  # type: ignore[index]
             desk.execute("INSERT INTO desk.ticket_messages (ticket_id, body) VALUES (%s, 'Hello, Zoé here')", (tid,))

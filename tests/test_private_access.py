@@ -46,30 +46,35 @@ def violations(base: Path) -> list[str]:
     for path in files:
         module = _module_name(path, base)
         tree = ast.parse(path.read_text(), filename=str(path))
-        where = path.relative_to(base)
-        aliases: dict[str, str] = {}  # local name -> our module it is bound to
+        where = f"{path.relative_to(base)}"
+        aliases = _imports(tree, module, path.name == "__init__.py", modules, where, found)
         for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                for alias in node.names:
-                    if alias.asname and alias.name in modules:
-                        aliases[alias.asname] = alias.name
-            elif isinstance(node, ast.ImportFrom):
-                source = _absolute(module, path.name == "__init__.py", node)
-                if not (source == TOP or source.startswith(TOP + ".")):
-                    continue
-                for alias in node.names:
-                    if _is_private(alias.name) and source != module:
-                        found.append(f"{where}:{node.lineno}: from {source} import {alias.name}")
-                    if f"{source}.{alias.name}" in modules:
-                        aliases[alias.asname or alias.name] = f"{source}.{alias.name}"
-        for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and _is_private(node.attr) and isinstance(node.value, ast.Name)
-                    and aliases.get(node.value.id, module) != module):
-                found.append(f"{where}:{node.lineno}: {node.value.id}.{node.attr} ({aliases[node.value.id]})")
-            elif (isinstance(node, ast.Attribute) and _is_private(node.attr)
-                  and ast.unparse(node.value) in modules and ast.unparse(node.value) != module):
-                found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+            if not (isinstance(node, ast.Attribute) and _is_private(node.attr)):
+                continue
+            owner = ast.unparse(node.value)
+            owner_module = aliases.get(owner, owner if owner in modules else module)
+            if owner_module != module:
+                found.append(f"{where}:{node.lineno}: {owner}.{node.attr} ({owner_module})")
     return found
+
+
+def _imports(tree: ast.Module, module: str, is_package: bool, modules: set[str], where: str,
+             found: list[str]) -> dict[str, str]:
+    """{local name: our module it is bound to}; private names imported from another module go to `found`."""
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {alias.asname: alias.name for alias in node.names if alias.asname and alias.name in modules}
+        elif isinstance(node, ast.ImportFrom):
+            source = _absolute(module, is_package, node)
+            if not (source == TOP or source.startswith(TOP + ".")):
+                continue
+            for alias in node.names:
+                if _is_private(alias.name) and source != module:
+                    found.append(f"{where}:{node.lineno}: from {source} import {alias.name}")
+                if f"{source}.{alias.name}" in modules:
+                    aliases[alias.asname or alias.name] = f"{source}.{alias.name}"
+    return aliases
 
 
 def test_no_module_uses_another_modules_private_names() -> None:

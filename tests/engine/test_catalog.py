@@ -394,7 +394,9 @@ def test_a_rule_that_never_selects_some_subjects_warns(conn: psycopg.Connection,
     assert check_policy(conn, parse_policy(demo_data, "demo")).warnings == []
 
 
-def test_a_fallback_column_that_may_be_empty_is_counted_too(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+def test_a_fallback_column_that_may_be_empty_is_counted_too(
+    conn: psycopg.Connection, demo_data: dict[str, Any]
+) -> None:
     _, total = _former_clients_without_a_date(conn)
     nullable = _variant(demo_data, lambda d: d["rules"][2]["clock"].update(fallback="pseudonymised_at"))
     assert check_policy(conn, nullable).warnings == [

@@ -117,7 +117,8 @@ def test_collection_is_idempotent_and_matches_the_sources(conn, policy: Policy, 
     assert sum(first["by_source"].values()) == len(expected)
     assert _entry(conn, keys.subject_hash("unsub.person@example.example")) == (
         keys.hmac_key_id, "opt_out", "unsubscribe_activity", None)
-    assert _entry(conn, keys.subject_hash("both.sources@example.example"))[2] == "do_not_contact_flag"  # first source wins
+    # the first source wins
+    assert _entry(conn, keys.subject_hash("both.sources@example.example"))[2] == "do_not_contact_flag"
 
     checksum = table_checksum(conn, ["gdpr.suppression_list"])
     second = optout.collect(conn, policy, keys, CTX, AS_OF)
@@ -187,7 +188,8 @@ def test_enforcement_marks_matches_whatever_their_status_and_again_after_an_impo
     conn, policy: Policy, keys: Keys
 ) -> None:
     _unsubscribed(conn, "leaver@old-job.example", status="client")
-    copies = [add_contact(conn, s, date(2022, 1, 1), email="Leaver@Old-Job.example") for s in ("prospect", "lead", "former_client")]
+    copies = [add_contact(conn, s, date(2022, 1, 1), email="Leaver@Old-Job.example")
+              for s in ("prospect", "lead", "former_client")]
     bystander = add_contact(conn, "lead", date(2024, 1, 1), email="bystander@example.example")
     conn.commit()
     optout.collect(conn, policy, keys, CTX, AS_OF)
@@ -238,7 +240,8 @@ def test_reimported_erased_subject_is_erased_again_and_audited(conn, policy: Pol
     assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = %s", cid) == 0
     assert _count(conn, "SELECT count(*) FROM crm.activities WHERE contact_id = %s", cid) == 0
     assert table_checksum(conn, ["crm.contracts", "crm.invoices"]) == untouched
-    row = _one(conn, "SELECT outcome, subject_hash, table_name, details FROM gdpr.audit_log WHERE action = 'resurrection'")
+    row = _one(conn, "SELECT outcome, subject_hash, table_name, details FROM gdpr.audit_log"
+                     " WHERE action = 'resurrection'")
     assert row[:3] == ("erased", email_hash, "crm.contacts")
     assert row[3]["request_id"] == "REQ-2026-0100" and row[3]["subject_id"] == cid and row[3]["policy"] == "erase"
     assert _count(conn, "SELECT count(*) FROM gdpr.audit_log WHERE action = 'erase' AND outcome = 'resurrection'"
@@ -276,7 +279,8 @@ def test_resurrected_subject_under_a_hold_is_quarantined_not_erased(conn, policy
     assert _count(conn, "SELECT count(*) FROM crm.contracts WHERE contact_id = %s", cid) == 1
     assert _one(conn, "SELECT reason FROM gdpr.quarantine WHERE subject_id = %s", str(cid)) == (
         "resurrection; legal hold: active_contract",)
-    assert _one(conn, "SELECT details->'holds' FROM gdpr.audit_log WHERE action = 'resurrection'") == (["active_contract"],)
+    assert _one(conn, "SELECT details->'holds' FROM gdpr.audit_log WHERE action = 'resurrection'") == (
+        ["active_contract"],)
 
 
 def test_refused_or_restricted_erasures_are_not_resurrections(conn, policy: Policy, keys: Keys) -> None:
@@ -284,7 +288,8 @@ def test_refused_or_restricted_erasures_are_not_resurrections(conn, policy: Poli
     add_contract(conn, held, date(2023, 2, 1), None)
     conn.commit()
     assert _erase(conn, policy, keys, "in.court@example.example", "REQ-LIT-9").outcome == "refused"
-    assert _entry(conn, keys.subject_hash("in.court@example.example"))[1:] == ("erasure", "erasure_request", "REQ-LIT-9")
+    assert _entry(conn, keys.subject_hash("in.court@example.example"))[1:] == (
+        "erasure", "erasure_request", "REQ-LIT-9")
     before = table_checksum(conn, ["crm.contacts", "crm.contracts"])
 
     assert optout.guard(conn, policy, keys, CTX, AS_OF)["found"] == 0
@@ -392,7 +397,8 @@ def test_rotation_keeps_lookups_working(conn, warehouse: str, policy: Policy, ke
     guarded = optout.guard(conn, policy, keys2, CTX, AS_OF)
     assert guarded["erased"] == 1
     assert _one(conn, "SELECT subject_hash, details->>'request_id' FROM gdpr.audit_log WHERE action = 'resurrection'"
-                      " AND (details->>'subject_id')::bigint = %s", back) == (keys2.subject_hash(resurrect_email), "REQ-ROT-1")
+                      " AND (details->>'subject_id')::bigint = %s", back) == (
+        keys2.subject_hash(resurrect_email), "REQ-ROT-1")
 
     # a second rotation chains once more
     _, keys3 = _rotated(extra2, "pepper-3")
@@ -549,15 +555,16 @@ def test_dry_run_changes_nothing_and_says_what_it_would_do(conn, policy: Policy,
     assert table_checksum(conn, tables) == before
     assert not (tmp_path / "x.txt").exists()
     assert result.collect["added"] > 0 and result.guard["erased"] == 1 and result.enforce["flagged"] > 0
-    rows = conn.execute("SELECT action, outcome, dry_run FROM gdpr.audit_log WHERE run_id = 'dry-1' ORDER BY audit_id").fetchall()
+    rows = conn.execute("SELECT action, outcome, dry_run FROM gdpr.audit_log WHERE run_id = 'dry-1'"
+                        " ORDER BY audit_id").fetchall()
     conn.rollback()
     assert rows == [(a, "dry_run", True) for a in ("rekey", "collect", "resurrection_guard", "enforce", "export")]
     assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = %s", cid) == 1
 
 
 def test_check_refuses_a_source_that_does_not_compile_or_no_flag_column(conn, policy: Policy) -> None:
-    bad = _with(policy, sources=[*policy.optout.sources,
-                                 policy.optout.sources[0].model_copy(update={"name": "typo", "predicate": "s.no_such"})])
+    typo = policy.optout.sources[0].model_copy(update={"name": "typo", "predicate": "s.no_such"})
+    bad = _with(policy, sources=[*policy.optout.sources, typo])
     with pytest.raises(optout.OptOutError) as info:
         optout.check(conn, bad)
     assert "optout.sources[2] (typo).predicate: does not compile" in str(info.value)

@@ -62,7 +62,8 @@ def test_delete_rule_removes_subject_and_dependents_keeps_held(conn, policy: Pol
     assert _audited(conn, "run-1", "delete", "crm.contacts") == len(doomed)
     assert _audited(conn, "run-1", "delete", "crm.activities") == activities_of_doomed
     # rerun: nothing left to do but the held subjects
-    again = sweep.apply_rule(conn, policy, rule, keys, RunContext("test_sweep", "run-2", "apply"), AS_OF, batch_size=100)
+    again = sweep.apply_rule(conn, policy, rule, keys, RunContext("test_sweep", "run-2", "apply"), AS_OF,
+                             batch_size=100)
     assert (again.deleted, again.held) == (0, len(held))
 
 

@@ -144,7 +144,7 @@ def check(conn: psycopg.Connection, policy: Policy) -> list[str]:
 _UNESCAPE = {b"\\": b"\\", b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
 
 
-def _copy_rows(conn: psycopg.Connection, query: sql.Composable, params: dict[str, Any] | None = None
+def _copy_rows(conn: psycopg.Connection, query: sql.SQL | sql.Composed, params: dict[str, Any] | None = None
                ) -> Iterator[list[bytes]]:
     """Stream the rows of ONE ``COPY (...) TO STDOUT`` (text format), each as its raw fields.
 
@@ -175,7 +175,7 @@ def _spool() -> IO[bytes]:
     return tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, mode="w+b")  # noqa: SIM115 - closed by callers
 
 
-def _copy_in(conn: psycopg.Connection, statement: sql.Composable, spool: IO[bytes]) -> None:
+def _copy_in(conn: psycopg.Connection, statement: sql.SQL | sql.Composed, spool: IO[bytes]) -> None:
     spool.seek(0)
     with conn.cursor().copy(statement) as copy:
         while chunk := spool.read(1 << 20):
@@ -242,7 +242,8 @@ def rekey(conn: psycopg.Connection, keys: Keys, ctx: RunContext) -> dict[str, An
     """
     current = keys.hmac_key_id
     with conn.transaction() as tx:
-        by_key = dict(conn.execute(f"SELECT key_id, count(*) FROM {LIST} GROUP BY key_id ORDER BY key_id").fetchall())
+        by_key: dict[str, int] = dict(
+            conn.execute(f"SELECT key_id, count(*) FROM {LIST} GROUP BY key_id ORDER BY key_id").fetchall())
         unknown = {k: n for k, n in by_key.items() if k not in keys.hmac_key_ids}
         if unknown:
             raise KeyConfigError(
