@@ -366,6 +366,11 @@ def _check_tables(found: _Lookup, policy: Policy, report: CatalogReport) -> None
             if col and col.type not in TEXT_TYPES:
                 found.problems.append(
                     f"{where}.email_columns[{j}]: column {mapped.table}.{name} is {col.type}, expected text")
+        if mapped.archive and mapped.archive.from_:
+            col = found.need(f"{where}.archive.from", mapped.table, mapped.archive.from_)
+            if col and col.type not in TIME_TYPES:
+                found.problems.append(f"{where}.archive.from: column {mapped.table}.{mapped.archive.from_} is "
+                                      f"{col.type}, expected a date or timestamp")
         for name, treatment in mapped.columns.items():
             col = found.need(f"{where}.columns.{name}", mapped.table, name)
             if col is not None:
