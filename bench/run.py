@@ -56,12 +56,19 @@ import psycopg  # noqa: E402
 from psycopg import ClientCursor, sql  # noqa: E402
 from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
 
-from warehouse_gdpr.engine import candidates
-
-from warehouse_gdpr.engine import sweep  # noqa: E402
+from warehouse_gdpr.engine import candidates, sweep  # noqa: E402
 from warehouse_gdpr.engine.audit import RunContext  # noqa: E402
 from warehouse_gdpr.engine.crypto import Keys, archive_aad, generate_extra  # noqa: E402
-from warehouse_gdpr.engine.policy import FixedColumn, HashColumn, KeepColumn, MappedTable, NullColumn, Policy, Rule, load_policy  # noqa: E402
+from warehouse_gdpr.engine.policy import (  # noqa: E402
+    FixedColumn,
+    HashColumn,
+    KeepColumn,
+    MappedTable,
+    NullColumn,
+    Policy,
+    Rule,
+    load_policy,
+)
 
 SEED = 42
 TODAY = dt.date(2026, 6, 15)  # the seed's "today": fixed so that runs are comparable
@@ -142,8 +149,8 @@ def template_fingerprint(contacts: int) -> str:
 
 def ensure_template(server: Server, name: str, contacts: int, reseed: bool) -> dict[str, Any]:
     """Seed `name` with the demo generator at `contacts` (reused when seeded before with the same inputs)."""
-    from warehouse_gdpr_demo import data as demo_data
     from warehouse_gdpr.engine import schema
+    from warehouse_gdpr_demo import data as demo_data
 
     fingerprint = template_fingerprint(contacts)
     with server.admin() as admin:
@@ -305,7 +312,7 @@ def raw_owner(policy: Policy, mapped: MappedTable) -> tuple[sql.Composable, sql.
         return link, sql.SQL("")
     aliases = [sql.Identifier(f"ce{i}") for i in range(len(mapped.email_columns))]
     joins = [sql.SQL(" LEFT JOIN cand_email {a} ON {a}.email_norm = lower(btrim({c}))").format(a=a, c=sql.Identifier("t", c))
-             for a, c in zip(aliases, mapped.email_columns)]
+             for a, c in zip(aliases, mapped.email_columns, strict=True)]
     owner = sql.SQL("coalesce({})").format(sql.SQL(", ").join([link, *(sql.SQL("{a}.subject_id").format(a=a) for a in aliases)]))
     return owner, sql.Composed(joins)
 
@@ -505,7 +512,7 @@ class Bench:
         for result in ours["results"]:
             for table, n in result["rows_by_table"].items():
                 ours_rows[table] = ours_rows.get(table, 0) + n
-        raw_rows = dict(zip(tables, raw_counts))
+        raw_rows = dict(zip(tables, raw_counts, strict=True))
         diffs = diff_states(ours_state, raw_state)
         if ours_rows != {t: n for t, n in raw_rows.items() if n or t in ours_rows}:
             diffs.append(f"rows deleted per table differ: engine {ours_rows}, raw {raw_rows}")

@@ -15,9 +15,9 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from helpers import AS_OF, add_activity, add_contact, add_contract, add_invoice, new_id, table_checksum
 from psycopg import sql
 
+from helpers import AS_OF, add_activity, add_contact, add_contract, add_invoice, new_id, table_checksum
 from warehouse_gdpr.engine import erasure, propagation, sweep
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys, archive_aad

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from warehouse_gdpr.engine import register
 from warehouse_gdpr.cli import main
+from warehouse_gdpr.engine import register
 from warehouse_gdpr.engine.policy import Policy, parse_policy
 
 ROOT = Path(__file__).resolve().parents[2]

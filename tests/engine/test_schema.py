@@ -144,9 +144,8 @@ WHAT_TO_RUN = "`warehouse-gdpr schema install --url <owner URL>` (or with $WAREH
 
 
 def test_ensure_schema_without_the_privilege_to_install(empty_db: str, plain_user: str) -> None:
-    with psycopg.connect(_url(empty_db, user=plain_user)) as conn:
-        with pytest.raises(schema.SchemaError) as info:
-            schema.ensure_schema(conn)
+    with psycopg.connect(_url(empty_db, user=plain_user)) as conn, pytest.raises(schema.SchemaError) as info:
+        schema.ensure_schema(conn)
     message = str(info.value)
     assert message.startswith("the gdpr control schema is not installed and this connection (role plain_user) "
                               "may not install it (permission denied")
@@ -157,9 +156,8 @@ def test_ensure_schema_without_the_privilege_to_install(empty_db: str, plain_use
 
 
 def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user: str) -> None:
-    with psycopg.connect(_url(warehouse, user=plain_user)) as conn:
-        with pytest.raises(schema.SchemaError) as info:
-            schema.ensure_schema(conn)
+    with psycopg.connect(_url(warehouse, user=plain_user)) as conn, pytest.raises(schema.SchemaError) as info:
+        schema.ensure_schema(conn)
     assert str(info.value) == (
         "this connection (role plain_user) may not read the gdpr control schema (permission denied for schema "
         "gdpr): a DBA grants gdpr_engine to its login role (README, Control schema and roles)."
@@ -280,9 +278,8 @@ def test_audit_log_refuses_changes_even_for_the_superuser(
         conn.execute("SET session_replication_role = replica")
         assert conn.execute("SHOW session_replication_role").fetchone()[0] == "replica"
     conn.commit()
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with conn.transaction():
-            conn.execute(statement)
+    with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():
+        conn.execute(statement)
     assert info.value.diag.message_primary == f"gdpr.audit_log is append-only: {op} refused"
     conn.execute("RESET session_replication_role")
     assert conn.execute(
@@ -334,9 +331,8 @@ def test_engine_may_insert_and_read_audit_rows(engine: psycopg.Connection) -> No
 )
 def test_engine_is_denied_by_grants(engine: psycopg.Connection, statement: str) -> None:
     _record(engine)
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with engine.transaction():
-            engine.execute(statement)
+    with pytest.raises(errors.InsufficientPrivilege) as info, engine.transaction():
+        engine.execute(statement)
     message = info.value.diag.message_primary or ""
     # Denied by the grants, before any trigger runs.
     assert "append-only" not in message
@@ -372,9 +368,8 @@ def test_plain_role_is_denied_even_with_schema_usage(conn: psycopg.Connection, w
         conn.execute("GRANT USAGE ON SCHEMA gdpr_archive, gdpr TO plain_user")
     with psycopg.connect(_url(warehouse, user=plain_user)) as other:
         for table in ("archived_row", "audit_log"):
-            with pytest.raises(errors.InsufficientPrivilege) as info:
-                with other.transaction():
-                    other.execute(f"SELECT * FROM {'gdpr_archive' if table == 'archived_row' else 'gdpr'}.{table}")
+            with pytest.raises(errors.InsufficientPrivilege) as info, other.transaction():
+                other.execute(f"SELECT * FROM {'gdpr_archive' if table == 'archived_row' else 'gdpr'}.{table}")
             assert info.value.diag.message_primary == f"permission denied for table {table}"
 
 
@@ -398,9 +393,8 @@ def test_archive_reader_may_read_the_archive_only(conn: psycopg.Connection) -> N
         "SELECT * FROM gdpr.audit_log": "permission denied for schema gdpr",
     }
     for statement, message in denied.items():
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            with reader.transaction():
-                reader.execute(statement)
+        with pytest.raises(errors.InsufficientPrivilege) as info, reader.transaction():
+            reader.execute(statement)
         assert info.value.diag.message_primary == message, statement
     assert _count(reader, "gdpr_archive.archived_row") == 1
 
@@ -419,8 +413,7 @@ def test_auditor_may_read_the_audit_log_only(conn: psycopg.Connection) -> None:
         "SELECT * FROM crm.contacts": "permission denied for schema crm",
     }
     for statement, message in denied.items():
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            with auditor.transaction():
-                auditor.execute(statement)
+        with pytest.raises(errors.InsufficientPrivilege) as info, auditor.transaction():
+            auditor.execute(statement)
         assert info.value.diag.message_primary == message, statement
     assert _count(auditor, "gdpr.audit_log") == 1

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 import yaml
 from cryptography.exceptions import InvalidTag
+
 from helpers import (
     AS_OF,
     CRM_TABLES,
@@ -25,7 +26,6 @@ from helpers import (
     table_checksum,
     ts,
 )
-
 from warehouse_gdpr.cli import main
 from warehouse_gdpr.engine import sweep
 from warehouse_gdpr.engine.audit import RunContext

@@ -415,7 +415,7 @@ def _erase_resurrected(conn: psycopg.Connection, policy: Policy) -> dict[str, in
     persons = matcher.stage(conn, policy, sql.SQL("(SELECT subject_id FROM {res} WHERE handled = 'erased')")
                             .format(res=RESURRECTED))
     try:
-        return erasure._delete_everywhere(conn, policy, persons, restricted=False)
+        return erasure.delete_everywhere(conn, policy, persons, restricted=False)
     except psycopg.errors.ForeignKeyViolation as exc:
         raise UnmappedForeignKey(
             f"erasing resurrected subjects from {policy.subject.table} is blocked by a foreign key from table "

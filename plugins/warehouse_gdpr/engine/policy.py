@@ -14,7 +14,7 @@ import re
 import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -203,7 +203,7 @@ class KeepColumn(_Model):
 
 
 ColumnTreatment = Annotated[
-    Union[HashColumn, NullColumn, FixedColumn, KeepColumn], Field(discriminator="pseudonymise")
+    HashColumn | NullColumn | FixedColumn | KeepColumn, Field(discriminator="pseudonymise")
 ]
 
 
@@ -270,7 +270,7 @@ class Interactions(_Model):
     )
 
     @model_validator(mode="after")
-    def _absent_are_listed(self) -> "Interactions":
+    def _absent_are_listed(self) -> Interactions:
         _require_listed(self.expect_absent, self.subject_initiated, "subject_initiated")
         return self
 
@@ -310,7 +310,7 @@ class StatusFilter(_Model):
     )
 
     @model_validator(mode="after")
-    def _absent_are_listed(self) -> "StatusFilter":
+    def _absent_are_listed(self) -> StatusFilter:
         _require_listed(self.expect_absent, self.values, "values")
         return self
 
@@ -329,7 +329,7 @@ class RelatedMaxClock(_Model):
     fallback: Ident | None = Field(default=None, description=_CLOCK_FALLBACK)
 
 
-Clock = Annotated[Union[LastInteractionClock, RelatedMaxClock], Field(discriminator="kind")]
+Clock = Annotated[LastInteractionClock | RelatedMaxClock, Field(discriminator="kind")]
 
 
 class Rule(_Model):
@@ -415,7 +415,7 @@ class HttpTarget(_Model):
     timeout_seconds: int = Field(default=30, ge=1, le=600, description=_TARGET_TIMEOUT)
 
     @model_validator(mode="after")
-    def _preset_or_explicit(self) -> "HttpTarget":
+    def _preset_or_explicit(self) -> HttpTarget:
         if self.preset is None and (self.method is None or self.endpoint is None):
             raise ValueError("an http target needs a preset (brevo, hubspot) or both method and endpoint")
         if self.endpoint is not None and "{identifier}" not in self.endpoint and not self.body:
@@ -461,7 +461,7 @@ class SqlTarget(_Model):
         return value
 
 
-Target = Annotated[Union[HttpTarget, SqlTarget], Field(discriminator="kind")]
+Target = Annotated[HttpTarget | SqlTarget, Field(discriminator="kind")]
 
 
 class Erasure(_Model):
@@ -497,7 +497,7 @@ class Erasure(_Model):
     )
 
     @model_validator(mode="after")
-    def _unique_targets(self) -> "Erasure":
+    def _unique_targets(self) -> Erasure:
         _require_unique([t.name for t in self.targets], "target")
         return self
 
@@ -545,7 +545,7 @@ class OptOut(_Model):
     )
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "OptOut":
+    def _unique_names(self) -> OptOut:
         _require_unique([s.name for s in self.sources], "source")
         _require_unique([t.name for t in self.share_targets], "share target")
         return self
@@ -665,7 +665,7 @@ class Register(_Model):
     )
 
     @model_validator(mode="after")
-    def _unique_activities(self) -> "Register":
+    def _unique_activities(self) -> Register:
         _require_unique([a.name for a in self.activities], "activity")
         return self
 
@@ -735,7 +735,7 @@ class Policy(_Model):
     )
 
     @model_validator(mode="after")
-    def _cross_references(self) -> "Policy":
+    def _cross_references(self) -> Policy:
         _require_unique([r.name for r in self.rules], "rule")
         _require_unique([h.name for h in self.holds], "hold")
         tables = [t.table for t in self.tables]

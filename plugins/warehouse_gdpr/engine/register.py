@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 # EU member states and the other EEA countries (ISO 3166-1 alpha-2; Greece is EL in EU usage, GR in ISO).
 EEA = frozenset(
-    "AT BE BG HR CY CZ DK EE FI FR DE GR EL HU IE IT LV LT LU MT NL PL PT RO SK SI ES SE IS LI NO".split()
+    ["AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "EL", "HU", "IE", "IT", "LV", "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE", "IS", "LI", "NO"]
 )
 
 LEGAL_BASES = {
@@ -98,7 +98,7 @@ ON CONFLICT (sha256) DO NOTHING
 """
 
 
-def store(conn: "psycopg.Connection", rendered: Rendered, source: str) -> bool:
+def store(conn: psycopg.Connection, rendered: Rendered, source: str) -> bool:
     """Keep this version of the register in gdpr.processing_register, in the caller's transaction.
     Returns False when the same content was stored before (its first row, and date, are kept)."""
     cur = conn.execute(STORE, (rendered.sha256, source, rendered.activities, rendered.markdown, rendered.html))
@@ -230,7 +230,7 @@ def humanise(duration: str) -> str:
     if not match:
         return duration
     parts = []
-    for number, unit in zip(match.groups(), ("year", "month", "week", "day")):
+    for number, unit in zip(match.groups(), ("year", "month", "week", "day"), strict=True):
         if number and int(number):
             parts.append(f"{int(number)} {unit}{'s' if int(number) > 1 else ''}")
     return " ".join(parts)
