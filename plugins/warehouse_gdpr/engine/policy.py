@@ -278,6 +278,10 @@ class Interactions(_Model):
 Action = Literal["delete", "pseudonymise"]
 
 
+def _every_action() -> list[Action]:
+    return ["delete", "pseudonymise"]
+
+
 class Hold(_Model):
     name: Ident = Field(description="unique name of the hold (logs, audit, certificates)")
     description: str = Field(default="", description="why it exists (quoted in the register's retention wording)")
@@ -286,7 +290,7 @@ class Hold(_Model):
         "cannot be decided holds)"
     )
     blocks: list[Action] = Field(
-        default_factory=lambda: ["delete", "pseudonymise"],
+        default_factory=_every_action,
         min_length=1,
         description="the sweep actions it suspends; an erasure request is checked against every hold, whatever this "
         "says",
@@ -431,7 +435,8 @@ class HttpTarget(_Model):
             raise ValueError("lookup_endpoint must contain {identifier} (the lookup of the erased person)")
         bad = [c for c in self.success_codes or [] if not 200 <= c <= 299]
         if bad:
-            raise ValueError(f"success_codes must be 2xx answers (a redirect or an error never acknowledges), got {bad}")
+            raise ValueError(
+                f"success_codes must be 2xx answers (a redirect or an error never acknowledges), got {bad}")
         return self
 
 
@@ -681,7 +686,7 @@ class Register(_Model):
 
 def _tolerate_register(value: object, handler: ValidatorFunctionWrapHandler) -> Register | None:
     try:
-        return handler(value)  # type: ignore[no-any-return]
+        return handler(value)
     except ValidationError as exc:
         unreadable = Register()
         unreadable._invalid = [_format_error(err, prefix=("processing_register",)) for err in exc.errors()]
@@ -828,10 +833,10 @@ def _format_error(err: typing.Any, prefix: tuple[str, ...] = ()) -> str:
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key repeated in one mapping (YAML would silently keep the last)."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:  # type: ignore[override]
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[object] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (a second value would silently win)", key_node.start_mark
@@ -848,7 +853,8 @@ def load_policy(path: str | Path, content: bytes | None = None) -> Policy:
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read the policy file ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
-        raise PolicyError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); save the policy as UTF-8") from None
+        raise PolicyError(
+            f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); save the policy as UTF-8") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
