@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     hashes.set_defaults(run=_subject_hash)
     reg = commands.add_parser("register", help="write the register of processing activities (GDPR art. 30)")
     reg.add_argument("policy", help="path to the policy YAML file")
-    reg.add_argument("--out", help="output directory (default: processing_register.output_dir, under the current directory)")
+    reg.add_argument("--out", help="output directory (default: processing_register.output_dir, under the current "
+                                   "directory)")
     reg.add_argument("--date", type=date.fromisoformat, help="date printed as generation date (default: today)")
     reg.set_defaults(run=_register)
     from warehouse_gdpr.engine.requests import KINDS

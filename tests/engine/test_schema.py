@@ -6,6 +6,7 @@ are per database, so each test works on its own copy (`warehouse`/`conn`) or a s
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,13 +54,11 @@ def _add_archive_row(conn: psycopg.Connection) -> None:
 def plain_user(server_url: str) -> str:
     """A login role with no grant at all (cluster-wide: created once if missing, never dropped)."""
     with psycopg.connect(server_url, autocommit=True) as admin:
-        try:
+        with contextlib.suppress(errors.DuplicateObject):  # created concurrently by another session
             admin.execute(
                 "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'plain_user') THEN "
                 "CREATE ROLE plain_user LOGIN; END IF; END $$"
             )
-        except errors.DuplicateObject:  # created concurrently by another session
-            pass
         member = admin.execute(
             "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = 'plain_user'"
         ).fetchone()[0]
@@ -98,7 +97,8 @@ def test_ensure_schema_on_an_installed_warehouse_does_nothing(conn: psycopg.Conn
     assert schema.installed_version(conn) == schema.SCHEMA_VERSION
     assert schema.ensure_schema(conn) is False
     assert schema.ensure_schema(conn) is False
-    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(range(1, schema.SCHEMA_VERSION + 1))
+    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(
+        range(1, schema.SCHEMA_VERSION + 1))
 
 
 def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
@@ -134,7 +134,8 @@ def test_running_the_ddl_file_again_by_hand_keeps_everything(conn: psycopg.Conne
         conn.execute(read_sql("gdpr_schema.sql"))  # type: ignore[arg-type]
     assert _count(conn, "gdpr.audit_log") == 1
     assert _count(conn, "gdpr_archive.archived_row") == 1
-    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(range(1, schema.SCHEMA_VERSION + 1))
+    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(
+        range(1, schema.SCHEMA_VERSION + 1))
     triggers = conn.execute(
         "SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'gdpr.audit_log'::regclass AND NOT tgisinternal"
         " ORDER BY tgname"
@@ -147,9 +148,8 @@ WHAT_TO_RUN = "`warehouse-gdpr schema install --url <owner URL>` (or with $WAREH
 
 
 def test_ensure_schema_without_the_privilege_to_install(empty_db: str, plain_user: str) -> None:
-    with psycopg.connect(_url(empty_db, user=plain_user)) as conn:
-        with pytest.raises(schema.SchemaError) as info:
-            schema.ensure_schema(conn)
+    with psycopg.connect(_url(empty_db, user=plain_user)) as conn, pytest.raises(schema.SchemaError) as info:
+        schema.ensure_schema(conn)
     message = str(info.value)
     assert message.startswith("the gdpr control schema is not installed and this connection (role plain_user) "
                               "may not install it (permission denied")
@@ -160,9 +160,8 @@ def test_ensure_schema_without_the_privilege_to_install(empty_db: str, plain_use
 
 
 def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user: str) -> None:
-    with psycopg.connect(_url(warehouse, user=plain_user)) as conn:
-        with pytest.raises(schema.SchemaError) as info:
-            schema.ensure_schema(conn)
+    with psycopg.connect(_url(warehouse, user=plain_user)) as conn, pytest.raises(schema.SchemaError) as info:
+        schema.ensure_schema(conn)
     assert str(info.value) == (
         "this connection (role plain_user) may not read the gdpr control schema (permission denied for schema "
         "gdpr): a DBA grants gdpr_engine to its login role (README, Control schema and roles)."
@@ -460,8 +459,8 @@ def test_version_5_adds_the_outbox_claim_and_keeps_pending_erasures(
     _install_version(conn, 4)
     with conn.transaction():
         conn.execute("INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status,"
-                     " outcome) VALUES ('REQ-V5', repeat('b', 64), current_date, current_date + 30, 'pending_propagation',"
-                     " 'erased')")
+                     " outcome) VALUES ('REQ-V5', repeat('b', 64), current_date, current_date + 30,"
+                     " 'pending_propagation', 'erased')")
         conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce,"
                      " identifier_ciphertext) VALUES ('REQ-V5', 'emailing', 'pending', 'k1', '\\x00', '\\x01')")
     with pytest.raises(schema.SchemaError, match=rf"installed version 4, this package needs {schema.SCHEMA_VERSION}"):
@@ -507,9 +506,8 @@ def test_audit_log_refuses_changes_even_for_the_superuser(
         conn.execute("SET session_replication_role = replica")
         assert conn.execute("SHOW session_replication_role").fetchone()[0] == "replica"
     conn.commit()
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with conn.transaction():
-            conn.execute(statement)
+    with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():
+        conn.execute(statement)
     assert info.value.diag.message_primary == f"gdpr.audit_log is append-only: {op} refused"
     conn.execute("RESET session_replication_role")
     assert conn.execute(
@@ -561,9 +559,8 @@ def test_engine_may_insert_and_read_audit_rows(engine: psycopg.Connection) -> No
 )
 def test_engine_is_denied_by_grants(engine: psycopg.Connection, statement: str) -> None:
     _record(engine)
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with engine.transaction():
-            engine.execute(statement)
+    with pytest.raises(errors.InsufficientPrivilege) as info, engine.transaction():
+        engine.execute(statement)
     message = info.value.diag.message_primary or ""
     # Denied by the grants, before any trigger runs.
     assert "append-only" not in message
@@ -587,9 +584,8 @@ def test_engine_may_archive_and_purge(engine: psycopg.Connection) -> None:
     ],
 )
 def test_plain_role_is_denied(warehouse: str, plain_user: str, statement: str, schema_name: str) -> None:
-    with psycopg.connect(_url(warehouse, user=plain_user)) as conn:
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            conn.execute(statement)
+    with psycopg.connect(_url(warehouse, user=plain_user)) as conn, pytest.raises(errors.InsufficientPrivilege) as info:
+        conn.execute(statement)
     assert info.value.diag.message_primary == f"permission denied for schema {schema_name}"
 
 
@@ -599,9 +595,8 @@ def test_plain_role_is_denied_even_with_schema_usage(conn: psycopg.Connection, w
         conn.execute("GRANT USAGE ON SCHEMA gdpr_archive, gdpr TO plain_user")
     with psycopg.connect(_url(warehouse, user=plain_user)) as other:
         for table in ("archived_row", "audit_log"):
-            with pytest.raises(errors.InsufficientPrivilege) as info:
-                with other.transaction():
-                    other.execute(f"SELECT * FROM {'gdpr_archive' if table == 'archived_row' else 'gdpr'}.{table}")
+            with pytest.raises(errors.InsufficientPrivilege) as info, other.transaction():
+                other.execute(f"SELECT * FROM {'gdpr_archive' if table == 'archived_row' else 'gdpr'}.{table}")
             assert info.value.diag.message_primary == f"permission denied for table {table}"
 
 
@@ -625,9 +620,8 @@ def test_archive_reader_may_read_the_archive_only(conn: psycopg.Connection) -> N
         "SELECT * FROM gdpr.audit_log": "permission denied for schema gdpr",
     }
     for statement, message in denied.items():
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            with reader.transaction():
-                reader.execute(statement)
+        with pytest.raises(errors.InsufficientPrivilege) as info, reader.transaction():
+            reader.execute(statement)
         assert info.value.diag.message_primary == message, statement
     assert _count(reader, "gdpr_archive.archived_row") == 1
 
@@ -646,8 +640,7 @@ def test_auditor_may_read_the_audit_log_only(conn: psycopg.Connection) -> None:
         "SELECT * FROM crm.contacts": "permission denied for schema crm",
     }
     for statement, message in denied.items():
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            with auditor.transaction():
-                auditor.execute(statement)
+        with pytest.raises(errors.InsufficientPrivilege) as info, auditor.transaction():
+            auditor.execute(statement)
         assert info.value.diag.message_primary == message, statement
     assert _count(auditor, "gdpr.audit_log") == 1
