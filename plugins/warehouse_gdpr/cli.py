@@ -28,9 +28,14 @@ import os
 import sys
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
+
+if TYPE_CHECKING:  # imported where used, so that `warehouse-gdpr policy check` stays light
+    import psycopg
+
+    from warehouse_gdpr.engine.audit import RunContext
 
 
 def _schema(_: argparse.Namespace) -> int:
@@ -141,7 +146,7 @@ def _subject_hash(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warehouse(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _warehouse(args: argparse.Namespace) -> psycopg.Connection | None:
     """A connection to $WAREHOUSE_URL (or --url) with the control schema checked, or None (error printed)."""
     import psycopg
 
@@ -161,7 +166,7 @@ def _warehouse(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return conn
 
 
-def _cli_context(task: str):  # type: ignore[no-untyped-def]
+def _cli_context(task: str) -> RunContext:
     from warehouse_gdpr.engine.audit import RunContext
 
     return RunContext(dag_id="warehouse-gdpr", run_id=f"cli__{datetime.now(timezone.utc).isoformat()}", task_id=task)
@@ -341,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         dest="action", required=True)
     new = req.add_parser("new", help="register a request before running it; the email (or subject_id:N) on stdin")
     new.add_argument("--kind", required=True, help="one of: " + ", ".join(KINDS))
-    new.add_argument("--request-id", required=True, help="the ticket reference (3-64 letters, digits, '.', '_', ':', '-')")
+    new.add_argument("--request-id", required=True,
+                     help="the ticket reference (3-64 letters, digits, '.', '_', ':', '-')")
     new.add_argument("--received-on", help="the date the request arrived, YYYY-MM-DD (default: today)")
     new.add_argument("--policy", help="the policy file, for its keys connection (default: $WAREHOUSE_GDPR_POLICY)")
     new.add_argument("--url", help=url_help)

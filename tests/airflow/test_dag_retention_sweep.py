@@ -78,9 +78,12 @@ def test_whole_dag_run_sweeps_and_logs_no_personal_data(
         conn.execute(
             "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome,"
             " completed_at) VALUES"
-            " ('REQ-2022-1', 'erasure', repeat('a', 64), '2022-12-01', '2023-01-01', 'completed', 'erased', '2022-12-20'),"
-            " ('REQ-2023-1', 'access', repeat('b', 64), '2023-05-01', '2023-06-01', 'completed', 'answered', '2023-05-30'),"
-            " ('REQ-2023-2', 'erasure', repeat('c', 64), '2023-06-01', '2023-07-01', 'completed', 'erased', '2023-06-20')")
+            " ('REQ-2022-1', 'erasure', repeat('a', 64), '2022-12-01', '2023-01-01', 'completed', 'erased',"
+            "  '2022-12-20'),"
+            " ('REQ-2023-1', 'access', repeat('b', 64), '2023-05-01', '2023-06-01', 'completed', 'answered',"
+            "  '2023-05-30'),"
+            " ('REQ-2023-2', 'erasure', repeat('c', 64), '2023-06-01', '2023-07-01', 'completed', 'erased',"
+            "  '2023-06-20')")
         conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status) VALUES"
                      " ('REQ-2022-1', 'emailing', 'acknowledged'), ('REQ-2023-2', 'emailing', 'acknowledged')")
 

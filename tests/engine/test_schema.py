@@ -37,6 +37,11 @@ def _record(conn: psycopg.Connection, action: str = "delete", outcome: str = "ok
         audit.record(conn, CTX, action=action, outcome=outcome, rule="r", table="crm.contacts", row_count=3)
 
 
+def _relkind(conn: psycopg.Connection, name: str) -> str:
+    """'r' for a table, 'v' for a view."""
+    return conn.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass", (name,)).fetchone()[0]  # type: ignore[index,no-any-return]
+
+
 def _count(conn: psycopg.Connection, table: str) -> int:
     return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.SQL(table))).fetchone()[0]
 
@@ -121,7 +126,8 @@ def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
             "gdpr.suppression_list", "gdpr.request", "gdpr.erasure_propagation", "gdpr.quarantine",
             "gdpr.processing_register",
         }
-        views = {r[0] for r in other.execute("SELECT schemaname || '.' || viewname FROM pg_views WHERE schemaname = 'gdpr'")}
+        views = {r[0] for r in other.execute(
+            "SELECT schemaname || '.' || viewname FROM pg_views WHERE schemaname = 'gdpr'")}
         assert views == {"gdpr.erasure_request"}  # read-only, for readers of versions 1-4
 
 
@@ -179,7 +185,7 @@ def _install_version(conn: psycopg.Connection, version: int) -> None:
         conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
         conn.execute((DATA / f"gdpr_schema_v{version}.sql").read_text(encoding="utf-8"))  # type: ignore[arg-type]
     assert schema.installed_version(conn) == version
-    assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'gdpr.erasure_request'::regclass").fetchone()[0] == "r"
+    assert _relkind(conn, "gdpr.erasure_request") == "r"
     conn.commit()
 
 
@@ -250,7 +256,8 @@ def _fill_old_version(conn: psycopg.Connection) -> None:
             "  \"targets\": [\"emailing\"], \"holds\": []}'),"
             " ('REQ-OLD-2', repeat('2', 64), '2026-05-20', '2026-06-20', 'pending_propagation', 'restricted',"
             "  'legal hold: litigation', '2026-05-21 10:00+00', NULL, '2026-06-14 00:00+00',"
-            "  '{\"rows\": {\"crm.notes\": 4}, \"targets\": [\"emailing\", \"telephony\"], \"holds\": [\"litigation\"]}'),"
+            "  '{\"rows\": {\"crm.notes\": 4}, \"targets\": [\"emailing\", \"telephony\"],"
+            "  \"holds\": [\"litigation\"]}'),"
             " ('REQ-OLD-3', repeat('3', 64), '2026-04-01', '2026-05-01', 'refused', 'refused', 'legal hold: tax',"
             "  '2026-04-02 10:00+00', '2026-04-02 10:00+00', NULL, '{}')"
         )
@@ -294,7 +301,7 @@ def test_a_warehouse_with_erasure_requests_upgrades_in_place(
     assert schema.ensure_schema(conn) is True
 
     assert schema.installed_version(conn) == schema.SCHEMA_VERSION
-    assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'gdpr.erasure_request'::regclass").fetchone()[0] == "v"
+    assert _relkind(conn, "gdpr.erasure_request") == "v"
     assert conn.execute("SELECT to_regclass('gdpr_archive.archived_row_subject_idx')").fetchone()[0] is not None  # v6
     # Every row kept, column for column, readable under the old name; the outbox untouched, claims included.
     assert _snapshot(conn) == (requests_before, outbox_before)
@@ -308,13 +315,13 @@ def test_a_warehouse_with_erasure_requests_upgrades_in_place(
                         " OR extended_due_date IS NOT NULL").fetchone()[0] == 0
     # The outbox's foreign key now points at gdpr.request, and holds.
     fks = conn.execute(
-        "SELECT conname, confrelid::regclass::text FROM pg_constraint WHERE conrelid = 'gdpr.erasure_propagation'::regclass"
-        " AND contype = 'f'").fetchall()
+        "SELECT conname, confrelid::regclass::text FROM pg_constraint"
+        " WHERE conrelid = 'gdpr.erasure_propagation'::regclass AND contype = 'f'").fetchall()
     assert fks == [("erasure_propagation_request_fkey", "gdpr.request")]
     conn.commit()
-    with pytest.raises(errors.ForeignKeyViolation):
-        with conn.transaction():
-            conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status) VALUES ('REQ-NONE', 'x', 'pending')")
+    with pytest.raises(errors.ForeignKeyViolation), conn.transaction():
+        conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status)"
+                     " VALUES ('REQ-NONE', 'x', 'pending')")
 
     # Idempotent: running the installer or the DDL again changes nothing.
     assert schema.ensure_schema(conn) is False
@@ -335,7 +342,8 @@ def test_a_warehouse_with_erasure_requests_upgrades_in_place(
     assert claimed == [("telephony", "2" * 64)]
     with conn.transaction():
         conn.execute("UPDATE gdpr.erasure_propagation SET status = 'acknowledged', acknowledged_at = now(),"
-                     " claimed_until = NULL, claimed_by = NULL, key_id = NULL, nonce = NULL, identifier_ciphertext = NULL"
+                     " claimed_until = NULL, claimed_by = NULL, key_id = NULL, nonce = NULL,"
+                     " identifier_ciphertext = NULL"
                      " WHERE request_id = 'REQ-OLD-2'")
     certificate = propagation.complete_if_acknowledged(dag_conn, CTX, "REQ-OLD-2")
     assert certificate is not None and certificate["status"] == "completed" and certificate["outcome"] == "restricted"
@@ -385,9 +393,8 @@ def _request_row(conn: psycopg.Connection, request_id: str = "REQ-G-1", status: 
 def test_engine_may_not_rewrite_what_a_request_is(engine: psycopg.Connection, conn: psycopg.Connection,
                                                    statement: str) -> None:
     _request_row(conn)
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with engine.transaction():
-            engine.execute(statement)
+    with pytest.raises(errors.InsufficientPrivilege) as info, engine.transaction():
+        engine.execute(statement)
     assert info.value.diag.message_primary.startswith("permission denied for")
 
 
@@ -404,36 +411,31 @@ def test_a_write_through_the_old_name_fails_loudly(engine: psycopg.Connection, c
                                                   statement: str) -> None:
     """gdpr.erasure_request is a read-only view now: an old writer gets an error, never a silent no-op."""
     _request_row(conn, status="completed")
-    with pytest.raises((errors.InsufficientPrivilege, errors.FeatureNotSupported)):
-        with engine.transaction():
-            engine.execute(statement)
+    with pytest.raises((errors.InsufficientPrivilege, errors.FeatureNotSupported)), engine.transaction():
+        engine.execute(statement)
     assert engine.execute("SELECT status, outcome FROM gdpr.request").fetchall() == [("completed", "erased")]
 
 
 def test_an_open_request_is_never_deleted_and_an_extension_never_rewritten(conn: psycopg.Connection) -> None:
     _request_row(conn, "REQ-G-OPEN")
     _request_row(conn, "REQ-G-DONE", status="completed")
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with conn.transaction():
-            conn.execute("DELETE FROM gdpr.request")  # the owner too
+    with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():
+        conn.execute("DELETE FROM gdpr.request")  # the owner too
     assert info.value.diag.message_primary == "gdpr.request: request REQ-G-OPEN is not complete and may not be deleted"
     with conn.transaction():
         conn.execute("UPDATE gdpr.request SET extended_due_date = '2026-09-01', extension_reason = 'complex',"
                      " extended_at = now() WHERE request_id = 'REQ-G-OPEN'")
     for change in ("extended_due_date = '2026-08-01'", "extension_reason = 'other'",
                    "extended_due_date = NULL, extension_reason = NULL, extended_at = NULL"):
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            with conn.transaction():
-                conn.execute(f"UPDATE gdpr.request SET {change} WHERE request_id = 'REQ-G-OPEN'")
+        with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():
+            conn.execute(f"UPDATE gdpr.request SET {change} WHERE request_id = 'REQ-G-OPEN'")
         assert "was already extended; an extension is given once" in info.value.diag.message_primary
-    with pytest.raises(errors.CheckViolation):  # beyond three months after receipt
-        with conn.transaction():
-            conn.execute("UPDATE gdpr.request SET extended_due_date = '2026-09-02', extension_reason = 'x',"
-                         " extended_at = now() WHERE request_id = 'REQ-G-DONE'")
-    with pytest.raises(errors.CheckViolation):  # reason capped at 500 characters
-        with conn.transaction():
-            conn.execute("UPDATE gdpr.request SET extended_due_date = '2026-09-01', extension_reason = repeat('x', 501),"
-                         " extended_at = now() WHERE request_id = 'REQ-G-DONE'")
+    with pytest.raises(errors.CheckViolation), conn.transaction():  # beyond three months after receipt
+        conn.execute("UPDATE gdpr.request SET extended_due_date = '2026-09-02', extension_reason = 'x',"
+                     " extended_at = now() WHERE request_id = 'REQ-G-DONE'")
+    with pytest.raises(errors.CheckViolation), conn.transaction():  # reason capped at 500 characters
+        conn.execute("UPDATE gdpr.request SET extended_due_date = '2026-09-01',"
+                     " extension_reason = repeat('x', 501), extended_at = now() WHERE request_id = 'REQ-G-DONE'")
     with conn.transaction():
         assert conn.execute("DELETE FROM gdpr.request WHERE request_id = 'REQ-G-DONE'").rowcount == 1
 
@@ -443,12 +445,12 @@ def test_auditor_reads_requests_but_not_the_encrypted_identifier(conn: psycopg.C
     auditor = _as_role(conn, "gdpr_auditor")
     assert auditor.execute("SELECT request_id, kind, status FROM gdpr.request").fetchall() == [
         ("REQ-G-AUD", "erasure", "completed")]
-    assert auditor.execute("SELECT request_id, status FROM gdpr.erasure_request").fetchall() == [("REQ-G-AUD", "completed")]
+    assert auditor.execute("SELECT request_id, status FROM gdpr.erasure_request").fetchall() == [
+        ("REQ-G-AUD", "completed")]
     auditor.commit()
     for column in ("identifier_ciphertext", "nonce", "key_id"):
-        with pytest.raises(errors.InsufficientPrivilege):
-            with auditor.transaction():
-                auditor.execute(f"SELECT {column} FROM gdpr.request")
+        with pytest.raises(errors.InsufficientPrivilege), auditor.transaction():
+            auditor.execute(f"SELECT {column} FROM gdpr.request")
 
 
 def test_version_5_adds_the_outbox_claim_and_keeps_pending_erasures(

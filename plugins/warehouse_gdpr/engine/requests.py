@@ -152,11 +152,12 @@ def register(
             "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, details,"
             " key_id, nonce, identifier_ciphertext) VALUES (%s, %s, %s, %s, %s, 'registered', %s, %s, %s, %s)"
             " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-            (request_id, kind, subject_hash, received_at, due, Jsonb({"registered_by": "email" if email else "subject_id"}),
-             key_id, nonce, ciphertext),
+            (request_id, kind, subject_hash, received_at, due,
+             Jsonb({"registered_by": "email" if email else "subject_id"}), key_id, nonce, ciphertext),
         ).fetchone()
         if row is None:
-            existing = conn.execute("SELECT kind, status FROM gdpr.request WHERE request_id = %s", (request_id,)).fetchone()
+            existing = conn.execute("SELECT kind, status FROM gdpr.request WHERE request_id = %s",
+                                    (request_id,)).fetchone()
             raise RequestStoreError(
                 f"request {request_id} already exists ({existing[0]}, {existing[1]}): nothing was changed; "  # type: ignore[index]
                 "give each request its own id"
@@ -197,7 +198,8 @@ def load(conn: psycopg.Connection, keys: Keys, request_id: str, kind: str) -> Re
             "trigger it the same way"
         )
     try:
-        plaintext = keys.decrypt(key_id, bytes(nonce), bytes(ciphertext), identifier_aad(request_id, kind, key_id)).decode()
+        plaintext = keys.decrypt(key_id, bytes(nonce), bytes(ciphertext),
+                                 identifier_aad(request_id, kind, key_id)).decode()
     except InvalidTag:
         raise RequestStoreError(
             f"the encrypted identifier of request {request_id} does not decrypt (altered, or copied from another "
