@@ -20,6 +20,9 @@ from warehouse_gdpr.engine import audit, schema
 from warehouse_gdpr.engine.sqlfiles import read_sql
 
 CTX = audit.RunContext(dag_id="gdpr_retention_sweep", run_id="manual__test", task_id="apply")
+# The versions an installed warehouse records: version 8 is the audit chain's (branch auditchain), not in this
+# branch, whose DDL is version 9 (rectification and restriction); the merge renumbers.
+VERSIONS = [v for v in range(1, schema.SCHEMA_VERSION + 1) if v != 8]
 
 
 def _url(url: str, *, user: str | None = None, dbname: str | None = None) -> str:
@@ -102,8 +105,7 @@ def test_ensure_schema_on_an_installed_warehouse_does_nothing(conn: psycopg.Conn
     assert schema.installed_version(conn) == schema.SCHEMA_VERSION
     assert schema.ensure_schema(conn) is False
     assert schema.ensure_schema(conn) is False
-    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(
-        range(1, schema.SCHEMA_VERSION + 1))
+    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == VERSIONS
 
 
 def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
@@ -124,7 +126,7 @@ def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
         assert tables == {
             "gdpr.schema_version", "gdpr.audit_log", "gdpr_archive.archived_row",
             "gdpr.suppression_list", "gdpr.request", "gdpr.erasure_propagation", "gdpr.quarantine",
-            "gdpr.processing_register",
+            "gdpr.processing_register", "gdpr.restriction",
         }
         views = {r[0] for r in other.execute(
             "SELECT schemaname || '.' || viewname FROM pg_views WHERE schemaname = 'gdpr'")}
@@ -140,8 +142,7 @@ def test_running_the_ddl_file_again_by_hand_keeps_everything(conn: psycopg.Conne
         conn.execute(read_sql("gdpr_schema.sql"))  # type: ignore[arg-type]
     assert _count(conn, "gdpr.audit_log") == 1
     assert _count(conn, "gdpr_archive.archived_row") == 1
-    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(
-        range(1, schema.SCHEMA_VERSION + 1))
+    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == VERSIONS
     triggers = conn.execute(
         "SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'gdpr.audit_log'::regclass AND NOT tgisinternal"
         " ORDER BY tgname"
@@ -175,17 +176,17 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
 
 
 DATA = Path(__file__).parent / "data"
-PREVIOUS = 6  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v6.sql
+PREVIOUS = 7  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v7.sql
 
 
 def _install_version(conn: psycopg.Connection, version: int) -> None:
     """The control schema exactly as release `version` installed it (its DDL frozen in tests/engine/data)."""
-    assert schema.SCHEMA_VERSION == PREVIOUS + 1, "freeze the previous version's DDL in tests/engine/data"
+    assert schema.SCHEMA_VERSION == PREVIOUS + 2, "freeze the previous version's DDL in tests/engine/data"
     with conn.transaction():
         conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
         conn.execute((DATA / f"gdpr_schema_v{version}.sql").read_text(encoding="utf-8"))  # type: ignore[arg-type]
     assert schema.installed_version(conn) == version
-    assert _relkind(conn, "gdpr.erasure_request") == "r"
+    assert _relkind(conn, "gdpr.erasure_request") == ("r" if version < 7 else "v")
     conn.commit()
 
 
@@ -355,7 +356,7 @@ def test_a_warehouse_with_erasure_requests_upgrades_in_place(
 def test_a_dbas_view_on_the_old_table_stops_the_upgrade_loudly(conn: psycopg.Connection) -> None:
     """A view reading gdpr.erasure_request would otherwise follow the rows anywhere: the upgrade refuses to
     guess, says why, and leaves the previous version as it was."""
-    _install_version(conn, PREVIOUS)
+    _install_version(conn, 6)
     _fill_old_version(conn)
     with conn.transaction():
         conn.execute("CREATE VIEW public.dba_erasures AS SELECT request_id, status FROM gdpr.erasure_request")
@@ -363,7 +364,7 @@ def test_a_dbas_view_on_the_old_table_stops_the_upgrade_loudly(conn: psycopg.Con
         schema.ensure_schema(conn)
     assert "dba_erasures" in (info.value.diag.message_detail or "")
     conn.rollback()
-    assert schema.installed_version(conn) == PREVIOUS
+    assert schema.installed_version(conn) == 6
     assert _count(conn, "gdpr.erasure_request") == 3
     assert conn.execute("SELECT to_regclass('gdpr.request')").fetchone()[0] is None
 

@@ -85,17 +85,18 @@ class ErasureRequest:
         return self.extended_due_date or self.first_due_date
 
 
-def refuse_unknown_params(params: Mapping[str, Any]) -> None:
+def refuse_unknown_params(params: Mapping[str, Any], allowed: tuple[str, ...] = PARAMS) -> None:
     """Refuse a param this DAG does not take (a typo such as `emial`), naming it only if it looks like a name.
-    Checked first, before a registered request is looked up by its id (a typo is named as such)."""
-    unknown = sorted(str(k) for k in params if k not in PARAMS)
+    Checked first, before a registered request is looked up by its id (a typo is named as such). `allowed`:
+    the params of the DAG (default: gdpr_subject_erasure's)."""
+    unknown = sorted(str(k) for k in params if k not in allowed)
     if unknown:
         shown = [f"`{k}`" for k in unknown if re.fullmatch(SAFE_PARAM_NAME, k)]
         hidden = len(unknown) - len(shown)
         names = ", ".join(shown + ([f"{hidden} other(s) (name not shown)"] if hidden else []))
         raise RequestError(
             f"unknown param(s) {names}: this DAG takes only "
-            + ", ".join(f"`{n}`" for n in PARAMS) + " (check the spelling; nothing was changed)"
+            + ", ".join(f"`{n}`" for n in allowed) + " (check the spelling; nothing was changed)"
         )
 
 
@@ -109,18 +110,18 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Erasu
     """
     today = today or date.today()
     refuse_unknown_params(params)
-    email, subject_id = _identity(params)
+    email, subject_id = identity(params)
     request_id = params.get("request_id")
     if not isinstance(request_id, str) or not re.fullmatch(REQUEST_ID_PATTERN, request_id):
         raise RequestError("`request_id` must be 3-64 characters: letters, digits, '.', '_', ':' or '-'")
-    received_at = _received_at(params, today)
+    received_at = received_date(params, today)
     dry_run = params.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise RequestError("`dry_run` must be true or false")
     return ErasureRequest(request_id, email, subject_id, received_at, dry_run)
 
 
-def _identity(params: Mapping[str, Any]) -> tuple[str | None, int | None]:
+def identity(params: Mapping[str, Any]) -> tuple[str | None, int | None]:
     """(normalised email, subject id): exactly one of them, each valid."""
     email = params.get("email")
     if email is not None and not isinstance(email, str):
@@ -141,7 +142,7 @@ def _identity(params: Mapping[str, Any]) -> tuple[str | None, int | None]:
     return email, subject_id
 
 
-def _received_at(params: Mapping[str, Any], today: date) -> date:
+def received_date(params: Mapping[str, Any], today: date) -> date:
     """The date the request arrived (default today): not in the future, nor more than a year ago."""
     received = params.get("received_at") or today.isoformat()
     if not isinstance(received, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", received.strip()):
@@ -545,7 +546,7 @@ def outbox_aad(request_id: str, target: str, key_id: str) -> bytes:
     return f"erasure|{request_id}|{target}|{key_id}".encode()
 
 
-def _lock_subjects(conn: psycopg.Connection, policy: Policy, persons: matcher.Persons) -> None:
+def lock_subjects(conn: psycopg.Connection, policy: Policy, persons: matcher.Persons) -> None:
     """Lock order (module doc): lock the subject rows this erasure touches, FOR UPDATE in primary-key
     order, before any dependent row: the person's subject rows and the owners of rows matched by email."""
     subject = policy.subject
@@ -573,7 +574,7 @@ def delete_everywhere(conn: psycopg.Connection, policy: Policy, persons: matcher
     resurrection guard (`optout.guard`), which deletes re-imported erased people the same way."""
     params = persons.params or None
     counts: dict[str, int] = {}
-    _lock_subjects(conn, policy, persons)
+    lock_subjects(conn, policy, persons)
     for mapped in policy.dependent_tables:
         if restricted and mapped.kept_when_held:
             continue

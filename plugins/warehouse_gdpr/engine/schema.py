@@ -9,7 +9,7 @@ import psycopg
 from .errors import ConfigurationError
 from .sqlfiles import read_sql
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 9  # 8 is the audit chain's (branch auditchain); 9: rectification and restriction
 log = logging.getLogger(__name__)
 
 
