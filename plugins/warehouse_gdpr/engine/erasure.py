@@ -66,16 +66,37 @@ class ErasureRequest:
     subject_id: int | None
     received_at: date
     dry_run: bool = False
+    # A registered request extended with `warehouse-gdpr request extend` (art. 12(3)): its new due date.
+    extended_due_date: date | None = None
 
     def __repr__(self) -> str:  # never print the email
         return f"ErasureRequest(request_id={self.request_id!r}, by={'email' if self.email else 'subject_id'})"
 
     @property
-    def due_date(self) -> date:
+    def first_due_date(self) -> date:
         """One calendar month after receipt (GDPR art. 12(3)); the 31st falls back to the month's last day."""
         year, month = (self.received_at.year + 1, 1) if self.received_at.month == 12 else (
             self.received_at.year, self.received_at.month + 1)
         return date(year, month, min(self.received_at.day, calendar.monthrange(year, month)[1]))
+
+    @property
+    def due_date(self) -> date:
+        """The date the answer is due: the extended one when the request was extended, else the first."""
+        return self.extended_due_date or self.first_due_date
+
+
+def refuse_unknown_params(params: Mapping[str, Any]) -> None:
+    """Refuse a param this DAG does not take (a typo such as `emial`), naming it only if it looks like a name.
+    Checked first, before a registered request is looked up by its id (a typo is named as such)."""
+    unknown = sorted(str(k) for k in params if k not in PARAMS)
+    if unknown:
+        shown = [f"`{k}`" for k in unknown if re.fullmatch(SAFE_PARAM_NAME, k)]
+        hidden = len(unknown) - len(shown)
+        names = ", ".join(shown + ([f"{hidden} other(s) (name not shown)"] if hidden else []))
+        raise RequestError(
+            f"unknown param(s) {names}: this DAG takes only "
+            + ", ".join(f"`{n}`" for n in PARAMS) + " (check the spelling; nothing was changed)"
+        )
 
 
 def parse_request(params: Mapping[str, Any], today: date | None = None) -> ErasureRequest:
@@ -87,7 +108,7 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Erasu
     a trailing newline) dropped, lower case; what is left must be a plain ASCII address.
     """
     today = today or date.today()
-    _refuse_unknown(params)
+    refuse_unknown_params(params)
     email, subject_id = _identity(params)
     request_id = params.get("request_id")
     if not isinstance(request_id, str) or not re.fullmatch(REQUEST_ID_PATTERN, request_id):
@@ -97,19 +118,6 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Erasu
     if not isinstance(dry_run, bool):
         raise RequestError("`dry_run` must be true or false")
     return ErasureRequest(request_id, email, subject_id, received_at, dry_run)
-
-
-def _refuse_unknown(params: Mapping[str, Any]) -> None:
-    """Refuse a key that is not one of PARAMS (named only if it looks like a param name)."""
-    unknown = sorted(str(k) for k in params if k not in PARAMS)
-    if unknown:
-        shown = [f"`{k}`" for k in unknown if re.fullmatch(SAFE_PARAM_NAME, k)]
-        hidden = len(unknown) - len(shown)
-        names = ", ".join(shown + ([f"{hidden} other(s) (name not shown)"] if hidden else []))
-        raise RequestError(
-            f"unknown param(s) {names}: this DAG takes only "
-            + ", ".join(f"`{n}`" for n in PARAMS) + " (check the spelling; nothing was changed)"
-        )
 
 
 def _identity(params: Mapping[str, Any]) -> tuple[str | None, int | None]:
@@ -354,24 +362,34 @@ def request_key(keys: Keys, request: ErasureRequest, located: Located) -> str:
 def recorded_request(
     conn: psycopg.Connection, keys: Keys, request: ErasureRequest, located: Located, *, for_update: bool = False
 ) -> ErasureResult | None:
-    """The result recorded under this request id when it is this person's request; None for a new id.
+    """The result recorded under this request id when it is this person's request; None for a new id, and
+    for this person's request registered (`warehouse-gdpr request new`) but not run yet.
 
     Raises RequestError when the id was used for another person, or for a subject this request cannot be
-    matched to (a subject id whose row is gone, recorded before `requested_by` was stored): the recorded
-    result of someone else is never reported. Reads only; the caller owns the transaction.
+    matched to (a subject id whose row is gone, recorded before `requested_by` was stored), or for a
+    request of another kind (gdpr.request holds every kind): the recorded result of someone else is never
+    reported. Reads only; the caller owns the transaction.
     """
     row = conn.execute(
-        "SELECT subject_hash, outcome, reason, status, due_date, details FROM gdpr.erasure_request"
-        " WHERE request_id = %s" + (" FOR UPDATE" if for_update else ""), (request.request_id,)
+        "SELECT subject_hash, outcome, reason, status, coalesce(extended_due_date, due_date), details, kind"
+        " FROM gdpr.request WHERE request_id = %s" + (" FOR UPDATE" if for_update else ""), (request.request_id,)
     ).fetchone()
     if row is None:
         return None
-    subject_hash, outcome, reason, status, due_date, details = row
-    if subject_hash != located.subject_hash and details.get("requested_by") != request_key(keys, request, located):
+    subject_hash, outcome, reason, status, due_date, details, kind = row
+    if kind != "erasure":
+        raise RequestError(
+            f"`request_id` {request.request_id} is already the id of a request of kind {kind}, not an erasure: "
+            "nothing was changed; give this request its own request id"
+        )
+    key = request_key(keys, request, located)
+    if subject_hash != located.subject_hash and details.get("requested_by") != key and subject_hash != key:
         raise RequestError(
             f"`request_id` {request.request_id} was already used for another request (another person, or one this "
             "request cannot be matched to): nothing was changed; give this request its own request id"
         )
+    if status == "registered":  # registered for this person, not run yet: erase records its outcome
+        return None
     return ErasureResult(request.request_id, subject_hash, outcome, reason or "", status, due_date.isoformat(),
                          rows=details.get("rows", {}), targets=details.get("targets", []), already_recorded=True,
                          archive=details.get("archive", {}))
@@ -485,18 +503,27 @@ def _suppress(conn: psycopg.Connection, keys: Keys, ctx: RunContext, request: Er
 
 def _record_request(conn: psycopg.Connection, keys: Keys, request: ErasureRequest, located: Located,
                     result: ErasureResult, holds: dict[str, str]) -> None:
-    """The request's row in gdpr.erasure_request: outcome, status (completed at once unless targets are
-    pending), and what was done (no personal data: counts, target names, hold names, keyed hashes)."""
-    conn.execute(
-        "INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status, outcome,"
-        " reason, completed_at, details) VALUES (%s, %s, %s, %s, %s, %s, %s,"
-        " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)",
-        (request.request_id, located.subject_hash, request.received_at, request.due_date, result.status,
+    """The request's row in gdpr.request (kind 'erasure'; one table for every kind of request): outcome,
+    status (completed at once unless targets are pending), and what was done (no personal data: counts,
+    target names, hold names, keyed hashes). A request registered with `warehouse-gdpr request new` gets its
+    outcome in its own row (its receipt and first due date stay)."""
+    recorded = conn.execute(
+        "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome,"
+        " reason, completed_at, details) VALUES (%s, 'erasure', %s, %s, %s, %s, %s, %s,"
+        " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)"
+        " ON CONFLICT (request_id) DO UPDATE SET subject_hash = EXCLUDED.subject_hash, status = EXCLUDED.status,"
+        " outcome = EXCLUDED.outcome, reason = EXCLUDED.reason, completed_at = EXCLUDED.completed_at,"
+        " details = gdpr.request.details || EXCLUDED.details || jsonb_build_object('run_at', now())"
+        " WHERE gdpr.request.status = 'registered'"
+        " RETURNING request_id",
+        (request.request_id, located.subject_hash, request.received_at, request.first_due_date, result.status,
          result.outcome, result.reason, result.status,
          psycopg.types.json.Jsonb({"rows": result.rows, "targets": result.targets, "holds": sorted(holds),
                                    "archive": result.archive,
                                    "requested_by": request_key(keys, request, located)})),
-    )
+    ).fetchone()
+    if recorded is None:  # cannot happen: the caller locked the request id and read it first
+        raise RequestError(f"request id {request.request_id} was recorded by another run meanwhile")
 
 
 def _queue_outbox(conn: psycopg.Connection, keys: Keys, request: ErasureRequest, located: Located,
