@@ -59,6 +59,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "not_found_body": {"code": "document_not_found"},
         "preflight_endpoint": "/v3/account",
         "lookup_endpoint": "/v3/contacts/{identifier}",
+        # https://developers.brevo.com/reference/get-contact-info: the contact's details (an access request).
+        "access_endpoint": "/v3/contacts/{identifier}",
     },
     # https://developers.hubspot.com/docs/api-reference/crm-contacts-v3/basic/post-crm-v3-objects-contacts-gdpr-delete:
     # 204 with no body, also for an unknown email (HubSpot then blocklists it: there is no 404).
@@ -72,6 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "not_found_body": None,
         "preflight_endpoint": "/account-info/v3/details",
         "lookup_endpoint": "/crm/v3/objects/contacts/{identifier}?idProperty=email",
+        "access_endpoint": "/crm/v3/objects/contacts/{identifier}?idProperty=email",
     },
 }
 DEFAULT_SUCCESS_CODES = (200, 201, 202, 204)
