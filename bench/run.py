@@ -8,7 +8,8 @@ One run builds (or reuses) a template database seeded by the demo generator at N
 1. delete path: ``sweep.apply_rule`` for the policy's delete rules vs ONE hand-written statement
    (data-modifying CTEs, dependent rows first) deleting exactly the same rows;
 2. pseudonymise + archive: ``sweep.apply_rule`` for the pseudonymise rule vs ONE statement that
-   archives the same rows unencrypted (``to_jsonb``) and overwrites the same columns with md5:
+   archives the same rows unencrypted (``to_jsonb``: the tables a legal obligation keeps, with the
+   same purge dates) and overwrites the same columns with md5:
    the floor without cryptography;
 3. per-row baseline: one UPDATE per row on a fresh connection per row (the way Fides erases rows),
    on a sample of the pseudonymise workload, extrapolated to the whole workload;
@@ -340,25 +341,29 @@ def treatment_sets(mapped: MappedTable, policy: Policy) -> list[sql.Composable]:
 
 
 def treated_tables(policy: Policy) -> list[MappedTable]:
-    """The mapped tables pseudonymisation changes (and archives): those with a treated column."""
+    """The mapped tables pseudonymisation changes: those with a treated column (archived when `archive` is set)."""
     return [m for m in policy.tables if treatment_sets(m, policy)]
 
 
 def raw_pseudonymise_sql(conn: psycopg.Connection, policy: Policy, rule: Rule) -> tuple[str, list[str]]:
-    """One statement: archive the originals unencrypted (to_jsonb) and overwrite the same columns (md5)."""
+    """One statement: archive the originals of the tables with a legal obligation unencrypted (to_jsonb),
+    with the engine's purge dates, and overwrite the same columns (md5)."""
     ctes = [f"cand AS MATERIALIZED ({unheld_candidates(conn, policy, rule)})", *candidate_emails_cte(conn, policy)]
     names = []
-    purge_after = ClientCursor(conn).mogrify("%s::timestamptz + %s::interval", (AS_OF, rule.archive_for))
     for i, mapped in enumerate(treated_tables(policy)):
         t, pk = candidates.qualified(mapped.table), sql.Identifier(mapped.primary_key)
-        owner, joins = raw_owner(policy, mapped)
-        ctes.append(sql.SQL(
-            "a{i} AS (INSERT INTO gdpr_archive.archived_row"
-            " (source_table, source_pk, subject_id, rule, run_id, purge_after, key_id, nonce, ciphertext)"
-            " SELECT {name}, t.{pk}::text, ({owner})::text, {rule}, 'bench-raw', {purge}, 'plaintext', ''::bytea,"
-            " convert_to(to_jsonb(t)::text, 'UTF8') FROM {t} t{joins} WHERE {m} RETURNING 1)"
-        ).format(i=sql.SQL(str(i)), name=sql.Literal(mapped.table), pk=pk, owner=owner, rule=sql.Literal(rule.name),
-                 purge=sql.SQL(purge_after), t=t, joins=joins, m=raw_rows(policy, mapped)).as_string(conn))
+        if mapped.archive:
+            owner, joins = raw_owner(policy, mapped)
+            purge = sweep._purge_after_sql(mapped, AS_OF)
+            ctes.append(sql.SQL(
+                "a{i} AS (INSERT INTO gdpr_archive.archived_row"
+                " (source_table, source_pk, subject_id, rule, run_id, purge_after, key_id, nonce, ciphertext)"
+                " SELECT {name}, t.{pk}::text, ({owner})::text, {rule}, 'bench-raw', {purge}, 'plaintext', ''::bytea,"
+                " convert_to(to_jsonb(t)::text, 'UTF8') FROM {t} t{joins} WHERE {m} AND {purge} IS NOT NULL RETURNING 1)"
+            ).format(i=sql.SQL(str(i)), name=sql.Literal(mapped.table), pk=pk, owner=owner, rule=sql.Literal(rule.name),
+                     purge=purge, t=t, joins=joins, m=raw_rows(policy, mapped)).as_string(conn))
+        else:  # no legal obligation keeps this table's originals: no copy
+            ctes.append(f"a{i} AS (SELECT 1 WHERE false)")
         ctes.append(sql.SQL("u{i} AS (UPDATE {t} t SET {sets} WHERE {m} RETURNING 1)").format(
             i=sql.SQL(str(i)), t=t, sets=sql.SQL(", ").join(treatment_sets(mapped, policy)),
             m=raw_rows(policy, mapped)).as_string(conn))

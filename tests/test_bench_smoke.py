@@ -70,7 +70,9 @@ def test_both_sides_of_every_comparison_end_in_the_same_state(smoke: tuple[dict,
     # Real work on both paths, holds included (the seed's first contacts cover every scenario).
     assert delete["subjects_deleted"] > 0 and delete["held"] > 0 and delete["rows_by_table"]["crm.activities"] > 0
     assert pseudo["subjects_pseudonymised"] > 0
-    assert pseudo["rows_archived"] == pseudo["rows_updated"] > pseudo["subjects_pseudonymised"]
+    assert pseudo["rows_updated"] > pseudo["subjects_pseudonymised"]
+    # Only the invoices carry a legal obligation: fewer rows archived than pseudonymised, none from other tables.
+    assert 0 < pseudo["rows_archived"] <= pseudo["rows_by_table"]["crm.invoices"] < pseudo["rows_updated"]
     assert pseudo["per_row"]["sample_rows"] == 20 and out["erasure"]["subjects"] == 10
 
 

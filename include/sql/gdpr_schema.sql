@@ -99,6 +99,8 @@ CREATE TABLE IF NOT EXISTS gdpr_archive.archived_row (
     UNIQUE (source_table, source_pk)
 );
 CREATE INDEX IF NOT EXISTS archived_row_purge_idx ON gdpr_archive.archived_row (purge_after, archive_id);
+-- v6: an erasure finds the person's archived originals by subject id.
+CREATE INDEX IF NOT EXISTS archived_row_subject_idx ON gdpr_archive.archived_row (subject_id);
 
 REVOKE ALL ON gdpr_archive.archived_row FROM PUBLIC;
 GRANT SELECT, INSERT, DELETE ON gdpr_archive.archived_row TO gdpr_engine;
@@ -251,4 +253,4 @@ ALTER TABLE gdpr.erasure_propagation ADD COLUMN IF NOT EXISTS claimed_until time
 ALTER TABLE gdpr.erasure_propagation ADD COLUMN IF NOT EXISTS claimed_by text;
 GRANT SELECT (claimed_until, claimed_by) ON gdpr.erasure_propagation TO gdpr_auditor;
 
-INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3), (4), (5) ON CONFLICT (version) DO NOTHING;
+INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3), (4), (5), (6) ON CONFLICT (version) DO NOTHING;

@@ -152,7 +152,10 @@ def test_the_package_holds_exactly_what_the_warehouse_and_the_downstream_systems
     assert contacts["legal_basis"].startswith("Our legitimate interest")
     assert document["warehouse"][1]["retention"][0].startswith("No retention period runs for your record as it "
                                                                 "is now (status client)")
-    assert document["warehouse"][4]["retention"][-1].startswith("Invoices are kept 10 years")
+    assert document["warehouse"][4]["retention"][1:] == [
+        "Invoices are kept 10 years after issue (French Commercial Code, art. L123-22)",
+        "When your record is pseudonymised, the originals of this table are kept encrypted for 10 years after its "
+        "issued on date as required by French Commercial Code L123-22 (accounting records), then destroyed"]
     assert "CNIL" in document["about"]["complaint"]
     assert {r["name"] for r in document["about"]["recipients"]} >= {"Brevo, emailing, opt-out blocklist (FR)",
                                                                   "Aircall, telephony (FR)"}
@@ -231,6 +234,41 @@ def test_pseudonymised_and_archived_rows_are_in_the_package(conn, policy: Policy
     assert all(r["destroyed_after"] for a in document["archive"] for r in a["rows"])
     statuses = {a["target"]: a["status"] for a in document["downstream"]}
     assert statuses["emailing"].startswith("not asked")  # no email in clear is known for this person
+
+
+def test_a_pseudonymised_person_is_found_by_email_with_their_unlinked_ticket_and_archived_invoices(
+    conn, no_targets: Policy, keys: Keys, packages
+) -> None:
+    """After the sweep, the email survives only as a keyed hash (subject row, hashed ticket): the access request
+    by email finds the person, their pseudonymised rows and their archived originals."""
+    cid = add_contact(conn, "former_client", date(2015, 1, 1))
+    add_contract(conn, cid, date(2015, 2, 1), date(2019, 12, 31))
+    add_invoice(conn, cid, date(2019, 6, 1))  # kept 10 years after issue: archived
+    email = str(conn.execute("SELECT email FROM crm.contacts WHERE contact_id = %s", (cid,)).fetchone()[0])  # type: ignore[index]
+    unlinked = _ticket(conn, None, email.upper())
+    conn.commit()
+    sweep.apply_rule(conn, no_targets, no_targets.rule("former_clients"), keys, RunContext("sweep", "s-1", "apply"),
+                     AS_OF)
+    assert conn.execute("SELECT count(*) FROM crm.contacts WHERE email = %s", (email,)).fetchone() == (0,)
+    archived = {r[0] for r in conn.execute(
+        "SELECT source_pk FROM gdpr_archive.archived_row WHERE subject_id = %s AND source_table = 'crm.invoices'",
+        (str(cid),)).fetchall()}
+    conn.rollback()
+    assert len(archived) == 1
+
+    answered = _answer(conn, no_targets, keys, {"email": email, "request_id": "ACC-HASH"}, packages)
+
+    document = json.loads(access.open_package(packages, keys, "ACC-HASH")[1]["data.json"])
+    held = _held(document)
+    assert held["crm.contacts"] == {cid} and held["crm.support_tickets"] == {unlinked}
+    assert held["crm.invoices"] == {r[0] for r in conn.execute(
+        "SELECT invoice_id FROM crm.invoices WHERE contact_id = %s", (cid,)).fetchall()}
+    tickets = document["warehouse"][5]["rows"]
+    assert tickets[0]["requester_email"] == keys.subject_hash(email)  # as it is held now: pseudonymised
+    invoices = [a for a in document["archive"] if a["table"] == "crm.invoices"][0]["rows"]
+    assert {str(r["invoice_id"]) for r in invoices} == archived
+    assert invoices[0]["billing_name"] == "Zoé Testperson"  # the original, decrypted
+    assert answered.rows["archive:crm.invoices"] == 1
 
 
 def test_portability_gives_only_the_columns_the_person_provided(conn, policy: Policy, keys: Keys, packages) -> None:

@@ -182,6 +182,18 @@ def test_hash_on_a_non_text_column_is_refused(conn: psycopg.Connection, demo_dat
     ]
 
 
+@pytest.mark.parametrize(("column", "problem"), [
+    ("issued_date", "tables[4].archive.from: column crm.invoices.issued_date does not exist"),
+    ("amount_eur", "tables[4].archive.from: column crm.invoices.amount_eur is numeric, expected a date or timestamp"),
+])
+def test_an_archive_period_counts_from_an_existing_date_column(
+    conn: psycopg.Connection, demo_data: dict[str, Any], column: str, problem: str
+) -> None:
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, _variant(demo_data, lambda d: d["tables"][4]["archive"].update({"from": column})))
+    assert _problems(info) == [problem]
+
+
 def test_fixed_on_a_non_text_column_is_refused(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
     policy = _variant(
         demo_data, lambda d: d["tables"][0]["columns"].update(do_not_contact={"pseudonymise": "fixed", "value": "x"})

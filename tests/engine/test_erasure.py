@@ -6,19 +6,23 @@ personal data: no exception, repr, audit row or leftover column may contain it.
 
 from __future__ import annotations
 
+import base64
+import os
 from datetime import date, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import yaml
 from helpers import AS_OF, add_activity, add_contact, add_contract, add_invoice, new_id, table_checksum
 from psycopg import sql
 
-from warehouse_gdpr.engine import erasure
+from warehouse_gdpr.engine import erasure, propagation, sweep
 from warehouse_gdpr.engine.audit import RunContext
-from warehouse_gdpr.engine.crypto import Keys
+from warehouse_gdpr.engine.crypto import Keys, archive_aad
 from warehouse_gdpr.engine.erasure import ErasureRequest, RequestError
-from warehouse_gdpr.engine.policy import Policy
+from warehouse_gdpr.engine.policy import Policy, parse_policy
 
 CTX = RunContext("test", "run-1", "erase")
 TODAY = date(2026, 6, 15)  # the seeded template's today (AS_OF)
@@ -731,3 +735,191 @@ def test_a_dry_run_for_an_unknown_email_says_it_would_add_a_suppression_entry(co
     assert (real.outcome, real.suppression) == ("not_found", "added")
     _, _, _, dry_again = _run(conn, policy, keys, {"email": email, "request_id": "REQ-NF-DRY-2", "dry_run": True})
     assert dry_again.suppression == "already on the suppression list"
+# -- people the tool already pseudonymised (issue 10, point 3) ------------------------------------------------
+
+POLICY_FILE = Path(__file__).resolve().parents[2] / "include" / "policy.yaml"
+OBLIGATION = "French Commercial Code L123-22 (accounting records)"
+
+
+def _pseudonymised_former_client(conn: psycopg.Connection, policy: Policy, keys: Keys, email: str,
+                                 invoice_issued: date) -> tuple[int, str]:
+    """A former client (contract ended 3 years and 10 days before AS_OF) with an activity, a note, a linked
+    ticket and one invoice, pseudonymised by the sweep. Returns (contact id, invoice id)."""
+    cid = add_contact(conn, "former_client", date(2015, 1, 1), email=email)
+    add_contract(conn, cid, date(2015, 1, 1), date(2023, 6, 5))
+    add_activity(conn, cid, "email_open", date(2023, 5, 1))
+    _add_note(conn, cid)
+    _add_ticket(conn, cid, email)
+    iid = new_id()
+    conn.execute("INSERT INTO crm.invoices (invoice_id, contact_id, issued_on, amount_eur, billing_name)"
+                 " VALUES (%s, %s, %s, 10, 'Zoé Testperson')", (iid, cid, invoice_issued))
+    conn.commit()
+    sweep.apply_rule(conn, policy, policy.rule("former_clients"), keys, RunContext("sweep", "s-1", "apply"), AS_OF)
+    assert _one(conn, "SELECT pseudonymised_at IS NOT NULL, email = %s FROM crm.contacts WHERE contact_id = %s",
+                keys.subject_hash(email), cid) == (True, True)
+    return cid, str(iid)
+
+
+def _old_style_archive_row(conn: psycopg.Connection, keys: Keys, table: str, pk: str, subject_id: str) -> None:
+    """An archive row as the former policy wrote it (rules[].archive_for: every pseudonymised table)."""
+    key_id, nonce, ciphertext = keys.encrypt(b'{"note": "original"}', archive_aad(table, pk, keys.archive_key_id))
+    conn.execute(
+        "INSERT INTO gdpr_archive.archived_row (source_table, source_pk, subject_id, rule, run_id, purge_after, key_id,"
+        " nonce, ciphertext) VALUES (%s, %s, %s, 'former_clients', 'old-run', '2036-06-15T00:00:00+00:00', %s, %s, %s)",
+        (table, pk, subject_id, key_id, nonce, ciphertext))
+    conn.commit()
+
+
+def _archive_rows_of(conn: psycopg.Connection, subject_id: int) -> set[tuple[str, str]]:
+    rows = conn.execute("SELECT source_table, source_pk FROM gdpr_archive.archived_row WHERE subject_id = %s",
+                        (str(subject_id),)).fetchall()
+    conn.rollback()
+    return set(rows)
+
+
+def test_a_pseudonymised_former_client_erased_by_email_is_found_and_told_what_the_law_keeps(
+    conn, policy: Policy, keys: Keys
+) -> None:
+    """Old main answered `not_found` here, while the warehouse held the pseudonymised rows and the archive
+    the encrypted originals."""
+    email = f"zoe.former.{new_id()}@scenario.example"
+    cid, invoice = _pseudonymised_former_client(conn, policy, keys, email, date(2022, 5, 1))
+    note_pk = str(_one(conn, "SELECT note_id FROM crm.notes WHERE contact_id = %s", cid)[0])  # type: ignore[index]
+    _old_style_archive_row(conn, keys, "crm.notes", note_pk, str(cid))  # archived by the former policy
+    assert _archive_rows_of(conn, cid) == {("crm.invoices", invoice), ("crm.notes", note_pk)}
+
+    request, located, holds, result = _run(
+        conn, policy, keys, {"email": "  " + email.upper() + " ", "request_id": "REQ-PSEUDO-1"})
+
+    assert located.subject_ids == [cid]
+    assert located.rows["crm.activities"] == located.rows["crm.notes"] == located.rows["crm.support_tickets"] == 1
+    assert holds == {"invoice_under_10_years": "restrict"}
+    assert result.outcome == "restricted"
+    assert result.reason == (
+        "legal hold: invoice_under_10_years; held records kept and restricted; archived originals kept by legal "
+        f"obligation: crm.invoices (1 rows) until 2032-05-01, {OBLIGATION}")
+    kept = [{"table": "crm.invoices", "rows": 1, "obligation": OBLIGATION, "until": "2032-05-01"}]
+    assert result.archive == {"destroyed": {"crm.notes": 1}, "kept": kept}
+    # the archive keeps only what the obligation keeps; the pseudonymised live rows are erased
+    assert _archive_rows_of(conn, cid) == {("crm.invoices", invoice)}
+    for table in ("crm.activities", "crm.notes", "crm.support_tickets"):
+        assert _linked(conn, table, [cid]) == 0, table
+    assert _one(conn, "SELECT do_not_contact FROM crm.contacts WHERE contact_id = %s", cid) == (True,)
+    # recorded, audited with counts, certified
+    assert _one(conn, "SELECT details->'archive' FROM gdpr.erasure_request WHERE request_id = 'REQ-PSEUDO-1'") == (
+        result.archive,)
+    audited = conn.execute(
+        "SELECT outcome, row_count, details->>'source_table', details->>'until' FROM gdpr.audit_log"
+        " WHERE action = 'erase_archive' AND details->>'request_id' = 'REQ-PSEUDO-1' ORDER BY outcome"
+    ).fetchall()
+    conn.rollback()
+    assert audited == [("destroyed", 1, "crm.notes", None), ("kept", 1, "crm.invoices", "2032-05-01")]
+    with conn.transaction():
+        certificate = propagation.write_certificate(conn, CTX, "REQ-PSEUDO-1")
+    assert certificate["archive"]["kept"] == kept and certificate["outcome"] == "restricted"
+    assert erasure.verify(conn, policy, keys, request, result.outcome) == {}
+    assert _audit_rows_with_at(conn) == 0
+
+
+def test_an_unlinked_ticket_the_sweep_pseudonymised_is_found_by_the_hash_of_the_email(
+    conn, policy: Policy, keys: Keys
+) -> None:
+    """A ticket sent before the account existed (no contact_id) is pseudonymised with its person: its
+    requester email becomes the subject hash. An erasure by email still finds and deletes it (the
+    matcher's keyed-hash side), and verify rescans it the same way."""
+    email = f"zoe.unlinked.{new_id()}@scenario.example"
+    cid = add_contact(conn, "former_client", date(2015, 1, 1), email=email)
+    add_contract(conn, cid, date(2015, 1, 1), date(2023, 6, 5))
+    ticket = _add_ticket(conn, None, "  " + email.upper())
+    conn.commit()
+    sweep.apply_rule(conn, policy, policy.rule("former_clients"), keys, RunContext("sweep", "s-2", "apply"), AS_OF)
+    assert _one(conn, "SELECT requester_email FROM crm.support_tickets WHERE ticket_id = %s", ticket) == (
+        keys.subject_hash(email),)
+
+    request, located, _, result = _run(conn, policy, keys, {"email": email, "request_id": "REQ-UNLINKED"})
+
+    assert located.rows["crm.support_tickets"] == 1
+    assert result.rows["crm.support_tickets"] == 1
+    assert _count(conn, "SELECT count(*) FROM crm.support_tickets WHERE ticket_id = %s", ticket) == 0
+    assert erasure.verify(conn, policy, keys, request, result.outcome) == {}
+
+
+def test_an_obligation_alone_restricts_and_everything_else_is_erased(conn, keys: Keys) -> None:
+    """No hold in force (the invoice is older than 10 years), but the archive keeps it until as_of + 10
+    years (an obligation without `from`): `restricted`, the live rows all gone, the archived invoice kept."""
+    data = yaml.safe_load(POLICY_FILE.read_text(encoding="utf-8"))
+    del data["tables"][4]["archive"]["from"]
+    policy = parse_policy(data, "variant.yaml")
+    email = f"zoe.older.{new_id()}@scenario.example"
+    cid, invoice = _pseudonymised_former_client(conn, policy, keys, email, date(2015, 3, 1))
+
+    request, _, holds, result = _run(conn, policy, keys, {"email": email, "request_id": "REQ-PSEUDO-2"})
+
+    assert holds == {}
+    assert (result.outcome, result.status) == ("restricted", "pending_propagation")
+    assert result.reason == (
+        f"archived originals kept by legal obligation: crm.invoices (1 rows) until 2036-06-15, {OBLIGATION}")
+    assert result.archive == {"destroyed": {}, "kept": [
+        {"table": "crm.invoices", "rows": 1, "obligation": OBLIGATION, "until": "2036-06-15"}]}
+    for table in CRM_ALL:
+        assert _linked(conn, table, [cid]) == 0, table
+    assert _archive_rows_of(conn, cid) == {("crm.invoices", invoice)}
+    assert erasure.verify(conn, policy, keys, request, result.outcome) == {}
+
+
+def test_archive_rows_alone_are_found_by_subject_id_and_destroyed(conn, policy: Policy, keys: Keys) -> None:
+    """A subject whose live row is gone but whose originals the former policy archived: not `not_found`."""
+    ghost = new_id()
+    _old_style_archive_row(conn, keys, "crm.contacts", str(ghost), str(ghost))
+    _old_style_archive_row(conn, keys, "crm.notes", str(new_id()), str(ghost))
+
+    request, located, _, result = _run(conn, policy, keys, {"subject_id": ghost, "request_id": "REQ-GHOST"})
+
+    assert located.subject_ids == [] and located.found
+    assert (result.outcome, result.status) == ("erased", "completed")
+    assert result.archive == {"destroyed": {"crm.contacts": 1, "crm.notes": 1}, "kept": []}
+    assert _archive_rows_of(conn, ghost) == set()
+    assert erasure.verify(conn, policy, keys, request, result.outcome) == {}
+    # and nothing left anywhere: now the answer is not_found
+    _, _, _, again = _run(conn, policy, keys, {"subject_id": ghost, "request_id": "REQ-GHOST-2"})
+    assert again.outcome == "not_found"
+
+
+def test_verify_fails_while_an_archive_row_no_obligation_keeps_remains(conn, policy: Policy, keys: Keys) -> None:
+    ghost = new_id()
+    _old_style_archive_row(conn, keys, "crm.notes", str(new_id()), str(ghost))
+    request = erasure.parse_request({"subject_id": ghost, "request_id": "REQ-V"}, today=TODAY)
+    assert erasure.verify(conn, policy, keys, request, "erased") == {"gdpr_archive.archived_row": 1}
+    assert erasure.verify(conn, policy, keys, request, "refused") == {}
+
+
+def test_a_pseudonymised_person_is_found_under_every_pepper(conn, policy: Policy, keys: Keys) -> None:
+    """Pseudonymised under pepper-1, erased after a rotation to pepper-2 (the hash in the column is the chain
+    up to pepper-1); and a row hashed the former way (HMAC of the stored email under the then-current pepper)."""
+    email = f"zoe.rotated.{new_id()}@scenario.example"
+    cid, _ = _pseudonymised_former_client(conn, policy, keys, email, date(2022, 5, 1))
+    rotated = Keys.from_extra({
+        "hmac_key_id": "pepper-2", "hmac_pepper": base64.b64encode(os.urandom(32)).decode(),
+        "hmac_chain": [{"key_id": keys.hmac_key_id, "pepper": base64.b64encode(keys.pepper).decode()}],
+        "archive_key_id": keys.archive_key_id,
+        "archive_keys": {k: base64.b64encode(v).decode() for k, v in keys.archive_keys.items()},
+    })
+    assert rotated.subject_hash(email) != keys.subject_hash(email)
+    legacy_email = f"zoe.legacy.{new_id()}@scenario.example"
+    legacy = add_contact(conn, "former_client", date(2015, 1, 1), email=legacy_email)
+    conn.execute("UPDATE crm.contacts SET email = %s, pseudonymised_at = now() WHERE contact_id = %s",
+                 (rotated.hash_value(legacy_email), legacy))
+    conn.commit()
+
+    _, located, _, result = _run(conn, policy, rotated, {"email": email.upper(), "request_id": "REQ-ROT-1"})
+    assert located.subject_ids == [cid] and result.outcome == "restricted"
+    _, located, _, result = _run(conn, policy, rotated, {"email": legacy_email, "request_id": "REQ-ROT-2"})
+    assert located.subject_ids == [legacy] and result.outcome == "erased"
+    assert _linked(conn, "crm.contacts", [legacy]) == 0
+
+
+def test_not_found_only_when_nothing_is_held_anywhere(conn, policy: Policy, keys: Keys) -> None:
+    email = f"nobody.{new_id()}@scenario.example"
+    _, located, _, result = _run(conn, policy, keys, {"email": email, "request_id": "REQ-NOBODY"})
+    assert (located.found, result.outcome, result.archive) == (False, "not_found", {})
+    assert result.reason == "nothing of the subject is held: no live, pseudonymised or archived row"

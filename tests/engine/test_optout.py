@@ -22,12 +22,16 @@ from helpers import AS_OF, add_activity, add_contact, add_contract, new_id, tabl
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from scripted_http import ScriptedServer, json_answer, redirect
+
+from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import erasure, optout
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys, KeyConfigError, generate_extra
 from warehouse_gdpr.engine.policy import Policy
 
 CTX = RunContext("gdpr_optout_sync", "run-1", "test")
+TRANSPORT = AirflowTransport()
 ERASE = RunContext("gdpr_subject_erasure", "erase-1", "erase")
 TODAY = date(2026, 6, 15)
 
@@ -489,15 +493,35 @@ def test_share_pushes_hashes_only_in_batches_and_retries_cleanly(conn, policy: P
 
     downstream.emailing.fail_next(1, 503)
     with pytest.raises(optout.ShareError) as info:
-        optout.share(conn, small, keys, CTX, "emailing_blocklist")
+        optout.share(conn, small, keys, CTX, "emailing_blocklist", TRANSPORT)
     assert str(info.value) == "share target emailing_blocklist: batch 1 refused with HTTP 503"
     assert _one(conn, "SELECT outcome FROM gdpr.audit_log WHERE action = 'share'") == ("failed",)
 
-    result = optout.share(conn, small, keys, CTX, "emailing_blocklist")
+    result = optout.share(conn, small, keys, CTX, "emailing_blocklist", TRANSPORT)
 
     assert result["hashes"] == len(listed) and result["batches"] == -(-len(listed) // 10)
     assert downstream.emailing.blocklist_hashes() == listed
     assert all("@" not in h for h in downstream.emailing.blocklist_hashes())
+
+
+def test_share_never_follows_a_redirect(conn, policy: Policy, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 302 to a page that answers 200 is not an acknowledgement: the batch is refused and nothing is
+    posted to the redirect's target (the share goes through the transport seam, which never follows one)."""
+    _unsubscribed(conn, "share.redirect@example.example")
+    conn.commit()
+    optout.collect(conn, policy, keys, CTX, AS_OF)
+    server = ScriptedServer([("POST", "/v3/contacts/blocklist", redirect("/elsewhere")),
+                             ("POST", "/elsewhere", json_answer(200, {"ok": True}))])
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_REDIRECTING", server.connection())
+        target = policy.optout.share_targets[0].model_copy(update={"connection_id": "redirecting"})
+        with pytest.raises(optout.ShareError) as info:
+            optout.share(conn, _with(policy, share_targets=[target]), keys, CTX, target.name, TRANSPORT)
+        assert str(info.value) == f"share target {target.name}: batch 1 refused with HTTP 302"
+        assert [path for _, path in server.requests] == [target.endpoint]
+    finally:
+        server.stop()
+    assert _one(conn, "SELECT outcome FROM gdpr.audit_log WHERE action = 'share'") == ("failed",)
 
 
 def test_blocklist_route_refuses_anything_but_hashes_and_needs_the_api_key(downstream) -> None:  # type: ignore[no-untyped-def]
@@ -546,7 +570,7 @@ def test_dry_run_changes_nothing_and_says_what_it_would_do(conn, policy: Policy,
     before = table_checksum(conn, tables)
     dry = RunContext("gdpr_optout_sync", "dry-1", "test", dry_run=True)
 
-    result = optout.sync(conn, policy, keys, dry, AS_OF, export_to=tmp_path / "x.txt", share_targets=False)
+    result = optout.sync(conn, policy, keys, dry, AS_OF, export_to=tmp_path / "x.txt")
 
     assert table_checksum(conn, tables) == before
     assert not (tmp_path / "x.txt").exists()
@@ -605,7 +629,7 @@ def test_a_100k_entry_sync_is_set_based(conn, policy: Policy, key_extra: dict[st
     n = 100_000
     export_to = tmp_path / "list.txt"
     # the seeded 1,500 contacts: a whole sync, then a re-keying after a rotation
-    small_sync, _ = _counted(optout.sync, conn, policy, keys, CTX, AS_OF, export_to=export_to)
+    small_sync, _ = _counted(optout.sync, conn, policy, keys, CTX, AS_OF, export_to=export_to, transport=TRANSPORT)
     extra2, keys2 = _rotated(key_extra, "pepper-2")
     small_rekey, _ = _counted(optout.rekey, conn, keys2, CTX)
 
@@ -624,7 +648,7 @@ def test_a_100k_entry_sync_is_set_based(conn, policy: Policy, key_extra: dict[st
         conn.execute("ANALYZE crm.contacts")
         conn.execute("ANALYZE crm.activities")
 
-    big_sync, result = _counted(optout.sync, conn, policy, keys2, CTX, AS_OF, export_to=export_to)
+    big_sync, result = _counted(optout.sync, conn, policy, keys2, CTX, AS_OF, export_to=export_to, transport=TRANSPORT)
     assert result.collect["added"] == n
     assert result.collect["by_source"] == {"do_not_contact_flag": n - n // 10, "unsubscribe_activity": n // 10}
     assert result.enforce["flagged"] == n // 10
@@ -656,7 +680,7 @@ def test_no_email_anywhere_after_a_full_sync(conn, policy: Policy, keys: Keys, d
     _unsubscribed(conn, "plain.optout@example.example")
     conn.commit()
 
-    result = optout.sync(conn, policy, keys, CTX, AS_OF, export_to=tmp_path / "list.txt")
+    result = optout.sync(conn, policy, keys, CTX, AS_OF, export_to=tmp_path / "list.txt", transport=TRANSPORT)
 
     assert (result.guard["erased"], result.guard["quarantined"]) == (2, 1)
     assert _no_at(conn) == dict.fromkeys(_no_at(conn), 0)

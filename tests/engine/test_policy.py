@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from warehouse_gdpr.engine.policy import (
+    Archive,
     HashColumn,
     LastInteractionClock,
     Policy,
@@ -70,7 +71,12 @@ def test_demo_policy_loads() -> None:
     assert isinstance(policy.rules[0].clock, LastInteractionClock)
     assert policy.rules[0].clock.fallback == "created_at"
     assert isinstance(policy.rules[2].clock, RelatedMaxClock)
-    assert (policy.rules[2].action, policy.rules[2].archive_for) == ("pseudonymise", "P10Y")
+    assert policy.rules[2].action == "pseudonymise"
+    # Only the invoices carry a legal obligation to keep their originals (accounting records).
+    assert {t.table: t.archive for t in policy.tables if t.archive} == {"crm.invoices": Archive.model_validate(
+        {"for": "P10Y", "from": "issued_on", "obligation": "French Commercial Code L123-22 (accounting records)"})}
+    assert policy.hashed_email_columns(policy.subject_mapping) == ["email"]
+    assert policy.hashed_email_columns(policy.tables[5]) == ["requester_email"]
     assert isinstance(policy.subject_mapping.columns["email"], HashColumn)
     # Dependents are deleted in reverse order of the file, the subject table last (not listed).
     assert [t.table for t in policy.dependent_tables] == [
@@ -128,9 +134,9 @@ def test_bad_duration(tmp_path: Path, demo_data: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("value", ["P", "3Y", "P3", "PT3H", "P-3Y", "p3y", "P3Y ", "P3Y2"])
 def test_malformed_durations_are_refused(tmp_path: Path, demo_data: dict[str, Any], value: str) -> None:
-    _, message = _refused(tmp_path, demo_data, lambda d: d["rules"][2].update(archive_for=value))
+    _, message = _refused(tmp_path, demo_data, lambda d: d["tables"][4]["archive"].update({"for": value}))
     assert _problems(message) == [
-        f"rules[2].archive_for: expected an ISO 8601 duration such as P3Y, P18M or P30D, got {value!r}"
+        f"tables[4].archive.for: expected an ISO 8601 duration such as P3Y, P18M or P30D, got {value!r}"
     ]
 
 
@@ -154,17 +160,47 @@ def test_well_formed_durations_are_accepted(tmp_path: Path, demo_data: dict[str,
     assert load_policy(_write(tmp_path, data)).rules[0].retain_for == value
 
 
-def test_pseudonymise_needs_archive_for(tmp_path: Path, demo_data: dict[str, Any]) -> None:
-    path, message = _refused(tmp_path, demo_data, lambda d: d["rules"][2].pop("archive_for"))
+def test_a_rule_with_the_former_archive_for_is_refused_with_what_to_write_instead(
+    tmp_path: Path, demo_data: dict[str, Any]
+) -> None:
+    path, message = _refused(tmp_path, demo_data, lambda d: d["rules"][2].update(archive_for="P10Y"))
     assert str(path) in message
     assert _problems(message) == [
-        "rules[2]: action 'pseudonymise' needs archive_for (how long the encrypted originals are kept)"
+        "rules[2]: `archive_for` is no longer a key of a rule: the archive keeps only the tables a legal obligation "
+        "requires, for that obligation's period. Delete `archive_for` here and, under `tables`, give each table "
+        "whose originals the law requires keeping `archive: {for: P10Y, obligation: \"<the law, e.g. French "
+        "Commercial Code L123-22 (accounting records)>\"}` (e.g. the invoices). Archive rows written before keep "
+        "their own purge date"
     ]
+    # on a delete rule too, and a malformed old value is not echoed back as advice
+    _, message = _refused(tmp_path, demo_data, lambda d: d["rules"][0].update(archive_for="ten years"))
+    assert _problems(message)[0].startswith("rules[0]: `archive_for` is no longer a key of a rule")
+    assert "ten years" not in message and "{for: P10Y," in message
 
 
-def test_archive_for_with_delete_is_refused(tmp_path: Path, demo_data: dict[str, Any]) -> None:
-    _, message = _refused(tmp_path, demo_data, lambda d: d["rules"][0].update(archive_for="P1Y"))
-    assert _problems(message) == ["rules[0]: archive_for is only meaningful with action 'pseudonymise'"]
+def test_an_archive_needs_its_obligation_and_refuses_unknown_keys(tmp_path: Path, demo_data: dict[str, Any]) -> None:
+    _, message = _refused(tmp_path, demo_data, lambda d: d["tables"][4]["archive"].pop("obligation"))
+    assert _problems(message) == ["tables[4].archive.obligation: required key is missing"]
+    _, message = _refused(tmp_path, demo_data, lambda d: d["tables"][4]["archive"].update(obligation=""))
+    assert _problems(message) == ["tables[4].archive.obligation: String should have at least 1 character"]
+    _, message = _refused(tmp_path, demo_data, lambda d: d["tables"][4]["archive"].update(for_="P1Y"))
+    assert _problems(message) == ["tables[4].archive.for_: unknown key (check the spelling; see include/policy.yaml "
+                                  "for the keys)"]
+
+
+def test_an_archive_on_a_table_pseudonymisation_leaves_unchanged_is_refused(
+    tmp_path: Path, demo_data: dict[str, Any]
+) -> None:
+    """Contracts keep every column (`columns: {}`): nothing is overwritten, so an archive copy is pointless."""
+    def archive_contracts(d: dict[str, Any]) -> None:
+        d["tables"][3]["archive"] = {"for": "P10Y", "obligation": "Civil Code art. 2224"}
+
+    _, message = _refused(tmp_path, demo_data, archive_contracts)
+    assert _problems(message) == [
+        "(document root): tables[3] (crm.contracts): `archive` is set but pseudonymisation changes no column of "
+        "this table (none in `columns` but `keep`), so its rows stay as they are and nothing would be archived: "
+        "remove `archive`"
+    ]
 
 
 def test_duplicate_rule_names(tmp_path: Path, demo_data: dict[str, Any]) -> None:

@@ -66,7 +66,7 @@ def test_the_demo_register_is_complete_and_follows_the_model_record(tmp_path: Pa
 def test_retention_is_what_the_rules_enforce_not_retyped_text(tmp_path: Path) -> None:
     def shorten(data: dict[str, Any]) -> None:
         data["rules"][0]["retain_for"] = "P2Y6M"
-        data["rules"][2]["archive_for"] = "P5Y"
+        data["tables"][4]["archive"]["for"] = "P5Y"
 
     markdown = register.render_markdown(policy_with(shorten), DAY, "policy.yaml")
     prospects = next(line for line in markdown.splitlines() if line.startswith("- Prospects never converted"))
@@ -79,10 +79,43 @@ def test_retention_is_what_the_rules_enforce_not_retyped_text(tmp_path: Path) ->
     assert "3 years after the latest `crm.contracts.end_date`" in former
     assert "(an empty one, e.g. an open contract, does not count)" in former
     assert "for a person without such a record, from `created_at`" in former
-    assert "restricted archive for 5 years, then destroyed" in former
+    assert "restricted archive for 5 years from each row's `issued_on`" in former
     assert "Suspended while legal hold `litigation` applies" in markdown
     assert "the keyed hash (HMAC-SHA256) of the normalised email is kept permanently" in markdown
     assert "the rest of the person's record follows the retention of its category" in markdown
+
+
+def test_the_register_states_each_archive_period_with_its_legal_obligation() -> None:
+    """Only what a legal obligation requires is archived, and the register says which tables, how long and
+    why, and that the other tables of a pseudonymised person keep no copy."""
+    markdown = register.render_markdown(policy_with(), DAY, "policy.yaml")
+    former = next(line for line in markdown.splitlines() if line.startswith("- Former clients"))
+    assert ("then pseudonymised in the warehouse (personal columns of `crm.contacts`, `crm.activities`, "
+            "`crm.notes`, `crm.invoices`, `crm.support_tickets`); the originals of `crm.invoices` are kept "
+            "encrypted in a restricted archive for 10 years from each row's `issued_on`") in former
+    assert "as required by French Commercial Code L123-22 (accounting records), then destroyed" in former
+    assert ("no copy of the originals of `crm.contacts`, `crm.activities`, `crm.notes`, `crm.support_tickets` "
+            "is kept") in former
+    assert "French Commercial Code L123-22 (accounting records)" in register.render_html(policy_with(), DAY, "p")
+
+    def two_obligations(data: dict[str, Any]) -> None:
+        data["tables"][4]["archive"] = {"for": "P6Y", "obligation": "Tax code (LPF L102 B)"}  # no `from`
+        data["tables"][2]["archive"] = {"for": "P18M", "obligation": "Employment law"}
+
+    markdown = register.render_markdown(policy_with(two_obligations), DAY, "policy.yaml")
+    former = next(line for line in markdown.splitlines() if line.startswith("- Former clients"))
+    assert ("the originals of `crm.notes` are kept encrypted in a restricted archive for 18 months from the "
+            "pseudonymisation, as required by Employment law, then destroyed; the originals of `crm.invoices` are "
+            "kept encrypted in a restricted archive for 6 years from the pseudonymisation, as required by Tax code "
+            "(LPF L102 B), then destroyed; no copy of the originals of `crm.contacts`, `crm.activities`, "
+            "`crm.support_tickets` is kept") in former
+
+    def no_obligation(data: dict[str, Any]) -> None:
+        data["tables"][4].pop("archive")
+
+    markdown = register.render_markdown(policy_with(no_obligation), DAY, "policy.yaml")
+    former = next(line for line in markdown.splitlines() if line.startswith("- Former clients"))
+    assert "no copy of the originals is kept" in former and "restricted archive" not in former
 
 
 def test_a_clock_without_fallback_says_who_is_never_selected() -> None:

@@ -166,8 +166,18 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
     )
 
 
+def _downgrade_to_version_5(conn: psycopg.Connection) -> None:
+    """The control schema as version 5 left it: no index on the archive's subject ids (what version 6 added)."""
+    with conn.transaction():
+        conn.execute("DROP INDEX gdpr_archive.archived_row_subject_idx")
+        conn.execute("DELETE FROM gdpr.schema_version WHERE version = 6")
+    assert schema.installed_version(conn) == 5
+    conn.commit()
+
+
 def _downgrade_to_version_4(conn: psycopg.Connection) -> None:
     """The control schema as version 4 left it: no claim columns on the outbox (what version 5 added)."""
+    _downgrade_to_version_5(conn)
     with conn.transaction():
         conn.execute("ALTER TABLE gdpr.erasure_propagation DROP COLUMN claimed_until, DROP COLUMN claimed_by")
         conn.execute("DELETE FROM gdpr.schema_version WHERE version = 5")
@@ -181,7 +191,7 @@ def _downgrade_to_version_3(conn: psycopg.Connection) -> None:
     with conn.transaction():
         conn.execute("DROP TABLE gdpr.processing_register")
         conn.execute("DELETE FROM gdpr.schema_version WHERE version = 4")
-    assert schema.SCHEMA_VERSION == 5, "simulate the versions before the current one here"
+    assert schema.SCHEMA_VERSION == 6, "simulate the versions before the current one here"
     assert schema.installed_version(conn) == 3
     conn.commit()
 
@@ -196,7 +206,7 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
     with pytest.raises(schema.SchemaError) as info:
         schema.ensure_schema(dag_conn)
     message = str(info.value)
-    assert message.startswith("the gdpr control schema is out of date (installed version 3, this package needs 5) "
+    assert message.startswith("the gdpr control schema is out of date (installed version 3, this package needs 6) "
                               "and this connection (role gdpr_dag) may not upgrade it (permission denied")
     assert WHAT_TO_RUN in message and "not installed" not in message and "include/" not in message
     assert dag_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # rolled back, usable
@@ -204,10 +214,11 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
     dag_conn.commit()
 
     assert schema.ensure_schema(conn) is True
-    assert schema.installed_version(dag_conn) == 5
+    assert schema.installed_version(dag_conn) == 6
+    assert dag_conn.execute("SELECT to_regclass('gdpr_archive.archived_row_subject_idx')").fetchone()[0] is not None
     assert _count(conn, "gdpr.audit_log") == 1
     assert schema.ensure_schema(dag_conn) is False  # the DAGs go on as the engine
-    with dag_conn.transaction():  # with version 4's grants
+    with dag_conn.transaction():  # with the grants of the current version
         dag_conn.execute(
             "INSERT INTO gdpr.processing_register (sha256, policy_file, activities, markdown, html)"
             " VALUES (repeat('a', 64), 'policy.yaml', 1, '# r', '<h1>r</h1>')"
@@ -226,7 +237,7 @@ def test_version_5_adds_the_outbox_claim_and_keeps_pending_erasures(
         conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce,"
                      " identifier_ciphertext) VALUES ('REQ-V5', 'emailing', 'pending', 'k1', '\\x00', '\\x01')")
     _downgrade_to_version_4(conn)
-    with pytest.raises(schema.SchemaError, match=r"installed version 4, this package needs 5"):
+    with pytest.raises(schema.SchemaError, match=r"installed version 4, this package needs 6"):
         schema.ensure_schema(dag_conn)
     dag_conn.rollback()
 

@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from datetime import timedelta
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+import yaml
 from cryptography.exceptions import InvalidTag
-from helpers import AS_OF, CRM_TABLES, THREE_YEARS_BEFORE, add_activity, add_contact, add_contract, candidates, table_checksum
+from helpers import (
+    AS_OF,
+    CRM_TABLES,
+    THREE_YEARS_BEFORE,
+    add_activity,
+    add_contact,
+    add_contract,
+    candidates,
+    new_id,
+    table_checksum,
+    ts,
+)
 
+from warehouse_gdpr.cli import main
 from warehouse_gdpr.engine import sweep
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys, archive_aad
-from warehouse_gdpr.engine.policy import Policy
+from warehouse_gdpr.engine.policy import Policy, parse_policy
 
 CTX = RunContext("test_sweep", "run-1", "apply")
+POLICY_FILE = Path(__file__).resolve().parents[2] / "include" / "policy.yaml"
 
 
 def _count(conn: psycopg.Connection, query: str, *params: object) -> int:
@@ -66,40 +83,141 @@ def test_pseudonymise_archives_encrypted_originals(conn, policy: Policy, keys: K
             "SELECT contact_id::text, to_jsonb(c) FROM crm.contacts c WHERE contact_id = ANY(%s)", (todo,)
         ).fetchall()
     }
+    # What the accounting obligation keeps: the invoices issued less than 10 years before as_of.
+    invoices = {
+        r[0]: (r[1], r[2])
+        for r in conn.execute(
+            "SELECT invoice_id::text, to_jsonb(i), (issued_on::timestamptz + interval '10 years') FROM crm.invoices i"
+            " WHERE contact_id = ANY(%s) AND issued_on > %s::date - interval '10 years'", (todo, AS_OF)
+        ).fetchall()
+    }
     conn.rollback()
+    assert invoices, "the seeded template must give pseudonymised former clients recent invoices"
 
     result = sweep.apply_rule(conn, policy, rule, keys, CTX, AS_OF, batch_size=50)
     assert result.pseudonymised == len(todo)
+    assert result.archived == len(invoices)
 
     rows = conn.execute(
         "SELECT contact_id::text, email, first_name, last_name, direct_phone, job_title, pseudonymised_at"
         " FROM crm.contacts WHERE contact_id = ANY(%s)", (todo,)
     ).fetchall()
     for cid, email, first, last, phone, title, marker in rows:
-        assert email == keys.hash_value(originals[cid]["email"]), "email becomes a stable keyed pseudonym"
+        assert email == keys.subject_hash(originals[cid]["email"]), "email becomes a stable keyed pseudonym"
         assert (first, last, phone, title) == (None, None, None, "redacted")
         assert marker is not None
     notes = conn.execute("SELECT DISTINCT body FROM crm.notes WHERE contact_id = ANY(%s)", (todo,)).fetchall()
     assert notes == [("[removed under GDPR retention policy]",)]
 
     archived = conn.execute(
-        "SELECT source_pk, key_id, nonce, ciphertext, purge_after FROM gdpr_archive.archived_row"
-        " WHERE source_table = 'crm.contacts'"
+        "SELECT source_table, source_pk, key_id, nonce, ciphertext, purge_after FROM gdpr_archive.archived_row"
     ).fetchall()
-    assert {r[0] for r in archived} == set(originals)
-    for source_pk, key_id, nonce, ciphertext, purge_after in archived:
-        aad = archive_aad("crm.contacts", source_pk, key_id)
-        assert json.loads(keys.decrypt(key_id, nonce, ciphertext, aad)) == originals[source_pk]
-        assert originals[source_pk]["email"].encode() not in ciphertext
+    conn.rollback()
+    assert {r[0] for r in archived} == {"crm.invoices"}, "contacts, notes, activities, tickets keep no copy"
+    assert {r[1] for r in archived} == set(invoices)
+    for _table, source_pk, key_id, nonce, ciphertext, purge_after in archived:
+        aad = archive_aad("crm.invoices", source_pk, key_id)
+        original, until = invoices[source_pk]
+        assert json.loads(keys.decrypt(key_id, nonce, ciphertext, aad)) == original
+        assert purge_after == until, "10 years from the invoice's issue date"
+        assert original["billing_name"].encode() not in ciphertext
         wrong_key = Keys(keys.hmac_key_id, keys.pepper, key_id, {key_id: os.urandom(32)})
         with pytest.raises(InvalidTag):
             wrong_key.decrypt(key_id, nonce, ciphertext, aad)
         with pytest.raises(InvalidTag):  # a ciphertext cannot be replayed onto another row
-            keys.decrypt(key_id, nonce, ciphertext, archive_aad("crm.contacts", source_pk + "0", key_id))
-        assert purge_after.year == 2036  # as_of + P10Y
+            keys.decrypt(key_id, nonce, ciphertext, archive_aad("crm.invoices", source_pk + "0", key_id))
+    assert _count(conn, "SELECT count(*) FROM crm.invoices WHERE contact_id = ANY(%s) AND billing_name IS NOT NULL",
+                  todo) == 0, "every invoice is pseudonymised, archived or not"
+    assert _audited(conn, "run-1", "archive", "gdpr_archive.archived_row") == len(invoices)
     # every pseudonymised subject leaves the candidate set: a rerun changes nothing
     again = sweep.apply_rule(conn, policy, rule, keys, RunContext("t", "run-2", "apply"), AS_OF)
     assert again.pseudonymised == 0 and again.archived == 0
+
+
+def _former_client(conn: psycopg.Connection, email: str | None = None) -> int:
+    """A former client whose last contract ended 3 years and 10 days before AS_OF, with an activity, a note,
+    a linked support ticket and no invoice."""
+    cid = add_contact(conn, "former_client", date(2015, 1, 1), email=email)
+    add_contract(conn, cid, date(2015, 1, 1), THREE_YEARS_BEFORE - timedelta(days=10))
+    add_activity(conn, cid, "email_open", THREE_YEARS_BEFORE - timedelta(days=20))
+    conn.execute("INSERT INTO crm.notes (note_id, contact_id, author, body, created_at)"
+                 " VALUES (%s, %s, 'Claire Martin', 'Renewal call', now())", (new_id(), cid))
+    conn.execute("INSERT INTO crm.support_tickets (ticket_id, contact_id, requester_email, body, created_at)"
+                 " SELECT %s, contact_id, email, 'Hello', now() FROM crm.contacts WHERE contact_id = %s",
+                 (new_id(), cid))
+    return cid
+
+
+def _invoice(conn: psycopg.Connection, cid: int, issued: date) -> str:
+    iid = new_id()
+    conn.execute("INSERT INTO crm.invoices (invoice_id, contact_id, issued_on, amount_eur, billing_name)"
+                 " VALUES (%s, %s, %s, 10, 'Zoé Testperson')", (iid, cid, issued))
+    return str(iid)
+
+
+def _archive_of(conn: psycopg.Connection, cid: int) -> dict[tuple[str, str], Any]:
+    """{(source table, source pk): purge_after} of a subject's archive rows."""
+    rows = conn.execute("SELECT source_table, source_pk, purge_after FROM gdpr_archive.archived_row"
+                        " WHERE subject_id = %s", (str(cid),)).fetchall()
+    conn.rollback()
+    return {(t, pk): after for t, pk, after in rows}
+
+
+def test_only_the_tables_a_legal_obligation_keeps_are_archived_until_their_own_date(
+    conn, policy: Policy, keys: Keys
+) -> None:
+    """Issue 10 point 2: a former client's contact row, notes, activities and tickets are pseudonymised
+    without an archive copy; their invoices are archived for 10 years from issue, and an invoice whose
+    10 years have already passed is not archived at all."""
+    cid = _former_client(conn)
+    recent = _invoice(conn, cid, date(2022, 5, 1))
+    expired = _invoice(conn, cid, date(2014, 3, 1))
+    conn.commit()
+
+    sweep.apply_rule(conn, policy, policy.rule("former_clients"), keys, CTX, AS_OF)
+
+    archive = _archive_of(conn, cid)
+    assert list(archive) == [("crm.invoices", recent)]
+    assert archive["crm.invoices", recent] == ts(date(2032, 5, 1))
+    assert expired not in {pk for _, pk in archive}
+    assert _count(conn, "SELECT count(*) FROM crm.invoices WHERE contact_id = %s AND billing_name IS NULL", cid) == 2
+    assert _count(conn, "SELECT count(*) FROM crm.notes WHERE contact_id = %s AND body LIKE '[removed%%'", cid) == 1
+
+
+def test_an_obligation_without_from_counts_its_period_from_the_sweeps_as_of(conn, keys: Keys) -> None:
+    data = yaml.safe_load(POLICY_FILE.read_text(encoding="utf-8"))
+    del data["tables"][4]["archive"]["from"]
+    policy = parse_policy(data, "variant.yaml")
+    cid = _former_client(conn)
+    old = _invoice(conn, cid, date(2014, 3, 1))
+    conn.commit()
+    sweep.apply_rule(conn, policy, policy.rule("former_clients"), keys, CTX, AS_OF)
+    assert _archive_of(conn, cid) == {("crm.invoices", old): ts(date(2036, 6, 15))}  # AS_OF + P10Y
+
+
+def test_a_hashed_email_column_holds_the_subject_hash_of_the_normalised_email(
+    conn, policy: Policy, keys: Keys, airflow_conns: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 10 point 3: the pseudonym of an email column is what `warehouse-gdpr subject-hash` prints and the
+    suppression list stores, whatever the spelling stored; a non-email hashed column hashes its raw value."""
+    data = yaml.safe_load(POLICY_FILE.read_text(encoding="utf-8"))
+    data["tables"][2]["columns"]["author"] = {"pseudonymise": "hash"}  # not an email column
+    variant = parse_policy(data, "variant.yaml")
+    cid = _former_client(conn, email="  Alice.Former@X.example ")
+    conn.commit()
+
+    sweep.apply_rule(conn, variant, variant.rule("former_clients"), keys, CTX, AS_OF)
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("alice.former@x.example\n"))
+    assert main(["subject-hash", str(POLICY_FILE)]) == 0
+    printed = capsys.readouterr().out.split("\t")[1].split()[0]
+    stored = conn.execute("SELECT email FROM crm.contacts WHERE contact_id = %s", (cid,)).fetchone()[0]  # type: ignore[index]
+    ticket = conn.execute("SELECT requester_email FROM crm.support_tickets WHERE contact_id = %s", (cid,)).fetchone()[0]  # type: ignore[index]
+    author = conn.execute("SELECT author FROM crm.notes WHERE contact_id = %s", (cid,)).fetchone()[0]  # type: ignore[index]
+    conn.rollback()
+    assert stored == ticket == printed == keys.subject_hash("ALICE.former@x.EXAMPLE")
+    assert author == keys.hash_value("Claire Martin")
 
 
 def test_failure_mid_batch_leaves_nothing_half_done(conn, policy: Policy, keys: Keys) -> None:
@@ -134,7 +252,14 @@ def test_failure_mid_batch_leaves_nothing_half_done(conn, policy: Policy, keys: 
     archived_subjects = {
         int(r[0]) for r in conn.execute("SELECT DISTINCT subject_id FROM gdpr_archive.archived_row").fetchall()
     }
-    assert archived_subjects == done, "archive copies exist exactly for the fully processed subjects"
+    with_recent_invoices = {
+        r[0] for r in conn.execute(
+            "SELECT DISTINCT contact_id FROM crm.invoices WHERE contact_id = ANY(%s)"
+            " AND issued_on > %s::date - interval '10 years'", (list(done), AS_OF)
+        ).fetchall()
+    }
+    assert with_recent_invoices, "some processed subject must have an archived invoice"
+    assert archived_subjects == with_recent_invoices, "archive copies exist only for the fully processed subjects"
     untouched_emails = conn.execute(
         "SELECT count(*) FROM crm.contacts WHERE contact_id = ANY(%s) AND pseudonymised_at IS NULL"
         " AND email LIKE '%%@%%'", (todo,)
@@ -181,22 +306,41 @@ def test_plan_changes_nothing(conn, policy: Policy) -> None:
 
 
 def test_purge_archive_after_its_own_period(conn, policy: Policy, keys: Keys) -> None:
-    cid = add_contact(conn, "former_client", THREE_YEARS_BEFORE - timedelta(days=900))
-    add_contract(conn, cid, THREE_YEARS_BEFORE - timedelta(days=900), THREE_YEARS_BEFORE - timedelta(days=10))
-    add_activity(conn, cid, "email_open", THREE_YEARS_BEFORE - timedelta(days=20))
+    cid = _former_client(conn)
+    invoice = _invoice(conn, cid, THREE_YEARS_BEFORE - timedelta(days=100))  # 2023-03-07: kept until 2033-03-07
+    # An archive row written under the former policy (rules[].archive_for: the contact row, for as_of + P10Y):
+    # it keeps its own purge date and stays decryptable.
+    contact_json = conn.execute(
+        "SELECT to_jsonb(c)::text FROM crm.contacts c WHERE contact_id = %s", (cid,)).fetchone()[0]  # type: ignore[index]
+    key_id, nonce, ciphertext = keys.encrypt(
+        contact_json.encode(), archive_aad("crm.contacts", str(cid), keys.archive_key_id))
+    conn.execute(
+        "INSERT INTO gdpr_archive.archived_row (source_table, source_pk, subject_id, rule, run_id, purge_after, key_id,"
+        " nonce, ciphertext) VALUES ('crm.contacts', %s, %s, 'former_clients', 'old-run', '2036-06-15T00:00:00+00:00',"
+        " %s, %s, %s)", (str(cid), str(cid), key_id, nonce, ciphertext))
     conn.commit()
     sweep.apply_rule(conn, policy, policy.rule("former_clients"), keys, CTX, AS_OF)
-    archived = _count(conn, "SELECT count(*) FROM gdpr_archive.archived_row")
-    assert archived > 0
+    assert set(_archive_of(conn, cid)) == {("crm.invoices", invoice), ("crm.contacts", str(cid))}
+    conn.execute("DELETE FROM gdpr_archive.archived_row WHERE subject_id <> %s", (str(cid),))  # the seeded ones
+    conn.commit()
 
     purge_ctx = RunContext("test_sweep", "purge", "purge_archive")
-    assert sweep.purge_archive(conn, purge_ctx, "2035-06-15T00:00:00+00:00", 1000) == 0
+    assert sweep.purge_archive(conn, purge_ctx, "2033-03-01T00:00:00+00:00", 1000) == 0
     dry = RunContext("test_sweep", "purge-dry", "purge_archive", dry_run=True)
-    assert sweep.purge_archive(conn, dry, "2037-01-01T00:00:00+00:00", 1000) == archived
-    assert _count(conn, "SELECT count(*) FROM gdpr_archive.archived_row") == archived
-    assert sweep.purge_archive(conn, purge_ctx, "2037-01-01T00:00:00+00:00", 100) == archived
-    assert _count(conn, "SELECT count(*) FROM gdpr_archive.archived_row") == 0
-    assert _audited(conn, "purge", "purge_archive", "gdpr_archive.archived_row") == archived
+    assert sweep.purge_archive(conn, dry, "2033-03-08T00:00:00+00:00", 1000) == 1
+    assert len(_archive_of(conn, cid)) == 2
+    assert sweep.purge_archive(conn, purge_ctx, "2033-03-08T00:00:00+00:00", 100) == 1
+    assert set(_archive_of(conn, cid)) == {("crm.contacts", str(cid))}
+    row = conn.execute("SELECT key_id, nonce, ciphertext FROM gdpr_archive.archived_row"
+                       " WHERE source_table = 'crm.contacts' AND source_pk = %s", (str(cid),)).fetchone()
+    conn.rollback()
+    assert row is not None
+    assert json.loads(keys.decrypt(row[0], row[1], row[2], archive_aad("crm.contacts", str(cid), row[0]))) == (
+        json.loads(contact_json))
+    assert sweep.purge_archive(conn, purge_ctx, "2036-06-15T00:00:00+00:00", 100) == 0  # not before its date
+    assert sweep.purge_archive(conn, purge_ctx, "2036-06-16T00:00:00+00:00", 100) == 1
+    assert _archive_of(conn, cid) == {}
+    assert _audited(conn, "purge", "purge_archive", "gdpr_archive.archived_row") == 2
 
 
 def test_unmapped_foreign_key_gives_a_clear_error(conn, policy: Policy, keys: Keys) -> None:

@@ -240,12 +240,6 @@ def _title(mapped: MappedTable) -> str:
     return mapped.title or mapped.table
 
 
-def archive_ids(located: Located) -> list[str]:
-    """The subject ids (text, as gdpr_archive stores them) the person's archived originals are filed under."""
-    ids = getattr(located, "archive_ids", None)
-    return list(ids) if ids else [str(i) for i in located.subject_ids]
-
-
 def gather(conn: psycopg.Connection, policy: Policy, keys: Keys, located: Located) -> Gathered:
     """Every row of the person in every mapped table (one query per table, `matcher.rows`), and their archived
     originals decrypted, read in one REPEATABLE READ, READ ONLY transaction (a consistent snapshot)."""
@@ -254,7 +248,8 @@ def gather(conn: psycopg.Connection, policy: Policy, keys: Keys, located: Locate
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     conn.read_only = True
     try:
-        persons = matcher.for_person(conn, policy, located.subject_ids, located.email)
+        # Live rows and pseudonymised ones (hashed email columns holding the keyed hash of the email).
+        persons = matcher.for_person(conn, policy, located.subject_ids, located.email, located.email_hashes)
         for mapped in policy.tables:
             cur = conn.execute(
                 sql.SQL("SELECT t.* FROM {t} t WHERE {m} ORDER BY t.{pk}").format(
@@ -269,7 +264,7 @@ def gather(conn: psycopg.Connection, policy: Policy, keys: Keys, located: Locate
                 for rule in policy.rules:
                     column = rule.statuses.column
                     gathered.statuses[column] = sorted({str(r[column]) for r in rows if r.get(column) is not None})
-        gathered.archive = _archived(conn, policy, keys, archive_ids(located))
+        gathered.archive = _archived(conn, policy, keys, located.archive_ids)
     finally:
         conn.rollback()
         conn.isolation_level = None
@@ -427,10 +422,11 @@ def _retention(policy: Policy, mapped: MappedTable, statuses: dict[str, list[str
                       if rule.action in h.blocks and h.description]
     if mapped.retention:
         lines.append(mapped.retention)
-    archive = getattr(mapped, "archive", None)  # tables[].archive: a legal obligation to keep the originals
+    archive = mapped.archive  # a legal obligation to keep the originals of this table
     if archive is not None:
+        start = f" after its {archive.from_.replace('_', ' ')} date" if archive.from_ else ""
         lines.append(f"When your record is pseudonymised, the originals of this table are kept encrypted for "
-                     f"{humanise(archive.for_)} ({archive.obligation}), then destroyed")
+                     f"{humanise(archive.for_)}{start} as required by {archive.obligation}, then destroyed")
     if not any(set(statuses.get(r.statuses.column, [])) & set(r.statuses.values) for r in policy.rules):
         now_ = "; ".join(f"{column} {', '.join(values)}" for column, values in statuses.items() if values)
         lines.insert(0, f"No retention period runs for your record as it is now ({now_ or 'no record'}): the data "

@@ -313,6 +313,11 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
             col = need(f"{where}.email_columns[{j}]", mapped.table, name)
             if col and col.type not in TEXT_TYPES:
                 problems.append(f"{where}.email_columns[{j}]: column {mapped.table}.{name} is {col.type}, expected text")
+        if mapped.archive and mapped.archive.from_:
+            col = need(f"{where}.archive.from", mapped.table, mapped.archive.from_)
+            if col and col.type not in TIME_TYPES:
+                problems.append(f"{where}.archive.from: column {mapped.table}.{mapped.archive.from_} is {col.type}, "
+                                "expected a date or timestamp")
         for name, treatment in mapped.columns.items():
             col = need(f"{where}.columns.{name}", mapped.table, name)
             if col is None:

@@ -144,6 +144,11 @@ class Keys:
 
         return hashes
 
+    def unchained_hashes(self, value: str) -> list[str]:
+        """HMAC-SHA256 of `value` under each pepper on its own, oldest first: what `hash_value` gave while
+        that pepper was current (hashed columns written before they hashed the normalised email)."""
+        return [hmac.new(pepper, value.encode("utf-8"), hashlib.sha256).hexdigest() for _, pepper in self._peppers()]
+
     def rekey(self, stored_hash: str, key_id: str) -> str:
         """A hash stored under `key_id`, brought to the current key (chaining; no plaintext needed)."""
         ids = self.hmac_key_ids

@@ -4,7 +4,10 @@ The person's rows in each mapped table are those `matcher.rows` selects: linked 
 subject rows, or carrying their email in an `email_columns` column, compared as
 ``lower(btrim(column)) = normalised email``: index that expression on the subject's email column and
 on every `email_columns` entry (demo/warehouse_gdpr_demo/sql/demo_crm.sql does). The sweep and the opt-out guard use
-the same definition.
+the same definition. A person the sweep pseudonymised is found the same way by the keyed hashes of
+their email in hashed email columns (`email_hashes`), and their encrypted originals in gdpr_archive by
+subject id: those no legal obligation keeps are destroyed with the rest, the others are kept and the
+outcome says until when.
 
 The email is only ever held in memory by the task that needs it (read from the run's params); logs,
 audit rows, XComs and exceptions refer to the person by `subject_hash` (HMAC of the normalised email)
@@ -132,6 +135,22 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Erasu
     return ErasureRequest(request_id, email, subject_id, received_at, dry_run)
 
 
+@dataclass(frozen=True)
+class ArchivedRows:
+    """The person's encrypted originals in gdpr_archive from one source table. `obligation` is the legal
+    obligation that keeps them (`tables[].archive`) and `until` their latest purge date; without an
+    obligation (a table the policy no longer archives, or a purge date passed) an erasure destroys them."""
+
+    source_table: str
+    rows: int
+    obligation: str | None
+    until: date | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"table": self.source_table, "rows": self.rows, "obligation": self.obligation,
+                "until": self.until.isoformat() if self.until else None}
+
+
 @dataclass(repr=False)
 class Located:
     """Where the person is. `email` stays in memory only (repr hides it)."""
@@ -140,13 +159,24 @@ class Located:
     subject_hash: str
     email: str | None
     rows: dict[str, int] = field(default_factory=dict)
+    # Every keyed hash the person's email may have in a hashed email column (pseudonymised rows).
+    email_hashes: list[str] = field(default_factory=list)
+    archive: list[ArchivedRows] = field(default_factory=list)
+    # The subject ids the archive was searched by (text, as gdpr_archive stores them): the found subjects,
+    # and the requested subject id even when its live row is gone.
+    archive_ids: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
-        return f"Located(subjects={len(self.subject_ids)}, rows={self.rows})"
+        return f"Located(subjects={len(self.subject_ids)}, rows={self.rows}, archive={self.archive})"
 
     @property
     def found(self) -> bool:
-        return bool(self.subject_ids) or any(self.rows.values())
+        return bool(self.subject_ids) or any(self.rows.values()) or bool(self.archive)
+
+    @property
+    def kept_archive(self) -> list[ArchivedRows]:
+        """Archived originals a legal obligation keeps: an erasure leaves them and says until when."""
+        return [a for a in self.archive if a.obligation]
 
 
 def locate(conn: psycopg.Connection, policy: Policy, keys: Keys, request: ErasureRequest) -> Located:
@@ -168,8 +198,11 @@ def locate(conn: psycopg.Connection, policy: Policy, keys: Keys, request: Erasur
     # The same normalisation as the opt-out list (policy optout.strip_plus_tags): both must agree.
     subject_hash = (keys.subject_hash(email, policy.optout.strip_plus_tags) if email
                     else keys.hash_value(f"subject-id:{request.subject_id}"))
-    located = Located(ids, subject_hash, email)
-    persons = matcher.for_person(conn, policy, ids, email)
+    hashes = email_hashes(policy, keys, email) if email else []
+    if hashes:  # a pseudonymised subject: its email column holds the keyed hash
+        ids = sorted(set(ids) | set(_hashed_subject_ids(conn, policy, hashes)))
+    located = Located(ids, subject_hash, email, email_hashes=hashes)
+    persons = matcher.for_person(conn, policy, ids, email, hashes)
     for mapped in policy.tables:
         if mapped.table == subject.table:
             located.rows[mapped.table] = len(ids)
@@ -180,8 +213,56 @@ def locate(conn: psycopg.Connection, policy: Policy, keys: Keys, request: Erasur
             persons.params,
         ).fetchone()[0]  # type: ignore[index]
         located.rows[mapped.table] = int(count)
+    located.archive_ids = sorted({str(i) for i in ids} | (
+        set() if request.subject_id is None else {str(request.subject_id)}))
+    located.archive = _archived(conn, policy, located.archive_ids)
     conn.rollback()
     return located
+
+
+def email_hashes(policy: Policy, keys: Keys, email: str) -> list[str]:
+    """Every value a hashed email column may hold for `email`: its subject hash under each key id (the
+    pepper may have rotated since the row was pseudonymised), the plus-tag-folded form when the policy
+    folds them, and the hash of the normalised email under each pepper alone (rows pseudonymised before
+    email columns were hashed as subject hashes)."""
+    found = list(keys.subject_hashes(email).values())
+    if policy.optout.strip_plus_tags:
+        found += keys.subject_hashes(email, True).values()
+    found += keys.unchained_hashes(normalise_email(email))
+    return list(dict.fromkeys(found))
+
+
+def _hashed_subject_ids(conn: psycopg.Connection, policy: Policy, hashes: list[str]) -> list[Any]:
+    """Subject ids whose email column holds one of `hashes` (pseudonymised subjects); the same indexed
+    expression as the clear lookup (a hash is lower-case hex without blanks)."""
+    subject = policy.subject
+    if subject.email_column not in policy.hashed_email_columns(policy.subject_mapping):
+        return []
+    return [r[0] for r in conn.execute(
+        sql.SQL("SELECT {pk} FROM {t} WHERE lower(btrim({e})) = ANY(%s)").format(
+            pk=sql.Identifier(subject.primary_key), t=qualified(subject.table), e=sql.Identifier(subject.email_column)),
+        (hashes,),
+    ).fetchall()]
+
+
+def _archived(conn: psycopg.Connection, policy: Policy, subject_ids: list[str]) -> list[ArchivedRows]:
+    """The person's archived originals per source table, split into those a legal obligation of the policy
+    keeps (table with `archive`, purge date ahead) and the others."""
+    if not subject_ids:
+        return []
+    obligations = {t.table: t.archive.obligation for t in policy.tables if t.archive}
+    rows = conn.execute(
+        "SELECT source_table, purge_after > now(), count(*), max(purge_after)::date FROM gdpr_archive.archived_row"
+        " WHERE subject_id = ANY(%s) GROUP BY 1, 2",
+        (subject_ids,),
+    ).fetchall()
+    groups: dict[tuple[str, str | None], list[Any]] = {}
+    for table, ahead, count, until in rows:
+        obligation = obligations.get(table) if ahead else None
+        group = groups.setdefault((table, obligation), [0, None])
+        group[0] += count
+        group[1] = until if obligation else None
+    return [ArchivedRows(t, n, o, u) for (t, o), (n, u) in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] or ""))]
 
 
 def holds_in_force(conn: psycopg.Connection, policy: Policy, located: Located, as_of: str) -> dict[str, str]:
@@ -207,12 +288,18 @@ def holds_in_force(conn: psycopg.Connection, policy: Policy, located: Located, a
 def decide(located: Located, holds: dict[str, str]) -> tuple[str, str]:
     """(outcome, reason): erased, restricted (kept_when_held tables kept), refused, or not_found."""
     if not located.found:
-        return "not_found", "no row matches the subject in any mapped table"
+        return "not_found", "nothing of the subject is held: no live, pseudonymised or archived row"
     refusing = sorted(n for n, how in holds.items() if how == "refuse")
     if refusing:
         return "refused", "legal hold: " + ", ".join(refusing)
+    reasons = []
     if holds:
-        return "restricted", "legal hold: " + ", ".join(sorted(holds)) + "; held records kept and restricted"
+        reasons.append("legal hold: " + ", ".join(sorted(holds)) + "; held records kept and restricted")
+    if located.kept_archive:
+        reasons.append("archived originals kept by legal obligation: " + "; ".join(
+            f"{a.source_table} ({a.rows} rows) until {a.until}, {a.obligation}" for a in located.kept_archive))
+    if reasons:
+        return "restricted", "; ".join(reasons)
     return "erased", "no legal hold"
 
 
@@ -228,6 +315,8 @@ class ErasureResult:
     targets: list[str] = field(default_factory=list)
     already_recorded: bool = False
     suppression: str = ""  # what happened (or, in a dry run, would happen) to the suppression list
+    # {"destroyed": {source table: rows}, "kept": [ArchivedRows.as_dict()]}: the person's archived originals
+    archive: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -266,7 +355,8 @@ def recorded_request(
             "request cannot be matched to): nothing was changed; give this request its own request id"
         )
     return ErasureResult(request.request_id, subject_hash, outcome, reason or "", status, due_date.isoformat(),
-                         rows=details.get("rows", {}), targets=details.get("targets", []), already_recorded=True)
+                         rows=details.get("rows", {}), targets=details.get("targets", []), already_recorded=True,
+                         archive=details.get("archive", {}))
 
 
 def lock_request_id(conn: psycopg.Connection, request_id: str) -> None:
@@ -320,15 +410,22 @@ def erase(
             audit.record(conn, ctx, action="erase", outcome="dry_run", subject_hash=located.subject_hash,
                          row_count=sum(located.rows.values()),
                          details={"request_id": request.request_id, "would_be": outcome, "rows": located.rows,
-                                  "suppression": result.suppression})
+                                  "suppression": result.suppression,
+                                  "archive": [a.as_dict() for a in located.archive]})
             result.rows = dict(located.rows)
+            result.archive = _archive_summary(located, {a.source_table: a.rows for a in located.archive
+                                                        if not a.obligation})
             return result
         if outcome in ("erased", "restricted"):
-            persons = matcher.for_person(conn, policy, located.subject_ids, located.email)
-            result.rows = _delete_everywhere(conn, policy, persons, restricted=outcome == "restricted")
+            persons = matcher.for_person(conn, policy, located.subject_ids, located.email, located.email_hashes)
+            # Restricted by a hold: kept_when_held tables stay. Restricted only by archived originals a legal
+            # obligation keeps: every live row goes.
+            result.rows = _delete_everywhere(conn, policy, persons, restricted=bool(holds))
+            result.archive = _archive_summary(located, _destroy_archive(conn, located))
         for table, n in result.rows.items():
             audit.record(conn, ctx, action="erase", outcome=outcome, table=table, row_count=n,
                          subject_hash=located.subject_hash, details={"request_id": request.request_id})
+        _audit_archive(conn, ctx, result)
         if located.email:
             # An opted-out person erased now: the entry becomes an erasure one (the resurrection guard
             # of optout.py needs it); an entry already of reason 'erasure' is kept as it is.
@@ -350,7 +447,7 @@ def erase(
             " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)",
             (request.request_id, located.subject_hash, request.received_at, request.due_date, status, outcome,
              reason, status, psycopg.types.json.Jsonb({"rows": result.rows, "targets": targets,
-                                                       "holds": sorted(holds),
+                                                       "holds": sorted(holds), "archive": result.archive,
                                                        "requested_by": request_key(keys, request, located)})),
         )
         for name in targets:
@@ -424,12 +521,54 @@ def _delete_everywhere(conn: psycopg.Connection, policy: Policy, persons: matche
     return counts
 
 
+def _destroy_archive(conn: psycopg.Connection, located: Located) -> dict[str, int]:
+    """Delete the person's archived originals that no legal obligation keeps (as `locate` found them);
+    returns rows destroyed per source table. Runs in the caller's transaction."""
+    destroy = [a.source_table for a in located.archive if not a.obligation]
+    if not destroy:
+        return {}
+    kept = [a.source_table for a in located.kept_archive]
+    rows = conn.execute(
+        "WITH gone AS (DELETE FROM gdpr_archive.archived_row WHERE subject_id = ANY(%s)"
+        " AND NOT (source_table = ANY(%s) AND purge_after > now()) RETURNING source_table)"
+        " SELECT source_table, count(*) FROM gone GROUP BY 1 ORDER BY 1",
+        (located.archive_ids, kept),
+    ).fetchall()
+    return {table: int(n) for table, n in rows}
+
+
+def _archive_summary(located: Located, destroyed: dict[str, int]) -> dict[str, Any]:
+    """What the result and the certificate say about the archive: rows destroyed, rows kept and why."""
+    if not located.archive:
+        return {}
+    return {"destroyed": destroyed, "kept": [a.as_dict() for a in located.kept_archive]}
+
+
+def _audit_archive(conn: psycopg.Connection, ctx: RunContext, result: ErasureResult) -> None:
+    """One audit row per source table of the person's archive: rows destroyed, and rows kept with the
+    obligation and the date until which they are kept."""
+    for table, n in result.archive.get("destroyed", {}).items():
+        audit.record(conn, ctx, action="erase_archive", outcome="destroyed", table="gdpr_archive.archived_row",
+                     row_count=n, subject_hash=result.subject_hash,
+                     details={"request_id": result.request_id, "source_table": table})
+    for kept in result.archive.get("kept", []):
+        audit.record(conn, ctx, action="erase_archive", outcome="kept", table="gdpr_archive.archived_row",
+                     row_count=kept["rows"], subject_hash=result.subject_hash,
+                     details={"request_id": result.request_id, "source_table": kept["table"],
+                              "obligation": kept["obligation"], "until": kept["until"]})
+
+
 def verify(conn: psycopg.Connection, policy: Policy, keys: Keys, request: ErasureRequest,
            outcome: str) -> dict[str, int]:
-    """Rescan every mapped table: rows still linked to the person, per table. Under a restricting hold the
-    kept_when_held tables and the subject row may remain; anything else remaining is a failure."""
+    """Rescan every mapped table and the archive: rows still linked to the person, per table. Under a
+    restricting hold the kept_when_held tables and the subject row may remain, and archived originals a
+    legal obligation keeps always may; anything else remaining is a failure."""
     located = locate(conn, policy, keys, request)
     allowed = set()
     if outcome in ("restricted", "refused"):
         allowed = {t.table for t in policy.tables if t.kept_when_held or outcome == "refused"} | {policy.subject.table}
-    return {t: n for t, n in located.rows.items() if n and t not in allowed}
+    remaining = {t: n for t, n in located.rows.items() if n and t not in allowed}
+    archived = sum(a.rows for a in located.archive if not a.obligation)
+    if archived and outcome != "refused":
+        remaining["gdpr_archive.archived_row"] = archived
+    return remaining

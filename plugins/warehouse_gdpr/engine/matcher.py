@@ -21,8 +21,10 @@ Two ways to name the set, the same predicate for both:
     sweep's ``_gdpr_batch``, the guard's resurrected subjects). The emails of the set are read ONCE
     into the temporary table ``_gdpr_match_email (email_norm, subject_id)``, so call it before any
     statement of the transaction overwrites the subject's email (pseudonymisation hashes it).
-  * `for_person(conn, policy, ids, email)`: one person (erasure): a list of subject ids and the
-    normalised email; both travel as parameters (`Persons.params`).
+  * `for_person(conn, policy, ids, email, email_hashes)`: one person (erasure): a list of subject ids,
+    the normalised email and, for a person the sweep may have pseudonymised, every keyed hash their
+    email may have in a hashed email column (`tables[].columns: hash` on an email column stores the
+    subject hash of the normalised email); all travel as parameters (`Persons.params`).
 
 `rows(policy, mapped, persons)` is the WHERE predicate. Each row is selected once, whether it matches
 by link, by email or both. The email comparison is exactly ``lower(btrim(column))``: index that
@@ -110,8 +112,11 @@ def stage(conn: psycopg.Connection, policy: Policy, ids: sql.Composable, owners:
     return Persons(ids=ids, staged=True)
 
 
-def for_person(conn: psycopg.Connection, policy: Policy, ids: list[Any], email: str | None) -> Persons:
-    """One person: their subject ids and their normalised email (None when unknown).
+def for_person(
+    conn: psycopg.Connection, policy: Policy, ids: list[Any], email: str | None, email_hashes: list[str] | None = None
+) -> Persons:
+    """One person: their subject ids, their normalised email (None when unknown) and the keyed hashes of
+    it that a pseudonymised row may hold (`email_hashes`, matched in the hashed email columns).
 
     The email is left out when a subject outside `ids` holds it (see the module doc): one indexed
     lookup. Runs in the caller's transaction."""
@@ -126,7 +131,8 @@ def for_person(conn: psycopg.Connection, policy: Policy, ids: list[Any], email: 
         ).fetchone()
         if not (shared and shared[0]):
             emails = [email]
-    return Persons(ids=None, params={"match_ids": list(ids), "match_emails": emails})
+    return Persons(ids=None, params={"match_ids": list(ids), "match_emails": emails,
+                                     "match_hashes": list(email_hashes or [])})
 
 
 def rows(policy: Policy, mapped: MappedTable, persons: Persons, alias: str | None = None) -> sql.Composable:
@@ -137,7 +143,9 @@ def rows(policy: Policy, mapped: MappedTable, persons: Persons, alias: str | Non
 
     is_subject = mapped.table == policy.subject.table
     link = col(policy.subject.primary_key if is_subject else mapped.subject_column)
-    if is_subject or not mapped.email_columns:
+    # Hashed email columns of a pseudonymised row hold a keyed hash (lower-case hex): one person only.
+    hashed = [] if is_subject or not persons.params.get("match_hashes") else policy.hashed_email_columns(mapped)
+    if is_subject or not (mapped.email_columns or hashed):
         if persons.ids is not None:
             return sql.SQL("{link} IN {ids}").format(link=link, ids=persons.id_set())
         return sql.SQL("{link} = ANY({ids})").format(link=link, ids=persons.id_set())
@@ -145,6 +153,7 @@ def rows(policy: Policy, mapped: MappedTable, persons: Persons, alias: str | Non
     parts = [sql.SQL("{link} = ANY({ids})").format(link=link, ids=persons.id_array())]
     parts += [sql.SQL("{e} = ANY({emails})").format(e=normalised(col(c)), emails=persons.email_array())
               for c in mapped.email_columns]
+    parts += [sql.SQL("{e} = ANY(%(match_hashes)s::text[])").format(e=normalised(col(c))) for c in hashed]
     return sql.SQL("(") + sql.SQL(" OR ").join(parts) + sql.SQL(")")
 
 

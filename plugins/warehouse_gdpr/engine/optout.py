@@ -72,7 +72,6 @@ The trade-offs:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -90,6 +89,7 @@ from .audit import RunContext
 from .crypto import KeyConfigError, Keys
 from .errors import ConfigurationError, TransientError, UnmappedForeignKey
 from .policy import OptOutSource, Policy, ShareTarget
+from ..transport import ConnectionNotUsable, HttpCall, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -485,37 +485,33 @@ def _batches(spool: IO[bytes], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def post_hashes(target: ShareTarget, batches: Iterator[list[str]]) -> tuple[int, int]:
-    """POST each batch as ``{"hashes": [...]}`` to the target (base URL and auth headers from its Airflow
-    HTTP connection). Returns (batches, hashes); raises ShareError at the first refused batch."""
-    from airflow.providers.http.hooks.http import HttpHook
+SHARE_DEADLINE_SECONDS = 60.0  # per batch, whatever the peer does (a trickled answer is cut)
 
-    hook = HttpHook(method="POST", http_conn_id=target.connection_id)
-    try:
-        session = hook.get_conn()
-    except Exception as exc:  # noqa: BLE001 - e.g. the connection is not defined
-        raise ShareError(f"share target {target.name}: connection {target.connection_id!r} not usable "
-                         f"({type(exc).__name__})") from None
-    url = hook.url_from_endpoint(target.endpoint)
+
+def post_hashes(target: ShareTarget, batches: Iterator[list[str]], http: HttpCall) -> tuple[int, int]:
+    """POST each batch as ``{"hashes": [...]}`` to the target's endpoint through the transport seam (the
+    Airflow layer gives base URL and auth from the target's HTTP connection). A batch counts only with a
+    2xx answer: a redirect is never followed (a 3xx refuses the batch, like any other status). Returns
+    (batches, hashes); raises ShareError at the first batch without a 2xx answer."""
     sent = hashes = 0
-    try:
-        for batch in batches:
-            try:
-                response = session.post(url, data=json.dumps({"hashes": batch}),
-                                        headers={"Content-Type": "application/json"}, timeout=60)
-            except Exception as exc:  # noqa: BLE001 - keep the type only
-                raise ShareError(f"share target {target.name}: no answer to batch {sent + 1} ({type(exc).__name__})") from None
-            if not 200 <= response.status_code < 300:
-                raise ShareError(f"share target {target.name}: batch {sent + 1} refused with HTTP {response.status_code}")
-            sent += 1
-            hashes += len(batch)
-    finally:
-        session.close()
+    for batch in batches:
+        try:
+            answer = http("POST", target.endpoint, json_body={"hashes": batch}, deadline_seconds=SHARE_DEADLINE_SECONDS)
+        except ConnectionNotUsable:
+            raise ShareError(f"share target {target.name}: connection {target.connection_id!r} not usable") from None
+        except TransportError as exc:  # the message holds no URL and no personal data
+            raise ShareError(f"share target {target.name}: no answer to batch {sent + 1} ({exc})") from None
+        if not 200 <= answer.status < 300:
+            raise ShareError(f"share target {target.name}: batch {sent + 1} refused with HTTP {answer.status}")
+        sent += 1
+        hashes += len(batch)
     return sent, hashes
 
 
-def share(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext, target_name: str) -> dict[str, Any]:
-    """Push the whole list (current-key hashes) to one share target, in its batch size. Audited."""
+def share(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext, target_name: str,
+          transport: Transport) -> dict[str, Any]:
+    """Push the whole list (current-key hashes) to one share target, in its batch size, through
+    `transport` (the Airflow layer passes its adapter). Audited."""
     target = next((t for t in policy.optout.share_targets if t.name == target_name), None)
     if target is None:
         raise OptOutError(f"share target {target_name!r} is not declared in the policy's optout.share_targets")
@@ -527,7 +523,8 @@ def share(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
             return result
         started = time.monotonic()
         try:
-            batches, sent = post_hashes(target, _batches(spool, target.batch_size))
+            batches, sent = post_hashes(target, _batches(spool, target.batch_size),
+                                            transport.http(target.connection_id))
         except ShareError as exc:
             with conn.transaction():
                 audit.record(conn, ctx, action="share", outcome="failed", table=f"target:{target.name}",
@@ -663,16 +660,17 @@ class SyncResult:
 
 def sync(
     conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext, as_of: str,
-    export_to: Path | None = None, share_targets: bool = True,
+    export_to: Path | None = None, transport: Transport | None = None,
 ) -> SyncResult:
-    """Every step in DAG order, in one process (the DAG runs them as separate tasks)."""
+    """Every step in DAG order, in one process (the DAG runs them as separate tasks). The list is shared
+    with the policy's share targets only through a `transport` (none given: not shared)."""
     result = SyncResult()
     result.rekey = rekey(conn, keys, ctx)
     result.collect = collect(conn, policy, keys, ctx, as_of)
     result.guard = guard(conn, policy, keys, ctx, as_of)
     result.enforce = enforce(conn, policy, keys, ctx)
-    if share_targets:
-        result.share = [share(conn, policy, keys, ctx, t.name) for t in policy.optout.share_targets]
+    if transport is not None:
+        result.share = [share(conn, policy, keys, ctx, t.name, transport) for t in policy.optout.share_targets]
     if export_to is not None:
         result.export = export(conn, keys, ctx, export_to)
     return result

@@ -131,8 +131,9 @@ Schedule = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_c
 # erasure target's `name`) takes its text from one constant below.
 
 _PSEUDONYMISE = (
-    '`hash`: HMAC-SHA256 with the pepper (stays joinable; needs a text column of 64+ characters); `"null"`: '
-    "set to NULL; `fixed`: set to `value`; `keep`: left as it is"
+    '`hash`: HMAC-SHA256 with the pepper (stays joinable; needs a text column of 64+ characters; an email column, '
+    "the subject's `email_column` or one of `email_columns`, is hashed normalised, as `warehouse-gdpr subject-hash` "
+    'does); `"null"`: set to NULL; `fixed`: set to `value`; `keep`: left as it is'
 )
 _CLOCK_KIND = (
     "`last_interaction`: the person's last own interaction; `related_max`: the latest value of a column of a "
@@ -221,6 +222,30 @@ ColumnTreatment = Annotated[
 ]
 
 
+class Archive(_Model):
+    """The legal obligation that keeps a table's originals when its rows are pseudonymised, and how long."""
+
+    for_: str = Field(
+        alias="for",
+        description="how long the encrypted originals are kept (ISO 8601 duration), counted from `from`, else from "
+        "the sweep's `as_of`",
+    )
+    from_: Ident | None = Field(
+        default=None,
+        alias="from",
+        description="a date column of the table the period counts from (e.g. `issued_on`); a row whose period has "
+        "already ended is not archived, a NULL counts from `as_of`",
+    )
+    obligation: str = Field(
+        min_length=1,
+        max_length=500,
+        description="the legal obligation that requires keeping them (quoted by the register and by erasure "
+        'answers), e.g. "French Commercial Code L123-22 (accounting records)"',
+    )
+
+    _duration = field_validator("for_")(lambda cls, v: _check_duration(v))
+
+
 class MappedTable(_Model):
     table: QualifiedName = Field(description="a table holding personal data")
     primary_key: Ident = Field(description="its primary key (identifies each archived original and each hashed row)")
@@ -232,6 +257,11 @@ class MappedTable(_Model):
     )
     kept_when_held: bool = Field(
         default=False, description="kept, not erased, when a hold restricts an erasure (e.g. accounting records)"
+    )
+    archive: Archive | None = Field(
+        default=None,
+        description="when a legal obligation requires keeping this table's originals: pseudonymisation first copies "
+        "its rows, encrypted, to `gdpr_archive` for that period; tables without it keep no copy",
     )
     columns: dict[Ident, ColumnTreatment] = Field(
         default_factory=dict,
@@ -342,24 +372,26 @@ class Rule(_Model):
     retain_for: str = Field(description="how long after the clock the data may stay")
     action: Action = Field(
         description="what happens to expired subjects: `delete` removes them and their rows in every mapped table; "
-        "`pseudonymise` archives the originals encrypted, then applies `tables[].columns`"
-    )
-    archive_for: str | None = Field(
-        default=None,
-        description="how long the encrypted originals stay in `gdpr_archive` (only with `pseudonymise`)",
+        "`pseudonymise` applies `tables[].columns`, after archiving the originals of the tables with an `archive` "
+        "obligation"
     )
 
-    _duration = field_validator("retain_for", "archive_for")(
-        lambda cls, v: v if v is None else _check_duration(v)
-    )
+    _duration = field_validator("retain_for")(lambda cls, v: _check_duration(v))
 
-    @model_validator(mode="after")
-    def _archive_needs_pseudonymise(self) -> "Rule":
-        if self.action == "pseudonymise" and self.archive_for is None:
-            raise ValueError("action 'pseudonymise' needs archive_for (how long the encrypted originals are kept)")
-        if self.action == "delete" and self.archive_for is not None:
-            raise ValueError("archive_for is only meaningful with action 'pseudonymise'")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _archive_for_moved(cls, data: object) -> object:
+        if isinstance(data, dict) and "archive_for" in data:
+            given = data["archive_for"]
+            period = given if isinstance(given, str) and DURATION.fullmatch(given) else "P10Y"
+            raise ValueError(
+                "`archive_for` is no longer a key of a rule: the archive keeps only the tables a legal obligation "
+                "requires, for that obligation's period. Delete `archive_for` here and, under `tables`, give each "
+                f"table whose originals the law requires keeping `archive: {{for: {period}, obligation: "
+                '"<the law, e.g. French Commercial Code L123-22 (accounting records)>"}` (e.g. the invoices). '
+                "Archive rows written before keep their own purge date"
+            )
+        return data
 
 
 class HttpTarget(_Model):
@@ -813,6 +845,15 @@ class Policy(_Model):
                 f"in `tables` ({self.subject_mapping.subject_column}) must name the same column, the subject's key: "
                 "any other column would treat other people's rows"
             )
+        for i, mapped in enumerate(self.tables):
+            if mapped.archive and mapped.table != self.subject.table and not any(
+                not isinstance(t, KeepColumn) for t in mapped.columns.values()
+            ):
+                raise ValueError(
+                    f"tables[{i}] ({mapped.table}): `archive` is set but pseudonymisation changes no column of this "
+                    "table (none in `columns` but `keep`), so its rows stay as they are and nothing would be "
+                    "archived: remove `archive`"
+                )
         for rule in self.rules:
             if isinstance(rule.clock, RelatedMaxClock) and rule.clock.table not in tables:
                 raise ValueError(
@@ -828,6 +869,16 @@ class Policy(_Model):
     def dependent_tables(self) -> list[MappedTable]:
         """Mapped tables other than the subject's, in the order they must be deleted (reverse of the file)."""
         return [t for t in reversed(self.tables) if t.table != self.subject.table]
+
+    def email_columns(self, mapped: MappedTable) -> list[str]:
+        """The columns of `mapped` holding the person's email: its `email_columns`, and the subject's
+        `email_column` on the subject's table."""
+        own = [self.subject.email_column] if mapped.table == self.subject.table else []
+        return list(dict.fromkeys([*own, *mapped.email_columns]))
+
+    def hashed_email_columns(self, mapped: MappedTable) -> list[str]:
+        """The email columns of `mapped` that pseudonymisation hashes (normalised, as `Keys.subject_hash`)."""
+        return [c for c in self.email_columns(mapped) if isinstance(mapped.columns.get(c), HashColumn)]
 
     def rule(self, name: str) -> Rule:
         for rule in self.rules:
@@ -906,7 +957,7 @@ def load_policy(path: str | Path, content: bytes | None = None) -> Policy:
 def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
     """(key path, field) for every field of `model` and of the models under it, depth first."""
     for name, info in model.model_fields.items():
-        path = f"{prefix}{name}"
+        path = f"{prefix}{info.alias or name}"
         yield path, info
         container = typing.get_origin(info.annotation)
         separator = "[]." if container is list else ".*." if container is dict else "."

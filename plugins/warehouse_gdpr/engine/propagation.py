@@ -461,6 +461,7 @@ def write_certificate(conn: psycopg.Connection, ctx: RunContext, request_id: str
         "completed_at": req[7].isoformat() if req[7] else None,
         "rows_by_table": req[8].get("rows", {}),
         "holds": req[8].get("holds", []),
+        "archive": req[8].get("archive", {}),
         "targets": [
             {"target": t[0], "status": t[1], "attempts": t[2],
              "acknowledged_at": t[3].isoformat() if t[3] else None, "result": t[4]}

@@ -2,7 +2,8 @@
 
 The policy's `processing_register` section carries what only people know (controller, purposes, legal
 bases, recipients, transfers, security measures). Retention periods are not retyped: an entry names a
-retention `rule` and the register states what the sweep enforces (period, clock, action, archive),
+retention `rule` and the register states what the sweep enforces (period, clock, action, and which tables'
+originals the archive keeps, for how long, under which legal obligation),
 together with the legal holds that suspend it. So the register cannot promise one thing while the
 code does another.
 
@@ -26,7 +27,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigurationError
-from .policy import DURATION, Activity, Hold, LastInteractionClock, Policy, RelatedMaxClock, Rule
+from .policy import (
+    DURATION,
+    Activity,
+    Hold,
+    KeepColumn,
+    LastInteractionClock,
+    MappedTable,
+    Policy,
+    RelatedMaxClock,
+    Rule,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -243,11 +254,36 @@ def describe_rule(policy: Policy, rule: Rule) -> str:
     if rule.action == "delete":
         then = f"then deleted from the warehouse, with the person's rows in {tables}"
     else:
-        then = (f"then pseudonymised in the warehouse (personal columns of {tables}); the originals are kept "
-                f"encrypted in a restricted archive for {humanise(rule.archive_for or '')}, then destroyed")
+        changed = ", ".join(f"`{t.table}`" for t in _pseudonymised_tables(policy))
+        then = f"then pseudonymised in the warehouse (personal columns of {changed}); {describe_archive(policy)}"
     values = ", ".join(f"`{v}`" for v in rule.statuses.values)
     return (f"{humanise(rule.retain_for)} after {clock}; {then} "
             f"(records with `{rule.statuses.column}` in: {values}; rule `{rule.name}`)")
+
+
+def describe_archive(policy: Policy) -> str:
+    """What pseudonymisation keeps of the originals, in words: each archived table with its period and the
+    legal obligation that requires it, and that the other tables keep no copy."""
+    archived = [t for t in policy.tables if t.archive]
+    if not archived:
+        return "no copy of the originals is kept"
+    parts = []
+    for mapped in archived:
+        assert mapped.archive is not None
+        start = (f"each row's `{mapped.archive.from_}` (from the pseudonymisation when it is empty; a row whose "
+                 "period has already ended is not kept)" if mapped.archive.from_ else "the pseudonymisation")
+        parts.append(f"the originals of `{mapped.table}` are kept encrypted in a restricted archive for "
+                     f"{humanise(mapped.archive.for_)} from {start}, as required by {mapped.archive.obligation}, "
+                     "then destroyed")
+    others = [t.table for t in _pseudonymised_tables(policy) if not t.archive]
+    tail = f"; no copy of the originals of {', '.join(f'`{t}`' for t in others)} is kept" if others else ""
+    return "; ".join(parts) + tail
+
+
+def _pseudonymised_tables(policy: Policy) -> list[MappedTable]:
+    """The mapped tables pseudonymisation changes: the subject's, and those with a column not kept."""
+    return [t for t in policy.tables
+            if t.table == policy.subject.table or any(not isinstance(c, KeepColumn) for c in t.columns.values())]
 
 
 def _holds(policy: Policy, actions: set[str]) -> list[str]:

@@ -249,12 +249,6 @@ def _apply_rule_locked(
     result = RuleResult(rule.name, rule.action)
     params: dict[str, Any] = {**candidates.rule_params(policy, rule, as_of), "limit": batch_size}
     started = time.monotonic()
-    purge_after = None
-    if rule.archive_for:
-        purge_after = conn.execute(
-            "SELECT %s::timestamptz + %s::interval", (as_of, rule.archive_for)
-        ).fetchone()[0]  # type: ignore[index]
-        conn.rollback()
     after: Any = None
     while True:
         batch_started = time.monotonic()
@@ -292,7 +286,7 @@ def _apply_rule_locked(
                 counts = _delete_batch(conn, policy)
                 result.deleted += counts.get(policy.subject.table, 0)
             else:
-                counts, archived = _pseudonymise_batch(conn, policy, rule, keys, ctx, purge_after)
+                counts, archived = _pseudonymise_batch(conn, policy, rule, keys, ctx, as_of)
                 result.archived += archived
                 result.pseudonymised += counts.get(policy.subject.table, 0)
             for table, n in counts.items():
@@ -366,15 +360,19 @@ def _pseudonymise_batch(
     rule: Rule,
     keys: Keys,
     ctx: RunContext,
-    purge_after: datetime | None,
+    as_of: str,
 ) -> tuple[dict[str, int], int]:
-    """Archive the originals encrypted, then overwrite personal columns. Returns (rows per table, archived)."""
+    """Archive the originals of the tables a legal obligation keeps (`tables[].archive`), encrypted, then
+    overwrite personal columns. Other tables keep no copy. Returns (rows per table, rows archived)."""
     counts: dict[str, int] = {}
     archived = 0
     subject = policy.subject
     # The persons' emails are read now, before the subject's email column is hashed below: rows found
     # by email (never linked to the subject) are matched with the original address.
     persons = matcher.stage(conn, policy, UNHELD, owners=True)
+    # Email columns hash the normalised email, chained over the peppers: the value `Keys.subject_hash`
+    # gives, so erasure, the suppression list and `warehouse-gdpr subject-hash` find the person by it.
+    email_hash = keys.hasher(policy.optout.strip_plus_tags)
     for mapped in policy.tables:
         hashed, sets = _treatment_sql(mapped)
         is_subject = mapped.table == subject.table
@@ -385,16 +383,28 @@ def _pseudonymise_batch(
         table = candidates.qualified(mapped.table)
         pk = sql.Identifier(mapped.primary_key)
         match = matcher.rows(policy, mapped, persons, alias="t")
-        originals = conn.execute(
-            sql.SQL("SELECT t.{pk}::text, ({owner})::text, to_jsonb(t)::text FROM {t} t WHERE {m}").format(
-                pk=pk, owner=matcher.owner(policy, mapped, persons, "t"), t=table, m=match
-            ),
-            persons.params or None,
-        ).fetchall()
-        if not originals:
-            continue
-        archived += _archive_rows(conn, mapped.table, originals, rule, keys, ctx, purge_after)
+        originals: list[tuple[str, str, str, datetime | None]] = []
+        if mapped.archive or hashed:
+            # Only rows to archive or to hash come to Python; other tables are updated in place.
+            if mapped.archive:
+                row, purge = sql.SQL("to_jsonb(t)"), _purge_after_sql(mapped, as_of)
+            else:  # the hashed columns only
+                row = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
+                    sql.SQL("{n}, t.{c}").format(n=sql.Literal(c), c=sql.Identifier(c)) for c in hashed))
+                purge = sql.SQL("NULL::timestamptz")
+            originals = conn.execute(
+                sql.SQL("SELECT t.{pk}::text, ({owner})::text, {row}::text, {purge} FROM {t} t WHERE {m}").format(
+                    pk=pk, owner=matcher.owner(policy, mapped, persons, "t"), row=row, purge=purge, t=table, m=match
+                ),
+                persons.params or None,
+            ).fetchall()
+            if not originals:
+                continue
+            kept = [r for r in originals if r[3] is not None]
+            if kept:
+                archived += _archive_rows(conn, mapped.table, kept, rule, keys, ctx)
         if hashed:
+            emails = set(policy.hashed_email_columns(mapped))
             # Keyed hashes are computed here; they travel back through a typed temp table.
             conn.execute(
                 sql.SQL("CREATE TEMP TABLE _gdpr_hash ON COMMIT DROP AS SELECT {cols} FROM {t} WITH NO DATA").format(
@@ -406,11 +416,14 @@ def _pseudonymise_batch(
                     cols=sql.SQL(", ").join(sql.Identifier(c) for c in [mapped.primary_key, *hashed])
                 )
             ) as copy:
-                for source_pk, _subject_id, row_json in originals:
+                for source_pk, _subject_id, row_json, _purge in originals:
                     values = json.loads(row_json)
-                    copy.write_row(
-                        (source_pk, *(None if values[c] is None else keys.hash_value(str(values[c])) for c in hashed))
-                    )
+                    copy.write_row((source_pk, *(
+                        None if values[c] is None
+                        else email_hash(str(values[c]))[-1] if c in emails
+                        else keys.hash_value(str(values[c]))
+                        for c in hashed
+                    )))
             hash_sets = [sql.SQL("{c} = h.{c}").format(c=sql.Identifier(c)) for c in hashed]
             cur = conn.execute(
                 sql.SQL("UPDATE {t} t SET {sets} FROM _gdpr_hash h WHERE t.{pk} = h.{pk}").format(
@@ -423,8 +436,20 @@ def _pseudonymise_batch(
                 sql.SQL("UPDATE {t} t SET {sets} WHERE {m}").format(t=table, sets=sql.SQL(", ").join(sets), m=match),
                 persons.params or None,
             )
-        counts[mapped.table] = cur.rowcount
+        if cur.rowcount:
+            counts[mapped.table] = cur.rowcount
     return counts, archived
+
+
+def _purge_after_sql(mapped: MappedTable, as_of: str) -> sql.Composable:
+    """When the archived original of a row of `mapped` is destroyed: its obligation's period after `from`
+    (else after `as_of`); NULL when that instant is not after `as_of` (the obligation has ended: no copy)."""
+    assert mapped.archive is not None
+    now = sql.SQL("{}::timestamptz").format(sql.Literal(as_of))
+    start = (sql.SQL("coalesce(t.{c}::timestamptz, {now})").format(c=sql.Identifier(mapped.archive.from_), now=now)
+             if mapped.archive.from_ else now)
+    until = sql.SQL("({start} + {period}::interval)").format(start=start, period=sql.Literal(mapped.archive.for_))
+    return sql.SQL("CASE WHEN {until} > {now} THEN {until} END").format(until=until, now=now)
 
 
 ARCHIVE_COLUMNS = "source_table, source_pk, subject_id, rule, run_id, purge_after, key_id, nonce, ciphertext"
@@ -433,13 +458,12 @@ ARCHIVE_COLUMNS = "source_table, source_pk, subject_id, rule, run_id, purge_afte
 def _archive_rows(
     conn: psycopg.Connection,
     table: str,
-    originals: list[tuple[str, str, str]],
+    originals: list[tuple[str, str, str, datetime]],
     rule: Rule,
     keys: Keys,
     ctx: RunContext,
-    purge_after: datetime | None,
 ) -> int:
-    """Encrypt (pk, subject id, row JSON) originals into gdpr_archive.archived_row; returns rows added.
+    """Encrypt (pk, subject id, row JSON, purge_after) originals into gdpr_archive.archived_row; returns rows added.
 
     A row archived before (e.g. restored from a backup and pseudonymised again) keeps its first
     archived original: ON CONFLICT DO NOTHING, through a staging table because COPY cannot.
@@ -449,7 +473,7 @@ def _archive_rows(
         f" SELECT {ARCHIVE_COLUMNS} FROM gdpr_archive.archived_row WITH NO DATA"
     )
     with conn.cursor().copy(f"COPY _gdpr_archive_stage ({ARCHIVE_COLUMNS}) FROM STDIN") as copy:
-        for source_pk, subject_id, row_json in originals:
+        for source_pk, subject_id, row_json, purge_after in originals:
             aad = archive_aad(table, source_pk, keys.archive_key_id)
             key_id, nonce, ciphertext = keys.encrypt(row_json.encode(), aad)
             copy.write_row((table, source_pk, subject_id, rule.name, ctx.run_id, purge_after, key_id, nonce, ciphertext))

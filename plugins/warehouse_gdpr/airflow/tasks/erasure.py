@@ -95,11 +95,14 @@ def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
         with conn.transaction():
             audit.record(conn, connections.run_context(context, request.dry_run), action="locate", outcome=outcome,
                          subject_hash=located.subject_hash, row_count=sum(located.rows.values()),
-                         details={"request_id": request.request_id, "rows": located.rows, "holds": sorted(holds)})
+                         details={"request_id": request.request_id, "rows": located.rows, "holds": sorted(holds),
+                                  "archive": [a.as_dict() for a in located.archive]})
+    archived = [[f"gdpr_archive: {a.source_table} ({f'kept until {a.until}' if a.obligation else 'to destroy'})",
+                 a.rows] for a in located.archive]
     log.info(
         "Request %s (subject %s…, due %s): %s — %s\n%s", request.request_id, located.subject_hash[:12],
         request.due_date, outcome, reason,
-        format_table(["table", "rows linked to the subject"], [[t, n] for t, n in located.rows.items()]),
+        format_table(["table", "rows linked to the subject"], [[t, n] for t, n in located.rows.items()] + archived),
     )
     if recorded is not None:
         log.info("Request %s was already processed (status %s): erase reports the recorded result and changes "

@@ -15,6 +15,7 @@ from typing import Any
 
 from warehouse_gdpr.airflow import connections
 from warehouse_gdpr.airflow.errors import task_errors
+from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import audit, optout
 from warehouse_gdpr.engine.crypto import Keys
 from warehouse_gdpr.engine.errors import ConfigurationError
@@ -129,7 +130,8 @@ def share(policy_file: str, target: str, context: Any) -> dict[str, Any]:
     policy, keys = _setup(policy_file, context)
     dry_run = _dry_run(context)
     with connections.connect(policy) as conn:
-        result = optout.share(conn, policy, keys, connections.run_context(context, dry_run), target)
+        result = optout.share(conn, policy, keys, connections.run_context(context, dry_run), target,
+                              AirflowTransport())
     if dry_run:
         log.info("DRY RUN: %d hash(es) would be shared with %s.", result["hashes"], target)
     else:

@@ -183,7 +183,7 @@ def apply(checked: dict[str, Any], plans: list[dict[str, Any]], context: Any) ->
 
 @task_errors
 def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
-    """Remove archived originals whose own retention period (archive_for) has ended."""
+    """Remove archived originals whose own purge date (set when archived, from the table's `archive`) has passed."""
     policy = connections.run_policy(checked["policy_file"], context)
     ctx = connections.run_context(context, checked["dry_run"])
     with connections.connect(policy) as conn:
