@@ -9,6 +9,9 @@
                                                      reads the email on stdin, keys from the Airflow connection
     warehouse-gdpr register POLICY [--out DIR]       write the article 30 register (register.md and
                                                      register.html); fails while a required field is missing
+    warehouse-gdpr access unpack REQUEST_ID --out DIR
+                                                     decrypt the package gdpr_subject_access wrote for a request
+                                                     into DIR (report.pdf, data.json, csv/, manifest.json)
 
 URL defaults to $WAREHOUSE_URL, which keeps a password out of the process list (`ps`) and shell history.
 """
@@ -156,6 +159,40 @@ def _register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _access_unpack(args: argparse.Namespace) -> int:
+    """Decrypt an access package into a new folder (files readable by the current user only)."""
+    from warehouse_gdpr.airflow import connections
+    from warehouse_gdpr.airflow.storage import ObjectStoragePackages
+    from warehouse_gdpr.engine import access
+    from warehouse_gdpr.engine.errors import ConfigurationError
+    from warehouse_gdpr.transport import StoreError
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"{out} exists and is not an empty folder: give a new folder (nothing was written)", file=sys.stderr)
+        return 2
+    try:
+        policy = load_policy(args.policy or connections.policy_path())
+        keys = connections.load_keys(policy)
+        store = ObjectStoragePackages(policy.access.location, connections.airflow_home())
+        header, files = access.open_package(store, keys, args.request_id)
+    except (ConfigurationError, StoreError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name, data in sorted(files.items()):
+        target = out / name
+        target.parent.mkdir(mode=0o700, exist_ok=True)
+        target.touch(mode=0o600)
+        target.write_bytes(data)
+    print(f"Request {header['request_id']} ({header['kind']}), written {header['created_at']}, deleted from "
+          f"{store.url} after {header['expires_at']}:")
+    for name, data in sorted(files.items()):
+        print(f"  {out / name}  ({len(data)} bytes)")
+    print("Every file matches the SHA-256 of manifest.json. Send them to the person through a secure channel.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="warehouse-gdpr", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     reg.add_argument("--out", help="output directory (default: processing_register.output_dir, under the current directory)")
     reg.add_argument("--date", type=date.fromisoformat, help="date printed as generation date (default: today)")
     reg.set_defaults(run=_register)
+    acc = commands.add_parser("access", help="answers to access and portability requests (GDPR art. 15, 20)")
+    acc_actions = acc.add_subparsers(dest="action", required=True)
+    unpack = acc_actions.add_parser("unpack", help="decrypt a request's package into a new folder")
+    unpack.add_argument("request_id", help="the request id the package was written for")
+    unpack.add_argument("--out", required=True, help="a new (or empty) folder for report.pdf, data.json, csv/, manifest.json")
+    unpack.add_argument("--policy", help="the policy file (default: $WAREHOUSE_GDPR_POLICY): its access.location and keys")
+    unpack.set_defaults(run=_access_unpack)
     args = parser.parse_args(argv)
     return int(args.run(args))
 

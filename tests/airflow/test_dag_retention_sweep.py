@@ -34,7 +34,7 @@ def test_dagbag_imports_without_errors(airflow_home: Path) -> None:
     assert dag is not None
     assert {"gdpr", "retention"} <= set(dag.tags)
     order = [t.task_id for t in dag.topological_sort() if t.task_id != "write_register"]
-    assert order == ["check_policy", "plan", "apply", "purge_archive", "report"]
+    assert order == ["check_policy", "plan", "apply", "purge_archive", "purge_access_packages", "report"]
     # The register runs beside the sweep: an unfinished register never delays a deletion.
     assert dag.get_task("write_register").upstream_task_ids == {"check_policy"}
     assert dag.get_task("write_register").downstream_task_ids == set()
