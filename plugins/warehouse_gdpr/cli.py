@@ -49,6 +49,11 @@ def _check(args: argparse.Namespace) -> int:
         print(f"warning: register: {problem}")
     url = args.url or os.environ.get("WAREHOUSE_URL")
     if not url:
+        from warehouse_gdpr.engine.catalog import access_warnings
+
+        for warning in access_warnings(policy):
+            print(f"warning: access: {warning}")
+    if not url:
         print(f"{args.policy}: valid. Give --url (or set WAREHOUSE_URL) to check it against a warehouse.")
         return 0
     as_of = args.as_of or datetime.now(timezone.utc).isoformat()

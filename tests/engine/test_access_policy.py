@@ -70,3 +70,26 @@ def test_sql_access_queries_are_parameterised_selects(demo_data: dict[str, Any])
         "name": "desk", "kind": "sql", "connection_id": "desk", "statements": ["DELETE FROM t WHERE e = %(identifier)s"],
         "access": {"t": "WITH x AS (SELECT 1) SELECT * FROM t WHERE e = %(identifier)s;"}})
     assert list(ok.access) == ["t"]
+
+
+def test_the_policy_check_warns_about_what_an_access_request_could_not_answer(demo_data: dict[str, Any]) -> None:
+    from warehouse_gdpr.engine.catalog import access_warnings
+
+    assert access_warnings(load_policy(DEMO)) == []
+    data = copy.deepcopy(demo_data)
+    del data["tables"][1]["legal_basis"]
+    del data["erasure"]["targets"][1]["access_endpoint"]
+    del data["erasure"]["targets"][2]["access"]
+    for table in data["tables"]:
+        for column in table.get("columns", {}).values():
+            column.pop("provided", None)
+    warnings = access_warnings(parse_policy(data))
+    assert warnings == [
+        "tables[1] (crm.activities): legal_basis missing: gdpr_subject_access refuses to run until it is set "
+        "(art. 15(1))",
+        "erasure.targets[1] (telephony): no access_endpoint (or a preset): an access request lists it as a "
+        "recipient without the data it holds",
+        "erasure.targets[2] (support_desk): no access queries: an access request lists it as a recipient without "
+        "the data it holds",
+        "no column of `tables` is marked `provided: true`: a portability request (art. 20) exports nothing",
+    ]
