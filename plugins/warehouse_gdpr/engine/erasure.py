@@ -66,16 +66,37 @@ class ErasureRequest:
     subject_id: int | None
     received_at: date
     dry_run: bool = False
+    # A registered request extended with `warehouse-gdpr request extend` (art. 12(3)): its new due date.
+    extended_due_date: date | None = None
 
     def __repr__(self) -> str:  # never print the email
         return f"ErasureRequest(request_id={self.request_id!r}, by={'email' if self.email else 'subject_id'})"
 
     @property
-    def due_date(self) -> date:
+    def first_due_date(self) -> date:
         """One calendar month after receipt (GDPR art. 12(3)); the 31st falls back to the month's last day."""
         year, month = (self.received_at.year + 1, 1) if self.received_at.month == 12 else (
             self.received_at.year, self.received_at.month + 1)
         return date(year, month, min(self.received_at.day, calendar.monthrange(year, month)[1]))
+
+    @property
+    def due_date(self) -> date:
+        """The date the answer is due: the extended one when the request was extended, else the first."""
+        return self.extended_due_date or self.first_due_date
+
+
+def refuse_unknown_params(params: Mapping[str, Any]) -> None:
+    """Refuse a param this DAG does not take (a typo such as `emial`), naming it only if it looks like a name.
+    Checked first, before a registered request is looked up by its id (a typo is named as such)."""
+    unknown = sorted(str(k) for k in params if k not in PARAMS)
+    if unknown:
+        shown = [f"`{k}`" for k in unknown if re.fullmatch(SAFE_PARAM_NAME, k)]
+        hidden = len(unknown) - len(shown)
+        names = ", ".join(shown + ([f"{hidden} other(s) (name not shown)"] if hidden else []))
+        raise RequestError(
+            f"unknown param(s) {names}: this DAG takes only "
+            + ", ".join(f"`{n}`" for n in PARAMS) + " (check the spelling; nothing was changed)"
+        )
 
 
 def parse_request(params: Mapping[str, Any], today: date | None = None) -> ErasureRequest:
@@ -87,15 +108,7 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Erasu
     a trailing newline) dropped, lower case; what is left must be a plain ASCII address.
     """
     today = today or date.today()
-    unknown = sorted(str(k) for k in params if k not in PARAMS)
-    if unknown:
-        shown = [f"`{k}`" for k in unknown if re.fullmatch(SAFE_PARAM_NAME, k)]
-        hidden = len(unknown) - len(shown)
-        names = ", ".join(shown + ([f"{hidden} other(s) (name not shown)"] if hidden else []))
-        raise RequestError(
-            f"unknown param(s) {names}: this DAG takes only "
-            + ", ".join(f"`{n}`" for n in PARAMS) + " (check the spelling; nothing was changed)"
-        )
+    refuse_unknown_params(params)
     email = params.get("email")
     if email is not None and not isinstance(email, str):
         raise RequestError("`email` must be text")
@@ -336,24 +349,34 @@ def request_key(keys: Keys, request: ErasureRequest, located: Located) -> str:
 def recorded_request(
     conn: psycopg.Connection, keys: Keys, request: ErasureRequest, located: Located, *, for_update: bool = False
 ) -> ErasureResult | None:
-    """The result recorded under this request id when it is this person's request; None for a new id.
+    """The result recorded under this request id when it is this person's request; None for a new id, and
+    for this person's request registered (`warehouse-gdpr request new`) but not run yet.
 
     Raises RequestError when the id was used for another person, or for a subject this request cannot be
-    matched to (a subject id whose row is gone, recorded before `requested_by` was stored): the recorded
-    result of someone else is never reported. Reads only; the caller owns the transaction.
+    matched to (a subject id whose row is gone, recorded before `requested_by` was stored), or for a
+    request of another kind (gdpr.request holds every kind): the recorded result of someone else is never
+    reported. Reads only; the caller owns the transaction.
     """
     row = conn.execute(
-        "SELECT subject_hash, outcome, reason, status, due_date, details FROM gdpr.erasure_request"
-        " WHERE request_id = %s" + (" FOR UPDATE" if for_update else ""), (request.request_id,)
+        "SELECT subject_hash, outcome, reason, status, coalesce(extended_due_date, due_date), details, kind"
+        " FROM gdpr.request WHERE request_id = %s" + (" FOR UPDATE" if for_update else ""), (request.request_id,)
     ).fetchone()
     if row is None:
         return None
-    subject_hash, outcome, reason, status, due_date, details = row
-    if subject_hash != located.subject_hash and details.get("requested_by") != request_key(keys, request, located):
+    subject_hash, outcome, reason, status, due_date, details, kind = row
+    if kind != "erasure":
+        raise RequestError(
+            f"`request_id` {request.request_id} is already the id of a request of kind {kind}, not an erasure: "
+            "nothing was changed; give this request its own request id"
+        )
+    key = request_key(keys, request, located)
+    if subject_hash != located.subject_hash and details.get("requested_by") != key and subject_hash != key:
         raise RequestError(
             f"`request_id` {request.request_id} was already used for another request (another person, or one this "
             "request cannot be matched to): nothing was changed; give this request its own request id"
         )
+    if status == "registered":  # registered for this person, not run yet: erase records its outcome
+        return None
     return ErasureResult(request.request_id, subject_hash, outcome, reason or "", status, due_date.isoformat(),
                          rows=details.get("rows", {}), targets=details.get("targets", []), already_recorded=True,
                          archive=details.get("archive", {}))
@@ -441,15 +464,23 @@ def erase(
             audit.record(conn, ctx, action="suppress", outcome=result.suppression,
                          table="gdpr.suppression_list", row_count=cur.rowcount, subject_hash=located.subject_hash,
                          details={"request_id": request.request_id, "reason": "erasure"})
-        conn.execute(
-            "INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status, outcome,"
-            " reason, completed_at, details) VALUES (%s, %s, %s, %s, %s, %s, %s,"
-            " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)",
-            (request.request_id, located.subject_hash, request.received_at, request.due_date, status, outcome,
+        # One row per request of every kind (gdpr.request); a registered one gets its outcome here.
+        recorded = conn.execute(
+            "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome,"
+            " reason, completed_at, details) VALUES (%s, 'erasure', %s, %s, %s, %s, %s, %s,"
+            " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)"
+            " ON CONFLICT (request_id) DO UPDATE SET subject_hash = EXCLUDED.subject_hash, status = EXCLUDED.status,"
+            " outcome = EXCLUDED.outcome, reason = EXCLUDED.reason, completed_at = EXCLUDED.completed_at,"
+            " details = gdpr.request.details || EXCLUDED.details || jsonb_build_object('run_at', now())"
+            " WHERE gdpr.request.status = 'registered'"
+            " RETURNING request_id",
+            (request.request_id, located.subject_hash, request.received_at, request.first_due_date, status, outcome,
              reason, status, psycopg.types.json.Jsonb({"rows": result.rows, "targets": targets,
                                                        "holds": sorted(holds), "archive": result.archive,
                                                        "requested_by": request_key(keys, request, located)})),
-        )
+        ).fetchone()
+        if recorded is None:  # cannot happen: the request id is locked above
+            raise RequestError(f"request id {request.request_id} was recorded by another run meanwhile")
         for name in targets:
             assert located.email is not None
             key_id, nonce, ciphertext = keys.encrypt(located.email.encode(), outbox_aad(request.request_id, name, keys.archive_key_id))

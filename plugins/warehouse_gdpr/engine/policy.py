@@ -608,6 +608,18 @@ class OptOut(_Model):
         return self
 
 
+class Requests(_Model):
+    """What every request of a person (access, erasure, ...) shares: how long its record is kept."""
+
+    keep_for: str = Field(
+        default="P3Y",
+        description="how long a completed request (kind, dates, status, outcome, counts, targets) and its outbox "
+        "rows are kept as proof after completion; then the weekly sweep purges them",
+    )
+
+    _duration = field_validator("keep_for")(lambda cls, v: _check_duration(v))
+
+
 _CNIL = (
     "You may lodge a complaint with the CNIL (Commission nationale de l'informatique et des libertés), "
     "3 place de Fontenoy, TSA 80715, 75334 Paris Cedex 07, France, www.cnil.fr/en/plaintes"
@@ -822,6 +834,9 @@ class Policy(_Model):
     rules: list[Rule] = Field(min_length=1, description="retention rules, applied by `gdpr_retention_sweep`")
     erasure: Erasure = Field(default_factory=Erasure, description="erasure on request and its propagation")
     optout: OptOut = Field(default_factory=OptOut, description="the hashed opt-out list")
+    requests: Requests = Field(
+        default_factory=Requests, description="the record of people's requests (every kind), kept as proof"
+    )
     access: Access = Field(
         default_factory=Access,
         description="the answer to access (art. 15) and portability (art. 20) requests (`gdpr_subject_access`)",

@@ -9,7 +9,7 @@ import psycopg
 from .errors import ConfigurationError
 from .sqlfiles import read_sql
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 log = logging.getLogger(__name__)
 
 
