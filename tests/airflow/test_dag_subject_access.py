@@ -198,13 +198,13 @@ def test_a_portability_request_gives_json_and_csv_of_the_provided_columns_only(
 
 
 @pytest.mark.parametrize(("conf", "message"), [
-    ({"request_id": "ACC-BAD"}, "give exactly one of `email` or `subject_id`"),
+    ({"request_id": "ACC-BAD"}, "no request ACC-BAD is registered: register it first"),
     ({"email": "jane.doe@acme.example", "subject_id": 3, "request_id": "ACC-BAD"}, "give exactly one"),
     ({"emial": "jane.doe@acme.example", "request_id": "ACC-BAD"}, "unknown param(s) `emial`"),
     ({"email": "jane.doe@acme.example", "request_id": "ACC-BAD", "portabilty": True}, "unknown param(s) `portabilty`"),
     ({"email": "jané.doe@acme.example", "request_id": "ACC-BAD"}, "`email` is not a plain ASCII address"),
     ({"email": "jane.doe@acme.example", "request_id": "jane.doe@acme.example"}, "`request_id` must be 3-64"),
-], ids=["neither", "both", "typo-emial", "typo-portabilty", "look-alike", "request-id-an-email"])
+], ids=["neither-and-not-registered", "both", "typo-emial", "typo-portabilty", "look-alike", "request-id-an-email"])
 def test_bad_input_fails_the_first_task_clearly_and_changes_nothing(
     airflow_home: Path, airflow_conns: str, access_policy: Path, tmp_path: Path, conf: dict, message: str,
     caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
@@ -272,3 +272,125 @@ def test_the_weekly_sweep_deletes_packages_past_keep_for_and_reports_it(
         rows = conn.execute("SELECT outcome, details->>'request_id' FROM gdpr.audit_log"
                             " WHERE action = 'purge_access_package'").fetchall()
     assert rows == [("done", "ACC-OLD")]
+
+
+# -- registered requests: `warehouse-gdpr request new` (identifier on stdin), then {"request_id": ID} alone ----
+
+
+def _request_new(url: str, kind: str, request_id: str, identifier: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI, as the README runs it: the identifier on stdin, never in argv."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    engine = url if os.environ.get("WAREHOUSE_TEST_URL") else make_conninfo(
+        **{**conninfo_to_dict(url), "user": "gdpr_dag"})  # type: ignore[arg-type]
+    env = {**os.environ, "WAREHOUSE_URL": engine, "PYTHONPATH": f"{ROOT / 'plugins'}:{ROOT / 'demo'}"}
+    return subprocess.run([sys.executable, "-m", "warehouse_gdpr.cli", "request", "new", "--kind", kind,
+                           "--request-id", request_id], input=identifier, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _request_row(url: str, request_id: str) -> tuple[Any, ...]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT kind, status, outcome, completed_at IS NOT NULL, identifier_ciphertext IS NULL, key_id IS NULL,"
+            " details FROM gdpr.request WHERE request_id = %s", (request_id,)).fetchone()
+    assert row is not None
+    return row
+
+
+def test_a_registered_access_request_runs_from_its_id_alone_and_completes(
+    airflow_home: Path, airflow_conns: str, downstream, access_policy: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    cid, email, _ = _person(airflow_conns)
+    downstream.add_person(email)
+    registered = _request_new(airflow_conns, "access", "ACC-REG-1", f"  {email.upper()}\n")
+    assert registered.returncode == 0, registered.stderr
+    assert "airflow dags trigger gdpr_subject_access --conf '{\"request_id\": \"ACC-REG-1\"}'" in registered.stdout
+    assert email not in registered.stdout + registered.stderr
+
+    dag_run, logs = _run({"request_id": "ACC-REG-1"}, caplog, capfd)
+
+    assert str(dag_run.state) == "success", logs[-4000:]
+    kind, status, outcome, completed, no_identifier, no_key, details = _request_row(airflow_conns, "ACC-REG-1")
+    assert (kind, status, outcome, completed, no_identifier, no_key) == ("access", "completed", "answered", True,
+                                                                          True, True)
+    answer = _xcoms(dag_run)["answer/return_value"]
+    assert details["package"]["sha256"] == answer["sha256"] and details["rows"] == answer["rows"]
+    assert details["registered_by"] == "email" and details["rows"]["crm.support_tickets"] == 1  # found by email
+    with psycopg.connect(airflow_conns) as conn:
+        destroyed = conn.execute("SELECT count(*) FROM gdpr.audit_log WHERE action = 'destroy_identifier'"
+                                 " AND details->>'request_id' = 'ACC-REG-1'").fetchone()[0]  # type: ignore[index]
+        audit_text = conn.execute("SELECT string_agg(a::text, ' ') FROM gdpr.audit_log a").fetchone()[0]  # type: ignore[index]
+    assert destroyed == 1
+    out = tmp_path / "unpacked"
+    assert _unpack("ACC-REG-1", out, {"AIRFLOW_CONN_GDPR_KEYS": os.environ["AIRFLOW_CONN_GDPR_KEYS"]}).returncode == 0
+    document = json.loads((out / "data.json").read_text())
+    assert document["request"]["kind"] == "access" and (out / "report.pdf").exists()
+    assert {r["contact_id"] for r in document["warehouse"][0]["rows"]} == {cid}
+    # The address never reached the run's conf, an XCom, a log or the audit log.
+    for where, text in (("logs", logs), ("conf and XComs", json.dumps(_xcoms(dag_run))), ("audit", audit_text)):
+        _no_personal_data(text, email, where)
+
+    again, again_logs = _run({"request_id": "ACC-REG-1"}, caplog, capfd)  # its identifier is gone
+    assert str(again.state) == "failed" and "its identifier was destroyed when it completed" in again_logs
+
+
+def test_a_registered_portability_request_is_answered_as_one(
+    airflow_home: Path, airflow_conns: str, access_policy: Path, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    cid, email, _ = _person(airflow_conns)
+    assert _request_new(airflow_conns, "portability", "PORT-REG-1", f"subject_id:{cid}").returncode == 0
+
+    dag_run, logs = _run({"request_id": "PORT-REG-1"}, caplog, capfd)
+
+    assert str(dag_run.state) == "success", logs[-4000:]
+    assert _request_row(airflow_conns, "PORT-REG-1")[:5] == ("portability", "completed", "answered", True, True)
+    out = tmp_path / "unpacked"
+    assert _unpack("PORT-REG-1", out, {"AIRFLOW_CONN_GDPR_KEYS": os.environ["AIRFLOW_CONN_GDPR_KEYS"]}).returncode == 0
+    assert not (out / "report.pdf").exists()
+    assert json.loads((out / "data.json").read_text())["request"]["kind"] == "portability"
+
+
+def test_an_access_request_given_by_email_is_recorded_and_its_id_cannot_be_reused(
+    airflow_home: Path, airflow_conns: str, access_policy: Path, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    cid, email, _ = _person(airflow_conns)
+    dag_run, logs = _run({"subject_id": cid, "request_id": "ACC-ID-1", "portability": True}, caplog, capfd)
+    assert str(dag_run.state) == "success", logs[-4000:]
+    row = _request_row(airflow_conns, "ACC-ID-1")
+    assert row[:4] == ("portability", "completed", "answered", True)
+    package = (tmp_path / "packages" / "ACC-ID-1.wgdpr").read_bytes()
+    with psycopg.connect(airflow_conns) as conn:
+        before = conn.execute("SELECT count(*) FROM gdpr.audit_log").fetchone()[0]  # type: ignore[index]
+
+    again, again_logs = _run({"email": email, "request_id": "ACC-ID-1", "portability": True}, caplog, capfd)
+
+    assert str(again.state) == "failed"
+    assert "request ACC-ID-1 was already answered on" in again_logs and email not in again_logs
+    assert (tmp_path / "packages" / "ACC-ID-1.wgdpr").read_bytes() == package
+    with psycopg.connect(airflow_conns) as conn:
+        assert conn.execute("SELECT count(*) FROM gdpr.audit_log").fetchone()[0] == before  # type: ignore[index]
+    other, other_logs = _run({"email": email, "request_id": "ACC-ID-1"}, caplog, capfd)  # as an access request
+    assert str(other.state) == "failed" and "request ACC-ID-1 is of kind portability, not access" in other_logs
+
+
+def test_an_erasure_request_id_is_refused_by_the_access_dag(
+    airflow_home: Path, airflow_conns: str, access_policy: Path, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    _, email, _ = _person(airflow_conns)
+    assert _request_new(airflow_conns, "erasure", "ERA-REG-1", email).returncode == 0
+    with psycopg.connect(airflow_conns) as conn:
+        before = conn.execute("SELECT count(*), max(audit_id) FROM gdpr.audit_log").fetchone()
+
+    dag_run, logs = _run({"request_id": "ERA-REG-1"}, caplog, capfd)
+
+    assert str(dag_run.state) == "failed"
+    assert "request ERA-REG-1 is of kind erasure, not access" in logs
+    assert _request_row(airflow_conns, "ERA-REG-1")[:2] == ("erasure", "registered")
+    with psycopg.connect(airflow_conns) as conn:
+        assert conn.execute("SELECT count(*), max(audit_id) FROM gdpr.audit_log").fetchone() == before
+    assert not (tmp_path / "packages").exists()

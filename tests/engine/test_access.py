@@ -429,3 +429,23 @@ def test_a_404_with_the_apis_not_found_answer_means_it_holds_nothing(conn, keys:
     _, email = _client(conn)
     answered = _answer(conn, policy, keys, {"email": email, "request_id": "ACC-404"}, packages, _preflight(conn, policy))
     assert answered.downstream == {"faulty": "holds nothing"} and answered.rows["downstream:faulty"] == 0
+
+
+def test_the_answer_is_recorded_as_completed_and_its_request_id_is_not_answered_twice(
+    conn, no_targets: Policy, keys: Keys, packages
+) -> None:
+    cid, email = _client(conn)
+    answered = _answer(conn, no_targets, keys, {"email": email, "request_id": "ACC-REC", "received_at": "2026-06-01"},
+                       packages)
+    row = conn.execute("SELECT kind, status, outcome, subject_hash, received_at, due_date, completed_at IS NOT NULL,"
+                       " details FROM gdpr.request WHERE request_id = 'ACC-REC'").fetchone()
+    conn.rollback()
+    assert row[:7] == ("access", "completed", "answered", keys.subject_hash(email), date(2026, 6, 1),
+                       date(2026, 7, 1), True)
+    assert row[7]["package"]["sha256"] == answered.written.sha256 and row[7]["rows"] == answered.rows  # type: ignore[union-attr]
+    assert "@" not in json.dumps(row[7])
+    with pytest.raises(RequestError, match="request ACC-REC was already answered on"):
+        _answer(conn, no_targets, keys, {"subject_id": cid, "request_id": "ACC-REC"}, packages)
+    with pytest.raises(RequestError, match="request ACC-REC is of kind access, not portability"):
+        _answer(conn, no_targets, keys, {"subject_id": cid, "request_id": "ACC-REC", "portability": True}, packages)
+    assert conn.execute("SELECT count(*) FROM gdpr.audit_log WHERE action = 'access_request'").fetchone() == (1,)

@@ -263,7 +263,9 @@ def build_subject_access(policy_file: str | Path | None = None) -> DAG:
             "email": Param(
                 None, type=["null", "string"], title="Email",
                 description="The person's email (plain ASCII; case and surrounding spaces do not matter). Give "
-                            "this or the subject id, not both.",
+                            "this or the subject id, not both; or neither, for a request registered with "
+                            "`warehouse-gdpr request new` (recommended: the address then stays out of the run's "
+                            "conf).",
             ),
             "subject_id": Param(
                 None, type=["null", "integer"], minimum=1, title="Subject id",
@@ -271,18 +273,20 @@ def build_subject_access(policy_file: str | Path | None = None) -> DAG:
             ),
             "request_id": Param(
                 type="string", title="Request id",
-                description="The ticket reference of the request (3-64 letters, digits, '.', '_', ':', '-'). "
-                            "The package is written as <request id>.wgdpr under the policy's access.location.",
+                description="The ticket reference of the request (3-64 letters, digits, '.', '_', ':', '-'), "
+                            "one per request. Alone, it runs the request registered under this id (access or "
+                            "portability, as registered). The package is written as <request id>.wgdpr under the "
+                            "policy's access.location.",
             ),
             "received_at": Param(
                 None, type=["null", "string"], title="Received on",
-                description="The date the request arrived (YYYY-MM-DD; empty: today; at most "
-                            f"{erasure.MAX_RECEIVED_AGE_DAYS} days ago). Due one month later.",
+                description="The date the request arrived (YYYY-MM-DD; empty: today, or the registered date; at "
+                            f"most {erasure.MAX_RECEIVED_AGE_DAYS} days ago). Due one month later.",
             ),
             "portability": Param(
                 False, type="boolean", title="Portability (art. 20)",
                 description="Only the data the person provided (the policy's `provided` columns), as JSON and "
-                            "CSV, without the PDF report.",
+                            "CSV, without the PDF report. A request registered as `portability` is one anyway.",
             ),
             "dry_run": Param(False, type="boolean", title="Dry run",
                              description="Locate and count the person's rows, write no package."),

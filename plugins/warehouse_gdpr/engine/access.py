@@ -128,10 +128,9 @@ class AccessRequest:
         return self.base.due_date
 
 
-def parse_request(params: Mapping[str, Any], today: date | None = None) -> AccessRequest:
-    """Check the params of `gdpr_subject_access` (the DAG's first task, before anything is read). The rules of
-    an erasure request (erasure.parse_request: exactly one of email and subject id, normalised email never
-    echoed, request id, received_at), plus `portability` (a boolean); any other key is refused."""
+def refuse_unknown_params(params: Mapping[str, Any]) -> None:
+    """Refuse a param this DAG does not take (a typo such as `portabilty`), naming it only if it looks like a
+    name; checked first, before a registered request is looked up by its id."""
     unknown = sorted(str(k) for k in params if k not in PARAMS)
     if unknown:
         shown = [f"`{k}`" for k in unknown if re.fullmatch(erasure.SAFE_PARAM_NAME, k)]
@@ -141,6 +140,13 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Acces
             f"unknown param(s) {names}: this DAG takes only " + ", ".join(f"`{n}`" for n in PARAMS)
             + " (check the spelling; nothing was read or written)"
         )
+
+
+def parse_request(params: Mapping[str, Any], today: date | None = None) -> AccessRequest:
+    """Check the params of `gdpr_subject_access` (the DAG's first task, before anything is read). The rules of
+    an erasure request (erasure.parse_request: exactly one of email and subject id, normalised email never
+    echoed, request id, received_at), plus `portability` (a boolean); any other key is refused."""
+    refuse_unknown_params(params)
     portability = params.get("portability", False)
     if portability is None:
         portability = False
@@ -148,6 +154,24 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Acces
         raise RequestError("`portability` must be true or false")
     base = erasure.parse_request({k: v for k, v in params.items() if k != "portability"}, today)
     return AccessRequest(base, portability)
+
+
+def check_not_answered(conn: psycopg.Connection, request: AccessRequest) -> None:
+    """Refuse (RequestError, nothing read or written) a request id recorded for another kind, or already
+    answered: each request gets its own id, and a completed one keeps its record (and its package)."""
+    row = conn.execute("SELECT kind, status, completed_at FROM gdpr.request WHERE request_id = %s",
+                       (request.request_id,)).fetchone()
+    conn.rollback()
+    if row is None:
+        return
+    kind, status, completed_at = row
+    if kind != request.kind:
+        raise RequestError(f"request {request.request_id} is of kind {kind}, not {request.kind}: give each request "
+                           "its own id; nothing was changed")
+    if completed_at is not None:
+        raise RequestError(
+            f"request {request.request_id} was already answered on {completed_at.date().isoformat()} ({status}): "
+            "nothing was changed; a new request of the person gets its own request id")
 
 
 def problems(policy: Policy) -> list[str]:
@@ -751,6 +775,7 @@ def answer(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext
     import time as clock
 
     check_policy(policy)
+    check_not_answered(conn, request)
     started = clock.perf_counter()
     located = located or erasure.locate(conn, policy, keys, request.base)
     gathered = gather(conn, policy, keys, located)
@@ -779,6 +804,8 @@ def answer(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext
         del document, files
     result.seconds = {k: round(v, 4) for k, v in seconds.items()}
     with conn.transaction():
+        if not request.dry_run:
+            record(conn, ctx, request, result)
         audit.record(conn, ctx, action="access_request", outcome=result.outcome, subject_hash=located.subject_hash,
                      row_count=sum(rows.values()),
                      details={"request_id": request.request_id, "kind": request.kind, "rows": rows,
@@ -786,3 +813,37 @@ def answer(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext
                               **({"location": result.written.location, "sha256": result.written.sha256,
                                   "expires_at": result.written.expires_at} if result.written else {})})
     return result
+
+
+def record(conn: psycopg.Connection, ctx: RunContext, request: AccessRequest, result: Answered) -> None:
+    """Record the request as completed in gdpr.request (the registered row, else a new one) with the evidence
+    kept (counts, downstream statuses, the package's location, SHA-256, key id and expiry; no personal data),
+    and destroy a registered request's encrypted identifier. In the caller's transaction; a second run of the
+    same request id, recorded meanwhile, is refused (RequestError) and rolls it back."""
+    from psycopg.types.json import Jsonb
+
+    from . import requests
+
+    erasure.lock_request_id(conn, request.request_id)
+    assert result.written is not None
+    details = Jsonb({"rows": result.rows, "downstream": result.downstream,
+                     "package": {"location": result.written.location, "sha256": result.written.sha256,
+                                 "key_id": result.written.key_id, "expires_at": result.written.expires_at,
+                                 "files": result.written.files}})
+    updated = conn.execute(
+        "UPDATE gdpr.request SET status = 'completed', outcome = %s, completed_at = now(), details = details || %s"
+        " WHERE request_id = %s AND kind = %s AND completed_at IS NULL RETURNING request_id",
+        (result.outcome, details, request.request_id, request.kind),
+    ).fetchone()
+    if updated is None:
+        inserted = conn.execute(
+            "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome,"
+            " completed_at, details) VALUES (%s, %s, %s, %s, %s, 'completed', %s, now(), %s)"
+            " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+            (request.request_id, request.kind, result.subject_hash, request.received_at, request.base.first_due_date,
+             result.outcome, details),
+        ).fetchone()
+        if inserted is None:
+            raise RequestError(f"request {request.request_id} was recorded by another run meanwhile: nothing was "
+                               "changed by this one")
+    requests.destroy_identifier(conn, ctx, request.request_id)
