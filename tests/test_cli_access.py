@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +32,8 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key_extra: dict, keys
     monkeypatch.setenv("AIRFLOW_CONN_GDPR_KEYS", json.dumps({"conn_type": "generic", "extra": key_extra}))
     document = {"request": {"request_id": "ACC-CLI-1", "kind": "access"}, "warehouse": []}
     files = {"data.json": json.dumps(document).encode(), "csv/crm.contacts.csv": b"contact_id\n7\n"}
-    files["manifest.json"] = json.dumps({"files": {n: {"sha256": access._sha256(d)} for n, d in files.items()}}).encode()
+    digests = {n: {"sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()}
+    files["manifest.json"] = json.dumps({"files": digests}).encode()
     store = ObjectStoragePackages("packages", home)
     store.write("ACC-CLI-1.wgdpr", access.seal(files, keys, "ACC-CLI-1", "access", CREATED,
                                                access.expiry(CREATED, "P30D")))

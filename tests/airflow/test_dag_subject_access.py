@@ -16,8 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from helpers import add_activity, add_contact, add_invoice, new_id
 
+from helpers import add_activity, add_contact, add_invoice, new_id
 from warehouse_gdpr.airflow.storage import ObjectStoragePackages
 from warehouse_gdpr.engine import access
 from warehouse_gdpr.engine.crypto import Keys
@@ -257,7 +257,8 @@ def test_the_weekly_sweep_deletes_packages_past_keep_for_and_reports_it(
     caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
 ) -> None:
     store = ObjectStoragePackages(str(tmp_path / "packages"), tmp_path)
-    for request_id, created in (("ACC-OLD", RUN_AFTER - timedelta(days=45)), ("ACC-NEW", RUN_AFTER - timedelta(days=3))):
+    for request_id, days in (("ACC-OLD", 45), ("ACC-NEW", 3)):
+        created = RUN_AFTER - timedelta(days=days)
         store.write(access.package_name(request_id), access.seal(
             {"data.json": b"{}", "manifest.json": b"{}"}, keys, request_id, "access", created,
             access.expiry(created, "P30D")))

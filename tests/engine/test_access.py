@@ -17,10 +17,10 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from helpers import AS_OF, add_activity, add_contact, add_contract, add_invoice, new_id
 from pypdf import PdfReader
-from scripted_http import ScriptedServer, json_answer, redirect
 
+from helpers import AS_OF, add_activity, add_contact, add_contract, add_invoice, new_id
+from scripted_http import ScriptedServer, json_answer, redirect
 from warehouse_gdpr.airflow.storage import ObjectStoragePackages
 from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import access, propagation, sweep
@@ -297,7 +297,8 @@ def test_portability_gives_only_the_columns_the_person_provided(conn, policy: Po
 
 
 def test_a_person_nobody_holds_gets_an_answer_saying_so(conn, no_targets: Policy, keys: Keys, packages) -> None:
-    answered = _answer(conn, no_targets, keys, {"email": "nobody.here@example.org", "request_id": "ACC-NONE1"}, packages)
+    answered = _answer(conn, no_targets, keys, {"email": "nobody.here@example.org", "request_id": "ACC-NONE1"},
+                       packages)
     assert answered.outcome == "not_found" and not any(answered.rows.values())
     document = json.loads(access.open_package(packages, keys, "ACC-NONE1")[1]["data.json"])
     assert all(not t["rows"] for t in document["warehouse"]) and document["archive"] == []
@@ -427,7 +428,8 @@ def test_nothing_is_asked_of_a_target_without_a_passed_preflight(conn, keys: Key
 def test_a_404_with_the_apis_not_found_answer_means_it_holds_nothing(conn, keys: Keys, packages, faulty) -> None:
     policy = faulty([ACCOUNT, ("GET", "/v3/contacts/", json_answer(404, {"code": "document_not_found"}))])
     _, email = _client(conn)
-    answered = _answer(conn, policy, keys, {"email": email, "request_id": "ACC-404"}, packages, _preflight(conn, policy))
+    preflights = _preflight(conn, policy)
+    answered = _answer(conn, policy, keys, {"email": email, "request_id": "ACC-404"}, packages, preflights)
     assert answered.downstream == {"faulty": "holds nothing"} and answered.rows["downstream:faulty"] == 0
 
 

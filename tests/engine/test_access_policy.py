@@ -67,7 +67,8 @@ def test_sql_access_queries_are_parameterised_selects(demo_data: dict[str, Any])
     assert "one SELECT statement" in query(
         "SELECT 1 WHERE %(identifier)s = ''; DELETE FROM desk.tickets WHERE requester_email = %(identifier)s")
     ok = SqlTarget.model_validate({
-        "name": "desk", "kind": "sql", "connection_id": "desk", "statements": ["DELETE FROM t WHERE e = %(identifier)s"],
+        "name": "desk", "kind": "sql", "connection_id": "desk",
+        "statements": ["DELETE FROM t WHERE e = %(identifier)s"],
         "access": {"t": "WITH x AS (SELECT 1) SELECT * FROM t WHERE e = %(identifier)s;"}})
     assert list(ok.access) == ["t"]
 

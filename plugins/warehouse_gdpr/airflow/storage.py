@@ -34,7 +34,8 @@ class ObjectStoragePackages:
         try:
             self.root = ObjectStoragePath(self.url)
         except Exception as exc:  # noqa: BLE001 - an unknown scheme, a connection that does not exist
-            raise StoreError(f"access.location {self.url}: not usable as object storage ({type(exc).__name__})") from None
+            raise StoreError(
+                f"access.location {self.url}: not usable as object storage ({type(exc).__name__})") from None
 
     def _path(self, name: str) -> Any:
         if "/" in name or name in ("", ".", ".."):
@@ -57,7 +58,8 @@ class ObjectStoragePackages:
         path = self._path(name)
         try:
             with path.open("rb") as handle:
-                return handle.read() if size is None else handle.read(size)  # type: ignore[no-any-return]
+                data: bytes = handle.read() if size is None else handle.read(size)
+                return data
         except FileNotFoundError:
             raise StoreError(f"no package {self.location(name)}") from None
         except Exception as exc:  # noqa: BLE001

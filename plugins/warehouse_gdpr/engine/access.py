@@ -44,6 +44,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from ..transport import ConnectionNotUsable, PackageStore, StoreError, Transport, TransportError
 from . import audit, erasure, matcher
 from .audit import RunContext
 from .candidates import qualified
@@ -51,7 +52,6 @@ from .crypto import Keys, archive_aad
 from .erasure import ErasureRequest, Located, RequestError
 from .errors import ConfigurationError, TransientError
 from .policy import DURATION, HttpTarget, MappedTable, Policy, SqlTarget
-from ..transport import ConnectionNotUsable, PackageStore, StoreError, Transport, TransportError
 
 # The params of gdpr_subject_access: those of gdpr_subject_erasure, and `portability`.
 PARAMS = ("email", "subject_id", "request_id", "received_at", "portability", "dry_run")
@@ -282,7 +282,7 @@ def gather(conn: psycopg.Connection, policy: Policy, keys: Keys, located: Locate
                 persons.params,
             )
             columns = [c.name for c in cur.description or ()]
-            rows = [dict(zip(columns, (jsonable(v) for v in r))) for r in cur.fetchall()]
+            rows = [dict(zip(columns, (jsonable(v) for v in r), strict=True)) for r in cur.fetchall()]
             gathered.tables.append(Section(mapped.table, _title(mapped), columns, rows))
             if mapped.table == policy.subject.table:
                 for rule in policy.rules:
@@ -352,7 +352,7 @@ def http_targets_to_preflight(policy: Policy) -> list[str]:
 
 
 def _export_http(target: HttpTarget, identifier: str, transport: Transport, preflight_passed: bool) -> Answer:
-    from .propagation import ERROR_KEYS, _holds, _json, _NOT_JSON, _path, http_contract
+    from .propagation import ERROR_KEYS, NOT_JSON, endpoint_path, holds_values, http_contract, json_document
 
     endpoint = access_endpoint(target)
     assert endpoint is not None
@@ -362,7 +362,7 @@ def _export_http(target: HttpTarget, identifier: str, transport: Transport, pref
             "preflight task's log; runbook: 'A preflight fails')")
     contract = http_contract(target)
     try:
-        answer = transport.http(target.connection_id)("GET", _path(endpoint, identifier),
+        answer = transport.http(target.connection_id)("GET", endpoint_path(endpoint, identifier),
                                                        deadline_seconds=contract.timeout_seconds)
     except ConnectionNotUsable as exc:
         raise ExportMisconfigured(f"target {target.name}: {exc}") from None
@@ -371,8 +371,8 @@ def _export_http(target: HttpTarget, identifier: str, transport: Transport, pref
     status = answer.status
     where = f"target {target.name}: GET {endpoint} answered HTTP {status}"
     if 200 <= status <= 299:
-        document = _json(answer.body)
-        if document is _NOT_JSON or not isinstance(document, (dict, list)):
+        document = json_document(answer.body)
+        if document is NOT_JSON or not isinstance(document, (dict, list)):
             raise ExportMisconfigured(f"{where} with an answer that is not a JSON object (wrong endpoint?)")
         if isinstance(document, dict) and any(document.get(k) not in (None, False, "", [], {}) for k in ERROR_KEYS):
             raise ExportMisconfigured(f"{where} with an error in the body")
@@ -382,7 +382,7 @@ def _export_http(target: HttpTarget, identifier: str, transport: Transport, pref
         return Answer(target.name, "holds data" if rows else "holds nothing",
                       [Section(f"{target.name}", target.name, columns, rows)], document)
     if status == 404:
-        if contract.not_found_body and not _holds(_json(answer.body), contract.not_found_body):
+        if contract.not_found_body and not holds_values(json_document(answer.body), contract.not_found_body):
             raise ExportMisconfigured(f"{where} that is not the API's not-found answer (wrong endpoint?)")
         return Answer(target.name, "holds nothing", [Section(target.name, target.name, [], [])], None)
     if 300 <= status <= 399:
@@ -408,7 +408,7 @@ def _export_sql(target: SqlTarget, identifier: str, transport: Transport) -> Ans
         result = results[name]
         columns = list(result.columns)
         sections.append(Section(f"{target.name}.{name}", name, columns,
-                                [dict(zip(columns, (jsonable(v) for v in row))) for row in result.rows]))
+                                [dict(zip(columns, (jsonable(v) for v in row), strict=True)) for row in result.rows]))
     held = any(s.rows for s in sections)
     return Answer(target.name, "holds data" if held else "holds nothing", sections)
 
@@ -471,11 +471,12 @@ def information(policy: Policy) -> dict[str, Any]:
         for r in activity.recipients:
             recipients.append({"name": r.name, "detail": r.access or "internal recipient"})
         for p in activity.processors:
-            for target in p.targets:
-                processors[target] = f"{p.name}, {p.service} ({p.country})" if p.country else f"{p.name}, {p.service}"
+            for name in p.targets:
+                processors[name] = f"{p.name}, {p.service} ({p.country})" if p.country else f"{p.name}, {p.service}"
         for t in activity.transfers:
             mechanism = (t.mechanism or "").replace("_", " ")
-            transfers.append(f"{t.recipient} ({t.country}): {mechanism}" + (f", {t.safeguards}" if t.safeguards else ""))
+            safeguards = f", {t.safeguards}" if t.safeguards else ""
+            transfers.append(f"{t.recipient} ({t.country}): {mechanism}{safeguards}")
     for target in policy.erasure.targets:
         recipients.append({"name": processors.get(target.name, target.name),
                            "detail": f"processes your data on our behalf (our {target.name} service)"})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ EMPTY = "—"
 @lru_cache(maxsize=1)
 def _glyphs() -> frozenset[int]:
     """The code points the embedded font can draw (both faces are subset alike)."""
-    from fontTools.ttLib import TTFont
+    from fontTools.ttLib import TTFont  # type: ignore[import-untyped]  # fontTools ships no type information
 
     return frozenset(TTFont(FONTS / "DejaVuSans.ttf").getBestCmap())
 
@@ -64,7 +65,7 @@ class _Pdf:
 
         outer = self
 
-        class Document(FPDF):  # type: ignore[misc]
+        class Document(FPDF):
             def header(self) -> None:
                 self.set_font(FAMILY, size=8)
                 self.set_text_color(90)
@@ -118,7 +119,7 @@ class _Pdf:
         self.pdf.multi_cell(0, 4.8, self.text(text), align="L", new_x="LMARGIN", new_y="NEXT")
         self.pdf.ln(1.5)
 
-    def pairs(self, rows: list[tuple[str, object]], widths: tuple[float, float] = (0.28, 0.72)) -> None:
+    def pairs(self, rows: Sequence[tuple[str, object]], widths: tuple[float, float] = (0.28, 0.72)) -> None:
         """A two-column label/value table (labels in bold)."""
         from fpdf.fonts import FontFace
 

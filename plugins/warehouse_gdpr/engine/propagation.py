@@ -160,6 +160,25 @@ def _holds(document: Any, expected: dict[str, Any]) -> bool:
     return isinstance(document, dict) and all(k in document and document[k] == v for k, v in expected.items())
 
 
+# What an access request's export (access.py) judges an answer with, the way an erasure's answer is judged.
+NOT_JSON = _NOT_JSON
+
+
+def endpoint_path(template: str, identifier: str) -> str:
+    """A target's path template with the identifier URL-encoded into `{identifier}`."""
+    return _path(template, identifier)
+
+
+def json_document(body: bytes) -> Any:
+    """An answer's body parsed as JSON, or NOT_JSON when it is not JSON."""
+    return _json(body)
+
+
+def holds_values(document: Any, expected: dict[str, Any]) -> bool:
+    """Whether a JSON document is an object holding every expected key with its value."""
+    return _holds(document, expected)
+
+
 def _success_body_problem(answer: HttpAnswer, contract: HttpContract) -> str | None:
     """Why a success code's body is not the API's success, or None when it is."""
     if not answer.body.strip():
