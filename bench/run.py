@@ -724,6 +724,8 @@ class Bench:
                     "max_ms": round(ordered[-1], 2)}
 
         return {
+            # The first answer of the process also imports fpdf2 and parses the fonts (a task's cold start).
+            "first_ms": round(totals[0], 2), "first_pdf_ms": round(pdf_ms[0], 2),
             "subjects": len(totals), "total": stats(totals), "db": stats(db_ms), "pdf": stats(pdf_ms),
             "package": stats(package_ms), "median_ms": stats(totals)["median_ms"], "p95_ms": stats(totals)["p95_ms"],
             "median_rows": statistics.median(rows), "max_rows": max(rows),
@@ -832,7 +834,9 @@ def build_table(out: dict[str, Any]) -> str:
             f" rows, {a['median_package_bytes'] / 1024:.0f} KiB package)",
             f"median {a['median_ms']:.1f} ms, p95 {a['p95_ms']:.1f} ms: DB median {a['db']['median_ms']:.1f} ms"
             f" (p95 {a['db']['p95_ms']:.1f}), PDF median {a['pdf']['median_ms']:.1f} ms (p95 {a['pdf']['p95_ms']:.1f})",
-            "-", f"median {a['median_ms']:.1f} ms", "median < 1 s", yes_no(t["access_median_ms"]["met"],
+            f"first answer of a process (fpdf2 imported, fonts parsed): {a['first_ms']:.0f} ms, PDF "
+            f"{a['first_pdf_ms']:.0f} ms", f"median {a['median_ms']:.1f} ms", "median < 1 s",
+            yes_no(t["access_median_ms"]["met"],
                                                                          a["end_state_match"]),
             "counts match" if a["end_state_match"] else f"{a['mismatches']} DIFFER"])
     m = out.get("memory")

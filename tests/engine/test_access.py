@@ -165,6 +165,8 @@ def test_the_package_holds_exactly_what_the_warehouse_and_the_downstream_systems
     assert manifest["rows"] == answered.rows == {**{t: len(v) for t, v in expected.items()},
                                                  "downstream:emailing": 1, "downstream:telephony": 1,
                                                  "downstream:support_desk": 2}
+    contacts_csv = list(csv.DictReader(io.StringIO(files["csv/crm.contacts.csv"].decode())))
+    assert contacts_csv[0]["do_not_contact"] == "false" and contacts_csv[0]["pseudonymised_at"] == ""
     tickets_csv = list(csv.DictReader(io.StringIO(files["csv/crm.support_tickets.csv"].decode())))
     assert {int(r["ticket_id"]) for r in tickets_csv} == expected["crm.support_tickets"]
     # the PDF is readable: the request, a section per table with labelled columns

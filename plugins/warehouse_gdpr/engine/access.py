@@ -531,10 +531,10 @@ def _csv(columns: list[str], rows: list[dict[str, Any]]) -> bytes:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
-    for row in rows:
+    for row in rows:  # JSON's spelling for what CSV has none of: true/false, nested values
         writer.writerow(["" if row.get(c) is None else
-                         json.dumps(row[c], ensure_ascii=False) if isinstance(row.get(c), (dict, list)) else row[c]
-                         for c in columns])
+                         json.dumps(row[c], ensure_ascii=False) if isinstance(row.get(c), (bool, dict, list))
+                         else row[c] for c in columns])
     return out.getvalue().encode("utf-8")
 
 
