@@ -69,7 +69,7 @@ def test_both_sides_of_every_comparison_end_in_the_same_state(smoke: tuple[dict,
     assert out["erasure"]["end_state_match"] and out["erasure"]["verify_failures"] == 0
     # Each access package holds as many rows per table as plain SQL counts, and decrypts with its PDF.
     assert out["access"]["end_state_match"] and out["access"]["subjects"] == 5 and out["access"]["median_rows"] > 0
-    assert 0 < out["access"]["pdf"]["median_ms"] and 0 < out["access"]["db"]["median_ms"]
+    assert out["access"]["pdf"]["median_ms"] > 0 and out["access"]["db"]["median_ms"] > 0
     assert out["all_valid"]
     # Real work on both paths, holds included (the seed's first contacts cover every scenario).
     assert delete["subjects_deleted"] > 0 and delete["held"] > 0 and delete["rows_by_table"]["crm.activities"] > 0
@@ -89,7 +89,8 @@ def test_end_state_checks_see_a_single_changed_row(warehouse: str, policy, keys)
     with psycopg.connect(warehouse) as conn:
         conn.execute("DELETE FROM crm.activities WHERE activity_id = (SELECT max(activity_id) FROM crm.activities)")
     diffs = bench.diff_states(before_delete, bench.delete_state(warehouse, policy))
-    assert [d.split(":")[0] for d in diffs] == ["crm.activities.rows", "crm.activities.pk_md5", "crm.activities.rows_checksum"]
+    assert [d.split(":")[0] for d in diffs] == [
+        "crm.activities.rows", "crm.activities.pk_md5", "crm.activities.rows_checksum"]
     with psycopg.connect(warehouse) as conn:
         conn.execute("UPDATE crm.contacts SET email = md5(email) WHERE contact_id = 1")
     hashed = bench.pseudonymise_state(warehouse, policy, keys)

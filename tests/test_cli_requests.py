@@ -21,7 +21,8 @@ EMAIL = "  Jane.Doe@ACME.example \n"
 
 @pytest.fixture
 def engine_url(airflow_conns: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """$WAREHOUSE_URL as the least-privileged gdpr_dag login (a gdpr_engine member); keys from AIRFLOW_CONN_GDPR_KEYS."""
+    """$WAREHOUSE_URL as the least-privileged gdpr_dag login (a gdpr_engine member); keys from
+    AIRFLOW_CONN_GDPR_KEYS."""
     url = airflow_conns if os.environ.get("WAREHOUSE_TEST_URL") else make_conninfo(
         **{**conninfo_to_dict(airflow_conns), "user": "gdpr_dag"})  # type: ignore[arg-type]
     monkeypatch.setenv("WAREHOUSE_URL", url)
@@ -43,7 +44,8 @@ def test_request_new_reads_the_identifier_on_stdin(
     engine_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     received = TODAY - timedelta(days=3)
-    assert _new(monkeypatch, "--kind", "erasure", "--request-id", "REQ-CLI-1", "--received-on", received.isoformat()) == 0
+    assert _new(monkeypatch, "--kind", "erasure", "--request-id", "REQ-CLI-1",
+                "--received-on", received.isoformat()) == 0
     out, err = capsys.readouterr()
     due = requests.due_date(received).isoformat()
     assert out == (f"Registered erasure request REQ-CLI-1: received {received.isoformat()}, due {due}.\n"
@@ -116,7 +118,8 @@ def test_request_new_refuses_a_bad_or_used_request_id(
     capsys.readouterr()
     before = _state(engine_url)
     assert _new(monkeypatch, "--kind", "access", "--request-id", "REQ-CLI-1", stdin="other@example.com") == 1
-    assert capsys.readouterr().err.startswith("request REQ-CLI-1 already exists (erasure, registered): nothing was changed")
+    assert capsys.readouterr().err.startswith(
+        "request REQ-CLI-1 already exists (erasure, registered): nothing was changed")
     assert _new(monkeypatch, "--kind", "access", "--request-id", "jane@acme.example") == 1
     err = capsys.readouterr().err
     assert err.startswith("the request id must be 3-64 characters") and "jane" not in err
@@ -136,7 +139,8 @@ def test_request_new_needs_the_warehouse_and_the_policy(
 
 def test_request_extend(engine_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     received = TODAY - timedelta(days=3)
-    assert _new(monkeypatch, "--kind", "erasure", "--request-id", "REQ-CLI-1", "--received-on", received.isoformat()) == 0
+    assert _new(monkeypatch, "--kind", "erasure", "--request-id", "REQ-CLI-1",
+                "--received-on", received.isoformat()) == 0
     late = TODAY - timedelta(days=40)
     assert _new(monkeypatch, "--kind", "access", "--request-id", "REQ-CLI-LATE", "--received-on", late.isoformat()) == 0
     capsys.readouterr()
@@ -147,8 +151,8 @@ def test_request_extend(engine_url: str, monkeypatch: pytest.MonkeyPatch, capsys
         f"Request REQ-CLI-1 (erasure) extended: due {new_due.isoformat()} (was {first_due.isoformat()}). Tell the "
         f"person, with the reason, before {first_due.isoformat()} (GDPR art. 12(3)).\n")
     with psycopg.connect(engine_url) as conn:
-        assert conn.execute("SELECT extended_due_date, extension_reason FROM gdpr.request WHERE request_id = 'REQ-CLI-1'"
-                            ).fetchone() == (new_due, "Twelve systems to search")
+        assert conn.execute("SELECT extended_due_date, extension_reason FROM gdpr.request"
+                            " WHERE request_id = 'REQ-CLI-1'").fetchone() == (new_due, "Twelve systems to search")
 
     before = _state(engine_url)
     refused = [
@@ -170,7 +174,8 @@ def test_requests_lists_every_request_without_personal_data(
     engine_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     late = TODAY - timedelta(days=40)
-    assert _new(monkeypatch, "--kind", "erasure", "--request-id", "REQ-CLI-LATE", "--received-on", late.isoformat()) == 0
+    assert _new(monkeypatch, "--kind", "erasure", "--request-id", "REQ-CLI-LATE",
+                "--received-on", late.isoformat()) == 0
     assert _new(monkeypatch, "--kind", "access", "--request-id", "REQ-CLI-NEW", stdin="subject_id:3") == 0
     assert main(["request", "extend", "REQ-CLI-NEW", "--reason", "complex"]) == 0
     with psycopg.connect(engine_url) as conn:  # a completed erasure with its downstream targets

@@ -31,9 +31,14 @@ import os
 import sys
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
+
+if TYPE_CHECKING:  # imported where used, so that `warehouse-gdpr policy check` stays light
+    import psycopg
+
+    from warehouse_gdpr.engine.audit import RunContext
 
 
 def _schema(_: argparse.Namespace) -> int:
@@ -149,7 +154,7 @@ def _subject_hash(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warehouse(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _warehouse(args: argparse.Namespace) -> psycopg.Connection | None:
     """A connection to $WAREHOUSE_URL (or --url) with the control schema checked, or None (error printed)."""
     import psycopg
 
@@ -169,7 +174,7 @@ def _warehouse(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return conn
 
 
-def _cli_context(task: str):  # type: ignore[no-untyped-def]
+def _cli_context(task: str) -> RunContext:
     from warehouse_gdpr.engine.audit import RunContext
 
     return RunContext(dag_id="warehouse-gdpr", run_id=f"cli__{datetime.now(timezone.utc).isoformat()}", task_id=task)
@@ -372,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     hashes.set_defaults(run=_subject_hash)
     reg = commands.add_parser("register", help="write the register of processing activities (GDPR art. 30)")
     reg.add_argument("policy", help="path to the policy YAML file")
-    reg.add_argument("--out", help="output directory (default: processing_register.output_dir, under the current directory)")
+    reg.add_argument("--out", help="output directory (default: processing_register.output_dir, under the current "
+                                   "directory)")
     reg.add_argument("--date", type=date.fromisoformat, help="date printed as generation date (default: today)")
     reg.set_defaults(run=_register)
     from warehouse_gdpr.engine.requests import KINDS
@@ -382,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         dest="action", required=True)
     new = req.add_parser("new", help="register a request before running it; the email (or subject_id:N) on stdin")
     new.add_argument("--kind", required=True, help="one of: " + ", ".join(KINDS))
-    new.add_argument("--request-id", required=True, help="the ticket reference (3-64 letters, digits, '.', '_', ':', '-')")
+    new.add_argument("--request-id", required=True,
+                     help="the ticket reference (3-64 letters, digits, '.', '_', ':', '-')")
     new.add_argument("--received-on", help="the date the request arrived, YYYY-MM-DD (default: today)")
     new.add_argument("--policy", help="the policy file, for its keys connection (default: $WAREHOUSE_GDPR_POLICY)")
     new.add_argument("--url", help=url_help)
@@ -402,8 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     acc_actions = acc.add_subparsers(dest="action", required=True)
     unpack = acc_actions.add_parser("unpack", help="decrypt a request's package into a new folder")
     unpack.add_argument("request_id", help="the request id the package was written for")
-    unpack.add_argument("--out", required=True, help="a new (or empty) folder for report.pdf, data.json, csv/, manifest.json")
-    unpack.add_argument("--policy", help="the policy file (default: $WAREHOUSE_GDPR_POLICY): its access.location and keys")
+    unpack.add_argument("--out", required=True,
+                        help="a new (or empty) folder for report.pdf, data.json, csv/, manifest.json")
+    unpack.add_argument("--policy",
+                        help="the policy file (default: $WAREHOUSE_GDPR_POLICY): its access.location and keys")
     unpack.set_defaults(run=_access_unpack)
     args = parser.parse_args(argv)
     return int(args.run(args))

@@ -161,7 +161,8 @@ def test_an_extended_request_runs_with_its_extended_due_date(
     with psycopg.connect(airflow_conns) as conn:
         requests.register(conn, keys, CTX, kind="erasure", request_id="REQ-REG-EXT", identifier=email,
                           received_at=received, today=received)
-        extended = requests.extend(conn, CTX, "REQ-REG-EXT", "twelve systems to search", today=received + timedelta(days=5))
+        extended = requests.extend(conn, CTX, "REQ-REG-EXT", "twelve systems to search",
+                                   today=received + timedelta(days=5))
     assert date.fromisoformat(extended["due_date"]) < today < date.fromisoformat(extended["extended_due_date"])
 
     dag_run, logs = _run({"request_id": "REQ-REG-EXT", "dry_run": True}, caplog, capfd)

@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
+
 from helpers import CRM_TABLES, table_checksum
 from warehouse_gdpr.engine.errors import ConfigurationError
 
@@ -78,9 +79,12 @@ def test_whole_dag_run_sweeps_and_logs_no_personal_data(
         conn.execute(
             "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome,"
             " completed_at) VALUES"
-            " ('REQ-2022-1', 'erasure', repeat('a', 64), '2022-12-01', '2023-01-01', 'completed', 'erased', '2022-12-20'),"
-            " ('REQ-2023-1', 'access', repeat('b', 64), '2023-05-01', '2023-06-01', 'completed', 'answered', '2023-05-30'),"
-            " ('REQ-2023-2', 'erasure', repeat('c', 64), '2023-06-01', '2023-07-01', 'completed', 'erased', '2023-06-20')")
+            " ('REQ-2022-1', 'erasure', repeat('a', 64), '2022-12-01', '2023-01-01', 'completed', 'erased',"
+            "  '2022-12-20'),"
+            " ('REQ-2023-1', 'access', repeat('b', 64), '2023-05-01', '2023-06-01', 'completed', 'answered',"
+            "  '2023-05-30'),"
+            " ('REQ-2023-2', 'erasure', repeat('c', 64), '2023-06-01', '2023-07-01', 'completed', 'erased',"
+            "  '2023-06-20')")
         conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status) VALUES"
                      " ('REQ-2022-1', 'emailing', 'acknowledged'), ('REQ-2023-2', 'emailing', 'acknowledged')")
 
@@ -99,7 +103,8 @@ def test_whole_dag_run_sweeps_and_logs_no_personal_data(
             ).fetchall()
         }
         audit_text = conn.execute("SELECT string_agg(a::text, ' ') FROM gdpr.audit_log a").fetchone()[0]  # type: ignore[index]
-        pseudonymised = conn.execute("SELECT count(*) FROM crm.contacts WHERE pseudonymised_at IS NOT NULL").fetchone()[0]  # type: ignore[index]
+        pseudonymised = conn.execute(
+            "SELECT count(*) FROM crm.contacts WHERE pseudonymised_at IS NOT NULL").fetchone()[0]  # type: ignore[index]
         stored = conn.execute("SELECT sha256, activities FROM gdpr.processing_register").fetchall()
         kept = conn.execute("SELECT request_id FROM gdpr.request").fetchall()
         outbox = conn.execute("SELECT request_id FROM gdpr.erasure_propagation").fetchall()
@@ -183,7 +188,8 @@ def test_bad_keys_fail_before_any_write(
     airflow_home: Path, airflow_conns: str, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("AIRFLOW_CONN_GDPR_KEYS", '{"conn_type": "generic", "extra": {"hmac_key_id": "p1", "hmac_pepper": "c2hvcnQ="}}')
+    monkeypatch.setenv("AIRFLOW_CONN_GDPR_KEYS",
+                       '{"conn_type": "generic", "extra": {"hmac_key_id": "p1", "hmac_pepper": "c2hvcnQ="}}')
     with psycopg.connect(airflow_conns) as conn:
         before = table_checksum(conn, CRM_TABLES)
 
@@ -240,7 +246,8 @@ def test_the_blast_radius_limit_stops_a_delete_everything_rule_until_confirmed(
     assert "docs/runbook.md" in logs
     with psycopg.connect(airflow_conns) as conn:
         assert table_checksum(conn, [*CRM_TABLES, "crm.support_tickets"]) == before
-        assert conn.execute("SELECT count(*) FROM gdpr.audit_log WHERE action IN ('batch', 'delete')").fetchone()[0] == 0  # type: ignore[index]
+        assert conn.execute(
+            "SELECT count(*) FROM gdpr.audit_log WHERE action IN ('batch', 'delete')").fetchone()[0] == 0  # type: ignore[index]
     assert _blast_rows(airflow_conns) == [("apply", "everyone", "crm.contacts", "stopped", count, None, 1500)]
 
     # A confirmation below the planned count stops it again, naming both counts.

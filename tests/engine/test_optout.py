@@ -18,16 +18,15 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import AS_OF, add_activity, add_contact, add_contract, new_id, table_checksum
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from helpers import AS_OF, add_activity, add_contact, add_contract, new_id, table_checksum
 from scripted_http import ScriptedServer, json_answer, redirect
-
 from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import erasure, optout
 from warehouse_gdpr.engine.audit import RunContext
-from warehouse_gdpr.engine.crypto import Keys, KeyConfigError, generate_extra
+from warehouse_gdpr.engine.crypto import KeyConfigError, Keys, generate_extra
 from warehouse_gdpr.engine.policy import Policy
 
 CTX = RunContext("gdpr_optout_sync", "run-1", "test")
@@ -121,7 +120,8 @@ def test_collection_is_idempotent_and_matches_the_sources(conn, policy: Policy, 
     assert sum(first["by_source"].values()) == len(expected)
     assert _entry(conn, keys.subject_hash("unsub.person@example.example")) == (
         keys.hmac_key_id, "opt_out", "unsubscribe_activity", None)
-    assert _entry(conn, keys.subject_hash("both.sources@example.example"))[2] == "do_not_contact_flag"  # first source wins
+    # the first source wins
+    assert _entry(conn, keys.subject_hash("both.sources@example.example"))[2] == "do_not_contact_flag"
 
     checksum = table_checksum(conn, ["gdpr.suppression_list"])
     second = optout.collect(conn, policy, keys, CTX, AS_OF)
@@ -191,7 +191,8 @@ def test_enforcement_marks_matches_whatever_their_status_and_again_after_an_impo
     conn, policy: Policy, keys: Keys
 ) -> None:
     _unsubscribed(conn, "leaver@old-job.example", status="client")
-    copies = [add_contact(conn, s, date(2022, 1, 1), email="Leaver@Old-Job.example") for s in ("prospect", "lead", "former_client")]
+    copies = [add_contact(conn, s, date(2022, 1, 1), email="Leaver@Old-Job.example")
+              for s in ("prospect", "lead", "former_client")]
     bystander = add_contact(conn, "lead", date(2024, 1, 1), email="bystander@example.example")
     conn.commit()
     optout.collect(conn, policy, keys, CTX, AS_OF)
@@ -242,7 +243,8 @@ def test_reimported_erased_subject_is_erased_again_and_audited(conn, policy: Pol
     assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = %s", cid) == 0
     assert _count(conn, "SELECT count(*) FROM crm.activities WHERE contact_id = %s", cid) == 0
     assert table_checksum(conn, ["crm.contracts", "crm.invoices"]) == untouched
-    row = _one(conn, "SELECT outcome, subject_hash, table_name, details FROM gdpr.audit_log WHERE action = 'resurrection'")
+    row = _one(conn, "SELECT outcome, subject_hash, table_name, details FROM gdpr.audit_log"
+                     " WHERE action = 'resurrection'")
     assert row[:3] == ("erased", email_hash, "crm.contacts")
     assert row[3]["request_id"] == "REQ-2026-0100" and row[3]["subject_id"] == cid and row[3]["policy"] == "erase"
     assert _count(conn, "SELECT count(*) FROM gdpr.audit_log WHERE action = 'erase' AND outcome = 'resurrection'"
@@ -280,7 +282,8 @@ def test_resurrected_subject_under_a_hold_is_quarantined_not_erased(conn, policy
     assert _count(conn, "SELECT count(*) FROM crm.contracts WHERE contact_id = %s", cid) == 1
     assert _one(conn, "SELECT reason FROM gdpr.quarantine WHERE subject_id = %s", str(cid)) == (
         "resurrection; legal hold: active_contract",)
-    assert _one(conn, "SELECT details->'holds' FROM gdpr.audit_log WHERE action = 'resurrection'") == (["active_contract"],)
+    assert _one(conn, "SELECT details->'holds' FROM gdpr.audit_log WHERE action = 'resurrection'") == (
+        ["active_contract"],)
 
 
 def test_refused_or_restricted_erasures_are_not_resurrections(conn, policy: Policy, keys: Keys) -> None:
@@ -288,7 +291,8 @@ def test_refused_or_restricted_erasures_are_not_resurrections(conn, policy: Poli
     add_contract(conn, held, date(2023, 2, 1), None)
     conn.commit()
     assert _erase(conn, policy, keys, "in.court@example.example", "REQ-LIT-9").outcome == "refused"
-    assert _entry(conn, keys.subject_hash("in.court@example.example"))[1:] == ("erasure", "erasure_request", "REQ-LIT-9")
+    assert _entry(conn, keys.subject_hash("in.court@example.example"))[1:] == (
+        "erasure", "erasure_request", "REQ-LIT-9")
     before = table_checksum(conn, ["crm.contacts", "crm.contracts"])
 
     assert optout.guard(conn, policy, keys, CTX, AS_OF)["found"] == 0
@@ -339,9 +343,8 @@ def test_the_engine_cannot_remove_or_alter_an_entry(
     conn, warehouse: str, policy: Policy, keys: Keys, statement: str, message: str
 ) -> None:
     _erased_then_reimported(conn, policy, keys, "REQ-PERM-1")
-    with _as_engine(warehouse) as engine:
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            engine.execute(statement)
+    with _as_engine(warehouse) as engine, pytest.raises(errors.InsufficientPrivilege) as info:
+        engine.execute(statement)
     assert info.value.diag.message_primary == message
     assert _count(conn, "SELECT count(*) FROM gdpr.suppression_list WHERE reason = 'erasure'") == 1
 
@@ -349,9 +352,8 @@ def test_the_engine_cannot_remove_or_alter_an_entry(
 @pytest.mark.parametrize("statement", ["DELETE FROM gdpr.suppression_list", "TRUNCATE gdpr.suppression_list"])
 def test_even_the_owner_cannot_remove_an_entry(conn, policy: Policy, keys: Keys, statement: str) -> None:
     _erased_then_reimported(conn, policy, keys, "REQ-PERM-2")
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with conn.transaction():
-            conn.execute(statement)
+    with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():
+        conn.execute(statement)
     assert info.value.diag.message_primary.startswith("gdpr.suppression_list is permanent")
     assert _count(conn, "SELECT count(*) FROM gdpr.suppression_list") == 1
 
@@ -398,7 +400,8 @@ def test_rotation_keeps_lookups_working(conn, warehouse: str, policy: Policy, ke
     guarded = optout.guard(conn, policy, keys2, CTX, AS_OF)
     assert guarded["erased"] == 1
     assert _one(conn, "SELECT subject_hash, details->>'request_id' FROM gdpr.audit_log WHERE action = 'resurrection'"
-                      " AND (details->>'subject_id')::bigint = %s", back) == (keys2.subject_hash(resurrect_email), "REQ-ROT-1")
+                      " AND (details->>'subject_id')::bigint = %s", back) == (
+        keys2.subject_hash(resurrect_email), "REQ-ROT-1")
 
     # a second rotation chains once more
     _, keys3 = _rotated(extra2, "pepper-3")
@@ -575,15 +578,16 @@ def test_dry_run_changes_nothing_and_says_what_it_would_do(conn, policy: Policy,
     assert table_checksum(conn, tables) == before
     assert not (tmp_path / "x.txt").exists()
     assert result.collect["added"] > 0 and result.guard["erased"] == 1 and result.enforce["flagged"] > 0
-    rows = conn.execute("SELECT action, outcome, dry_run FROM gdpr.audit_log WHERE run_id = 'dry-1' ORDER BY audit_id").fetchall()
+    rows = conn.execute("SELECT action, outcome, dry_run FROM gdpr.audit_log WHERE run_id = 'dry-1'"
+                        " ORDER BY audit_id").fetchall()
     conn.rollback()
     assert rows == [(a, "dry_run", True) for a in ("rekey", "collect", "resurrection_guard", "enforce", "export")]
     assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = %s", cid) == 1
 
 
 def test_check_refuses_a_source_that_does_not_compile_or_no_flag_column(conn, policy: Policy) -> None:
-    bad = _with(policy, sources=[*policy.optout.sources,
-                                 policy.optout.sources[0].model_copy(update={"name": "typo", "predicate": "s.no_such"})])
+    typo = policy.optout.sources[0].model_copy(update={"name": "typo", "predicate": "s.no_such"})
+    bad = _with(policy, sources=[*policy.optout.sources, typo])
     with pytest.raises(optout.OptOutError) as info:
         optout.check(conn, bad)
     assert "optout.sources[2] (typo).predicate: does not compile" in str(info.value)

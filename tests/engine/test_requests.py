@@ -74,7 +74,8 @@ def test_register_stores_the_identifier_encrypted_and_the_keyed_hash(conn: psyco
     assert out == {"request_id": "REQ-R-1", "kind": "erasure", "received_at": "2026-06-15", "due_date": "2026-07-15",
                    "subject_hash": keys.subject_hash("jane.doe@acme.example")}
     row = conn.execute(
-        "SELECT kind, status, outcome, received_at, due_date, key_id, identifier_ciphertext FROM gdpr.request").fetchone()
+        "SELECT kind, status, outcome, received_at, due_date, key_id, identifier_ciphertext FROM gdpr.request"
+    ).fetchone()
     conn.rollback()
     assert row[:5] == ("erasure", "registered", None, TODAY, date(2026, 7, 15))
     assert row[5] == keys.archive_key_id and b"jane" not in bytes(row[6]).lower()
@@ -222,7 +223,8 @@ def test_erase_refuses_the_id_of_another_kind(conn: psycopg.Connection, keys: Ke
     before = _state(conn)
     request = erasure.parse_request({"request_id": "REQ-R-ACC", "subject_id": 1}, today=TODAY)
     located = erasure.locate(conn, policy, keys, request)
-    with pytest.raises(RequestError, match="^`request_id` REQ-R-ACC is already the id of a request of kind access, not an erasure: nothing was changed"):
+    with pytest.raises(RequestError, match="^`request_id` REQ-R-ACC is already the id of a request of kind access, "
+                                           "not an erasure: nothing was changed"):
         erasure.erase(conn, policy, keys, CTX, request, located, {})
     assert _state(conn) == before
     assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = 1") == 1
@@ -241,7 +243,8 @@ def test_extend_once_before_the_first_due_date(conn: psycopg.Connection, keys: K
                        " FROM gdpr.request").fetchone()
     assert row == (date(2026, 6, 30), date(2026, 8, 31),
                    "Twelve systems to search; the person was told on 2026-06-10.", True)
-    audit = conn.execute("SELECT action, outcome, details FROM gdpr.audit_log WHERE action = 'extend_request'").fetchall()
+    audit = conn.execute(
+        "SELECT action, outcome, details FROM gdpr.audit_log WHERE action = 'extend_request'").fetchall()
     conn.rollback()
     assert audit == [("extend_request", "extended", {"request_id": "REQ-R-1", "kind": "erasure",
                                                       "due_date": "2026-06-30", "extended_due_date": "2026-08-31",
@@ -346,7 +349,8 @@ def test_purge_after_keep_for_with_the_outbox_rows(conn: psycopg.Connection, key
         conn.execute("UPDATE gdpr.request SET status = 'refused', outcome = 'refused', completed_at = now()"
                      " WHERE request_id = 'REQ-P-LEFT'")
 
-    dry = requests.purge(conn, RunContext("gdpr_retention_sweep", "dry", "purge_requests", dry_run=True), "P3Y", AS_OF, 2)
+    dry_ctx = RunContext("gdpr_retention_sweep", "dry", "purge_requests", dry_run=True)
+    dry = requests.purge(conn, dry_ctx, "P3Y", AS_OF, 2)
     assert dry == {"requests": 3, "outbox": 2, "identifiers_destroyed": 1}
     assert _count(conn, "SELECT count(*) FROM gdpr.request") == 6
     assert _count(conn, "SELECT count(*) FROM gdpr.request WHERE identifier_ciphertext IS NOT NULL") == 2
@@ -355,7 +359,8 @@ def test_purge_after_keep_for_with_the_outbox_rows(conn: psycopg.Connection, key
     assert requests.purge(conn, ctx, "P3Y", AS_OF, 2) == {"requests": 3, "outbox": 2, "identifiers_destroyed": 1}
     left = [r[0] for r in conn.execute("SELECT request_id FROM gdpr.request ORDER BY 1").fetchall()]
     assert left == ["REQ-P-KEPT", "REQ-P-LEFT", "REQ-P-OPEN"]
-    assert conn.execute("SELECT request_id, target FROM gdpr.erasure_propagation").fetchall() == [("REQ-P-KEPT", "emailing")]
+    assert conn.execute("SELECT request_id, target FROM gdpr.erasure_propagation").fetchall() == [
+        ("REQ-P-KEPT", "emailing")]
     assert conn.execute("SELECT request_id FROM gdpr.request WHERE identifier_ciphertext IS NOT NULL").fetchall() == [
         ("REQ-P-OPEN",)]
     audit = conn.execute(

@@ -6,6 +6,7 @@ are per database, so each test works on its own copy (`warehouse`/`conn`) or a s
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,11 @@ def _record(conn: psycopg.Connection, action: str = "delete", outcome: str = "ok
         audit.record(conn, CTX, action=action, outcome=outcome, rule="r", table="crm.contacts", row_count=3)
 
 
+def _relkind(conn: psycopg.Connection, name: str) -> str:
+    """'r' for a table, 'v' for a view."""
+    return conn.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass", (name,)).fetchone()[0]  # type: ignore[index,no-any-return]
+
+
 def _count(conn: psycopg.Connection, table: str) -> int:
     return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.SQL(table))).fetchone()[0]
 
@@ -53,13 +59,11 @@ def _add_archive_row(conn: psycopg.Connection) -> None:
 def plain_user(server_url: str) -> str:
     """A login role with no grant at all (cluster-wide: created once if missing, never dropped)."""
     with psycopg.connect(server_url, autocommit=True) as admin:
-        try:
+        with contextlib.suppress(errors.DuplicateObject):  # created concurrently by another session
             admin.execute(
                 "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'plain_user') THEN "
                 "CREATE ROLE plain_user LOGIN; END IF; END $$"
             )
-        except errors.DuplicateObject:  # created concurrently by another session
-            pass
         member = admin.execute(
             "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = 'plain_user'"
         ).fetchone()[0]
@@ -98,7 +102,8 @@ def test_ensure_schema_on_an_installed_warehouse_does_nothing(conn: psycopg.Conn
     assert schema.installed_version(conn) == schema.SCHEMA_VERSION
     assert schema.ensure_schema(conn) is False
     assert schema.ensure_schema(conn) is False
-    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(range(1, schema.SCHEMA_VERSION + 1))
+    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(
+        range(1, schema.SCHEMA_VERSION + 1))
 
 
 def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
@@ -121,7 +126,8 @@ def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
             "gdpr.suppression_list", "gdpr.request", "gdpr.erasure_propagation", "gdpr.quarantine",
             "gdpr.processing_register",
         }
-        views = {r[0] for r in other.execute("SELECT schemaname || '.' || viewname FROM pg_views WHERE schemaname = 'gdpr'")}
+        views = {r[0] for r in other.execute(
+            "SELECT schemaname || '.' || viewname FROM pg_views WHERE schemaname = 'gdpr'")}
         assert views == {"gdpr.erasure_request"}  # read-only, for readers of versions 1-4
 
 
@@ -134,7 +140,8 @@ def test_running_the_ddl_file_again_by_hand_keeps_everything(conn: psycopg.Conne
         conn.execute(read_sql("gdpr_schema.sql"))  # type: ignore[arg-type]
     assert _count(conn, "gdpr.audit_log") == 1
     assert _count(conn, "gdpr_archive.archived_row") == 1
-    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(range(1, schema.SCHEMA_VERSION + 1))
+    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(
+        range(1, schema.SCHEMA_VERSION + 1))
     triggers = conn.execute(
         "SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'gdpr.audit_log'::regclass AND NOT tgisinternal"
         " ORDER BY tgname"
@@ -147,9 +154,8 @@ WHAT_TO_RUN = "`warehouse-gdpr schema install --url <owner URL>` (or with $WAREH
 
 
 def test_ensure_schema_without_the_privilege_to_install(empty_db: str, plain_user: str) -> None:
-    with psycopg.connect(_url(empty_db, user=plain_user)) as conn:
-        with pytest.raises(schema.SchemaError) as info:
-            schema.ensure_schema(conn)
+    with psycopg.connect(_url(empty_db, user=plain_user)) as conn, pytest.raises(schema.SchemaError) as info:
+        schema.ensure_schema(conn)
     message = str(info.value)
     assert message.startswith("the gdpr control schema is not installed and this connection (role plain_user) "
                               "may not install it (permission denied")
@@ -160,9 +166,8 @@ def test_ensure_schema_without_the_privilege_to_install(empty_db: str, plain_use
 
 
 def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user: str) -> None:
-    with psycopg.connect(_url(warehouse, user=plain_user)) as conn:
-        with pytest.raises(schema.SchemaError) as info:
-            schema.ensure_schema(conn)
+    with psycopg.connect(_url(warehouse, user=plain_user)) as conn, pytest.raises(schema.SchemaError) as info:
+        schema.ensure_schema(conn)
     assert str(info.value) == (
         "this connection (role plain_user) may not read the gdpr control schema (permission denied for schema "
         "gdpr): a DBA grants gdpr_engine to its login role (README, Control schema and roles)."
@@ -180,7 +185,7 @@ def _install_version(conn: psycopg.Connection, version: int) -> None:
         conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
         conn.execute((DATA / f"gdpr_schema_v{version}.sql").read_text(encoding="utf-8"))  # type: ignore[arg-type]
     assert schema.installed_version(conn) == version
-    assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'gdpr.erasure_request'::regclass").fetchone()[0] == "r"
+    assert _relkind(conn, "gdpr.erasure_request") == "r"
     conn.commit()
 
 
@@ -251,7 +256,8 @@ def _fill_old_version(conn: psycopg.Connection) -> None:
             "  \"targets\": [\"emailing\"], \"holds\": []}'),"
             " ('REQ-OLD-2', repeat('2', 64), '2026-05-20', '2026-06-20', 'pending_propagation', 'restricted',"
             "  'legal hold: litigation', '2026-05-21 10:00+00', NULL, '2026-06-14 00:00+00',"
-            "  '{\"rows\": {\"crm.notes\": 4}, \"targets\": [\"emailing\", \"telephony\"], \"holds\": [\"litigation\"]}'),"
+            "  '{\"rows\": {\"crm.notes\": 4}, \"targets\": [\"emailing\", \"telephony\"],"
+            "  \"holds\": [\"litigation\"]}'),"
             " ('REQ-OLD-3', repeat('3', 64), '2026-04-01', '2026-05-01', 'refused', 'refused', 'legal hold: tax',"
             "  '2026-04-02 10:00+00', '2026-04-02 10:00+00', NULL, '{}')"
         )
@@ -295,7 +301,7 @@ def test_a_warehouse_with_erasure_requests_upgrades_in_place(
     assert schema.ensure_schema(conn) is True
 
     assert schema.installed_version(conn) == schema.SCHEMA_VERSION
-    assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'gdpr.erasure_request'::regclass").fetchone()[0] == "v"
+    assert _relkind(conn, "gdpr.erasure_request") == "v"
     assert conn.execute("SELECT to_regclass('gdpr_archive.archived_row_subject_idx')").fetchone()[0] is not None  # v6
     # Every row kept, column for column, readable under the old name; the outbox untouched, claims included.
     assert _snapshot(conn) == (requests_before, outbox_before)
@@ -309,13 +315,13 @@ def test_a_warehouse_with_erasure_requests_upgrades_in_place(
                         " OR extended_due_date IS NOT NULL").fetchone()[0] == 0
     # The outbox's foreign key now points at gdpr.request, and holds.
     fks = conn.execute(
-        "SELECT conname, confrelid::regclass::text FROM pg_constraint WHERE conrelid = 'gdpr.erasure_propagation'::regclass"
-        " AND contype = 'f'").fetchall()
+        "SELECT conname, confrelid::regclass::text FROM pg_constraint"
+        " WHERE conrelid = 'gdpr.erasure_propagation'::regclass AND contype = 'f'").fetchall()
     assert fks == [("erasure_propagation_request_fkey", "gdpr.request")]
     conn.commit()
-    with pytest.raises(errors.ForeignKeyViolation):
-        with conn.transaction():
-            conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status) VALUES ('REQ-NONE', 'x', 'pending')")
+    with pytest.raises(errors.ForeignKeyViolation), conn.transaction():
+        conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status)"
+                     " VALUES ('REQ-NONE', 'x', 'pending')")
 
     # Idempotent: running the installer or the DDL again changes nothing.
     assert schema.ensure_schema(conn) is False
@@ -336,7 +342,8 @@ def test_a_warehouse_with_erasure_requests_upgrades_in_place(
     assert claimed == [("telephony", "2" * 64)]
     with conn.transaction():
         conn.execute("UPDATE gdpr.erasure_propagation SET status = 'acknowledged', acknowledged_at = now(),"
-                     " claimed_until = NULL, claimed_by = NULL, key_id = NULL, nonce = NULL, identifier_ciphertext = NULL"
+                     " claimed_until = NULL, claimed_by = NULL, key_id = NULL, nonce = NULL,"
+                     " identifier_ciphertext = NULL"
                      " WHERE request_id = 'REQ-OLD-2'")
     certificate = propagation.complete_if_acknowledged(dag_conn, CTX, "REQ-OLD-2")
     assert certificate is not None and certificate["status"] == "completed" and certificate["outcome"] == "restricted"
@@ -386,9 +393,8 @@ def _request_row(conn: psycopg.Connection, request_id: str = "REQ-G-1", status: 
 def test_engine_may_not_rewrite_what_a_request_is(engine: psycopg.Connection, conn: psycopg.Connection,
                                                    statement: str) -> None:
     _request_row(conn)
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with engine.transaction():
-            engine.execute(statement)
+    with pytest.raises(errors.InsufficientPrivilege) as info, engine.transaction():
+        engine.execute(statement)
     assert info.value.diag.message_primary.startswith("permission denied for")
 
 
@@ -405,36 +411,31 @@ def test_a_write_through_the_old_name_fails_loudly(engine: psycopg.Connection, c
                                                   statement: str) -> None:
     """gdpr.erasure_request is a read-only view now: an old writer gets an error, never a silent no-op."""
     _request_row(conn, status="completed")
-    with pytest.raises((errors.InsufficientPrivilege, errors.FeatureNotSupported)):
-        with engine.transaction():
-            engine.execute(statement)
+    with pytest.raises((errors.InsufficientPrivilege, errors.FeatureNotSupported)), engine.transaction():
+        engine.execute(statement)
     assert engine.execute("SELECT status, outcome FROM gdpr.request").fetchall() == [("completed", "erased")]
 
 
 def test_an_open_request_is_never_deleted_and_an_extension_never_rewritten(conn: psycopg.Connection) -> None:
     _request_row(conn, "REQ-G-OPEN")
     _request_row(conn, "REQ-G-DONE", status="completed")
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with conn.transaction():
-            conn.execute("DELETE FROM gdpr.request")  # the owner too
+    with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():
+        conn.execute("DELETE FROM gdpr.request")  # the owner too
     assert info.value.diag.message_primary == "gdpr.request: request REQ-G-OPEN is not complete and may not be deleted"
     with conn.transaction():
         conn.execute("UPDATE gdpr.request SET extended_due_date = '2026-09-01', extension_reason = 'complex',"
                      " extended_at = now() WHERE request_id = 'REQ-G-OPEN'")
     for change in ("extended_due_date = '2026-08-01'", "extension_reason = 'other'",
                    "extended_due_date = NULL, extension_reason = NULL, extended_at = NULL"):
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            with conn.transaction():
-                conn.execute(f"UPDATE gdpr.request SET {change} WHERE request_id = 'REQ-G-OPEN'")
+        with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():
+            conn.execute(f"UPDATE gdpr.request SET {change} WHERE request_id = 'REQ-G-OPEN'")
         assert "was already extended; an extension is given once" in info.value.diag.message_primary
-    with pytest.raises(errors.CheckViolation):  # beyond three months after receipt
-        with conn.transaction():
-            conn.execute("UPDATE gdpr.request SET extended_due_date = '2026-09-02', extension_reason = 'x',"
-                         " extended_at = now() WHERE request_id = 'REQ-G-DONE'")
-    with pytest.raises(errors.CheckViolation):  # reason capped at 500 characters
-        with conn.transaction():
-            conn.execute("UPDATE gdpr.request SET extended_due_date = '2026-09-01', extension_reason = repeat('x', 501),"
-                         " extended_at = now() WHERE request_id = 'REQ-G-DONE'")
+    with pytest.raises(errors.CheckViolation), conn.transaction():  # beyond three months after receipt
+        conn.execute("UPDATE gdpr.request SET extended_due_date = '2026-09-02', extension_reason = 'x',"
+                     " extended_at = now() WHERE request_id = 'REQ-G-DONE'")
+    with pytest.raises(errors.CheckViolation), conn.transaction():  # reason capped at 500 characters
+        conn.execute("UPDATE gdpr.request SET extended_due_date = '2026-09-01',"
+                     " extension_reason = repeat('x', 501), extended_at = now() WHERE request_id = 'REQ-G-DONE'")
     with conn.transaction():
         assert conn.execute("DELETE FROM gdpr.request WHERE request_id = 'REQ-G-DONE'").rowcount == 1
 
@@ -444,12 +445,12 @@ def test_auditor_reads_requests_but_not_the_encrypted_identifier(conn: psycopg.C
     auditor = _as_role(conn, "gdpr_auditor")
     assert auditor.execute("SELECT request_id, kind, status FROM gdpr.request").fetchall() == [
         ("REQ-G-AUD", "erasure", "completed")]
-    assert auditor.execute("SELECT request_id, status FROM gdpr.erasure_request").fetchall() == [("REQ-G-AUD", "completed")]
+    assert auditor.execute("SELECT request_id, status FROM gdpr.erasure_request").fetchall() == [
+        ("REQ-G-AUD", "completed")]
     auditor.commit()
     for column in ("identifier_ciphertext", "nonce", "key_id"):
-        with pytest.raises(errors.InsufficientPrivilege):
-            with auditor.transaction():
-                auditor.execute(f"SELECT {column} FROM gdpr.request")
+        with pytest.raises(errors.InsufficientPrivilege), auditor.transaction():
+            auditor.execute(f"SELECT {column} FROM gdpr.request")
 
 
 def test_version_5_adds_the_outbox_claim_and_keeps_pending_erasures(
@@ -460,8 +461,8 @@ def test_version_5_adds_the_outbox_claim_and_keeps_pending_erasures(
     _install_version(conn, 4)
     with conn.transaction():
         conn.execute("INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status,"
-                     " outcome) VALUES ('REQ-V5', repeat('b', 64), current_date, current_date + 30, 'pending_propagation',"
-                     " 'erased')")
+                     " outcome) VALUES ('REQ-V5', repeat('b', 64), current_date, current_date + 30,"
+                     " 'pending_propagation', 'erased')")
         conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce,"
                      " identifier_ciphertext) VALUES ('REQ-V5', 'emailing', 'pending', 'k1', '\\x00', '\\x01')")
     with pytest.raises(schema.SchemaError, match=rf"installed version 4, this package needs {schema.SCHEMA_VERSION}"):
@@ -507,9 +508,8 @@ def test_audit_log_refuses_changes_even_for_the_superuser(
         conn.execute("SET session_replication_role = replica")
         assert conn.execute("SHOW session_replication_role").fetchone()[0] == "replica"
     conn.commit()
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with conn.transaction():
-            conn.execute(statement)
+    with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():
+        conn.execute(statement)
     assert info.value.diag.message_primary == f"gdpr.audit_log is append-only: {op} refused"
     conn.execute("RESET session_replication_role")
     assert conn.execute(
@@ -561,9 +561,8 @@ def test_engine_may_insert_and_read_audit_rows(engine: psycopg.Connection) -> No
 )
 def test_engine_is_denied_by_grants(engine: psycopg.Connection, statement: str) -> None:
     _record(engine)
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with engine.transaction():
-            engine.execute(statement)
+    with pytest.raises(errors.InsufficientPrivilege) as info, engine.transaction():
+        engine.execute(statement)
     message = info.value.diag.message_primary or ""
     # Denied by the grants, before any trigger runs.
     assert "append-only" not in message
@@ -587,9 +586,8 @@ def test_engine_may_archive_and_purge(engine: psycopg.Connection) -> None:
     ],
 )
 def test_plain_role_is_denied(warehouse: str, plain_user: str, statement: str, schema_name: str) -> None:
-    with psycopg.connect(_url(warehouse, user=plain_user)) as conn:
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            conn.execute(statement)
+    with psycopg.connect(_url(warehouse, user=plain_user)) as conn, pytest.raises(errors.InsufficientPrivilege) as info:
+        conn.execute(statement)
     assert info.value.diag.message_primary == f"permission denied for schema {schema_name}"
 
 
@@ -599,9 +597,8 @@ def test_plain_role_is_denied_even_with_schema_usage(conn: psycopg.Connection, w
         conn.execute("GRANT USAGE ON SCHEMA gdpr_archive, gdpr TO plain_user")
     with psycopg.connect(_url(warehouse, user=plain_user)) as other:
         for table in ("archived_row", "audit_log"):
-            with pytest.raises(errors.InsufficientPrivilege) as info:
-                with other.transaction():
-                    other.execute(f"SELECT * FROM {'gdpr_archive' if table == 'archived_row' else 'gdpr'}.{table}")
+            with pytest.raises(errors.InsufficientPrivilege) as info, other.transaction():
+                other.execute(f"SELECT * FROM {'gdpr_archive' if table == 'archived_row' else 'gdpr'}.{table}")
             assert info.value.diag.message_primary == f"permission denied for table {table}"
 
 
@@ -625,9 +622,8 @@ def test_archive_reader_may_read_the_archive_only(conn: psycopg.Connection) -> N
         "SELECT * FROM gdpr.audit_log": "permission denied for schema gdpr",
     }
     for statement, message in denied.items():
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            with reader.transaction():
-                reader.execute(statement)
+        with pytest.raises(errors.InsufficientPrivilege) as info, reader.transaction():
+            reader.execute(statement)
         assert info.value.diag.message_primary == message, statement
     assert _count(reader, "gdpr_archive.archived_row") == 1
 
@@ -646,8 +642,7 @@ def test_auditor_may_read_the_audit_log_only(conn: psycopg.Connection) -> None:
         "SELECT * FROM crm.contacts": "permission denied for schema crm",
     }
     for statement, message in denied.items():
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            with auditor.transaction():
-                auditor.execute(statement)
+        with pytest.raises(errors.InsufficientPrivilege) as info, auditor.transaction():
+            auditor.execute(statement)
         assert info.value.diag.message_primary == message, statement
     assert _count(auditor, "gdpr.audit_log") == 1

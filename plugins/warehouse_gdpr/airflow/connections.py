@@ -92,10 +92,10 @@ def as_of(context: Any) -> str:
     return moment.isoformat()
 
 
-def prepare_warehouse(conn: psycopg.Connection, policy: Policy) -> "CatalogReport":
+def prepare_warehouse(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
     """Before any write: install the control schema if missing, check the policy against the live
-    catalog, log its warnings (indexes, rules that select nobody). Raises CatalogError or SchemaError (configuration errors: the
-    task fails at once, see airflow/errors.py)."""
+    catalog, log its warnings (indexes, rules that select nobody). Raises CatalogError or SchemaError
+    (configuration errors: the task fails at once, see airflow/errors.py)."""
     from warehouse_gdpr.engine import catalog, schema
 
     schema.ensure_schema(conn)

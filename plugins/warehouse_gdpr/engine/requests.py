@@ -42,7 +42,8 @@ REASON_MAX_LENGTH = 500
 EXTENDED_MONTHS = 3  # art. 12(3): "extended by two further months", three after receipt
 SUBJECT_ID_PREFIX = "subject_id:"
 # The DAG of this package that runs each kind, for the hint printed at registration.
-DAG_FOR_KIND = {"erasure": "gdpr_subject_erasure", "access": "gdpr_subject_access", "portability": "gdpr_subject_access"}
+DAG_FOR_KIND = {"erasure": "gdpr_subject_erasure", "access": "gdpr_subject_access",
+                "portability": "gdpr_subject_access"}
 
 
 class RequestStoreError(ConfigurationError, ValueError):
@@ -152,11 +153,12 @@ def register(
             "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, details,"
             " key_id, nonce, identifier_ciphertext) VALUES (%s, %s, %s, %s, %s, 'registered', %s, %s, %s, %s)"
             " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-            (request_id, kind, subject_hash, received_at, due, Jsonb({"registered_by": "email" if email else "subject_id"}),
-             key_id, nonce, ciphertext),
+            (request_id, kind, subject_hash, received_at, due,
+             Jsonb({"registered_by": "email" if email else "subject_id"}), key_id, nonce, ciphertext),
         ).fetchone()
         if row is None:
-            existing = conn.execute("SELECT kind, status FROM gdpr.request WHERE request_id = %s", (request_id,)).fetchone()
+            existing = conn.execute("SELECT kind, status FROM gdpr.request WHERE request_id = %s",
+                                    (request_id,)).fetchone()
             raise RequestStoreError(
                 f"request {request_id} already exists ({existing[0]}, {existing[1]}): nothing was changed; "  # type: ignore[index]
                 "give each request its own id"
@@ -197,7 +199,8 @@ def load(conn: psycopg.Connection, keys: Keys, request_id: str, kind: str) -> Re
             "trigger it the same way"
         )
     try:
-        plaintext = keys.decrypt(key_id, bytes(nonce), bytes(ciphertext), identifier_aad(request_id, kind, key_id)).decode()
+        plaintext = keys.decrypt(key_id, bytes(nonce), bytes(ciphertext),
+                                 identifier_aad(request_id, kind, key_id)).decode()
     except InvalidTag:
         raise RequestStoreError(
             f"the encrypted identifier of request {request_id} does not decrypt (altered, or copied from another "
