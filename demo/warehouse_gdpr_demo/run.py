@@ -6,8 +6,9 @@
 3. Writes .demo/env (source it to use `airflow` and `psql` by hand), migrates Airflow's SQLite DB.
 4. Runs `airflow dags test gdpr_retention_sweep` and prints the PII-free summary from gdpr.audit_log.
 5. Starts two downstream services on 127.0.0.1 (an emailing tool and a telephony tool) and a
-   support-desk database, erases one demo contact with `gdpr_subject_erasure`, and prints each
-   target's acknowledgement.
+   support-desk database, erases one demo contact (registered with `warehouse-gdpr request new`, the
+   address on stdin, then `gdpr_subject_erasure` run with the request id alone: the address is never in
+   a process's argv or in Airflow's dag_run.conf), and prints each target's acknowledgement.
 6. Re-imports the erased person and runs `gdpr_optout_sync`: opt-outs collected and enforced, the
    resurrection caught, the hashed list shared with the emailing tool.
 
@@ -211,16 +212,24 @@ def share_with_downstream(conn: psycopg.Connection, services: dict[str, object],
 
     `services`: ``emailing_url``, ``telephony_url`` (base URLs) and ``desk_url`` (the desk database)."""
     rows = conn.execute(
-        "SELECT email, direct_phone, first_name FROM crm.contacts WHERE status IN ('prospect', 'lead', 'client')"
-        " AND pseudonymised_at IS NULL ORDER BY contact_id LIMIT %s", (limit,)
+        "SELECT email, direct_phone, first_name, last_name, contact_id FROM crm.contacts"
+        " WHERE status IN ('prospect', 'lead', 'client') AND pseudonymised_at IS NULL ORDER BY contact_id LIMIT %s",
+        (limit,)
     ).fetchall()
     conn.rollback()
     with psycopg.connect(str(services["desk_url"])) as desk:
-        for email, phone, first in rows:
+        for email, phone, first, last, contact_id in rows:
+            # What each tool holds (and answers on GET, for an access request): the contact and its history.
             _post(f"{services['emailing_url']}/v3/contacts",
-                  {"email": email, "attributes": {"FIRSTNAME": first}}, {"api-key": api_key})
+                  {"email": email, "attributes": {"FIRSTNAME": first, "LASTNAME": last}, "listIds": [2],
+                   "statistics": {"messagesSent": [{"campaignId": 7, "eventTime": "2026-05-12T09:00:00+02:00"}],
+                                  "opened": [{"campaignId": 7, "eventTime": "2026-05-12T10:41:00+02:00"}]}},
+                  {"api-key": api_key})
             _post(f"{services['telephony_url']}/contacts",
-                  {"email": email, "phone": phone}, {"Authorization": f"Bearer {token}"})
+                  {"email": email, "phone": phone, "name": f"{first} {last}",
+                   "calls": [{"direction": "outbound", "started_at": "2026-05-20T14:05:00+02:00",
+                              "duration_seconds": 60 + contact_id % 400, "user": "Julien Robert"}]},
+                  {"Authorization": f"Bearer {token}"})
             ticket = desk.execute(
                 "INSERT INTO desk.tickets (requester_email, subject) VALUES (%s, 'Demo ticket') RETURNING ticket_id",
                 (email,)).fetchone()[0]  # type: ignore[index]
@@ -241,15 +250,20 @@ def demo_erasure(owner_url: str, env: dict[str, str]) -> tuple[int, str]:
     assert row is not None, "the demo CRM has no erasable prospect left"
     contact_id, email = row
     request_id = f"DEMO-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"\nErasing demo contact #{contact_id} (request {request_id}) with "
-          "`airflow dags test gdpr_subject_erasure` ...")
+    print(f"\nErasing demo contact #{contact_id} (request {request_id}): `warehouse-gdpr request new` with the "
+          "address on stdin, then `airflow dags test gdpr_subject_erasure` with the request id alone ...")
     log_path = DEMO / "erasure.log"
     with log_path.open("w") as log_file:
+        # The registered path: the address never appears in a process's argv or in the run's dag_run.conf.
         proc = subprocess.run(
-            ["airflow", "dags", "test", "gdpr_subject_erasure",
-             "-c", json.dumps({"email": email, "request_id": request_id})],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            ["warehouse-gdpr", "request", "new", "--kind", "erasure", "--request-id", request_id],
+            input=email.encode(), env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
+        if proc.returncode == 0:
+            proc = subprocess.run(
+                ["airflow", "dags", "test", "gdpr_subject_erasure", "-c", json.dumps({"request_id": request_id})],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            )
     with psycopg.connect(owner_url) as conn:
         status = conn.execute("SELECT status, outcome, due_date FROM gdpr.erasure_request WHERE request_id = %s",
                               (request_id,)).fetchone()
@@ -386,8 +400,8 @@ def main() -> int:
     print(
         "\nNext: `source .demo/env`, then for example\n"
         "  airflow dags test gdpr_retention_sweep -c '{\"dry_run\": true}'\n"
-        "  airflow dags test gdpr_subject_erasure"
-        " -c '{\"email\": \"someone@example.com\", \"request_id\": \"REQ-1\"}'\n"
+        "  read -rs EMAIL; printf '%s' \"$EMAIL\" | warehouse-gdpr request new --kind erasure --request-id REQ-1\n"
+        "  airflow dags test gdpr_subject_erasure -c '{\"request_id\": \"REQ-1\"}'\n"
         "  airflow dags test gdpr_optout_sync\n"
         "  psql \"$WAREHOUSE_URL\" -c 'SELECT * FROM gdpr.audit_log ORDER BY audit_id DESC LIMIT 20'\n"
         "Stop the embedded PostgreSQL with `make stop`."

@@ -21,6 +21,10 @@ ids only) for ``GET /_control/notifications``.
 
 Every route but the control routes needs the key or token (401 otherwise). A missing contact answers
 404 with the tool's own not-found body; an unknown route answers 404 ``{"code": "not_found", ...}``.
+``GET`` of a contact answers everything the tool holds on that person, by email: the record as it was
+created, with whatever history it was given (the demo sync gives the emailing tool Brevo's
+``statistics`` and the telephony tool a ``calls`` list). That is the export an access request reads
+(the policy's ``access_endpoint``; Brevo's own "get a contact's details" route for the emailing tool).
 
 Both serve, without auth, ``POST /_control/fail`` ``{"count": N, "status": 500}`` (the next N
 non-control requests answer that status; ``"method": "DELETE"`` limits it to that method),
@@ -31,8 +35,8 @@ and query strings dropped. Servers bind to 127.0.0.1 unless
 told otherwise (``host=``, ``--host``): plain HTTP, demo credentials, no auth on the control routes.
 
 ``python -m warehouse_gdpr_demo.services --emailing-port P1 --telephony-port P2 --api-key K
---token T [--webhook-port P3] [--host H]`` runs the three in the foreground until SIGTERM or Ctrl-C. The key and token may
-come from ``$DEMO_EMAILING_API_KEY`` and ``$DEMO_TELEPHONY_TOKEN`` instead (kept out of ``ps``).
+--token T [--webhook-port P3] [--host H]`` runs the three in the foreground until SIGTERM or Ctrl-C. The key
+and token may come from ``$DEMO_EMAILING_API_KEY`` and ``$DEMO_TELEPHONY_TOKEN`` instead (kept out of ``ps``).
 In a container, ``--host 0.0.0.0`` lets the other containers reach them (a warning says so).
 """
 
@@ -221,6 +225,11 @@ class _Handler(BaseHTTPRequestHandler):
             if record is None:
                 return self._send(400, {"code": "duplicate_parameter", "message": "Contact already exist"})
             return self._send(201, flavour.created(record))
+        return self._contact(state, path, raw)
+
+    def _contact(self, state: _State, path: str, raw: bytes) -> None:
+        """GET, DELETE or PUT (an update) of one contact, by its url-encoded email."""
+        flavour = state.flavour
         segment = path[len(flavour.prefix) + 1 :] if path.startswith(flavour.prefix + "/") else ""
         if not segment or "/" in segment or self.command == "POST":
             return self._send(404, {"code": "not_found", "message": "Unknown route"})

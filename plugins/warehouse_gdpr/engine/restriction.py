@@ -93,7 +93,8 @@ def kind_of(conn: psycopg.Connection, params: Mapping[str, Any]) -> str:
     return "restriction"
 
 
-def parse_request(params: Mapping[str, Any], today: date | None = None, kind: str = "restriction") -> RestrictionRequest:
+def parse_request(params: Mapping[str, Any], today: date | None = None,
+                  kind: str = "restriction") -> RestrictionRequest:
     """Check a trigger's params before anything is read or written; `kind` as `kind_of` decided it."""
     today = today or date.today()
     erasure.refuse_unknown_params(params, PARAMS)
