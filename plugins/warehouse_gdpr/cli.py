@@ -11,7 +11,8 @@
                                                      register.html); fails while a required field is missing
     warehouse-gdpr request new --kind KIND --request-id ID [--received-on DATE] [--policy POLICY] < identifier
                                                      register a person's request before running it: the email
-                                                     (or subject_id:N) is read on stdin and stored encrypted;
+                                                     (or subject_id:N) is read on stdin and stored encrypted
+                                                     (a rectification: then one column=new value per line);
                                                      then trigger the subject DAG with {"request_id": ID} alone
     warehouse-gdpr request extend ID --reason TEXT   extend the due date once, to three months after receipt
     warehouse-gdpr requests [--open] [--overdue] [--json]
@@ -189,6 +190,31 @@ def _read_identifier() -> str:
     return sys.stdin.readline()
 
 
+def _read_changes(policy: Policy) -> dict[str, str]:
+    """A rectification's changes from stdin, after the identifier: one `column=value` per line (at a terminal, not
+    echoed; an empty line ends them), checked against the policy's `rectification.columns`. Raises ValueError
+    naming the line or the column and the rule, never a value."""
+    from warehouse_gdpr.engine import rectification
+
+    lines: list[str] = []
+    if sys.stdin.isatty():
+        import getpass
+
+        while line := getpass.getpass("column=new value (not echoed; an empty line ends): "):
+            lines.append(line)
+    else:
+        lines = sys.stdin.read().splitlines()
+    changes: dict[str, str] = {}
+    for number, line in enumerate(lines, start=2):
+        if not line.strip():
+            continue
+        column, sep, value = line.partition("=")
+        if not sep:
+            raise ValueError(f"line {number} of stdin is not `column=new value` (the line is not shown)")
+        changes[column.strip()] = value
+    return rectification.check_changes(changes, policy)
+
+
 def _request_new(args: argparse.Namespace) -> int:
     """Register a request; the identifier comes on stdin (never argv: shell history, `ps`)."""
     from warehouse_gdpr.airflow import connections
@@ -218,6 +244,12 @@ def _request_new(args: argparse.Namespace) -> int:
         print("give the person's email (or subject_id:N) on stdin, e.g.: read -rs EMAIL; printf '%s' \"$EMAIL\" | "
               "warehouse-gdpr request new --kind KIND --request-id ID", file=sys.stderr)
         return 2
+    try:  # a rectification: the corrections follow the identifier, one column=value per line
+        changes = _read_changes(policy) if args.kind == "rectification" else None
+    except ValueError as exc:
+        print(f"{exc}: nothing was registered. On stdin: the email (or subject_id:N) on the first line, then one "
+              "`column=new value` per line", file=sys.stderr)
+        return 2
     conn = _warehouse(args)
     if conn is None:
         return 2
@@ -226,13 +258,13 @@ def _request_new(args: argparse.Namespace) -> int:
             registered = requests.register(
                 conn, keys, _cli_context("request_new"), kind=args.kind, request_id=args.request_id,
                 identifier=identifier, received_at=received, today=date.today(),
-                strip_plus_tags=policy.optout.strip_plus_tags,
+                strip_plus_tags=policy.optout.strip_plus_tags, changes=changes,
             )
         except requests.RequestStoreError as exc:
             print(exc, file=sys.stderr)
             return 1
         finally:
-            del identifier
+            del identifier, changes
     print(f"Registered {registered['kind']} request {registered['request_id']}: received {registered['received_at']}, "
           f"due {registered['due_date']}.")
     dag_id = requests.DAG_FOR_KIND.get(args.kind)
