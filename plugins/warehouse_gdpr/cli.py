@@ -4,7 +4,10 @@
     warehouse-gdpr policy check POLICY [--url URL]   validate POLICY against a live warehouse; print what
                                                      each rule would select (counts only); changes nothing
     warehouse-gdpr schema sql                        print the control schema DDL shipped in the package
-    warehouse-gdpr schema install [--url URL]        install or upgrade it (run as the warehouse owner)
+    warehouse-gdpr schema install [--url URL] [--policy POLICY]
+                                                     install or upgrade it (run as the warehouse owner); with a
+                                                     policy enabling restriction.database_guard, also the guard
+                                                     trigger on every mapped table
     warehouse-gdpr subject-hash POLICY < email       the person's keyed hashes (audit log, suppression list);
                                                      reads the email on stdin, keys from the Airflow connection
     warehouse-gdpr register POLICY [--out DIR]       write the article 30 register (register.md and
@@ -123,13 +126,36 @@ def _schema_install(args: argparse.Namespace) -> int:
     if not url:
         print("give --url (or set WAREHOUSE_URL): the warehouse, as its owner or a DBA role", file=sys.stderr)
         return 2
+    try:
+        policy = load_policy(args.policy) if args.policy else None
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     with psycopg.connect(url) as conn:
         try:
             ran = schema.ensure_schema(conn)
         except schema.SchemaError as exc:
             print(exc, file=sys.stderr)
             return 1
-    print(f"control schema version {schema.SCHEMA_VERSION} " + ("installed." if ran else "already installed."))
+        print(f"control schema version {schema.SCHEMA_VERSION} " + ("installed." if ran else "already installed."))
+        if policy is not None and policy.restriction.database_guard:
+            return _install_guard(conn, policy)
+    return 0
+
+
+def _install_guard(conn: psycopg.Connection, policy: Policy) -> int:
+    """The restriction guard trigger on every mapped table (policy `restriction.database_guard`)."""
+    import psycopg
+
+    from warehouse_gdpr.engine import restriction
+
+    try:
+        tables = restriction.install_guard(conn, policy, _cli_context("schema_install"))
+    except psycopg.errors.InsufficientPrivilege as exc:
+        print(f"the restriction guard needs the mapped tables' owner ({exc.diag.message_primary}): nothing was "
+              "changed", file=sys.stderr)
+        return 1
+    print(f"restriction guard ({restriction.GUARD_TRIGGER}) installed on {len(tables)} table(s): {', '.join(tables)}.")
     return 0
 
 
@@ -403,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     ddl.add_parser("sql", help="print the DDL, for a DBA to review or run").set_defaults(run=_schema_sql)
     install = ddl.add_parser("install", help="install or upgrade the control schema (idempotent)")
     install.add_argument("--url", help="libpq URL of the warehouse as its owner (default: $WAREHOUSE_URL)")
+    install.add_argument("--policy", help="the policy file: with restriction.database_guard, also install the "
+                                          "restriction guard trigger on every mapped table")
     install.set_defaults(run=_schema_install)
     hashes = commands.add_parser("subject-hash", help="a person's keyed hashes, to search the audit log")
     hashes.add_argument("policy", help="path to the policy YAML file (names the keys connection)")

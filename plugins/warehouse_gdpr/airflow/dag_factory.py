@@ -30,6 +30,7 @@ from warehouse_gdpr.airflow.tasks import access as access_tasks
 from warehouse_gdpr.airflow.tasks import erasure as erasure_tasks
 from warehouse_gdpr.airflow.tasks import optout as optout_tasks
 from warehouse_gdpr.airflow.tasks import rectification as rectification_tasks
+from warehouse_gdpr.airflow.tasks import restriction as restriction_tasks
 from warehouse_gdpr.airflow.tasks import sweep as sweep_tasks
 from warehouse_gdpr.engine import erasure
 from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
@@ -521,6 +522,53 @@ def build_subject_rectification(policy_file: str | Path | None = None) -> DAG:
     return gdpr_subject_rectification()
 
 
+def build_subject_restriction(policy_file: str | Path | None = None) -> DAG:
+    """validate_request -> apply (restrict or lift) -> downstream[target] (preflight -> propagate) ->
+    propagation_done -> verify (airflow/tasks/restriction.py; engine: restriction.py)."""
+    path = str(policy_file or connections.policy_path())
+    policy = _load(path, "gdpr_subject_restriction")
+
+    @dag(
+        dag_id="gdpr_subject_restriction",
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        tags=["gdpr", "restriction"],
+        default_args={**DEFAULT_ARGS, "retry_delay": timedelta(minutes=1)},
+        params={
+            **_person_params("restriction"),
+            "action": Param(
+                None, type=["null", "string"], enum=[None, "restrict", "lift"], title="Action",
+                description="`restrict` (GDPR art. 18: the person's data is held from the retention sweep, kept out "
+                            "of every campaign and share, downstream and the sales team told) or `lift` (once the "
+                            "question is resolved). Empty: the kind of the registered request, else `restrict`.",
+            ),
+            "dry_run": Param(False, type="boolean", title="Dry run",
+                             description="Locate the person and say what would happen, change nothing."),
+        },
+        doc_md="Restrict the processing of one person's data on request (GDPR art. 18), or lift the restriction; "
+               "downstream systems and the sales team are told. What to do when one does not acknowledge: "
+               "docs/runbook.md.",
+    )
+    def gdpr_subject_restriction() -> None:
+        @task
+        def validate_request(policy_file: str) -> dict:
+            return restriction_tasks.validate_request(policy_file, get_current_context())
+
+        @task
+        def apply(policy_file: str, checked: dict) -> dict:
+            return restriction_tasks.apply(policy_file, get_current_context())
+
+        @task
+        def verify(policy_file: str, done: dict) -> dict:
+            return restriction_tasks.verify(policy_file, get_current_context())
+
+        applied = apply(path, resolved(validate_request(path)))
+        _downstream(path, policy, applied, lambda done: verify(path, resolved(done)))
+
+    return gdpr_subject_restriction()
+
+
 def _person_params(kind: str) -> dict[str, Param]:
     """The params that name the person and the request, as the erasure DAG has them."""
     return {
@@ -596,5 +644,5 @@ def build_all(policy_file: str | Path | None = None) -> dict[str, DAG]:
     also under its former id, gdpr_erasure_retry, for one release."""
     dags = [build_retention_sweep(policy_file), build_subject_erasure(policy_file), build_erasure_retry(policy_file),
             build_erasure_retry(policy_file, OLD_RETRY_DAG_ID), build_subject_rectification(policy_file),
-            build_optout_sync(policy_file), build_subject_access(policy_file)]
+            build_subject_restriction(policy_file), build_optout_sync(policy_file), build_subject_access(policy_file)]
     return {d.dag_id: d for d in dags}

@@ -464,8 +464,25 @@ def erase(
             # obligation keeps: every live row goes.
             result.rows = delete_everywhere(conn, policy, persons, restricted=bool(holds))
             result.archive = _archive_summary(located, _destroy_archive(conn, located))
+        if result.outcome == "erased":
+            _end_restriction(conn, policy, keys, ctx, request, located)
         _record_everything(conn, keys, ctx, request, located, result, holds)
     return result
+
+
+def _end_restriction(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext, request: ErasureRequest,
+                     located: Located) -> None:
+    """A restriction of processing (GDPR art. 18) is no legal hold: an erasure follows its own rules, and once
+    the person is erased the restriction's record (gdpr.restriction) ends with the data it restricted. Audited."""
+    hashes = (list(keys.subject_hashes(located.email, policy.optout.strip_plus_tags).values()) if located.email
+              else [located.subject_hash])
+    ended = conn.execute(
+        "DELETE FROM gdpr.restriction WHERE subject_table = %s"
+        " AND (subject_hash = ANY(%s) OR subject_ids && %s::text[])",
+        (policy.subject.table, hashes, [str(i) for i in located.subject_ids])).rowcount
+    if ended:
+        audit.record(conn, ctx, action="restriction_ended", outcome="erased", table="gdpr.restriction",
+                     row_count=ended, subject_hash=located.subject_hash, details={"request_id": request.request_id})
 
 
 def _planned(policy: Policy, request: ErasureRequest, located: Located, holds: dict[str, str]) -> ErasureResult:
