@@ -251,19 +251,21 @@ class _Handler(BaseHTTPRequestHandler):
         body = _json_object(raw)
         if flavour.update is None or body is None:
             return self._send(400 if body is None else 404, {"code": "invalid_parameter", "message": "Bad update"})
-        with state.lock:
+        answer: tuple[int, dict[str, Any] | None] = (flavour.update_status, flavour.update_body)
+        with state.lock:  # (answered once the lock is released: log_request takes it too)
             record = state.contacts.get(key)
-            if record is None:
-                return self._send(404, flavour.not_found)
-            changed = copy.deepcopy(record)
-            new_email = flavour.update(changed, body)
-            if new_email is not None and normalise(new_email) != key:
-                if normalise(new_email) in state.contacts:
-                    return self._send(400, {"code": "duplicate_parameter", "message": "Contact already exist"})
-                del state.contacts[key]
-                changed["email"] = key = normalise(new_email)
-            state.contacts[key] = changed
-        return self._send(flavour.update_status, flavour.update_body)
+            changed = copy.deepcopy(record) if record is not None else None
+            new_email = flavour.update(changed, body) if changed is not None else None
+            if changed is None:
+                answer = (404, flavour.not_found)
+            elif new_email is not None and normalise(new_email) != key and normalise(new_email) in state.contacts:
+                answer = (400, {"code": "duplicate_parameter", "message": "Contact already exist"})
+            else:
+                if new_email is not None and normalise(new_email) != key:
+                    del state.contacts[key]
+                    changed["email"] = key = normalise(new_email)
+                state.contacts[key] = changed
+        return self._send(*answer)
 
     def _blocklist(self, state: _State, raw: bytes) -> None:
         body = _json_object(raw)
