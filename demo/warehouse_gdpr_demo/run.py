@@ -11,7 +11,8 @@
 6. Re-imports the erased person and runs `gdpr_optout_sync`: opt-outs collected and enforced, the
    resurrection caught, the hashed list shared with the emailing tool.
 
-`python -m warehouse_gdpr_demo stop` stops the services and the embedded PostgreSQL (`make stop`).
+`python -m warehouse_gdpr_demo ui` starts Airflow's UI on the demo (`make ui`, see ui.py);
+`python -m warehouse_gdpr_demo stop` stops it, the services and the embedded PostgreSQL (`make stop`).
 The docker compose stack seeds its warehouse with the same steps (`seed_warehouse`,
 `create_support_desk`, `share_with_downstream`) through `warehouse_gdpr_demo.compose_seed`.
 """
@@ -311,6 +312,9 @@ def demo_optout(owner_url: str, env: dict[str, str], services: dict[str, object]
 
 
 def stop() -> int:
+    from . import ui
+
+    print("Airflow UI (make ui):", "stopped" if ui.stop() else "not running")
     stop_services()
     print("embedded PostgreSQL:", "stopped" if embedded.stop(DEMO / "pg") else "not running")
     return 0

@@ -33,7 +33,8 @@ h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8p
 h3 { font-size: 14px; margin: 14px 0 6px; }
 .muted { color: #5f6b7a; } .error { color: #b00020; }
 table { border-collapse: collapse; margin: 4px 0 8px; }
-th, td { border-bottom: 1px solid #e2e8f0; padding: 4px 10px; text-align: left; vertical-align: top; }
+th, td { border-bottom: 1px solid #e2e8f0; padding: 4px 10px; text-align: left; vertical-align: top;
+         white-space: nowrap; }
 th { background: #f7fafc; font-weight: 600; } td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
 .overdue, .overdue a { color: #c53030; font-weight: 700; }
 .cards { display: flex; gap: 12px; flex-wrap: wrap; }
@@ -181,7 +182,7 @@ def _form(kinds: list[str], dag_for_kind: dict[str, str], can_register: bool, to
     if not can_register:
         return ("<p class=muted>Registering a request needs the permission to trigger the GDPR DAGs "
                 "(Airflow's auth manager); ask your Airflow administrator.</p>")
-    options = "".join(f'<option value="{escape(k)}">{escape(k)}'
+    options = "".join(f'<option value="{escape(k)}"{" selected" if k == "erasure" else ""}>{escape(k)}'
                       f'{"" if k in dag_for_kind else " (registered only: no DAG runs it yet)"}</option>'
                       for k in kinds)
     return f"""
