@@ -408,3 +408,13 @@ def test_in_a_real_browser(stack: Stack, tmp_path: Path) -> None:
     assert len(runs) == 1
     assert _leaks(html, stack.personal()) == []
     assert email.lower() not in stack.log.read_text().lower(), "the address reached the api-server's log"
+
+
+def test_without_chromium_a_developer_is_told_why_and_ci_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium"):
+        _chromium()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the browser test"):
+        _chromium()
