@@ -27,7 +27,7 @@ import calendar
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -295,8 +295,16 @@ def _archived(conn: psycopg.Connection, policy: Policy, subject_ids: list[str]) 
 
 def holds_in_force(conn: psycopg.Connection, policy: Policy, located: Located, as_of: str) -> dict[str, str]:
     """{hold name: 'refuse' | 'restrict'} for every hold in force for one of the subject rows (as the sweep
-    and the resurrection guard see them: `candidates.holds_array`)."""
-    if not located.subject_ids or not policy.holds:
+    and the resurrection guard see them: `candidates.holds_array`). Reads only, then ends the transaction:
+    what the first task shows; `erase` evaluates them again under its row locks."""
+    holds = _holds_now(conn, policy, located.subject_ids, as_of)
+    conn.rollback()
+    return holds
+
+
+def _holds_now(conn: psycopg.Connection, policy: Policy, subject_ids: list[Any], as_of: str) -> dict[str, str]:
+    """The holds in force for `subject_ids`, in the caller's transaction."""
+    if not subject_ids or not policy.holds:
         return {}
     row = conn.execute(
         sql.SQL(
@@ -304,9 +312,8 @@ def holds_in_force(conn: psycopg.Connection, policy: Policy, located: Located, a
             " FROM {t} s CROSS JOIN LATERAL unnest({holds}) h WHERE s.{pk} = ANY(%(ids)s)"
         ).format(t=qualified(policy.subject.table), holds=holds_array(policy.holds),
                  pk=sql.Identifier(policy.subject.primary_key)),
-        {"ids": located.subject_ids, "as_of": as_of},
+        {"ids": subject_ids, "as_of": as_of},
     ).fetchone()
-    conn.rollback()
     names = (row[0] if row else None) or []
     return {h.name: h.on_erasure for h in policy.holds if h.name in names}
 
@@ -423,17 +430,17 @@ def erase(
     request: ErasureRequest,
     located: Located,
     holds: dict[str, str],
+    as_of: str | None = None,
 ) -> ErasureResult:
     """Erase everywhere, suppress, record the request and its outbox, audit: ONE transaction.
 
+    Lock, then re-check: the person's subject rows are locked first (module doc), and the legal holds are
+    evaluated again on the locked rows at `as_of` (the run's reference instant; default now). A hold set
+    since `holds` was read (a litigation flag, a new contract) is honoured: the outcome follows the holds
+    in force under the lock, and the change is audited (`holds_changed_under_lock`).
     Triggering the same request id again returns the recorded result and changes nothing.
     """
-    outcome, reason = decide(located, holds)
-    targets = [t.name for t in policy.erasure.targets] if outcome != "refused" and located.email else []
-    status = "refused" if outcome == "refused" else "pending_propagation" if targets else (
-        "not_found" if outcome == "not_found" else "completed")
-    result = ErasureResult(request.request_id, located.subject_hash, outcome, reason, status,
-                           request.due_date.isoformat(), targets=targets)
+    result = _planned(policy, request, located, holds)
     with conn.transaction():
         lock_request_id(conn, request.request_id)
         recorded = recorded_request(conn, keys, request, located, for_update=True)
@@ -443,26 +450,50 @@ def erase(
             return recorded
         if request.dry_run:
             return _dry_run(conn, ctx, request, located, result)
-        if outcome in ("erased", "restricted"):
-            persons = matcher.for_person(conn, policy, located.subject_ids, located.email, located.email_hashes)
+        persons = matcher.for_person(conn, policy, located.subject_ids, located.email, located.email_hashes)
+        _lock_subjects(conn, policy, persons)
+        locked = _holds_now(conn, policy, located.subject_ids, as_of or datetime.now(timezone.utc).isoformat())
+        if locked != holds:
+            audit.record(conn, ctx, action="erase", outcome="holds_changed_under_lock",
+                         subject_hash=located.subject_hash,
+                         details={"request_id": request.request_id, "before": sorted(holds), "now": sorted(locked)})
+            holds, result = locked, _planned(policy, request, located, locked)
+        if result.outcome in ("erased", "restricted"):
             # Restricted by a hold: kept_when_held tables stay. Restricted only by archived originals a legal
             # obligation keeps: every live row goes.
             result.rows = delete_everywhere(conn, policy, persons, restricted=bool(holds))
             result.archive = _archive_summary(located, _destroy_archive(conn, located))
-        for table, n in result.rows.items():
-            audit.record(conn, ctx, action="erase", outcome=outcome, table=table, row_count=n,
-                         subject_hash=located.subject_hash, details={"request_id": request.request_id})
-        _audit_archive(conn, ctx, result)
-        if located.email:
-            result.suppression = _suppress(conn, keys, ctx, request, located)
-        _record_request(conn, keys, request, located, result, holds)
-        _queue_outbox(conn, keys, request, located, targets)
-        audit.record(conn, ctx, action="erasure_request", outcome=outcome, subject_hash=located.subject_hash,
-                     row_count=sum(result.rows.values()),
-                     details={"request_id": request.request_id, "status": status, "reason": reason,
-                              "received_at": request.received_at.isoformat(), "due_date": result.due_date,
-                              "targets": targets})
+        _record_everything(conn, keys, ctx, request, located, result, holds)
     return result
+
+
+def _planned(policy: Policy, request: ErasureRequest, located: Located, holds: dict[str, str]) -> ErasureResult:
+    """The result the holds lead to, before anything is erased: outcome, reason, targets, status."""
+    outcome, reason = decide(located, holds)
+    targets = [t.name for t in policy.erasure.targets] if outcome != "refused" and located.email else []
+    status = "refused" if outcome == "refused" else "pending_propagation" if targets else (
+        "not_found" if outcome == "not_found" else "completed")
+    return ErasureResult(request.request_id, located.subject_hash, outcome, reason, status,
+                         request.due_date.isoformat(), targets=targets)
+
+
+def _record_everything(conn: psycopg.Connection, keys: Keys, ctx: RunContext, request: ErasureRequest,
+                       located: Located, result: ErasureResult, holds: dict[str, str]) -> None:
+    """In erase's transaction: the audit rows per table and for the archive, the suppression entry, the
+    request row, the outbox rows, and the request's audit row."""
+    for table, n in result.rows.items():
+        audit.record(conn, ctx, action="erase", outcome=result.outcome, table=table, row_count=n,
+                     subject_hash=located.subject_hash, details={"request_id": request.request_id})
+    _audit_archive(conn, ctx, result)
+    if located.email:
+        result.suppression = _suppress(conn, keys, ctx, request, located)
+    _record_request(conn, keys, request, located, result, holds)
+    _queue_outbox(conn, keys, request, located, result.targets)
+    audit.record(conn, ctx, action="erasure_request", outcome=result.outcome, subject_hash=located.subject_hash,
+                 row_count=sum(result.rows.values()),
+                 details={"request_id": request.request_id, "status": result.status, "reason": result.reason,
+                          "received_at": request.received_at.isoformat(), "due_date": result.due_date,
+                          "targets": result.targets})
 
 
 def _dry_run(conn: psycopg.Connection, ctx: RunContext, request: ErasureRequest, located: Located,

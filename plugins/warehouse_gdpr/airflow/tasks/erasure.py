@@ -135,8 +135,9 @@ def erase(policy_file: str, context: Any) -> dict[str, Any]:
         request = _request(context, conn, keys)
         ctx = connections.run_context(context, request.dry_run)
         located = erasure.locate(conn, policy, keys, request)
-        holds = erasure.holds_in_force(conn, policy, located, connections.as_of(context))
-        result = erasure.erase(conn, policy, keys, ctx, request, located, holds)
+        as_of = connections.as_of(context)
+        holds = erasure.holds_in_force(conn, policy, located, as_of)
+        result = erasure.erase(conn, policy, keys, ctx, request, located, holds, as_of)
     verb = "would be" if request.dry_run else "was"
     if result.already_recorded:
         log.info("Request %s was already processed (status %s): nothing changed.", request.request_id, result.status)
