@@ -45,7 +45,8 @@ from . import embedded, safety
 from .sqlfiles import read_sql
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / ".demo"
+# Where the demo keeps its state (.demo/env, keys, logs, the embedded server's data); a test gives its own.
+DEMO = Path(os.environ.get("WAREHOUSE_GDPR_DEMO_DIR") or ROOT / ".demo")
 
 
 def warehouse_url() -> tuple[str, bool]:
@@ -183,7 +184,7 @@ def create_support_desk(owner_url: str, name: str = "support_desk") -> str:
     return desk_url
 
 
-def start_services(owner_url: str) -> dict[str, object]:
+def start_services(owner_url: str, desk_name: str = "support_desk") -> dict[str, object]:
     """The demo's downstream systems: two HTTP services (detached, until `make stop`) and a desk DB."""
     stop_services()
     ports = {"emailing_port": _free_port(), "telephony_port": _free_port()}
@@ -197,7 +198,7 @@ def start_services(owner_url: str) -> dict[str, object]:
         proc.stdout.readline()  # "emailing http://..." then "telephony http://...": both listen
     SERVICES_PID.write_text(str(proc.pid))
     urls = {f"{name}_url": f"http://127.0.0.1:{ports[f'{name}_port']}" for name in ("emailing", "telephony")}
-    return {**ports, **urls, "desk_url": create_support_desk(owner_url)}
+    return {**ports, **urls, "desk_url": create_support_desk(owner_url, desk_name)}
 
 
 def _post(url: str, body: dict[str, object], headers: dict[str, str]) -> None:

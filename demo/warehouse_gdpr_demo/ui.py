@@ -167,7 +167,8 @@ def start() -> int:
     print(f"\nAirflow UI: {url}   (the GDPR page: {url}/plugin/gdpr, its JSON: {url}/gdpr/api/summary)")
     print(f"Log in as admin / {passwords['admin']} (may register requests), or viewer / {passwords['viewer']} "
           "(reads only).")
-    print(f"api-server, scheduler, dag-processor, triggerer: logs in {UI.relative_to(run.ROOT)}/. "
+    logs = os.path.relpath(UI) if UI.resolve().is_relative_to(Path.cwd().resolve()) else str(UI)
+    print(f"api-server, scheduler, dag-processor, triggerer: logs in {logs}/. "
           "Stop them (and the demo's PostgreSQL and services) with `make stop`.")
     return 0
 
