@@ -186,3 +186,14 @@ def test_summary_holds_no_personal_data(conn: psycopg.Connection, policy: Policy
 @pytest.mark.parametrize("day", [date(2026, 6, 15), date(2026, 6, 21), date(2026, 6, 22)])
 def test_week_start_is_monday(day: date) -> None:
     assert summary.week_start(day).weekday() == 0 and 0 <= (day - summary.week_start(day)).days < 7
+
+
+def test_the_backlog_is_bounded_in_time(conn: psycopg.Connection, policy: Policy,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan slower than BACKLOG_TIMEOUT_MS is cancelled by the server and reported; the page still renders."""
+    monkeypatch.setattr(summary, "BACKLOG_TIMEOUT_MS", 50)
+    slow = policy.model_copy(update={"holds": [policy.holds[0].model_copy(
+        update={"predicate": "(SELECT count(*) FROM pg_sleep(0.01 + 0 * s.contact_id)) = 0"})]})
+    got = summary.backlog(conn, slow, NOW)
+    assert got["rules"] == [] and "SQLSTATE 57014" in got["error"], got
+    assert conn.execute("SHOW statement_timeout").fetchone()[0] == "0"  # type: ignore[index]
