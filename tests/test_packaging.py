@@ -28,6 +28,9 @@ def test_wheel_installs_and_builds_the_dags_outside_the_repository(tmp_path: Pat
     assert "warehouse_gdpr/engine/candidates.py" in names and "warehouse_gdpr/airflow/dag_factory.py" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "[airflow.plugins]\nwarehouse_gdpr = warehouse_gdpr.airflow.ui.plugin:WarehouseGdprPlugin" in entry_points
+    # report.pdf of an access request is set in these fonts, shipped with their licence
+    assert {"warehouse_gdpr/engine/fonts/DejaVuSans.ttf", "warehouse_gdpr/engine/fonts/DejaVuSans-Bold.ttf",
+            "warehouse_gdpr/engine/fonts/LICENSE"} <= set(names)
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -86,5 +89,6 @@ def test_wheel_installs_and_builds_the_dags_outside_the_repository(tmp_path: Pat
     result = subprocess.run([str(python), "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(
-        ["gdpr_erasure_retry", "gdpr_optout_sync", "gdpr_retention_sweep", "gdpr_subject_erasure"]
+        ["gdpr_erasure_retry", "gdpr_optout_sync", "gdpr_retention_sweep", "gdpr_subject_access",
+         "gdpr_subject_erasure"]
     )
