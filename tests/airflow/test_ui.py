@@ -318,6 +318,12 @@ def test_the_form_registers_encrypted_and_triggers_with_the_request_id_alone(sta
                            " AND details->>'request_id' = 'REQ-UI-API-1'").fetchone()
     assert row is not None and row[0]["triggered_run_id"] == answer["run_id"]
     assert email.lower() not in json.dumps(answer).lower()
+    # Each kind goes to the DAG of its kind (requests.DAG_FOR_KIND).
+    status, answer = _post(stack, {"kind": "access", "request_id": "REQ-UI-API-3", "identifier": email}, token)
+    assert status == 201 and answer["dag_id"] == requests.DAG_FOR_KIND["access"], answer
+    status, text = http(f"{stack.url}/api/v2/dags/{answer['dag_id']}/dagRuns/{answer['run_id']}",
+                        headers={"Authorization": f"Bearer {token}"})
+    assert status == 200 and json.loads(text)["conf"] == {"request_id": "REQ-UI-API-3"}, text
     # A kind no DAG runs yet is registered only.
     status, answer = _post(stack, {"kind": "rectification", "request_id": "REQ-UI-API-2", "identifier": email}, token)
     assert status == 201 and answer["run_id"] is None and "No DAG of this package runs" in answer["message"]
