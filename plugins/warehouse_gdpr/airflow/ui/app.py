@@ -243,7 +243,7 @@ async def register_response(request: Request, user: BaseUser) -> JSONResponse:
     except Refused as exc:
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers={"Cache-Control": "no-store"})
     except Exception as exc:  # noqa: BLE001 - never a traceback or a value in the answer
-        log.warning("The GDPR page could not register a request (%s)", type(exc).__name__)
+        log.warning("The GDPR page could not register a request: %s", _failure(exc))
         return JSONResponse({"error": _failure(exc)}, status_code=503, headers={"Cache-Control": "no-store"})
     return JSONResponse(result, status_code=201, headers={"Cache-Control": "no-store"})
 
@@ -273,6 +273,7 @@ def create_app() -> FastAPI:
         try:
             data = await run_in_threadpool(read_summary)
         except Exception as exc:  # noqa: BLE001 - the page says what to fix
+            log.warning("The GDPR page could not be read: %s", _failure(exc))
             return HTMLResponse(page.error_page(_failure(exc), prefix()), status_code=503, headers=SECURITY_HEADERS)
         can_register = await run_in_threadpool(may_trigger, user, requests.DAG_FOR_KIND.get("erasure"))
         html = page.render(data, base_path=base_path(), prefix=prefix(), kinds=list(requests.KINDS),
@@ -284,6 +285,7 @@ def create_app() -> FastAPI:
         try:
             data = await run_in_threadpool(read_summary)
         except Exception as exc:  # noqa: BLE001 - the answer says what to fix
+            log.warning("The GDPR page's summary could not be read: %s", _failure(exc))
             return JSONResponse({"error": _failure(exc)}, status_code=503, headers={"Cache-Control": "no-store"})
         return JSONResponse(data, headers={"Cache-Control": "no-store"})
 

@@ -52,6 +52,11 @@ def _e(value: object) -> str:
     return escape("-" if value is None else str(value))
 
 
+def _when(instant: str) -> str:
+    """An ISO instant (UTC) to the minute's second, as `2026-12-03 01:05:36`."""
+    return escape(instant[:19].replace("T", " "))
+
+
 def _table(headers: list[str], rows: list[list[str]], numeric: set[int] | None = None,
            row_classes: list[str] | None = None) -> str:
     """A table of already-escaped cells."""
@@ -100,7 +105,7 @@ def _sweeps(data: dict[str, Any]) -> str:
         return "<p>No sweep has finished yet.</p>"
     parts = []
     for run in data["sweeps"]:
-        parts.append(f"<h3>{_e(run['run_id'])} <span class=muted>finished {_e(run['finished_at'][:19])} UTC, "
+        parts.append(f"<h3>{_e(run['run_id'])} <span class=muted>finished {_when(run['finished_at'])} UTC, "
                      f"{run['seconds']:.0f} s</span></h3>")
         rows = [[_e(r["rule"]), _e(r["action"]), _e(r["deleted"]), _e(r["pseudonymised"]), _e(r["rows_changed"]),
                  _e(r["held"]), _by_hold(r["held_by_hold"]) or "-", _e(r["archived"]), f"{r['seconds']:.1f}"]
@@ -116,7 +121,7 @@ def _backlog(data: dict[str, Any]) -> str:
         return f'<p class="error">The backlog could not be computed: {_e(backlog["error"])}</p>'
     rows = [[_e(r["rule"]), _e(r["action"]), _e(r["candidates"]), _e(r["held"]),
              _by_hold(r["held_by_hold"]) or "-", _e(r["to_process"])] for r in backlog["rules"]]
-    return (f"<p class=muted>Subjects past their retention date as of {_e(backlog['as_of'][:19])} UTC, "
+    return (f"<p class=muted>Subjects past their retention date as of {_when(backlog['as_of'])} UTC, "
             "which the next sweep treats unless a hold keeps them.</p>"
             + _table(["Rule", "Action", "Past their date", "Held", "Held by hold", "Next sweep treats"], rows,
                      {2, 3, 5}))
@@ -214,7 +219,7 @@ def render(data: dict[str, Any], *, base_path: str, prefix: str, kinds: list[str
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>
 <body data-prefix="{escape(prefix)}">
 <h1>GDPR</h1>
-<p class=muted>warehouse-gdpr, as of {_e(data["generated_at"][:19])} UTC. No personal data: request ids, dates and
+<p class=muted>warehouse-gdpr, as of {_when(data["generated_at"])} UTC. No personal data: request ids, dates and
 counts only. The same data as JSON: <a href="{escape(prefix)}/api/summary">{escape(prefix)}/api/summary</a>.</p>
 {_cards(data)}
 <h2>Open requests</h2>{_requests(data, base_path)}
