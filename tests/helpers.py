@@ -231,3 +231,28 @@ def pii_scan(
                             hits.add(f"{where}: {'full name' if kind == 'full_names' else 'name'} of subject {sid}")
         conn.rollback()
     return sorted(hits), looked_for
+
+
+# The append-only guard of gdpr.audit_log as control schema versions 1 to 7 defined it.
+_REFUSE_BEFORE_V8 = """
+CREATE OR REPLACE FUNCTION gdpr.refuse_audit_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'gdpr.audit_log is append-only: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$
+"""
+
+
+def schema_before_v8(conn: psycopg.Connection) -> None:
+    """Take an installed control schema back to what it was before version 8 (no audit chain): the
+    chain columns, head, functions and trigger removed, version 8 forgotten. Rows are kept, unchained."""
+    with conn.transaction():
+        conn.execute("DROP TRIGGER audit_log_chain ON gdpr.audit_log")
+        conn.execute("DROP FUNCTION gdpr.chain_audit_row(), gdpr.audit_row_hash(bigint, text, gdpr.audit_log),"
+                     " gdpr.audit_chain_genesis(uuid)")
+        conn.execute("DROP TABLE gdpr.audit_chain_head")
+        conn.execute(_REFUSE_BEFORE_V8)
+        conn.execute("ALTER TABLE gdpr.audit_log DROP COLUMN chain_seq, DROP COLUMN prev_hash, DROP COLUMN row_hash")
+        conn.execute("DELETE FROM gdpr.schema_version WHERE version >= 7")

@@ -254,3 +254,155 @@ ALTER TABLE gdpr.erasure_propagation ADD COLUMN IF NOT EXISTS claimed_by text;
 GRANT SELECT (claimed_until, claimed_by) ON gdpr.erasure_propagation TO gdpr_auditor;
 
 INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3), (4), (5), (6) ON CONFLICT (version) DO NOTHING;
+
+-- ===================================================================================================
+-- v8: the audit log is a hash chain (tamper evidence).
+-- Every row carries chain_seq (its position: 1, 2, 3, ... without a gap), prev_hash (the row_hash of
+-- the row before it; for position 1, a value derived from the chain's id) and row_hash = SHA-256 over a
+-- canonical encoding of its position, prev_hash and every content column (gdpr.audit_row_hash below;
+-- engine/auditchain.py recomputes it in Python, independently of this file). The database fills them
+-- for every writer, at COMMIT: a deferred constraint trigger locks the one-row chain head
+-- (gdpr.audit_chain_head, FOR UPDATE) only while the transaction commits, so the chain follows commit
+-- order, two writers never share a position, and no lock is held while a transaction does its work.
+-- `warehouse-gdpr audit verify` and each DAG's last task recompute the chain; the head each DAG run
+-- exports outside the warehouse (policy `evidence.location`) shows a truncated tail.
+-- A column added to gdpr.audit_log must be added to gdpr.audit_row_hash and to engine/auditchain.py.
+ALTER TABLE gdpr.audit_log ADD COLUMN IF NOT EXISTS chain_seq bigint;
+ALTER TABLE gdpr.audit_log ADD COLUMN IF NOT EXISTS prev_hash text;
+ALTER TABLE gdpr.audit_log ADD COLUMN IF NOT EXISTS row_hash text;
+CREATE UNIQUE INDEX IF NOT EXISTS audit_log_chain_seq_idx ON gdpr.audit_log (chain_seq);
+
+-- The hash the chain starts from: derived from the chain's id, so that a chain cannot be passed off as
+-- another warehouse's (and the exported heads of several warehouses never mix).
+CREATE OR REPLACE FUNCTION gdpr.audit_chain_genesis(chain_id uuid) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT SET search_path = pg_catalog AS $$
+    SELECT encode(sha256(convert_to('gdpr.audit_log/v1/genesis/' || chain_id::text, 'UTF8')), 'hex')
+$$;
+
+-- The canonical encoding: a version tag, then each field as `<UTF-8 byte length>:<text>` (NULL: `~`),
+-- in a fixed order. Texts as PostgreSQL prints them, except logged_at (UTC, microseconds, ISO 8601)
+-- and dry_run (`true`/`false`); details is jsonb's own text form.
+CREATE OR REPLACE FUNCTION gdpr.audit_row_hash(seq bigint, prev text, r gdpr.audit_log) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+    SELECT encode(sha256(convert_to('gdpr.audit_log/v1' || string_agg(
+               CASE WHEN f IS NULL THEN '~' ELSE octet_length(convert_to(f, 'UTF8'))::text || ':' || f END,
+               '' ORDER BY i), 'UTF8')), 'hex')
+    FROM unnest(ARRAY[
+        seq::text, prev, r.audit_id::text,
+        to_char(r.logged_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'),
+        r.dag_id, r.run_id, r.task_id, r.rule, r.table_name, r.action, r.row_count::text,
+        CASE WHEN r.dry_run THEN 'true' WHEN NOT r.dry_run THEN 'false' END,
+        r.outcome, r.subject_hash, r.details::text
+    ]) WITH ORDINALITY AS u(f, i)
+$$;
+
+-- The chain head: the last chained row. One row, locked FOR UPDATE by each committing writer.
+CREATE TABLE IF NOT EXISTS gdpr.audit_chain_head (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    chain_id   uuid NOT NULL,
+    chain_seq  bigint NOT NULL CHECK (chain_seq >= 0),
+    audit_id   bigint,
+    row_hash   text NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO gdpr.audit_chain_head (chain_id, chain_seq, row_hash)
+SELECT id, 0, gdpr.audit_chain_genesis(id) FROM (SELECT gen_random_uuid() AS id) AS new_chain
+ON CONFLICT (singleton) DO NOTHING;
+REVOKE ALL ON gdpr.audit_chain_head FROM PUBLIC;
+GRANT SELECT ON gdpr.audit_chain_head TO gdpr_engine, gdpr_auditor;
+
+-- The append-only guard of gdpr.audit_log (defined above) as of v8: it also lets the chain trigger fill
+-- the three chain columns of a row not chained yet, once, leaving every other column as it is.
+CREATE OR REPLACE FUNCTION gdpr.refuse_audit_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF current_setting('gdpr.audit_chaining', true) = 'on'
+           AND OLD.chain_seq IS NULL AND OLD.prev_hash IS NULL AND OLD.row_hash IS NULL
+           AND to_jsonb(NEW) - ARRAY['chain_seq', 'prev_hash', 'row_hash']
+               = to_jsonb(OLD) - ARRAY['chain_seq', 'prev_hash', 'row_hash'] THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'gdpr.audit_log is append-only: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+
+-- Runs at COMMIT for each row the transaction inserted, in insertion order, as the schema's owner
+-- (the engine may insert audit rows but never update them).
+CREATE OR REPLACE FUNCTION gdpr.chain_audit_row() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    head gdpr.audit_chain_head;
+    digest text;
+BEGIN
+    IF NEW.chain_seq IS NOT NULL OR NEW.prev_hash IS NOT NULL OR NEW.row_hash IS NOT NULL THEN
+        RAISE EXCEPTION 'gdpr.audit_log: chain_seq, prev_hash and row_hash are set by the database, not by an INSERT'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    SELECT * INTO head FROM gdpr.audit_chain_head FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'gdpr.audit_chain_head is empty: the audit chain has no head (run warehouse-gdpr schema install)'
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    digest := gdpr.audit_row_hash(head.chain_seq + 1, head.row_hash, NEW);
+    PERFORM set_config('gdpr.audit_chaining', 'on', true);
+    UPDATE gdpr.audit_log SET chain_seq = head.chain_seq + 1, prev_hash = head.row_hash, row_hash = digest
+    WHERE audit_id = NEW.audit_id;
+    PERFORM set_config('gdpr.audit_chaining', '', true);
+    UPDATE gdpr.audit_chain_head
+    SET chain_seq = head.chain_seq + 1, audit_id = NEW.audit_id, row_hash = digest, updated_at = clock_timestamp();
+    RETURN NULL;
+END
+$$;
+
+-- The upgrade to v8 chains the rows already there, in audit_id order (one UPDATE). Only then: a row
+-- inserted later with the trigger disabled is never chained by running this file again.
+DO $$
+DECLARE
+    head gdpr.audit_chain_head;
+    r gdpr.audit_log;
+    ids bigint[] := '{}';
+    seqs bigint[] := '{}';
+    prevs text[] := '{}';
+    digests text[] := '{}';
+    seq bigint;
+    prev text;
+BEGIN
+    IF EXISTS (SELECT 1 FROM gdpr.schema_version WHERE version = 8) THEN
+        RETURN;
+    END IF;
+    SELECT * INTO head FROM gdpr.audit_chain_head FOR UPDATE;
+    seq := head.chain_seq;
+    prev := head.row_hash;
+    FOR r IN SELECT * FROM gdpr.audit_log WHERE chain_seq IS NULL ORDER BY audit_id LOOP
+        seq := seq + 1;
+        ids := ids || r.audit_id;
+        seqs := seqs || seq;
+        prevs := prevs || prev;
+        prev := gdpr.audit_row_hash(seq, prev, r);
+        digests := digests || prev;
+    END LOOP;
+    IF seq > head.chain_seq THEN
+        PERFORM set_config('gdpr.audit_chaining', 'on', true);
+        UPDATE gdpr.audit_log AS a SET chain_seq = u.seq, prev_hash = u.prev, row_hash = u.digest
+        FROM unnest(ids, seqs, prevs, digests) AS u(id, seq, prev, digest)
+        WHERE a.audit_id = u.id;
+        PERFORM set_config('gdpr.audit_chaining', '', true);
+        UPDATE gdpr.audit_chain_head
+        SET chain_seq = seq, audit_id = ids[array_upper(ids, 1)], row_hash = prev, updated_at = clock_timestamp();
+    END IF;
+END
+$$;
+
+DROP TRIGGER IF EXISTS audit_log_chain ON gdpr.audit_log;
+CREATE CONSTRAINT TRIGGER audit_log_chain
+    AFTER INSERT ON gdpr.audit_log
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION gdpr.chain_audit_row();
+-- ALWAYS: rows inserted under session_replication_role = replica are chained too.
+ALTER TABLE gdpr.audit_log ENABLE ALWAYS TRIGGER audit_log_chain;
+
+INSERT INTO gdpr.schema_version (version) VALUES (8) ON CONFLICT (version) DO NOTHING;
+-- end of v8 ==========================================================================================

@@ -14,9 +14,12 @@ import pytest
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from helpers import schema_before_v8
 from warehouse_gdpr.engine import audit, schema
 from warehouse_gdpr.engine.sqlfiles import read_sql
 
+# The versions the DDL records: 7 is the request lifecycle (branch lifecycle, not merged here yet).
+VERSIONS = [1, 2, 3, 4, 5, 6, 8]
 CTX = audit.RunContext(dag_id="gdpr_retention_sweep", run_id="manual__test", task_id="apply")
 
 
@@ -97,7 +100,7 @@ def test_ensure_schema_on_an_installed_warehouse_does_nothing(conn: psycopg.Conn
     assert schema.installed_version(conn) == schema.SCHEMA_VERSION
     assert schema.ensure_schema(conn) is False
     assert schema.ensure_schema(conn) is False
-    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(range(1, schema.SCHEMA_VERSION + 1))
+    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == VERSIONS
 
 
 def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
@@ -118,7 +121,7 @@ def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
         assert tables == {
             "gdpr.schema_version", "gdpr.audit_log", "gdpr_archive.archived_row",
             "gdpr.suppression_list", "gdpr.erasure_request", "gdpr.erasure_propagation", "gdpr.quarantine",
-            "gdpr.processing_register",
+            "gdpr.processing_register", "gdpr.audit_chain_head",
         }
 
 
@@ -131,12 +134,12 @@ def test_running_the_ddl_file_again_by_hand_keeps_everything(conn: psycopg.Conne
         conn.execute(read_sql("gdpr_schema.sql"))  # type: ignore[arg-type]
     assert _count(conn, "gdpr.audit_log") == 1
     assert _count(conn, "gdpr_archive.archived_row") == 1
-    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(range(1, schema.SCHEMA_VERSION + 1))
+    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == VERSIONS
     triggers = conn.execute(
         "SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'gdpr.audit_log'::regclass AND NOT tgisinternal"
         " ORDER BY tgname"
     ).fetchall()
-    assert triggers == [("audit_log_no_truncate", "A"), ("audit_log_no_update_delete", "A")]
+    assert triggers == [("audit_log_chain", "A"), ("audit_log_no_truncate", "A"), ("audit_log_no_update_delete", "A")]
     assert schema.ensure_schema(conn) is False
 
 
@@ -168,6 +171,7 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
 
 def _downgrade_to_version_5(conn: psycopg.Connection) -> None:
     """The control schema as version 5 left it: no index on the archive's subject ids (what version 6 added)."""
+    schema_before_v8(conn)
     with conn.transaction():
         conn.execute("DROP INDEX gdpr_archive.archived_row_subject_idx")
         conn.execute("DELETE FROM gdpr.schema_version WHERE version = 6")
@@ -191,7 +195,7 @@ def _downgrade_to_version_3(conn: psycopg.Connection) -> None:
     with conn.transaction():
         conn.execute("DROP TABLE gdpr.processing_register")
         conn.execute("DELETE FROM gdpr.schema_version WHERE version = 4")
-    assert schema.SCHEMA_VERSION == 6, "simulate the versions before the current one here"
+    assert schema.SCHEMA_VERSION == 8, "simulate the versions before the current one here"
     assert schema.installed_version(conn) == 3
     conn.commit()
 
@@ -206,15 +210,15 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
     with pytest.raises(schema.SchemaError) as info:
         schema.ensure_schema(dag_conn)
     message = str(info.value)
-    assert message.startswith("the gdpr control schema is out of date (installed version 3, this package needs 6) "
-                              "and this connection (role gdpr_dag) may not upgrade it (permission denied")
+    assert message.startswith(f"the gdpr control schema is out of date (installed version 3, this package needs "
+                              f"{schema.SCHEMA_VERSION}) and this connection (role gdpr_dag) may not upgrade it (permission denied")
     assert WHAT_TO_RUN in message and "not installed" not in message and "include/" not in message
     assert dag_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # rolled back, usable
     assert schema.installed_version(dag_conn) == 3
     dag_conn.commit()
 
     assert schema.ensure_schema(conn) is True
-    assert schema.installed_version(dag_conn) == 6
+    assert schema.installed_version(dag_conn) == schema.SCHEMA_VERSION
     assert dag_conn.execute("SELECT to_regclass('gdpr_archive.archived_row_subject_idx')").fetchone()[0] is not None
     assert _count(conn, "gdpr.audit_log") == 1
     assert schema.ensure_schema(dag_conn) is False  # the DAGs go on as the engine
@@ -237,7 +241,7 @@ def test_version_5_adds_the_outbox_claim_and_keeps_pending_erasures(
         conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce,"
                      " identifier_ciphertext) VALUES ('REQ-V5', 'emailing', 'pending', 'k1', '\\x00', '\\x01')")
     _downgrade_to_version_4(conn)
-    with pytest.raises(schema.SchemaError, match=r"installed version 4, this package needs 6"):
+    with pytest.raises(schema.SchemaError, match=rf"installed version 4, this package needs {schema.SCHEMA_VERSION}"):
         schema.ensure_schema(dag_conn)
     dag_conn.rollback()
 
