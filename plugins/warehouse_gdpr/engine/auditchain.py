@@ -248,7 +248,7 @@ def _check_row(row: tuple[Any, ...], previous: ChainHead) -> Break | None:
     expected = previous.chain_seq + 1
     if seq != expected:
         missing = f"position {expected}" if seq == expected + 1 else f"positions {expected} to {seq - 1}"
-        return Break(audit_id, seq, f"the chain skips {missing} (after {previous.describe()}): rows were deleted")
+        return Break(audit_id, seq, f"the chain skips {missing}, after {previous.describe()}: rows were deleted")
     if prev != previous.row_hash:
         return Break(audit_id, seq, (
             f"its prev_hash is not the hash of the row before it ({previous.describe()}): one of the two rows was "
