@@ -34,10 +34,12 @@ def test_dagbag_imports_without_errors(airflow_home: Path) -> None:
     assert dag is not None
     assert {"gdpr", "retention"} <= set(dag.tags)
     order = [t.task_id for t in dag.topological_sort() if t.task_id != "write_register"]
-    assert order == ["check_policy", "plan", "apply", "purge_archive", "report"]
-    # The register runs beside the sweep: an unfinished register never delays a deletion.
+    assert order == ["check_policy", "plan", "apply", "purge_archive", "report", "verify_audit_chain",
+                     "audit_chain_failed"]
+    # The register runs beside the sweep: an unfinished register never delays a deletion (only the run's
+    # last check, the audit chain's, follows it).
     assert dag.get_task("write_register").upstream_task_ids == {"check_policy"}
-    assert dag.get_task("write_register").downstream_task_ids == set()
+    assert dag.get_task("write_register").downstream_task_ids == {"verify_audit_chain"}
     assert all(t.retries >= 2 for t in dag.tasks)
     assert set(dag.params.keys()) == {"dry_run", "rules", "confirm_blast_radius"}
 
@@ -92,7 +94,7 @@ def test_whole_dag_run_sweeps_and_logs_no_personal_data(
         pseudonymised = conn.execute("SELECT count(*) FROM crm.contacts WHERE pseudonymised_at IS NOT NULL").fetchone()[0]  # type: ignore[index]
         stored = conn.execute("SELECT sha256, activities FROM gdpr.processing_register").fetchall()
     assert after < before and pseudonymised > 0
-    assert steps == {"check_policy", "plan", "apply", "purge_archive", "report", "write_register"}
+    assert steps == {"check_policy", "plan", "apply", "purge_archive", "report", "write_register", "verify_audit_chain"}
     assert "@" not in audit_text
     register_md = airflow_home / "gdpr_register" / "register.md"
     assert "## Processing activity 1" in register_md.read_text(encoding="utf-8")
@@ -178,7 +180,8 @@ def test_bad_keys_fail_before_any_write(
     assert "c2hvcnQ=" not in logs, "a secret value reached the logs"
     with psycopg.connect(airflow_conns) as conn:
         assert table_checksum(conn, CRM_TABLES) == before
-        assert conn.execute("SELECT count(*) FROM gdpr.audit_log").fetchone()[0] == 0  # type: ignore[index]
+        # Only the run's last task, the audit chain's check, wrote its row.
+        assert conn.execute("SELECT array_agg(action) FROM gdpr.audit_log").fetchone()[0] == ["audit_verify"]  # type: ignore[index]
 
 
 # -- the blast-radius limit (issue 11.3) ------------------------------------------------------------

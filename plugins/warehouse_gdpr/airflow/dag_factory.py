@@ -64,16 +64,17 @@ def _notifier(policy: Policy | None):  # type: ignore[no-untyped-def]
         return None
 
 
-def _verify_audit_chain(policy_file: str, leaves: list[Any]) -> None:
+def _verify_audit_chain(policy_file: str, leaves: list[Any], whole_chain: bool = False) -> None:
     """The run's last tasks: `verify_audit_chain` after `leaves` (the tasks nothing else follows), as a
     teardown, and `audit_chain_failed`, which fails the run when the verification failed (a teardown's
-    own failure does not; see the module docstring)."""
+    own failure does not; see the module docstring). `whole_chain`: recompute every row, not only those
+    since the previous exported head."""
 
     @task
     def verify_audit_chain(policy_file: str) -> dict:
-        return evidence_tasks.verify_audit_chain(policy_file, get_current_context())
+        return evidence_tasks.verify_audit_chain(policy_file, get_current_context(), whole_chain=whole_chain)
 
-    @task(trigger_rule="one_failed", retries=0)
+    @task(trigger_rule="one_failed")
     def audit_chain_failed() -> None:
         raise AirflowFailException("verify_audit_chain failed (see its log): the audit chain is broken or could "
                                    "not be verified, so this run fails")
@@ -150,7 +151,9 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
         plans = plan(checked)
         applied = apply(checked, plans)
         purged = purge_archive(checked, applied)
-        _verify_audit_chain(path, [report(checked, purged), registered])
+        # The weekly sweep recomputes the whole chain (an old row edited shows within a week); the other
+        # DAGs the rows since the previous exported head.
+        _verify_audit_chain(path, [report(checked, purged), registered], whole_chain=True)
 
     return gdpr_retention_sweep()
 

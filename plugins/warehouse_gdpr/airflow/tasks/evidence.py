@@ -2,8 +2,9 @@
 
 `verify_audit_chain` is a teardown task (dag_factory.py): it runs when the run's other tasks are done,
 whatever their outcome. It recomputes the chain of gdpr.audit_log from the head the previous run (of
-any DAG) exported to the policy's `evidence.location` (the whole chain when there is none yet), records
-the check in the audit log, and exports the head it verified. A broken chain fails it at once (no
+any DAG) exported to the policy's `evidence.location` (the whole chain when there is none yet, and in
+every weekly `gdpr_retention_sweep` run, so that an old row edited shows within a week), checks that the
+log still reaches that head, records the check in the audit log, and exports the head it verified. A broken chain fails it at once (no
 retry: a person must look, docs/runbook.md "The audit chain is broken"); the head is then not exported,
 so every later run fails the same way until the break is explained. The evidence location being
 unreachable is retried.
@@ -36,7 +37,7 @@ def _storage(action: str, where: str, exc: OSError) -> TransientError:
 
 
 @task_errors
-def verify_audit_chain(policy_file: str, context: Any) -> dict[str, Any]:
+def verify_audit_chain(policy_file: str, context: Any, whole_chain: bool = False) -> dict[str, Any]:
     if not connections.policy_pinned(context):
         log.warning("No policy was validated in this run (its first task failed before): the audit chain is not "
                     "verified by this run; the next run verifies it from the last exported head.")
@@ -55,7 +56,7 @@ def verify_audit_chain(policy_file: str, context: Any) -> dict[str, Any]:
         if previous is None:
             log.warning("No audit chain head of chain %s was exported to %s yet: verifying the whole chain from "
                         "its first row.", chain_id, where)
-        result = auditchain.verify(conn, start=previous, exported=previous)
+        result = auditchain.verify(conn, start=None if whole_chain else previous, exported=previous)
         with conn.transaction():
             audit.record(
                 conn, ctx, action="audit_verify", outcome="ok" if result.ok else "broken",
