@@ -370,3 +370,23 @@ def test_the_head_store_keeps_every_export_and_finds_the_latest(tmp_path: Path) 
     path.write_text(path.read_text().replace('"chain_seq": 10', '"chain_seq": 3'))
     with pytest.raises(auditchain.ChainUnavailable, match="names another chain or position than its file name"):
         store.latest(chain)
+
+
+def test_rows_restored_from_a_backup_make_the_chain_hold_again(conn: psycopg.Connection) -> None:
+    """The runbook's repair: the deleted rows, re-inserted exactly (chain columns included) by the owner
+    with the chain trigger off for that transaction."""
+    _write(conn, 5)
+    with conn.transaction():
+        conn.execute("CREATE TABLE public.audit_backup AS SELECT * FROM gdpr.audit_log")
+    rows = _chain(conn)
+    _superuser(conn, f"DELETE FROM gdpr.audit_log WHERE audit_id IN ({rows[1][0]}, {rows[2][0]})")
+    assert _verify(conn).broken is not None
+    with conn.transaction():
+        conn.execute("ALTER TABLE gdpr.audit_log DISABLE TRIGGER audit_log_chain")
+        conn.execute("INSERT INTO gdpr.audit_log OVERRIDING SYSTEM VALUE SELECT * FROM public.audit_backup"
+                     " WHERE audit_id NOT IN (SELECT audit_id FROM gdpr.audit_log)")
+        conn.execute("ALTER TABLE gdpr.audit_log ENABLE ALWAYS TRIGGER audit_log_chain")
+    result = _verify(conn)
+    assert result.ok and result.rows_checked == 5
+    _write(conn)  # and the chain goes on
+    assert _verify(conn).ok
