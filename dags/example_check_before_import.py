@@ -51,9 +51,8 @@ def example_check_before_import() -> None:
         from airflow.providers.postgres.hooks.postgres import PostgresHook
         from psycopg import sql
 
-        from warehouse_gdpr.engine import optout
-
         from warehouse_gdpr.airflow import connections as runtime
+        from warehouse_gdpr.engine import optout
         from warehouse_gdpr.engine.policy import load_policy
 
         params = get_current_context()["params"]

@@ -35,11 +35,11 @@ os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ["WAREHOUSE_GDPR_POLICY"] = str(ROOT / "include" / "policy.yaml")
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from warehouse_gdpr_demo import data as demo_data, embedded  # noqa: E402
-
 from warehouse_gdpr.engine import schema  # noqa: E402
 from warehouse_gdpr.engine.crypto import Keys, generate_extra  # noqa: E402
 from warehouse_gdpr.engine.policy import Policy, load_policy  # noqa: E402
+from warehouse_gdpr_demo import data as demo_data  # noqa: E402
+from warehouse_gdpr_demo import embedded  # noqa: E402
 from warehouse_gdpr_demo.sqlfiles import read_sql  # noqa: E402
 
 TEMPLATE_DB = "gdpr_test_template"
@@ -167,7 +167,8 @@ class Downstream:
         self.telephony.add_contact(email, phone="+33 6 00 00 00 00")
         with psycopg.connect(self.desk_url) as desk:
             tid = desk.execute(
-                "INSERT INTO desk.tickets (requester_email, subject) VALUES (%s, 'Invoice question') RETURNING ticket_id",
+                "INSERT INTO desk.tickets (requester_email, subject) VALUES (%s, 'Invoice question')"
+                " RETURNING ticket_id",
                 (email,),
             ).fetchone()[0]  # type: ignore[index]
             desk.execute("INSERT INTO desk.ticket_messages (ticket_id, body) VALUES (%s, 'Hello, Zoé here')", (tid,))

@@ -6,7 +6,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 
 import psycopg
@@ -52,21 +52,24 @@ def add_contact(
 
 def add_activity(conn: psycopg.Connection, contact_id: int, kind: str, day: date) -> None:
     conn.execute(
-        "INSERT INTO crm.activities (activity_id, contact_id, kind, occurred_at, subject_line) VALUES (%s, %s, %s, %s, %s)",
+        "INSERT INTO crm.activities (activity_id, contact_id, kind, occurred_at, subject_line)"
+        " VALUES (%s, %s, %s, %s, %s)",
         (new_id(), contact_id, kind, ts(day), "Re: scenario"),
     )
 
 
 def add_contract(conn: psycopg.Connection, contact_id: int, start: date, end: date | None) -> None:
     conn.execute(
-        "INSERT INTO crm.contracts (contract_id, contact_id, start_date, end_date, value_eur) VALUES (%s, %s, %s, %s, 1000)",
+        "INSERT INTO crm.contracts (contract_id, contact_id, start_date, end_date, value_eur)"
+        " VALUES (%s, %s, %s, %s, 1000)",
         (new_id(), contact_id, start, end),
     )
 
 
 def add_invoice(conn: psycopg.Connection, contact_id: int, issued: date) -> None:
     conn.execute(
-        "INSERT INTO crm.invoices (invoice_id, contact_id, issued_on, amount_eur, billing_name) VALUES (%s, %s, %s, 10, 'Zoé Testperson')",
+        "INSERT INTO crm.invoices (invoice_id, contact_id, issued_on, amount_eur, billing_name)"
+        " VALUES (%s, %s, %s, 10, 'Zoé Testperson')",
         (new_id(), contact_id, issued),
     )
 
@@ -75,7 +78,8 @@ def candidates(conn: psycopg.Connection, policy: Policy, rule_name: str, as_of: 
     """{subject id: blocking holds} of every candidate of a rule."""
     rule = policy.rule(rule_name)
     rows = conn.execute(
-        candidate_sql.batch_query(policy, rule, first=True), {**candidate_sql.rule_params(policy, rule, as_of), "limit": 10**9}
+        candidate_sql.batch_query(policy, rule, first=True),
+        {**candidate_sql.rule_params(policy, rule, as_of), "limit": 10**9},
     ).fetchall()
     conn.rollback()
     return {r[0]: list(r[1]) for r in rows}
@@ -133,7 +137,9 @@ def _digits(text: str | None) -> str:
     return "".join(ch for ch in text if ch.isdigit()) if text else ""
 
 
-def scanned_columns(conn: psycopg.Connection, exclude_schemas: tuple[str, ...] = ("gdpr_archive",)) -> list[tuple[str, str, str, bool]]:
+def scanned_columns(
+    conn: psycopg.Connection, exclude_schemas: tuple[str, ...] = ("gdpr_archive",)
+) -> list[tuple[str, str, str, bool]]:
     """(schema, table, column, is_bytea) of every text, varchar, char, json, jsonb, xml or bytea column (also
     arrays and domains of those) of every table and materialized view of every schema but the system
     ones and `exclude_schemas`, read from pg_catalog: no table is listed by hand."""
@@ -175,33 +181,7 @@ def pii_scan(
 
     Returns (hits as "schema.table.column: <kind> of subject <id>", how many values of each kind were
     looked for). Values are never returned: a failing test names places and subject ids only."""
-    theirs_emails = {_fold(o.email).strip() for o in not_theirs}
-    theirs_phones = {_digits(o.phone) for o in not_theirs}
-    theirs_full = {(_words(o.first_name), _words(o.last_name)) for o in not_theirs}
-    theirs_words = {w for o in not_theirs for w in _words(o.first_name) + _words(o.last_name)}
-    employee_words = {w for name in EMPLOYEES for w in _words(name)}
-    emails: dict[str, int] = {}
-    phones: dict[str, int] = {}
-    names: dict[str, list[tuple[tuple[str, ...], str, int]]] = {}  # first word -> (all words, kind, subject)
-    looked_for = {"emails": 0, "phones": 0, "full_names": 0, "single_names": 0}
-    for p in persons:
-        email, digits = _fold(p.email).strip(), _digits(p.phone)
-        if "@" in email and email not in theirs_emails:
-            emails[email] = p.subject_id
-        if len(digits) >= 6 and digits not in theirs_phones:
-            phones[digits] = p.subject_id
-        first, last = _words(p.first_name), _words(p.last_name)
-        wanted: list[tuple[tuple[str, ...], str]] = []
-        if first and last and (first, last) not in theirs_full and not set(first + last) <= employee_words:
-            wanted.append((first + last, "full_names"))
-        wanted += [(w, "single_names") for w in (first, last) if w and not set(w) & (theirs_words | employee_words)]
-        for words, kind in wanted:
-            names.setdefault(words[0], []).append((words, kind, p.subject_id))
-    looked_for.update(emails=len(emails), phones=len(phones))
-    for entries in names.values():
-        for _, kind, _ in entries:
-            looked_for[kind] += 1
-    phone_lengths = {len(d) for d in phones}
+    wanted = _Wanted.of(persons, not_theirs)
     hits: set[str] = set()
     for schema, table, column, is_bytea in scanned_columns(conn, exclude_schemas):
         column_sql = sql.Identifier(column) if is_bytea else sql.SQL("{}::text").format(sql.Identifier(column))
@@ -212,25 +192,71 @@ def pii_scan(
                 c=column_sql, t=sql.Identifier(schema, table), n=sql.Identifier(column)))
             for (value,) in cur:
                 text = _fold(bytes(value).decode("utf-8", "ignore") if is_bytea else value)
-                if "@" in text:
-                    for found in _EMAIL.findall(text):
-                        sid = emails.get(found.strip("."))
-                        if sid is not None:
-                            hits.add(f"{where}: email of subject {sid}")
-                for run in _DIGIT_RUN.findall(text):
-                    digits = _digits(run)
-                    for n in phone_lengths:
-                        for i in range(len(digits) - n + 1):
-                            sid = phones.get(digits[i:i + n])
-                            if sid is not None:
-                                hits.add(f"{where}: phone of subject {sid}")
-                words = set(_WORD.findall(text))
-                for word in words & names.keys():
-                    for name, kind, sid in names[word]:
-                        if words.issuperset(name):
-                            hits.add(f"{where}: {'full name' if kind == 'full_names' else 'name'} of subject {sid}")
+                hits |= {f"{where}: {hit}" for hit in wanted.found_in(text)}
         conn.rollback()
-    return sorted(hits), looked_for
+    return sorted(hits), wanted.looked_for
+
+
+@dataclass
+class _Wanted:
+    """What `pii_scan` looks for: {folded email: subject}, {phone digits: subject}, {first word of a name:
+    [(all its words, kind, subject)]}, and how many of each kind."""
+
+    emails: dict[str, int]
+    phones: dict[str, int]
+    names: dict[str, list[tuple[tuple[str, ...], str, int]]]
+    looked_for: dict[str, int]
+    phone_lengths: set[int] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, persons: Sequence[Person], not_theirs: Sequence[Person]) -> _Wanted:
+        theirs_emails = {_fold(o.email).strip() for o in not_theirs}
+        theirs_phones = {_digits(o.phone) for o in not_theirs}
+        theirs_full = {(_words(o.first_name), _words(o.last_name)) for o in not_theirs}
+        theirs_words = {w for o in not_theirs for w in _words(o.first_name) + _words(o.last_name)}
+        employee_words = {w for name in EMPLOYEES for w in _words(name)}
+        wanted = cls({}, {}, {}, {"emails": 0, "phones": 0, "full_names": 0, "single_names": 0})
+        for p in persons:
+            email, digits = _fold(p.email).strip(), _digits(p.phone)
+            if "@" in email and email not in theirs_emails:
+                wanted.emails[email] = p.subject_id
+            if len(digits) >= 6 and digits not in theirs_phones:
+                wanted.phones[digits] = p.subject_id
+            first, last = _words(p.first_name), _words(p.last_name)
+            names: list[tuple[tuple[str, ...], str]] = []
+            if first and last and (first, last) not in theirs_full and not set(first + last) <= employee_words:
+                names.append((first + last, "full_names"))
+            names += [(w, "single_names") for w in (first, last) if w and not set(w) & (theirs_words | employee_words)]
+            for words, kind in names:
+                wanted.names.setdefault(words[0], []).append((words, kind, p.subject_id))
+        wanted.looked_for.update(emails=len(wanted.emails), phones=len(wanted.phones))
+        for entries in wanted.names.values():
+            for _, kind, _ in entries:
+                wanted.looked_for[kind] += 1
+        wanted.phone_lengths = {len(d) for d in wanted.phones}
+        return wanted
+
+    def found_in(self, text: str) -> set[str]:
+        """"<kind> of subject <id>" for each wanted value in one folded value."""
+        hits = set()
+        if "@" in text:
+            for found in _EMAIL.findall(text):
+                sid = self.emails.get(found.strip("."))
+                if sid is not None:
+                    hits.add(f"email of subject {sid}")
+        for run in _DIGIT_RUN.findall(text):
+            digits = _digits(run)
+            for n in self.phone_lengths:
+                for i in range(len(digits) - n + 1):
+                    sid = self.phones.get(digits[i:i + n])
+                    if sid is not None:
+                        hits.add(f"phone of subject {sid}")
+        words = set(_WORD.findall(text))
+        for word in words & self.names.keys():
+            for name, kind, sid in self.names[word]:
+                if words.issuperset(name):
+                    hits.add(f"{'full name' if kind == 'full_names' else 'name'} of subject {sid}")
+        return hits
 
 
 # The append-only guard of gdpr.audit_log as control schema versions 1 to 7 defined it.
@@ -256,3 +282,4 @@ def schema_before_v8(conn: psycopg.Connection) -> None:
         conn.execute(_REFUSE_BEFORE_V8)
         conn.execute("ALTER TABLE gdpr.audit_log DROP COLUMN chain_seq, DROP COLUMN prev_hash, DROP COLUMN row_hash")
         conn.execute("DELETE FROM gdpr.schema_version WHERE version >= 7")
+

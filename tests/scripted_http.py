@@ -13,6 +13,7 @@ request's method and path are kept in `server.requests`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -25,7 +26,7 @@ Behaviour = Callable[["_Handler"], None]
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
 
@@ -93,10 +94,8 @@ class ScriptedServer:
         with self._server.lock:
             clients = list(self._server.clients)
         for client in clients:
-            try:
+            with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self._server.server_close()
         self._thread.join()
 

@@ -85,7 +85,8 @@ def test_end_state_checks_see_a_single_changed_row(warehouse: str, policy, keys)
     with psycopg.connect(warehouse) as conn:
         conn.execute("DELETE FROM crm.activities WHERE activity_id = (SELECT max(activity_id) FROM crm.activities)")
     diffs = bench.diff_states(before_delete, bench.delete_state(warehouse, policy))
-    assert [d.split(":")[0] for d in diffs] == ["crm.activities.rows", "crm.activities.pk_md5", "crm.activities.rows_checksum"]
+    assert [d.split(":")[0] for d in diffs] == [
+        "crm.activities.rows", "crm.activities.pk_md5", "crm.activities.rows_checksum"]
     with psycopg.connect(warehouse) as conn:
         conn.execute("UPDATE crm.contacts SET email = md5(email) WHERE contact_id = 1")
     hashed = bench.pseudonymise_state(warehouse, policy, keys)

@@ -87,7 +87,9 @@ def test_url_comes_from_the_environment_without_url(
     assert "give --url (or set WAREHOUSE_URL)" in capsys.readouterr().err
 
 
-def test_schema_install_by_a_role_that_may_not_says_who_must(warehouse: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_schema_install_by_a_role_that_may_not_says_who_must(
+    warehouse: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     import psycopg
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import psycopg
 import pytest
 import yaml
-from helpers import schema_before_v8
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from helpers import schema_before_v8
 from warehouse_gdpr.cli import main
 from warehouse_gdpr.engine import audit, auditchain
 
@@ -30,11 +31,9 @@ def _as(url: str, user: str) -> str:
 def auditor(server_url: str) -> str:
     """A login role whose only grant is gdpr_auditor (cluster-wide: created once if missing)."""
     with psycopg.connect(server_url, autocommit=True) as admin:
-        try:
+        with contextlib.suppress(errors.DuplicateObject):  # created concurrently by another session
             admin.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'audit_reader') THEN"
                           " CREATE ROLE audit_reader LOGIN; END IF; END $$")
-        except errors.DuplicateObject:  # created concurrently by another session
-            pass
         admin.execute("GRANT gdpr_auditor TO audit_reader")
         granted = admin.execute(
             "SELECT array_agg(r.rolname) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid"
@@ -78,9 +77,8 @@ def test_the_auditor_verifies_with_read_rights_only(
     with psycopg.connect(url) as reader:  # read rights only
         for statement in ("INSERT INTO gdpr.audit_log (action, outcome) VALUES ('x', 'y')",
                           "UPDATE gdpr.audit_chain_head SET chain_seq = 0"):
-            with pytest.raises(errors.InsufficientPrivilege):
-                with reader.transaction():
-                    reader.execute(statement)  # type: ignore[arg-type]
+            with pytest.raises(errors.InsufficientPrivilege), reader.transaction():
+                reader.execute(statement)  # type: ignore[arg-type]
 
     assert main(["audit", "verify", "--url", url, "--evidence", str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -90,7 +88,8 @@ def test_the_auditor_verifies_with_read_rights_only(
 
     assert main(["audit", "verify", "--url", url, "--evidence", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert f"The audit chain {head.chain_id} holds: 4 row(s) recomputed, positions 1 to 4 (last audit id {ids[-1]}" in out
+    assert (f"The audit chain {head.chain_id} holds: 4 row(s) recomputed, positions 1 to 4 (last audit id {ids[-1]}"
+            in out)
     assert f"Compared with the last head exported to {tmp_path}: position 4 (audit id {ids[-1]})" in out
 
 

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from warehouse_gdpr_demo import compose_seed, services as demo_services
 from warehouse_gdpr.engine.crypto import Keys, generate_extra
 from warehouse_gdpr.engine.policy import load_policy
+from warehouse_gdpr_demo import compose_seed
+from warehouse_gdpr_demo import services as demo_services
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -219,7 +220,7 @@ def test_dags_plugins_and_include_are_mounted_where_the_code_reads_them(name: st
     assert policy == ROOT / "include" / "policy.yaml" and policy.is_file()
     sql_dir = host_path(service, env["WAREHOUSE_GDPR_SQL_DIR"])
     assert sql_dir is not None and (sql_dir / "gdpr_schema.sql").is_file()
-    for target, source in mounts(service).items():
+    for source in mounts(service).values():
         if source.startswith("./"):
             assert any(v.endswith(":ro") for v in service["volumes"] if v.startswith(source + ":")), (
                 f"{name}: {source} should be mounted read-only")

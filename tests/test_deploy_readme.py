@@ -119,7 +119,8 @@ def test_deploy_section_works_as_written_from_a_wheel(tmp_path: Path, warehouse:
     env = clean_env(REPO=str(repo), WAREHOUSE_URL=uri(warehouse))
     env["PATH"] = str(python3_only(tmp_path)) + os.pathsep + env["PATH"]
     result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", steps + '\npython -c "import warehouse_gdpr; print(warehouse_gdpr.__file__)"\n'],
+        ["bash", "-euo", "pipefail", "-c",
+         steps + '\npython -c "import warehouse_gdpr; print(warehouse_gdpr.__file__)"\n'],
         cwd=work, env=env, capture_output=True, text=True, timeout=600,
     )
     output = result.stdout + result.stderr

@@ -61,7 +61,8 @@ def test_the_docs_meaning_of_each_key_is_the_models_description() -> None:
     described = {key: " ".join(text.split()) for key, text in key_descriptions().items()}
     differing = sorted(key for key in described.keys() & documented.keys() if described[key] != documented[key])
     assert not differing, (
-        "the meaning column of docs/policy.md and the description= of the model (plugins/warehouse_gdpr/engine/policy.py) "
+        "the meaning column of docs/policy.md and the description= of the model "
+        "(plugins/warehouse_gdpr/engine/policy.py) "
         "differ for: " + "; ".join(f"{k}: docs {documented[k]!r} != model {described[k]!r}" for k in differing)
     )
 

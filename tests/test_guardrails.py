@@ -20,8 +20,8 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from helpers import CRM_TABLES, table_checksum
 
+from helpers import CRM_TABLES, table_checksum
 from warehouse_gdpr.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

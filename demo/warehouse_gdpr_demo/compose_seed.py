@@ -18,8 +18,8 @@ Environment (secrets never on the command line):
 A warehouse seeded before (control schema and desk database present) is left as it is, so its audit
 log and erasure requests survive another `docker compose up`, unless `--reseed`; but its control schema
 is brought up to this package's version every time (idempotent: a volume seeded by an older version
-gets the new tables, every row kept), and the password is set every time. Contacts are synced downstream only right after seeding and only into empty services
-(their store is in memory).
+gets the new tables, every row kept), and the password is set every time. Contacts are synced
+downstream only right after seeding and only into empty services (their store is in memory).
 Prints counts only, never a personal value.
 """
 

@@ -183,7 +183,7 @@ class _Generator:
         with conn.cursor() as cur:
             for table, rows in self.rows.items():
                 if rows:
-                    names, types = zip(*(column.split() for column in COLUMNS[table].split(", ")))
+                    names, types = zip(*(column.split() for column in COLUMNS[table].split(", ")), strict=True)
                     with cur.copy(f"COPY crm.{table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)") as copy:
                         copy.set_types(types)
                         for row in rows:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
 
-def _pgserver():  # type: ignore[no-untyped-def]
+def _pgserver() -> types.ModuleType:
     """Import the dev-only wheel lazily, so production installs do not need it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, root)
@@ -81,7 +82,7 @@ def airflow_conn_json(conninfo: str) -> dict[str, object]:
     }
     port = params.pop("port", None)
     if port:
-        conn["port"] = int(port)  # type: ignore[arg-type]
+        conn["port"] = int(port)
     if params:
         conn["extra"] = {k: str(v) for k, v in params.items()}
     return conn

@@ -18,15 +18,16 @@ The docker compose stack seeds its warehouse with the same steps (`seed_warehous
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
-import urllib.request
-import shlex
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,10 +36,10 @@ import psycopg.conninfo
 import psycopg.sql
 
 from warehouse_gdpr.engine import schema
+from warehouse_gdpr.engine.crypto import generate_extra
 
 from . import data as demo_data
 from . import embedded, safety
-from warehouse_gdpr.engine.crypto import generate_extra
 from .sqlfiles import read_sql
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,7 +131,8 @@ def print_summary(conn: psycopg.Connection, run_id: str) -> None:
     print(format_table(["rule", "action", "table", "rows"], [list(r) for r in rows]) if rows else "(none)")
     print("\nSubjects skipped because a legal hold applies:")
     print(format_table(["rule", "held"], [list(r) for r in held]) if held else "(none)")
-    status = conn.execute("SELECT status, count(*), count(pseudonymised_at) FROM crm.contacts GROUP BY 1 ORDER BY 1").fetchall()
+    status = conn.execute("SELECT status, count(*), count(pseudonymised_at) FROM crm.contacts"
+                          " GROUP BY 1 ORDER BY 1").fetchall()
     print("\nContacts now in the warehouse:")
     print(format_table(["status", "contacts", "pseudonymised"], [list(r) for r in status]))
 
@@ -148,10 +150,8 @@ def _free_port() -> int:
 
 def stop_services() -> None:
     if SERVICES_PID.exists():
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(SERVICES_PID.read_text()), signal.SIGTERM)
-        except (ProcessLookupError, ValueError):
-            pass
         SERVICES_PID.unlink()
 
 
@@ -166,7 +166,7 @@ def seed_warehouse(owner_url: str, contacts: int) -> dict[str, int]:
         counts = demo_data.seed(conn, contacts=contacts)
         schema.ensure_schema(conn)
         with conn.transaction():
-            conn.execute(read_sql("demo_grants.sql"))  # type: ignore[arg-type]
+            conn.execute(read_sql("demo_grants.sql"))
     return counts
 
 
@@ -177,7 +177,7 @@ def create_support_desk(owner_url: str, name: str = "support_desk") -> str:
         admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
     desk_url = psycopg.conninfo.make_conninfo(owner_url, dbname=name)
     with psycopg.connect(desk_url) as desk:
-        desk.execute(read_sql("demo_support_desk.sql"))  # type: ignore[arg-type]
+        desk.execute(read_sql("demo_support_desk.sql"))
     return desk_url
 
 
@@ -234,17 +234,20 @@ def demo_erasure(owner_url: str, env: dict[str, str]) -> tuple[int, str]:
     with psycopg.connect(owner_url) as conn:
         row = conn.execute(
             "SELECT contact_id, email FROM crm.contacts c WHERE status = 'prospect' AND NOT litigation_hold"
-            " AND pseudonymised_at IS NULL AND NOT EXISTS (SELECT 1 FROM crm.invoices i WHERE i.contact_id = c.contact_id)"
+            " AND pseudonymised_at IS NULL"
+            " AND NOT EXISTS (SELECT 1 FROM crm.invoices i WHERE i.contact_id = c.contact_id)"
             " ORDER BY contact_id LIMIT 1"
         ).fetchone()
     assert row is not None, "the demo CRM has no erasable prospect left"
     contact_id, email = row
     request_id = f"DEMO-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"\nErasing demo contact #{contact_id} (request {request_id}) with `airflow dags test gdpr_subject_erasure` ...")
+    print(f"\nErasing demo contact #{contact_id} (request {request_id}) with "
+          "`airflow dags test gdpr_subject_erasure` ...")
     log_path = DEMO / "erasure.log"
     with log_path.open("w") as log_file:
         proc = subprocess.run(
-            ["airflow", "dags", "test", "gdpr_subject_erasure", "-c", json.dumps({"email": email, "request_id": request_id})],
+            ["airflow", "dags", "test", "gdpr_subject_erasure",
+             "-c", json.dumps({"email": email, "request_id": request_id})],
             env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
     with psycopg.connect(owner_url) as conn:
@@ -258,7 +261,8 @@ def demo_erasure(owner_url: str, env: dict[str, str]) -> tuple[int, str]:
     from warehouse_gdpr.engine.sweep import format_table
 
     if status is None:
-        print(f"The erasure failed before recording the request (exit {proc.returncode}); see {log_path}", file=sys.stderr)
+        print(f"The erasure failed before recording the request (exit {proc.returncode}); see {log_path}",
+              file=sys.stderr)
         return 1, email
     print(f"Request {request_id}: outcome {status[1]}, status {status[0]}, due {status[2]}; "
           f"contact rows left in the warehouse: {left}.")
@@ -331,7 +335,8 @@ def first_sweep_confirmation(owner_url: str, as_of: str) -> dict[str, int]:
     over = sweep.blast_radius({p.rule: p.candidates - p.held for p in plans}, rows, policy.blast_radius_percent)
     for b in over:
         print(f"First sweep: {b.rule} treats {b.to_process} of {b.subject_rows} contacts ({b.percent} %), above "
-              f"blast_radius_percent ({policy.blast_radius_percent:g} %): confirmed with the confirm_blast_radius param.")
+              f"blast_radius_percent ({policy.blast_radius_percent:g} %): confirmed with the confirm_blast_radius "
+              "param.")
     return {b.rule: b.to_process for b in over}
 
 
@@ -381,7 +386,8 @@ def main() -> int:
     print(
         "\nNext: `source .demo/env`, then for example\n"
         "  airflow dags test gdpr_retention_sweep -c '{\"dry_run\": true}'\n"
-        "  airflow dags test gdpr_subject_erasure -c '{\"email\": \"someone@example.com\", \"request_id\": \"REQ-1\"}'\n"
+        "  airflow dags test gdpr_subject_erasure"
+        " -c '{\"email\": \"someone@example.com\", \"request_id\": \"REQ-1\"}'\n"
         "  airflow dags test gdpr_optout_sync\n"
         "  psql \"$WAREHOUSE_URL\" -c 'SELECT * FROM gdpr.audit_log ORDER BY audit_id DESC LIMIT 20'\n"
         "Stop the embedded PostgreSQL with `make stop`."

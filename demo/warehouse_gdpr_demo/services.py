@@ -18,8 +18,9 @@ Every route but the control routes needs the key or token (401 otherwise). A mis
 Both serve, without auth, ``POST /_control/fail`` ``{"count": N, "status": 500}`` (the next N
 non-control requests answer that status; ``"method": "DELETE"`` limits it to that method),
 ``GET /_control/requests`` (method, redacted path, status and time of each non-control request;
-bodies are never kept) and ``GET /_control/contacts/count`` (and ``GET /_control/blocklist/count``). Emails are personal data: paths are stored and logged with the
-identifier replaced by ``<redacted>`` and query strings dropped. Servers bind to 127.0.0.1 unless
+bodies are never kept) and ``GET /_control/contacts/count`` (and ``GET /_control/blocklist/count``).
+Emails are personal data: paths are stored and logged with the identifier replaced by ``<redacted>``
+and query strings dropped. Servers bind to 127.0.0.1 unless
 told otherwise (``host=``, ``--host``): plain HTTP, demo credentials, no auth on the control routes.
 
 ``python -m warehouse_gdpr_demo.services --emailing-port P1 --telephony-port P2 --api-key K
@@ -31,6 +32,7 @@ In a container, ``--host 0.0.0.0`` lets the other containers reach them (a warni
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import hmac
@@ -159,10 +161,8 @@ class _Server(ThreadingHTTPServer):
         with self.state.lock:
             clients = list(self.clients.items())
         for client, _ in clients:
-            try:
+            with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         for _, thread in clients:
             thread.join()
 
@@ -198,8 +198,8 @@ class _Handler(BaseHTTPRequestHandler):
         if flavour.account_path and path == flavour.account_path and self.command == "GET":
             return self._send(200, flavour.account)
         if path == flavour.prefix and self.command == "POST":
-            body = _json_object(raw)
-            email = body.get("email") if body is not None else None
+            body = _json_object(raw) or {}
+            email = body.get("email")
             if not isinstance(email, str) or "@" not in email:
                 return self._send(400, {"code": "invalid_parameter", "message": "Invalid email address"})
             record = state.add(email, {k: v for k, v in body.items() if k not in ("id", "email")})

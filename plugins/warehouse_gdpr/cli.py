@@ -26,8 +26,12 @@ import os
 import sys
 from datetime import date, datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
+
+if TYPE_CHECKING:
+    from warehouse_gdpr.engine.auditchain import StoragePath
 
 
 def _schema(_: argparse.Namespace) -> int:
@@ -161,7 +165,7 @@ def _register(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evidence_root(args: argparse.Namespace) -> tuple[object | None, str]:
+def _evidence_root(args: argparse.Namespace) -> tuple[StoragePath | None, str]:
     """Where the exported chain heads are: --evidence (a folder, relative to the current directory, or an
     ObjectStoragePath URL), else the policy's evidence.location (relative: under $AIRFLOW_HOME, as the
     DAGs resolve it). (None, why) without either."""
@@ -197,7 +201,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 2
-    store = auditchain.PathHeadStore(root) if root is not None else None  # type: ignore[arg-type]
+    store = auditchain.PathHeadStore(root) if root is not None else None
     try:
         with psycopg.connect(url) as conn:
             conn.read_only = True  # verifying never writes
@@ -257,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     hashes.set_defaults(run=_subject_hash)
     reg = commands.add_parser("register", help="write the register of processing activities (GDPR art. 30)")
     reg.add_argument("policy", help="path to the policy YAML file")
-    reg.add_argument("--out", help="output directory (default: processing_register.output_dir, under the current directory)")
+    reg.add_argument("--out", help="output directory (default: processing_register.output_dir, under the current "
+                                   "directory)")
     reg.add_argument("--date", type=date.fromisoformat, help="date printed as generation date (default: today)")
     reg.set_defaults(run=_register)
     audit_log = commands.add_parser("audit", help="the audit log's evidence").add_subparsers(

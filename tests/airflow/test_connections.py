@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from warehouse_gdpr.airflow import connections
 from warehouse_gdpr.engine.errors import ConfigurationError
 from warehouse_gdpr.engine.policy import Policy
@@ -35,7 +36,8 @@ def test_the_default_policy_path_is_the_environment_variable_and_nothing_else(
     assert connections.policy_path() == tmp_path / "policy.yaml"
 
     monkeypatch.delenv("WAREHOUSE_GDPR_POLICY")
-    with pytest.raises(ConfigurationError, match=r"set WAREHOUSE_GDPR_POLICY .* or pass the path to .*build_all\(path\)"):
+    with pytest.raises(ConfigurationError,
+                       match=r"set WAREHOUSE_GDPR_POLICY .* or pass the path to .*build_all\(path\)"):
         connections.policy_path()
     with pytest.raises(ConfigurationError, match="WAREHOUSE_GDPR_POLICY"):
         build_all()  # a dags file without a path: an import error that names the fix

@@ -12,13 +12,12 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+
 from helpers import AS_OF, add_activity, add_contact
-
-from warehouse_gdpr_demo import embedded
-
 from warehouse_gdpr.engine import erasure, optout
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys
+from warehouse_gdpr_demo import embedded
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_AFTER = datetime(2026, 6, 15, 12, 0, tzinfo=timezone.utc)
@@ -76,7 +75,8 @@ def test_both_dags_import_without_errors(airflow_home: Path) -> None:
     sync = bag.get_dag("gdpr_optout_sync")
     example = bag.get_dag("example_check_before_import")
     assert sync is not None and example is not None
-    assert {"check", "rekey", "collect", "guard_resurrections", "enforce", "share", "export", "report"} <= set(sync.task_ids)
+    assert {"check", "rekey", "collect", "guard_resurrections", "enforce", "share", "export", "report"} <= set(
+        sync.task_ids)
     assert sync.params.get_param("dry_run").description
     for name in ("connection_id", "staging_table", "email_column", "target_table"):
         assert example.params.get_param(name).description, name
@@ -93,8 +93,10 @@ def test_sync_collects_catches_the_resurrection_enforces_and_shares(
 
     assert state == "success", logs[-4000:]
     with psycopg.connect(airflow_conns) as conn:
-        assert conn.execute("SELECT count(*) FROM crm.contacts WHERE contact_id = %s", (ids["back"],)).fetchone()[0] == 0
-        assert conn.execute("SELECT do_not_contact FROM crm.contacts WHERE contact_id = %s", (ids["unsub"],)).fetchone()[0]
+        assert conn.execute("SELECT count(*) FROM crm.contacts WHERE contact_id = %s",
+                            (ids["back"],)).fetchone()[0] == 0
+        assert conn.execute("SELECT do_not_contact FROM crm.contacts WHERE contact_id = %s",
+                            (ids["unsub"],)).fetchone()[0]
         assert conn.execute("SELECT reason, source FROM gdpr.suppression_list WHERE email_hash = %s",
                             (keys.subject_hash(UNSUB),)).fetchone() == ("opt_out", "unsubscribe_activity")
         row = conn.execute("SELECT outcome, subject_hash, details->>'request_id', dag_id FROM gdpr.audit_log"
@@ -136,7 +138,8 @@ def test_dry_run_changes_nothing(
     assert state == "success", logs[-4000:]
     with psycopg.connect(airflow_conns) as conn:
         assert conn.execute("SELECT count(*) FROM gdpr.suppression_list").fetchone()[0] == before
-        assert conn.execute("SELECT count(*) FROM crm.contacts WHERE contact_id = %s", (ids["back"],)).fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM crm.contacts WHERE contact_id = %s",
+                            (ids["back"],)).fetchone()[0] == 1
         assert not conn.execute("SELECT do_not_contact FROM crm.contacts WHERE contact_id = %s",
                                 (ids["unsub"],)).fetchone()[0]
         outcomes = {r[0] for r in conn.execute(

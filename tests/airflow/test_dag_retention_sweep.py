@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
+
 from helpers import CRM_TABLES, table_checksum
 from warehouse_gdpr.engine.errors import ConfigurationError
 
@@ -91,7 +92,8 @@ def test_whole_dag_run_sweeps_and_logs_no_personal_data(
             ).fetchall()
         }
         audit_text = conn.execute("SELECT string_agg(a::text, ' ') FROM gdpr.audit_log a").fetchone()[0]  # type: ignore[index]
-        pseudonymised = conn.execute("SELECT count(*) FROM crm.contacts WHERE pseudonymised_at IS NOT NULL").fetchone()[0]  # type: ignore[index]
+        pseudonymised = conn.execute(
+            "SELECT count(*) FROM crm.contacts WHERE pseudonymised_at IS NOT NULL").fetchone()[0]  # type: ignore[index]
         stored = conn.execute("SELECT sha256, activities FROM gdpr.processing_register").fetchall()
     assert after < before and pseudonymised > 0
     assert steps == {"check_policy", "plan", "apply", "purge_archive", "report", "write_register", "verify_audit_chain"}
@@ -169,7 +171,8 @@ def test_bad_keys_fail_before_any_write(
     airflow_home: Path, airflow_conns: str, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("AIRFLOW_CONN_GDPR_KEYS", '{"conn_type": "generic", "extra": {"hmac_key_id": "p1", "hmac_pepper": "c2hvcnQ="}}')
+    monkeypatch.setenv("AIRFLOW_CONN_GDPR_KEYS",
+                       '{"conn_type": "generic", "extra": {"hmac_key_id": "p1", "hmac_pepper": "c2hvcnQ="}}')
     with psycopg.connect(airflow_conns) as conn:
         before = table_checksum(conn, CRM_TABLES)
 
@@ -227,7 +230,8 @@ def test_the_blast_radius_limit_stops_a_delete_everything_rule_until_confirmed(
     assert "docs/runbook.md" in logs
     with psycopg.connect(airflow_conns) as conn:
         assert table_checksum(conn, [*CRM_TABLES, "crm.support_tickets"]) == before
-        assert conn.execute("SELECT count(*) FROM gdpr.audit_log WHERE action IN ('batch', 'delete')").fetchone()[0] == 0  # type: ignore[index]
+        assert conn.execute(
+            "SELECT count(*) FROM gdpr.audit_log WHERE action IN ('batch', 'delete')").fetchone()[0] == 0  # type: ignore[index]
     assert _blast_rows(airflow_conns) == [("apply", "everyone", "crm.contacts", "stopped", count, None, 1500)]
 
     # A confirmation below the planned count stops it again, naming both counts.

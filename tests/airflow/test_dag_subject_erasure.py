@@ -481,7 +481,8 @@ def test_a_notifier_that_cannot_be_imported_keeps_the_dag_and_fails_its_last_tas
     dag_run, logs = _run_dag("gdpr_erasure_retry", {}, caplog, capfd)
     assert _states(dag_run) == {"preflight": "success", "retry_pending": "success", "check_deadlines": "failed",
                                 "verify_audit_chain": "success", "audit_chain_failed": "skipped"}
-    assert "erasure.on_failure_callback `no_such_pager_module:page`: module no_such_pager_module cannot be imported" in logs
+    assert ("erasure.on_failure_callback `no_such_pager_module:page`: module no_such_pager_module cannot be imported"
+            in logs)
 
     import pager_probe
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
 from helpers import CRM_TABLES, table_checksum
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +29,8 @@ def test_a_policy_file_changed_after_check_policy_is_refused_by_the_next_tasks(
 
     def edit_the_policy(context) -> None:  # type: ignore[no-untyped-def]
         # Someone deploys a new policy while the run is between check_policy and plan (a comment suffices).
-        policy_file.write_text(policy_file.read_text(encoding="utf-8") + "\n# edited during the run\n", encoding="utf-8")
+        policy_file.write_text(policy_file.read_text(encoding="utf-8") + "\n# edited during the run\n",
+                               encoding="utf-8")
         edited.append(context["ti"].task_id)
 
     dag.get_task("check_policy").on_success_callback = [edit_the_policy]

@@ -18,8 +18,9 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from helpers import CRM_TABLES, add_contact, add_contract, table_checksum
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from helpers import CRM_TABLES, add_contact, add_contract, table_checksum
 from warehouse_gdpr.airflow.errors import task_errors
 from warehouse_gdpr.engine import erasure
 from warehouse_gdpr.engine.audit import RunContext
@@ -132,7 +133,8 @@ def _run(dag, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str
                                           "former_clients": 10**6}} if dag.dag_id == "gdpr_retention_sweep" else None)
         dag_run = dag.test(run_after=RUN_AFTER, logical_date=RUN_AFTER, run_conf=conf)
     out, err = capfd.readouterr()
-    tis = {ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]": ti for ti in dag_run.get_task_instances()}
+    tis = {ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]": ti
+           for ti in dag_run.get_task_instances()}
     return str(dag_run.state), tis, out + err + caplog.text
 
 
@@ -170,7 +172,8 @@ def test_a_check_violation_during_pseudonymisation_logs_no_personal_data(
         assert value not in logs, f"{value!r} reached the task logs"
     assert not EMAIL_RE.search(logs), "an email address reached the logs"
     with psycopg.connect(airflow_conns) as conn:
-        row = conn.execute("SELECT job_title, pseudonymised_at FROM crm.contacts WHERE contact_id = %s", (cid,)).fetchone()
+        row = conn.execute("SELECT job_title, pseudonymised_at FROM crm.contacts WHERE contact_id = %s",
+                           (cid,)).fetchone()
     assert row == ("CTO", None), "the failed batch changed nothing"
 
 
@@ -310,7 +313,8 @@ def test_erasure_retry_goes_on_after_a_lost_connection(
         state, tis, logs = _run(dag, caplog, capfd)
 
         assert _Killer.killed.is_set()
-        assert state == "failed" and str(tis["retry_pending"].state) == "failed", {k: str(v.state) for k, v in tis.items()}
+        assert state == "failed" and str(tis["retry_pending"].state) == "failed", {
+            k: str(v.state) for k, v in tis.items()}
         outbox = _outbox(airflow_conns)
         assert outbox.pop(("REQ-LOST-A", "telephony")) == "pending"  # its acknowledgement was lost with the connection
         assert set(outbox.values()) == {"acknowledged"}, outbox

@@ -12,9 +12,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from warehouse_gdpr_demo import compose_seed
-
 from warehouse_gdpr.engine import schema
+from warehouse_gdpr_demo import compose_seed
 from warehouse_gdpr_demo.services import DemoService, start_emailing, start_telephony
 
 KEY, TOKEN, PASSWORD = "seed-test-key", "seed-test-token", "seed-test-password"

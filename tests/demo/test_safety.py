@@ -90,7 +90,8 @@ def test_a_database_the_demo_seeded_can_be_reseeded(server_url: str) -> None:
     try:
         run.seed_warehouse(url, 20)
         with psycopg.connect(url) as conn, conn.transaction():
-            audit.record(conn, RunContext("gdpr_retention_sweep", "demo", "apply", False), action="batch", outcome="done")
+            audit.record(conn, RunContext("gdpr_retention_sweep", "demo", "apply", False), action="batch",
+                         outcome="done")
         counts = run.seed_warehouse(url, 30)  # marked as the demo's: its history may start over
         assert counts["contacts"] == 30
         assert _audit_rows(url) == 0

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import schema_before_v8
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from helpers import schema_before_v8
 from warehouse_gdpr.engine import audit, auditchain, schema
 from warehouse_gdpr.engine.sqlfiles import read_sql
 
@@ -113,23 +113,20 @@ def test_python_and_the_database_hash_awkward_values_alike(conn: psycopg.Connect
 def test_the_chain_columns_are_the_databases_to_set(
     conn: psycopg.Connection, dag_conn: psycopg.Connection
 ) -> None:
-    with pytest.raises(errors.InsufficientPrivilege) as info:  # the engine: by the column grants
-        with dag_conn.transaction():
-            dag_conn.execute("INSERT INTO gdpr.audit_log (action, outcome, chain_seq, prev_hash, row_hash)"
-                             " VALUES ('delete', 'ok', 1, repeat('0', 64), repeat('0', 64))")
+    with pytest.raises(errors.InsufficientPrivilege) as info, dag_conn.transaction():  # the engine: by the grants
+        dag_conn.execute("INSERT INTO gdpr.audit_log (action, outcome, chain_seq, prev_hash, row_hash)"
+                         " VALUES ('delete', 'ok', 1, repeat('0', 64), repeat('0', 64))")
     assert info.value.diag.message_primary == "permission denied for table audit_log"
-    with pytest.raises(errors.InsufficientPrivilege) as info:  # the owner: by the chain trigger, at commit
-        with conn.transaction():
-            conn.execute("INSERT INTO gdpr.audit_log (action, outcome, chain_seq) VALUES ('delete', 'forged', 1)")
+    with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():  # the owner: the chain trigger
+        conn.execute("INSERT INTO gdpr.audit_log (action, outcome, chain_seq) VALUES ('delete', 'forged', 1)")
     assert info.value.diag.message_primary == (
         "gdpr.audit_log: chain_seq, prev_hash and row_hash are set by the database, not by an INSERT")
     for statement in ("UPDATE gdpr.audit_log SET row_hash = repeat('0', 64)",
                       "UPDATE gdpr.audit_log SET chain_seq = NULL, prev_hash = NULL, row_hash = NULL"):
         _write(conn)
         conn.execute("SET gdpr.audit_chaining = 'on'")  # the chain trigger's permission does not reach a chained row
-        with pytest.raises(errors.InsufficientPrivilege, match="append-only: UPDATE refused"):
-            with conn.transaction():
-                conn.execute(statement)  # type: ignore[arg-type]
+        with pytest.raises(errors.InsufficientPrivilege, match="append-only: UPDATE refused"), conn.transaction():
+            conn.execute(statement)  # type: ignore[arg-type]
         conn.execute("RESET gdpr.audit_chaining")
     assert _verify(conn).ok
 

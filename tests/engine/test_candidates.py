@@ -13,7 +13,6 @@ from helpers import (
     add_invoice,
     candidates,
 )
-
 from warehouse_gdpr.engine.policy import Policy
 
 DAY = timedelta(days=1)

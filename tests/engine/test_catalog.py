@@ -377,8 +377,9 @@ def test_failing_check_changes_nothing(conn: psycopg.Connection, demo_data: dict
 def _former_clients_without_a_date(conn: psycopg.Connection) -> tuple[int, int]:
     """Adds a former client with no contract and one with an open contract only; returns (those without a
     date for the contracts clock, unpseudonymised former clients)."""
-    from helpers import add_contact, add_contract
     from datetime import date
+
+    from helpers import add_contact, add_contract
 
     add_contact(conn, "former_client", date(2019, 1, 1))
     open_only = add_contact(conn, "former_client", date(2019, 1, 1))
@@ -405,7 +406,9 @@ def test_a_rule_that_never_selects_some_subjects_warns(conn: psycopg.Connection,
     assert check_policy(conn, parse_policy(demo_data, "demo")).warnings == []
 
 
-def test_a_fallback_column_that_may_be_empty_is_counted_too(conn: psycopg.Connection, demo_data: dict[str, Any]) -> None:
+def test_a_fallback_column_that_may_be_empty_is_counted_too(
+    conn: psycopg.Connection, demo_data: dict[str, Any]
+) -> None:
     _, total = _former_clients_without_a_date(conn)
     nullable = _variant(demo_data, lambda d: d["rules"][2]["clock"].update(fallback="pseudonymised_at"))
     assert check_policy(conn, nullable).warnings == [

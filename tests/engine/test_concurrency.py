@@ -22,9 +22,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import AS_OF, CRM_TABLES, add_activity, add_contact, add_contract, new_id, table_checksum
 from psycopg import sql
 
+from helpers import AS_OF, CRM_TABLES, add_activity, add_contact, add_contract, new_id, table_checksum
 from warehouse_gdpr.engine import erasure, sweep
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys, archive_aad
@@ -97,7 +97,8 @@ def reference(server_url: str, template_db: str) -> Iterator[str]:
 
     name = f"gdpr_ref_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_db)))
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name),
+                                                                      sql.Identifier(template_db)))
     try:
         yield _with_db(server_url, name)
     finally:
@@ -254,7 +255,8 @@ def test_a_change_committed_while_the_sweep_waits_is_honoured(
         assert row == after_change, "the person was changed by the sweep after all"
         assert _count(conn, "SELECT count(*) FROM gdpr_archive.archived_row WHERE subject_id = %s", str(cid)) == 0
         if change is _new_contract:
-            assert _count(conn, "SELECT count(*) FROM crm.contracts WHERE contact_id = %s AND end_date IS NULL", cid) == 1
+            assert _count(conn, "SELECT count(*) FROM crm.contracts WHERE contact_id = %s AND end_date IS NULL",
+                          cid) == 1
         assert result.changed_under_lock == 1
         # the audit counts what happened: the person is not among the rows changed
         action = "delete" if result.action == "delete" else "pseudonymise"
@@ -278,7 +280,8 @@ def test_erasure_and_sweep_on_one_person_both_complete(warehouse: str, policy: P
         person = add_contact(conn, "prospect", LONG_AGO)  # due for deletion, and asking for erasure
         add_activity(conn, person, "email_open", LONG_AGO)
         conn.execute(
-            "INSERT INTO crm.notes (note_id, contact_id, author, body, created_at) VALUES (%s, %s, 'Rep', 'Called', now())",
+            "INSERT INTO crm.notes (note_id, contact_id, author, body, created_at)"
+            " VALUES (%s, %s, 'Rep', 'Called', now())",
             (new_id(), person),
         )
         email = conn.execute("SELECT email FROM crm.contacts WHERE contact_id = %s", (person,)).fetchone()[0]  # type: ignore[index]
@@ -339,7 +342,8 @@ def test_a_second_sweep_stops_with_a_clear_message_and_changes_nothing(
             assert table_checksum(conn, CRM_ALL) == before
             assert _count(conn, "SELECT count(*) FROM gdpr.audit_log WHERE run_id = 'second' AND action = 'sweep_lock'"
                           " AND outcome = 'busy'") == 2
-            assert _count(conn, "SELECT count(*) FROM gdpr.audit_log WHERE run_id = 'second' AND action <> 'sweep_lock'") == 0
+            assert _count(conn, "SELECT count(*) FROM gdpr.audit_log"
+                                " WHERE run_id = 'second' AND action <> 'sweep_lock'") == 0
         # released: the sweep runs
         result = sweep.apply_rule(conn, policy, policy.rule("prospects_never_converted"), keys,
                                   RunContext("test", "third", "apply"), AS_OF, lock_wait_seconds=0)

@@ -11,8 +11,8 @@ from cryptography.exceptions import InvalidTag
 
 from warehouse_gdpr.engine.crypto import (
     ARCHIVE_KEY_BYTES,
-    Keys,
     KeyConfigError,
+    Keys,
     archive_aad,
     generate_extra,
     normalise_email,

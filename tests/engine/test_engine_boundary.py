@@ -21,3 +21,17 @@ def test_engine_modules_import_without_airflow() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins")}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", f"the engine imported Airflow: {out.stdout[:500]}"
+
+
+def test_no_engine_module_imports_airflow_even_inside_a_function() -> None:
+    """The probe above misses an import deferred into a function body (engine/optout.py once imported
+    HttpHook there): scan every import statement of the engine's source."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "plugins" / "warehouse_gdpr" / "engine").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n == "airflow" or n.startswith("airflow.")]
+    assert offenders == []

@@ -15,9 +15,9 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from helpers import AS_OF, add_activity, add_contact, add_contract, add_invoice, new_id, table_checksum
 from psycopg import sql
 
+from helpers import AS_OF, add_activity, add_contact, add_contract, add_invoice, new_id, table_checksum
 from warehouse_gdpr.engine import erasure, propagation, sweep
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys, archive_aad
@@ -234,8 +234,8 @@ def test_received_at_bound_is_365_days() -> None:
     """Older than a month is accepted (already overdue, the first task warns); older than 365 days is refused."""
     for days in (0, 30, 45, 365):
         received = TODAY - timedelta(days=days)
-        request = erasure.parse_request({"email": GOOD_EMAIL, "request_id": "REQ-1", "received_at": received.isoformat()},
-                                        today=TODAY)
+        request = erasure.parse_request(
+            {"email": GOOD_EMAIL, "request_id": "REQ-1", "received_at": received.isoformat()}, today=TODAY)
         assert request.received_at == received
     with pytest.raises(RequestError, match="more than 365 days"):
         erasure.parse_request({"email": GOOD_EMAIL, "request_id": "REQ-1",
@@ -308,7 +308,8 @@ def test_subject_found_by_email_is_erased_everywhere_in_one_call(conn, policy: P
     for target, status, attempts, key_id, nonce, ciphertext in outbox:
         assert (status, attempts) == ("pending", 0)
         assert email.encode() not in bytes(ciphertext)
-        plain = keys.decrypt(key_id, bytes(nonce), bytes(ciphertext), erasure.outbox_aad("REQ-2026-0001", target, key_id))
+        plain = keys.decrypt(key_id, bytes(nonce), bytes(ciphertext),
+                             erasure.outbox_aad("REQ-2026-0001", target, key_id))
         assert plain.decode() == email.strip().lower()
     # audit: one erase row per table with its count, by subject hash; no '@' anywhere in the log
     audited = dict(conn.execute(
@@ -617,7 +618,8 @@ def test_repr_of_request_located_and_result_never_show_the_email(conn, policy: P
 def test_an_email_with_a_trailing_newline_is_stored_normalised(conn, policy: Policy, keys: Keys) -> None:
     """Nothing of the raw spelling is kept: the outbox holds the normalised email, the hashes are of it."""
     email = "nobody.here@nowhere.example"
-    _, located, _, result = _run(conn, policy, keys, {"email": " NoBody.Here@NoWhere.example\n", "request_id": "REQ-NL"})
+    _, located, _, result = _run(conn, policy, keys,
+                                 {"email": " NoBody.Here@NoWhere.example\n", "request_id": "REQ-NL"})
     assert located.email == email and result.subject_hash == keys.subject_hash(email)
     assert _one(conn, "SELECT reason FROM gdpr.suppression_list WHERE email_hash = %s", keys.subject_hash(email)) == (
         "erasure",)

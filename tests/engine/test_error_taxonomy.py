@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+
 from warehouse_gdpr.engine.catalog import CatalogError
 from warehouse_gdpr.engine.crypto import KeyConfigError, Keys
 from warehouse_gdpr.engine.erasure import RequestError

@@ -18,16 +18,19 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import AS_OF, add_activity, add_contact, add_contract, new_id, table_checksum
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from helpers import AS_OF, add_activity, add_contact, add_contract, new_id, table_checksum
+from scripted_http import ScriptedServer, json_answer, redirect
+from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import erasure, optout
 from warehouse_gdpr.engine.audit import RunContext
-from warehouse_gdpr.engine.crypto import Keys, KeyConfigError, generate_extra
+from warehouse_gdpr.engine.crypto import KeyConfigError, Keys, generate_extra
 from warehouse_gdpr.engine.policy import Policy
 
 CTX = RunContext("gdpr_optout_sync", "run-1", "test")
+TRANSPORT = AirflowTransport()
 ERASE = RunContext("gdpr_subject_erasure", "erase-1", "erase")
 TODAY = date(2026, 6, 15)
 
@@ -117,7 +120,8 @@ def test_collection_is_idempotent_and_matches_the_sources(conn, policy: Policy, 
     assert sum(first["by_source"].values()) == len(expected)
     assert _entry(conn, keys.subject_hash("unsub.person@example.example")) == (
         keys.hmac_key_id, "opt_out", "unsubscribe_activity", None)
-    assert _entry(conn, keys.subject_hash("both.sources@example.example"))[2] == "do_not_contact_flag"  # first source wins
+    # the first source wins
+    assert _entry(conn, keys.subject_hash("both.sources@example.example"))[2] == "do_not_contact_flag"
 
     checksum = table_checksum(conn, ["gdpr.suppression_list"])
     second = optout.collect(conn, policy, keys, CTX, AS_OF)
@@ -187,7 +191,8 @@ def test_enforcement_marks_matches_whatever_their_status_and_again_after_an_impo
     conn, policy: Policy, keys: Keys
 ) -> None:
     _unsubscribed(conn, "leaver@old-job.example", status="client")
-    copies = [add_contact(conn, s, date(2022, 1, 1), email="Leaver@Old-Job.example") for s in ("prospect", "lead", "former_client")]
+    copies = [add_contact(conn, s, date(2022, 1, 1), email="Leaver@Old-Job.example")
+              for s in ("prospect", "lead", "former_client")]
     bystander = add_contact(conn, "lead", date(2024, 1, 1), email="bystander@example.example")
     conn.commit()
     optout.collect(conn, policy, keys, CTX, AS_OF)
@@ -238,7 +243,8 @@ def test_reimported_erased_subject_is_erased_again_and_audited(conn, policy: Pol
     assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = %s", cid) == 0
     assert _count(conn, "SELECT count(*) FROM crm.activities WHERE contact_id = %s", cid) == 0
     assert table_checksum(conn, ["crm.contracts", "crm.invoices"]) == untouched
-    row = _one(conn, "SELECT outcome, subject_hash, table_name, details FROM gdpr.audit_log WHERE action = 'resurrection'")
+    row = _one(conn, "SELECT outcome, subject_hash, table_name, details FROM gdpr.audit_log"
+                     " WHERE action = 'resurrection'")
     assert row[:3] == ("erased", email_hash, "crm.contacts")
     assert row[3]["request_id"] == "REQ-2026-0100" and row[3]["subject_id"] == cid and row[3]["policy"] == "erase"
     assert _count(conn, "SELECT count(*) FROM gdpr.audit_log WHERE action = 'erase' AND outcome = 'resurrection'"
@@ -276,7 +282,8 @@ def test_resurrected_subject_under_a_hold_is_quarantined_not_erased(conn, policy
     assert _count(conn, "SELECT count(*) FROM crm.contracts WHERE contact_id = %s", cid) == 1
     assert _one(conn, "SELECT reason FROM gdpr.quarantine WHERE subject_id = %s", str(cid)) == (
         "resurrection; legal hold: active_contract",)
-    assert _one(conn, "SELECT details->'holds' FROM gdpr.audit_log WHERE action = 'resurrection'") == (["active_contract"],)
+    assert _one(conn, "SELECT details->'holds' FROM gdpr.audit_log WHERE action = 'resurrection'") == (
+        ["active_contract"],)
 
 
 def test_refused_or_restricted_erasures_are_not_resurrections(conn, policy: Policy, keys: Keys) -> None:
@@ -284,7 +291,8 @@ def test_refused_or_restricted_erasures_are_not_resurrections(conn, policy: Poli
     add_contract(conn, held, date(2023, 2, 1), None)
     conn.commit()
     assert _erase(conn, policy, keys, "in.court@example.example", "REQ-LIT-9").outcome == "refused"
-    assert _entry(conn, keys.subject_hash("in.court@example.example"))[1:] == ("erasure", "erasure_request", "REQ-LIT-9")
+    assert _entry(conn, keys.subject_hash("in.court@example.example"))[1:] == (
+        "erasure", "erasure_request", "REQ-LIT-9")
     before = table_checksum(conn, ["crm.contacts", "crm.contracts"])
 
     assert optout.guard(conn, policy, keys, CTX, AS_OF)["found"] == 0
@@ -335,9 +343,8 @@ def test_the_engine_cannot_remove_or_alter_an_entry(
     conn, warehouse: str, policy: Policy, keys: Keys, statement: str, message: str
 ) -> None:
     _erased_then_reimported(conn, policy, keys, "REQ-PERM-1")
-    with _as_engine(warehouse) as engine:
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            engine.execute(statement)
+    with _as_engine(warehouse) as engine, pytest.raises(errors.InsufficientPrivilege) as info:
+        engine.execute(statement)
     assert info.value.diag.message_primary == message
     assert _count(conn, "SELECT count(*) FROM gdpr.suppression_list WHERE reason = 'erasure'") == 1
 
@@ -345,9 +352,8 @@ def test_the_engine_cannot_remove_or_alter_an_entry(
 @pytest.mark.parametrize("statement", ["DELETE FROM gdpr.suppression_list", "TRUNCATE gdpr.suppression_list"])
 def test_even_the_owner_cannot_remove_an_entry(conn, policy: Policy, keys: Keys, statement: str) -> None:
     _erased_then_reimported(conn, policy, keys, "REQ-PERM-2")
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with conn.transaction():
-            conn.execute(statement)
+    with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():
+        conn.execute(statement)
     assert info.value.diag.message_primary.startswith("gdpr.suppression_list is permanent")
     assert _count(conn, "SELECT count(*) FROM gdpr.suppression_list") == 1
 
@@ -394,7 +400,8 @@ def test_rotation_keeps_lookups_working(conn, warehouse: str, policy: Policy, ke
     guarded = optout.guard(conn, policy, keys2, CTX, AS_OF)
     assert guarded["erased"] == 1
     assert _one(conn, "SELECT subject_hash, details->>'request_id' FROM gdpr.audit_log WHERE action = 'resurrection'"
-                      " AND (details->>'subject_id')::bigint = %s", back) == (keys2.subject_hash(resurrect_email), "REQ-ROT-1")
+                      " AND (details->>'subject_id')::bigint = %s", back) == (
+        keys2.subject_hash(resurrect_email), "REQ-ROT-1")
 
     # a second rotation chains once more
     _, keys3 = _rotated(extra2, "pepper-3")
@@ -489,15 +496,35 @@ def test_share_pushes_hashes_only_in_batches_and_retries_cleanly(conn, policy: P
 
     downstream.emailing.fail_next(1, 503)
     with pytest.raises(optout.ShareError) as info:
-        optout.share(conn, small, keys, CTX, "emailing_blocklist")
+        optout.share(conn, small, keys, CTX, "emailing_blocklist", TRANSPORT)
     assert str(info.value) == "share target emailing_blocklist: batch 1 refused with HTTP 503"
     assert _one(conn, "SELECT outcome FROM gdpr.audit_log WHERE action = 'share'") == ("failed",)
 
-    result = optout.share(conn, small, keys, CTX, "emailing_blocklist")
+    result = optout.share(conn, small, keys, CTX, "emailing_blocklist", TRANSPORT)
 
     assert result["hashes"] == len(listed) and result["batches"] == -(-len(listed) // 10)
     assert downstream.emailing.blocklist_hashes() == listed
     assert all("@" not in h for h in downstream.emailing.blocklist_hashes())
+
+
+def test_share_never_follows_a_redirect(conn, policy: Policy, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 302 to a page that answers 200 is not an acknowledgement: the batch is refused and nothing is
+    posted to the redirect's target (the share goes through the transport seam, which never follows one)."""
+    _unsubscribed(conn, "share.redirect@example.example")
+    conn.commit()
+    optout.collect(conn, policy, keys, CTX, AS_OF)
+    server = ScriptedServer([("POST", "/v3/contacts/blocklist", redirect("/elsewhere")),
+                             ("POST", "/elsewhere", json_answer(200, {"ok": True}))])
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_REDIRECTING", server.connection())
+        target = policy.optout.share_targets[0].model_copy(update={"connection_id": "redirecting"})
+        with pytest.raises(optout.ShareError) as info:
+            optout.share(conn, _with(policy, share_targets=[target]), keys, CTX, target.name, TRANSPORT)
+        assert str(info.value) == f"share target {target.name}: batch 1 refused with HTTP 302"
+        assert [path for _, path in server.requests] == [target.endpoint]
+    finally:
+        server.stop()
+    assert _one(conn, "SELECT outcome FROM gdpr.audit_log WHERE action = 'share'") == ("failed",)
 
 
 def test_blocklist_route_refuses_anything_but_hashes_and_needs_the_api_key(downstream) -> None:  # type: ignore[no-untyped-def]
@@ -546,20 +573,21 @@ def test_dry_run_changes_nothing_and_says_what_it_would_do(conn, policy: Policy,
     before = table_checksum(conn, tables)
     dry = RunContext("gdpr_optout_sync", "dry-1", "test", dry_run=True)
 
-    result = optout.sync(conn, policy, keys, dry, AS_OF, export_to=tmp_path / "x.txt", share_targets=False)
+    result = optout.sync(conn, policy, keys, dry, AS_OF, export_to=tmp_path / "x.txt")
 
     assert table_checksum(conn, tables) == before
     assert not (tmp_path / "x.txt").exists()
     assert result.collect["added"] > 0 and result.guard["erased"] == 1 and result.enforce["flagged"] > 0
-    rows = conn.execute("SELECT action, outcome, dry_run FROM gdpr.audit_log WHERE run_id = 'dry-1' ORDER BY audit_id").fetchall()
+    rows = conn.execute("SELECT action, outcome, dry_run FROM gdpr.audit_log WHERE run_id = 'dry-1'"
+                        " ORDER BY audit_id").fetchall()
     conn.rollback()
     assert rows == [(a, "dry_run", True) for a in ("rekey", "collect", "resurrection_guard", "enforce", "export")]
     assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = %s", cid) == 1
 
 
 def test_check_refuses_a_source_that_does_not_compile_or_no_flag_column(conn, policy: Policy) -> None:
-    bad = _with(policy, sources=[*policy.optout.sources,
-                                 policy.optout.sources[0].model_copy(update={"name": "typo", "predicate": "s.no_such"})])
+    typo = policy.optout.sources[0].model_copy(update={"name": "typo", "predicate": "s.no_such"})
+    bad = _with(policy, sources=[*policy.optout.sources, typo])
     with pytest.raises(optout.OptOutError) as info:
         optout.check(conn, bad)
     assert "optout.sources[2] (typo).predicate: does not compile" in str(info.value)
@@ -605,7 +633,7 @@ def test_a_100k_entry_sync_is_set_based(conn, policy: Policy, key_extra: dict[st
     n = 100_000
     export_to = tmp_path / "list.txt"
     # the seeded 1,500 contacts: a whole sync, then a re-keying after a rotation
-    small_sync, _ = _counted(optout.sync, conn, policy, keys, CTX, AS_OF, export_to=export_to)
+    small_sync, _ = _counted(optout.sync, conn, policy, keys, CTX, AS_OF, export_to=export_to, transport=TRANSPORT)
     extra2, keys2 = _rotated(key_extra, "pepper-2")
     small_rekey, _ = _counted(optout.rekey, conn, keys2, CTX)
 
@@ -624,7 +652,7 @@ def test_a_100k_entry_sync_is_set_based(conn, policy: Policy, key_extra: dict[st
         conn.execute("ANALYZE crm.contacts")
         conn.execute("ANALYZE crm.activities")
 
-    big_sync, result = _counted(optout.sync, conn, policy, keys2, CTX, AS_OF, export_to=export_to)
+    big_sync, result = _counted(optout.sync, conn, policy, keys2, CTX, AS_OF, export_to=export_to, transport=TRANSPORT)
     assert result.collect["added"] == n
     assert result.collect["by_source"] == {"do_not_contact_flag": n - n // 10, "unsubscribe_activity": n // 10}
     assert result.enforce["flagged"] == n // 10
@@ -656,7 +684,7 @@ def test_no_email_anywhere_after_a_full_sync(conn, policy: Policy, keys: Keys, d
     _unsubscribed(conn, "plain.optout@example.example")
     conn.commit()
 
-    result = optout.sync(conn, policy, keys, CTX, AS_OF, export_to=tmp_path / "list.txt")
+    result = optout.sync(conn, policy, keys, CTX, AS_OF, export_to=tmp_path / "list.txt", transport=TRANSPORT)
 
     assert (result.guard["erased"], result.guard["quarantined"]) == (2, 1)
     assert _no_at(conn) == dict.fromkeys(_no_at(conn), 0)

@@ -417,9 +417,11 @@ def test_parse_policy_names_its_source() -> None:
         (lambda d: d.update(batch_size="500"), "batch_size: Input should be a valid integer"),
         (lambda d: d.update(version=True), "version: expected the number 1"),
         (lambda d: d.update(blast_radius_percent=True), "blast_radius_percent: Input should be a valid number"),
-        (lambda d: d["tables"][3].update(kept_when_held="yes"), "tables[3].kept_when_held: Input should be a valid boolean"),
+        (lambda d: d["tables"][3].update(kept_when_held="yes"),
+         "tables[3].kept_when_held: Input should be a valid boolean"),
         (lambda d: d["erasure"].update(retries="5"), "erasure.retries: Input should be a valid integer"),
-        (lambda d: d["erasure"].update(approval_required=1), "erasure.approval_required: Input should be a valid boolean"),
+        (lambda d: d["erasure"].update(approval_required=1),
+         "erasure.approval_required: Input should be a valid boolean"),
         (lambda d: d["optout"]["share_targets"][0].update(batch_size=False),
          "optout.share_targets[0].batch_size: Input should be a valid integer"),
     ],
@@ -439,7 +441,9 @@ def test_blast_radius_percent_out_of_range(tmp_path: Path, demo_data: dict[str, 
     assert _problems(message)[0].startswith("blast_radius_percent: Input should be")
 
 
-def test_blast_radius_percent_defaults_to_ten_and_takes_a_whole_number(tmp_path: Path, demo_data: dict[str, Any]) -> None:
+def test_blast_radius_percent_defaults_to_ten_and_takes_a_whole_number(
+    tmp_path: Path, demo_data: dict[str, Any]
+) -> None:
     assert load_policy(DEMO).blast_radius_percent == 10.0
     data = copy.deepcopy(demo_data)
     data["blast_radius_percent"] = 25

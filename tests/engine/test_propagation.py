@@ -21,9 +21,9 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+
 from helpers import AS_OF, add_activity, add_contact
 from scripted_http import ScriptedServer, after, html_answer, json_answer, raw_answer, redirect, trickle
-
 from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import erasure, propagation
 from warehouse_gdpr.engine.audit import RunContext
@@ -56,7 +56,7 @@ def _outbox(conn: psycopg.Connection, request_id: str, target: str) -> dict[str,
     conn.rollback()
     assert row is not None
     keys = ("status", "attempts", "key_id", "nonce", "ciphertext", "last_result", "last_attempt_at", "acknowledged_at")
-    return dict(zip(keys, row))
+    return dict(zip(keys, row, strict=True))
 
 
 def _audit(conn: psycopg.Connection, request_id: str, target: str) -> list[tuple[str, str]]:
@@ -349,7 +349,8 @@ def test_certificate_once_every_target_acknowledged(
     for target in certificate["targets"]:
         assert target["status"] == "acknowledged" and target["acknowledged_at"] and target["attempts"] == 1
     assert "@" not in json.dumps(certificate)
-    status = _one(conn, "SELECT status, completed_at IS NOT NULL FROM gdpr.erasure_request WHERE request_id = 'REQ-P-CERT'")
+    status = _one(conn, "SELECT status, completed_at IS NOT NULL FROM gdpr.erasure_request"
+                        " WHERE request_id = 'REQ-P-CERT'")
     assert status == ("completed", True)
     audit = conn.execute(
         "SELECT outcome, subject_hash, details, a::text FROM gdpr.audit_log a WHERE action = 'certificate'"
@@ -621,9 +622,8 @@ def test_no_transaction_is_held_while_a_target_answers_and_a_second_worker_skips
             locks = _one(conn, "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
                                " WHERE l.pid = %s AND c.relname = 'erasure_propagation'", pid)
             assert locks == (0,)
-            with psycopg.connect(warehouse) as worker_b:
-                with pytest.raises(TargetNotAcknowledged, match="another worker"):
-                    propagation.propagate(worker_b, policy, keys, CTX, "REQ-F-BUSY", "faulty", TRANSPORT)
+            with psycopg.connect(warehouse) as worker_b, pytest.raises(TargetNotAcknowledged, match="another worker"):
+                propagation.propagate(worker_b, policy, keys, CTX, "REQ-F-BUSY", "faulty", TRANSPORT)
         finally:
             release.set()
             thread.join()

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from warehouse_gdpr.engine import register
 from warehouse_gdpr.cli import main
+from warehouse_gdpr.engine import register
 from warehouse_gdpr.engine.policy import Policy, parse_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,23 +134,29 @@ def test_a_clock_without_fallback_says_who_is_never_selected() -> None:
     ("change", "expected"),
     [
         (lambda d: d.pop("processing_register"), "processing_register: section missing"),
-        (lambda d: d["processing_register"]["controller"].update(name=""), "processing_register.controller.name: required"),
+        (lambda d: d["processing_register"]["controller"].update(name=""),
+         "processing_register.controller.name: required"),
         (lambda d: activity(d).pop("purpose"), "processing_register.activities[0].purpose: required"),
         (lambda d: activity(d, 1).update(security_measures=[]), "activities[1].security_measures: required"),
         (lambda d: activity(d).pop("legal_basis_detail"), "legal_basis_detail: required with legitimate_interest"),
         (lambda d: activity(d)["data_categories"][1].update(items=[]), "activities[0].data_categories[1].items"),
-        (lambda d: activity(d)["transfers"].clear(), "'Salesforce' is in US, outside the EU/EEA: list it under transfers"),
+        (lambda d: activity(d)["transfers"].clear(),
+         "'Salesforce' is in US, outside the EU/EEA: list it under transfers"),
         (lambda d: activity(d)["transfers"][0].pop("mechanism"), "activities[0].transfers[0].mechanism: required"),
         (lambda d: activity(d)["transfers"][0].update(country="FR"), "FR is in the EU/EEA; this is not a transfer"),
         (lambda d: activity(d)["retention"].pop(0), "retention rule 'prospects_never_converted' is enforced but no"),
         (lambda d: activity(d)["retention"].pop(2), "no activity's retention has an entry with optout_list: true"),
-        (lambda d: activity(d)["retention"][0].update(rule="prospect_typo"), "'prospect_typo' is not a rule of this policy"),
-        (lambda d: activity(d)["retention"][0].update(period="3 years"), "give exactly one of rule, period or optout_list"),
-        (lambda d: activity(d)["processors"][2].update(targets=[]), "downstream system 'telephony' receives personal data"),
+        (lambda d: activity(d)["retention"][0].update(rule="prospect_typo"),
+         "'prospect_typo' is not a rule of this policy"),
+        (lambda d: activity(d)["retention"][0].update(period="3 years"),
+         "give exactly one of rule, period or optout_list"),
+        (lambda d: activity(d)["processors"][2].update(targets=[]),
+         "downstream system 'telephony' receives personal data"),
         (lambda d: activity(d)["processors"][2].update(targets=["telephony", "fax"]), "'fax' is not an erasure target"),
         (lambda d: activity(d, 1).update(recipients=[], processors=[]), "activities[1].recipients: at least one"),
         (lambda d: activity(d)["transfers"][0].update(recipient="Salesforse"), "'Salesforse' is not a processor or"),
-        (lambda d: activity(d)["transfers"][0].update(country="CN"), "transfers[0].country: CN, but processor 'Salesforce' is in US"),
+        (lambda d: activity(d)["transfers"][0].update(country="CN"),
+         "transfers[0].country: CN, but processor 'Salesforce' is in US"),
         (lambda d: activity(d)["transfers"][0].update(mechanism="derogation_art49", safeguards=""),
          "transfers[0].safeguards: required with derogation_art49"),
         (lambda d: d["holds"][2].update(description=""), "holds[2].description: required by the register"),

@@ -8,6 +8,8 @@ from __future__ import annotations
 from datetime import date
 
 import psycopg
+from psycopg import sql
+
 from helpers import (
     AS_OF,
     Person,
@@ -21,8 +23,6 @@ from helpers import (
     scanned_columns,
     ts,
 )
-from psycopg import sql
-
 from warehouse_gdpr.engine import erasure, matcher, optout, sweep
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys
@@ -48,7 +48,8 @@ def _person(conn: psycopg.Connection, status: str, created: date, first: str, la
     conn.execute("INSERT INTO crm.notes (note_id, contact_id, author, body, created_at) VALUES (%s, %s, 'Tom Becker',"
                  " %s, %s)", (new_id(), cid, f"Met {first} {last}, call back on {phone}.", ts(created)))
     conn.execute("INSERT INTO crm.activities (activity_id, contact_id, kind, occurred_at, subject_line)"
-                 " VALUES (%s, %s, 'form_submit', %s, %s)", (new_id(), cid, ts(created), f"Demo request from {first} {last}"))
+                 " VALUES (%s, %s, 'form_submit', %s, %s)",
+                 (new_id(), cid, ts(created), f"Demo request from {first} {last}"))
     for linked, typed in ((cid, email), (None, "  " + email.upper() + " ")):  # a copy typed by hand
         conn.execute(
             "INSERT INTO crm.support_tickets (ticket_id, contact_id, requester_email, subject, body, created_at)"
@@ -108,7 +109,8 @@ def test_after_the_sweep_nothing_of_a_treated_person_remains_anywhere(conn, poli
     assert looked_for["phones"] > 300 and looked_for["full_names"] > 100 and looked_for["single_names"] >= 4
     assert len(scanned_columns(conn)) >= 30
     # What the sweep says it did is every ticket of theirs: linked, or carrying their email.
-    for group, rules in ((deleted, ("prospects_never_converted", "leads_not_converted")), (pseudonymised, ("former_clients",))):
+    for group, rules in ((deleted, ("prospects_never_converted", "leads_not_converted")),
+                         (pseudonymised, ("former_clients",))):
         emails = {before[cid].email.strip().lower() for cid in group}
         theirs = sum(1 for link, email in tickets if link in group or link is None and email in emails)
         assert sum(results[r].rows_by_table.get("crm.support_tickets", 0) for r in rules) == theirs
@@ -161,7 +163,7 @@ def test_the_scan_finds_what_is_left(conn, policy: Policy) -> None:
     conn.execute("CREATE TABLE elsewhere.leftovers (doc jsonb, blob bytea, line varchar(200))")
     conn.execute("INSERT INTO elsewhere.leftovers VALUES (%s, NULL, NULL), (NULL, %s, NULL), (NULL, NULL, %s),"
                  " (NULL, NULL, %s)",
-                 ('{"to": "Quintilla.Marchbanks@Rare-Names.example"}', "Tel. +33 (6) 10.20.30.40".encode(),
+                 ('{"to": "Quintilla.Marchbanks@Rare-Names.example"}', b"Tel. +33 (6) 10.20.30.40",
                   "Dear QUINTILLA", "Marchbanks, Quintilla"))
     conn.commit()
     hits, _ = pii_scan(conn, [person])
@@ -190,7 +192,8 @@ def test_pseudonymisation_treats_unlinked_rows_with_the_original_email_once(conn
     add_contract(conn, cid, date(2016, 1, 1), date(2021, 1, 31))
     conn.commit()
     tickets = [r[0] for r in conn.execute(
-        "SELECT ticket_id FROM crm.support_tickets WHERE lower(btrim(requester_email)) = %s ORDER BY contact_id NULLS LAST",
+        "SELECT ticket_id FROM crm.support_tickets WHERE lower(btrim(requester_email)) = %s"
+        " ORDER BY contact_id NULLS LAST",
         ("ysolde.quennevault@rare-names.example",)).fetchall()]
     conn.rollback()
 
@@ -241,7 +244,8 @@ def test_an_email_every_holder_of_which_is_treated_goes_with_them(conn, policy: 
     conn.commit()
 
     prospects = sweep.apply_rule(conn, policy, policy.rule("prospects_never_converted"), keys, CTX, AS_OF)
-    assert _count(conn, "SELECT count(*) FROM crm.support_tickets WHERE ticket_id = %s", ticket) == 1  # the lead holds it
+    # the lead holds it
+    assert _count(conn, "SELECT count(*) FROM crm.support_tickets WHERE ticket_id = %s", ticket) == 1
     leads = sweep.apply_rule(conn, policy, policy.rule("leads_not_converted"), keys, CTX, AS_OF)
 
     assert _count(conn, "SELECT count(*) FROM crm.contacts WHERE contact_id = ANY(%s)", [first, second]) == 0

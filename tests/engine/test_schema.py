@@ -6,6 +6,7 @@ are per database, so each test works on its own copy (`warehouse`/`conn`) or a s
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 
@@ -55,13 +56,11 @@ def _add_archive_row(conn: psycopg.Connection) -> None:
 def plain_user(server_url: str) -> str:
     """A login role with no grant at all (cluster-wide: created once if missing, never dropped)."""
     with psycopg.connect(server_url, autocommit=True) as admin:
-        try:
+        with contextlib.suppress(errors.DuplicateObject):  # created concurrently by another session
             admin.execute(
                 "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'plain_user') THEN "
                 "CREATE ROLE plain_user LOGIN; END IF; END $$"
             )
-        except errors.DuplicateObject:  # created concurrently by another session
-            pass
         member = admin.execute(
             "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = 'plain_user'"
         ).fetchone()[0]
@@ -147,9 +146,8 @@ WHAT_TO_RUN = "`warehouse-gdpr schema install --url <owner URL>` (or with $WAREH
 
 
 def test_ensure_schema_without_the_privilege_to_install(empty_db: str, plain_user: str) -> None:
-    with psycopg.connect(_url(empty_db, user=plain_user)) as conn:
-        with pytest.raises(schema.SchemaError) as info:
-            schema.ensure_schema(conn)
+    with psycopg.connect(_url(empty_db, user=plain_user)) as conn, pytest.raises(schema.SchemaError) as info:
+        schema.ensure_schema(conn)
     message = str(info.value)
     assert message.startswith("the gdpr control schema is not installed and this connection (role plain_user) "
                               "may not install it (permission denied")
@@ -160,9 +158,8 @@ def test_ensure_schema_without_the_privilege_to_install(empty_db: str, plain_use
 
 
 def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user: str) -> None:
-    with psycopg.connect(_url(warehouse, user=plain_user)) as conn:
-        with pytest.raises(schema.SchemaError) as info:
-            schema.ensure_schema(conn)
+    with psycopg.connect(_url(warehouse, user=plain_user)) as conn, pytest.raises(schema.SchemaError) as info:
+        schema.ensure_schema(conn)
     assert str(info.value) == (
         "this connection (role plain_user) may not read the gdpr control schema (permission denied for schema "
         "gdpr): a DBA grants gdpr_engine to its login role (README, Control schema and roles)."
@@ -211,7 +208,8 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
         schema.ensure_schema(dag_conn)
     message = str(info.value)
     assert message.startswith(f"the gdpr control schema is out of date (installed version 3, this package needs "
-                              f"{schema.SCHEMA_VERSION}) and this connection (role gdpr_dag) may not upgrade it (permission denied")
+                              f"{schema.SCHEMA_VERSION}) and this connection (role gdpr_dag) may not upgrade it "
+                              "(permission denied")
     assert WHAT_TO_RUN in message and "not installed" not in message and "include/" not in message
     assert dag_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # rolled back, usable
     assert schema.installed_version(dag_conn) == 3
@@ -236,8 +234,8 @@ def test_version_5_adds_the_outbox_claim_and_keeps_pending_erasures(
     the engine's role may claim a row (propagation holds no transaction across a downstream call)."""
     with conn.transaction():
         conn.execute("INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status,"
-                     " outcome) VALUES ('REQ-V5', repeat('b', 64), current_date, current_date + 30, 'pending_propagation',"
-                     " 'erased')")
+                     " outcome) VALUES ('REQ-V5', repeat('b', 64), current_date, current_date + 30,"
+                     " 'pending_propagation', 'erased')")
         conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce,"
                      " identifier_ciphertext) VALUES ('REQ-V5', 'emailing', 'pending', 'k1', '\\x00', '\\x01')")
     _downgrade_to_version_4(conn)
@@ -284,9 +282,8 @@ def test_audit_log_refuses_changes_even_for_the_superuser(
         conn.execute("SET session_replication_role = replica")
         assert conn.execute("SHOW session_replication_role").fetchone()[0] == "replica"
     conn.commit()
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with conn.transaction():
-            conn.execute(statement)
+    with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():
+        conn.execute(statement)
     assert info.value.diag.message_primary == f"gdpr.audit_log is append-only: {op} refused"
     conn.execute("RESET session_replication_role")
     assert conn.execute(
@@ -338,9 +335,8 @@ def test_engine_may_insert_and_read_audit_rows(engine: psycopg.Connection) -> No
 )
 def test_engine_is_denied_by_grants(engine: psycopg.Connection, statement: str) -> None:
     _record(engine)
-    with pytest.raises(errors.InsufficientPrivilege) as info:
-        with engine.transaction():
-            engine.execute(statement)
+    with pytest.raises(errors.InsufficientPrivilege) as info, engine.transaction():
+        engine.execute(statement)
     message = info.value.diag.message_primary or ""
     # Denied by the grants, before any trigger runs.
     assert "append-only" not in message
@@ -364,9 +360,8 @@ def test_engine_may_archive_and_purge(engine: psycopg.Connection) -> None:
     ],
 )
 def test_plain_role_is_denied(warehouse: str, plain_user: str, statement: str, schema_name: str) -> None:
-    with psycopg.connect(_url(warehouse, user=plain_user)) as conn:
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            conn.execute(statement)
+    with psycopg.connect(_url(warehouse, user=plain_user)) as conn, pytest.raises(errors.InsufficientPrivilege) as info:
+        conn.execute(statement)
     assert info.value.diag.message_primary == f"permission denied for schema {schema_name}"
 
 
@@ -376,9 +371,8 @@ def test_plain_role_is_denied_even_with_schema_usage(conn: psycopg.Connection, w
         conn.execute("GRANT USAGE ON SCHEMA gdpr_archive, gdpr TO plain_user")
     with psycopg.connect(_url(warehouse, user=plain_user)) as other:
         for table in ("archived_row", "audit_log"):
-            with pytest.raises(errors.InsufficientPrivilege) as info:
-                with other.transaction():
-                    other.execute(f"SELECT * FROM {'gdpr_archive' if table == 'archived_row' else 'gdpr'}.{table}")
+            with pytest.raises(errors.InsufficientPrivilege) as info, other.transaction():
+                other.execute(f"SELECT * FROM {'gdpr_archive' if table == 'archived_row' else 'gdpr'}.{table}")
             assert info.value.diag.message_primary == f"permission denied for table {table}"
 
 
@@ -402,9 +396,8 @@ def test_archive_reader_may_read_the_archive_only(conn: psycopg.Connection) -> N
         "SELECT * FROM gdpr.audit_log": "permission denied for schema gdpr",
     }
     for statement, message in denied.items():
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            with reader.transaction():
-                reader.execute(statement)
+        with pytest.raises(errors.InsufficientPrivilege) as info, reader.transaction():
+            reader.execute(statement)
         assert info.value.diag.message_primary == message, statement
     assert _count(reader, "gdpr_archive.archived_row") == 1
 
@@ -423,8 +416,7 @@ def test_auditor_may_read_the_audit_log_only(conn: psycopg.Connection) -> None:
         "SELECT * FROM crm.contacts": "permission denied for schema crm",
     }
     for statement, message in denied.items():
-        with pytest.raises(errors.InsufficientPrivilege) as info:
-            with auditor.transaction():
-                auditor.execute(statement)
+        with pytest.raises(errors.InsufficientPrivilege) as info, auditor.transaction():
+            auditor.execute(statement)
         assert info.value.diag.message_primary == message, statement
     assert _count(auditor, "gdpr.audit_log") == 1

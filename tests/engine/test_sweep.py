@@ -13,6 +13,7 @@ import psycopg
 import pytest
 import yaml
 from cryptography.exceptions import InvalidTag
+
 from helpers import (
     AS_OF,
     CRM_TABLES,
@@ -25,7 +26,6 @@ from helpers import (
     table_checksum,
     ts,
 )
-
 from warehouse_gdpr.cli import main
 from warehouse_gdpr.engine import sweep
 from warehouse_gdpr.engine.audit import RunContext
@@ -70,7 +70,8 @@ def test_delete_rule_removes_subject_and_dependents_keeps_held(conn, policy: Pol
     assert _audited(conn, "run-1", "delete", "crm.contacts") == len(doomed)
     assert _audited(conn, "run-1", "delete", "crm.activities") == activities_of_doomed
     # rerun: nothing left to do but the held subjects
-    again = sweep.apply_rule(conn, policy, rule, keys, RunContext("test_sweep", "run-2", "apply"), AS_OF, batch_size=100)
+    again = sweep.apply_rule(conn, policy, rule, keys, RunContext("test_sweep", "run-2", "apply"), AS_OF,
+                             batch_size=100)
     assert (again.deleted, again.held) == (0, len(held))
 
 
@@ -402,14 +403,16 @@ def test_a_hold_whose_predicate_is_null_is_not_swept(conn, keys: Keys) -> None:
 def test_erasure_and_the_resurrection_guard_also_hold_on_null(conn, keys: Keys) -> None:
     from psycopg import sql
 
-    from warehouse_gdpr.engine import erasure, optout
+    from warehouse_gdpr.engine import candidates as engine_candidates
+    from warehouse_gdpr.engine import erasure
 
     policy, litigant, ended = _open_ended_litigation(conn)
     for person, expected in ((litigant, {"litigation": "refuse"}), (ended, {})):
         located = erasure.Located(subject_ids=[person], subject_hash="h", email=None)
         assert erasure.holds_in_force(conn, policy, located, AS_OF) == expected
-        holds = conn.execute(
-            sql.SQL("SELECT {h} FROM crm.contacts s WHERE s.contact_id = %(id)s").format(h=optout._all_holds(policy)),
+        holds = conn.execute(  # every hold, as the resurrection guard evaluates them
+            sql.SQL("SELECT {h} FROM crm.contacts s WHERE s.contact_id = %(id)s").format(
+                h=engine_candidates.holds_array(policy.holds)),
             {"id": person, "as_of": AS_OF},
         ).fetchone()[0]  # type: ignore[index]
         conn.rollback()

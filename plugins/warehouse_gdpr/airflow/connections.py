@@ -49,7 +49,7 @@ def airflow_home() -> Path:
     return Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
 
 
-def evidence_store(policy: Policy) -> "PathHeadStore":
+def evidence_store(policy: Policy) -> PathHeadStore:
     """The policy's `evidence.location` as an `airflow.sdk.ObjectStoragePath` (a URL as given; a folder
     as a file:// URL, a relative one under $AIRFLOW_HOME), behind the engine's head-store interface."""
     from airflow.sdk import ObjectStoragePath
@@ -113,10 +113,10 @@ def as_of(context: Any) -> str:
     return moment.isoformat()
 
 
-def prepare_warehouse(conn: psycopg.Connection, policy: Policy) -> "CatalogReport":
+def prepare_warehouse(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
     """Before any write: install the control schema if missing, check the policy against the live
-    catalog, log its warnings (indexes, rules that select nobody). Raises CatalogError or SchemaError (configuration errors: the
-    task fails at once, see airflow/errors.py)."""
+    catalog, log its warnings (indexes, rules that select nobody). Raises CatalogError or SchemaError
+    (configuration errors: the task fails at once, see airflow/errors.py)."""
     from warehouse_gdpr.engine import catalog, schema
 
     schema.ensure_schema(conn)

@@ -22,12 +22,13 @@ when it failed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.sdk import DAG, Param, dag, get_current_context, task, task_group
+from airflow.sdk import DAG, Param, XComArg, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException
 
 from warehouse_gdpr.airflow import connections
@@ -54,7 +55,18 @@ def _load(policy_file: str, dag_id: str) -> Policy | None:
         return None
 
 
-def _notifier(policy: Policy | None):  # type: ignore[no-untyped-def]
+def resolved(result: XComArg) -> Any:
+    """An upstream task's result (the XComArg its call returns), passed to another task call.
+
+    A @task function's parameters are typed as what it receives when it runs (a dict, a list): Airflow
+    resolves the XComArg given at DAG-build time to the upstream task's return value first. mypy cannot
+    know that (the decorator's `__call__` takes the function's own parameter types), so this one typed
+    function says it where a result is passed on, instead of an ignore per call. Nothing happens at run
+    time: `result` is returned as it is."""
+    return result
+
+
+def _notifier(policy: Policy | None) -> Callable[[Any], Any] | None:
     """The policy's erasure.on_failure_callback, imported; None when unset or broken (a broken one never
     hides the DAG: check_deadlines fails with its error)."""
     try:
@@ -90,6 +102,8 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
     path = str(policy_file or connections.policy_path())
     policy = _load(path, "gdpr_retention_sweep")
     rule_names = [r.name for r in policy.rules] if policy else []
+    rule_enum: dict[str, Any] = {"enum": rule_names} if rule_names else {}
+    property_names: dict[str, Any] = {"propertyNames": rule_enum} if rule_names else {}
 
     @dag(
         dag_id="gdpr_retention_sweep",
@@ -107,7 +121,7 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
             "rules": Param(
                 None, type=["null", "array"], title="Rules",
                 description="Run only these rules (names from the policy). Empty: all rules.",
-                items={"type": "string", **({"enum": rule_names} if rule_names else {})},
+                items={"type": "string", **rule_enum},
             ),
             "confirm_blast_radius": Param(
                 None, type=["null", "object"], title="Confirm blast radius",
@@ -115,7 +129,7 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
                             'count it reported, e.g. {"prospects_never_converted": 3402}. Each rule then runs if it '
                             "treats at most that many subjects. Audited. Empty: none.",
                 additionalProperties={"type": "integer", "minimum": 0},
-                **({"propertyNames": {"enum": rule_names}} if rule_names else {}),
+                **property_names,
             ),
         },
         doc_md="Enforce the policy's retention rules on the warehouse. Rules are evaluated in "
@@ -147,13 +161,13 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
             return sweep_tasks.write_register(checked, get_current_context())
 
         checked = check_policy(path)
-        registered = write_register(checked)
-        plans = plan(checked)
-        applied = apply(checked, plans)
-        purged = purge_archive(checked, applied)
+        registered = write_register(resolved(checked))
+        plans = plan(resolved(checked))
+        applied = apply(resolved(checked), resolved(plans))
+        purged = purge_archive(resolved(checked), resolved(applied))
         # The weekly sweep recomputes the whole chain (an old row edited shows within a week); the other
         # DAGs the rows since the previous exported head.
-        _verify_audit_chain(path, [report(checked, purged), registered], whole_chain=True)
+        _verify_audit_chain(path, [report(resolved(checked), resolved(purged)), registered], whole_chain=True)
 
     return gdpr_retention_sweep()
 
@@ -240,7 +254,7 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
             return erasure_tasks.verify(policy_file, get_current_context())
 
         checked = validate_request(path)
-        erased = erase(path, checked)
+        erased = erase(path, resolved(checked))
         if settings and settings.approval_required:
             from airflow.providers.standard.operators.hitl import ApprovalOperator
 
@@ -250,11 +264,11 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
                 body="Request {{ params.request_id }}: see the validate_request log for counts and holds.",
             )
             checked >> approval >> erased
-        propagated = downstream.expand(target=targets_to_notify(erased))
+        propagated = downstream.expand(target=targets_to_notify(resolved(erased)))
         # verify runs once every propagation is done, whatever its result (it certifies or names the pending
         # targets), and only when erase succeeded (an erasure refused by erase has nothing to verify).
         propagation_done = EmptyOperator(task_id="propagation_done", trigger_rule="all_done")
-        certified = verify(path, erased)
+        certified = verify(path, resolved(erased))
         propagated >> propagation_done >> certified
         _verify_audit_chain(path, [certified])
 
@@ -296,7 +310,7 @@ def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
 
         retried = retry_pending(path)
         preflight(path) >> retried
-        _verify_audit_chain(path, [check_deadlines(path, retried)])
+        _verify_audit_chain(path, [check_deadlines(path, resolved(retried))])
 
     return gdpr_erasure_retry()
 
@@ -364,10 +378,13 @@ def build_optout_sync(policy_file: str | Path | None = None) -> DAG:
             return optout_tasks.report(checked, get_current_context())
 
         checked = check(path)
-        enforced = enforce(checked, guard_resurrections(checked, collect(checked, rekey(checked))))
-        shared = share.partial(policy_file=path).expand(target=share_targets(checked, enforced))
-        exported = export(checked, enforced)
-        reported = report(checked)
+        rekeyed = rekey(resolved(checked))
+        collected = collect(resolved(checked), resolved(rekeyed))
+        guarded = guard_resurrections(resolved(checked), resolved(collected))
+        enforced = enforce(resolved(checked), resolved(guarded))
+        shared = share.partial(policy_file=path).expand(target=share_targets(resolved(checked), resolved(enforced)))
+        exported = export(resolved(checked), resolved(enforced))
+        reported = report(resolved(checked))
         [shared, exported] >> reported
         _verify_audit_chain(path, [reported])
 

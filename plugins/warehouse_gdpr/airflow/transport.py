@@ -15,6 +15,7 @@ Messages keep exception types only: requests and driver messages can quote the U
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -64,10 +65,8 @@ class _Watchdog:
 
 
 def _shut(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)  # the blocked recv() of the calling thread returns at once
-    except OSError:
-        pass
 
 
 def _pool_classes(watchdog: _Watchdog) -> dict[str, type[HTTPConnectionPool]]:
@@ -210,10 +209,8 @@ class AirflowSqlRun:
                                        "rolled back)") from None
             raise TransportError(f"SQL error ({type(exc).__name__})") from None
         finally:
-            try:
+            with contextlib.suppress(Exception):
                 conn.close()
-            except Exception:  # noqa: BLE001
-                pass
 
 
 def _run(conn: Any, postgres: bool, statements: Sequence[str], params: Mapping[str, object], max_rows: int,
@@ -236,10 +233,9 @@ def _run(conn: Any, postgres: bool, statements: Sequence[str], params: Mapping[s
 
 
 def _rollback(conn: Any) -> None:
-    try:
+    # The connection may be gone; closing it discards the transaction.
+    with contextlib.suppress(Exception):
         conn.rollback()
-    except Exception:  # noqa: BLE001 - the connection may be gone; closing it discards the transaction
-        pass
 
 
 class AirflowTransport:

@@ -203,7 +203,7 @@ def _verify(conn: psycopg.Connection, start: ChainHead | None, exported: ChainHe
         cur.itersize = batch_size
         cur.execute(_ROWS + " WHERE chain_seq > %s ORDER BY chain_seq", (previous.chain_seq,))
         for row in cur:
-            seq, prev, digest, audit_id = row[0], row[1], row[2], row[3]
+            seq, digest, audit_id = row[0], row[2], row[3]
             found = _check_row(row, previous)
             if found is None and exported is not None and seq == exported.chain_seq and (
                     audit_id != exported.audit_id or digest != exported.row_hash):
@@ -295,7 +295,7 @@ class StoragePath(Protocol):
     @property
     def name(self) -> str: ...
 
-    def __truediv__(self, other: str) -> StoragePath: ...
+    def __truediv__(self, other: str, /) -> StoragePath: ...
 
     def exists(self) -> bool: ...
 
@@ -303,7 +303,7 @@ class StoragePath(Protocol):
 
     def iterdir(self) -> Iterable[StoragePath]: ...
 
-    def mkdir(self, parents: bool = ..., exist_ok: bool = ...) -> None: ...
+    def mkdir(self, mode: int = ..., parents: bool = ..., exist_ok: bool = ...) -> None: ...
 
     def read_text(self, encoding: str | None = ...) -> str: ...
 

@@ -26,6 +26,7 @@ them; hold predicates are the policy's own SQL expressions (checked to compile b
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from psycopg import sql
 
@@ -107,7 +108,8 @@ def unselectable_query(policy: Policy, rule: Rule, count_missing: bool = True) -
     base = sql.SQL("FROM {t} s WHERE {st} AND s.{marker} IS NULL").format(
         t=table, st=statuses, marker=sql.Identifier(subject.pseudonymised_marker))
     return sql.SQL(
-        "SELECT EXISTS (SELECT 1 FROM {t} s WHERE {st}), (SELECT count(*) {base}), (SELECT count(*) {base} AND {missing})"
+        "SELECT EXISTS (SELECT 1 FROM {t} s WHERE {st}), (SELECT count(*) {base}),"
+        " (SELECT count(*) {base} AND {missing})"
     ).format(t=table, st=statuses, base=base, missing=clock_missing(policy, rule))
 
 
@@ -123,16 +125,25 @@ def hold_predicate(hold: Hold) -> sql.SQL:
     return bound_predicate(hold.predicate)
 
 
+def holds_array(holds: Iterable[Hold]) -> sql.Composable:
+    """text[] of the names of those of `holds` in force for subject row ``s``: THE legal-hold builder,
+    which the sweep (`holds_expression`), erasure (`erasure.holds_in_force`) and the resurrection guard
+    (`optout.guard`) all call, so that the three agree on who is held.
+
+    Fail-safe: a hold whose predicate is NULL for the row (``(pred) IS NOT FALSE``), e.g. a litigation with
+    no end date, holds it; only a predicate that is false releases it. Parameter: %(as_of)s.
+    """
+    cases = [sql.SQL("CASE WHEN ({pred}) IS NOT FALSE THEN {name} END").format(pred=hold_predicate(h),
+                                                                              name=sql.Literal(h.name))
+             for h in holds]
+    if not cases:
+        return sql.SQL("ARRAY[]::text[]")
+    return sql.SQL("array_remove(ARRAY[{cases}]::text[], NULL)").format(cases=sql.SQL(", ").join(cases))
+
+
 def holds_expression(policy: Policy, rule: Rule) -> sql.Composable:
     """text[] of the names of the holds that block this rule's action, for subject ``s``."""
-    blocking = [h for h in policy.holds if rule.action in h.blocks]
-    if not blocking:
-        return sql.SQL("ARRAY[]::text[]")
-    cases = sql.SQL(", ").join(
-        sql.SQL("CASE WHEN ({pred}) IS NOT FALSE THEN {name} END").format(pred=hold_predicate(h), name=sql.Literal(h.name))
-        for h in blocking
-    )
-    return sql.SQL("array_remove(ARRAY[{cases}]::text[], NULL)").format(cases=cases)
+    return holds_array([h for h in policy.holds if rule.action in h.blocks])
 
 
 def candidates_from(policy: Policy, rule: Rule) -> sql.Composable:

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from .errors import ConfigurationError
-from .policy import FixedColumn, HashColumn, NullColumn, Policy, RelatedMaxClock
 from .candidates import hold_predicate, qualified, rule_params, unselectable_query
+from .errors import ConfigurationError
+from .policy import ColumnTreatment, FixedColumn, HashColumn, NullColumn, Policy, RelatedMaxClock
 
 TEXT_TYPES = ("text", "character varying", "character")
 TIME_TYPES = ("timestamp with time zone", "timestamp without time zone", "date")
@@ -134,43 +134,57 @@ def _key_problems(
     """(problems, warnings) of the policy's keys: each primary_key is a key, each subject column joins the
     subject's key (same type; a foreign key declared on it references that key), and every table with a
     foreign key to the subject table is mapped. Every column named here is known to exist."""
-    problems: list[str] = []
-    warnings: list[str] = []
     subject = policy.subject
-
-    def not_a_key(where: str, table: str, column: str) -> None:
-        if (table, column) not in unique:
-            problems.append(
-                f"{where}: {table}.{column} is not a key (no primary key, unique constraint or unique index on "
-                "that column alone): rows sharing a value would be treated together"
-            )
-
-    not_a_key("subject.primary_key", subject.table, subject.primary_key)
-    key_type = catalog[subject.table][subject.primary_key].type
+    keys = [("subject.primary_key", subject.table, subject.primary_key)] + [
+        (f"tables[{i}].primary_key", t.table, t.primary_key) for i, t in enumerate(policy.tables)
+        if t.table != subject.table or t.primary_key != subject.primary_key
+    ]
+    problems = [
+        f"{where}: {table}.{column} is not a key (no primary key, unique constraint or unique index on "
+        "that column alone): rows sharing a value would be treated together"
+        for where, table, column in keys if (table, column) not in unique
+    ]
     links = [(f"tables[{i}]", t.table, t.subject_column) for i, t in enumerate(policy.tables)]
     links.append(("interactions", policy.interactions.table, policy.interactions.subject_column))
-    for i, mapped in enumerate(policy.tables):
-        if mapped.table != subject.table or mapped.primary_key != subject.primary_key:
-            not_a_key(f"tables[{i}].primary_key", mapped.table, mapped.primary_key)
     for where, table, column in links:
-        if table == subject.table:
-            continue  # the model makes the subject's own entry join on subject.primary_key
-        column_type = catalog[table][column].type
-        if not _same_type(column_type, key_type):
-            problems.append(
-                f"{where}.subject_column: {table}.{column} is {column_type}, but the subject key "
-                f"{subject.table}.{subject.primary_key} is {key_type}"
-            )
-        for fk in fks:
-            if fk.table != table or column not in fk.columns:
-                continue
-            target = (fk.references, fk.referenced_columns[fk.columns.index(column)])
-            if target != (subject.table, subject.primary_key):
-                problems.append(
-                    f"{where}.subject_column: {table}.{column} has a foreign key ({fk.name}) to "
-                    f"{target[0]}.{target[1]}, not to the subject key {subject.table}.{subject.primary_key}"
-                )
+        if table != subject.table:  # the model makes the subject's own entry join on subject.primary_key
+            problems += _link_problems(policy, catalog, fks, f"{where}.subject_column", table, column)
+    unmapped, warnings = _unmapped_problems(policy, fks)
+    return problems + unmapped, warnings
 
+
+def _link_problems(
+    policy: Policy, catalog: dict[str, dict[str, Column]], fks: list[ForeignKey], where: str, table: str, column: str
+) -> list[str]:
+    """Problems of one subject column: it has the subject key's type, and a foreign key declared on it
+    references the subject key."""
+    subject = policy.subject
+    problems = []
+    key_type = catalog[subject.table][subject.primary_key].type
+    column_type = catalog[table][column].type
+    if not _same_type(column_type, key_type):
+        problems.append(
+            f"{where}: {table}.{column} is {column_type}, but the subject key "
+            f"{subject.table}.{subject.primary_key} is {key_type}"
+        )
+    for fk in fks:
+        if fk.table != table or column not in fk.columns:
+            continue
+        target = (fk.references, fk.referenced_columns[fk.columns.index(column)])
+        if target != (subject.table, subject.primary_key):
+            problems.append(
+                f"{where}: {table}.{column} has a foreign key ({fk.name}) to "
+                f"{target[0]}.{target[1]}, not to the subject key {subject.table}.{subject.primary_key}"
+            )
+    return problems
+
+
+def _unmapped_problems(policy: Policy, fks: list[ForeignKey]) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the foreign keys to the subject table: each comes from a mapped table (else
+    its rows would be kept in clear), and through the column the policy joins that table on."""
+    subject = policy.subject
+    problems: list[str] = []
+    warnings: list[str] = []
     mapped_columns = {t.table: t.subject_column for t in policy.tables}
     for fk in fks:
         if fk.references != subject.table or fk.table == subject.table:
@@ -184,8 +198,8 @@ def _key_problems(
         elif mapped_columns[fk.table] not in fk.columns:
             warnings.append(
                 f"{fk.table}.{', '.join(fk.columns)} references {subject.table} ({fk.name}) but the policy joins "
-                f"that table on {mapped_columns[fk.table]}: rows linked only through those columns are not treated with "
-                "that subject (deleting the subject fails, or cascades, as the foreign key says)"
+                f"that table on {mapped_columns[fk.table]}: rows linked only through those columns are not "
+                "treated with that subject (deleting the subject fails, or cascades, as the foreign key says)"
             )
     return problems, warnings
 
@@ -261,137 +275,184 @@ def sql_error(exc: psycopg.Error) -> str:
 
 
 def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
-    """Raise CatalogError unless every identifier of the policy exists with a usable type."""
-    problems: list[str] = []
+    """Raise CatalogError unless every identifier of the policy exists with a usable type.
+
+    Steps, each only once the previous one passed: names and types (one catalog read); keys and hold
+    predicates; the values the policy expects in the data. Then the warnings: indexes, rules that
+    select nobody."""
     report = CatalogReport()
     names = {t.table for t in policy.tables} | {policy.interactions.table}
     schemas = {n.split(".", 1)[0] for n in names}
-    catalog = _load_columns(conn, schemas)
+    found = _Lookup(_load_columns(conn, schemas))
+    _check_subject(found, policy)
+    _check_tables(found, policy, report)
+    _check_interactions_and_rules(found, policy)
+    if found.problems:
+        raise CatalogError(_message(found.problems))
 
-    def need(where: str, table: str, column: str | None = None) -> Column | None:
-        cols = catalog.get(table)
+    # Keys that are not keys treat other people's rows; an unmapped table keeps its rows in clear.
+    problems, key_warnings = _key_problems(
+        policy, found.catalog, _unique_columns(conn, schemas), _foreign_keys(conn, schemas, policy.subject.table)
+    )
+    report.warnings += key_warnings
+    problems += _hold_problems(conn, policy)
+    if problems:
+        raise CatalogError(_message(problems))
+
+    report.warnings += _checked_data(conn, policy)
+    report.warnings += _index_warnings(conn, policy, schemas)
+    for i in range(len(policy.rules)):
+        report.warnings += _unselectable(conn, policy, i, found.catalog[policy.subject.table])
+    return report
+
+
+class _Lookup:
+    """The columns of the policy's schemas, and the problems met looking the policy's names up in them."""
+
+    def __init__(self, catalog: dict[str, dict[str, Column]]) -> None:
+        self.catalog = catalog
+        self.problems: list[str] = []
+
+    def need(self, where: str, table: str, column: str | None = None) -> Column | None:
+        """The column (None for a table alone); a missing table or column is a problem."""
+        cols = self.catalog.get(table)
         if cols is None:
-            problems.append(f"{where}: table {table} does not exist")
+            self.problems.append(f"{where}: table {table} does not exist")
             return None
         if column is None:
             return None
         col = cols.get(column)
         if col is None:
-            problems.append(f"{where}: column {table}.{column} does not exist")
+            self.problems.append(f"{where}: column {table}.{column} does not exist")
         return col
 
+
+def _check_subject(found: _Lookup, policy: Policy) -> None:
+    """The subject's table and columns exist; the marker is a timestamp and the flag a boolean."""
     subject = policy.subject
-    need("subject.table", subject.table)
-    need("subject.primary_key", subject.table, subject.primary_key)
-    need("subject.email_column", subject.table, subject.email_column)
+    found.need("subject.table", subject.table)
+    found.need("subject.primary_key", subject.table, subject.primary_key)
+    found.need("subject.email_column", subject.table, subject.email_column)
     if subject.phone_column:
-        need("subject.phone_column", subject.table, subject.phone_column)
-    marker = need("subject.pseudonymised_marker", subject.table, subject.pseudonymised_marker)
+        found.need("subject.phone_column", subject.table, subject.phone_column)
+    marker = found.need("subject.pseudonymised_marker", subject.table, subject.pseudonymised_marker)
     if marker and marker.type not in TIME_TYPES:
-        problems.append(
+        found.problems.append(
             f"subject.pseudonymised_marker: column {subject.table}.{subject.pseudonymised_marker} is {marker.type}, "
             "expected a timestamp"
         )
-
     if subject.restriction_column:
-        flag = need("subject.restriction_column", subject.table, subject.restriction_column)
+        flag = found.need("subject.restriction_column", subject.table, subject.restriction_column)
         if flag and flag.type != "boolean":
-            problems.append(
+            found.problems.append(
                 f"subject.restriction_column: column {subject.table}.{subject.restriction_column} is {flag.type}, "
                 "expected boolean"
             )
 
+
+def _check_tables(found: _Lookup, policy: Policy, report: CatalogReport) -> None:
+    """Each mapped table exists with its key, subject and email columns, and each pseudonymised column can
+    take its treatment (counted in the report)."""
     for i, mapped in enumerate(policy.tables):
         where = f"tables[{i}]"
-        if mapped.table not in catalog:
-            need(f"{where}.table", mapped.table)
+        if mapped.table not in found.catalog:
+            found.need(f"{where}.table", mapped.table)
             continue
         report.tables += 1
-        need(f"{where}.primary_key", mapped.table, mapped.primary_key)
-        need(f"{where}.subject_column", mapped.table, mapped.subject_column)
+        found.need(f"{where}.primary_key", mapped.table, mapped.primary_key)
+        found.need(f"{where}.subject_column", mapped.table, mapped.subject_column)
         for j, name in enumerate(mapped.email_columns):
-            col = need(f"{where}.email_columns[{j}]", mapped.table, name)
+            col = found.need(f"{where}.email_columns[{j}]", mapped.table, name)
             if col and col.type not in TEXT_TYPES:
-                problems.append(f"{where}.email_columns[{j}]: column {mapped.table}.{name} is {col.type}, expected text")
+                found.problems.append(
+                    f"{where}.email_columns[{j}]: column {mapped.table}.{name} is {col.type}, expected text")
         if mapped.archive and mapped.archive.from_:
-            col = need(f"{where}.archive.from", mapped.table, mapped.archive.from_)
+            col = found.need(f"{where}.archive.from", mapped.table, mapped.archive.from_)
             if col and col.type not in TIME_TYPES:
-                problems.append(f"{where}.archive.from: column {mapped.table}.{mapped.archive.from_} is {col.type}, "
-                                "expected a date or timestamp")
+                found.problems.append(f"{where}.archive.from: column {mapped.table}.{mapped.archive.from_} is "
+                                      f"{col.type}, expected a date or timestamp")
         for name, treatment in mapped.columns.items():
-            col = need(f"{where}.columns.{name}", mapped.table, name)
-            if col is None:
-                continue
-            report.columns += 1
-            target = f"{where}.columns.{name}: column {mapped.table}.{name}"
-            if isinstance(treatment, NullColumn) and col.not_null:
-                problems.append(f"{target} is NOT NULL, so it cannot be pseudonymised to null")
-            if isinstance(treatment, (HashColumn, FixedColumn)) and col.type not in TEXT_TYPES:
-                problems.append(f"{target} is {col.type}; hash and fixed need a text column")
-            if isinstance(treatment, HashColumn) and col.max_length is not None and col.max_length < 64:
-                problems.append(f"{target} holds {col.max_length} characters; a hash needs 64")
-            if isinstance(treatment, FixedColumn) and col.max_length is not None and len(treatment.value) > col.max_length:
-                problems.append(f"{target} holds {col.max_length} characters; the fixed value is longer")
+            col = found.need(f"{where}.columns.{name}", mapped.table, name)
+            if col is not None:
+                report.columns += 1
+                found.problems += _treatment_problems(f"{where}.columns.{name}: column {mapped.table}.{name}",
+                                                      treatment, col)
 
-    inter = policy.interactions
-    need("interactions.table", inter.table)
+
+def _treatment_problems(target: str, treatment: ColumnTreatment, col: Column) -> list[str]:
+    """Why `col` cannot take its pseudonymisation `treatment` (`target` names it), if it cannot."""
+    problems = []
+    if isinstance(treatment, NullColumn) and col.not_null:
+        problems.append(f"{target} is NOT NULL, so it cannot be pseudonymised to null")
+    if isinstance(treatment, (HashColumn, FixedColumn)) and col.type not in TEXT_TYPES:
+        problems.append(f"{target} is {col.type}; hash and fixed need a text column")
+    if isinstance(treatment, HashColumn) and col.max_length is not None and col.max_length < 64:
+        problems.append(f"{target} holds {col.max_length} characters; a hash needs 64")
+    if isinstance(treatment, FixedColumn) and col.max_length is not None and len(treatment.value) > col.max_length:
+        problems.append(f"{target} holds {col.max_length} characters; the fixed value is longer")
+    return problems
+
+
+def _check_interactions_and_rules(found: _Lookup, policy: Policy) -> None:
+    """The interactions table and its columns exist; each rule's status column and clock columns exist,
+    the clocks' of a date type."""
+    subject, inter = policy.subject, policy.interactions
+    found.need("interactions.table", inter.table)
     for key in ("subject_column", "kind_column", "at_column"):
-        need(f"interactions.{key}", inter.table, getattr(inter, key))
-
+        found.need(f"interactions.{key}", inter.table, getattr(inter, key))
     for i, rule in enumerate(policy.rules):
         where = f"rules[{i}]"
-        need(f"{where}.statuses.column", subject.table, rule.statuses.column)
+        found.need(f"{where}.statuses.column", subject.table, rule.statuses.column)
         if rule.clock.fallback:
-            col = need(f"{where}.clock.fallback", subject.table, rule.clock.fallback)
+            col = found.need(f"{where}.clock.fallback", subject.table, rule.clock.fallback)
             if col and col.type not in TIME_TYPES:
-                problems.append(
+                found.problems.append(
                     f"{where}.clock.fallback: {subject.table}.{rule.clock.fallback} is {col.type}, expected a date")
         if isinstance(rule.clock, RelatedMaxClock):
-            col = need(f"{where}.clock.column", rule.clock.table, rule.clock.column)
+            col = found.need(f"{where}.clock.column", rule.clock.table, rule.clock.column)
             if col and col.type not in TIME_TYPES:
-                problems.append(f"{where}.clock.column: {rule.clock.table}.{rule.clock.column} is {col.type}, expected a date")
+                found.problems.append(
+                    f"{where}.clock.column: {rule.clock.table}.{rule.clock.column} is {col.type}, expected a date")
 
-    if problems:
-        raise CatalogError(_message(problems))
 
-    # Keys that are not keys treat other people's rows; an unmapped table keeps its rows in clear.
-    key_problems, key_warnings = _key_problems(
-        policy, catalog, _unique_columns(conn, schemas), _foreign_keys(conn, schemas, subject.table)
-    )
-    problems += key_problems
-    report.warnings += key_warnings
-
-    # Hold predicates are SQL: make the server compile each one (EXPLAIN runs nothing).
+def _hold_problems(conn: psycopg.Connection, policy: Policy) -> list[str]:
+    """Hold predicates are SQL: make the server compile each one (EXPLAIN runs nothing)."""
+    problems = []
     for i, hold in enumerate(policy.holds):
-        problem = compile_problem(conn, subject.table, hold_predicate(hold))
+        problem = compile_problem(conn, policy.subject.table, hold_predicate(hold))
         if problem:
             problems.append(f"holds[{i}] ({hold.name}).predicate: does not compile: {problem}")
-    if problems:
-        raise CatalogError(_message(problems))
+    return problems
 
-    # The data itself: one query per list of values, read-only, in a savepoint so the connection stays usable.
+
+def _checked_data(conn: psycopg.Connection, policy: Policy) -> list[str]:
+    """The data itself (`_data_problems`): raise CatalogError on a problem, else return the warnings. One
+    query per list of values, read-only, in a savepoint so the connection stays usable."""
     try:
         with conn.transaction():
-            problems, data_warnings = _data_problems(conn, policy)
+            problems, warnings = _data_problems(conn, policy)
     except psycopg.Error as exc:
         raise CatalogError(
             _message([f"the policy's values could not be compared with the data: {sql_error(exc)}"])
         ) from None
     if problems:
         raise CatalogError(_message(problems))
-    report.warnings += data_warnings
+    return warnings
 
+
+def _index_warnings(conn: psycopg.Connection, policy: Policy, schemas: set[str]) -> list[str]:
+    """A subject column (of a mapped table, of the interactions) that no index starts with."""
     indexed = _indexed_first_columns(conn, schemas)
-    for mapped in policy.tables:
-        if (mapped.table, mapped.subject_column) not in indexed:
-            report.warnings.append(
-                f"{mapped.table}.{mapped.subject_column} has no index starting with it: sweeps and erasures will scan the table"
-            )
+    warnings = [
+        f"{mapped.table}.{mapped.subject_column} has no index starting with it: sweeps and erasures will scan "
+        "the table"
+        for mapped in policy.tables if (mapped.table, mapped.subject_column) not in indexed
+    ]
+    inter = policy.interactions
     if (inter.table, inter.subject_column) not in indexed:
-        report.warnings.append(f"{inter.table}.{inter.subject_column} has no index: clock evaluation will scan the table")
-    for i in range(len(policy.rules)):
-        report.warnings += _unselectable(conn, policy, i, catalog[subject.table])
-    return report
+        warnings.append(
+            f"{inter.table}.{inter.subject_column} has no index: clock evaluation will scan the table")
+    return warnings
 
 
 def _unselectable(conn: psycopg.Connection, policy: Policy, i: int, subject_columns: dict[str, Column]) -> list[str]:

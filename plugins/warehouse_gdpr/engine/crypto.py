@@ -72,7 +72,7 @@ class Keys:
                 f"archive_key_ids={sorted(self.archive_keys)!r})")
 
     @classmethod
-    def from_extra(cls, extra: Mapping[str, object], conn_id: str = "gdpr_keys") -> "Keys":
+    def from_extra(cls, extra: Mapping[str, object], conn_id: str = "gdpr_keys") -> Keys:
         """Build keys from a connection's extra dict; raise KeyConfigError naming what is wrong."""
         hmac_key_id = extra.get("hmac_key_id")
         if not isinstance(hmac_key_id, str) or not hmac_key_id:
@@ -126,7 +126,7 @@ class Keys:
         The last one is `subject_hash`; the others find rows written before a rotation (audit rows,
         list entries not re-keyed yet).
         """
-        return dict(zip(self.hmac_key_ids, self.hasher(strip_plus_tags)(email)))
+        return dict(zip(self.hmac_key_ids, self.hasher(strip_plus_tags)(email), strict=True))
 
     def hasher(self, strip_plus_tags: bool = False) -> Callable[[str], list[str]]:
         """A fast `subject_hashes` for bulk work: email -> [hash under each key id, oldest first]."""
@@ -201,11 +201,13 @@ def _chain(value: object, current: str, conn_id: str) -> tuple[tuple[str, bytes]
         if not isinstance(key_id, str) or not key_id:
             raise KeyConfigError(f"connection {conn_id!r}: hmac_chain[{i}].key_id is missing")
         if key_id == current or key_id in (k for k, _ in chain):
-            raise KeyConfigError(f"connection {conn_id!r}: hmac key id {key_id!r} appears twice (hmac_chain, hmac_key_id)")
+            raise KeyConfigError(
+                f"connection {conn_id!r}: hmac key id {key_id!r} appears twice (hmac_chain, hmac_key_id)")
         pepper = _b64(item.get("pepper"), f"hmac_chain[{i}].pepper", conn_id)
         if len(pepper) < MIN_PEPPER_BYTES:
             raise KeyConfigError(
-                f"connection {conn_id!r}: hmac_chain[{i}].pepper is {len(pepper)} bytes, at least {MIN_PEPPER_BYTES} are required"
+                f"connection {conn_id!r}: hmac_chain[{i}].pepper is {len(pepper)} bytes, at least "
+                f"{MIN_PEPPER_BYTES} are required"
             )
         chain.append((key_id, pepper))
     return tuple(chain)

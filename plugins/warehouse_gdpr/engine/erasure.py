@@ -3,8 +3,8 @@
 The person's rows in each mapped table are those `matcher.rows` selects: linked to one of their
 subject rows, or carrying their email in an `email_columns` column, compared as
 ``lower(btrim(column)) = normalised email``: index that expression on the subject's email column and
-on every `email_columns` entry (demo/warehouse_gdpr_demo/sql/demo_crm.sql does). The sweep and the opt-out guard use
-the same definition. A person the sweep pseudonymised is found the same way by the keyed hashes of
+on every `email_columns` entry (demo/warehouse_gdpr_demo/sql/demo_crm.sql does). The sweep and the
+opt-out guard use the same definition. A person the sweep pseudonymised is found the same way by the keyed hashes of
 their email in hashed email columns (`email_hashes`), and their encrypted originals in gdpr_archive by
 subject id: those no legal obligation keeps are destroyed with the rest, the others are kept and the
 outcome says until when.
@@ -35,10 +35,10 @@ from psycopg import sql
 
 from . import audit, matcher
 from .audit import RunContext
+from .candidates import holds_array, qualified
 from .crypto import Keys, normalise_email
 from .errors import ConfigurationError
 from .policy import Policy
-from .candidates import hold_predicate, qualified
 
 # ASCII only on purpose: a Unicode look-alike (Cyrillic "а" in "pаul@…") is refused, not matched.
 EMAIL_PATTERN = (
@@ -87,6 +87,20 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Erasu
     a trailing newline) dropped, lower case; what is left must be a plain ASCII address.
     """
     today = today or date.today()
+    _refuse_unknown(params)
+    email, subject_id = _identity(params)
+    request_id = params.get("request_id")
+    if not isinstance(request_id, str) or not re.fullmatch(REQUEST_ID_PATTERN, request_id):
+        raise RequestError("`request_id` must be 3-64 characters: letters, digits, '.', '_', ':' or '-'")
+    received_at = _received_at(params, today)
+    dry_run = params.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise RequestError("`dry_run` must be true or false")
+    return ErasureRequest(request_id, email, subject_id, received_at, dry_run)
+
+
+def _refuse_unknown(params: Mapping[str, Any]) -> None:
+    """Refuse a key that is not one of PARAMS (named only if it looks like a param name)."""
     unknown = sorted(str(k) for k in params if k not in PARAMS)
     if unknown:
         shown = [f"`{k}`" for k in unknown if re.fullmatch(SAFE_PARAM_NAME, k)]
@@ -96,6 +110,10 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Erasu
             f"unknown param(s) {names}: this DAG takes only "
             + ", ".join(f"`{n}`" for n in PARAMS) + " (check the spelling; nothing was changed)"
         )
+
+
+def _identity(params: Mapping[str, Any]) -> tuple[str | None, int | None]:
+    """(normalised email, subject id): exactly one of them, each valid."""
     email = params.get("email")
     if email is not None and not isinstance(email, str):
         raise RequestError("`email` must be text")
@@ -112,9 +130,11 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Erasu
         email = email.lower()
     if subject_id is not None and (not isinstance(subject_id, int) or isinstance(subject_id, bool) or subject_id < 1):
         raise RequestError("`subject_id` must be a positive integer")
-    request_id = params.get("request_id")
-    if not isinstance(request_id, str) or not re.fullmatch(REQUEST_ID_PATTERN, request_id):
-        raise RequestError("`request_id` must be 3-64 characters: letters, digits, '.', '_', ':' or '-'")
+    return email, subject_id
+
+
+def _received_at(params: Mapping[str, Any], today: date) -> date:
+    """The date the request arrived (default today): not in the future, nor more than a year ago."""
     received = params.get("received_at") or today.isoformat()
     if not isinstance(received, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", received.strip()):
         raise RequestError("`received_at` must be a date, YYYY-MM-DD")
@@ -129,10 +149,7 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Erasu
             f"`received_at` is more than {MAX_RECEIVED_AGE_DAYS} days before today: refused as a likely typo "
             "(runbook: 'Trigger an erasure')"
         )
-    dry_run = params.get("dry_run", False)
-    if not isinstance(dry_run, bool):
-        raise RequestError("`dry_run` must be true or false")
-    return ErasureRequest(request_id, email, subject_id, received_at, dry_run)
+    return received_at
 
 
 @dataclass(frozen=True)
@@ -182,7 +199,8 @@ class Located:
 def locate(conn: psycopg.Connection, policy: Policy, keys: Keys, request: ErasureRequest) -> Located:
     """Find the subject rows and count every linked row, per mapped table (indexed lookups only)."""
     subject = policy.subject
-    table, pk, email_col = qualified(subject.table), sql.Identifier(subject.primary_key), sql.Identifier(subject.email_column)
+    table, pk = qualified(subject.table), sql.Identifier(subject.primary_key)
+    email_col = sql.Identifier(subject.email_column)
     if request.email is not None:
         email: str | None = normalise_email(request.email)
         ids = [r[0] for r in conn.execute(
@@ -191,7 +209,8 @@ def locate(conn: psycopg.Connection, policy: Policy, keys: Keys, request: Erasur
         ).fetchall()]
     else:
         row = conn.execute(
-            sql.SQL("SELECT {pk}, {e} FROM {t} WHERE {pk} = %s").format(pk=pk, t=table, e=email_col), (request.subject_id,)
+            sql.SQL("SELECT {pk}, {e} FROM {t} WHERE {pk} = %s").format(pk=pk, t=table, e=email_col),
+            (request.subject_id,),
         ).fetchone()
         ids = [row[0]] if row else []
         email = normalise_email(row[1]) if row and row[1] and "@" in row[1] else None
@@ -262,22 +281,21 @@ def _archived(conn: psycopg.Connection, policy: Policy, subject_ids: list[str]) 
         group = groups.setdefault((table, obligation), [0, None])
         group[0] += count
         group[1] = until if obligation else None
-    return [ArchivedRows(t, n, o, u) for (t, o), (n, u) in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] or ""))]
+    return [ArchivedRows(t, n, o, u)
+            for (t, o), (n, u) in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] or ""))]
 
 
 def holds_in_force(conn: psycopg.Connection, policy: Policy, located: Located, as_of: str) -> dict[str, str]:
-    """{hold name: 'refuse' | 'restrict'} for every hold true for one of the subject rows."""
+    """{hold name: 'refuse' | 'restrict'} for every hold in force for one of the subject rows (as the sweep
+    and the resurrection guard see them: `candidates.holds_array`)."""
     if not located.subject_ids or not policy.holds:
         return {}
-    cases = sql.SQL(", ").join(
-        sql.SQL("CASE WHEN ({p}) IS NOT FALSE THEN {n} END").format(p=hold_predicate(h), n=sql.Literal(h.name))
-        for h in policy.holds
-    )
     row = conn.execute(
         sql.SQL(
-            "SELECT array_agg(DISTINCT h) FILTER (WHERE h IS NOT NULL)"
-            " FROM {t} s CROSS JOIN LATERAL unnest(ARRAY[{cases}]::text[]) h WHERE s.{pk} = ANY(%(ids)s)"
-        ).format(t=qualified(policy.subject.table), cases=cases, pk=sql.Identifier(policy.subject.primary_key)),
+            "SELECT array_agg(DISTINCT h)"
+            " FROM {t} s CROSS JOIN LATERAL unnest({holds}) h WHERE s.{pk} = ANY(%(ids)s)"
+        ).format(t=qualified(policy.subject.table), holds=holds_array(policy.holds),
+                 pk=sql.Identifier(policy.subject.primary_key)),
         {"ids": located.subject_ids, "as_of": as_of},
     ).fetchone()
     conn.rollback()
@@ -406,64 +424,94 @@ def erase(
                          details={"request_id": request.request_id, "status": recorded.status})
             return recorded
         if request.dry_run:
-            result.suppression = suppression_effect(conn, located)
-            audit.record(conn, ctx, action="erase", outcome="dry_run", subject_hash=located.subject_hash,
-                         row_count=sum(located.rows.values()),
-                         details={"request_id": request.request_id, "would_be": outcome, "rows": located.rows,
-                                  "suppression": result.suppression,
-                                  "archive": [a.as_dict() for a in located.archive]})
-            result.rows = dict(located.rows)
-            result.archive = _archive_summary(located, {a.source_table: a.rows for a in located.archive
-                                                        if not a.obligation})
-            return result
+            return _dry_run(conn, ctx, request, located, result)
         if outcome in ("erased", "restricted"):
             persons = matcher.for_person(conn, policy, located.subject_ids, located.email, located.email_hashes)
             # Restricted by a hold: kept_when_held tables stay. Restricted only by archived originals a legal
             # obligation keeps: every live row goes.
-            result.rows = _delete_everywhere(conn, policy, persons, restricted=bool(holds))
+            result.rows = delete_everywhere(conn, policy, persons, restricted=bool(holds))
             result.archive = _archive_summary(located, _destroy_archive(conn, located))
         for table, n in result.rows.items():
             audit.record(conn, ctx, action="erase", outcome=outcome, table=table, row_count=n,
                          subject_hash=located.subject_hash, details={"request_id": request.request_id})
         _audit_archive(conn, ctx, result)
         if located.email:
-            # An opted-out person erased now: the entry becomes an erasure one (the resurrection guard
-            # of optout.py needs it); an entry already of reason 'erasure' is kept as it is.
-            cur = conn.execute(
-                "INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source, request_id)"
-                " VALUES (%s, %s, 'erasure', 'erasure_request', %s) ON CONFLICT (email_hash) DO UPDATE"
-                " SET reason = 'erasure', request_id = EXCLUDED.request_id WHERE gdpr.suppression_list.reason = 'opt_out'"
-                " RETURNING (xmax = 0)",
-                (located.subject_hash, keys.hmac_key_id, request.request_id),
-            )
-            row = cur.fetchone()
-            result.suppression = "already_listed" if row is None else "added" if row[0] else "opt_out_now_erasure"
-            audit.record(conn, ctx, action="suppress", outcome=result.suppression,
-                         table="gdpr.suppression_list", row_count=cur.rowcount, subject_hash=located.subject_hash,
-                         details={"request_id": request.request_id, "reason": "erasure"})
-        conn.execute(
-            "INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status, outcome,"
-            " reason, completed_at, details) VALUES (%s, %s, %s, %s, %s, %s, %s,"
-            " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)",
-            (request.request_id, located.subject_hash, request.received_at, request.due_date, status, outcome,
-             reason, status, psycopg.types.json.Jsonb({"rows": result.rows, "targets": targets,
-                                                       "holds": sorted(holds), "archive": result.archive,
-                                                       "requested_by": request_key(keys, request, located)})),
-        )
-        for name in targets:
-            assert located.email is not None
-            key_id, nonce, ciphertext = keys.encrypt(located.email.encode(), outbox_aad(request.request_id, name, keys.archive_key_id))
-            conn.execute(
-                "INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce, identifier_ciphertext)"
-                " VALUES (%s, %s, 'pending', %s, %s, %s)",
-                (request.request_id, name, key_id, nonce, ciphertext),
-            )
+            result.suppression = _suppress(conn, keys, ctx, request, located)
+        _record_request(conn, keys, request, located, result, holds)
+        _queue_outbox(conn, keys, request, located, targets)
         audit.record(conn, ctx, action="erasure_request", outcome=outcome, subject_hash=located.subject_hash,
                      row_count=sum(result.rows.values()),
                      details={"request_id": request.request_id, "status": status, "reason": reason,
                               "received_at": request.received_at.isoformat(), "due_date": result.due_date,
                               "targets": targets})
     return result
+
+
+def _dry_run(conn: psycopg.Connection, ctx: RunContext, request: ErasureRequest, located: Located,
+             result: ErasureResult) -> ErasureResult:
+    """A dry run's result (what would be erased, suppressed, destroyed) and its one audit row."""
+    result.suppression = suppression_effect(conn, located)
+    audit.record(conn, ctx, action="erase", outcome="dry_run", subject_hash=located.subject_hash,
+                 row_count=sum(located.rows.values()),
+                 details={"request_id": request.request_id, "would_be": result.outcome, "rows": located.rows,
+                          "suppression": result.suppression,
+                          "archive": [a.as_dict() for a in located.archive]})
+    result.rows = dict(located.rows)
+    result.archive = _archive_summary(located, {a.source_table: a.rows for a in located.archive
+                                                if not a.obligation})
+    return result
+
+
+def _suppress(conn: psycopg.Connection, keys: Keys, ctx: RunContext, request: ErasureRequest,
+              located: Located) -> str:
+    """List the person's subject hash with reason 'erasure' (audited); what happened to the list.
+
+    An opted-out person erased now: the entry becomes an erasure one (the resurrection guard of
+    optout.py needs it); an entry already of reason 'erasure' is kept as it is."""
+    cur = conn.execute(
+        "INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source, request_id)"
+        " VALUES (%s, %s, 'erasure', 'erasure_request', %s) ON CONFLICT (email_hash) DO UPDATE"
+        " SET reason = 'erasure', request_id = EXCLUDED.request_id WHERE gdpr.suppression_list.reason = 'opt_out'"
+        " RETURNING (xmax = 0)",
+        (located.subject_hash, keys.hmac_key_id, request.request_id),
+    )
+    row = cur.fetchone()
+    suppression = "already_listed" if row is None else "added" if row[0] else "opt_out_now_erasure"
+    audit.record(conn, ctx, action="suppress", outcome=suppression,
+                 table="gdpr.suppression_list", row_count=cur.rowcount, subject_hash=located.subject_hash,
+                 details={"request_id": request.request_id, "reason": "erasure"})
+    return suppression
+
+
+def _record_request(conn: psycopg.Connection, keys: Keys, request: ErasureRequest, located: Located,
+                    result: ErasureResult, holds: dict[str, str]) -> None:
+    """The request's row in gdpr.erasure_request: outcome, status (completed at once unless targets are
+    pending), and what was done (no personal data: counts, target names, hold names, keyed hashes)."""
+    conn.execute(
+        "INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status, outcome,"
+        " reason, completed_at, details) VALUES (%s, %s, %s, %s, %s, %s, %s,"
+        " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)",
+        (request.request_id, located.subject_hash, request.received_at, request.due_date, result.status,
+         result.outcome, result.reason, result.status,
+         psycopg.types.json.Jsonb({"rows": result.rows, "targets": result.targets, "holds": sorted(holds),
+                                   "archive": result.archive,
+                                   "requested_by": request_key(keys, request, located)})),
+    )
+
+
+def _queue_outbox(conn: psycopg.Connection, keys: Keys, request: ErasureRequest, located: Located,
+                  targets: list[str]) -> None:
+    """One pending outbox row per downstream target, the email encrypted under the archive key (bound to
+    the request, the target and the key id)."""
+    for name in targets:
+        assert located.email is not None
+        key_id, nonce, ciphertext = keys.encrypt(located.email.encode(),
+                                                 outbox_aad(request.request_id, name, keys.archive_key_id))
+        conn.execute(
+            "INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce,"
+            " identifier_ciphertext) VALUES (%s, %s, 'pending', %s, %s, %s)",
+            (request.request_id, name, key_id, nonce, ciphertext),
+        )
 
 
 def outbox_aad(request_id: str, target: str, key_id: str) -> bytes:
@@ -490,11 +538,12 @@ def _lock_subjects(conn: psycopg.Connection, policy: Policy, persons: matcher.Pe
     )
 
 
-def _delete_everywhere(conn: psycopg.Connection, policy: Policy, persons: matcher.Persons,
-                       restricted: bool) -> dict[str, int]:
+def delete_everywhere(conn: psycopg.Connection, policy: Policy, persons: matcher.Persons,
+                      restricted: bool) -> dict[str, int]:
     """Delete every row of the persons (`matcher.rows`), dependents first; under a restricting hold keep
     kept_when_held tables and the subject row, which is flagged (restriction_column) instead. Subject rows
-    are locked first."""
+    are locked first. {table: rows deleted}. Runs in the caller's transaction: `erase`, and the
+    resurrection guard (`optout.guard`), which deletes re-imported erased people the same way."""
     params = persons.params or None
     counts: dict[str, int] = {}
     _lock_subjects(conn, policy, persons)
@@ -502,7 +551,8 @@ def _delete_everywhere(conn: psycopg.Connection, policy: Policy, persons: matche
         if restricted and mapped.kept_when_held:
             continue
         cur = conn.execute(
-            sql.SQL("DELETE FROM {t} WHERE {m}").format(t=qualified(mapped.table), m=matcher.rows(policy, mapped, persons)),
+            sql.SQL("DELETE FROM {t} WHERE {m}").format(t=qualified(mapped.table),
+                                                        m=matcher.rows(policy, mapped, persons)),
             params,
         )
         counts[mapped.table] = cur.rowcount

@@ -40,8 +40,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .policy import MappedTable, Policy
 from .candidates import qualified
+from .policy import MappedTable, Policy
 
 EMAIL_TABLE = sql.Identifier("_gdpr_match_email")
 

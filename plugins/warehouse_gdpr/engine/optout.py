@@ -72,7 +72,6 @@ The trade-offs:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -85,6 +84,7 @@ from typing import IO, Any
 import psycopg
 from psycopg import sql
 
+from ..transport import ConnectionNotUsable, HttpCall, Transport, TransportError
 from . import audit, candidates, catalog, erasure, matcher
 from .audit import RunContext
 from .crypto import KeyConfigError, Keys
@@ -144,7 +144,7 @@ def check(conn: psycopg.Connection, policy: Policy) -> list[str]:
 _UNESCAPE = {b"\\": b"\\", b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
 
 
-def _copy_rows(conn: psycopg.Connection, query: sql.Composable, params: dict[str, Any] | None = None
+def _copy_rows(conn: psycopg.Connection, query: sql.SQL | sql.Composed, params: dict[str, Any] | None = None
                ) -> Iterator[list[bytes]]:
     """Stream the rows of ONE ``COPY (...) TO STDOUT`` (text format), each as its raw fields.
 
@@ -175,7 +175,7 @@ def _spool() -> IO[bytes]:
     return tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, mode="w+b")  # noqa: SIM115 - closed by callers
 
 
-def _copy_in(conn: psycopg.Connection, statement: sql.Composable, spool: IO[bytes]) -> None:
+def _copy_in(conn: psycopg.Connection, statement: sql.SQL | sql.Composed, spool: IO[bytes]) -> None:
     spool.seek(0)
     with conn.cursor().copy(statement) as copy:
         while chunk := spool.read(1 << 20):
@@ -191,7 +191,8 @@ def _stage_subject_hashes(
     (an SQL expression naming the first matching opt-out source, or NULL), only the subjects it
     selects. Call inside a transaction (the table is dropped on commit). Returns subjects hashed."""
     subject = policy.subject
-    table, pk, email = candidates.qualified(subject.table), sql.Identifier(subject.primary_key), sql.Identifier(subject.email_column)
+    table, pk = candidates.qualified(subject.table), sql.Identifier(subject.primary_key)
+    email = sql.Identifier(subject.email_column)
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {stage}").format(stage=HASH_STAGE))
     conn.execute(
         sql.SQL("CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT s.{pk} AS subject_id, ''::text AS email_hash,"
@@ -211,7 +212,8 @@ def _stage_subject_hashes(
             for i, value in enumerate(hashes(_text(address))):
                 spool.write(b"%s\t%s\t%s\t%s\n" % (subject_id, value.encode(), b"t" if i == last else b"f", name))
             subjects += 1
-        _copy_in(conn, sql.SQL("COPY {stage} (subject_id, email_hash, current, source) FROM STDIN").format(stage=HASH_STAGE), spool)
+        _copy_in(conn, sql.SQL("COPY {stage} (subject_id, email_hash, current, source) FROM STDIN")
+                 .format(stage=HASH_STAGE), spool)
     conn.execute(sql.SQL("ANALYZE {stage}").format(stage=HASH_STAGE))
     return subjects
 
@@ -240,7 +242,8 @@ def rekey(conn: psycopg.Connection, keys: Keys, ctx: RunContext) -> dict[str, An
     """
     current = keys.hmac_key_id
     with conn.transaction() as tx:
-        by_key = dict(conn.execute(f"SELECT key_id, count(*) FROM {LIST} GROUP BY key_id ORDER BY key_id").fetchall())
+        by_key: dict[str, int] = dict(
+            conn.execute(f"SELECT key_id, count(*) FROM {LIST} GROUP BY key_id ORDER BY key_id").fetchall())
         unknown = {k: n for k, n in by_key.items() if k not in keys.hmac_key_ids}
         if unknown:
             raise KeyConfigError(
@@ -301,7 +304,8 @@ def collect(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContex
         result["subjects"] = _stage_subject_hashes(conn, policy, keys, {"as_of": as_of}, source=first_match)
         rows = conn.execute(
             sql.SQL(
-                "WITH listed AS (SELECT DISTINCT h.subject_id FROM {stage} h JOIN {l} l ON l.email_hash = h.email_hash),"
+                "WITH listed AS (SELECT DISTINCT h.subject_id FROM {stage} h"
+                "  JOIN {l} l ON l.email_hash = h.email_hash),"
                 " new AS (SELECT DISTINCT ON (h.email_hash) h.email_hash, h.source FROM {stage} h"
                 "  LEFT JOIN listed x ON x.subject_id = h.subject_id WHERE h.current AND x.subject_id IS NULL"
                 "  ORDER BY h.email_hash, array_position({order}, h.source)),"
@@ -322,17 +326,6 @@ def collect(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContex
 # -- resurrection guard ------------------------------------------------------------------------------
 
 
-def _all_holds(policy: Policy) -> sql.Composable:
-    """text[] of the names of every hold true for subject `s` (erasure considers all holds)."""
-    if not policy.holds:
-        return sql.SQL("ARRAY[]::text[]")
-    cases = sql.SQL(", ").join(
-        sql.SQL("CASE WHEN ({p}) IS NOT FALSE THEN {n} END").format(p=candidates.hold_predicate(h), n=sql.Literal(h.name))
-        for h in policy.holds
-    )
-    return sql.SQL("array_remove(ARRAY[{cases}]::text[], NULL)").format(cases=cases)
-
-
 AUDIT_RESURRECTIONS = sql.SQL(
     "INSERT INTO gdpr.audit_log (dag_id, run_id, task_id, table_name, action, row_count, dry_run, outcome,"
     " subject_hash, details)"
@@ -346,83 +339,119 @@ AUDIT_RESURRECTIONS = sql.SQL(
 def guard(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext, as_of: str) -> dict[str, Any]:
     """Find subjects listed with reason 'erasure' (erased, then re-imported) and erase or quarantine them.
 
-    One transaction: the deletion (the erasure engine's `_delete_everywhere`, dependents first), the
+    One transaction: the deletion (the erasure engine's `delete_everywhere`, dependents first), the
     quarantine rows, the do-not-contact flag and one audit row per case (action 'resurrection',
     outcome 'erased' or 'quarantined', details: original request id, subject id, holds).
     """
     subject, mode = policy.subject, policy.optout.resurrection
     if not subject.restriction_column:
-        raise OptOutError("subject.restriction_column: the resurrection guard needs the subject's do-not-contact flag column")
-    table, pk = candidates.qualified(subject.table), sql.Identifier(subject.primary_key)
+        raise OptOutError(
+            "subject.restriction_column: the resurrection guard needs the subject's do-not-contact flag column")
     result: dict[str, Any] = {"policy": mode, "found": 0, "erased": 0, "quarantined": 0, "held": 0, "rows": {}}
     with conn.transaction() as tx:
         result["subjects"] = _stage_subject_hashes(conn, policy, keys, {})
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {res}").format(res=RESURRECTED))
-        conn.execute(
-            sql.SQL(
-                "CREATE TEMP TABLE {res} ON COMMIT DROP AS"
-                " SELECT DISTINCT ON (h.subject_id) h.subject_id, l.email_hash, l.request_id, {holds} AS holds,"
-                "  ''::text AS handled"
-                " FROM {stage} h JOIN {l} l ON l.email_hash = h.email_hash AND l.reason = 'erasure'"
-                " JOIN {t} s ON s.{pk} = h.subject_id"
-                " LEFT JOIN gdpr.erasure_request r ON r.request_id = l.request_id"
-                " WHERE (r.request_id IS NULL OR r.outcome IN ('erased', 'not_found'))"
-                "  AND NOT EXISTS (SELECT 1 FROM gdpr.quarantine q"
-                "   WHERE q.subject_table = %(table)s AND q.subject_id = h.subject_id::text)"
-                " ORDER BY h.subject_id, l.first_seen"
-            ).format(res=RESURRECTED, holds=_all_holds(policy), stage=HASH_STAGE, l=candidates.qualified(LIST), t=table, pk=pk),
-            {"as_of": as_of, "table": subject.table},
-        )
-        conn.execute(
-            sql.SQL("UPDATE {res} SET handled = CASE WHEN {mode} = 'erase' AND cardinality(holds) = 0"
-                    " THEN 'erased' ELSE 'quarantined' END").format(res=RESURRECTED, mode=sql.Literal(mode))
-        )
-        found, held, erase_ids = conn.execute(
-            sql.SQL("SELECT count(*), count(*) FILTER (WHERE cardinality(holds) > 0),"
-                    " coalesce(array_agg(subject_id ORDER BY subject_id) FILTER (WHERE handled = 'erased'), '{{}}')"
-                    " FROM {res}").format(res=RESURRECTED)
-        ).fetchone()  # type: ignore[misc]
-        result.update(found=found, held=held, erased=len(erase_ids), quarantined=found - len(erase_ids))
+        found, held, erased = _find_resurrected(conn, policy, as_of)
+        result.update(found=found, held=held, erased=erased, quarantined=found - erased)
         if found:
-            # Lock the subjects first, in primary-key order, as every writer does (lock order: sweep.py).
-            conn.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {t} s WHERE s.{pk} IN (SELECT subject_id FROM {res})"
-                                 " ORDER BY s.{pk} FOR UPDATE) locked").format(t=table, pk=pk, res=RESURRECTED))
-            if erase_ids:
-                # Every row of theirs, found as the sweep and erasure find them (`matcher`): linked
-                # rows and rows carrying their email.
-                persons = matcher.stage(conn, policy, sql.SQL("(SELECT subject_id FROM {res} WHERE handled = 'erased')")
-                                        .format(res=RESURRECTED))
-                try:
-                    result["rows"] = erasure._delete_everywhere(conn, policy, persons, restricted=False)
-                except psycopg.errors.ForeignKeyViolation as exc:
-                    raise UnmappedForeignKey(
-                        f"erasing resurrected subjects from {subject.table} is blocked by a foreign key from table "
-                        f"{exc.diag.table_name!r}, which the policy does not map: add it to `tables`"
-                    ) from None
+            _lock_resurrected(conn, policy)
+            if erased:
+                result["rows"] = _erase_resurrected(conn, policy)
             if result["quarantined"]:
-                conn.execute(
-                    sql.SQL("INSERT INTO gdpr.quarantine (subject_table, subject_id, email_hash, request_id, reason)"
-                            " SELECT %(table)s, subject_id::text, email_hash, request_id,"
-                            " CASE WHEN cardinality(holds) > 0 THEN 'resurrection; legal hold: ' || array_to_string(holds, ', ')"
-                            " ELSE 'resurrection' END FROM {res} WHERE handled = 'quarantined'"
-                            " ON CONFLICT (subject_table, subject_id) DO NOTHING").format(res=RESURRECTED),
-                    {"table": subject.table},
-                )
-                conn.execute(
-                    sql.SQL("UPDATE {t} s SET {flag} = true FROM {res} r WHERE s.{pk} = r.subject_id"
-                            " AND r.handled = 'quarantined' AND s.{flag} IS NOT TRUE").format(
-                        t=table, flag=sql.Identifier(subject.restriction_column), res=RESURRECTED, pk=pk)
-                )
+                _quarantine_resurrected(conn, policy)
             if not ctx.dry_run:
-                conn.execute(AUDIT_RESURRECTIONS.format(res=RESURRECTED),
-                             {"dag_id": ctx.dag_id, "run_id": ctx.run_id, "task_id": ctx.task_id,
-                              "table": subject.table, "mode": mode})
-                for name, n in result["rows"].items():
-                    audit.record(conn, ctx, action="erase", outcome="resurrection", table=name, row_count=n)
+                _audit_resurrections(conn, policy, ctx, result["rows"])
         _finish(conn, ctx, tx, action="resurrection_guard", outcome="done", table=subject.table, row_count=found,
                 details=result)
-    _dry_run_record(conn, ctx, action="resurrection_guard", table=subject.table, row_count=result["found"], details=result)
+    _dry_run_record(conn, ctx, action="resurrection_guard", table=subject.table, row_count=result["found"],
+                    details=result)
     return result
+
+
+def _find_resurrected(conn: psycopg.Connection, policy: Policy, as_of: str) -> tuple[int, int, int]:
+    """Stage in RESURRECTED every subject whose staged hash is listed with reason 'erasure' (and whose
+    request was not restricted or refused, nor already quarantined), with the holds in force for it
+    and how it is handled ('erased', or 'quarantined' when the policy says so or a hold is in force).
+    Returns (found, held, to be erased)."""
+    subject, mode = policy.subject, policy.optout.resurrection
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {res}").format(res=RESURRECTED))
+    conn.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE {res} ON COMMIT DROP AS"
+            " SELECT DISTINCT ON (h.subject_id) h.subject_id, l.email_hash, l.request_id, {holds} AS holds,"
+            "  ''::text AS handled"
+            " FROM {stage} h JOIN {l} l ON l.email_hash = h.email_hash AND l.reason = 'erasure'"
+            " JOIN {t} s ON s.{pk} = h.subject_id"
+            " LEFT JOIN gdpr.erasure_request r ON r.request_id = l.request_id"
+            " WHERE (r.request_id IS NULL OR r.outcome IN ('erased', 'not_found'))"
+            "  AND NOT EXISTS (SELECT 1 FROM gdpr.quarantine q"
+            "   WHERE q.subject_table = %(table)s AND q.subject_id = h.subject_id::text)"
+            " ORDER BY h.subject_id, l.first_seen"
+        ).format(res=RESURRECTED, holds=candidates.holds_array(policy.holds), stage=HASH_STAGE,
+                 l=candidates.qualified(LIST), t=candidates.qualified(subject.table),
+                 pk=sql.Identifier(subject.primary_key)),
+        {"as_of": as_of, "table": subject.table},
+    )
+    conn.execute(
+        sql.SQL("UPDATE {res} SET handled = CASE WHEN {mode} = 'erase' AND cardinality(holds) = 0"
+                " THEN 'erased' ELSE 'quarantined' END").format(res=RESURRECTED, mode=sql.Literal(mode))
+    )
+    found, held, erased = conn.execute(
+        sql.SQL("SELECT count(*), count(*) FILTER (WHERE cardinality(holds) > 0),"
+                " count(*) FILTER (WHERE handled = 'erased') FROM {res}").format(res=RESURRECTED)
+    ).fetchone()  # type: ignore[misc]
+    return found, held, erased
+
+
+def _lock_resurrected(conn: psycopg.Connection, policy: Policy) -> None:
+    """Lock the staged subjects first, in primary-key order, as every writer does (lock order: sweep.py)."""
+    table, pk = candidates.qualified(policy.subject.table), sql.Identifier(policy.subject.primary_key)
+    conn.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {t} s WHERE s.{pk} IN (SELECT subject_id FROM {res})"
+                         " ORDER BY s.{pk} FOR UPDATE) locked").format(t=table, pk=pk, res=RESURRECTED))
+
+
+def _erase_resurrected(conn: psycopg.Connection, policy: Policy) -> dict[str, int]:
+    """Delete every row of the subjects handled 'erased', found as the sweep and erasure find them
+    (`matcher`: linked rows and rows carrying their email). {table: rows deleted}."""
+    persons = matcher.stage(conn, policy, sql.SQL("(SELECT subject_id FROM {res} WHERE handled = 'erased')")
+                            .format(res=RESURRECTED))
+    try:
+        return erasure.delete_everywhere(conn, policy, persons, restricted=False)
+    except psycopg.errors.ForeignKeyViolation as exc:
+        raise UnmappedForeignKey(
+            f"erasing resurrected subjects from {policy.subject.table} is blocked by a foreign key from table "
+            f"{exc.diag.table_name!r}, which the policy does not map: add it to `tables`"
+        ) from None
+
+
+def _quarantine_resurrected(conn: psycopg.Connection, policy: Policy) -> None:
+    """Record the subjects handled 'quarantined' in gdpr.quarantine (with the holds keeping them) and set
+    their do-not-contact flag."""
+    subject = policy.subject
+    assert subject.restriction_column  # checked by `guard`
+    conn.execute(
+        sql.SQL("INSERT INTO gdpr.quarantine (subject_table, subject_id, email_hash, request_id, reason)"
+                " SELECT %(table)s, subject_id::text, email_hash, request_id,"
+                " CASE WHEN cardinality(holds) > 0"
+                " THEN 'resurrection; legal hold: ' || array_to_string(holds, ', ')"
+                " ELSE 'resurrection' END FROM {res} WHERE handled = 'quarantined'"
+                " ON CONFLICT (subject_table, subject_id) DO NOTHING").format(res=RESURRECTED),
+        {"table": subject.table},
+    )
+    conn.execute(
+        sql.SQL("UPDATE {t} s SET {flag} = true FROM {res} r WHERE s.{pk} = r.subject_id"
+                " AND r.handled = 'quarantined' AND s.{flag} IS NOT TRUE").format(
+            t=candidates.qualified(subject.table), flag=sql.Identifier(subject.restriction_column),
+            res=RESURRECTED, pk=sql.Identifier(subject.primary_key))
+    )
+
+
+def _audit_resurrections(conn: psycopg.Connection, policy: Policy, ctx: RunContext, rows: dict[str, int]) -> None:
+    """One audit row per resurrection (with the original request id and the holds), one per erased table."""
+    conn.execute(AUDIT_RESURRECTIONS.format(res=RESURRECTED),
+                 {"dag_id": ctx.dag_id, "run_id": ctx.run_id, "task_id": ctx.task_id,
+                  "table": policy.subject.table, "mode": policy.optout.resurrection})
+    for name, n in rows.items():
+        audit.record(conn, ctx, action="erase", outcome="resurrection", table=name, row_count=n)
 
 
 # -- enforce -----------------------------------------------------------------------------------------
@@ -433,7 +462,8 @@ def enforce(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContex
     subject = policy.subject
     if not subject.restriction_column:
         raise OptOutError("subject.restriction_column: enforcement needs the subject's do-not-contact flag column")
-    table, pk, flag = candidates.qualified(subject.table), sql.Identifier(subject.primary_key), sql.Identifier(subject.restriction_column)
+    table, pk = candidates.qualified(subject.table), sql.Identifier(subject.primary_key)
+    flag = sql.Identifier(subject.restriction_column)
     with conn.transaction() as tx:
         hashed = _stage_subject_hashes(conn, policy, keys, {})
         # The rows to flag are locked in primary-key order before any is updated (lock order: sweep.py).
@@ -461,14 +491,13 @@ def spool_list(conn: psycopg.Connection, keys: Keys) -> tuple[IO[bytes], int]:
     closes it). Superseded entries (still under an earlier key) are left out."""
     spool = _spool()
     count = 0
-    with conn.transaction():
-        with conn.cursor().copy(
-            sql.SQL("COPY (SELECT email_hash FROM {l} WHERE key_id = {k} ORDER BY email_hash) TO STDOUT").format(
-                l=candidates.qualified(LIST), k=sql.Literal(keys.hmac_key_id))
-        ) as copy:
-            for chunk in copy:
-                spool.write(chunk)
-                count += bytes(chunk).count(b"\n")
+    with conn.transaction(), conn.cursor().copy(
+        sql.SQL("COPY (SELECT email_hash FROM {l} WHERE key_id = {k} ORDER BY email_hash) TO STDOUT").format(
+            l=candidates.qualified(LIST), k=sql.Literal(keys.hmac_key_id))
+    ) as copy:
+        for chunk in copy:
+            spool.write(chunk)
+            count += bytes(chunk).count(b"\n")
     spool.seek(0)
     return spool, count
 
@@ -485,37 +514,33 @@ def _batches(spool: IO[bytes], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def post_hashes(target: ShareTarget, batches: Iterator[list[str]]) -> tuple[int, int]:
-    """POST each batch as ``{"hashes": [...]}`` to the target (base URL and auth headers from its Airflow
-    HTTP connection). Returns (batches, hashes); raises ShareError at the first refused batch."""
-    from airflow.providers.http.hooks.http import HttpHook
+SHARE_DEADLINE_SECONDS = 60.0  # per batch, whatever the peer does (a trickled answer is cut)
 
-    hook = HttpHook(method="POST", http_conn_id=target.connection_id)
-    try:
-        session = hook.get_conn()
-    except Exception as exc:  # noqa: BLE001 - e.g. the connection is not defined
-        raise ShareError(f"share target {target.name}: connection {target.connection_id!r} not usable "
-                         f"({type(exc).__name__})") from None
-    url = hook.url_from_endpoint(target.endpoint)
+
+def post_hashes(target: ShareTarget, batches: Iterator[list[str]], http: HttpCall) -> tuple[int, int]:
+    """POST each batch as ``{"hashes": [...]}`` to the target's endpoint through the transport seam (the
+    Airflow layer gives base URL and auth from the target's HTTP connection). A batch counts only with a
+    2xx answer: a redirect is never followed (a 3xx refuses the batch, like any other status). Returns
+    (batches, hashes); raises ShareError at the first batch without a 2xx answer."""
     sent = hashes = 0
-    try:
-        for batch in batches:
-            try:
-                response = session.post(url, data=json.dumps({"hashes": batch}),
-                                        headers={"Content-Type": "application/json"}, timeout=60)
-            except Exception as exc:  # noqa: BLE001 - keep the type only
-                raise ShareError(f"share target {target.name}: no answer to batch {sent + 1} ({type(exc).__name__})") from None
-            if not 200 <= response.status_code < 300:
-                raise ShareError(f"share target {target.name}: batch {sent + 1} refused with HTTP {response.status_code}")
-            sent += 1
-            hashes += len(batch)
-    finally:
-        session.close()
+    for batch in batches:
+        try:
+            answer = http("POST", target.endpoint, json_body={"hashes": batch}, deadline_seconds=SHARE_DEADLINE_SECONDS)
+        except ConnectionNotUsable:
+            raise ShareError(f"share target {target.name}: connection {target.connection_id!r} not usable") from None
+        except TransportError as exc:  # the message holds no URL and no personal data
+            raise ShareError(f"share target {target.name}: no answer to batch {sent + 1} ({exc})") from None
+        if not 200 <= answer.status < 300:
+            raise ShareError(f"share target {target.name}: batch {sent + 1} refused with HTTP {answer.status}")
+        sent += 1
+        hashes += len(batch)
     return sent, hashes
 
 
-def share(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext, target_name: str) -> dict[str, Any]:
-    """Push the whole list (current-key hashes) to one share target, in its batch size. Audited."""
+def share(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext, target_name: str,
+          transport: Transport) -> dict[str, Any]:
+    """Push the whole list (current-key hashes) to one share target, in its batch size, through
+    `transport` (the Airflow layer passes its adapter). Audited."""
     target = next((t for t in policy.optout.share_targets if t.name == target_name), None)
     if target is None:
         raise OptOutError(f"share target {target_name!r} is not declared in the policy's optout.share_targets")
@@ -527,7 +552,8 @@ def share(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
             return result
         started = time.monotonic()
         try:
-            batches, sent = post_hashes(target, _batches(spool, target.batch_size))
+            batches, sent = post_hashes(target, _batches(spool, target.batch_size),
+                                            transport.http(target.connection_id))
         except ShareError as exc:
             with conn.transaction():
                 audit.record(conn, ctx, action="share", outcome="failed", table=f"target:{target.name}",
@@ -663,16 +689,17 @@ class SyncResult:
 
 def sync(
     conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext, as_of: str,
-    export_to: Path | None = None, share_targets: bool = True,
+    export_to: Path | None = None, transport: Transport | None = None,
 ) -> SyncResult:
-    """Every step in DAG order, in one process (the DAG runs them as separate tasks)."""
+    """Every step in DAG order, in one process (the DAG runs them as separate tasks). The list is shared
+    with the policy's share targets only through a `transport` (none given: not shared)."""
     result = SyncResult()
     result.rekey = rekey(conn, keys, ctx)
     result.collect = collect(conn, policy, keys, ctx, as_of)
     result.guard = guard(conn, policy, keys, ctx, as_of)
     result.enforce = enforce(conn, policy, keys, ctx)
-    if share_targets:
-        result.share = [share(conn, policy, keys, ctx, t.name) for t in policy.optout.share_targets]
+    if transport is not None:
+        result.share = [share(conn, policy, keys, ctx, t.name, transport) for t in policy.optout.share_targets]
     if export_to is not None:
         result.export = export(conn, keys, ctx, export_to)
     return result

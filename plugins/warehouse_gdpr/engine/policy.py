@@ -14,7 +14,7 @@ import re
 import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -203,7 +203,7 @@ class KeepColumn(_Model):
 
 
 ColumnTreatment = Annotated[
-    Union[HashColumn, NullColumn, FixedColumn, KeepColumn], Field(discriminator="pseudonymise")
+    HashColumn | NullColumn | FixedColumn | KeepColumn, Field(discriminator="pseudonymise")
 ]
 
 
@@ -270,12 +270,16 @@ class Interactions(_Model):
     )
 
     @model_validator(mode="after")
-    def _absent_are_listed(self) -> "Interactions":
+    def _absent_are_listed(self) -> Interactions:
         _require_listed(self.expect_absent, self.subject_initiated, "subject_initiated")
         return self
 
 
 Action = Literal["delete", "pseudonymise"]
+
+
+def _every_action() -> list[Action]:
+    return ["delete", "pseudonymise"]
 
 
 class Hold(_Model):
@@ -286,7 +290,7 @@ class Hold(_Model):
         "cannot be decided holds)"
     )
     blocks: list[Action] = Field(
-        default_factory=lambda: ["delete", "pseudonymise"],
+        default_factory=_every_action,
         min_length=1,
         description="the sweep actions it suspends; an erasure request is checked against every hold, whatever this "
         "says",
@@ -310,7 +314,7 @@ class StatusFilter(_Model):
     )
 
     @model_validator(mode="after")
-    def _absent_are_listed(self) -> "StatusFilter":
+    def _absent_are_listed(self) -> StatusFilter:
         _require_listed(self.expect_absent, self.values, "values")
         return self
 
@@ -329,7 +333,7 @@ class RelatedMaxClock(_Model):
     fallback: Ident | None = Field(default=None, description=_CLOCK_FALLBACK)
 
 
-Clock = Annotated[Union[LastInteractionClock, RelatedMaxClock], Field(discriminator="kind")]
+Clock = Annotated[LastInteractionClock | RelatedMaxClock, Field(discriminator="kind")]
 
 
 class Rule(_Model):
@@ -415,7 +419,7 @@ class HttpTarget(_Model):
     timeout_seconds: int = Field(default=30, ge=1, le=600, description=_TARGET_TIMEOUT)
 
     @model_validator(mode="after")
-    def _preset_or_explicit(self) -> "HttpTarget":
+    def _preset_or_explicit(self) -> HttpTarget:
         if self.preset is None and (self.method is None or self.endpoint is None):
             raise ValueError("an http target needs a preset (brevo, hubspot) or both method and endpoint")
         if self.endpoint is not None and "{identifier}" not in self.endpoint and not self.body:
@@ -431,7 +435,8 @@ class HttpTarget(_Model):
             raise ValueError("lookup_endpoint must contain {identifier} (the lookup of the erased person)")
         bad = [c for c in self.success_codes or [] if not 200 <= c <= 299]
         if bad:
-            raise ValueError(f"success_codes must be 2xx answers (a redirect or an error never acknowledges), got {bad}")
+            raise ValueError(
+                f"success_codes must be 2xx answers (a redirect or an error never acknowledges), got {bad}")
         return self
 
 
@@ -461,7 +466,7 @@ class SqlTarget(_Model):
         return value
 
 
-Target = Annotated[Union[HttpTarget, SqlTarget], Field(discriminator="kind")]
+Target = Annotated[HttpTarget | SqlTarget, Field(discriminator="kind")]
 
 
 class Erasure(_Model):
@@ -497,7 +502,7 @@ class Erasure(_Model):
     )
 
     @model_validator(mode="after")
-    def _unique_targets(self) -> "Erasure":
+    def _unique_targets(self) -> Erasure:
         _require_unique([t.name for t in self.targets], "target")
         return self
 
@@ -545,7 +550,7 @@ class OptOut(_Model):
     )
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "OptOut":
+    def _unique_names(self) -> OptOut:
         _require_unique([s.name for s in self.sources], "source")
         _require_unique([t.name for t in self.share_targets], "share target")
         return self
@@ -679,7 +684,7 @@ class Register(_Model):
     )
 
     @model_validator(mode="after")
-    def _unique_activities(self) -> "Register":
+    def _unique_activities(self) -> Register:
         _require_unique([a.name for a in self.activities], "activity")
         return self
 
@@ -695,7 +700,7 @@ class Register(_Model):
 
 def _tolerate_register(value: object, handler: ValidatorFunctionWrapHandler) -> Register | None:
     try:
-        return handler(value)  # type: ignore[no-any-return]
+        return handler(value)
     except ValidationError as exc:
         unreadable = Register()
         unreadable._invalid = [_format_error(err, prefix=("processing_register",)) for err in exc.errors()]
@@ -752,7 +757,7 @@ class Policy(_Model):
     )
 
     @model_validator(mode="after")
-    def _cross_references(self) -> "Policy":
+    def _cross_references(self) -> Policy:
         _require_unique([r.name for r in self.rules], "rule")
         _require_unique([h.name for h in self.holds], "hold")
         tables = [t.table for t in self.tables]
@@ -845,10 +850,10 @@ def _format_error(err: typing.Any, prefix: tuple[str, ...] = ()) -> str:
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key repeated in one mapping (YAML would silently keep the last)."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:  # type: ignore[override]
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[object] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (a second value would silently win)", key_node.start_mark
@@ -865,7 +870,8 @@ def load_policy(path: str | Path, content: bytes | None = None) -> Policy:
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read the policy file ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
-        raise PolicyError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); save the policy as UTF-8") from None
+        raise PolicyError(
+            f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); save the policy as UTF-8") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:

@@ -37,13 +37,13 @@ from urllib.parse import quote
 
 import psycopg
 
+from ..transport import ConnectionNotUsable, HttpAnswer, Transport, TransportError
 from . import audit
 from .audit import RunContext
 from .crypto import Keys
 from .erasure import outbox_aad
 from .errors import TransientError
 from .policy import HttpTarget, Policy, SqlTarget
-from ..transport import ConnectionNotUsable, HttpAnswer, Transport, TransportError
 
 log = logging.getLogger(__name__)
 

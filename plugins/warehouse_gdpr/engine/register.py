@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from .errors import ConfigurationError
 from .policy import (
     DURATION,
+    Action,
     Activity,
     Hold,
     KeepColumn,
@@ -43,9 +44,10 @@ if TYPE_CHECKING:
     import psycopg
 
 # EU member states and the other EEA countries (ISO 3166-1 alpha-2; Greece is EL in EU usage, GR in ISO).
-EEA = frozenset(
-    "AT BE BG HR CY CZ DK EE FI FR DE GR EL HU IE IT LV LT LU MT NL PL PT RO SK SI ES SE IS LI NO".split()
-)
+EEA = frozenset([
+    "AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "EL", "HU", "IE", "IT", "LV",
+    "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE", "IS", "LI", "NO",
+])
 
 LEGAL_BASES = {
     "consent": "Consent (art. 6(1)(a))",
@@ -98,7 +100,7 @@ ON CONFLICT (sha256) DO NOTHING
 """
 
 
-def store(conn: "psycopg.Connection", rendered: Rendered, source: str) -> bool:
+def store(conn: psycopg.Connection, rendered: Rendered, source: str) -> bool:
     """Keep this version of the register in gdpr.processing_register, in the caller's transaction.
     Returns False when the same content was stored before (its first row, and date, are kept)."""
     cur = conn.execute(STORE, (rendered.sha256, source, rendered.activities, rendered.markdown, rendered.html))
@@ -160,6 +162,8 @@ def _needs(out: list[str], at: str) -> Callable[..., None]:
 
 
 def _activity_problems(act: Activity, at: str, rule_names: set[str], target_names: set[str]) -> list[str]:
+    """Every missing or inconsistent field of one activity (at `at`): its own fields, then its
+    processors, transfers and retention entries."""
     out: list[str] = []
     need = _needs(out, at)
     for key in ("title", "purpose", "legal_basis", "data_subjects", "data_categories", "retention",
@@ -175,6 +179,14 @@ def _activity_problems(act: Activity, at: str, rule_names: set[str], target_name
     for j, rec in enumerate(act.recipients):
         need(rec.name, f"recipients[{j}].name")
         need(rec.access, f"recipients[{j}].access", "say what this recipient may do with the data")
+    return (out + _processor_problems(act, at, target_names) + _transfer_problems(act, at)
+            + _retention_problems(act, at, rule_names))
+
+
+def _processor_problems(act: Activity, at: str, target_names: set[str]) -> list[str]:
+    """Each processor named, outside the EU/EEA only with a transfer, and its `targets` known."""
+    out: list[str] = []
+    need = _needs(out, at)
     transferred = {t.recipient for t in act.transfers}
     for j, proc in enumerate(act.processors):
         for key in ("name", "service", "country"):
@@ -187,6 +199,14 @@ def _activity_problems(act: Activity, at: str, rule_names: set[str], target_name
         for name in proc.targets:
             if name not in target_names:
                 out.append(f"{at}.processors[{j}].targets: {name!r} is not an erasure target or opt-out share target")
+    return out
+
+
+def _transfer_problems(act: Activity, at: str) -> list[str]:
+    """Each transfer complete, outside the EU/EEA, to a processor or recipient of the activity (in the
+    processor's country), with its safeguards under an art. 49 derogation."""
+    out: list[str] = []
+    need = _needs(out, at)
     countries = {p.name: p.country for p in act.processors}
     named = set(countries) | {r.name for r in act.recipients}
     for j, tr in enumerate(act.transfers):
@@ -203,6 +223,14 @@ def _activity_problems(act: Activity, at: str, rule_names: set[str], target_name
         if tr.mechanism == "derogation_art49":
             need(tr.safeguards, f"transfers[{j}].safeguards", "required with derogation_art49: state the "
                  "derogation of art. 49(1) relied on")
+    return out
+
+
+def _retention_problems(act: Activity, at: str, rule_names: set[str]) -> list[str]:
+    """Each retention entry has a category and exactly one of a rule of the policy, a period or the
+    opt-out list."""
+    out: list[str] = []
+    need = _needs(out, at)
     for j, entry in enumerate(act.retention):
         need(entry.category, f"retention[{j}].category")
         given = sum((entry.rule is not None, bool(entry.period), entry.optout_list))
@@ -230,7 +258,7 @@ def humanise(duration: str) -> str:
     if not match:
         return duration
     parts = []
-    for number, unit in zip(match.groups(), ("year", "month", "week", "day")):
+    for number, unit in zip(match.groups(), ("year", "month", "week", "day"), strict=True):
         if number and int(number):
             parts.append(f"{int(number)} {unit}{'s' if int(number) > 1 else ''}")
     return " ".join(parts)
@@ -286,13 +314,13 @@ def _pseudonymised_tables(policy: Policy) -> list[MappedTable]:
             if t.table == policy.subject.table or any(not isinstance(c, KeepColumn) for c in t.columns.values())]
 
 
-def _holds(policy: Policy, actions: set[str]) -> list[str]:
+def _holds(policy: Policy, actions: set[Action]) -> list[str]:
     """The legal holds that suspend any of `actions`, in words."""
     return [f"Suspended while legal hold `{h.name}` applies: {h.description} (suspends: {', '.join(h.blocks)})"
             for h in _quoted_holds(policy, actions)]
 
 
-def _quoted_holds(policy: Policy, actions: set[str]) -> list[Hold]:
+def _quoted_holds(policy: Policy, actions: set[Action]) -> list[Hold]:
     return [h for h in policy.holds if actions & set(h.blocks)]
 
 

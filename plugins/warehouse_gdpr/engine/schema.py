@@ -56,7 +56,7 @@ def ensure_schema(conn: psycopg.Connection) -> bool:
         # Two DAGs starting at once must not race on CREATE ROLE / CREATE TABLE.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('warehouse_gdpr.schema'))")
         try:
-            conn.execute(read_sql("gdpr_schema.sql"))  # type: ignore[arg-type]
+            conn.execute(read_sql("gdpr_schema.sql"))
         except psycopg.errors.InsufficientPrivilege as exc:
             raise SchemaError(_cannot_install(version, str(conn.info.user), str(exc.diag.message_primary))) from None
     log.info("installed the gdpr control schema, version %s (was %s)", SCHEMA_VERSION, version or "not installed")

@@ -274,7 +274,8 @@ def _apply_rule_locked(
             conn.execute(
                 sql.SQL(
                     "SELECT count(*) FROM (SELECT 1 FROM {t} s WHERE s.{pk} IN {ids} ORDER BY s.{pk} FOR UPDATE) locked"
-                ).format(t=candidates.qualified(policy.subject.table), pk=sql.Identifier(policy.subject.primary_key), ids=UNHELD)
+                ).format(t=candidates.qualified(policy.subject.table), pk=sql.Identifier(policy.subject.primary_key),
+                         ids=UNHELD)
             )
             changed = conn.execute(
                 sql.SQL("DELETE FROM {b} b WHERE cardinality(b.holds) = 0 AND NOT {now}").format(
@@ -386,6 +387,7 @@ def _pseudonymise_batch(
         originals: list[tuple[str, str, str, datetime | None]] = []
         if mapped.archive or hashed:
             # Only rows to archive or to hash come to Python; other tables are updated in place.
+            row: sql.Composable
             if mapped.archive:
                 row, purge = sql.SQL("to_jsonb(t)"), _purge_after_sql(mapped, as_of)
             else:  # the hashed columns only
@@ -400,7 +402,7 @@ def _pseudonymise_batch(
             ).fetchall()
             if not originals:
                 continue
-            kept = [r for r in originals if r[3] is not None]
+            kept = [(key, owner, doc, purge_at) for key, owner, doc, purge_at in originals if purge_at is not None]
             if kept:
                 archived += _archive_rows(conn, mapped.table, kept, rule, keys, ctx)
         if hashed:
@@ -476,7 +478,8 @@ def _archive_rows(
         for source_pk, subject_id, row_json, purge_after in originals:
             aad = archive_aad(table, source_pk, keys.archive_key_id)
             key_id, nonce, ciphertext = keys.encrypt(row_json.encode(), aad)
-            copy.write_row((table, source_pk, subject_id, rule.name, ctx.run_id, purge_after, key_id, nonce, ciphertext))
+            copy.write_row((table, source_pk, subject_id, rule.name, ctx.run_id, purge_after, key_id, nonce,
+                            ciphertext))
     cur = conn.execute(
         f"INSERT INTO gdpr_archive.archived_row ({ARCHIVE_COLUMNS}) SELECT {ARCHIVE_COLUMNS} FROM _gdpr_archive_stage"
         " ON CONFLICT (source_table, source_pk) DO NOTHING"
@@ -495,7 +498,8 @@ def purge_archive(conn: psycopg.Connection, ctx: RunContext, as_of: str, batch_s
             "SELECT count(*) FROM gdpr_archive.archived_row WHERE purge_after < %s::timestamptz", (as_of,)
         ).fetchone()[0]  # type: ignore[index]
         with conn.transaction():
-            audit.record(conn, ctx, action="purge_archive", outcome="dry_run", table="gdpr_archive.archived_row", row_count=n)
+            audit.record(conn, ctx, action="purge_archive", outcome="dry_run", table="gdpr_archive.archived_row",
+                         row_count=n)
         return n
     total = 0
     while True:
@@ -549,7 +553,8 @@ class BlastRadius:
 
 def subject_rows(conn: psycopg.Connection, policy: Policy) -> int:
     """Rows of the subject table: what a rule's share is measured against (one count, no write)."""
-    row = conn.execute(sql.SQL("SELECT count(*) FROM {t}").format(t=candidates.qualified(policy.subject.table))).fetchone()
+    row = conn.execute(
+        sql.SQL("SELECT count(*) FROM {t}").format(t=candidates.qualified(policy.subject.table))).fetchone()
     conn.rollback()
     return int(row[0]) if row else 0
 
@@ -594,6 +599,7 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
     """A small fixed-width table for task logs (counts and timings only)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths, strict=False)))
+             for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -69,7 +69,7 @@ def resolve_notifier(path: str | None) -> Callable[[Any], Any] | None:
         raise ValueError(f"{where} is {'a class' if isinstance(target, type) else 'not callable'}: point it to a "
                          "notifier instance (e.g. `pager = SlackNotifier(...)` in that module) or to a function "
                          "taking the context")
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 @task_errors
@@ -139,7 +139,8 @@ def erase(policy_file: str, context: Any) -> dict[str, Any]:
         log.info("Rows %s:\n%s", "that would be erased" if request.dry_run else "erased",
                  format_table(["table", "rows"], [[t, n] for t, n in result.rows.items()]))
     out = result.as_dict()
-    out["targets"] = [] if request.dry_run or result.already_recorded and result.status == "completed" else result.targets
+    done = request.dry_run or result.already_recorded and result.status == "completed"
+    out["targets"] = [] if done else result.targets
     return out
 
 
@@ -215,7 +216,8 @@ def verify(policy_file: str, context: Any) -> dict[str, Any]:
     log.info(
         "Request %s: outcome %s, status %s.\n%s", request.request_id, certificate["outcome"], certificate["status"],
         format_table(["target", "status", "attempts", "acknowledged at"],
-                     [[t["target"], t["status"], t["attempts"], t["acknowledged_at"] or "-"] for t in certificate["targets"]])
+                     [[t["target"], t["status"], t["attempts"], t["acknowledged_at"] or "-"]
+                      for t in certificate["targets"]])
         if certificate["targets"] else "(no downstream target)",
     )
     pending = [t["target"] for t in certificate["targets"] if t["status"] == "pending"]
@@ -273,7 +275,8 @@ def preflight_pending(policy_file: str, context: Any) -> dict[str, Any]:
 
 @task_errors
 def retry_pending(policy_file: str, context: Any) -> dict[str, Any]:
-    """Try every pending outbox row once (an HTTP target only if its preflight passed in this run); complete and certify requests whose targets all acknowledged.
+    """Try every pending outbox row once (an HTTP target only if its preflight passed in this run);
+    complete and certify requests whose targets all acknowledged.
 
     Each row is isolated: one that fails (an identifier that does not decrypt, a lost connection, a
     target no longer in the policy) is reported and the others are still tried. The task then fails,
@@ -295,7 +298,8 @@ def retry_pending(policy_file: str, context: Any) -> dict[str, Any]:
     conn = connections.connect(policy)
     try:
         pending = conn.execute(
-            "SELECT request_id, target FROM gdpr.erasure_propagation WHERE status = 'pending' ORDER BY request_id, target"
+            "SELECT request_id, target FROM gdpr.erasure_propagation WHERE status = 'pending'"
+            " ORDER BY request_id, target"
         ).fetchall()
         conn.rollback()
         declared = {t.name for t in policy.erasure.targets}
@@ -367,7 +371,8 @@ def check_deadlines(policy_file: str, retried: dict[str, Any] | None, context: A
         ).fetchall()
         for request_id, due, subject_hash, late, targets in rows:
             overdue = late > 0
-            conn.execute("UPDATE gdpr.erasure_request SET deadline_warned_at = now() WHERE request_id = %s", (request_id,))
+            conn.execute("UPDATE gdpr.erasure_request SET deadline_warned_at = now() WHERE request_id = %s",
+                         (request_id,))
             audit.record(conn, ctx, action="deadline_warning", outcome="overdue" if overdue else "due_soon",
                          subject_hash=subject_hash, details={"request_id": request_id, "due_date": due.isoformat(),
                                                              "pending_targets": len(targets), "targets": targets,
@@ -375,7 +380,7 @@ def check_deadlines(policy_file: str, retried: dict[str, Any] | None, context: A
             (log.error if overdue else log.warning)(
                 "Erasure request %s is %s (due %s) with %d target(s) pending (%s): check gdpr.erasure_propagation "
                 "and the target's availability (runbook: 'a target stays pending').",
-                request_id, f"OVERDUE by {late} day(s)" if overdue else "due within %d days" % days, due,
+                request_id, f"OVERDUE by {late} day(s)" if overdue else f"due within {days} days", due,
                 len(targets), ", ".join(targets) or "none",
             )
     with connections.connect(policy) as conn:
@@ -392,7 +397,8 @@ def check_deadlines(policy_file: str, retried: dict[str, Any] | None, context: A
             + "; ".join(f"request {rid}: target(s) {', '.join(t)} pending, {late} day(s) overdue" if t else
                         f"request {rid}: no target pending but not completed (trigger it again to verify and "
                         f"certify it), {late} day(s) overdue" for rid, late, t in overdue_rows)
-            + ". Runbook: 'An erasure is overdue'" + (f". Your pager was not called: {notifier_error}" if notifier_error else "")
+            + ". Runbook: 'An erasure is overdue'"
+            + (f". Your pager was not called: {notifier_error}" if notifier_error else "")
         )
     elif notifier_error:
         problems.append(f"{notifier_error}. Overdue erasures cannot page anyone until it is fixed")

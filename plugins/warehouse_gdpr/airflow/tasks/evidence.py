@@ -4,9 +4,10 @@
 whatever their outcome. It recomputes the chain of gdpr.audit_log from the head the previous run (of
 any DAG) exported to the policy's `evidence.location` (the whole chain when there is none yet, and in
 every weekly `gdpr_retention_sweep` run, so that an old row edited shows within a week), checks that the
-log still reaches that head, records the check in the audit log, and exports the head it verified. A broken chain fails it at once (no
-retry: a person must look, docs/runbook.md "The audit chain is broken"); the head is then not exported,
-so every later run fails the same way until the break is explained. The evidence location being
+log still reaches that head, records the check in the audit log, and exports the head it verified. A
+broken chain fails it at once (no retry: a person must look, docs/runbook.md "The audit chain is
+broken"); the head is then not exported, so every later run fails the same way until the chain holds
+again. The evidence location being
 unreachable is retried.
 """
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from warehouse_gdpr.airflow import connections
 from warehouse_gdpr.airflow.errors import task_errors
+from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import audit, optout
 from warehouse_gdpr.engine.crypto import Keys
 from warehouse_gdpr.engine.errors import ConfigurationError
@@ -83,7 +84,8 @@ def collect(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Hash the opted-out subjects' emails and add the new hashes to the list."""
     policy, keys = _setup(checked["policy_file"], context)
     with connections.connect(policy) as conn:
-        result = optout.collect(conn, policy, keys, connections.run_context(context, checked["dry_run"]), checked["as_of"])
+        ctx = connections.run_context(context, checked["dry_run"])
+        result = optout.collect(conn, policy, keys, ctx, checked["as_of"])
     log.info("Collected opt-outs: %d subject(s) selected by the sources, new entries: %d%s:\n%s",
              result["subjects"], result["added"], " (DRY RUN: none added)" if checked["dry_run"] else "",
              format_table(["source", "new entries"], [[k, n] for k, n in result["by_source"].items()])
@@ -129,7 +131,8 @@ def share(policy_file: str, target: str, context: Any) -> dict[str, Any]:
     policy, keys = _setup(policy_file, context)
     dry_run = _dry_run(context)
     with connections.connect(policy) as conn:
-        result = optout.share(conn, policy, keys, connections.run_context(context, dry_run), target)
+        result = optout.share(conn, policy, keys, connections.run_context(context, dry_run), target,
+                              AirflowTransport())
     if dry_run:
         log.info("DRY RUN: %d hash(es) would be shared with %s.", result["hashes"], target)
     else:
@@ -172,7 +175,7 @@ def report(checked: dict[str, Any], context: Any) -> dict[str, Any]:
             "SELECT reason, count(*) FROM gdpr.suppression_list GROUP BY reason ORDER BY reason").fetchall()
         conn.rollback()
         summary = {f"{a}/{o}/{t}": n for (a, o, t), n in sorted(totals.items())}
-        by_reason = dict(listed)
+        by_reason: dict[str, int] = dict(listed)
         with conn.transaction():
             audit.record(conn, ctx, action="report", outcome="ok", details={"totals": summary, "list": by_reason})
     log.info(
