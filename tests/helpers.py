@@ -272,8 +272,9 @@ $$
 
 
 def schema_before_v8(conn: psycopg.Connection) -> None:
-    """Take an installed control schema back to what it was before version 8 (no audit chain): the
-    chain columns, head, functions and trigger removed, version 8 forgotten. Rows are kept, unchained."""
+    """Take an installed control schema back to what it was before version 8: no audit chain (chain
+    columns, head, functions and trigger removed; rows kept, unchained), no archive guard; version 8
+    forgotten."""
     with conn.transaction():
         conn.execute("DROP TRIGGER audit_log_chain ON gdpr.audit_log")
         conn.execute("DROP FUNCTION gdpr.chain_audit_row(), gdpr.audit_row_hash(bigint, text, gdpr.audit_log),"
@@ -281,5 +282,8 @@ def schema_before_v8(conn: psycopg.Connection) -> None:
         conn.execute("DROP TABLE gdpr.audit_chain_head")
         conn.execute(_REFUSE_BEFORE_V8)
         conn.execute("ALTER TABLE gdpr.audit_log DROP COLUMN chain_seq, DROP COLUMN prev_hash, DROP COLUMN row_hash")
+        conn.execute("DROP TRIGGER archived_row_guard ON gdpr_archive.archived_row")
+        conn.execute("DROP FUNCTION gdpr.guard_archive_delete(),"
+                     " gdpr.erase_archived_rows(text[], text[], text, text, text, text, text)")
         conn.execute("DELETE FROM gdpr.schema_version WHERE version >= 7")
 

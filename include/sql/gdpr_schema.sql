@@ -404,5 +404,62 @@ CREATE CONSTRAINT TRIGGER audit_log_chain
 -- ALWAYS: rows inserted under session_replication_role = replica are chained too.
 ALTER TABLE gdpr.audit_log ENABLE ALWAYS TRIGGER audit_log_chain;
 
+-- v8: an archived original is deleted only once past its purge date (the sweep's purge, any role), or
+-- earlier by an erasure through gdpr.erase_archived_rows, which writes the audit rows of what it destroys
+-- in the same statement. Checked for the engine's role; the archive's owner (and a function it owns)
+-- passes, as it could drop the trigger anyway.
+CREATE OR REPLACE FUNCTION gdpr.guard_archive_delete() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.purge_after <= now()
+       OR current_user = (SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = TG_RELID) THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'gdpr_archive.archived_row: archive row % is kept until %; only an erasure '
+                    '(gdpr.erase_archived_rows, audited) may delete it earlier', OLD.archive_id, OLD.purge_after
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+DROP TRIGGER IF EXISTS archived_row_guard ON gdpr_archive.archived_row;
+CREATE TRIGGER archived_row_guard
+    BEFORE DELETE ON gdpr_archive.archived_row
+    FOR EACH ROW EXECUTE FUNCTION gdpr.guard_archive_delete();
+ALTER TABLE gdpr_archive.archived_row ENABLE ALWAYS TRIGGER archived_row_guard;
+
+-- One person's archived originals that no legal obligation keeps: those of `p_subject_ids`, except the
+-- rows of `p_kept_tables` whose purge date is ahead. One audit row per source table (action
+-- erase_archive, outcome destroyed), in the same statement as the deletion. Returns rows per table.
+CREATE OR REPLACE FUNCTION gdpr.erase_archived_rows(
+    p_subject_ids text[], p_kept_tables text[], p_request_id text, p_subject_hash text,
+    p_dag_id text, p_run_id text, p_task_id text)
+RETURNS TABLE (source_table text, destroyed bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF p_request_id IS NULL OR p_subject_hash IS NULL THEN
+        RAISE EXCEPTION 'gdpr.erase_archived_rows: an erasure names its request id and the subject''s hash'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    WITH gone AS (
+        DELETE FROM gdpr_archive.archived_row AS a
+        WHERE a.subject_id = ANY(p_subject_ids)
+          AND NOT (a.source_table = ANY(coalesce(p_kept_tables, '{}')) AND a.purge_after > now())
+        RETURNING a.source_table
+    ), counted AS (
+        SELECT g.source_table AS tbl, count(*) AS n FROM gone AS g GROUP BY g.source_table
+    ), audited AS (
+        INSERT INTO gdpr.audit_log (dag_id, run_id, task_id, table_name, action, row_count, dry_run, outcome,
+                                    subject_hash, details)
+        SELECT p_dag_id, p_run_id, p_task_id, 'gdpr_archive.archived_row', 'erase_archive', c.n, false, 'destroyed',
+               p_subject_hash, jsonb_build_object('request_id', p_request_id, 'source_table', c.tbl)
+        FROM counted AS c ORDER BY c.tbl
+        RETURNING 1
+    )
+    SELECT c.tbl, c.n FROM counted AS c ORDER BY c.tbl;
+END
+$$;
+REVOKE ALL ON FUNCTION gdpr.erase_archived_rows(text[], text[], text, text, text, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION gdpr.erase_archived_rows(text[], text[], text, text, text, text, text) TO gdpr_engine;
+
 INSERT INTO gdpr.schema_version (version) VALUES (8) ON CONFLICT (version) DO NOTHING;
 -- end of v8 ==========================================================================================

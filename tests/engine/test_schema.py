@@ -347,8 +347,13 @@ def test_engine_is_denied_by_grants(engine: psycopg.Connection, statement: str) 
 def test_engine_may_archive_and_purge(engine: psycopg.Connection) -> None:
     _add_archive_row(engine)
     assert _count(engine, "gdpr_archive.archived_row") == 1
-    with engine.transaction():
-        assert engine.execute("DELETE FROM gdpr_archive.archived_row").rowcount == 1
+    with engine.transaction():  # a row past its purge date (before it: tests/engine/test_control_guards.py)
+        engine.execute(
+            "INSERT INTO gdpr_archive.archived_row (source_table, source_pk, subject_id, rule, purge_after, key_id,"
+            " nonce, ciphertext) VALUES ('crm.contacts', '2', '2', 'former_clients', now() - interval '1 day',"
+            " 'archive-1', '\\x00'::bytea, '\\x01'::bytea)")
+        assert engine.execute("DELETE FROM gdpr_archive.archived_row WHERE purge_after <= now()").rowcount == 1
+    assert _count(engine, "gdpr_archive.archived_row") == 1
 
 
 @pytest.mark.parametrize(
