@@ -461,5 +461,36 @@ $$;
 REVOKE ALL ON FUNCTION gdpr.erase_archived_rows(text[], text[], text, text, text, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION gdpr.erase_archived_rows(text[], text[], text, text, text, text, text) TO gdpr_engine;
 
+-- v8: a suppression entry is never re-keyed in place. The database cannot check a re-keyed hash (that
+-- needs the pepper, which it must never hold), so a re-keying inserts the entry under the new key and
+-- keeps the old one; lookups hash under every key of the chain and find either. The old entry is only
+-- marked (rekeyed_at, set once) so that the next sync does not hash it again. The engine's role may no
+-- longer change email_hash or key_id; nobody may (the owner included, while the trigger is on).
+ALTER TABLE gdpr.suppression_list ADD COLUMN IF NOT EXISTS rekeyed_at timestamptz;
+REVOKE UPDATE (email_hash, key_id) ON gdpr.suppression_list FROM gdpr_engine;
+GRANT UPDATE (reason, request_id, rekeyed_at) ON gdpr.suppression_list TO gdpr_engine;
+
+CREATE OR REPLACE FUNCTION gdpr.guard_suppression_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF OLD.rekeyed_at IS NULL AND NEW.rekeyed_at IS NOT NULL
+           AND (NEW.email_hash, NEW.key_id, NEW.reason, NEW.source, NEW.request_id, NEW.first_seen)
+               IS NOT DISTINCT FROM (OLD.email_hash, OLD.key_id, OLD.reason, OLD.source, OLD.request_id, OLD.first_seen) THEN
+            RETURN NEW;  -- re-keyed: the entry under the new key was inserted, this one stays
+        END IF;
+        IF OLD.reason = 'opt_out' AND NEW.reason = 'erasure' AND NEW.request_id IS NOT NULL
+           AND (NEW.email_hash, NEW.key_id, NEW.source, NEW.first_seen, NEW.rekeyed_at)
+               IS NOT DISTINCT FROM (OLD.email_hash, OLD.key_id, OLD.source, OLD.first_seen, OLD.rekeyed_at) THEN
+            RETURN NEW;  -- opted out, then erased
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'gdpr.suppression_list is permanent: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'an entry is never deleted nor re-keyed in place; only opt_out -> erasure (reason and request_id) '
+                     'and marking it re-keyed (rekeyed_at, once) are allowed';
+END
+$$;
+
 INSERT INTO gdpr.schema_version (version) VALUES (8) ON CONFLICT (version) DO NOTHING;
 -- end of v8 ==========================================================================================

@@ -4,12 +4,18 @@ changes nothing; the allowed path next to it works."""
 
 from __future__ import annotations
 
+import base64
+import os
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from warehouse_gdpr.engine import audit, optout
+from warehouse_gdpr.engine.crypto import Keys
 
 ARCHIVE_ROW = (
     "INSERT INTO gdpr_archive.archived_row (source_table, source_pk, subject_id, rule, purge_after, key_id, nonce,"
@@ -149,3 +155,118 @@ def test_the_engine_may_not_switch_the_archive_guard_off(
     with pytest.raises(errors.InsufficientPrivilege), engine.transaction():
         engine.execute("DELETE FROM gdpr_archive.archived_row WHERE subject_id = 'g1'")
     assert _left(conn) == [("crm.contacts", "c1")]
+
+
+# -- the suppression list: never deleted, never re-keyed in place ----------------------------------
+
+PERSON = "kept.listed@example.example"
+
+
+def _rotated(extra: dict[str, Any]) -> Keys:
+    """The keys after a pepper rotation: pepper-2 current, the old pepper in the chain."""
+    pepper = base64.b64encode(os.urandom(32)).decode()
+    return Keys.from_extra({**extra, "hmac_key_id": "pepper-2", "hmac_pepper": pepper,
+                            "hmac_chain": [{"key_id": extra["hmac_key_id"], "pepper": extra["hmac_pepper"]}]})
+
+
+def _listed(conn: psycopg.Connection, keys: Keys) -> str:
+    """The person on the list (erased: reason 'erasure'), under the current key; returns the stored hash."""
+    stored = keys.subject_hash(PERSON)
+    with conn.transaction():
+        conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source, request_id)"
+                     " VALUES (%s, %s, 'erasure', 'erasure_request', 'REQ-KEPT-1')", (stored, keys.hmac_key_id))
+    return stored
+
+
+def _entries(conn: psycopg.Connection) -> list[tuple]:
+    rows = conn.execute("SELECT email_hash, key_id, reason, request_id, rekeyed_at IS NOT NULL"
+                        " FROM gdpr.suppression_list ORDER BY first_seen, email_hash").fetchall()
+    conn.commit()
+    return rows
+
+
+def _suppressed(conn: psycopg.Connection, keys: Keys) -> bool:
+    try:
+        return optout.is_suppressed(conn, keys, PERSON)
+    finally:
+        conn.rollback()
+
+
+@pytest.mark.parametrize(("statement", "message"), [
+    # re-keyed to a random, well-formed hash under another key id: allowed before version 8
+    ("UPDATE gdpr.suppression_list SET email_hash = encode(sha256('x'::bytea), 'hex'), key_id = 'pepper-2'",
+     "permission denied for table suppression_list"),
+    ("UPDATE gdpr.suppression_list SET email_hash = encode(sha256('x'::bytea), 'hex')",
+     "permission denied for table suppression_list"),
+    ("DELETE FROM gdpr.suppression_list", "permission denied for table suppression_list"),
+    ("TRUNCATE gdpr.suppression_list", "permission denied for table suppression_list"),
+    ("UPDATE gdpr.suppression_list SET reason = 'opt_out', request_id = NULL",
+     "gdpr.suppression_list is permanent: UPDATE refused"),
+    ("UPDATE gdpr.suppression_list SET rekeyed_at = now(), request_id = 'REQ-OTHER'",
+     "gdpr.suppression_list is permanent: UPDATE refused"),
+])
+def test_the_engine_may_not_take_anyone_off_the_list(
+    conn: psycopg.Connection, engine: psycopg.Connection, keys: Keys, statement: str, message: str
+) -> None:
+    _listed(conn, keys)
+    before = _entries(conn)
+    with pytest.raises(errors.InsufficientPrivilege) as info, engine.transaction():
+        engine.execute(statement)  # type: ignore[arg-type]
+    assert info.value.diag.message_primary == message
+    assert _entries(conn) == before
+    assert _suppressed(conn, keys)
+
+
+def test_a_rekeyed_mark_is_set_once_and_changes_nothing_else(
+    conn: psycopg.Connection, engine: psycopg.Connection, keys: Keys
+) -> None:
+    stored = _listed(conn, keys)
+    with engine.transaction():
+        assert engine.execute("UPDATE gdpr.suppression_list SET rekeyed_at = now()").rowcount == 1
+    for statement in ("UPDATE gdpr.suppression_list SET rekeyed_at = NULL",
+                      "UPDATE gdpr.suppression_list SET rekeyed_at = now() - interval '1 day'"):
+        with pytest.raises(errors.InsufficientPrivilege, match="permanent: UPDATE refused"), engine.transaction():
+            engine.execute(statement)  # type: ignore[arg-type]
+    assert _entries(conn) == [(stored, keys.hmac_key_id, "erasure", "REQ-KEPT-1", True)]
+
+
+def test_the_owner_may_not_rekey_in_place_either(conn: psycopg.Connection, keys: Keys) -> None:
+    stored = _listed(conn, keys)
+    with pytest.raises(errors.InsufficientPrivilege, match="permanent: UPDATE refused"), conn.transaction():
+        conn.execute("UPDATE gdpr.suppression_list SET email_hash = encode(sha256('x'::bytea), 'hex'),"
+                     " key_id = 'pepper-2'")
+    assert _entries(conn)[0][:2] == (stored, keys.hmac_key_id)
+
+
+def test_a_forged_rekeying_leaves_the_person_on_the_list(
+    conn: psycopg.Connection, engine: psycopg.Connection, keys: Keys, key_extra: dict[str, Any]
+) -> None:
+    """What a job with the engine's role can do at most after a rotation: add a random entry under the new
+    key and mark the old one re-keyed. The old entry stays, and every lookup still finds the person."""
+    old = _listed(conn, keys)
+    keys2 = _rotated(key_extra)
+    with engine.transaction():
+        engine.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source, request_id)"
+                       " VALUES (encode(sha256('forged'::bytea), 'hex'), 'pepper-2', 'erasure', 'erasure_request',"
+                       " 'REQ-KEPT-1')")
+        engine.execute("UPDATE gdpr.suppression_list SET rekeyed_at = now() WHERE email_hash = %s", (old,))
+    assert (old, keys.hmac_key_id, "erasure", "REQ-KEPT-1", True) in _entries(conn)
+    assert _suppressed(conn, keys2)
+    # The sync's own re-keying: the right entry under the new key, the old one kept.
+    rekeyed = optout.rekey(conn, keys2, audit.RunContext("gdpr_optout_sync", "manual__kept", "rekey"))
+    assert rekeyed["stale"] == {}  # already marked: the forged mark cost a re-keyed copy, not the person
+    assert _suppressed(conn, keys2)
+
+
+def test_the_sync_rekeys_by_adding_and_keeps_the_old_entry(
+    conn: psycopg.Connection, engine: psycopg.Connection, keys: Keys, key_extra: dict[str, Any]
+) -> None:
+    old = _listed(conn, keys)
+    keys2 = _rotated(key_extra)
+    result = optout.rekey(engine, keys2, audit.RunContext("gdpr_optout_sync", "manual__rekey", "rekey"))
+    assert (result["rekeyed"], result["superseded"]) == (1, 0)
+    entries = _entries(conn)
+    assert (old, keys.hmac_key_id, "erasure", "REQ-KEPT-1", True) in entries
+    assert (keys2.subject_hash(PERSON), "pepper-2", "erasure", "REQ-KEPT-1", False) in entries
+    assert optout.rekey(engine, keys2, audit.RunContext("gdpr_optout_sync", "manual__rekey2", "rekey"))["stale"] == {}
+    assert _suppressed(conn, keys2)
