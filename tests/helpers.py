@@ -312,5 +312,5 @@ def schema_before_v8(conn: psycopg.Connection) -> None:
         conn.execute(_SUPPRESSION_GUARD_BEFORE_V8)
         conn.execute("ALTER TABLE gdpr.suppression_list DROP COLUMN rekeyed_at")
         conn.execute("GRANT UPDATE (email_hash, key_id, reason, request_id) ON gdpr.suppression_list TO gdpr_engine")
-        conn.execute("DELETE FROM gdpr.schema_version WHERE version >= 7")
+        conn.execute("DELETE FROM gdpr.schema_version WHERE version >= 8")
 

@@ -6,8 +6,9 @@
 3. Writes .demo/env (source it to use `airflow` and `psql` by hand), migrates Airflow's SQLite DB.
 4. Runs `airflow dags test gdpr_retention_sweep` and prints the PII-free summary from gdpr.audit_log.
 5. Starts two downstream services on 127.0.0.1 (an emailing tool and a telephony tool) and a
-   support-desk database, erases one demo contact with `gdpr_subject_erasure`, and prints each
-   target's acknowledgement.
+   support-desk database, erases one demo contact (registered with `warehouse-gdpr request new`, the
+   address on stdin, then `gdpr_subject_erasure` run with the request id alone: the address is never in
+   a process's argv or in Airflow's dag_run.conf), and prints each target's acknowledgement.
 6. Re-imports the erased person and runs `gdpr_optout_sync`: opt-outs collected and enforced, the
    resurrection caught, the hashed list shared with the emailing tool.
 
@@ -241,15 +242,20 @@ def demo_erasure(owner_url: str, env: dict[str, str]) -> tuple[int, str]:
     assert row is not None, "the demo CRM has no erasable prospect left"
     contact_id, email = row
     request_id = f"DEMO-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"\nErasing demo contact #{contact_id} (request {request_id}) with "
-          "`airflow dags test gdpr_subject_erasure` ...")
+    print(f"\nErasing demo contact #{contact_id} (request {request_id}): `warehouse-gdpr request new` with the "
+          "address on stdin, then `airflow dags test gdpr_subject_erasure` with the request id alone ...")
     log_path = DEMO / "erasure.log"
     with log_path.open("w") as log_file:
+        # The registered path: the address never appears in a process's argv or in the run's dag_run.conf.
         proc = subprocess.run(
-            ["airflow", "dags", "test", "gdpr_subject_erasure",
-             "-c", json.dumps({"email": email, "request_id": request_id})],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            ["warehouse-gdpr", "request", "new", "--kind", "erasure", "--request-id", request_id],
+            input=email.encode(), env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
+        if proc.returncode == 0:
+            proc = subprocess.run(
+                ["airflow", "dags", "test", "gdpr_subject_erasure", "-c", json.dumps({"request_id": request_id})],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            )
     with psycopg.connect(owner_url) as conn:
         status = conn.execute("SELECT status, outcome, due_date FROM gdpr.erasure_request WHERE request_id = %s",
                               (request_id,)).fetchone()
@@ -386,8 +392,8 @@ def main() -> int:
     print(
         "\nNext: `source .demo/env`, then for example\n"
         "  airflow dags test gdpr_retention_sweep -c '{\"dry_run\": true}'\n"
-        "  airflow dags test gdpr_subject_erasure"
-        " -c '{\"email\": \"someone@example.com\", \"request_id\": \"REQ-1\"}'\n"
+        "  read -rs EMAIL; printf '%s' \"$EMAIL\" | warehouse-gdpr request new --kind erasure --request-id REQ-1\n"
+        "  airflow dags test gdpr_subject_erasure -c '{\"request_id\": \"REQ-1\"}'\n"
         "  airflow dags test gdpr_optout_sync\n"
         "  psql \"$WAREHOUSE_URL\" -c 'SELECT * FROM gdpr.audit_log ORDER BY audit_id DESC LIMIT 20'\n"
         "Stop the embedded PostgreSQL with `make stop`."

@@ -189,6 +189,8 @@ GRANT SELECT, INSERT ON gdpr.quarantine TO gdpr_engine;
 GRANT SELECT ON gdpr.quarantine TO gdpr_auditor;
 
 -- Erasure requests (GDPR art. 17): one row per request id; the subject appears only as a keyed hash.
+-- Versions 1-6 kept them in this table; version 7 moves its rows into gdpr.request (every kind of
+-- request) and replaces it by a read-only view of the same name (see "v7: one request lifecycle").
 CREATE TABLE IF NOT EXISTS gdpr.erasure_request (
     request_id    text PRIMARY KEY,
     subject_hash  text NOT NULL,
@@ -253,7 +255,146 @@ ALTER TABLE gdpr.erasure_propagation ADD COLUMN IF NOT EXISTS claimed_until time
 ALTER TABLE gdpr.erasure_propagation ADD COLUMN IF NOT EXISTS claimed_by text;
 GRANT SELECT (claimed_until, claimed_by) ON gdpr.erasure_propagation TO gdpr_auditor;
 
-INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3), (4), (5), (6) ON CONFLICT (version) DO NOTHING;
+-- v7: one request lifecycle. Every request a person makes (GDPR art. 15-21) is one row of gdpr.request,
+-- whatever its kind; the subject appears only as a keyed hash. A request registered before it runs
+-- (`warehouse-gdpr request new`) also holds the person's identifier (normalised email, or
+-- 'subject_id:N'), encrypted with the archive key (AES-256-GCM, AAD = request|request_id|kind|key_id);
+-- the ciphertext is destroyed (set to NULL) once the request is complete, the keyed hash stays.
+-- Rows are kept as proof, then purged by the weekly sweep (policy `requests.keep_for` after completion).
+CREATE TABLE IF NOT EXISTS gdpr.request (
+    request_id         text PRIMARY KEY,
+    kind               text NOT NULL CHECK (kind IN ('access', 'portability', 'rectification', 'restriction',
+                                                     'restriction_lift', 'erasure', 'objection')),
+    subject_hash       text NOT NULL,
+    received_at        date NOT NULL,
+    due_date           date NOT NULL,          -- one month after receipt (art. 12(3))
+    status             text NOT NULL CHECK (status IN ('registered', 'in_progress', 'pending_propagation',
+                                                       'completed', 'refused', 'not_found')),
+    outcome            text CHECK (outcome ~ '^[a-z_]{1,40}$'),
+    reason             text,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    completed_at       timestamptz,
+    deadline_warned_at timestamptz,
+    -- art. 12(3): extended once, to at most three months after receipt, with the controller's reason
+    extended_due_date  date,
+    extension_reason   text CHECK (char_length(extension_reason) BETWEEN 1 AND 500),
+    extended_at        timestamptz,
+    -- what the article asks to keep as evidence: tables and counts, targets, holds (no personal data)
+    details            jsonb NOT NULL DEFAULT '{}'::jsonb,
+    key_id             text,
+    nonce              bytea,
+    identifier_ciphertext bytea,
+    CONSTRAINT request_erasure_outcome CHECK (kind <> 'erasure' OR outcome IS NULL
+                                              OR outcome IN ('erased', 'restricted', 'refused', 'not_found')),
+    CONSTRAINT request_outcome_when_run CHECK (status IN ('registered', 'in_progress') OR outcome IS NOT NULL),
+    CONSTRAINT request_completed_at CHECK ((completed_at IS NOT NULL) = (status IN ('completed', 'refused', 'not_found'))),
+    CONSTRAINT request_extension CHECK (
+        (extended_due_date IS NULL AND extension_reason IS NULL AND extended_at IS NULL)
+        OR (extended_due_date IS NOT NULL AND extension_reason IS NOT NULL AND extended_at IS NOT NULL
+            AND extended_due_date > due_date AND extended_due_date <= received_at + interval '3 months')),
+    CONSTRAINT request_identifier CHECK ((key_id IS NULL) = (nonce IS NULL) AND (nonce IS NULL) = (identifier_ciphertext IS NULL))
+);
+CREATE INDEX IF NOT EXISTS request_completed_idx ON gdpr.request (completed_at, request_id);
+CREATE INDEX IF NOT EXISTS request_open_idx ON gdpr.request (due_date) WHERE completed_at IS NULL;
+
+-- Checked for everyone, the owner included: an extension is given once and never changed; a request
+-- still open is never deleted (the sweep purges completed ones only).
+CREATE OR REPLACE FUNCTION gdpr.guard_request_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        IF OLD.completed_at IS NULL THEN
+            RAISE EXCEPTION 'gdpr.request: request % is not complete and may not be deleted', OLD.request_id
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
+        RETURN OLD;
+    END IF;
+    IF OLD.extended_due_date IS NOT NULL
+       AND (NEW.extended_due_date, NEW.extension_reason, NEW.extended_at)
+           IS DISTINCT FROM (OLD.extended_due_date, OLD.extension_reason, OLD.extended_at) THEN
+        RAISE EXCEPTION 'gdpr.request: request % was already extended; an extension is given once', OLD.request_id
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END
+$$;
+DROP TRIGGER IF EXISTS request_guard ON gdpr.request;
+CREATE TRIGGER request_guard
+    BEFORE UPDATE OR DELETE ON gdpr.request
+    FOR EACH ROW EXECUTE FUNCTION gdpr.guard_request_change();
+ALTER TABLE gdpr.request ENABLE ALWAYS TRIGGER request_guard;
+
+-- The upgrade from an earlier version (1-6), in place: the erasure requests move into gdpr.request (kind 'erasure'),
+-- the outbox's foreign key follows them, the old table is dropped. Nothing is lost: this runs in the
+-- installer's one transaction. A DBA's own view on the old table stops the upgrade (DROP refuses),
+-- rather than silently reading every kind of request.
+DO $$
+DECLARE
+    fk name;
+BEGIN
+    IF (SELECT relkind FROM pg_class WHERE oid = to_regclass('gdpr.erasure_request')) = 'r' THEN
+        INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome, reason,
+                                  created_at, completed_at, deadline_warned_at, details)
+        SELECT request_id, 'erasure', subject_hash, received_at, due_date, status, outcome, reason,
+               created_at, completed_at, deadline_warned_at, details
+        FROM gdpr.erasure_request;
+        FOR fk IN SELECT conname FROM pg_constraint
+                  WHERE conrelid = 'gdpr.erasure_propagation'::regclass AND confrelid = 'gdpr.erasure_request'::regclass
+        LOOP
+            EXECUTE format('ALTER TABLE gdpr.erasure_propagation DROP CONSTRAINT %I', fk);
+        END LOOP;
+        DROP TABLE gdpr.erasure_request;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'erasure_propagation_request_fkey'
+                   AND conrelid = 'gdpr.erasure_propagation'::regclass) THEN
+        ALTER TABLE gdpr.erasure_propagation ADD CONSTRAINT erasure_propagation_request_fkey
+            FOREIGN KEY (request_id) REFERENCES gdpr.request (request_id);
+    END IF;
+END
+$$;
+
+-- For readers of versions 1-6 (reports, a DBA's queries): the erasure requests that ran, with the
+-- columns they had (due_date is the extended one when extended). Read-only: the engine writes gdpr.request.
+CREATE OR REPLACE VIEW gdpr.erasure_request AS
+SELECT request_id, subject_hash, received_at, coalesce(extended_due_date, due_date) AS due_date, status, outcome,
+       reason, created_at, completed_at, deadline_warned_at, details
+FROM gdpr.request
+WHERE kind = 'erasure' AND status IN ('refused', 'not_found', 'pending_propagation', 'completed');
+
+REVOKE ALL ON gdpr.request FROM PUBLIC;
+REVOKE ALL ON gdpr.erasure_request FROM PUBLIC, gdpr_engine, gdpr_auditor;
+GRANT SELECT ON gdpr.erasure_request TO gdpr_engine, gdpr_auditor;
+-- The engine cannot choose created_at, nor change a request's id, kind, receipt or first due date.
+GRANT SELECT, DELETE ON gdpr.request TO gdpr_engine;
+GRANT INSERT (request_id, kind, subject_hash, received_at, due_date, status, outcome, reason, completed_at, details,
+              key_id, nonce, identifier_ciphertext)
+    ON gdpr.request TO gdpr_engine;
+GRANT UPDATE (subject_hash, status, outcome, reason, completed_at, deadline_warned_at, details,
+              extended_due_date, extension_reason, extended_at, key_id, nonce, identifier_ciphertext)
+    ON gdpr.request TO gdpr_engine;
+GRANT SELECT (request_id, kind, subject_hash, received_at, due_date, status, outcome, reason, created_at,
+              completed_at, deadline_warned_at, extended_due_date, extension_reason, extended_at, details)
+    ON gdpr.request TO gdpr_auditor;
+
+-- The sweep purges the outbox rows of the requests it purges; a pending row is never deleted.
+GRANT DELETE ON gdpr.erasure_propagation TO gdpr_engine;
+CREATE OR REPLACE FUNCTION gdpr.guard_propagation_delete() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.status = 'pending' THEN
+        RAISE EXCEPTION 'gdpr.erasure_propagation: the pending row of request % and target % may not be deleted',
+            OLD.request_id, OLD.target USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN OLD;
+END
+$$;
+DROP TRIGGER IF EXISTS erasure_propagation_no_pending_delete ON gdpr.erasure_propagation;
+CREATE TRIGGER erasure_propagation_no_pending_delete
+    BEFORE DELETE ON gdpr.erasure_propagation
+    FOR EACH ROW EXECUTE FUNCTION gdpr.guard_propagation_delete();
+ALTER TABLE gdpr.erasure_propagation ENABLE ALWAYS TRIGGER erasure_propagation_no_pending_delete;
+
+INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7) ON CONFLICT (version) DO NOTHING;
 
 -- ===================================================================================================
 -- v8: the audit log is a hash chain (tamper evidence).

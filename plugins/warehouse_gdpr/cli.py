@@ -9,6 +9,13 @@
                                                      reads the email on stdin, keys from the Airflow connection
     warehouse-gdpr register POLICY [--out DIR]       write the article 30 register (register.md and
                                                      register.html); fails while a required field is missing
+    warehouse-gdpr request new --kind KIND --request-id ID [--received-on DATE] [--policy POLICY] < identifier
+                                                     register a person's request before running it: the email
+                                                     (or subject_id:N) is read on stdin and stored encrypted;
+                                                     then trigger the subject DAG with {"request_id": ID} alone
+    warehouse-gdpr request extend ID --reason TEXT   extend the due date once, to three months after receipt
+    warehouse-gdpr requests [--open] [--overdue] [--json]
+                                                     every request: kind, status, outcome, dates, targets
     warehouse-gdpr audit verify [--url URL] [--policy POLICY | --evidence LOCATION] [--json]
                                                      recompute the audit log's hash chain and compare its end
                                                      with the head exported outside the warehouse; exit 0
@@ -26,11 +33,14 @@ import os
 import sys
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported where used, so that `warehouse-gdpr policy check` stays light
+    import psycopg
+
+    from warehouse_gdpr.engine.audit import RunContext
     from warehouse_gdpr.engine.auditchain import StoragePath
 
 
@@ -142,6 +152,138 @@ def _subject_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warehouse(args: argparse.Namespace) -> psycopg.Connection | None:
+    """A connection to $WAREHOUSE_URL (or --url) with the control schema checked, or None (error printed)."""
+    import psycopg
+
+    from warehouse_gdpr.engine import schema
+
+    url = args.url or os.environ.get("WAREHOUSE_URL")
+    if not url:
+        print("set WAREHOUSE_URL (or give --url): the warehouse, as a member of gdpr_engine", file=sys.stderr)
+        return None
+    conn = psycopg.connect(url)
+    try:
+        schema.ensure_schema(conn)
+    except schema.SchemaError as exc:
+        print(exc, file=sys.stderr)
+        conn.close()
+        return None
+    return conn
+
+
+def _cli_context(task: str) -> RunContext:
+    from warehouse_gdpr.engine.audit import RunContext
+
+    return RunContext(dag_id="warehouse-gdpr", run_id=f"cli__{datetime.now(timezone.utc).isoformat()}", task_id=task)
+
+
+def _read_identifier() -> str:
+    """The person's email or subject_id:N from stdin; typed at a terminal, it is not echoed."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("email or subject_id:N (not echoed): ")
+    return sys.stdin.readline()
+
+
+def _request_new(args: argparse.Namespace) -> int:
+    """Register a request; the identifier comes on stdin (never argv: shell history, `ps`)."""
+    from warehouse_gdpr.airflow import connections
+    from warehouse_gdpr.engine import requests
+    from warehouse_gdpr.engine.crypto import KeyConfigError
+
+    if args.kind not in requests.KINDS:
+        print(f"unknown --kind: give one of {', '.join(requests.KINDS)}", file=sys.stderr)
+        return 2
+    try:
+        received = date.fromisoformat(args.received_on) if args.received_on else date.today()
+    except ValueError:
+        print("--received-on must be a date, YYYY-MM-DD", file=sys.stderr)
+        return 2
+    policy_file = args.policy or os.environ.get(connections.POLICY_ENV)
+    if not policy_file:
+        print(f"give --policy (or set {connections.POLICY_ENV}): it names the keys connection", file=sys.stderr)
+        return 2
+    try:
+        policy = load_policy(policy_file)
+        keys = connections.load_keys(policy)
+    except (PolicyError, KeyConfigError, RuntimeError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    identifier = _read_identifier()
+    if not identifier.strip():
+        print("give the person's email (or subject_id:N) on stdin, e.g.: read -rs EMAIL; printf '%s' \"$EMAIL\" | "
+              "warehouse-gdpr request new --kind KIND --request-id ID", file=sys.stderr)
+        return 2
+    conn = _warehouse(args)
+    if conn is None:
+        return 2
+    with conn:
+        try:
+            registered = requests.register(
+                conn, keys, _cli_context("request_new"), kind=args.kind, request_id=args.request_id,
+                identifier=identifier, received_at=received, today=date.today(),
+                strip_plus_tags=policy.optout.strip_plus_tags,
+            )
+        except requests.RequestStoreError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        finally:
+            del identifier
+    print(f"Registered {registered['kind']} request {registered['request_id']}: received {registered['received_at']}, "
+          f"due {registered['due_date']}.")
+    dag_id = requests.DAG_FOR_KIND.get(args.kind)
+    conf = json.dumps({"request_id": registered["request_id"]})
+    print(f"Run it: airflow dags trigger {dag_id} --conf '{conf}'" if dag_id
+          else f"No DAG of this package runs {args.kind} requests yet.")
+    return 0
+
+
+def _request_extend(args: argparse.Namespace) -> int:
+    from warehouse_gdpr.engine import requests
+
+    conn = _warehouse(args)
+    if conn is None:
+        return 2
+    with conn:
+        try:
+            extended = requests.extend(conn, _cli_context("request_extend"), args.request_id, args.reason, date.today())
+        except requests.RequestStoreError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+    print(f"Request {extended['request_id']} ({extended['kind']}) extended: due {extended['extended_due_date']} "
+          f"(was {extended['due_date']}). Tell the person, with the reason, before {extended['due_date']} "
+          "(GDPR art. 12(3)).")
+    return 0
+
+
+def _requests(args: argparse.Namespace) -> int:
+    """Every request, no personal data (no subject hash, no reason text)."""
+    from warehouse_gdpr.engine import requests
+    from warehouse_gdpr.engine.sweep import format_table
+
+    conn = _warehouse(args)
+    if conn is None:
+        return 2
+    with conn:
+        rows = requests.listing(conn, date.today(), open_only=args.open, overdue_only=args.overdue)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("No request" + (" overdue." if args.overdue else " open." if args.open else "."))
+        return 0
+    print(format_table(
+        ["request", "kind", "status", "outcome", "received", "due", "days left", "extended", "targets"],
+        [[r["request_id"], r["kind"], r["status"], r["outcome"] or "-", r["received_at"], r["due_date"],
+          "-" if r["days_left"] is None else f"{r['days_left']} OVERDUE" if r["overdue"] else r["days_left"],
+          f"from {r['first_due_date']}" if r["extended"] else "-",
+          ", ".join(f"{t}: {st}" for t, st in r["targets"].items()) or "-"] for r in rows],
+    ))
+    return 0
+
+
 def _register(args: argparse.Namespace) -> int:
     from warehouse_gdpr.engine import register
 
@@ -240,8 +382,21 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that an argument it does not know is never quoted back: it may be a person's email
+    typed on the command line by mistake (`request new` reads it on stdin)."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            count = len(message.split(":", 1)[1].split())
+            message = (f"{count} unrecognized argument(s), not shown (they may be personal data: `request new` "
+                       "reads the person's email, or subject_id:N, on stdin, never from the command line)")
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="warehouse-gdpr", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="warehouse-gdpr", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     policy = commands.add_parser("policy", help="work with a policy file").add_subparsers(dest="action", required=True)
     policy.add_parser("schema", help="print the JSON Schema of the policy file").set_defaults(run=_schema)
@@ -265,6 +420,30 @@ def main(argv: list[str] | None = None) -> int:
                                    "directory)")
     reg.add_argument("--date", type=date.fromisoformat, help="date printed as generation date (default: today)")
     reg.set_defaults(run=_register)
+    from warehouse_gdpr.engine.requests import KINDS
+
+    url_help = "libpq URL of the warehouse (default: $WAREHOUSE_URL, which keeps a password out of `ps`)"
+    req = commands.add_parser("request", help="a person's request (GDPR art. 15-21)").add_subparsers(
+        dest="action", required=True)
+    new = req.add_parser("new", help="register a request before running it; the email (or subject_id:N) on stdin")
+    new.add_argument("--kind", required=True, help="one of: " + ", ".join(KINDS))
+    new.add_argument("--request-id", required=True,
+                     help="the ticket reference (3-64 letters, digits, '.', '_', ':', '-')")
+    new.add_argument("--received-on", help="the date the request arrived, YYYY-MM-DD (default: today)")
+    new.add_argument("--policy", help="the policy file, for its keys connection (default: $WAREHOUSE_GDPR_POLICY)")
+    new.add_argument("--url", help=url_help)
+    new.set_defaults(run=_request_new)
+    extend = req.add_parser("extend", help="extend the due date once, to three months after receipt (art. 12(3))")
+    extend.add_argument("request_id", help="the request's id")
+    extend.add_argument("--reason", required=True, help="why (the controller's words, at most 500 characters)")
+    extend.add_argument("--url", help=url_help)
+    extend.set_defaults(run=_request_extend)
+    listing = commands.add_parser("requests", help="every request: kind, status, outcome, dates, targets")
+    listing.add_argument("--open", action="store_true", help="only requests not complete yet")
+    listing.add_argument("--overdue", action="store_true", help="only open requests past their due date")
+    listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    listing.add_argument("--url", help=url_help)
+    listing.set_defaults(run=_requests)
     audit_log = commands.add_parser("audit", help="the audit log's evidence").add_subparsers(
         dest="action", required=True)
     verify = audit_log.add_parser("verify", help="recompute the audit log's hash chain (read rights suffice)")

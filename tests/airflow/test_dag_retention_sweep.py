@@ -35,8 +35,8 @@ def test_dagbag_imports_without_errors(airflow_home: Path) -> None:
     assert dag is not None
     assert {"gdpr", "retention"} <= set(dag.tags)
     order = [t.task_id for t in dag.topological_sort() if t.task_id != "write_register"]
-    assert order == ["check_policy", "plan", "apply", "purge_archive", "report", "verify_audit_chain",
-                     "audit_chain_failed"]
+    assert order == ["check_policy", "plan", "apply", "purge_archive", "purge_requests", "report",
+                     "verify_audit_chain", "audit_chain_failed"]
     # The register runs beside the sweep: an unfinished register never delays a deletion (only the run's
     # last check, the audit chain's, follows it).
     assert dag.get_task("write_register").upstream_task_ids == {"check_policy"}
@@ -76,6 +76,18 @@ def test_whole_dag_run_sweeps_and_logs_no_personal_data(
     with psycopg.connect(airflow_conns) as conn:
         personal = _personal_values(conn)
         before = conn.execute("SELECT count(*) FROM crm.contacts").fetchone()[0]  # type: ignore[index]
+        # Requests completed more than requests.keep_for (P3Y) before the run's 2026-06-15, and one within it.
+        conn.execute(
+            "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome,"
+            " completed_at) VALUES"
+            " ('REQ-2022-1', 'erasure', repeat('a', 64), '2022-12-01', '2023-01-01', 'completed', 'erased',"
+            "  '2022-12-20'),"
+            " ('REQ-2023-1', 'access', repeat('b', 64), '2023-05-01', '2023-06-01', 'completed', 'answered',"
+            "  '2023-05-30'),"
+            " ('REQ-2023-2', 'erasure', repeat('c', 64), '2023-06-01', '2023-07-01', 'completed', 'erased',"
+            "  '2023-06-20')")
+        conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status) VALUES"
+                     " ('REQ-2022-1', 'emailing', 'acknowledged'), ('REQ-2023-2', 'emailing', 'acknowledged')")
 
     state, logs = _run(CONFIRMED, caplog, capfd)
 
@@ -95,8 +107,15 @@ def test_whole_dag_run_sweeps_and_logs_no_personal_data(
         pseudonymised = conn.execute(
             "SELECT count(*) FROM crm.contacts WHERE pseudonymised_at IS NOT NULL").fetchone()[0]  # type: ignore[index]
         stored = conn.execute("SELECT sha256, activities FROM gdpr.processing_register").fetchall()
+        kept = conn.execute("SELECT request_id FROM gdpr.request").fetchall()
+        outbox = conn.execute("SELECT request_id FROM gdpr.erasure_propagation").fetchall()
+        totals = conn.execute("SELECT details->'totals' FROM gdpr.audit_log WHERE action = 'report'").fetchone()[0]  # type: ignore[index]
     assert after < before and pseudonymised > 0
-    assert steps == {"check_policy", "plan", "apply", "purge_archive", "report", "write_register", "verify_audit_chain"}
+    assert steps == {"check_policy", "plan", "apply", "purge_archive", "purge_requests", "report", "write_register",
+                     "verify_audit_chain"}
+    assert kept == [("REQ-2023-2",)] and outbox == [("REQ-2023-2",)]  # three years after completion, then purged
+    assert totals["-/purge_requests/gdpr.request"] == 2 and totals["-/purge_requests/gdpr.erasure_propagation"] == 1
+    assert "2 request(s) and 1 outbox row(s) removed" in logs
     assert "@" not in audit_text
     register_md = airflow_home / "gdpr_register" / "register.md"
     assert "## Processing activity 1" in register_md.read_text(encoding="utf-8")

@@ -330,7 +330,7 @@ def test_the_upgrade_chains_an_installed_warehouses_rows(
     schema_before_v8(conn)
     _write(dag_conn, 3)
     _write(conn, 2)
-    assert schema.installed_version(conn) == 6
+    assert schema.installed_version(conn) == 7
     conn.commit()
     assert schema.ensure_schema(conn) is True
     rows = _chain(conn)

@@ -52,7 +52,7 @@ def _run(conn: psycopg.Connection, policy: Policy, keys: Keys, params: dict[str,
     request = erasure.parse_request(params, today=TODAY)
     located = erasure.locate(conn, policy, keys, request)
     holds = erasure.holds_in_force(conn, policy, located, as_of)
-    result = erasure.erase(conn, policy, keys, CTX, request, located, holds)
+    result = erasure.erase(conn, policy, keys, CTX, request, located, holds, as_of)
     return request, located, holds, result
 
 
@@ -844,6 +844,32 @@ def test_an_unlinked_ticket_the_sweep_pseudonymised_is_found_by_the_hash_of_the_
     assert result.rows["crm.support_tickets"] == 1
     assert _count(conn, "SELECT count(*) FROM crm.support_tickets WHERE ticket_id = %s", ticket) == 0
     assert erasure.verify(conn, policy, keys, request, result.outcome) == {}
+
+
+def test_a_hold_set_after_the_holds_were_read_is_honoured_under_the_lock(conn, policy: Policy, keys: Keys) -> None:
+    """Lock, then re-check: the first task read no hold; a litigation flag committed before `erase` takes its
+    locks must refuse the erasure (nothing deleted), and the change is audited. And the other way round: a
+    hold lifted meanwhile no longer keeps anything."""
+    cid, email = _erasable_prospect(conn)
+    request = erasure.parse_request({"email": email, "request_id": "REQ-LOCK-1"}, today=TODAY)
+    located = erasure.locate(conn, policy, keys, request)
+    assert erasure.holds_in_force(conn, policy, located, AS_OF) == {}
+    conn.execute("UPDATE crm.contacts SET litigation_hold = true WHERE contact_id = %s", (cid,))  # another writer
+    conn.commit()
+    crm = table_checksum(conn, CRM_ALL)
+
+    result = erasure.erase(conn, policy, keys, CTX, request, located, {}, AS_OF)
+
+    assert (result.outcome, result.status) == ("refused", "refused") and result.rows == {}
+    assert table_checksum(conn, CRM_ALL) == crm  # nothing erased (the request is recorded, the email suppressed)
+    assert _one(conn, "SELECT details->'now' FROM gdpr.audit_log WHERE outcome = 'holds_changed_under_lock'"
+                " AND details->>'request_id' = 'REQ-LOCK-1'") == (["litigation"],)
+
+    conn.execute("UPDATE crm.contacts SET litigation_hold = false WHERE contact_id = %s", (cid,))
+    conn.commit()
+    request = erasure.parse_request({"email": email, "request_id": "REQ-LOCK-2"}, today=TODAY)
+    result = erasure.erase(conn, policy, keys, CTX, request, located, {"litigation": "refuse"}, AS_OF)
+    assert result.outcome == "erased" and _linked(conn, "crm.contacts", [cid]) == 0
 
 
 def test_an_obligation_alone_restricts_and_everything_else_is_erased(conn, keys: Keys) -> None:

@@ -9,18 +9,16 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from helpers import schema_before_v8
-from warehouse_gdpr.engine import audit, schema
+from warehouse_gdpr.engine import audit, auditchain, schema
 from warehouse_gdpr.engine.sqlfiles import read_sql
 
-# The versions the DDL records: 7 is the request lifecycle (branch lifecycle, not merged here yet).
-VERSIONS = [1, 2, 3, 4, 5, 6, 8]
 CTX = audit.RunContext(dag_id="gdpr_retention_sweep", run_id="manual__test", task_id="apply")
 
 
@@ -37,6 +35,11 @@ def _url(url: str, *, user: str | None = None, dbname: str | None = None) -> str
 def _record(conn: psycopg.Connection, action: str = "delete", outcome: str = "ok") -> None:
     with conn.transaction():
         audit.record(conn, CTX, action=action, outcome=outcome, rule="r", table="crm.contacts", row_count=3)
+
+
+def _relkind(conn: psycopg.Connection, name: str) -> str:
+    """'r' for a table, 'v' for a view."""
+    return conn.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass", (name,)).fetchone()[0]  # type: ignore[index,no-any-return]
 
 
 def _count(conn: psycopg.Connection, table: str) -> int:
@@ -99,7 +102,8 @@ def test_ensure_schema_on_an_installed_warehouse_does_nothing(conn: psycopg.Conn
     assert schema.installed_version(conn) == schema.SCHEMA_VERSION
     assert schema.ensure_schema(conn) is False
     assert schema.ensure_schema(conn) is False
-    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == VERSIONS
+    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(
+        range(1, schema.SCHEMA_VERSION + 1))
 
 
 def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
@@ -119,9 +123,12 @@ def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
         )}
         assert tables == {
             "gdpr.schema_version", "gdpr.audit_log", "gdpr_archive.archived_row",
-            "gdpr.suppression_list", "gdpr.erasure_request", "gdpr.erasure_propagation", "gdpr.quarantine",
+            "gdpr.suppression_list", "gdpr.request", "gdpr.erasure_propagation", "gdpr.quarantine",
             "gdpr.processing_register", "gdpr.audit_chain_head",
         }
+        views = {r[0] for r in other.execute(
+            "SELECT schemaname || '.' || viewname FROM pg_views WHERE schemaname = 'gdpr'")}
+        assert views == {"gdpr.erasure_request"}  # read-only, for readers of versions 1-4
 
 
 def test_running_the_ddl_file_again_by_hand_keeps_everything(conn: psycopg.Connection) -> None:
@@ -133,7 +140,8 @@ def test_running_the_ddl_file_again_by_hand_keeps_everything(conn: psycopg.Conne
         conn.execute(read_sql("gdpr_schema.sql"))  # type: ignore[arg-type]
     assert _count(conn, "gdpr.audit_log") == 1
     assert _count(conn, "gdpr_archive.archived_row") == 1
-    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == VERSIONS
+    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(
+        range(1, schema.SCHEMA_VERSION + 1))
     triggers = conn.execute(
         "SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'gdpr.audit_log'::regclass AND NOT tgisinternal"
         " ORDER BY tgname"
@@ -166,79 +174,300 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
     )
 
 
-def _downgrade_to_version_5(conn: psycopg.Connection) -> None:
-    """The control schema as version 5 left it: no index on the archive's subject ids (what version 6 added)."""
-    schema_before_v8(conn)
+DATA = Path(__file__).parent / "data"
+PREVIOUS = 7  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v7.sql
+
+
+def _install_version(conn: psycopg.Connection, version: int) -> None:
+    """The control schema exactly as release `version` installed it (its DDL frozen in tests/engine/data)."""
+    assert schema.SCHEMA_VERSION == PREVIOUS + 1, "freeze the previous version's DDL in tests/engine/data"
     with conn.transaction():
-        conn.execute("DROP INDEX gdpr_archive.archived_row_subject_idx")
-        conn.execute("DELETE FROM gdpr.schema_version WHERE version = 6")
-    assert schema.installed_version(conn) == 5
+        conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
+        conn.execute((DATA / f"gdpr_schema_v{version}.sql").read_text(encoding="utf-8"))  # type: ignore[arg-type]
+    assert schema.installed_version(conn) == version
+    assert _relkind(conn, "gdpr.erasure_request") == ("r" if version < 7 else "v")
     conn.commit()
 
 
-def _downgrade_to_version_4(conn: psycopg.Connection) -> None:
-    """The control schema as version 4 left it: no claim columns on the outbox (what version 5 added)."""
-    _downgrade_to_version_5(conn)
-    with conn.transaction():
-        conn.execute("ALTER TABLE gdpr.erasure_propagation DROP COLUMN claimed_until, DROP COLUMN claimed_by")
-        conn.execute("DELETE FROM gdpr.schema_version WHERE version = 5")
-    assert schema.installed_version(conn) == 4
-    conn.commit()
-
-
-def _downgrade_to_version_3(conn: psycopg.Connection) -> None:
-    """The control schema as version 3 left it: no gdpr.processing_register (what version 4 added)."""
-    _downgrade_to_version_4(conn)
+def _install_version_3(conn: psycopg.Connection) -> None:
+    """The control schema as version 3 left it: version 4's, without gdpr.processing_register (what 4 added)."""
+    _install_version(conn, 4)
     with conn.transaction():
         conn.execute("DROP TABLE gdpr.processing_register")
         conn.execute("DELETE FROM gdpr.schema_version WHERE version = 4")
-    assert schema.SCHEMA_VERSION == 8, "simulate the versions before the current one here"
     assert schema.installed_version(conn) == 3
     conn.commit()
 
 
+@pytest.mark.parametrize("version", [3, PREVIOUS])
 def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
-    conn: psycopg.Connection, dag_conn: psycopg.Connection
+    conn: psycopg.Connection, dag_conn: psycopg.Connection, version: int
 ) -> None:
     """The DAGs connect as a member of gdpr_engine: after a package upgrade they name the installed and
     the needed version and what the owner runs; the owner's run then upgrades, keeping every row."""
+    if version == 3:
+        _install_version_3(conn)
+    else:
+        _install_version(conn, version)
     _record(conn)
-    _downgrade_to_version_3(conn)
     with pytest.raises(schema.SchemaError) as info:
         schema.ensure_schema(dag_conn)
     message = str(info.value)
-    assert message.startswith(f"the gdpr control schema is out of date (installed version 3, this package needs "
-                              f"{schema.SCHEMA_VERSION}) and this connection (role gdpr_dag) may not upgrade it "
+    assert message.startswith(f"the gdpr control schema is out of date (installed version {version}, this package "
+                              f"needs {schema.SCHEMA_VERSION}) and this connection (role gdpr_dag) may not upgrade it "
                               "(permission denied")
     assert WHAT_TO_RUN in message and "not installed" not in message and "include/" not in message
     assert dag_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # rolled back, usable
-    assert schema.installed_version(dag_conn) == 3
+    assert schema.installed_version(dag_conn) == version
     dag_conn.commit()
 
     assert schema.ensure_schema(conn) is True
     assert schema.installed_version(dag_conn) == schema.SCHEMA_VERSION
     assert dag_conn.execute("SELECT to_regclass('gdpr_archive.archived_row_subject_idx')").fetchone()[0] is not None
     assert _count(conn, "gdpr.audit_log") == 1
+    conn.commit()
+    chained = auditchain.verify(conn)  # version 8: the installed warehouse's audit rows are chained
+    assert chained.ok and chained.rows_checked == 1
     assert schema.ensure_schema(dag_conn) is False  # the DAGs go on as the engine
     with dag_conn.transaction():  # with the grants of the current version
         dag_conn.execute(
             "INSERT INTO gdpr.processing_register (sha256, policy_file, activities, markdown, html)"
             " VALUES (repeat('a', 64), 'policy.yaml', 1, '# r', '<h1>r</h1>')"
         )
+        dag_conn.execute(
+            "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status)"
+            " VALUES ('REQ-ENGINE-1', 'access', repeat('b', 64), current_date, current_date + 30, 'registered')"
+        )
+
+
+# -- version 7: one request lifecycle (gdpr.request), the erasure requests migrated in place -----------
+
+OLD_COLUMNS = ("request_id, subject_hash, received_at, due_date, status, outcome, reason, created_at, completed_at,"
+               " deadline_warned_at, details")
+# The claim of a worker that died mid-call (version 5's outbox lease): kept by the upgrade, it expires by itself.
+DEAD_CLAIM = ("2026-05-21 11:05+00", "gdpr_erasure_retry/scheduled__2026-05-21/propagate/0123456789ab")
+
+
+def _fill_old_version(conn: psycopg.Connection) -> None:
+    """Erasure requests and their outbox as an older engine wrote them: completed, pending, refused; from
+    version 5 on, the pending outbox row also carries the claim of a worker that died mid-call."""
+    with conn.transaction():
+        conn.execute(
+            f"INSERT INTO gdpr.erasure_request ({OLD_COLUMNS}) VALUES"
+            " ('REQ-OLD-1', repeat('1', 64), '2026-01-31', '2026-02-28', 'completed', 'erased', 'no legal hold',"
+            "  '2026-02-01 10:00+00', '2026-02-02 09:00+00', NULL, '{\"rows\": {\"crm.contacts\": 1},"
+            "  \"targets\": [\"emailing\"], \"holds\": []}'),"
+            " ('REQ-OLD-2', repeat('2', 64), '2026-05-20', '2026-06-20', 'pending_propagation', 'restricted',"
+            "  'legal hold: litigation', '2026-05-21 10:00+00', NULL, '2026-06-14 00:00+00',"
+            "  '{\"rows\": {\"crm.notes\": 4}, \"targets\": [\"emailing\", \"telephony\"],"
+            "  \"holds\": [\"litigation\"]}'),"
+            " ('REQ-OLD-3', repeat('3', 64), '2026-04-01', '2026-05-01', 'refused', 'refused', 'legal hold: tax',"
+            "  '2026-04-02 10:00+00', '2026-04-02 10:00+00', NULL, '{}')"
+        )
+        conn.execute(
+            "INSERT INTO gdpr.erasure_propagation (request_id, target, status, attempts, key_id, nonce,"
+            " identifier_ciphertext, last_result, acknowledged_at) VALUES"
+            " ('REQ-OLD-1', 'emailing', 'acknowledged', 1, NULL, NULL, NULL, 'HTTP 204', '2026-02-02 09:00+00'),"
+            " ('REQ-OLD-2', 'emailing', 'acknowledged', 2, NULL, NULL, NULL, 'HTTP 204', '2026-05-21 11:00+00'),"
+            " ('REQ-OLD-2', 'telephony', 'pending', 7, 'archive-1', '\\x00'::bytea, '\\x01'::bytea, 'HTTP 503', NULL)"
+        )
+        if schema.installed_version(conn) >= 5:
+            conn.execute("UPDATE gdpr.erasure_propagation SET claimed_until = %s, claimed_by = %s"
+                         " WHERE request_id = 'REQ-OLD-2' AND target = 'telephony'", DEAD_CLAIM)
+
+
+def _snapshot(conn: psycopg.Connection) -> tuple[list[tuple], list[tuple]]:
+    requests = conn.execute(f"SELECT {OLD_COLUMNS} FROM gdpr.erasure_request ORDER BY request_id").fetchall()
+    outbox = conn.execute("SELECT * FROM gdpr.erasure_propagation ORDER BY request_id, target").fetchall()
+    conn.rollback()
+    return requests, outbox
+
+
+@pytest.mark.parametrize("steps", [(4,), (5,), (6,), (5, 6), (4, 5, 6)],
+                         ids=["from-v4", "from-v5", "from-v6", "v5-then-v6", "v4-then-v5-then-v6"])
+def test_a_warehouse_with_erasure_requests_upgrades_in_place(
+    conn: psycopg.Connection, dag_conn: psycopg.Connection, steps: tuple[int, ...]
+) -> None:
+    """Installed at steps[0] and filled, upgraded in place by each later release's DDL in turn (as an operator
+    who upgraded one release at a time did), then by this one's."""
+    _install_version(conn, steps[0])
+    _fill_old_version(conn)
+    for version in steps[1:]:
+        with conn.transaction():
+            conn.execute((DATA / f"gdpr_schema_v{version}.sql").read_text(encoding="utf-8"))  # type: ignore[arg-type]
+        assert schema.installed_version(conn) == version
+    requests_before, outbox_before = _snapshot(conn)
+    assert len(requests_before) == 3 and len(outbox_before) == 3
+    if steps[-1] < 5:  # version 5 adds the claim columns, empty
+        outbox_before = [(*row, None, None) for row in outbox_before]
+
+    assert schema.ensure_schema(conn) is True
+
+    assert schema.installed_version(conn) == schema.SCHEMA_VERSION
+    assert _relkind(conn, "gdpr.erasure_request") == "v"
+    assert conn.execute("SELECT to_regclass('gdpr_archive.archived_row_subject_idx')").fetchone()[0] is not None  # v6
+    # Every row kept, column for column, readable under the old name; the outbox untouched, claims included.
+    assert _snapshot(conn) == (requests_before, outbox_before)
+    claim = conn.execute("SELECT claimed_until, claimed_by FROM gdpr.erasure_propagation"
+                         " WHERE request_id = 'REQ-OLD-2' AND target = 'telephony'").fetchone()
+    assert claim[1] == (DEAD_CLAIM[1] if steps[0] >= 5 else None)  # filled at version 5: a claim to keep
+    migrated = conn.execute(
+        f"SELECT {OLD_COLUMNS} FROM gdpr.request WHERE kind = 'erasure' ORDER BY request_id").fetchall()
+    assert migrated == requests_before
+    assert conn.execute("SELECT count(*) FROM gdpr.request WHERE identifier_ciphertext IS NOT NULL"
+                        " OR extended_due_date IS NOT NULL").fetchone()[0] == 0
+    # The outbox's foreign key now points at gdpr.request, and holds.
+    fks = conn.execute(
+        "SELECT conname, confrelid::regclass::text FROM pg_constraint"
+        " WHERE conrelid = 'gdpr.erasure_propagation'::regclass AND contype = 'f'").fetchall()
+    assert fks == [("erasure_propagation_request_fkey", "gdpr.request")]
+    conn.commit()
+    with pytest.raises(errors.ForeignKeyViolation), conn.transaction():
+        conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status)"
+                     " VALUES ('REQ-NONE', 'x', 'pending')")
+
+    # Idempotent: running the installer or the DDL again changes nothing.
+    assert schema.ensure_schema(conn) is False
+    with conn.transaction():
+        conn.execute(read_sql("gdpr_schema.sql"))  # type: ignore[arg-type]
+    assert _snapshot(conn) == (requests_before, outbox_before)
+
+    # The engine carries on with the migrated rows: the engine's role claims the pending row (the dead
+    # worker's claim has expired), the target acknowledges, the request completes.
+    from warehouse_gdpr.engine import propagation
+
+    claimed = dag_conn.execute(
+        "UPDATE gdpr.erasure_propagation p SET claimed_until = now() + interval '1 minute', claimed_by = 'test'"
+        " FROM gdpr.request r WHERE r.request_id = p.request_id AND p.request_id = 'REQ-OLD-2' AND p.status = 'pending'"
+        " AND (p.claimed_until IS NULL OR p.claimed_until <= now()) RETURNING p.target, r.subject_hash"
+    ).fetchall()
+    dag_conn.commit()
+    assert claimed == [("telephony", "2" * 64)]
+    with conn.transaction():
+        conn.execute("UPDATE gdpr.erasure_propagation SET status = 'acknowledged', acknowledged_at = now(),"
+                     " claimed_until = NULL, claimed_by = NULL, key_id = NULL, nonce = NULL,"
+                     " identifier_ciphertext = NULL"
+                     " WHERE request_id = 'REQ-OLD-2'")
+    certificate = propagation.complete_if_acknowledged(dag_conn, CTX, "REQ-OLD-2")
+    assert certificate is not None and certificate["status"] == "completed" and certificate["outcome"] == "restricted"
+    assert certificate["rows_by_table"] == {"crm.notes": 4} and len(certificate["targets"]) == 2
+    assert conn.execute("SELECT status, completed_at IS NOT NULL FROM gdpr.erasure_request"
+                        " WHERE request_id = 'REQ-OLD-2'").fetchone() == ("completed", True)
+
+
+def test_a_dbas_view_on_the_old_table_stops_the_upgrade_loudly(conn: psycopg.Connection) -> None:
+    """A view reading gdpr.erasure_request would otherwise follow the rows anywhere: the upgrade refuses to
+    guess, says why, and leaves the previous version as it was."""
+    _install_version(conn, 6)
+    _fill_old_version(conn)
+    with conn.transaction():
+        conn.execute("CREATE VIEW public.dba_erasures AS SELECT request_id, status FROM gdpr.erasure_request")
+    with pytest.raises(errors.DependentObjectsStillExist) as info:
+        schema.ensure_schema(conn)
+    assert "dba_erasures" in (info.value.diag.message_detail or "")
+    conn.rollback()
+    assert schema.installed_version(conn) == 6
+    assert _count(conn, "gdpr.erasure_request") == 3
+    assert conn.execute("SELECT to_regclass('gdpr.request')").fetchone()[0] is None
+
+
+def _request_row(conn: psycopg.Connection, request_id: str = "REQ-G-1", status: str = "registered") -> None:
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome,"
+            " completed_at, key_id, nonce, identifier_ciphertext) VALUES (%s, 'erasure', repeat('c', 64),"
+            " '2026-06-01', '2026-07-01', %s, CASE WHEN %s = 'registered' THEN NULL ELSE 'erased' END,"
+            " CASE WHEN %s = 'completed' THEN now() END, 'archive-1', '\\x00', '\\x01')",
+            (request_id, status, status, status),
+        )
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE gdpr.request SET kind = 'access'",
+        "UPDATE gdpr.request SET received_at = '2020-01-01'",
+        "UPDATE gdpr.request SET due_date = '2030-01-01'",
+        "UPDATE gdpr.request SET created_at = now()",
+        "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, created_at)"
+        " VALUES ('REQ-X', 'access', 'h', current_date, current_date, 'registered', '2020-01-01')",
+    ],
+)
+def test_engine_may_not_rewrite_what_a_request_is(engine: psycopg.Connection, conn: psycopg.Connection,
+                                                   statement: str) -> None:
+    _request_row(conn)
+    with pytest.raises(errors.InsufficientPrivilege) as info, engine.transaction():
+        engine.execute(statement)
+    assert info.value.diag.message_primary.startswith("permission denied for")
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status, outcome)"
+        " VALUES ('REQ-X', 'h', current_date, current_date, 'completed', 'erased')",
+        "UPDATE gdpr.erasure_request SET status = 'completed', outcome = 'erased', completed_at = now()",
+        "DELETE FROM gdpr.erasure_request",
+    ],
+)
+def test_a_write_through_the_old_name_fails_loudly(engine: psycopg.Connection, conn: psycopg.Connection,
+                                                  statement: str) -> None:
+    """gdpr.erasure_request is a read-only view now: an old writer gets an error, never a silent no-op."""
+    _request_row(conn, status="completed")
+    with pytest.raises((errors.InsufficientPrivilege, errors.FeatureNotSupported)), engine.transaction():
+        engine.execute(statement)
+    assert engine.execute("SELECT status, outcome FROM gdpr.request").fetchall() == [("completed", "erased")]
+
+
+def test_an_open_request_is_never_deleted_and_an_extension_never_rewritten(conn: psycopg.Connection) -> None:
+    _request_row(conn, "REQ-G-OPEN")
+    _request_row(conn, "REQ-G-DONE", status="completed")
+    with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():
+        conn.execute("DELETE FROM gdpr.request")  # the owner too
+    assert info.value.diag.message_primary == "gdpr.request: request REQ-G-OPEN is not complete and may not be deleted"
+    with conn.transaction():
+        conn.execute("UPDATE gdpr.request SET extended_due_date = '2026-09-01', extension_reason = 'complex',"
+                     " extended_at = now() WHERE request_id = 'REQ-G-OPEN'")
+    for change in ("extended_due_date = '2026-08-01'", "extension_reason = 'other'",
+                   "extended_due_date = NULL, extension_reason = NULL, extended_at = NULL"):
+        with pytest.raises(errors.InsufficientPrivilege) as info, conn.transaction():
+            conn.execute(f"UPDATE gdpr.request SET {change} WHERE request_id = 'REQ-G-OPEN'")
+        assert "was already extended; an extension is given once" in info.value.diag.message_primary
+    with pytest.raises(errors.CheckViolation), conn.transaction():  # beyond three months after receipt
+        conn.execute("UPDATE gdpr.request SET extended_due_date = '2026-09-02', extension_reason = 'x',"
+                     " extended_at = now() WHERE request_id = 'REQ-G-DONE'")
+    with pytest.raises(errors.CheckViolation), conn.transaction():  # reason capped at 500 characters
+        conn.execute("UPDATE gdpr.request SET extended_due_date = '2026-09-01',"
+                     " extension_reason = repeat('x', 501), extended_at = now() WHERE request_id = 'REQ-G-DONE'")
+    with conn.transaction():
+        assert conn.execute("DELETE FROM gdpr.request WHERE request_id = 'REQ-G-DONE'").rowcount == 1
+
+
+def test_auditor_reads_requests_but_not_the_encrypted_identifier(conn: psycopg.Connection) -> None:
+    _request_row(conn, "REQ-G-AUD", status="completed")
+    auditor = _as_role(conn, "gdpr_auditor")
+    assert auditor.execute("SELECT request_id, kind, status FROM gdpr.request").fetchall() == [
+        ("REQ-G-AUD", "erasure", "completed")]
+    assert auditor.execute("SELECT request_id, status FROM gdpr.erasure_request").fetchall() == [
+        ("REQ-G-AUD", "completed")]
+    auditor.commit()
+    for column in ("identifier_ciphertext", "nonce", "key_id"):
+        with pytest.raises(errors.InsufficientPrivilege), auditor.transaction():
+            auditor.execute(f"SELECT {column} FROM gdpr.request")
 
 
 def test_version_5_adds_the_outbox_claim_and_keeps_pending_erasures(
     conn: psycopg.Connection, dag_conn: psycopg.Connection
 ) -> None:
-    """v5's step on its own: the outbox of a v4 warehouse gets claimed_until/claimed_by, its rows kept, and
-    the engine's role may claim a row (propagation holds no transaction across a downstream call)."""
+    """v5's step (with the later ones): the outbox of a v4 warehouse gets claimed_until/claimed_by, its rows
+    kept, and the engine's role may claim a row (propagation holds no transaction across a downstream call)."""
+    _install_version(conn, 4)
     with conn.transaction():
         conn.execute("INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status,"
                      " outcome) VALUES ('REQ-V5', repeat('b', 64), current_date, current_date + 30,"
                      " 'pending_propagation', 'erased')")
         conn.execute("INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce,"
                      " identifier_ciphertext) VALUES ('REQ-V5', 'emailing', 'pending', 'k1', '\\x00', '\\x01')")
-    _downgrade_to_version_4(conn)
     with pytest.raises(schema.SchemaError, match=rf"installed version 4, this package needs {schema.SCHEMA_VERSION}"):
         schema.ensure_schema(dag_conn)
     dag_conn.rollback()

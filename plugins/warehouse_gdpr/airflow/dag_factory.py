@@ -96,7 +96,7 @@ def _verify_audit_chain(policy_file: str, leaves: list[Any], whole_chain: bool =
 
 
 def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
-    """check_policy -> plan -> apply -> purge_archive -> report, and check_policy -> write_register
+    """check_policy -> plan -> apply -> purge_archive -> purge_requests -> report, and check_policy -> write_register
     (the article 30 register, beside the sweep so that it never delays a deletion). See sweep_tasks.py,
     rules.py, register.py."""
     path = str(policy_file or connections.policy_path())
@@ -153,6 +153,10 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
             return sweep_tasks.purge_archive(checked, get_current_context())
 
         @task
+        def purge_requests(checked: dict, purged: dict) -> dict:
+            return sweep_tasks.purge_requests(checked, get_current_context())
+
+        @task
         def report(checked: dict, purged: dict) -> dict:
             return sweep_tasks.report(checked, get_current_context())
 
@@ -165,9 +169,10 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
         plans = plan(resolved(checked))
         applied = apply(resolved(checked), resolved(plans))
         purged = purge_archive(resolved(checked), resolved(applied))
+        requests_purged = purge_requests(resolved(checked), resolved(purged))
         # The weekly sweep recomputes the whole chain (an old row edited shows within a week); the other
         # DAGs the rows since the previous exported head.
-        _verify_audit_chain(path, [report(resolved(checked), resolved(purged)), registered], whole_chain=True)
+        _verify_audit_chain(path, [report(resolved(checked), resolved(requests_purged)), registered], whole_chain=True)
 
     return gdpr_retention_sweep()
 
@@ -192,9 +197,11 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
             "email": Param(
                 None, type=["null", "string"], title="Email",
                 description="The person's email (plain ASCII; case and surrounding spaces do not matter). Give "
-                            "this or the subject id, not both. Even when nobody matches, the erasure adds the "
-                            "email's keyed hash to the suppression list for good (the person is never imported "
-                            "again): a dry run shows it first.",
+                            "this or the subject id, not both; or neither, for a request registered with "
+                            "`warehouse-gdpr request new` (recommended: the address then stays out of the run's "
+                            "conf). Even when nobody matches, the erasure adds the email's keyed hash to the "
+                            "suppression list for good (the person is never imported again): a dry run shows it "
+                            "first.",
             ),
             "subject_id": Param(
                 None, type=["null", "integer"], minimum=1, title="Subject id",
@@ -203,12 +210,13 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
             "request_id": Param(
                 type="string", title="Request id",
                 description="The ticket reference of the request (3-64 letters, digits, '.', '_', ':', '-'), "
-                            "one per request: an id already used for another person is refused.",
+                            "one per request: an id already used for another person is refused. Alone, it runs "
+                            "the request registered under this id.",
             ),
             "received_at": Param(
                 None, type=["null", "string"], title="Received on",
-                description="The date the request arrived (YYYY-MM-DD; empty: today; at most "
-                            f"{erasure.MAX_RECEIVED_AGE_DAYS} days ago). Due one month later.",
+                description="The date the request arrived (YYYY-MM-DD; empty: today, or the registered date; at "
+                            f"most {erasure.MAX_RECEIVED_AGE_DAYS} days ago). Due one month later.",
             ),
             "dry_run": Param(False, type="boolean", title="Dry run",
                              description="Locate and evaluate holds, record the plan, change nothing."),

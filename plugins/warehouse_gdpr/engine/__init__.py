@@ -7,6 +7,7 @@
   sweep.py        plan / apply (keyset batches) / archive purge of the weekly retention sweep
   erasure.py      erasure on request (locate, holds, erase, verify)
   propagation.py  the outbox towards downstream systems, and the erasure certificate
+  requests.py     the request store: every kind of request, registered, run by id, extended, listed, purged
   optout.py       the hashed opt-out list: collect, resurrection guard, enforce, share, re-key
   crypto.py       keys, keyed hashes (chained on rotation), the AES-256-GCM archive cipher
   audit.py        the append-only audit log

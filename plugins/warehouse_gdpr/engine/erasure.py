@@ -27,7 +27,7 @@ import calendar
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -66,16 +66,37 @@ class ErasureRequest:
     subject_id: int | None
     received_at: date
     dry_run: bool = False
+    # A registered request extended with `warehouse-gdpr request extend` (art. 12(3)): its new due date.
+    extended_due_date: date | None = None
 
     def __repr__(self) -> str:  # never print the email
         return f"ErasureRequest(request_id={self.request_id!r}, by={'email' if self.email else 'subject_id'})"
 
     @property
-    def due_date(self) -> date:
+    def first_due_date(self) -> date:
         """One calendar month after receipt (GDPR art. 12(3)); the 31st falls back to the month's last day."""
         year, month = (self.received_at.year + 1, 1) if self.received_at.month == 12 else (
             self.received_at.year, self.received_at.month + 1)
         return date(year, month, min(self.received_at.day, calendar.monthrange(year, month)[1]))
+
+    @property
+    def due_date(self) -> date:
+        """The date the answer is due: the extended one when the request was extended, else the first."""
+        return self.extended_due_date or self.first_due_date
+
+
+def refuse_unknown_params(params: Mapping[str, Any]) -> None:
+    """Refuse a param this DAG does not take (a typo such as `emial`), naming it only if it looks like a name.
+    Checked first, before a registered request is looked up by its id (a typo is named as such)."""
+    unknown = sorted(str(k) for k in params if k not in PARAMS)
+    if unknown:
+        shown = [f"`{k}`" for k in unknown if re.fullmatch(SAFE_PARAM_NAME, k)]
+        hidden = len(unknown) - len(shown)
+        names = ", ".join(shown + ([f"{hidden} other(s) (name not shown)"] if hidden else []))
+        raise RequestError(
+            f"unknown param(s) {names}: this DAG takes only "
+            + ", ".join(f"`{n}`" for n in PARAMS) + " (check the spelling; nothing was changed)"
+        )
 
 
 def parse_request(params: Mapping[str, Any], today: date | None = None) -> ErasureRequest:
@@ -87,7 +108,7 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Erasu
     a trailing newline) dropped, lower case; what is left must be a plain ASCII address.
     """
     today = today or date.today()
-    _refuse_unknown(params)
+    refuse_unknown_params(params)
     email, subject_id = _identity(params)
     request_id = params.get("request_id")
     if not isinstance(request_id, str) or not re.fullmatch(REQUEST_ID_PATTERN, request_id):
@@ -97,19 +118,6 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Erasu
     if not isinstance(dry_run, bool):
         raise RequestError("`dry_run` must be true or false")
     return ErasureRequest(request_id, email, subject_id, received_at, dry_run)
-
-
-def _refuse_unknown(params: Mapping[str, Any]) -> None:
-    """Refuse a key that is not one of PARAMS (named only if it looks like a param name)."""
-    unknown = sorted(str(k) for k in params if k not in PARAMS)
-    if unknown:
-        shown = [f"`{k}`" for k in unknown if re.fullmatch(SAFE_PARAM_NAME, k)]
-        hidden = len(unknown) - len(shown)
-        names = ", ".join(shown + ([f"{hidden} other(s) (name not shown)"] if hidden else []))
-        raise RequestError(
-            f"unknown param(s) {names}: this DAG takes only "
-            + ", ".join(f"`{n}`" for n in PARAMS) + " (check the spelling; nothing was changed)"
-        )
 
 
 def _identity(params: Mapping[str, Any]) -> tuple[str | None, int | None]:
@@ -287,8 +295,16 @@ def _archived(conn: psycopg.Connection, policy: Policy, subject_ids: list[str]) 
 
 def holds_in_force(conn: psycopg.Connection, policy: Policy, located: Located, as_of: str) -> dict[str, str]:
     """{hold name: 'refuse' | 'restrict'} for every hold in force for one of the subject rows (as the sweep
-    and the resurrection guard see them: `candidates.holds_array`)."""
-    if not located.subject_ids or not policy.holds:
+    and the resurrection guard see them: `candidates.holds_array`). Reads only, then ends the transaction:
+    what the first task shows; `erase` evaluates them again under its row locks."""
+    holds = _holds_now(conn, policy, located.subject_ids, as_of)
+    conn.rollback()
+    return holds
+
+
+def _holds_now(conn: psycopg.Connection, policy: Policy, subject_ids: list[Any], as_of: str) -> dict[str, str]:
+    """The holds in force for `subject_ids`, in the caller's transaction."""
+    if not subject_ids or not policy.holds:
         return {}
     row = conn.execute(
         sql.SQL(
@@ -296,9 +312,8 @@ def holds_in_force(conn: psycopg.Connection, policy: Policy, located: Located, a
             " FROM {t} s CROSS JOIN LATERAL unnest({holds}) h WHERE s.{pk} = ANY(%(ids)s)"
         ).format(t=qualified(policy.subject.table), holds=holds_array(policy.holds),
                  pk=sql.Identifier(policy.subject.primary_key)),
-        {"ids": located.subject_ids, "as_of": as_of},
+        {"ids": subject_ids, "as_of": as_of},
     ).fetchone()
-    conn.rollback()
     names = (row[0] if row else None) or []
     return {h.name: h.on_erasure for h in policy.holds if h.name in names}
 
@@ -354,24 +369,34 @@ def request_key(keys: Keys, request: ErasureRequest, located: Located) -> str:
 def recorded_request(
     conn: psycopg.Connection, keys: Keys, request: ErasureRequest, located: Located, *, for_update: bool = False
 ) -> ErasureResult | None:
-    """The result recorded under this request id when it is this person's request; None for a new id.
+    """The result recorded under this request id when it is this person's request; None for a new id, and
+    for this person's request registered (`warehouse-gdpr request new`) but not run yet.
 
     Raises RequestError when the id was used for another person, or for a subject this request cannot be
-    matched to (a subject id whose row is gone, recorded before `requested_by` was stored): the recorded
-    result of someone else is never reported. Reads only; the caller owns the transaction.
+    matched to (a subject id whose row is gone, recorded before `requested_by` was stored), or for a
+    request of another kind (gdpr.request holds every kind): the recorded result of someone else is never
+    reported. Reads only; the caller owns the transaction.
     """
     row = conn.execute(
-        "SELECT subject_hash, outcome, reason, status, due_date, details FROM gdpr.erasure_request"
-        " WHERE request_id = %s" + (" FOR UPDATE" if for_update else ""), (request.request_id,)
+        "SELECT subject_hash, outcome, reason, status, coalesce(extended_due_date, due_date), details, kind"
+        " FROM gdpr.request WHERE request_id = %s" + (" FOR UPDATE" if for_update else ""), (request.request_id,)
     ).fetchone()
     if row is None:
         return None
-    subject_hash, outcome, reason, status, due_date, details = row
-    if subject_hash != located.subject_hash and details.get("requested_by") != request_key(keys, request, located):
+    subject_hash, outcome, reason, status, due_date, details, kind = row
+    if kind != "erasure":
+        raise RequestError(
+            f"`request_id` {request.request_id} is already the id of a request of kind {kind}, not an erasure: "
+            "nothing was changed; give this request its own request id"
+        )
+    key = request_key(keys, request, located)
+    if subject_hash != located.subject_hash and details.get("requested_by") != key and subject_hash != key:
         raise RequestError(
             f"`request_id` {request.request_id} was already used for another request (another person, or one this "
             "request cannot be matched to): nothing was changed; give this request its own request id"
         )
+    if status == "registered":  # registered for this person, not run yet: erase records its outcome
+        return None
     return ErasureResult(request.request_id, subject_hash, outcome, reason or "", status, due_date.isoformat(),
                          rows=details.get("rows", {}), targets=details.get("targets", []), already_recorded=True,
                          archive=details.get("archive", {}))
@@ -405,17 +430,17 @@ def erase(
     request: ErasureRequest,
     located: Located,
     holds: dict[str, str],
+    as_of: str | None = None,
 ) -> ErasureResult:
     """Erase everywhere, suppress, record the request and its outbox, audit: ONE transaction.
 
+    Lock, then re-check: the person's subject rows are locked first (module doc), and the legal holds are
+    evaluated again on the locked rows at `as_of` (the run's reference instant; default now). A hold set
+    since `holds` was read (a litigation flag, a new contract) is honoured: the outcome follows the holds
+    in force under the lock, and the change is audited (`holds_changed_under_lock`).
     Triggering the same request id again returns the recorded result and changes nothing.
     """
-    outcome, reason = decide(located, holds)
-    targets = [t.name for t in policy.erasure.targets] if outcome != "refused" and located.email else []
-    status = "refused" if outcome == "refused" else "pending_propagation" if targets else (
-        "not_found" if outcome == "not_found" else "completed")
-    result = ErasureResult(request.request_id, located.subject_hash, outcome, reason, status,
-                           request.due_date.isoformat(), targets=targets)
+    result = _planned(policy, request, located, holds)
     with conn.transaction():
         lock_request_id(conn, request.request_id)
         recorded = recorded_request(conn, keys, request, located, for_update=True)
@@ -425,26 +450,50 @@ def erase(
             return recorded
         if request.dry_run:
             return _dry_run(conn, ctx, request, located, result)
-        if outcome in ("erased", "restricted"):
-            persons = matcher.for_person(conn, policy, located.subject_ids, located.email, located.email_hashes)
+        persons = matcher.for_person(conn, policy, located.subject_ids, located.email, located.email_hashes)
+        _lock_subjects(conn, policy, persons)
+        locked = _holds_now(conn, policy, located.subject_ids, as_of or datetime.now(timezone.utc).isoformat())
+        if locked != holds:
+            audit.record(conn, ctx, action="erase", outcome="holds_changed_under_lock",
+                         subject_hash=located.subject_hash,
+                         details={"request_id": request.request_id, "before": sorted(holds), "now": sorted(locked)})
+            holds, result = locked, _planned(policy, request, located, locked)
+        if result.outcome in ("erased", "restricted"):
             # Restricted by a hold: kept_when_held tables stay. Restricted only by archived originals a legal
             # obligation keeps: every live row goes.
             result.rows = delete_everywhere(conn, policy, persons, restricted=bool(holds))
             result.archive = _archive_summary(located, _destroy_archive(conn, ctx, request, located))
-        for table, n in result.rows.items():
-            audit.record(conn, ctx, action="erase", outcome=outcome, table=table, row_count=n,
-                         subject_hash=located.subject_hash, details={"request_id": request.request_id})
-        _audit_archive(conn, ctx, result)
-        if located.email:
-            result.suppression = _suppress(conn, keys, ctx, request, located)
-        _record_request(conn, keys, request, located, result, holds)
-        _queue_outbox(conn, keys, request, located, targets)
-        audit.record(conn, ctx, action="erasure_request", outcome=outcome, subject_hash=located.subject_hash,
-                     row_count=sum(result.rows.values()),
-                     details={"request_id": request.request_id, "status": status, "reason": reason,
-                              "received_at": request.received_at.isoformat(), "due_date": result.due_date,
-                              "targets": targets})
+        _record_everything(conn, keys, ctx, request, located, result, holds)
     return result
+
+
+def _planned(policy: Policy, request: ErasureRequest, located: Located, holds: dict[str, str]) -> ErasureResult:
+    """The result the holds lead to, before anything is erased: outcome, reason, targets, status."""
+    outcome, reason = decide(located, holds)
+    targets = [t.name for t in policy.erasure.targets] if outcome != "refused" and located.email else []
+    status = "refused" if outcome == "refused" else "pending_propagation" if targets else (
+        "not_found" if outcome == "not_found" else "completed")
+    return ErasureResult(request.request_id, located.subject_hash, outcome, reason, status,
+                         request.due_date.isoformat(), targets=targets)
+
+
+def _record_everything(conn: psycopg.Connection, keys: Keys, ctx: RunContext, request: ErasureRequest,
+                       located: Located, result: ErasureResult, holds: dict[str, str]) -> None:
+    """In erase's transaction: the audit rows per table and for the archive, the suppression entry, the
+    request row, the outbox rows, and the request's audit row."""
+    for table, n in result.rows.items():
+        audit.record(conn, ctx, action="erase", outcome=result.outcome, table=table, row_count=n,
+                     subject_hash=located.subject_hash, details={"request_id": request.request_id})
+    _audit_archive(conn, ctx, result)
+    if located.email:
+        result.suppression = _suppress(conn, keys, ctx, request, located)
+    _record_request(conn, keys, request, located, result, holds)
+    _queue_outbox(conn, keys, request, located, result.targets)
+    audit.record(conn, ctx, action="erasure_request", outcome=result.outcome, subject_hash=located.subject_hash,
+                 row_count=sum(result.rows.values()),
+                 details={"request_id": request.request_id, "status": result.status, "reason": result.reason,
+                          "received_at": request.received_at.isoformat(), "due_date": result.due_date,
+                          "targets": result.targets})
 
 
 def _dry_run(conn: psycopg.Connection, ctx: RunContext, request: ErasureRequest, located: Located,
@@ -485,18 +534,27 @@ def _suppress(conn: psycopg.Connection, keys: Keys, ctx: RunContext, request: Er
 
 def _record_request(conn: psycopg.Connection, keys: Keys, request: ErasureRequest, located: Located,
                     result: ErasureResult, holds: dict[str, str]) -> None:
-    """The request's row in gdpr.erasure_request: outcome, status (completed at once unless targets are
-    pending), and what was done (no personal data: counts, target names, hold names, keyed hashes)."""
-    conn.execute(
-        "INSERT INTO gdpr.erasure_request (request_id, subject_hash, received_at, due_date, status, outcome,"
-        " reason, completed_at, details) VALUES (%s, %s, %s, %s, %s, %s, %s,"
-        " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)",
-        (request.request_id, located.subject_hash, request.received_at, request.due_date, result.status,
+    """The request's row in gdpr.request (kind 'erasure'; one table for every kind of request): outcome,
+    status (completed at once unless targets are pending), and what was done (no personal data: counts,
+    target names, hold names, keyed hashes). A request registered with `warehouse-gdpr request new` gets its
+    outcome in its own row (its receipt and first due date stay)."""
+    recorded = conn.execute(
+        "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome,"
+        " reason, completed_at, details) VALUES (%s, 'erasure', %s, %s, %s, %s, %s, %s,"
+        " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)"
+        " ON CONFLICT (request_id) DO UPDATE SET subject_hash = EXCLUDED.subject_hash, status = EXCLUDED.status,"
+        " outcome = EXCLUDED.outcome, reason = EXCLUDED.reason, completed_at = EXCLUDED.completed_at,"
+        " details = gdpr.request.details || EXCLUDED.details || jsonb_build_object('run_at', now())"
+        " WHERE gdpr.request.status = 'registered'"
+        " RETURNING request_id",
+        (request.request_id, located.subject_hash, request.received_at, request.first_due_date, result.status,
          result.outcome, result.reason, result.status,
          psycopg.types.json.Jsonb({"rows": result.rows, "targets": result.targets, "holds": sorted(holds),
                                    "archive": result.archive,
                                    "requested_by": request_key(keys, request, located)})),
-    )
+    ).fetchone()
+    if recorded is None:  # cannot happen: the caller locked the request id and read it first
+        raise RequestError(f"request id {request.request_id} was recorded by another run meanwhile")
 
 
 def _queue_outbox(conn: psycopg.Connection, keys: Keys, request: ErasureRequest, located: Located,

@@ -393,7 +393,7 @@ def _find_resurrected(conn: psycopg.Connection, policy: Policy, as_of: str) -> t
             "  ''::text AS handled"
             " FROM {stage} h JOIN {l} l ON l.email_hash = h.email_hash AND l.reason = 'erasure'"
             " JOIN {t} s ON s.{pk} = h.subject_id"
-            " LEFT JOIN gdpr.erasure_request r ON r.request_id = l.request_id"
+            " LEFT JOIN gdpr.request r ON r.request_id = l.request_id AND r.kind = 'erasure'"
             " WHERE (r.request_id IS NULL OR r.outcome IN ('erased', 'not_found'))"
             "  AND NOT EXISTS (SELECT 1 FROM gdpr.quarantine q"
             "   WHERE q.subject_table = %(table)s AND q.subject_id = h.subject_id::text)"

@@ -556,6 +556,18 @@ class OptOut(_Model):
         return self
 
 
+class Requests(_Model):
+    """What every request of a person (access, erasure, ...) shares: how long its record is kept."""
+
+    keep_for: str = Field(
+        default="P3Y",
+        description="how long a completed request (kind, dates, status, outcome, counts, targets) and its outbox "
+        "rows are kept as proof after completion; then the weekly sweep purges them",
+    )
+
+    _duration = field_validator("keep_for")(lambda cls, v: _check_duration(v))
+
+
 class Evidence(_Model):
     """Evidence kept outside the warehouse, where its owner cannot rewrite it."""
 
@@ -749,6 +761,9 @@ class Policy(_Model):
     rules: list[Rule] = Field(min_length=1, description="retention rules, applied by `gdpr_retention_sweep`")
     erasure: Erasure = Field(default_factory=Erasure, description="erasure on request and its propagation")
     optout: OptOut = Field(default_factory=OptOut, description="the hashed opt-out list")
+    requests: Requests = Field(
+        default_factory=Requests, description="the record of people's requests (every kind), kept as proof"
+    )
     processing_register: Annotated[Register | None, WrapValidator(_tolerate_register)] = Field(
         default=None, description="the register of processing activities (GDPR art. 30)"
     )

@@ -38,7 +38,7 @@ from urllib.parse import quote
 import psycopg
 
 from ..transport import ConnectionNotUsable, HttpAnswer, Transport, TransportError
-from . import audit
+from . import audit, requests
 from .audit import RunContext
 from .crypto import Keys
 from .erasure import outbox_aad
@@ -360,7 +360,7 @@ def propagate(
     with conn.transaction():
         claimed = conn.execute(
             "UPDATE gdpr.erasure_propagation p SET claimed_until = now() + make_interval(secs => %s), claimed_by = %s"
-            " FROM gdpr.erasure_request r WHERE r.request_id = p.request_id AND p.request_id = %s AND p.target = %s"
+            " FROM gdpr.request r WHERE r.request_id = p.request_id AND p.request_id = %s AND p.target = %s"
             " AND p.status = 'pending' AND (p.claimed_until IS NULL OR p.claimed_until <= now())"
             " RETURNING p.key_id, p.nonce, p.identifier_ciphertext, r.subject_hash",
             (_lease_seconds(target), token, request_id, target_name),
@@ -427,20 +427,23 @@ def complete_if_acknowledged(conn: psycopg.Connection, ctx: RunContext, request_
         if pending:
             return None
         updated = conn.execute(
-            "UPDATE gdpr.erasure_request SET status = 'completed', completed_at = now()"
+            "UPDATE gdpr.request SET status = 'completed', completed_at = now()"
             " WHERE request_id = %s AND status = 'pending_propagation'", (request_id,)
         ).rowcount
         if not updated:
             return None
-        return write_certificate(conn, ctx, request_id)
+        certificate = write_certificate(conn, ctx, request_id)
+        requests.destroy_identifier(conn, ctx, request_id)  # a registered request's identifier
+        return certificate
 
 
 def write_certificate(conn: psycopg.Connection, ctx: RunContext, request_id: str) -> dict[str, Any]:
     """The erasure certificate: an audit row with dates, tables and counts, targets and acknowledgement
     times — no personal data. Called inside the caller's transaction."""
     req = conn.execute(
-        "SELECT subject_hash, received_at, due_date, status, outcome, reason, created_at, completed_at, details"
-        " FROM gdpr.erasure_request WHERE request_id = %s", (request_id,)
+        "SELECT subject_hash, received_at, coalesce(extended_due_date, due_date), status, outcome, reason,"
+        " coalesce((details->>'run_at')::timestamptz, created_at), completed_at, details FROM gdpr.request"
+        " WHERE request_id = %s", (request_id,)
     ).fetchone()
     assert req is not None
     targets = conn.execute(

@@ -9,7 +9,7 @@ import psycopg
 from .errors import ConfigurationError
 from .sqlfiles import read_sql
 
-SCHEMA_VERSION = 8  # 7: the request lifecycle (branch lifecycle)
+SCHEMA_VERSION = 8
 log = logging.getLogger(__name__)
 
 

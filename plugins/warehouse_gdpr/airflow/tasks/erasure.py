@@ -1,12 +1,15 @@
 """What each task of `gdpr_subject_erasure` and `gdpr_erasure_retry` does. The DAG files only wire them.
 
-The email is read from the run's params by the tasks that need it and never returned: XComs carry
-the request id, the subject's keyed hash, outcomes and counts. Every task reads the policy the run
-pinned (`connections.run_policy`); `task_errors` maps failures (airflow/errors.py).
+The email is read from the run's params by the tasks that need it (or, for a request registered with
+`warehouse-gdpr request new` and triggered with its id alone, decrypted from gdpr.request in memory)
+and never returned: XComs carry the request id, the subject's keyed hash, outcomes and counts. Every
+task reads the policy the run pinned (`connections.run_policy`); `task_errors` maps failures
+(airflow/errors.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from collections.abc import Callable
@@ -19,7 +22,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from warehouse_gdpr.airflow import connections, errors
 from warehouse_gdpr.airflow.errors import task_errors
 from warehouse_gdpr.airflow.transport import AirflowTransport
-from warehouse_gdpr.engine import audit, erasure, propagation
+from warehouse_gdpr.engine import audit, erasure, propagation, requests
 from warehouse_gdpr.engine.erasure import ErasureRequest
 from warehouse_gdpr.engine.errors import ConfigurationError, TransientError
 from warehouse_gdpr.engine.policy import Policy
@@ -28,8 +31,10 @@ from warehouse_gdpr.engine.sweep import format_table
 log = logging.getLogger(__name__)
 
 
-def _request(context: Any) -> ErasureRequest:
-    """The run's request; a malformed one raises RequestError (refused before any change, no retry)."""
+def _request(context: Any, conn: psycopg.Connection, keys: Any) -> ErasureRequest:
+    """The run's request: from its params, or from the registered request when they hold its id alone
+    (requests.resolve_params decrypts the identifier in memory; it never reaches a log or an XCom). A
+    malformed one raises RequestError or RequestStoreError (refused before any change, no retry)."""
     params = dict(context["params"])
     # A key of the trigger's conf that is no param (a typo such as `emial`) must be refused, even where
     # [core] dag_run_conf_overrides_params is off and Airflow leaves it out of the params.
@@ -37,10 +42,15 @@ def _request(context: Any) -> ErasureRequest:
     for key in getattr(dag_run, "conf", None) or {}:
         params.setdefault(key, None)
     try:
-        return erasure.parse_request(params)
-    except erasure.RequestError as exc:
+        erasure.refuse_unknown_params(params)
+        resolved, registered = requests.resolve(conn, keys, "erasure", params)
+        request = erasure.parse_request(resolved)
+    except (erasure.RequestError, requests.RequestStoreError) as exc:
         log.error("The erasure request is refused before any change: %s", exc)
         raise
+    if registered is not None and registered.due_date != request.first_due_date:  # extended (art. 12(3))
+        request = dataclasses.replace(request, extended_due_date=registered.due_date)
+    return request
 
 
 def _policy(policy_file: str, context: Any) -> Policy:
@@ -75,11 +85,11 @@ def resolve_notifier(path: str | None) -> Callable[[Any], Any] | None:
 @task_errors
 def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
     """Check the params together and the policy, keys and live catalog. Writes nothing but an audit row."""
-    request = _request(context)
     policy = _policy(policy_file, context)
     keys = connections.load_keys(policy)
     with connections.connect(policy) as conn:
         connections.prepare_warehouse(conn, policy)
+        request = _request(context, conn, keys)
         located = erasure.locate(conn, policy, keys, request)
         try:  # a request id already used for another person: refused before anything is written
             recorded = erasure.recorded_request(conn, keys, request, located)
@@ -119,14 +129,15 @@ def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
 @task_errors
 def erase(policy_file: str, context: Any) -> dict[str, Any]:
     """Erase everywhere, suppress, record the request and the outbox: one transaction."""
-    request = _request(context)
     policy = _policy(policy_file, context)
     keys = connections.load_keys(policy)
-    ctx = connections.run_context(context, request.dry_run)
     with connections.connect(policy) as conn:
+        request = _request(context, conn, keys)
+        ctx = connections.run_context(context, request.dry_run)
         located = erasure.locate(conn, policy, keys, request)
-        holds = erasure.holds_in_force(conn, policy, located, connections.as_of(context))
-        result = erasure.erase(conn, policy, keys, ctx, request, located, holds)
+        as_of = connections.as_of(context)
+        holds = erasure.holds_in_force(conn, policy, located, as_of)
+        result = erasure.erase(conn, policy, keys, ctx, request, located, holds, as_of)
     verb = "would be" if request.dry_run else "was"
     if result.already_recorded:
         log.info("Request %s was already processed (status %s): nothing changed.", request.request_id, result.status)
@@ -185,13 +196,14 @@ def propagate(policy_file: str, target: str, context: Any) -> str:
 @task_errors
 def verify(policy_file: str, context: Any) -> dict[str, Any]:
     """Rescan every mapped table, then certify (or report what is pending). Fails if anything is left."""
-    request = _request(context)
     policy = _policy(policy_file, context)
     keys = connections.load_keys(policy)
-    ctx = connections.run_context(context, request.dry_run)
     with connections.connect(policy) as conn:
+        request = _request(context, conn, keys)
+        ctx = connections.run_context(context, request.dry_run)
         row = conn.execute(
-            "SELECT outcome, status FROM gdpr.erasure_request WHERE request_id = %s", (request.request_id,)
+            "SELECT outcome, status FROM gdpr.request WHERE request_id = %s AND kind = 'erasure'"
+            " AND status <> 'registered'", (request.request_id,)
         ).fetchone()
         conn.rollback()
         if request.dry_run or row is None:
@@ -212,6 +224,8 @@ def verify(policy_file: str, context: Any) -> dict[str, Any]:
         if certificate is None:
             with conn.transaction():
                 certificate = propagation.write_certificate(conn, ctx, request.request_id)
+                if certificate["status"] in requests.TERMINAL:  # verified and certified: the request is complete
+                    requests.destroy_identifier(conn, ctx, request.request_id)
         _warn_deadline(certificate, policy)
     log.info(
         "Request %s: outcome %s, status %s.\n%s", request.request_id, certificate["outcome"], certificate["status"],
@@ -362,17 +376,17 @@ def check_deadlines(policy_file: str, retried: dict[str, Any] | None, context: A
         notifier_error = str(exc)
     with connections.connect(policy) as conn, conn.transaction():
         rows = conn.execute(
-            "SELECT request_id, due_date, subject_hash, current_date - due_date,"
+            "SELECT request_id, coalesce(extended_due_date, due_date) AS due, subject_hash,"
+            " current_date - coalesce(extended_due_date, due_date),"
             " ARRAY(SELECT p.target FROM gdpr.erasure_propagation p"
             "       WHERE p.request_id = r.request_id AND p.status = 'pending' ORDER BY p.target)"
-            " FROM gdpr.erasure_request r WHERE status = 'pending_propagation' AND due_date - %s <= current_date"
-            " ORDER BY due_date, request_id",
+            " FROM gdpr.request r WHERE kind = 'erasure' AND status = 'pending_propagation'"
+            " AND coalesce(extended_due_date, due_date) - %s <= current_date ORDER BY due, request_id",
             (days,),
         ).fetchall()
         for request_id, due, subject_hash, late, targets in rows:
             overdue = late > 0
-            conn.execute("UPDATE gdpr.erasure_request SET deadline_warned_at = now() WHERE request_id = %s",
-                         (request_id,))
+            conn.execute("UPDATE gdpr.request SET deadline_warned_at = now() WHERE request_id = %s", (request_id,))
             audit.record(conn, ctx, action="deadline_warning", outcome="overdue" if overdue else "due_soon",
                          subject_hash=subject_hash, details={"request_id": request_id, "due_date": due.isoformat(),
                                                              "pending_targets": len(targets), "targets": targets,

@@ -18,7 +18,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from warehouse_gdpr.airflow import connections
 from warehouse_gdpr.airflow.errors import task_errors
-from warehouse_gdpr.engine import audit, register, sweep
+from warehouse_gdpr.engine import audit, register, requests, sweep
 from warehouse_gdpr.engine.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,21 @@ def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
 
 
 @task_errors
+def purge_requests(checked: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Purge the requests (every kind) completed more than `requests.keep_for` ago, kept until then as proof,
+    with their outbox rows; destroy any identifier a completed request still holds."""
+    policy = connections.run_policy(checked["policy_file"], context)
+    ctx = connections.run_context(context, checked["dry_run"])
+    keep_for = policy.requests.keep_for
+    with connections.connect(policy) as conn:
+        result = requests.purge(conn, ctx, keep_for, checked["as_of"], policy.batch_size)
+    log.info("Request purge (completed more than %s ago): %d request(s) and %d outbox row(s) %s; %d leftover "
+             "identifier(s) destroyed.", keep_for, result["requests"], result["outbox"],
+             "would be removed" if checked["dry_run"] else "removed", result["identifiers_destroyed"])
+    return result
+
+
+@task_errors
 def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Generate the article 30 register from the policy and keep it; fail while it is incomplete.
 
@@ -246,7 +261,8 @@ def report(checked: dict[str, Any], context: Any) -> dict[str, Any]:
         rows = audit.rows_for_run(conn, ctx.dag_id, ctx.run_id)
         totals: dict[tuple[str, str, str], int] = {}
         for row in rows:
-            if row["action"] in ("delete", "pseudonymise", "archive", "purge_archive") and row["table_name"]:
+            if row["action"] in ("delete", "pseudonymise", "archive", "purge_archive", "purge_requests",
+                                 "destroy_identifier") and row["table_name"]:
                 key = (row["rule"] or "-", row["action"], row["table_name"])
                 totals[key] = totals.get(key, 0) + row["row_count"]
         summary = {f"{r}/{a}/{t}": n for (r, a, t), n in sorted(totals.items())}
