@@ -397,7 +397,8 @@ def _find_resurrected(conn: psycopg.Connection, policy: Policy, as_of: str) -> t
             " WHERE (r.request_id IS NULL OR r.outcome IN ('erased', 'not_found'))"
             "  AND NOT EXISTS (SELECT 1 FROM gdpr.quarantine q"
             "   WHERE q.subject_table = %(table)s AND q.subject_id = h.subject_id::text)"
-            " ORDER BY h.subject_id, l.first_seen"
+            # the oldest erasure entry; of an entry and its re-keyed copy (same first_seen), the current key's
+            " ORDER BY h.subject_id, l.first_seen, h.current DESC"
         ).format(res=RESURRECTED, holds=candidates.holds_array(policy.holds), stage=HASH_STAGE,
                  l=candidates.qualified(LIST), t=candidates.qualified(subject.table),
                  pk=sql.Identifier(subject.primary_key)),
