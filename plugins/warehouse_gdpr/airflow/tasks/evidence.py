@@ -4,8 +4,9 @@
 whatever their outcome. It recomputes the chain of gdpr.audit_log from the head the previous run (of
 any DAG) exported to the policy's `evidence.location` (the whole chain when there is none yet, and in
 every weekly `gdpr_retention_sweep` run, so that an old row edited shows within a week), checks that the
-log still reaches that head, records the check in the audit log, and exports the head it verified. A
-broken chain fails it at once (no retry: a person must look, docs/runbook.md "The audit chain is
+log still reaches that head, and exports the head it verified: one file per run, naming the run, is
+the record of the check (it writes no audit row: a run refused before any change leaves the warehouse
+as it was). A broken chain fails it at once (no retry: a person must look, docs/runbook.md "The audit chain is
 broken"); the head is then not exported, so every later run fails the same way until the chain holds
 again. The evidence location being
 unreachable is retried.
@@ -21,7 +22,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from warehouse_gdpr.airflow import connections
 from warehouse_gdpr.airflow.errors import task_errors
-from warehouse_gdpr.engine import audit, auditchain
+from warehouse_gdpr.engine import auditchain
 from warehouse_gdpr.engine.errors import ConfigurationError, TransientError
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ def verify_audit_chain(policy_file: str, context: Any, whole_chain: bool = False
     policy = connections.run_policy(policy_file, context)
     store = connections.evidence_store(policy)
     where = str(store.root)
-    ctx = connections.run_context(context, dry_run=False)
     with connections.connect(policy) as conn:
         chain_id = auditchain.read_head(conn).chain_id
         conn.rollback()
@@ -58,15 +58,6 @@ def verify_audit_chain(policy_file: str, context: Any, whole_chain: bool = False
             log.warning("No audit chain head of chain %s was exported to %s yet: verifying the whole chain from "
                         "its first row.", chain_id, where)
         result = auditchain.verify(conn, start=None if whole_chain else previous, exported=previous)
-        with conn.transaction():
-            audit.record(
-                conn, ctx, action="audit_verify", outcome="ok" if result.ok else "broken",
-                row_count=result.rows_checked,
-                details={"chain_id": chain_id, "from_position": result.first,
-                         "to_position": result.last.chain_seq, "to_audit_id": result.last.audit_id,
-                         "broken": {"audit_id": result.broken.audit_id, "chain_seq": result.broken.chain_seq}
-                         if result.broken else None},
-            )
     if result.broken is not None:
         message = (f"the audit chain is broken at {result.broken.describe()}. Nothing was exported; every run "
                    "fails here until on-call has explained the break (docs/runbook.md, 'The audit chain is broken').")
@@ -75,7 +66,7 @@ def verify_audit_chain(policy_file: str, context: Any, whole_chain: bool = False
     head = auditchain.ChainHead(
         chain_id=chain_id, chain_seq=result.last.chain_seq, audit_id=result.last.audit_id,
         row_hash=result.last.row_hash, exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        exported_by=f"{ctx.dag_id}/{ctx.run_id}",
+        exported_by=f"{context['dag'].dag_id}/{context['run_id']}",
     )
     try:
         path = store.save(head)
