@@ -32,7 +32,7 @@ def smoke(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[di
     results = tmp_path_factory.mktemp("bench") / "latest.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--contacts", "300", "--rss-small", "300", "--rss-large", "600",
-         "--per-row-sample", "20", "--erasure-subjects", "10", "--results", str(results),
+         "--per-row-sample", "20", "--erasure-subjects", "10", "--access-subjects", "5", "--results", str(results),
          "--db-prefix", f"bench_smoke_{uuid.uuid4().hex[:8]}", "--drop-templates"],
         env={**os.environ, "WAREHOUSE_URL": server_url}, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
@@ -43,18 +43,19 @@ def smoke(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[di
 def test_bench_runs_and_writes_the_required_keys(smoke: tuple[dict, str]) -> None:
     out, stdout = smoke
     for key in ("contacts", "delete_ratio", "pseudonymise_ratio", "per_row_speedup", "erasure_median_ms",
-                "erasure_p95_ms", "peak_rss_mb_small", "peak_rss_mb_large"):
+                "erasure_p95_ms", "access_median_ms", "access_p95_ms", "access_db_median_ms", "access_pdf_median_ms",
+                "peak_rss_mb_small", "peak_rss_mb_large"):
         assert out[key] is not None, key
     assert out["contacts"] == 300
     assert {"cores", "memory_gib", "postgresql_version"} <= set(out["machine"])
     assert set(out["targets"]) >= {"delete_ratio", "pseudonymise_ratio", "per_row_speedup", "erasure_median_ms",
-                                   "peak_rss_mb_large", "peak_rss_growth_pct"}
+                                   "access_median_ms", "peak_rss_mb_large", "peak_rss_growth_pct"}
     assert all(isinstance(t["met"], bool) for t in out["targets"].values())
     assert (out["memory"]["small"]["contacts"], out["memory"]["large"]["contacts"]) == (300, 600)
     assert 0 < out["peak_rss_mb_small"] < 2000 and 0 < out["peak_rss_mb_large"] < 2000
     # The Markdown table is on stdout, one row per measure.
     for measure in ("1. Delete path", "2. Pseudonymise + archive", "3. Per-row baseline", "4. Single-subject erasure",
-                    "5. Peak RSS"):
+                    "4b. Single-subject access request", "5. Peak RSS"):
         assert f"| {measure}" in stdout
     assert out["table_markdown"].startswith("| Measure")
 
@@ -66,6 +67,9 @@ def test_both_sides_of_every_comparison_end_in_the_same_state(smoke: tuple[dict,
     assert pseudo["end_state_match"], pseudo["differences"]
     assert pseudo["per_row"]["end_state_match"], pseudo["per_row"]
     assert out["erasure"]["end_state_match"] and out["erasure"]["verify_failures"] == 0
+    # Each access package holds as many rows per table as plain SQL counts, and decrypts with its PDF.
+    assert out["access"]["end_state_match"] and out["access"]["subjects"] == 5 and out["access"]["median_rows"] > 0
+    assert out["access"]["pdf"]["median_ms"] > 0 and out["access"]["db"]["median_ms"] > 0
     assert out["all_valid"]
     # Real work on both paths, holds included (the seed's first contacts cover every scenario).
     assert delete["subjects_deleted"] > 0 and delete["held"] > 0 and delete["rows_by_table"]["crm.activities"] > 0

@@ -55,12 +55,15 @@ def test_request_new_reads_the_identifier_on_stdin(
     out = capsys.readouterr().out
     assert out.startswith(f"Registered access request REQ-CLI-2: received {TODAY.isoformat()}, "
                           f"due {requests.due_date(TODAY).isoformat()}.\n")
-    assert "No DAG of this package runs access requests yet." in out
+    assert "Run it: airflow dags trigger gdpr_subject_access --conf '{\"request_id\": \"REQ-CLI-2\"}'" in out
+    assert _new(monkeypatch, "--kind", "rectification", "--request-id", "REQ-CLI-3", stdin="subject_id:12") == 0
+    assert "No DAG of this package runs rectification requests yet." in capsys.readouterr().out
     with psycopg.connect(engine_url) as conn:
         rows = conn.execute("SELECT request_id, kind, status, received_at, identifier_ciphertext IS NOT NULL"
                             " FROM gdpr.request ORDER BY 1").fetchall()
     assert rows == [("REQ-CLI-1", "erasure", "registered", received, True),
-                    ("REQ-CLI-2", "access", "registered", TODAY, True)]
+                    ("REQ-CLI-2", "access", "registered", TODAY, True),
+                    ("REQ-CLI-3", "rectification", "registered", TODAY, True)]
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,9 @@ def test_wheel_installs_and_builds_the_dags_outside_the_repository(tmp_path: Pat
     assert not [n for n in names if "demo" in n], "the demo must never be in the wheel"
     assert [n for n in names if n.endswith(".sql")] == ["warehouse_gdpr/sql/gdpr_schema.sql"]
     assert "warehouse_gdpr/engine/candidates.py" in names and "warehouse_gdpr/airflow/dag_factory.py" in names
+    # report.pdf of an access request is set in these fonts, shipped with their licence
+    assert {"warehouse_gdpr/engine/fonts/DejaVuSans.ttf", "warehouse_gdpr/engine/fonts/DejaVuSans-Bold.ttf",
+            "warehouse_gdpr/engine/fonts/LICENSE"} <= set(names)
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -74,5 +77,6 @@ def test_wheel_installs_and_builds_the_dags_outside_the_repository(tmp_path: Pat
     result = subprocess.run([str(python), "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(
-        ["gdpr_erasure_retry", "gdpr_optout_sync", "gdpr_retention_sweep", "gdpr_subject_erasure"]
+        ["gdpr_erasure_retry", "gdpr_optout_sync", "gdpr_retention_sweep", "gdpr_subject_access",
+         "gdpr_subject_erasure"]
     )

@@ -212,16 +212,24 @@ def share_with_downstream(conn: psycopg.Connection, services: dict[str, object],
 
     `services`: ``emailing_url``, ``telephony_url`` (base URLs) and ``desk_url`` (the desk database)."""
     rows = conn.execute(
-        "SELECT email, direct_phone, first_name FROM crm.contacts WHERE status IN ('prospect', 'lead', 'client')"
-        " AND pseudonymised_at IS NULL ORDER BY contact_id LIMIT %s", (limit,)
+        "SELECT email, direct_phone, first_name, last_name, contact_id FROM crm.contacts"
+        " WHERE status IN ('prospect', 'lead', 'client') AND pseudonymised_at IS NULL ORDER BY contact_id LIMIT %s",
+        (limit,)
     ).fetchall()
     conn.rollback()
     with psycopg.connect(str(services["desk_url"])) as desk:
-        for email, phone, first in rows:
+        for email, phone, first, last, contact_id in rows:
+            # What each tool holds (and answers on GET, for an access request): the contact and its history.
             _post(f"{services['emailing_url']}/v3/contacts",
-                  {"email": email, "attributes": {"FIRSTNAME": first}}, {"api-key": api_key})
+                  {"email": email, "attributes": {"FIRSTNAME": first, "LASTNAME": last}, "listIds": [2],
+                   "statistics": {"messagesSent": [{"campaignId": 7, "eventTime": "2026-05-12T09:00:00+02:00"}],
+                                  "opened": [{"campaignId": 7, "eventTime": "2026-05-12T10:41:00+02:00"}]}},
+                  {"api-key": api_key})
             _post(f"{services['telephony_url']}/contacts",
-                  {"email": email, "phone": phone}, {"Authorization": f"Bearer {token}"})
+                  {"email": email, "phone": phone, "name": f"{first} {last}",
+                   "calls": [{"direction": "outbound", "started_at": "2026-05-20T14:05:00+02:00",
+                              "duration_seconds": 60 + contact_id % 400, "user": "Julien Robert"}]},
+                  {"Authorization": f"Bearer {token}"})
             ticket = desk.execute(
                 "INSERT INTO desk.tickets (requester_email, subject) VALUES (%s, 'Demo ticket') RETURNING ticket_id",
                 (email,)).fetchone()[0]  # type: ignore[index]

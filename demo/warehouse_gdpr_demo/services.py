@@ -14,6 +14,10 @@ Two flavours, each with an in-memory contact store keyed by normalised email (st
 
 Every route but the control routes needs the key or token (401 otherwise). A missing contact answers
 404 with the tool's own not-found body; an unknown route answers 404 ``{"code": "not_found", ...}``.
+``GET`` of a contact answers everything the tool holds on that person, by email: the record as it was
+created, with whatever history it was given (the demo sync gives the emailing tool Brevo's
+``statistics`` and the telephony tool a ``calls`` list). That is the export an access request reads
+(the policy's ``access_endpoint``; Brevo's own "get a contact's details" route for the emailing tool).
 
 Both serve, without auth, ``POST /_control/fail`` ``{"count": N, "status": 500}`` (the next N
 non-control requests answer that status; ``"method": "DELETE"`` limits it to that method),

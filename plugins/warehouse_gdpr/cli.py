@@ -16,6 +16,9 @@
     warehouse-gdpr request extend ID --reason TEXT   extend the due date once, to three months after receipt
     warehouse-gdpr requests [--open] [--overdue] [--json]
                                                      every request: kind, status, outcome, dates, targets
+    warehouse-gdpr access unpack REQUEST_ID --out DIR
+                                                     decrypt the package gdpr_subject_access wrote for a request
+                                                     into DIR (report.pdf, data.json, csv/, manifest.json)
     warehouse-gdpr audit verify [--url URL] [--policy POLICY | --evidence LOCATION] [--json]
                                                      recompute the audit log's hash chain and compare its end
                                                      with the head exported outside the warehouse; exit 0
@@ -64,6 +67,11 @@ def _check(args: argparse.Namespace) -> int:
     for problem in register.problems(policy):
         print(f"warning: register: {problem}")
     url = args.url or os.environ.get("WAREHOUSE_URL")
+    if not url:
+        from warehouse_gdpr.engine.catalog import access_warnings
+
+        for warning in access_warnings(policy):
+            print(f"warning: access: {warning}")
     if not url:
         print(f"{args.policy}: valid. Give --url (or set WAREHOUSE_URL) to check it against a warehouse.")
         return 0
@@ -382,6 +390,40 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _access_unpack(args: argparse.Namespace) -> int:
+    """Decrypt an access package into a new folder (files readable by the current user only)."""
+    from warehouse_gdpr.airflow import connections
+    from warehouse_gdpr.airflow.storage import ObjectStoragePackages
+    from warehouse_gdpr.engine import access
+    from warehouse_gdpr.engine.errors import ConfigurationError
+    from warehouse_gdpr.transport import StoreError
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"{out} exists and is not an empty folder: give a new folder (nothing was written)", file=sys.stderr)
+        return 2
+    try:
+        policy = load_policy(args.policy or connections.policy_path())
+        keys = connections.load_keys(policy)
+        store = ObjectStoragePackages(policy.access.location, connections.airflow_home())
+        header, files = access.open_package(store, keys, args.request_id)
+    except (ConfigurationError, StoreError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name, data in sorted(files.items()):
+        target = out / name
+        target.parent.mkdir(mode=0o700, exist_ok=True)
+        target.touch(mode=0o600)
+        target.write_bytes(data)
+    print(f"Request {header['request_id']} ({header['kind']}), written {header['created_at']}, deleted from "
+          f"{store.url} after {header['expires_at']}:")
+    for name, data in sorted(files.items()):
+        print(f"  {out / name}  ({len(data)} bytes)")
+    print("Every file matches the SHA-256 of manifest.json. Send them to the person through a secure channel.")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, except that an argument it does not know is never quoted back: it may be a person's email
     typed on the command line by mistake (`request new` reads it on stdin)."""
@@ -444,6 +486,15 @@ def main(argv: list[str] | None = None) -> int:
     listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     listing.add_argument("--url", help=url_help)
     listing.set_defaults(run=_requests)
+    acc = commands.add_parser("access", help="answers to access and portability requests (GDPR art. 15, 20)")
+    acc_actions = acc.add_subparsers(dest="action", required=True)
+    unpack = acc_actions.add_parser("unpack", help="decrypt a request's package into a new folder")
+    unpack.add_argument("request_id", help="the request id the package was written for")
+    unpack.add_argument("--out", required=True,
+                        help="a new (or empty) folder for report.pdf, data.json, csv/, manifest.json")
+    unpack.add_argument("--policy",
+                        help="the policy file (default: $WAREHOUSE_GDPR_POLICY): its access.location and keys")
+    unpack.set_defaults(run=_access_unpack)
     audit_log = commands.add_parser("audit", help="the audit log's evidence").add_subparsers(
         dest="action", required=True)
     verify = audit_log.add_parser("verify", help="recompute the audit log's hash chain (read rights suffice)")

@@ -11,7 +11,9 @@ from warehouse_gdpr.airflow.dag_factory import (
     build_erasure_retry,
     build_optout_sync,
     build_retention_sweep,
+    build_subject_access,
     build_subject_erasure,
 )
 
-__all__ = ["build_all", "build_erasure_retry", "build_optout_sync", "build_retention_sweep", "build_subject_erasure"]
+__all__ = ["build_all", "build_erasure_retry", "build_optout_sync", "build_retention_sweep", "build_subject_access",
+           "build_subject_erasure"]

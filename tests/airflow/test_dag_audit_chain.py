@@ -14,7 +14,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_AFTER = datetime(2026, 6, 15, 12, 0, tzinfo=timezone.utc)
-DAGS = ("gdpr_retention_sweep", "gdpr_subject_erasure", "gdpr_erasure_retry", "gdpr_optout_sync")
+DAGS = ("gdpr_retention_sweep", "gdpr_subject_erasure", "gdpr_erasure_retry", "gdpr_optout_sync",
+        "gdpr_subject_access")
 CHAIN_TASKS = {"verify_audit_chain", "audit_chain_failed"}
 
 

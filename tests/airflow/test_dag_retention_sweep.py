@@ -35,8 +35,8 @@ def test_dagbag_imports_without_errors(airflow_home: Path) -> None:
     assert dag is not None
     assert {"gdpr", "retention"} <= set(dag.tags)
     order = [t.task_id for t in dag.topological_sort() if t.task_id != "write_register"]
-    assert order == ["check_policy", "plan", "apply", "purge_archive", "purge_requests", "report",
-                     "verify_audit_chain", "audit_chain_failed"]
+    assert order == ["check_policy", "plan", "apply", "purge_archive", "purge_requests", "purge_access_packages",
+                     "report", "verify_audit_chain", "audit_chain_failed"]
     # The register runs beside the sweep: an unfinished register never delays a deletion (only the run's
     # last check, the audit chain's, follows it).
     assert dag.get_task("write_register").upstream_task_ids == {"check_policy"}
@@ -111,7 +111,8 @@ def test_whole_dag_run_sweeps_and_logs_no_personal_data(
         outbox = conn.execute("SELECT request_id FROM gdpr.erasure_propagation").fetchall()
         totals = conn.execute("SELECT details->'totals' FROM gdpr.audit_log WHERE action = 'report'").fetchone()[0]  # type: ignore[index]
     assert after < before and pseudonymised > 0
-    assert steps == {"check_policy", "plan", "apply", "purge_archive", "purge_requests", "report", "write_register"}
+    assert steps == {"check_policy", "plan", "apply", "purge_archive", "purge_requests", "purge_access_packages",
+                     "report", "write_register"}
     assert kept == [("REQ-2023-2",)] and outbox == [("REQ-2023-2",)]  # three years after completion, then purged
     assert totals["-/purge_requests/gdpr.request"] == 2 and totals["-/purge_requests/gdpr.erasure_propagation"] == 1
     assert "2 request(s) and 1 outbox row(s) removed" in logs

@@ -54,13 +54,10 @@ def evidence_store(policy: Policy) -> PathHeadStore:
     as a file:// URL, a relative one under $AIRFLOW_HOME), behind the engine's head-store interface."""
     from airflow.sdk import ObjectStoragePath
 
+    from warehouse_gdpr.airflow.storage import root_url
     from warehouse_gdpr.engine.auditchain import PathHeadStore
 
-    location = policy.evidence.location
-    if "://" not in location:
-        folder = Path(location).expanduser()
-        location = (folder if folder.is_absolute() else airflow_home() / folder).resolve().as_uri()
-    return PathHeadStore(ObjectStoragePath(location))
+    return PathHeadStore(ObjectStoragePath(root_url(policy.evidence.location, airflow_home())))
 
 
 def policy_pinned(context: Any) -> bool:

@@ -11,7 +11,7 @@ form and the erasure retry settings; nothing touches a database or the network. 
 not load still gives DAGs (default schedules), so they stay visible: the reason is logged at ERROR
 when the file is parsed (the dag-processor log) and their first task fails with it.
 Without a path, $WAREHOUSE_GDPR_POLICY names the file (`connections.policy_path`).
-Task bodies live in airflow/tasks/sweep.py, erasure.py, optout.py and evidence.py.
+Task bodies live in airflow/tasks/sweep.py, erasure.py, optout.py, access.py and evidence.py.
 
 Every DAG ends with `verify_audit_chain` (airflow/tasks/evidence.py), a teardown task: it runs once the
 run's other tasks are done, whatever their outcome, verifies the audit chain and exports its head. As
@@ -32,6 +32,7 @@ from airflow.sdk import DAG, Param, XComArg, dag, get_current_context, task, tas
 from airflow.sdk.exceptions import AirflowFailException
 
 from warehouse_gdpr.airflow import connections
+from warehouse_gdpr.airflow.tasks import access as access_tasks
 from warehouse_gdpr.airflow.tasks import erasure as erasure_tasks
 from warehouse_gdpr.airflow.tasks import evidence as evidence_tasks
 from warehouse_gdpr.airflow.tasks import optout as optout_tasks
@@ -96,7 +97,8 @@ def _verify_audit_chain(policy_file: str, leaves: list[Any], whole_chain: bool =
 
 
 def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
-    """check_policy -> plan -> apply -> purge_archive -> purge_requests -> report, and check_policy -> write_register
+    """check_policy -> plan -> apply -> purge_archive -> purge_requests -> purge_access_packages -> report, and
+    check_policy -> write_register
     (the article 30 register, beside the sweep so that it never delays a deletion). See sweep_tasks.py,
     rules.py, register.py."""
     path = str(policy_file or connections.policy_path())
@@ -157,6 +159,10 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
             return sweep_tasks.purge_requests(checked, get_current_context())
 
         @task
+        def purge_access_packages(checked: dict, purged: dict) -> dict:
+            return sweep_tasks.purge_access_packages(checked, get_current_context())
+
+        @task
         def report(checked: dict, purged: dict) -> dict:
             return sweep_tasks.report(checked, get_current_context())
 
@@ -170,9 +176,10 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
         applied = apply(resolved(checked), resolved(plans))
         purged = purge_archive(resolved(checked), resolved(applied))
         requests_purged = purge_requests(resolved(checked), resolved(purged))
+        packages_purged = purge_access_packages(resolved(checked), resolved(requests_purged))
         # The weekly sweep recomputes the whole chain (an old row edited shows within a week); the other
         # DAGs the rows since the previous exported head.
-        _verify_audit_chain(path, [report(resolved(checked), resolved(requests_purged)), registered], whole_chain=True)
+        _verify_audit_chain(path, [report(resolved(checked), resolved(packages_purged)), registered], whole_chain=True)
 
     return gdpr_retention_sweep()
 
@@ -281,6 +288,88 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
         _verify_audit_chain(path, [certified])
 
     return gdpr_subject_erasure()
+
+
+def build_subject_access(policy_file: str | Path | None = None) -> DAG:
+    """validate_request -> preflight[target] -> answer (airflow/tasks/access.py; engine: access.py): the right
+    of access (art. 15) and, with `portability`, the right to portability (art. 20)."""
+    path = str(policy_file or connections.policy_path())
+    policy = _load(path, "gdpr_subject_access")
+    settings = policy.erasure if policy else None
+
+    @dag(
+        dag_id="gdpr_subject_access",
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        tags=["gdpr", "access"],
+        default_args={**DEFAULT_ARGS, "retry_delay": timedelta(minutes=1)},
+        params={
+            # No pattern, format or length on these: Airflow's error for a refused value quotes it (an
+            # email). validate_request, the first task, checks them and names the param and the rule.
+            "email": Param(
+                None, type=["null", "string"], title="Email",
+                description="The person's email (plain ASCII; case and surrounding spaces do not matter). Give "
+                            "this or the subject id, not both; or neither, for a request registered with "
+                            "`warehouse-gdpr request new` (recommended: the address then stays out of the run's "
+                            "conf).",
+            ),
+            "subject_id": Param(
+                None, type=["null", "integer"], minimum=1, title="Subject id",
+                description="The person's internal id in the subject table, instead of the email.",
+            ),
+            "request_id": Param(
+                type="string", title="Request id",
+                description="The ticket reference of the request (3-64 letters, digits, '.', '_', ':', '-'), "
+                            "one per request. Alone, it runs the request registered under this id (access or "
+                            "portability, as registered). The package is written as <request id>.wgdpr under the "
+                            "policy's access.location.",
+            ),
+            "received_at": Param(
+                None, type=["null", "string"], title="Received on",
+                description="The date the request arrived (YYYY-MM-DD; empty: today, or the registered date; at "
+                            f"most {erasure.MAX_RECEIVED_AGE_DAYS} days ago). Due one month later.",
+            ),
+            "portability": Param(
+                False, type="boolean", title="Portability (art. 20)",
+                description="Only the data the person provided (the policy's `provided` columns), as JSON and "
+                            "CSV, without the PDF report. A request registered as `portability` is one anyway.",
+            ),
+            "dry_run": Param(False, type="boolean", title="Dry run",
+                             description="Locate and count the person's rows, write no package."),
+        },
+        doc_md="Answer a right of access (GDPR art. 15) or portability (art. 20) request: everything held on the "
+               "person, in the warehouse (live, pseudonymised, archived) and downstream, written as one encrypted "
+               "package. Unpack it with `warehouse-gdpr access unpack REQUEST_ID --out DIR`; docs/runbook.md.",
+    )
+    def gdpr_subject_access() -> None:
+        @task
+        def validate_request(policy_file: str) -> dict:
+            return access_tasks.validate_request(policy_file, get_current_context())
+
+        @task
+        def targets_to_ask(checked: dict) -> list:
+            return checked["targets"]
+
+        @task(retries=settings.retries if settings else 5,
+              retry_delay=timedelta(seconds=settings.retry_delay_seconds if settings else 60),
+              retry_exponential_backoff=True)
+        def preflight(policy_file: str, target: str) -> str:
+            return erasure_tasks.preflight(policy_file, target, get_current_context())
+
+        # none_failed: with no target to ask (portability, a dry run, no email known) the mapped preflight is
+        # skipped and the answer still runs; a failed preflight stops it (no package leaves a system out).
+        @task(trigger_rule="none_failed")
+        def answer(policy_file: str, checked: dict) -> dict:
+            return access_tasks.answer(policy_file, get_current_context())
+
+        checked = validate_request(path)
+        asked = preflight.partial(policy_file=path).expand(target=targets_to_ask(resolved(checked)))
+        answered = answer(path, resolved(checked))
+        asked >> answered
+        _verify_audit_chain(path, [answered])
+
+    return gdpr_subject_access()
 
 
 def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
@@ -402,5 +491,5 @@ def build_optout_sync(policy_file: str | Path | None = None) -> DAG:
 def build_all(policy_file: str | Path | None = None) -> dict[str, DAG]:
     """Every warehouse-gdpr DAG for one policy file, keyed by dag_id (for `globals().update(...)`)."""
     dags = [build_retention_sweep(policy_file), build_subject_erasure(policy_file), build_erasure_retry(policy_file),
-            build_optout_sync(policy_file)]
+            build_optout_sync(policy_file), build_subject_access(policy_file)]
     return {d.dag_id: d for d in dags}

@@ -26,7 +26,14 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from warehouse_gdpr.transport import ConnectionNotUsable, DeadlineExceeded, HttpAnswer, SqlOutcome, TransportError
+from warehouse_gdpr.transport import (
+    ConnectionNotUsable,
+    DeadlineExceeded,
+    HttpAnswer,
+    QueryResult,
+    SqlOutcome,
+    TransportError,
+)
 
 MAX_BODY = 1 << 20  # bytes of an answer we read; a longer one is not an answer we can judge
 QUERY_CANCELED = "57014"  # PostgreSQL's SQLSTATE when statement_timeout cut a statement
@@ -238,11 +245,76 @@ def _rollback(conn: Any) -> None:
         conn.rollback()
 
 
+def _connect(connection_id: str) -> tuple[Any, Any, Any]:
+    """(connection, hook, DB-API connection) of an Airflow connection, autocommit off, `log_sql` off."""
+    from airflow.sdk import BaseHook
+
+    try:
+        connection = BaseHook.get_connection(connection_id)
+        hook = connection.get_hook()
+    except Exception as exc:  # noqa: BLE001 - unknown connection, no hook for its type
+        raise ConnectionNotUsable(f"connection {connection_id!r} not usable ({type(exc).__name__})") from None
+    if hasattr(hook, "log_sql"):
+        hook.log_sql = False
+    try:
+        conn = hook.get_conn()
+    except Exception as exc:  # noqa: BLE001 - unreachable server, bad credentials: a failed attempt
+        raise TransportError(f"cannot connect ({type(exc).__name__})") from None
+    if hasattr(hook, "set_autocommit"):
+        hook.set_autocommit(conn, False)
+    return connection, hook, conn
+
+
+class AirflowSqlRead:
+    """`transport.SqlRead` through the Airflow connection `connection_id` (any DB-API hook): the queries run in
+    one transaction that is rolled back (read-only on PostgreSQL, with `statement_timeout` = the deadline)."""
+
+    def __init__(self, connection_id: str) -> None:
+        self.connection_id = connection_id
+
+    def __call__(
+        self, queries: Mapping[str, str], params: Mapping[str, object], *, max_rows: int, deadline_seconds: float
+    ) -> dict[str, QueryResult]:
+        connection, _, conn = _connect(self.connection_id)
+        try:
+            cur = conn.cursor()
+            try:
+                if connection.conn_type == "postgres":
+                    cur.execute("SET TRANSACTION READ ONLY")
+                    cur.execute("SELECT set_config('statement_timeout', %s, true)",
+                                (str(int(deadline_seconds * 1000)),))
+                out: dict[str, QueryResult] = {}
+                for name, query in queries.items():
+                    cur.execute(query, dict(params))
+                    rows = cur.fetchmany(max_rows + 1)
+                    if len(rows) > max_rows:
+                        raise TransportError(f"query {name} returned more than {max_rows} rows for one person "
+                                             "(a condition that matches other people?)")
+                    columns = tuple(d[0] for d in cur.description or ())
+                    out[name] = QueryResult(columns, tuple(tuple(r) for r in rows))
+                return out
+            finally:
+                cur.close()
+        except TransportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a driver message may quote the parameter: type only
+            if QUERY_CANCELED in (getattr(exc, "sqlstate", None), getattr(exc, "pgcode", None)):
+                raise DeadlineExceeded(f"a query ran past the {deadline_seconds:g} s deadline (cancelled)") from None
+            raise TransportError(f"SQL error ({type(exc).__name__})") from None
+        finally:
+            _rollback(conn)
+            with contextlib.suppress(Exception):  # the connection may be gone: closing it discards the transaction
+                conn.close()
+
+
 class AirflowTransport:
-    """The transport the DAGs' task bodies pass to the engine (propagation.propagate / preflight)."""
+    """The transport the DAGs' task bodies pass to the engine (propagation.propagate / preflight, access)."""
 
     def http(self, connection_id: str) -> AirflowHttpCall:
         return AirflowHttpCall(connection_id)
 
     def sql(self, connection_id: str) -> AirflowSqlRun:
         return AirflowSqlRun(connection_id)
+
+    def sql_read(self, connection_id: str) -> AirflowSqlRead:
+        return AirflowSqlRead(connection_id)

@@ -6,7 +6,8 @@ unique, each `subject_column` of the subject key's type and, where a foreign key
 referencing the subject's key), that every table with a foreign key to the subject table is mapped,
 and that each hold predicate compiles; then, with one set-based query per list, that the
 subject-initiated interaction kinds and each rule's status values occur in the data (a typo there
-deletes active people, or keeps expired ones). It raises `CatalogError` listing every problem with
+deletes active people, or keeps expired ones). It also warns about what an access request could not
+answer (`access_warnings`). It raises `CatalogError` listing every problem with
 its place in the policy (``tables[2].columns.body``), and returns warnings for the logs: a join or email
 column without its index, and a rule that can never select some subjects of its statuses (their clock
 has no date and no fallback) or selects nobody. It only reads.
@@ -279,7 +280,7 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
 
     Steps, each only once the previous one passed: names and types (one catalog read); keys and hold
     predicates; the values the policy expects in the data. Then the warnings: indexes, rules that
-    select nobody."""
+    select nobody, what an access request could not answer."""
     report = CatalogReport()
     names = {t.table for t in policy.tables} | {policy.interactions.table}
     schemas = {n.split(".", 1)[0] for n in names}
@@ -303,6 +304,7 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
     report.warnings += _index_warnings(conn, policy, schemas)
     for i in range(len(policy.rules)):
         report.warnings += _unselectable(conn, policy, i, found.catalog[policy.subject.table])
+    report.warnings += access_warnings(policy)
     return report
 
 
@@ -453,6 +455,24 @@ def _index_warnings(conn: psycopg.Connection, policy: Policy, schemas: set[str])
         warnings.append(
             f"{inter.table}.{inter.subject_column} has no index: clock evaluation will scan the table")
     return warnings
+
+
+def access_warnings(policy: Policy) -> list[str]:
+    """What an access or portability request (gdpr_subject_access) could not answer with this policy: a table
+    without its purpose, legal basis or source (the DAG refuses to run), a downstream target without an access
+    call (its data would be missing from the answer), no column the person provided (portability exports
+    nothing). Warnings only: the sweep and erasure do not need them."""
+    from .access import exportable, problems
+
+    out = [f"{p}: gdpr_subject_access refuses to run until it is set (art. 15(1))" for p in problems(policy)]
+    for i, target in enumerate(policy.erasure.targets):
+        if not exportable(target):
+            how = "access_endpoint (or a preset)" if target.kind == "http" else "access queries"
+            out.append(f"erasure.targets[{i}] ({target.name}): no {how}: an access request lists it as a recipient "
+                       "without the data it holds")
+    if not any(c.provided for t in policy.tables for c in t.columns.values()):
+        out.append("no column of `tables` is marked `provided: true`: a portability request (art. 20) exports nothing")
+    return out
 
 
 def _unselectable(conn: psycopg.Connection, policy: Policy, i: int, subject_columns: dict[str, Column]) -> list[str]:

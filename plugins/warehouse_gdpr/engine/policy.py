@@ -185,21 +185,36 @@ class Subject(_Model):
     )
 
 
+LegalBasis = Literal[
+    "consent", "contract", "legal_obligation", "vital_interests", "public_task", "legitimate_interest"
+]
+Text = Annotated[str, Field(max_length=2000)]
+
+_PROVIDED = (
+    "the person gave this column's data themselves (a form, an email, a call): a portability request (art. 20) "
+    "exports it; derived or internal data (scores, a rep's notes, internal ids) is left out"
+)
+
+
 class HashColumn(_Model):
     pseudonymise: Literal["hash"] = Field(description=_PSEUDONYMISE)
+    provided: bool = Field(default=False, description=_PROVIDED)
 
 
 class NullColumn(_Model):
     pseudonymise: Literal["null"] = Field(description=_PSEUDONYMISE)
+    provided: bool = Field(default=False, description=_PROVIDED)
 
 
 class FixedColumn(_Model):
     pseudonymise: Literal["fixed"] = Field(description=_PSEUDONYMISE)
     value: str = Field(description="the constant written by `fixed` (a text that fits the column)")
+    provided: bool = Field(default=False, description=_PROVIDED)
 
 
 class KeepColumn(_Model):
     pseudonymise: Literal["keep"] = Field(description=_PSEUDONYMISE)
+    provided: bool = Field(default=False, description=_PROVIDED)
 
 
 ColumnTreatment = Annotated[
@@ -251,6 +266,23 @@ class MappedTable(_Model):
     columns: dict[Ident, ColumnTreatment] = Field(
         default_factory=dict,
         description="what pseudonymisation does to each personal column; unlisted columns are left as they are",
+    )
+    # What article 15(1) makes an access report tell the person about this table's data.
+    title: Text = Field(
+        default="", description="heading of the table's section in an access report (default: the table name)"
+    )
+    purpose: Text = Field(default="", description="what the data of this table is used for (art. 15(1)(a))")
+    legal_basis: LegalBasis | None = Field(
+        default=None, description="the legal basis of that processing (art. 6(1)), stated in an access report"
+    )
+    source: Text = Field(
+        default="",
+        description="where the data comes from (art. 15(1)(g)), e.g. \"the person, through our web forms\"",
+    )
+    retention: Text = Field(
+        default="",
+        description="how long the data is kept, in words, when the retention rules alone do not say it (e.g. a "
+        "period set by law); an access report states it with the rules that apply to the person",
     )
 
 
@@ -416,6 +448,12 @@ class HttpTarget(_Model):
         description="`GET` path template with `{identifier}` that confirms a deletion: acknowledged only when it "
         "answers 404 after the erasure call (default: the preset's)",
     )
+    access_endpoint: str | None = Field(
+        default=None,
+        description="`GET` path template with `{identifier}` that returns what the system holds on the person, for "
+        "an access request (default: the preset's); its 404 counts as \"holds nothing\" only with the API's "
+        "not-found answer and after this run's preflight",
+    )
     timeout_seconds: int = Field(default=30, ge=1, le=600, description=_TARGET_TIMEOUT)
 
     @model_validator(mode="after")
@@ -433,6 +471,8 @@ class HttpTarget(_Model):
             raise ValueError("preflight_endpoint is called without a person: it must not contain {identifier}")
         if self.lookup_endpoint is not None and "{identifier}" not in self.lookup_endpoint:
             raise ValueError("lookup_endpoint must contain {identifier} (the lookup of the erased person)")
+        if self.access_endpoint is not None and "{identifier}" not in self.access_endpoint:
+            raise ValueError("access_endpoint must contain {identifier} (what the system holds on that person)")
         bad = [c for c in self.success_codes or [] if not 200 <= c <= 299]
         if bad:
             raise ValueError(
@@ -455,6 +495,12 @@ class SqlTarget(_Model):
         description="the most rows the statements may change together for one person: a call that changes more "
         "(or whose count the driver cannot give) is rolled back and not acknowledged",
     )
+    access: dict[Ident, Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="for an access request: named queries, each one `SELECT` with the `%(identifier)s` parameter "
+        "returning what the system holds on the person; run in a read-only transaction, each is a section of the "
+        "report",
+    )
     timeout_seconds: int = Field(default=30, ge=1, le=600, description=_TARGET_TIMEOUT)
 
     @field_validator("statements")
@@ -463,6 +509,17 @@ class SqlTarget(_Model):
         for statement in value:
             if "%(identifier)s" not in statement:
                 raise ValueError("each statement must use the %(identifier)s parameter (never string formatting)")
+        return value
+
+    @field_validator("access")
+    @classmethod
+    def _access_queries(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, query in value.items():
+            if "%(identifier)s" not in query:
+                raise ValueError(f"access query {name}: it must use the %(identifier)s parameter (never string "
+                                 "formatting)")
+            if not re.match(r"^\s*(SELECT|WITH)\b", query, re.IGNORECASE) or ";" in query.rstrip().rstrip(";"):
+                raise ValueError(f"access query {name}: one SELECT statement (it runs read-only)")
         return value
 
 
@@ -568,6 +625,45 @@ class Requests(_Model):
     _duration = field_validator("keep_for")(lambda cls, v: _check_duration(v))
 
 
+_CNIL = (
+    "You may lodge a complaint with the CNIL (Commission nationale de l'informatique et des libertés), "
+    "3 place de Fontenoy, TSA 80715, 75334 Paris Cedex 07, France, www.cnil.fr/en/plaintes"
+)
+
+
+class Access(_Model):
+    """The answer to an access (art. 15) or portability (art. 20) request: an encrypted package."""
+
+    location: str = Field(
+        default="gdpr_access",
+        min_length=1,
+        max_length=1000,
+        description="where `gdpr_subject_access` writes the encrypted packages: a folder (a relative path is under "
+        "`$AIRFLOW_HOME`) or an `airflow.sdk.ObjectStoragePath` URL such as `s3://aws_default@bucket/gdpr-access`; "
+        "`warehouse-gdpr access unpack` reads them there",
+    )
+    keep_for: str = Field(
+        default="P30D",
+        description="how long a package stays there after it was written; then the weekly sweep deletes it "
+        "(audited, counted in its report)",
+    )
+    complaint: Text = Field(
+        default=_CNIL,
+        min_length=1,
+        description="how the person may lodge a complaint with the supervisory authority (art. 15(1)(f)), as the "
+        "report words it",
+    )
+
+    _duration = field_validator("keep_for")(lambda cls, v: _check_duration(v))
+
+    @field_validator("location")
+    @classmethod
+    def _location(cls, value: str) -> str:
+        if value != value.strip() or "\n" in value or "\x00" in value:
+            raise ValueError("a folder or a URL, without surrounding spaces or control characters")
+        return value
+
+
 class Evidence(_Model):
     """Evidence kept outside the warehouse, where its owner cannot rewrite it."""
 
@@ -581,19 +677,22 @@ class Evidence(_Model):
         "before `@`); shared by every worker, and not writable by the warehouse's owner",
     )
 
+    @field_validator("location")
+    @classmethod
+    def _location(cls, value: str) -> str:
+        if value != value.strip() or "\n" in value or "\x00" in value:
+            raise ValueError("a folder or a URL, without surrounding spaces or control characters")
+        return value
+
 
 # --- Article 30 register of processing activities (register.py renders it) -----------------------
 # Every field has a default so that an unfinished register never stops a sweep or an erasure from
 # loading the policy; `register.problems` names what is missing and generating the register
 # fails until it is complete.
 
-LegalBasis = Literal[
-    "consent", "contract", "legal_obligation", "vital_interests", "public_task", "legitimate_interest"
-]
 TransferMechanism = Literal[
     "adequacy_decision", "standard_contractual_clauses", "binding_corporate_rules", "derogation_art49"
 ]
-Text = Annotated[str, Field(max_length=2000)]
 Country = Annotated[str, Field(pattern=r"^([A-Z]{2})?$")]
 
 
@@ -763,6 +862,10 @@ class Policy(_Model):
     optout: OptOut = Field(default_factory=OptOut, description="the hashed opt-out list")
     requests: Requests = Field(
         default_factory=Requests, description="the record of people's requests (every kind), kept as proof"
+    )
+    access: Access = Field(
+        default_factory=Access,
+        description="the answer to access (art. 15) and portability (art. 20) requests (`gdpr_subject_access`)",
     )
     processing_register: Annotated[Register | None, WrapValidator(_tolerate_register)] = Field(
         default=None, description="the register of processing activities (GDPR art. 30)"

@@ -59,6 +59,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "not_found_body": {"code": "document_not_found"},
         "preflight_endpoint": "/v3/account",
         "lookup_endpoint": "/v3/contacts/{identifier}",
+        # https://developers.brevo.com/reference/get-contact-info: the contact's details (an access request).
+        "access_endpoint": "/v3/contacts/{identifier}",
     },
     # https://developers.hubspot.com/docs/api-reference/crm-contacts-v3/basic/post-crm-v3-objects-contacts-gdpr-delete:
     # 204 with no body, also for an unknown email (HubSpot then blocklists it: there is no 404).
@@ -72,6 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "not_found_body": None,
         "preflight_endpoint": "/account-info/v3/details",
         "lookup_endpoint": "/crm/v3/objects/contacts/{identifier}?idProperty=email",
+        "access_endpoint": "/crm/v3/objects/contacts/{identifier}?idProperty=email",
     },
 }
 DEFAULT_SUCCESS_CODES = (200, 201, 202, 204)
@@ -155,6 +158,25 @@ def _json(body: bytes) -> Any:
 def _holds(document: Any, expected: dict[str, Any]) -> bool:
     """Whether a JSON document is an object holding every expected key with its value."""
     return isinstance(document, dict) and all(k in document and document[k] == v for k, v in expected.items())
+
+
+# What an access request's export (access.py) judges an answer with, the way an erasure's answer is judged.
+NOT_JSON = _NOT_JSON
+
+
+def endpoint_path(template: str, identifier: str) -> str:
+    """A target's path template with the identifier URL-encoded into `{identifier}`."""
+    return _path(template, identifier)
+
+
+def json_document(body: bytes) -> Any:
+    """An answer's body parsed as JSON, or NOT_JSON when it is not JSON."""
+    return _json(body)
+
+
+def holds_values(document: Any, expected: dict[str, Any]) -> bool:
+    """Whether a JSON document is an object holding every expected key with its value."""
+    return _holds(document, expected)
 
 
 def _success_body_problem(answer: HttpAnswer, contract: HttpContract) -> str | None:

@@ -42,7 +42,8 @@ REASON_MAX_LENGTH = 500
 EXTENDED_MONTHS = 3  # art. 12(3): "extended by two further months", three after receipt
 SUBJECT_ID_PREFIX = "subject_id:"
 # The DAG of this package that runs each kind, for the hint printed at registration.
-DAG_FOR_KIND = {"erasure": "gdpr_subject_erasure"}
+DAG_FOR_KIND = {"erasure": "gdpr_subject_erasure", "access": "gdpr_subject_access",
+                "portability": "gdpr_subject_access"}
 
 
 class RequestStoreError(ConfigurationError, ValueError):

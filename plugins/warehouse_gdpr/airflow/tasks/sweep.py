@@ -10,7 +10,7 @@ warehouse errors (airflow/errors.py).
 from __future__ import annotations
 
 import logging
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +208,28 @@ def purge_requests(checked: dict[str, Any], context: Any) -> dict[str, Any]:
 
 
 @task_errors
+def purge_access_packages(checked: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Delete the access packages (gdpr_subject_access) older than the policy's `access.keep_for` from
+    `access.location`, one audit row each."""
+    from warehouse_gdpr.airflow.tasks.access import packages
+    from warehouse_gdpr.engine import access
+    from warehouse_gdpr.engine.errors import TransientError
+    from warehouse_gdpr.transport import StoreError
+
+    policy = connections.run_policy(checked["policy_file"], context)
+    ctx = connections.run_context(context, checked["dry_run"])
+    with connections.connect(policy) as conn:
+        try:
+            result = access.purge(conn, packages(policy), ctx, datetime.fromisoformat(checked["as_of"]))
+        except StoreError as exc:
+            raise TransientError(str(exc)) from None
+    log.info("Access packages older than %s: %d %s, %d kept; %d other file(s) left alone in %s.",
+             policy.access.keep_for, result["purged"], "would be deleted" if checked["dry_run"] else "deleted",
+             result["kept"], result["not_packages"], policy.access.location)
+    return result
+
+
+@task_errors
 def write_register(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     """Generate the article 30 register from the policy and keep it; fail while it is incomplete.
 
@@ -262,7 +284,7 @@ def report(checked: dict[str, Any], context: Any) -> dict[str, Any]:
         totals: dict[tuple[str, str, str], int] = {}
         for row in rows:
             if row["action"] in ("delete", "pseudonymise", "archive", "purge_archive", "purge_requests",
-                                 "destroy_identifier") and row["table_name"]:
+                                 "destroy_identifier", "purge_access_package") and row["table_name"]:
                 key = (row["rule"] or "-", row["action"], row["table_name"])
                 totals[key] = totals.get(key, 0) + row["row_count"]
         summary = {f"{r}/{a}/{t}": n for (r, a, t), n in sorted(totals.items())}
