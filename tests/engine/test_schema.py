@@ -16,7 +16,7 @@ import pytest
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from warehouse_gdpr.engine import audit, schema
+from warehouse_gdpr.engine import audit, auditchain, schema
 from warehouse_gdpr.engine.sqlfiles import read_sql
 
 CTX = audit.RunContext(dag_id="gdpr_retention_sweep", run_id="manual__test", task_id="apply")
@@ -124,7 +124,7 @@ def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
         assert tables == {
             "gdpr.schema_version", "gdpr.audit_log", "gdpr_archive.archived_row",
             "gdpr.suppression_list", "gdpr.request", "gdpr.erasure_propagation", "gdpr.quarantine",
-            "gdpr.processing_register",
+            "gdpr.processing_register", "gdpr.audit_chain_head",
         }
         views = {r[0] for r in other.execute(
             "SELECT schemaname || '.' || viewname FROM pg_views WHERE schemaname = 'gdpr'")}
@@ -146,7 +146,7 @@ def test_running_the_ddl_file_again_by_hand_keeps_everything(conn: psycopg.Conne
         "SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'gdpr.audit_log'::regclass AND NOT tgisinternal"
         " ORDER BY tgname"
     ).fetchall()
-    assert triggers == [("audit_log_no_truncate", "A"), ("audit_log_no_update_delete", "A")]
+    assert triggers == [("audit_log_chain", "A"), ("audit_log_no_truncate", "A"), ("audit_log_no_update_delete", "A")]
     assert schema.ensure_schema(conn) is False
 
 
@@ -175,7 +175,7 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
 
 
 DATA = Path(__file__).parent / "data"
-PREVIOUS = 6  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v6.sql
+PREVIOUS = 7  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v7.sql
 
 
 def _install_version(conn: psycopg.Connection, version: int) -> None:
@@ -185,7 +185,7 @@ def _install_version(conn: psycopg.Connection, version: int) -> None:
         conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
         conn.execute((DATA / f"gdpr_schema_v{version}.sql").read_text(encoding="utf-8"))  # type: ignore[arg-type]
     assert schema.installed_version(conn) == version
-    assert _relkind(conn, "gdpr.erasure_request") == "r"
+    assert _relkind(conn, "gdpr.erasure_request") == ("r" if version < 7 else "v")
     conn.commit()
 
 
@@ -225,6 +225,9 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
     assert schema.installed_version(dag_conn) == schema.SCHEMA_VERSION
     assert dag_conn.execute("SELECT to_regclass('gdpr_archive.archived_row_subject_idx')").fetchone()[0] is not None
     assert _count(conn, "gdpr.audit_log") == 1
+    conn.commit()
+    chained = auditchain.verify(conn)  # version 8: the installed warehouse's audit rows are chained
+    assert chained.ok and chained.rows_checked == 1
     assert schema.ensure_schema(dag_conn) is False  # the DAGs go on as the engine
     with dag_conn.transaction():  # with the grants of the current version
         dag_conn.execute(
@@ -355,7 +358,7 @@ def test_a_warehouse_with_erasure_requests_upgrades_in_place(
 def test_a_dbas_view_on_the_old_table_stops_the_upgrade_loudly(conn: psycopg.Connection) -> None:
     """A view reading gdpr.erasure_request would otherwise follow the rows anywhere: the upgrade refuses to
     guess, says why, and leaves the previous version as it was."""
-    _install_version(conn, PREVIOUS)
+    _install_version(conn, 6)
     _fill_old_version(conn)
     with conn.transaction():
         conn.execute("CREATE VIEW public.dba_erasures AS SELECT request_id, status FROM gdpr.erasure_request")
@@ -363,7 +366,7 @@ def test_a_dbas_view_on_the_old_table_stops_the_upgrade_loudly(conn: psycopg.Con
         schema.ensure_schema(conn)
     assert "dba_erasures" in (info.value.diag.message_detail or "")
     conn.rollback()
-    assert schema.installed_version(conn) == PREVIOUS
+    assert schema.installed_version(conn) == 6
     assert _count(conn, "gdpr.erasure_request") == 3
     assert conn.execute("SELECT to_regclass('gdpr.request')").fetchone()[0] is None
 
@@ -573,8 +576,13 @@ def test_engine_is_denied_by_grants(engine: psycopg.Connection, statement: str) 
 def test_engine_may_archive_and_purge(engine: psycopg.Connection) -> None:
     _add_archive_row(engine)
     assert _count(engine, "gdpr_archive.archived_row") == 1
-    with engine.transaction():
-        assert engine.execute("DELETE FROM gdpr_archive.archived_row").rowcount == 1
+    with engine.transaction():  # a row past its purge date (before it: tests/engine/test_control_guards.py)
+        engine.execute(
+            "INSERT INTO gdpr_archive.archived_row (source_table, source_pk, subject_id, rule, purge_after, key_id,"
+            " nonce, ciphertext) VALUES ('crm.contacts', '2', '2', 'former_clients', now() - interval '1 day',"
+            " 'archive-1', '\\x00'::bytea, '\\x01'::bytea)")
+        assert engine.execute("DELETE FROM gdpr_archive.archived_row WHERE purge_after <= now()").rowcount == 1
+    assert _count(engine, "gdpr_archive.archived_row") == 1
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import psycopg
 from .errors import ConfigurationError
 from .sqlfiles import read_sql
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 log = logging.getLogger(__name__)
 
 
