@@ -109,6 +109,18 @@ def _connections(warehouse: str, key_extra: dict[str, object]) -> dict[str, str]
             "AIRFLOW_CONN_GDPR_KEYS": json.dumps({"conn_type": "generic", "extra": key_extra})}
 
 
+def _policy(work: Path) -> Path:
+    """The demo policy with an evidence folder of this module's own (where the DAG runs export the audit
+    chain's head, and where the page finds it): other tests' warehouses share the template's chain id."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "include" / "policy.yaml").read_text())
+    data["evidence"] = {"location": str(work / "evidence")}
+    path = work / "policy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def _finished_sweep(conns: dict[str, str]) -> None:
     """A whole gdpr_retention_sweep run (dag.test), as the demo's first sweep."""
     from airflow.dag_processing.dagbag import DagBag
@@ -160,11 +172,11 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 @pytest.fixture(scope="module")
 def stack(airflow_home: Path, ui_warehouse: str, key_extra: dict[str, object], keys: Keys,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    conns = _connections(ui_warehouse, key_extra)
+    work = tmp_path_factory.mktemp("ui")
+    conns = {**_connections(ui_warehouse, key_extra), "WAREHOUSE_GDPR_POLICY": str(_policy(work))}
     seeded = _seeded(ui_warehouse)
     _finished_sweep(conns)
     people = _requests(ui_warehouse, keys)
-    work = tmp_path_factory.mktemp("ui")
     passwords = {"admin": secrets.token_urlsafe(12), "viewer": secrets.token_urlsafe(12)}
     (work / "passwords.json").write_text(json.dumps(passwords))
     port = _free_port()
@@ -285,6 +297,9 @@ def test_summary_json_shows_the_requests_sweep_backlog_archive_list_and_chart(st
     assert data["backlog"]["error"] is None and {r["rule"] for r in data["backlog"]["rules"]} == set(rules)
     assert data["archive"]["rows"] == rules["former_clients"]["archived"]
     assert sum(data["weekly"]["actions"]["delete"]) >= 346 + 222
+    chain = data["audit_chain"]  # verified from the head the sweep's last task exported
+    assert chain["status"] == "holds" and chain["exported"]["by"].startswith("gdpr_retention_sweep/"), chain
+    assert chain["rows_checked"] == chain["position"] - chain["exported"]["position"] + 1 > 1
 
 
 def test_page_and_json_hold_no_seeded_personal_data(stack: Stack) -> None:
@@ -388,7 +403,7 @@ def test_in_a_real_browser(stack: Stack, tmp_path: Path) -> None:
         text = browser.frame_text(chrome)
         for expected in (OPEN_ID, LATE_ID, "Open requests", "telephony: pending (3 attempts)",
                          "prospects_never_converted", "Retention backlog now", "Archive", "Suppression list",
-                         "Register a request"):
+                         "Register a request", "Audit chain", "holds:"):
             assert expected in text, expected
         late_colour = chrome.evaluate(
             f"(() => {{ const row = [...{browser.FRAME_DOC}.querySelectorAll('tr.overdue')]"

@@ -3,17 +3,21 @@ sweeps per rule, the backlog now, the archive, the suppression list, rows per we
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from helpers import AS_OF, AS_OF_DATE
-from warehouse_gdpr.engine import audit, requests, summary, sweep
+from helpers import AS_OF, AS_OF_DATE, schema_before_v8
+from warehouse_gdpr.engine import audit, auditchain, requests, summary, sweep
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys
-from warehouse_gdpr.engine.policy import Policy
+from warehouse_gdpr.engine.policy import Policy, load_policy
+
+ROOT = Path(__file__).resolve().parents[2]
 
 NOW = datetime(2026, 6, 15, 9, 0, tzinfo=timezone.utc)  # the template's today
 
@@ -197,3 +201,62 @@ def test_the_backlog_is_bounded_in_time(conn: psycopg.Connection, policy: Policy
     got = summary.backlog(conn, slow, NOW)
     assert got["rules"] == [] and "SQLSTATE 57014" in got["error"], got
     assert conn.execute("SHOW statement_timeout").fetchone()[0] == "0"  # type: ignore[index]
+
+
+# -- the audit chain ---------------------------------------------------------------------------------
+
+
+def _write(conn: psycopg.Connection, n: int) -> None:
+    with conn.transaction():
+        for i in range(n):
+            audit.record(conn, RunContext("gdpr_retention_sweep", "manual__chain", "apply"), action="delete",
+                         outcome="done", rule="r", table="crm.contacts", row_count=i)
+
+
+def test_the_audit_chain_holds_from_the_last_exported_head(conn: psycopg.Connection, tmp_path: Path) -> None:
+    store = auditchain.PathHeadStore(tmp_path)
+    _write(conn, 3)
+    whole = summary.audit_chain(conn, store.latest)  # no head exported yet: from the first row
+    assert whole is not None and whole["status"] == "holds" and whole["exported"] is None
+    assert whole["rows_checked"] == whole["position"] > 0 and "from its first row" in whole["description"]
+
+    head = auditchain.read_head(conn)
+    conn.rollback()
+    store.save(dataclasses.replace(head, exported_at="2026-06-15T08:00:00+00:00",
+                                   exported_by="gdpr_retention_sweep/scheduled__x"))
+    _write(conn, 2)
+    got = summary.audit_chain(conn, store.latest)
+    assert got is not None
+    # recomputed: the exported head's row (it must still be there, unchanged) and the two after it
+    assert (got["status"], got["rows_checked"], got["position"]) == ("holds", 3, head.chain_seq + 2)
+    assert got["exported"] == {"position": head.chain_seq, "at": "2026-06-15T08:00:00+00:00",
+                               "by": "gdpr_retention_sweep/scheduled__x"}
+    assert ("since the head exported 2026-06-15T08:00:00+00:00 by gdpr_retention_sweep/scheduled__x"
+            in got["description"])
+
+    bounded = summary.audit_chain(conn, store.latest, max_rows=1)  # more rows than the page recomputes
+    assert bounded is not None and (bounded["status"], bounded["rows_checked"]) == ("not_checked", 0)
+
+
+def test_a_broken_chain_an_unreadable_store_and_an_unchained_log(conn: psycopg.Connection) -> None:
+    _write(conn, 4)
+    second = conn.execute("SELECT audit_id FROM gdpr.audit_log ORDER BY chain_seq DESC LIMIT 1 OFFSET 2"
+                          ).fetchone()[0]  # type: ignore[index]
+    conn.rollback()
+    with conn.transaction():
+        conn.execute("ALTER TABLE gdpr.audit_log DISABLE TRIGGER audit_log_no_update_delete")
+        conn.execute("UPDATE gdpr.audit_log SET row_count = 99 WHERE audit_id = %s", (second,))
+        conn.execute("ALTER TABLE gdpr.audit_log ENABLE ALWAYS TRIGGER audit_log_no_update_delete")
+    broken = summary.audit_chain(conn, lambda chain_id: None)
+    assert broken is not None and broken["status"] == "broken"
+    assert f"audit id {second}" in broken["broken"] and "edited" in broken["description"]
+
+    def unreachable(chain_id: str) -> None:
+        raise PermissionError(13, "Permission denied", "/evidence")
+
+    down = summary.audit_chain(conn, unreachable)
+    assert down is not None and down["status"] == "unavailable" and "PermissionError" in down["description"]
+
+    schema_before_v8(conn)
+    assert summary.audit_chain(conn, lambda chain_id: None) is None
+    assert "audit_chain" in summary.summary(conn, load_policy(ROOT / "include" / "policy.yaml"), NOW)

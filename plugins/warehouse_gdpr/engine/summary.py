@@ -2,9 +2,9 @@
 
 Open requests (dates, status, each downstream target's status and attempts, the DAG run that last worked
 on the request), the last sweeps per rule and the retention backlog now (`sweep.plan`, the SQL
-`candidates.py` builds), the archive, the suppression list by reason, and the rows treated per week over
-the last year by action. Everything is ids, dates, counts and names from the policy: never an email, a
-name, a keyed hash or a free-text reason.
+`candidates.py` builds), the archive, the suppression list by reason, the audit chain's state, and
+the rows treated per week over the last year by action. Everything is ids, dates, counts and names from
+the policy: never an email, a name, a keyed hash or a free-text reason.
 
 `summary` is what `GET <plugin prefix>/api/summary` returns (README, "The GDPR page"); the Airflow layer
 (airflow/ui/) only adds links and renders it. Reads only; call it outside a transaction (it rolls back).
@@ -13,14 +13,15 @@ name, a keyed hash or a free-text reason.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
-from . import requests, sweep
+from . import auditchain, requests, sweep
+from .auditchain import ChainHead, ChainUnavailable
 from .policy import Policy
 
 # Audit actions that change rows, as the weekly chart groups them (dry runs excluded).
@@ -31,6 +32,9 @@ LAST_SWEEPS = 5
 # The backlog runs the sweep's plan query on the live warehouse: bounded, so that a page load never
 # holds the warehouse longer than this.
 BACKLOG_TIMEOUT_MS = 20_000
+# The page recomputes the audit chain from the head the last DAG run exported, as the next run's check
+# will; beyond this many rows it leaves them to that run rather than hold a page load.
+CHAIN_CHECK_ROWS = 50_000
 
 
 def _rows(conn: psycopg.Connection, query: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
@@ -203,9 +207,65 @@ def weekly(conn: psycopg.Connection, today: date, weeks: int = CHART_WEEKS) -> d
     return {"weeks": [d.isoformat() for d in days], "actions": counts}
 
 
-def summary(conn: psycopg.Connection, policy: Policy, now: datetime) -> dict[str, Any]:
+# -- the audit chain -------------------------------------------------------------------------------
+
+LatestHead = Callable[[str], ChainHead | None]
+
+
+def _exported(latest: LatestHead, chain_id: str) -> tuple[ChainHead | None, str | None]:
+    """The last head a DAG run exported, or why it cannot be read."""
+    try:
+        return latest(chain_id), None
+    except (OSError, ChainUnavailable) as exc:
+        return None, (str(exc) if isinstance(exc, ChainUnavailable)
+                      else f"the exported heads cannot be read ({type(exc).__name__})")
+
+
+def audit_chain(conn: psycopg.Connection, latest: LatestHead,
+                max_rows: int = CHAIN_CHECK_ROWS) -> dict[str, Any] | None:
+    """The audit chain's state (None when the audit log is not chained: control schema older than 8).
+
+    `latest(chain_id)` gives the last head a DAG run exported to the policy's evidence.location. The rows
+    since it are recomputed (`auditchain.verify`, read-only), as the next run's check will, when there are
+    at most `max_rows`; with no exported head yet, the whole chain under the same bound. `status`:
+    `holds`, `broken` (where: audit id and position only), `not_checked` (more rows than the bound), or
+    `unavailable` (the exported heads cannot be read)."""
+    try:
+        head = auditchain.read_head(conn)
+    except ChainUnavailable:
+        conn.rollback()
+        return None
+    conn.rollback()
+    exported, error = _exported(latest, head.chain_id)
+    out: dict[str, Any] = {
+        "position": head.chain_seq, "audit_id": head.audit_id,
+        "exported": None if exported is None else {"position": exported.chain_seq, "at": exported.exported_at,
+                                                   "by": exported.exported_by},
+        "rows_checked": 0, "broken": None}
+    if error is not None:
+        return {**out, "status": "unavailable", "description": error}
+    pending = head.chain_seq - (exported.chain_seq if exported else 0)
+    if pending > max_rows:
+        return {**out, "status": "not_checked", "description": (
+            f"{pending} row(s) since the last exported head, more than this page recomputes: the next DAG run's "
+            "audit chain check verifies them")}
+    result = auditchain.verify(conn, start=exported, exported=exported)
+    conn.rollback()
+    out["rows_checked"] = result.rows_checked
+    if result.broken is not None:
+        return {**out, "status": "broken", "broken": result.broken.describe(), "description": (
+            f"broken at {result.broken.describe()} (docs/runbook.md, 'The audit chain is broken')")}
+    since = (f"since the head exported {exported.exported_at} by {exported.exported_by}" if exported
+             else "from its first row (no head exported yet)")
+    return {**out, "status": "holds", "description": (
+        f"holds: {result.rows_checked} row(s) recomputed {since}, up to position {head.chain_seq}")}
+
+
+def summary(conn: psycopg.Connection, policy: Policy, now: datetime,
+            latest_head: LatestHead | None = None) -> dict[str, Any]:
     """Everything the page shows (`GET .../api/summary`), as JSON-able values. `now`: an aware instant; the
-    requests' days left count from its date."""
+    requests' days left count from its date. `latest_head`: the evidence location's last exported chain head
+    (`audit_chain`); without it, the chain is checked from its first row."""
     today = now.date()
     open_ = open_requests(conn, today)
     return {
@@ -216,5 +276,6 @@ def summary(conn: psycopg.Connection, policy: Policy, now: datetime) -> dict[str
         "backlog": backlog(conn, policy, now),
         "archive": archive(conn),
         "suppression": suppression(conn),
+        "audit_chain": audit_chain(conn, latest_head or (lambda chain_id: None)),
         "weekly": weekly(conn, today),
     }

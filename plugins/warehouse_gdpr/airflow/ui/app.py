@@ -65,7 +65,8 @@ def read_summary() -> dict[str, Any]:
     policy = load_policy(connections.policy_path())
     with connections.connect(policy) as conn:
         conn.read_only = True
-        return summary.summary(conn, policy, datetime.now(timezone.utc))
+        # The heads the DAG runs export to the policy's evidence.location (the api-server needs access to it).
+        return summary.summary(conn, policy, datetime.now(timezone.utc), connections.evidence_store(policy).latest)
 
 
 def _failure(exc: Exception) -> str:

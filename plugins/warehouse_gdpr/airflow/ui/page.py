@@ -134,8 +134,9 @@ def _cards(data: dict[str, Any]) -> str:
              ("Suppression list", supp["entries"])]
     chain = data.get("audit_chain")
     if chain is not None:
-        cards.append(("Audit chain", chain.get("status", "-")))
-    items = "".join(f'<div class="card{" overdue" if label == "Overdue" and value else ""}">'
+        cards.append(("Audit chain", chain["status"].replace("_", " ")))
+    alarming = {"Overdue": lambda v: bool(v), "Audit chain": lambda v: v in ("broken", "unavailable")}
+    items = "".join(f'<div class="card{" overdue" if alarming.get(label, lambda v: False)(value) else ""}">'
                     f"{escape(label)}<b>{_e(value)}</b></div>" for label, value in cards)
     return f'<div class="cards">{items}</div>'
 
@@ -149,6 +150,17 @@ def _archive_and_list(data: dict[str, Any]) -> str:
         _table(["Reason", "Entries"], [[_e(k), _e(v)] for k, v in supp["by_reason"].items()], {1})
         if supp["by_reason"] else "<p>The suppression list is empty.</p>")
     return out
+
+
+def _chain(chain: dict[str, Any] | None) -> str:
+    """The audit chain's state; nothing when the audit log is not chained (control schema before 8)."""
+    if chain is None:
+        return ""
+    cls = ' class="overdue"' if chain["status"] in ("broken", "unavailable") else ""
+    return (f"<h2>Audit chain</h2><p{cls}>{_e(chain['description'])}</p>"
+            f"<p class=muted>The database's head: position {_e(chain['position'])} (audit id {_e(chain['audit_id'])}). "
+            "Every DAG run ends by recomputing the rows since the head the previous run exported, and exports "
+            "its own.</p>")
 
 
 def chart_svg(weekly: dict[str, Any], width: int = 900, height: int = 220) -> str:
@@ -210,10 +222,7 @@ never enters the run's configuration. Every kind has a due date one month after 
 def render(data: dict[str, Any], *, base_path: str, prefix: str, kinds: list[str], dag_for_kind: dict[str, str],
            can_register: bool) -> str:
     """The whole page. `base_path`: the Airflow UI's path (links to DAG runs); `prefix`: the plugin's."""
-    chain = data.get("audit_chain")
-    chain_html = ""
-    if chain is not None:
-        chain_html = f"<h2>Audit chain</h2><p>{_e(chain.get('description', chain.get('status')))}</p>"
+    chain_html = _chain(data.get("audit_chain"))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>GDPR</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>
