@@ -439,3 +439,30 @@ def test_without_chromium_a_developer_is_told_why_and_ci_fails(monkeypatch: pyte
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI must run the browser test"):
         _chromium()
+
+
+def test_the_page_shows_a_broken_chain_in_red_and_escapes_what_it_shows() -> None:
+    from warehouse_gdpr.airflow.ui import page
+
+    weeks = [(date(2026, 1, 5) + timedelta(weeks=i)).isoformat() for i in range(3)]
+    data: dict[str, Any] = {
+        "generated_at": "2026-06-15T09:00:00+00:00", "today": "2026-06-15",
+        "requests": {"open": [{"request_id": "REQ-<b>", "kind": "erasure", "status": "registered", "received_at":
+                               "2026-05-01", "due_date": "2026-06-01", "first_due_date": "2026-06-01",
+                               "extended": False, "days_left": -14, "overdue": True, "targets": {},
+                               "dag_run": {"dag_id": "gdpr_subject_erasure",
+                                           "run_id": "manual__2026-06-15T09:00:00+00:00"}}],
+                     "open_count": 1, "overdue_count": 1},
+        "sweeps": [], "backlog": {"as_of": "2026-06-15T09:00:00+00:00", "rules": [], "error": None},
+        "archive": {"rows": 0, "by_table": {}, "next_purge": None}, "suppression": {"entries": 0, "by_reason": {}},
+        "audit_chain": {"status": "broken", "description": "broken at audit row audit id 7, chain position 7: edited",
+                        "position": 9, "audit_id": 9, "exported": None, "rows_checked": 7, "broken": "audit id 7"},
+        "weekly": {"weeks": weeks, "actions": {"delete": [0, 5, 0], "erase": [1, 0, 0]}},
+    }
+    html = page.render(data, base_path="/airflow", prefix="/airflow/gdpr", kinds=["erasure"],
+                       dag_for_kind={"erasure": "gdpr_subject_erasure"}, can_register=True)
+    assert '<p class="overdue">broken at audit row audit id 7' in html
+    assert '<div class="card overdue">Audit chain<b>broken</b>' in html
+    assert "REQ-&lt;b&gt;" in html and "REQ-<b>" not in html
+    assert 'href="/airflow/dags/gdpr_subject_erasure/runs/manual__2026-06-15T09%3A00%3A00%2B00%3A00"' in html
+    assert html.count("<rect") == 2 and 'src="/airflow/gdpr/page.js"' in html
