@@ -2,6 +2,7 @@
 #   make demo   seed the demo CRM in an embedded PostgreSQL and run the retention sweep
 #   make test   run the test suite (real PostgreSQL, real Airflow dag.test())
 #   make lint   ruff (style, imports, bugs, complexity) and mypy (types); .ci/run runs it before the tests
+#   make ui     (after make demo) Airflow's UI on the demo, with the GDPR page; make stop stops it
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # The demo package (demo/warehouse_gdpr_demo) is not installed with the wheel: it is found here.
 export PYTHONPATH := $(CURDIR)/demo$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: demo test lint stop lock clean
+.PHONY: demo ui test lint stop lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(PY) -m warehouse_gdpr_demo
+
+# Airflow's api-server, scheduler, dag-processor and triggerer on the demo (SimpleAuthManager); prints the URL
+# and the logins. `make stop` stops them.
+ui: $(STAMP)
+	$(PY) -m warehouse_gdpr_demo ui
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -39,7 +45,7 @@ bench: $(STAMP)
 schema: $(STAMP)
 	$(VENV)/bin/warehouse-gdpr policy schema > docs/policy.schema.json
 
-# Stop the demo's downstream services and embedded PostgreSQL (data stays under .demo/pg).
+# Stop the demo's Airflow UI (make ui), downstream services and embedded PostgreSQL (data stays under .demo/pg).
 stop: $(STAMP)
 	$(PY) -m warehouse_gdpr_demo stop
 

@@ -91,6 +91,11 @@ def warehouse(server_url: str, template_db: str) -> Iterator[str]:
         admin.execute(
             sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_db))
         )
+    with psycopg.connect(_with_db(server_url, name)) as copy:
+        # A copy of a database is a fork of its audit chain (same chain id); each test's warehouse is a
+        # warehouse of its own, whose exported heads must not meet another's in the shared $AIRFLOW_HOME.
+        copy.execute("UPDATE gdpr.audit_chain_head SET chain_id = n.id, row_hash = gdpr.audit_chain_genesis(n.id)"
+                     " FROM (SELECT gen_random_uuid() AS id) AS n WHERE chain_seq = 0")
     try:
         yield _with_db(server_url, name)
     finally:

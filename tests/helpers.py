@@ -257,3 +257,60 @@ class _Wanted:
                 if words.issuperset(name):
                     hits.add(f"{'full name' if kind == 'full_names' else 'name'} of subject {sid}")
         return hits
+
+
+# The append-only guard of gdpr.audit_log as control schema versions 1 to 7 defined it.
+_REFUSE_BEFORE_V8 = """
+CREATE OR REPLACE FUNCTION gdpr.refuse_audit_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'gdpr.audit_log is append-only: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$
+"""
+
+# The suppression list's guard as versions 3 to 7 defined it (re-keying in place allowed).
+_SUPPRESSION_GUARD_BEFORE_V8 = """
+CREATE OR REPLACE FUNCTION gdpr.guard_suppression_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.key_id IS DISTINCT FROM OLD.key_id AND NEW.email_hash IS DISTINCT FROM OLD.email_hash
+           AND NEW.email_hash ~ '^[0-9a-f]{64}$'
+           AND (NEW.reason, NEW.source, NEW.request_id, NEW.first_seen)
+               IS NOT DISTINCT FROM (OLD.reason, OLD.source, OLD.request_id, OLD.first_seen) THEN
+            RETURN NEW;
+        END IF;
+        IF OLD.reason = 'opt_out' AND NEW.reason = 'erasure' AND NEW.request_id IS NOT NULL
+           AND (NEW.email_hash, NEW.key_id, NEW.source, NEW.first_seen)
+               IS NOT DISTINCT FROM (OLD.email_hash, OLD.key_id, OLD.source, OLD.first_seen) THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'gdpr.suppression_list is permanent: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$
+"""
+
+
+def schema_before_v8(conn: psycopg.Connection) -> None:
+    """Take an installed control schema back to what it was before version 8: no audit chain (chain
+    columns, head, functions and trigger removed; rows kept, unchained), no archive guard, suppression
+    entries re-keyed in place; version 8 forgotten."""
+    with conn.transaction():
+        conn.execute("DROP TRIGGER audit_log_chain ON gdpr.audit_log")
+        conn.execute("DROP FUNCTION gdpr.chain_audit_row(), gdpr.audit_row_hash(bigint, text, gdpr.audit_log),"
+                     " gdpr.audit_chain_genesis(uuid)")
+        conn.execute("DROP TABLE gdpr.audit_chain_head")
+        conn.execute(_REFUSE_BEFORE_V8)
+        conn.execute("ALTER TABLE gdpr.audit_log DROP COLUMN chain_seq, DROP COLUMN prev_hash, DROP COLUMN row_hash")
+        conn.execute("DROP TRIGGER archived_row_guard ON gdpr_archive.archived_row")
+        conn.execute("DROP FUNCTION gdpr.guard_archive_delete(),"
+                     " gdpr.erase_archived_rows(text[], text[], text, text, text, text, text)")
+        conn.execute(_SUPPRESSION_GUARD_BEFORE_V8)
+        conn.execute("ALTER TABLE gdpr.suppression_list DROP COLUMN rekeyed_at")
+        conn.execute("GRANT UPDATE (email_hash, key_id, reason, request_id) ON gdpr.suppression_list TO gdpr_engine")
+        conn.execute("DELETE FROM gdpr.schema_version WHERE version >= 8")
+

@@ -26,6 +26,8 @@ def test_wheel_installs_and_builds_the_dags_outside_the_repository(tmp_path: Pat
     assert not [n for n in names if "demo" in n], "the demo must never be in the wheel"
     assert [n for n in names if n.endswith(".sql")] == ["warehouse_gdpr/sql/gdpr_schema.sql"]
     assert "warehouse_gdpr/engine/candidates.py" in names and "warehouse_gdpr/airflow/dag_factory.py" in names
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "[airflow.plugins]\nwarehouse_gdpr = warehouse_gdpr.airflow.ui.plugin:WarehouseGdprPlugin" in entry_points
     # report.pdf of an access request is set in these fonts, shipped with their licence
     assert {"warehouse_gdpr/engine/fonts/DejaVuSans.ttf", "warehouse_gdpr/engine/fonts/DejaVuSans-Bold.ttf",
             "warehouse_gdpr/engine/fonts/LICENSE"} <= set(names)
@@ -50,7 +52,7 @@ def test_wheel_installs_and_builds_the_dags_outside_the_repository(tmp_path: Pat
         f"from warehouse_gdpr.dags import build_all; globals().update(build_all({str(tmp_path / 'policy.yaml')!r}))\n"
     )
     probe = textwrap.dedent(f"""
-        import importlib.util, warehouse_gdpr, warehouse_gdpr.engine.sqlfiles as sqlfiles
+        import importlib.util, sys, warehouse_gdpr, warehouse_gdpr.engine.sqlfiles as sqlfiles
         assert importlib.util.find_spec("warehouse_gdpr_demo") is None  # the demo is not installed
         assert warehouse_gdpr.__file__.startswith({str(site)!r}), warehouse_gdpr.__file__
         assert "gdpr.audit_log" in sqlfiles.read_sql("gdpr_schema.sql")
@@ -67,6 +69,24 @@ def test_wheel_installs_and_builds_the_dags_outside_the_repository(tmp_path: Pat
             assert "set WAREHOUSE_GDPR_POLICY" in str(exc), exc
         else:
             raise AssertionError(f"policy_path() guessed {{guessed}}")
+        # The GDPR page's plugin, from the wheel's entry point; the repository's plugins folder (the compose
+        # stack's) registers the same one, and defers to the entry point: one plugin, no import error.
+        from airflow import plugins_manager
+        plugins, errors = plugins_manager._get_plugins()
+        mine = [p for p in plugins if p.name == "warehouse_gdpr"]
+        # This test's own setup puts a second warehouse-gdpr distribution on sys.path (the test run's
+        # editable install, among the dependencies deps.pth adds), whose entry point Airflow then skips as
+        # "already registered": that error is the setup's, not a deployment's. The wheel's comes first.
+        import importlib.metadata as md
+        installed = [d for d in md.distributions() if d.metadata["Name"] == "warehouse-gdpr"]
+        if len(installed) > 1:
+            errors = {{k: v for k, v in errors.items()
+                      if not (k.startswith("warehouse-gdpr==") and "already registered" in v)}}
+        assert len(mine) == 1 and errors == {{}}, ([p.name for p in plugins], errors)
+        assert sys.modules[type(mine[0]).__module__].__file__.startswith({str(site)!r})  # the wheel's plugin
+        assert type(mine[0].source).__name__ == "EntryPointSource", mine[0].source
+        assert mine[0].fastapi_apps[0]["url_prefix"] == "/gdpr" and mine[0].external_views[0]["url_route"] == "gdpr"
+        assert "airflow.api_fastapi.core_api.security" not in sys.modules  # built on its first request only
         os.environ["WAREHOUSE_GDPR_POLICY"] = {str(tmp_path / "policy.yaml")!r}
         from warehouse_gdpr.dags import build_all
         assert sorted(build_all()) == sorted(bag.dag_ids)
@@ -74,9 +94,10 @@ def test_wheel_installs_and_builds_the_dags_outside_the_repository(tmp_path: Pat
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WAREHOUSE_GDPR_", "PYTHONPATH"))}
     env["AIRFLOW_HOME"] = str(tmp_path / "airflow")
+    env["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
     result = subprocess.run([str(python), "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(
-        ["gdpr_erasure_retry", "gdpr_optout_sync", "gdpr_retention_sweep", "gdpr_subject_access",
-         "gdpr_subject_erasure"]
+        ["gdpr_erasure_retry", "gdpr_optout_sync", "gdpr_propagation_retry", "gdpr_retention_sweep",
+         "gdpr_subject_access", "gdpr_subject_erasure", "gdpr_subject_rectification", "gdpr_subject_restriction"]
     )

@@ -12,7 +12,8 @@
 6. Re-imports the erased person and runs `gdpr_optout_sync`: opt-outs collected and enforced, the
    resurrection caught, the hashed list shared with the emailing tool.
 
-`python -m warehouse_gdpr_demo stop` stops the services and the embedded PostgreSQL (`make stop`).
+`python -m warehouse_gdpr_demo ui` starts Airflow's UI on the demo (`make ui`, see ui.py);
+`python -m warehouse_gdpr_demo stop` stops it, the services and the embedded PostgreSQL (`make stop`).
 The docker compose stack seeds its warehouse with the same steps (`seed_warehouse`,
 `create_support_desk`, `share_with_downstream`) through `warehouse_gdpr_demo.compose_seed`.
 """
@@ -44,7 +45,8 @@ from . import embedded, safety
 from .sqlfiles import read_sql
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / ".demo"
+# Where the demo keeps its state (.demo/env, keys, logs, the embedded server's data); a test gives its own.
+DEMO = Path(os.environ.get("WAREHOUSE_GDPR_DEMO_DIR") or ROOT / ".demo")
 
 
 def warehouse_url() -> tuple[str, bool]:
@@ -182,7 +184,7 @@ def create_support_desk(owner_url: str, name: str = "support_desk") -> str:
     return desk_url
 
 
-def start_services(owner_url: str) -> dict[str, object]:
+def start_services(owner_url: str, desk_name: str = "support_desk") -> dict[str, object]:
     """The demo's downstream systems: two HTTP services (detached, until `make stop`) and a desk DB."""
     stop_services()
     ports = {"emailing_port": _free_port(), "telephony_port": _free_port()}
@@ -196,7 +198,7 @@ def start_services(owner_url: str) -> dict[str, object]:
         proc.stdout.readline()  # "emailing http://..." then "telephony http://...": both listen
     SERVICES_PID.write_text(str(proc.pid))
     urls = {f"{name}_url": f"http://127.0.0.1:{ports[f'{name}_port']}" for name in ("emailing", "telephony")}
-    return {**ports, **urls, "desk_url": create_support_desk(owner_url)}
+    return {**ports, **urls, "desk_url": create_support_desk(owner_url, desk_name)}
 
 
 def _post(url: str, body: dict[str, object], headers: dict[str, str]) -> None:
@@ -325,6 +327,9 @@ def demo_optout(owner_url: str, env: dict[str, str], services: dict[str, object]
 
 
 def stop() -> int:
+    from . import ui
+
+    print("Airflow UI (make ui):", "stopped" if ui.stop() else "not running")
     stop_services()
     print("embedded PostgreSQL:", "stopped" if embedded.stop(DEMO / "pg") else "not running")
     return 0

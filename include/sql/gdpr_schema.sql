@@ -394,6 +394,248 @@ CREATE TRIGGER erasure_propagation_no_pending_delete
     FOR EACH ROW EXECUTE FUNCTION gdpr.guard_propagation_delete();
 ALTER TABLE gdpr.erasure_propagation ENABLE ALWAYS TRIGGER erasure_propagation_no_pending_delete;
 
+INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7) ON CONFLICT (version) DO NOTHING;
+
+-- ===================================================================================================
+-- v8: the audit log is a hash chain (tamper evidence).
+-- Every row carries chain_seq (its position: 1, 2, 3, ... without a gap), prev_hash (the row_hash of
+-- the row before it; for position 1, a value derived from the chain's id) and row_hash = SHA-256 over a
+-- canonical encoding of its position, prev_hash and every content column (gdpr.audit_row_hash below;
+-- engine/auditchain.py recomputes it in Python, independently of this file). The database fills them
+-- for every writer, at COMMIT: a deferred constraint trigger locks the one-row chain head
+-- (gdpr.audit_chain_head, FOR UPDATE) only while the transaction commits, so the chain follows commit
+-- order, two writers never share a position, and no lock is held while a transaction does its work.
+-- `warehouse-gdpr audit verify` and each DAG's last task recompute the chain; the head each DAG run
+-- exports outside the warehouse (policy `evidence.location`) shows a truncated tail.
+-- A column added to gdpr.audit_log must be added to gdpr.audit_row_hash and to engine/auditchain.py.
+ALTER TABLE gdpr.audit_log ADD COLUMN IF NOT EXISTS chain_seq bigint;
+ALTER TABLE gdpr.audit_log ADD COLUMN IF NOT EXISTS prev_hash text;
+ALTER TABLE gdpr.audit_log ADD COLUMN IF NOT EXISTS row_hash text;
+CREATE UNIQUE INDEX IF NOT EXISTS audit_log_chain_seq_idx ON gdpr.audit_log (chain_seq);
+
+-- The hash the chain starts from: derived from the chain's id, so that a chain cannot be passed off as
+-- another warehouse's (and the exported heads of several warehouses never mix).
+CREATE OR REPLACE FUNCTION gdpr.audit_chain_genesis(chain_id uuid) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT SET search_path = pg_catalog AS $$
+    SELECT encode(sha256(convert_to('gdpr.audit_log/v1/genesis/' || chain_id::text, 'UTF8')), 'hex')
+$$;
+
+-- The canonical encoding: a version tag, then each field as `<UTF-8 byte length>:<text>` (NULL: `~`),
+-- in a fixed order. Texts as PostgreSQL prints them, except logged_at (UTC, microseconds, ISO 8601)
+-- and dry_run (`true`/`false`); details is jsonb's own text form.
+CREATE OR REPLACE FUNCTION gdpr.audit_row_hash(seq bigint, prev text, r gdpr.audit_log) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+    SELECT encode(sha256(convert_to('gdpr.audit_log/v1' || string_agg(
+               CASE WHEN f IS NULL THEN '~' ELSE octet_length(convert_to(f, 'UTF8'))::text || ':' || f END,
+               '' ORDER BY i), 'UTF8')), 'hex')
+    FROM unnest(ARRAY[
+        seq::text, prev, r.audit_id::text,
+        to_char(r.logged_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'),
+        r.dag_id, r.run_id, r.task_id, r.rule, r.table_name, r.action, r.row_count::text,
+        CASE WHEN r.dry_run THEN 'true' WHEN NOT r.dry_run THEN 'false' END,
+        r.outcome, r.subject_hash, r.details::text
+    ]) WITH ORDINALITY AS u(f, i)
+$$;
+
+-- The chain head: the last chained row. One row, locked FOR UPDATE by each committing writer.
+CREATE TABLE IF NOT EXISTS gdpr.audit_chain_head (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    chain_id   uuid NOT NULL,
+    chain_seq  bigint NOT NULL CHECK (chain_seq >= 0),
+    audit_id   bigint,
+    row_hash   text NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO gdpr.audit_chain_head (chain_id, chain_seq, row_hash)
+SELECT id, 0, gdpr.audit_chain_genesis(id) FROM (SELECT gen_random_uuid() AS id) AS new_chain
+ON CONFLICT (singleton) DO NOTHING;
+REVOKE ALL ON gdpr.audit_chain_head FROM PUBLIC;
+GRANT SELECT ON gdpr.audit_chain_head TO gdpr_engine, gdpr_auditor;
+
+-- The append-only guard of gdpr.audit_log (defined above) as of v8: it also lets the chain trigger fill
+-- the three chain columns of a row not chained yet, once, leaving every other column as it is.
+CREATE OR REPLACE FUNCTION gdpr.refuse_audit_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF current_setting('gdpr.audit_chaining', true) = 'on'
+           AND OLD.chain_seq IS NULL AND OLD.prev_hash IS NULL AND OLD.row_hash IS NULL
+           AND to_jsonb(NEW) - ARRAY['chain_seq', 'prev_hash', 'row_hash']
+               = to_jsonb(OLD) - ARRAY['chain_seq', 'prev_hash', 'row_hash'] THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'gdpr.audit_log is append-only: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+
+-- Runs at COMMIT for each row the transaction inserted, in insertion order, as the schema's owner
+-- (the engine may insert audit rows but never update them).
+CREATE OR REPLACE FUNCTION gdpr.chain_audit_row() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    head gdpr.audit_chain_head;
+    digest text;
+BEGIN
+    IF NEW.chain_seq IS NOT NULL OR NEW.prev_hash IS NOT NULL OR NEW.row_hash IS NOT NULL THEN
+        RAISE EXCEPTION 'gdpr.audit_log: chain_seq, prev_hash and row_hash are set by the database, not by an INSERT'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    SELECT * INTO head FROM gdpr.audit_chain_head FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'gdpr.audit_chain_head is empty: the audit chain has no head (run warehouse-gdpr schema install)'
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    digest := gdpr.audit_row_hash(head.chain_seq + 1, head.row_hash, NEW);
+    PERFORM set_config('gdpr.audit_chaining', 'on', true);
+    UPDATE gdpr.audit_log SET chain_seq = head.chain_seq + 1, prev_hash = head.row_hash, row_hash = digest
+    WHERE audit_id = NEW.audit_id;
+    PERFORM set_config('gdpr.audit_chaining', '', true);
+    UPDATE gdpr.audit_chain_head
+    SET chain_seq = head.chain_seq + 1, audit_id = NEW.audit_id, row_hash = digest, updated_at = clock_timestamp();
+    RETURN NULL;
+END
+$$;
+
+-- The upgrade to v8 chains the rows already there, in audit_id order (one UPDATE). Only then: a row
+-- inserted later with the trigger disabled is never chained by running this file again.
+DO $$
+DECLARE
+    head gdpr.audit_chain_head;
+    r gdpr.audit_log;
+    ids bigint[] := '{}';
+    seqs bigint[] := '{}';
+    prevs text[] := '{}';
+    digests text[] := '{}';
+    seq bigint;
+    prev text;
+BEGIN
+    IF EXISTS (SELECT 1 FROM gdpr.schema_version WHERE version = 8) THEN
+        RETURN;
+    END IF;
+    SELECT * INTO head FROM gdpr.audit_chain_head FOR UPDATE;
+    seq := head.chain_seq;
+    prev := head.row_hash;
+    FOR r IN SELECT * FROM gdpr.audit_log WHERE chain_seq IS NULL ORDER BY audit_id LOOP
+        seq := seq + 1;
+        ids := ids || r.audit_id;
+        seqs := seqs || seq;
+        prevs := prevs || prev;
+        prev := gdpr.audit_row_hash(seq, prev, r);
+        digests := digests || prev;
+    END LOOP;
+    IF seq > head.chain_seq THEN
+        PERFORM set_config('gdpr.audit_chaining', 'on', true);
+        UPDATE gdpr.audit_log AS a SET chain_seq = u.seq, prev_hash = u.prev, row_hash = u.digest
+        FROM unnest(ids, seqs, prevs, digests) AS u(id, seq, prev, digest)
+        WHERE a.audit_id = u.id;
+        PERFORM set_config('gdpr.audit_chaining', '', true);
+        UPDATE gdpr.audit_chain_head
+        SET chain_seq = seq, audit_id = ids[array_upper(ids, 1)], row_hash = prev, updated_at = clock_timestamp();
+    END IF;
+END
+$$;
+
+DROP TRIGGER IF EXISTS audit_log_chain ON gdpr.audit_log;
+CREATE CONSTRAINT TRIGGER audit_log_chain
+    AFTER INSERT ON gdpr.audit_log
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION gdpr.chain_audit_row();
+-- ALWAYS: rows inserted under session_replication_role = replica are chained too.
+ALTER TABLE gdpr.audit_log ENABLE ALWAYS TRIGGER audit_log_chain;
+
+-- v8: an archived original is deleted only once past its purge date (the sweep's purge, any role), or
+-- earlier by an erasure through gdpr.erase_archived_rows, which writes the audit rows of what it destroys
+-- in the same statement. Checked for the engine's role; the archive's owner (and a function it owns)
+-- passes, as it could drop the trigger anyway.
+CREATE OR REPLACE FUNCTION gdpr.guard_archive_delete() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.purge_after <= now()
+       OR current_user = (SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = TG_RELID) THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'gdpr_archive.archived_row: archive row % is kept until %; only an erasure '
+                    '(gdpr.erase_archived_rows, audited) may delete it earlier', OLD.archive_id, OLD.purge_after
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+DROP TRIGGER IF EXISTS archived_row_guard ON gdpr_archive.archived_row;
+CREATE TRIGGER archived_row_guard
+    BEFORE DELETE ON gdpr_archive.archived_row
+    FOR EACH ROW EXECUTE FUNCTION gdpr.guard_archive_delete();
+ALTER TABLE gdpr_archive.archived_row ENABLE ALWAYS TRIGGER archived_row_guard;
+
+-- One person's archived originals that no legal obligation keeps: those of `p_subject_ids`, except the
+-- rows of `p_kept_tables` whose purge date is ahead. One audit row per source table (action
+-- erase_archive, outcome destroyed), in the same statement as the deletion. Returns rows per table.
+CREATE OR REPLACE FUNCTION gdpr.erase_archived_rows(
+    p_subject_ids text[], p_kept_tables text[], p_request_id text, p_subject_hash text,
+    p_dag_id text, p_run_id text, p_task_id text)
+RETURNS TABLE (source_table text, destroyed bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF p_request_id IS NULL OR p_subject_hash IS NULL THEN
+        RAISE EXCEPTION 'gdpr.erase_archived_rows: an erasure names its request id and the subject''s hash'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    WITH gone AS (
+        DELETE FROM gdpr_archive.archived_row AS a
+        WHERE a.subject_id = ANY(p_subject_ids)
+          AND NOT (a.source_table = ANY(coalesce(p_kept_tables, '{}')) AND a.purge_after > now())
+        RETURNING a.source_table
+    ), counted AS (
+        SELECT g.source_table AS tbl, count(*) AS n FROM gone AS g GROUP BY g.source_table
+    ), audited AS (
+        INSERT INTO gdpr.audit_log (dag_id, run_id, task_id, table_name, action, row_count, dry_run, outcome,
+                                    subject_hash, details)
+        SELECT p_dag_id, p_run_id, p_task_id, 'gdpr_archive.archived_row', 'erase_archive', c.n, false, 'destroyed',
+               p_subject_hash, jsonb_build_object('request_id', p_request_id, 'source_table', c.tbl)
+        FROM counted AS c ORDER BY c.tbl
+        RETURNING 1
+    )
+    SELECT c.tbl, c.n FROM counted AS c ORDER BY c.tbl;
+END
+$$;
+REVOKE ALL ON FUNCTION gdpr.erase_archived_rows(text[], text[], text, text, text, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION gdpr.erase_archived_rows(text[], text[], text, text, text, text, text) TO gdpr_engine;
+
+-- v8: a suppression entry is never re-keyed in place. The database cannot check a re-keyed hash (that
+-- needs the pepper, which it must never hold), so a re-keying inserts the entry under the new key and
+-- keeps the old one; lookups hash under every key of the chain and find either. The old entry is only
+-- marked (rekeyed_at, set once) so that the next sync does not hash it again. The engine's role may no
+-- longer change email_hash or key_id; nobody may (the owner included, while the trigger is on).
+ALTER TABLE gdpr.suppression_list ADD COLUMN IF NOT EXISTS rekeyed_at timestamptz;
+REVOKE UPDATE (email_hash, key_id) ON gdpr.suppression_list FROM gdpr_engine;
+GRANT UPDATE (reason, request_id, rekeyed_at) ON gdpr.suppression_list TO gdpr_engine;
+
+CREATE OR REPLACE FUNCTION gdpr.guard_suppression_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF OLD.rekeyed_at IS NULL AND NEW.rekeyed_at IS NOT NULL
+           AND (NEW.email_hash, NEW.key_id, NEW.reason, NEW.source, NEW.request_id, NEW.first_seen)
+               IS NOT DISTINCT FROM (OLD.email_hash, OLD.key_id, OLD.reason, OLD.source, OLD.request_id, OLD.first_seen) THEN
+            RETURN NEW;  -- re-keyed: the entry under the new key was inserted, this one stays
+        END IF;
+        IF OLD.reason = 'opt_out' AND NEW.reason = 'erasure' AND NEW.request_id IS NOT NULL
+           AND (NEW.email_hash, NEW.key_id, NEW.source, NEW.first_seen, NEW.rekeyed_at)
+               IS NOT DISTINCT FROM (OLD.email_hash, OLD.key_id, OLD.source, OLD.first_seen, OLD.rekeyed_at) THEN
+            RETURN NEW;  -- opted out, then erased
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'gdpr.suppression_list is permanent: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'an entry is never deleted nor re-keyed in place; only opt_out -> erasure (reason and request_id) '
+                     'and marking it re-keyed (rekeyed_at, once) are allowed';
+END
+$$;
+
+INSERT INTO gdpr.schema_version (version) VALUES (8) ON CONFLICT (version) DO NOTHING;
+-- end of v8 ==========================================================================================
+
 -- v9: rectification and restriction of processing (GDPR art. 16 and 18) ----------------------------------------
 -- The restrictions in force: one row per restricted person (the keyed hash of the normalised email, or of
 -- 'subject-id:N' for a person known by id only), the subject rows it covers (their ids, as text), and the ids
@@ -446,4 +688,4 @@ END
 $$;
 REVOKE ALL ON FUNCTION gdpr.refuse_restricted_change() FROM PUBLIC;
 
-INSERT INTO gdpr.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7), (9) ON CONFLICT (version) DO NOTHING;
+INSERT INTO gdpr.schema_version (version) VALUES (9) ON CONFLICT (version) DO NOTHING;

@@ -23,6 +23,11 @@
     warehouse-gdpr access unpack REQUEST_ID --out DIR
                                                      decrypt the package gdpr_subject_access wrote for a request
                                                      into DIR (report.pdf, data.json, csv/, manifest.json)
+    warehouse-gdpr audit verify [--url URL] [--policy POLICY | --evidence LOCATION] [--json]
+                                                     recompute the audit log's hash chain and compare its end
+                                                     with the head exported outside the warehouse; exit 0
+                                                     when it holds, 1 naming the first broken row, 2 when
+                                                     it could not be checked. Read rights suffice.
 
 URL defaults to $WAREHOUSE_URL, which keeps a password out of the process list (`ps`) and shell history.
 """
@@ -43,6 +48,7 @@ if TYPE_CHECKING:  # imported where used, so that `warehouse-gdpr policy check` 
     import psycopg
 
     from warehouse_gdpr.engine.audit import RunContext
+    from warehouse_gdpr.engine.auditchain import StoragePath
 
 
 def _schema(_: argparse.Namespace) -> int:
@@ -367,6 +373,81 @@ def _register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evidence_root(args: argparse.Namespace) -> tuple[StoragePath | None, str]:
+    """Where the exported chain heads are: --evidence (a folder, relative to the current directory, or an
+    ObjectStoragePath URL), else the policy's evidence.location (relative: under $AIRFLOW_HOME, as the
+    DAGs resolve it). (None, why) without either."""
+    location = args.evidence
+    if location is None and args.policy:
+        from warehouse_gdpr.airflow.connections import airflow_home
+
+        location = load_policy(args.policy).evidence.location
+        if "://" not in location and not Path(location).expanduser().is_absolute():
+            location = str(airflow_home() / location)
+    if location is None:
+        return None, "no --policy or --evidence given"
+    if "://" in location:
+        from airflow.sdk import ObjectStoragePath
+
+        return ObjectStoragePath(location), location
+    return Path(location).expanduser(), location
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from warehouse_gdpr.engine import auditchain
+    from warehouse_gdpr.engine.catalog import sql_error
+
+    url = args.url or os.environ.get("WAREHOUSE_URL")
+    if not url:
+        print("give --url (or set WAREHOUSE_URL): the warehouse, as any role that may read gdpr.audit_log "
+              "(gdpr_auditor suffices)", file=sys.stderr)
+        return 2
+    try:
+        root, where = _evidence_root(args)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    store = auditchain.PathHeadStore(root) if root is not None else None
+    try:
+        with psycopg.connect(url) as conn:
+            conn.read_only = True  # verifying never writes
+            chain_id = auditchain.read_head(conn).chain_id
+            conn.rollback()
+            exported = store.latest(chain_id) if store else None
+            result = auditchain.verify(conn, exported=exported)
+    except auditchain.ChainUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except psycopg.Error as exc:
+        print(f"the audit chain could not be read: {sql_error(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"the exported heads at {where} could not be read ({type(exc).__name__}: {exc.strerror or exc})",
+              file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**result.as_dict(), "evidence": where if store else None}, indent=2))
+    else:
+        if store is None:
+            head_note = f"Not compared with an exported head ({where}): a truncated tail cannot be seen."
+        elif exported is None:
+            head_note = (f"No head of chain {chain_id} was exported to {where} yet: a truncated tail cannot be seen "
+                         "(every DAG run exports one when it ends).")
+        else:
+            head_note = f"Compared with the last head exported to {where}: {exported.describe()}."
+        if result.ok:
+            print(f"The audit chain {chain_id} holds: {result.rows_checked} row(s) recomputed, positions 1 to "
+                  f"{result.last.chain_seq} (last audit id {result.last.audit_id}, hash {result.last.row_hash}).")
+        print(head_note)
+    if result.broken is not None:
+        print(f"The audit chain {chain_id} is BROKEN at {result.broken.describe()} "
+              f"({result.rows_checked} row(s) before it hold).", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _access_unpack(args: argparse.Namespace) -> int:
     """Decrypt an access package into a new folder (files readable by the current user only)."""
     from warehouse_gdpr.airflow import connections
@@ -474,6 +555,16 @@ def main(argv: list[str] | None = None) -> int:
     unpack.add_argument("--policy",
                         help="the policy file (default: $WAREHOUSE_GDPR_POLICY): its access.location and keys")
     unpack.set_defaults(run=_access_unpack)
+    audit_log = commands.add_parser("audit", help="the audit log's evidence").add_subparsers(
+        dest="action", required=True)
+    verify = audit_log.add_parser("verify", help="recompute the audit log's hash chain (read rights suffice)")
+    verify.add_argument("--url", help="libpq URL of the warehouse, e.g. as a gdpr_auditor member "
+                                      "(default: $WAREHOUSE_URL)")
+    where = verify.add_mutually_exclusive_group()
+    where.add_argument("--policy", help="the policy file: its evidence.location holds the exported heads")
+    where.add_argument("--evidence", help="the exported heads' location: a folder or an ObjectStoragePath URL")
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    verify.set_defaults(run=_audit_verify)
     args = parser.parse_args(argv)
     return int(args.run(args))
 

@@ -36,10 +36,11 @@ def test_dagbag_imports_without_errors(airflow_home: Path) -> None:
     assert {"gdpr", "retention"} <= set(dag.tags)
     order = [t.task_id for t in dag.topological_sort() if t.task_id != "write_register"]
     assert order == ["check_policy", "plan", "apply", "purge_archive", "purge_requests", "purge_access_packages",
-                     "report"]
-    # The register runs beside the sweep: an unfinished register never delays a deletion.
+                     "report", "verify_audit_chain", "audit_chain_failed"]
+    # The register runs beside the sweep: an unfinished register never delays a deletion (only the run's
+    # last check, the audit chain's, follows it).
     assert dag.get_task("write_register").upstream_task_ids == {"check_policy"}
-    assert dag.get_task("write_register").downstream_task_ids == set()
+    assert dag.get_task("write_register").downstream_task_ids == {"verify_audit_chain"}
     assert all(t.retries >= 2 for t in dag.tasks)
     assert set(dag.params.keys()) == {"dry_run", "rules", "confirm_blast_radius"}
 

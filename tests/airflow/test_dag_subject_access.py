@@ -126,7 +126,8 @@ def test_params_have_titles_and_descriptions_and_no_pattern_that_would_echo_a_va
         param = dag.params.get_param(name)
         assert param.schema.get("title") and param.description, name
         assert not {"pattern", "format", "minLength", "maxLength"} & set(param.schema), name
-    assert [t.task_id for t in dag.topological_sort()] == ["validate_request", "targets_to_ask", "preflight", "answer"]
+    assert [t.task_id for t in dag.topological_sort()] == ["validate_request", "targets_to_ask", "preflight", "answer",
+                                                           "verify_audit_chain", "audit_chain_failed"]
 
 
 def test_an_access_request_is_answered_with_a_package_that_unpacks_to_what_is_held(
@@ -140,7 +141,7 @@ def test_an_access_request_is_answered_with_a_package_that_unpacks_to_what_is_he
 
     assert str(dag_run.state) == "success", logs[-4000:]
     assert _states(dag_run) == {"validate_request": "success", "targets_to_ask": "success", "preflight": "success",
-                                "answer": "success"}
+                                "answer": "success", "verify_audit_chain": "success", "audit_chain_failed": "skipped"}
     stored = _xcoms(dag_run)
     answer = stored["answer/return_value"]
     assert set(answer) == {"request_id", "kind", "outcome", "rows", "location", "sha256"}

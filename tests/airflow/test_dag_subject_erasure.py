@@ -438,7 +438,8 @@ def test_an_overdue_request_with_a_pending_target_fails_the_retry_run(
     states = _states(dag_run)
     assert str(dag_run.state) == "failed", "an overdue erasure must make a red run"
     # telephony is down: its preflight fails too (nothing is sent to it); the overdue request fails the run
-    assert states == {"preflight": "failed", "retry_pending": "success", "check_deadlines": "failed"}, states
+    assert states == {"preflight": "failed", "retry_pending": "success", "check_deadlines": "failed",
+                      "verify_audit_chain": "success", "audit_chain_failed": "skipped"}, states
     assert f"request REQ-LATE: target(s) telephony pending, {late} day(s) overdue" in logs
     assert _request(airflow_conns, "REQ-LATE") == ("pending_propagation", "erased")
     with psycopg.connect(airflow_conns) as conn:
@@ -478,7 +479,8 @@ def test_a_notifier_that_cannot_be_imported_keeps_the_dag_and_fails_its_last_tas
     _policy_file(tmp_path, monkeypatch, on_failure_callback="no_such_pager_module:page")
     assert _dag("gdpr_erasure_retry").on_failure_callback is None  # the DAG still loads
     dag_run, logs = _run_dag("gdpr_erasure_retry", {}, caplog, capfd)
-    assert _states(dag_run) == {"preflight": "success", "retry_pending": "success", "check_deadlines": "failed"}
+    assert _states(dag_run) == {"preflight": "success", "retry_pending": "success", "check_deadlines": "failed",
+                                "verify_audit_chain": "success", "audit_chain_failed": "skipped"}
     assert ("erasure.on_failure_callback `no_such_pager_module:page`: module no_such_pager_module cannot be imported"
             in logs)
 

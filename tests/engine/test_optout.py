@@ -334,9 +334,10 @@ def _as_engine(warehouse: str) -> psycopg.Connection:
         ("TRUNCATE gdpr.suppression_list", "permission denied for table suppression_list"),
         ("UPDATE gdpr.suppression_list SET source = 'x'", "permission denied for table suppression_list"),
         ("UPDATE gdpr.suppression_list SET reason = 'opt_out'", "gdpr.suppression_list is permanent: UPDATE refused"),
-        ("UPDATE gdpr.suppression_list SET key_id = 'other'", "gdpr.suppression_list is permanent: UPDATE refused"),
+        # version 8: no grant to change a stored hash or its key (tests/engine/test_control_guards.py)
+        ("UPDATE gdpr.suppression_list SET key_id = 'other'", "permission denied for table suppression_list"),
         ("UPDATE gdpr.suppression_list SET email_hash = 'not-a-hash', key_id = 'other'",
-         "gdpr.suppression_list is permanent: UPDATE refused"),
+         "permission denied for table suppression_list"),
     ],
 )
 def test_the_engine_cannot_remove_or_alter_an_entry(
@@ -385,11 +386,15 @@ def test_rotation_keeps_lookups_working(conn, warehouse: str, policy: Policy, ke
     result = optout.rekey(conn, keys2, CTX)
 
     assert (result["rekeyed"], result["superseded"]) == (total, 0)
+    # Every old entry stays (the database refuses any change of a stored hash), marked re-keyed.
     assert dict(conn.execute("SELECT key_id, count(*) FROM gdpr.suppression_list GROUP BY 1").fetchall()) == {
-        "pepper-2": total}
+        keys.hmac_key_id: total, "pepper-2": total}
+    assert _count(conn, "SELECT count(*) FROM gdpr.suppression_list WHERE key_id = %s AND rekeyed_at IS NOT NULL",
+                  keys.hmac_key_id) == total
     conn.rollback()
     assert _entry(conn, keys2.subject_hash(resurrect_email)) == ("pepper-2", "erasure", "erasure_request", "REQ-ROT-1")
-    assert _entry(conn, keys.subject_hash(resurrect_email)) is None
+    assert _entry(conn, keys.subject_hash(resurrect_email)) == (keys.hmac_key_id, "erasure", "erasure_request",
+                                                                "REQ-ROT-1")
     assert _suppressed(conn, keys2, "rot.optout@example.example")
     assert optout.rekey(conn, keys2, CTX)["rekeyed"] == 0
 
@@ -445,7 +450,10 @@ def test_a_person_listed_under_both_keys_is_rekeyed_once(conn, policy: Policy, k
     with spool:
         shared = spool.read().decode().split()
     assert keys.subject_hash(email) not in shared and keys2.subject_hash(email) in shared
-    assert count == len(shared) == _count(conn, "SELECT count(*) FROM gdpr.suppression_list") - 1
+    # Shared: one entry per person, under the current key (the old entries stay, re-keyed or superseded).
+    assert count == len(shared) == _count(conn, "SELECT count(*) FROM gdpr.suppression_list WHERE key_id = 'pepper-2'")
+    assert _count(conn, "SELECT count(*) FROM gdpr.suppression_list WHERE key_id <> 'pepper-2'"
+                        " AND rekeyed_at IS NULL") == 0
     assert _suppressed(conn, keys2, email)
 
 
@@ -656,7 +664,8 @@ def test_a_100k_entry_sync_is_set_based(conn, policy: Policy, key_extra: dict[st
     assert result.collect["added"] == n
     assert result.collect["by_source"] == {"do_not_contact_flag": n - n // 10, "unsubscribe_activity": n // 10}
     assert result.enforce["flagged"] == n // 10
-    listed = _count(conn, "SELECT count(*) FROM gdpr.suppression_list")
+    # (the entries of the first sync re-keyed to pepper-2 stay under pepper-1 too: not shared, not re-keyed again)
+    listed = _count(conn, "SELECT count(*) FROM gdpr.suppression_list WHERE key_id = 'pepper-2'")
     assert listed > n
     assert result.share[0]["hashes"] == listed and result.share[0]["batches"] == -(-listed // 1000)
     assert len(downstream.emailing.blocklist_hashes()) >= listed

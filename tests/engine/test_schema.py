@@ -16,13 +16,10 @@ import pytest
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from warehouse_gdpr.engine import audit, schema
+from warehouse_gdpr.engine import audit, auditchain, schema
 from warehouse_gdpr.engine.sqlfiles import read_sql
 
 CTX = audit.RunContext(dag_id="gdpr_retention_sweep", run_id="manual__test", task_id="apply")
-# The versions an installed warehouse records: version 8 is the audit chain's (branch auditchain), not in this
-# branch, whose DDL is version 9 (rectification and restriction); the merge renumbers.
-VERSIONS = [v for v in range(1, schema.SCHEMA_VERSION + 1) if v != 8]
 
 
 def _url(url: str, *, user: str | None = None, dbname: str | None = None) -> str:
@@ -105,7 +102,8 @@ def test_ensure_schema_on_an_installed_warehouse_does_nothing(conn: psycopg.Conn
     assert schema.installed_version(conn) == schema.SCHEMA_VERSION
     assert schema.ensure_schema(conn) is False
     assert schema.ensure_schema(conn) is False
-    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == VERSIONS
+    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(
+        range(1, schema.SCHEMA_VERSION + 1))
 
 
 def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
@@ -126,7 +124,7 @@ def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
         assert tables == {
             "gdpr.schema_version", "gdpr.audit_log", "gdpr_archive.archived_row",
             "gdpr.suppression_list", "gdpr.request", "gdpr.erasure_propagation", "gdpr.quarantine",
-            "gdpr.processing_register", "gdpr.restriction",
+            "gdpr.processing_register", "gdpr.audit_chain_head", "gdpr.restriction",
         }
         views = {r[0] for r in other.execute(
             "SELECT schemaname || '.' || viewname FROM pg_views WHERE schemaname = 'gdpr'")}
@@ -142,12 +140,13 @@ def test_running_the_ddl_file_again_by_hand_keeps_everything(conn: psycopg.Conne
         conn.execute(read_sql("gdpr_schema.sql"))  # type: ignore[arg-type]
     assert _count(conn, "gdpr.audit_log") == 1
     assert _count(conn, "gdpr_archive.archived_row") == 1
-    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == VERSIONS
+    assert conn.execute("SELECT array_agg(version) FROM gdpr.schema_version").fetchone()[0] == list(
+        range(1, schema.SCHEMA_VERSION + 1))
     triggers = conn.execute(
         "SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'gdpr.audit_log'::regclass AND NOT tgisinternal"
         " ORDER BY tgname"
     ).fetchall()
-    assert triggers == [("audit_log_no_truncate", "A"), ("audit_log_no_update_delete", "A")]
+    assert triggers == [("audit_log_chain", "A"), ("audit_log_no_truncate", "A"), ("audit_log_no_update_delete", "A")]
     assert schema.ensure_schema(conn) is False
 
 
@@ -176,12 +175,12 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
 
 
 DATA = Path(__file__).parent / "data"
-PREVIOUS = 7  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v7.sql
+PREVIOUS = 8  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v8.sql
 
 
 def _install_version(conn: psycopg.Connection, version: int) -> None:
     """The control schema exactly as release `version` installed it (its DDL frozen in tests/engine/data)."""
-    assert schema.SCHEMA_VERSION == PREVIOUS + 2, "freeze the previous version's DDL in tests/engine/data"
+    assert schema.SCHEMA_VERSION == PREVIOUS + 1, "freeze the previous version's DDL in tests/engine/data"
     with conn.transaction():
         conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
         conn.execute((DATA / f"gdpr_schema_v{version}.sql").read_text(encoding="utf-8"))  # type: ignore[arg-type]
@@ -226,6 +225,9 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
     assert schema.installed_version(dag_conn) == schema.SCHEMA_VERSION
     assert dag_conn.execute("SELECT to_regclass('gdpr_archive.archived_row_subject_idx')").fetchone()[0] is not None
     assert _count(conn, "gdpr.audit_log") == 1
+    conn.commit()
+    chained = auditchain.verify(conn)  # version 8: the installed warehouse's audit rows are chained
+    assert chained.ok and chained.rows_checked == 1
     assert schema.ensure_schema(dag_conn) is False  # the DAGs go on as the engine
     with dag_conn.transaction():  # with the grants of the current version
         dag_conn.execute(
@@ -574,8 +576,13 @@ def test_engine_is_denied_by_grants(engine: psycopg.Connection, statement: str) 
 def test_engine_may_archive_and_purge(engine: psycopg.Connection) -> None:
     _add_archive_row(engine)
     assert _count(engine, "gdpr_archive.archived_row") == 1
-    with engine.transaction():
-        assert engine.execute("DELETE FROM gdpr_archive.archived_row").rowcount == 1
+    with engine.transaction():  # a row past its purge date (before it: tests/engine/test_control_guards.py)
+        engine.execute(
+            "INSERT INTO gdpr_archive.archived_row (source_table, source_pk, subject_id, rule, purge_after, key_id,"
+            " nonce, ciphertext) VALUES ('crm.contacts', '2', '2', 'former_clients', now() - interval '1 day',"
+            " 'archive-1', '\\x00'::bytea, '\\x01'::bytea)")
+        assert engine.execute("DELETE FROM gdpr_archive.archived_row WHERE purge_after <= now()").rowcount == 1
+    assert _count(engine, "gdpr_archive.archived_row") == 1
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +306,15 @@ def test_plan_changes_nothing(conn, policy: Policy) -> None:
     assert _count(conn, "SELECT count(*) FROM gdpr_archive.archived_row") == 0
 
 
+def _advance(conn: psycopg.Connection, by: timedelta) -> datetime:
+    """As if `by` had passed, for the archive: every purge date moved back by `by` (as the owner). Returns
+    the database's now."""
+    conn.execute("UPDATE gdpr_archive.archived_row SET purge_after = purge_after - %s", (by,))
+    now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+    conn.commit()
+    return now  # type: ignore[no-any-return]
+
+
 def test_purge_archive_after_its_own_period(conn, policy: Policy, keys: Keys) -> None:
     cid = _former_client(conn)
     invoice = _invoice(conn, cid, THREE_YEARS_BEFORE - timedelta(days=100))  # 2023-03-07: kept until 2033-03-07
@@ -326,11 +335,16 @@ def test_purge_archive_after_its_own_period(conn, policy: Policy, keys: Keys) ->
     conn.commit()
 
     purge_ctx = RunContext("test_sweep", "purge", "purge_archive")
-    assert sweep.purge_archive(conn, purge_ctx, "2033-03-01T00:00:00+00:00", 1000) == 0
+    # The database's clock decides too (control schema v8): an as_of ahead of it purges nothing early.
+    assert sweep.purge_archive(conn, purge_ctx, "2099-01-01T00:00:00+00:00", 1000) == 0
+    # Ten years on, as the database sees it: every purge date moved back until 2033-03-08 is now.
+    today = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+    now = _advance(conn, datetime(2033, 3, 8, tzinfo=timezone.utc) - today)
+    assert sweep.purge_archive(conn, purge_ctx, (now - timedelta(days=7)).isoformat(), 1000) == 0
     dry = RunContext("test_sweep", "purge-dry", "purge_archive", dry_run=True)
-    assert sweep.purge_archive(conn, dry, "2033-03-08T00:00:00+00:00", 1000) == 1
+    assert sweep.purge_archive(conn, dry, now.isoformat(), 1000) == 1
     assert len(_archive_of(conn, cid)) == 2
-    assert sweep.purge_archive(conn, purge_ctx, "2033-03-08T00:00:00+00:00", 100) == 1
+    assert sweep.purge_archive(conn, purge_ctx, now.isoformat(), 100) == 1
     assert set(_archive_of(conn, cid)) == {("crm.contacts", str(cid))}
     row = conn.execute("SELECT key_id, nonce, ciphertext FROM gdpr_archive.archived_row"
                        " WHERE source_table = 'crm.contacts' AND source_pk = %s", (str(cid),)).fetchone()
@@ -338,8 +352,9 @@ def test_purge_archive_after_its_own_period(conn, policy: Policy, keys: Keys) ->
     assert row is not None
     assert json.loads(keys.decrypt(row[0], row[1], row[2], archive_aad("crm.contacts", str(cid), row[0]))) == (
         json.loads(contact_json))
-    assert sweep.purge_archive(conn, purge_ctx, "2036-06-15T00:00:00+00:00", 100) == 0  # not before its date
-    assert sweep.purge_archive(conn, purge_ctx, "2036-06-16T00:00:00+00:00", 100) == 1
+    now = _advance(conn, datetime(2036, 6, 16, tzinfo=timezone.utc) - datetime(2033, 3, 8, tzinfo=timezone.utc))
+    assert sweep.purge_archive(conn, purge_ctx, (now - timedelta(days=2)).isoformat(), 100) == 0  # not before its date
+    assert sweep.purge_archive(conn, purge_ctx, now.isoformat(), 100) == 1
     assert _archive_of(conn, cid) == {}
     assert _audited(conn, "purge", "purge_archive", "gdpr_archive.archived_row") == 2
 

@@ -21,6 +21,7 @@ from warehouse_gdpr.engine.errors import ConfigurationError
 from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
 
 if TYPE_CHECKING:
+    from warehouse_gdpr.engine.auditchain import PathHeadStore
     from warehouse_gdpr.engine.catalog import CatalogReport
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,23 @@ def policy_path() -> Path:
 def airflow_home() -> Path:
     """$AIRFLOW_HOME (where relative output paths of the policy go), else ~/airflow like Airflow itself."""
     return Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
+
+
+def evidence_store(policy: Policy) -> PathHeadStore:
+    """The policy's `evidence.location` as an `airflow.sdk.ObjectStoragePath` (a URL as given; a folder
+    as a file:// URL, a relative one under $AIRFLOW_HOME), behind the engine's head-store interface."""
+    from airflow.sdk import ObjectStoragePath
+
+    from warehouse_gdpr.airflow.storage import root_url
+    from warehouse_gdpr.engine.auditchain import PathHeadStore
+
+    return PathHeadStore(ObjectStoragePath(root_url(policy.evidence.location, airflow_home())))
+
+
+def policy_pinned(context: Any) -> bool:
+    """Whether the run's first task validated and pinned a policy (`run_policy`)."""
+    first = [t.task_id for t in context["dag"].roots]
+    return any(context["ti"].xcom_pull(task_ids=task_id, key=PIN_KEY) for task_id in first)
 
 
 def connect(policy: Policy) -> psycopg.Connection:

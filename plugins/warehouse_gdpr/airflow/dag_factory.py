@@ -11,7 +11,12 @@ form and the erasure retry settings; nothing touches a database or the network. 
 not load still gives DAGs (default schedules), so they stay visible: the reason is logged at ERROR
 when the file is parsed (the dag-processor log) and their first task fails with it.
 Without a path, $WAREHOUSE_GDPR_POLICY names the file (`connections.policy_path`).
-Task bodies live in airflow/tasks/sweep.py, erasure.py, optout.py and access.py.
+Task bodies live in airflow/tasks/sweep.py, erasure.py, optout.py, access.py and evidence.py.
+
+Every DAG ends with `verify_audit_chain` (airflow/tasks/evidence.py), a teardown task: it runs once the
+run's other tasks are done, whatever their outcome, verifies the audit chain and exports its head. As
+a teardown it leaves the run's state to the other tasks; `audit_chain_failed`, after it, fails the run
+when it failed.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from typing import Any
 
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, Param, XComArg, dag, get_current_context, task, task_group
+from airflow.sdk.exceptions import AirflowFailException
 
 from warehouse_gdpr.airflow import connections
 from warehouse_gdpr.airflow.tasks import access as access_tasks
 from warehouse_gdpr.airflow.tasks import erasure as erasure_tasks
+from warehouse_gdpr.airflow.tasks import evidence as evidence_tasks
 from warehouse_gdpr.airflow.tasks import optout as optout_tasks
 from warehouse_gdpr.airflow.tasks import rectification as rectification_tasks
 from warehouse_gdpr.airflow.tasks import restriction as restriction_tasks
@@ -70,6 +77,25 @@ def _notifier(policy: Policy | None) -> Callable[[Any], Any] | None:
     except ValueError as exc:
         log.error("%s", exc)
         return None
+
+
+def _verify_audit_chain(policy_file: str, leaves: list[Any], whole_chain: bool = False) -> None:
+    """The run's last tasks: `verify_audit_chain` after `leaves` (the tasks nothing else follows), as a
+    teardown, and `audit_chain_failed`, which fails the run when the verification failed (a teardown's
+    own failure does not; see the module docstring). `whole_chain`: recompute every row, not only those
+    since the previous exported head."""
+
+    @task
+    def verify_audit_chain(policy_file: str) -> dict:
+        return evidence_tasks.verify_audit_chain(policy_file, get_current_context(), whole_chain=whole_chain)
+
+    @task(trigger_rule="one_failed")
+    def audit_chain_failed() -> None:
+        raise AirflowFailException("verify_audit_chain failed (see its log): the audit chain is broken or could "
+                                   "not be verified, so this run fails")
+
+    verified = verify_audit_chain(policy_file).as_teardown()
+    leaves >> verified >> audit_chain_failed()
 
 
 def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
@@ -147,13 +173,15 @@ def build_retention_sweep(policy_file: str | Path | None = None) -> DAG:
             return sweep_tasks.write_register(checked, get_current_context())
 
         checked = check_policy(path)
-        write_register(resolved(checked))
+        registered = write_register(resolved(checked))
         plans = plan(resolved(checked))
         applied = apply(resolved(checked), resolved(plans))
         purged = purge_archive(resolved(checked), resolved(applied))
         requests_purged = purge_requests(resolved(checked), resolved(purged))
         packages_purged = purge_access_packages(resolved(checked), resolved(requests_purged))
-        report(resolved(checked), resolved(packages_purged))
+        # The weekly sweep recomputes the whole chain (an old row edited shows within a week); the other
+        # DAGs the rows since the previous exported head.
+        _verify_audit_chain(path, [report(resolved(checked), resolved(packages_purged)), registered], whole_chain=True)
 
     return gdpr_retention_sweep()
 
@@ -257,7 +285,9 @@ def build_subject_erasure(policy_file: str | Path | None = None) -> DAG:
         # verify runs once every propagation is done, whatever its result (it certifies or names the pending
         # targets), and only when erase succeeded (an erasure refused by erase has nothing to verify).
         propagation_done = EmptyOperator(task_id="propagation_done", trigger_rule="all_done")
-        propagated >> propagation_done >> verify(path, resolved(erased))
+        certified = verify(path, resolved(erased))
+        propagated >> propagation_done >> certified
+        _verify_audit_chain(path, [certified])
 
     return gdpr_subject_erasure()
 
@@ -337,7 +367,9 @@ def build_subject_access(policy_file: str | Path | None = None) -> DAG:
 
         checked = validate_request(path)
         asked = preflight.partial(policy_file=path).expand(target=targets_to_ask(resolved(checked)))
-        asked >> answer(path, resolved(checked))
+        answered = answer(path, resolved(checked))
+        asked >> answered
+        _verify_audit_chain(path, [answered])
 
     return gdpr_subject_access()
 
@@ -389,7 +421,7 @@ def build_erasure_retry(policy_file: str | Path | None = None, dag_id: str = RET
 
         retried = retry_pending(path)
         preflight(path) >> retried
-        check_deadlines(path, resolved(retried))
+        _verify_audit_chain(path, [check_deadlines(path, resolved(retried))])
 
     return gdpr_erasure_retry()
 
@@ -463,7 +495,9 @@ def build_optout_sync(policy_file: str | Path | None = None) -> DAG:
         enforced = enforce(resolved(checked), resolved(guarded))
         shared = share.partial(policy_file=path).expand(target=share_targets(resolved(checked), resolved(enforced)))
         exported = export(resolved(checked), resolved(enforced))
-        [shared, exported] >> report(resolved(checked))
+        reported = report(resolved(checked))
+        [shared, exported] >> reported
+        _verify_audit_chain(path, [reported])
 
     return gdpr_optout_sync()
 
@@ -517,7 +551,8 @@ def build_subject_rectification(policy_file: str | Path | None = None) -> DAG:
         rectified = rectify(path, resolved(checked))
         if policy and policy.rectification.approval_required:
             checked >> _approval("rectification") >> rectified
-        _downstream(path, policy, rectified, lambda done: verify(path, resolved(done)))
+        verified = _downstream(path, policy, rectified, lambda done: verify(path, resolved(done)))
+        _verify_audit_chain(path, [verified])
 
     return gdpr_subject_rectification()
 
@@ -564,7 +599,8 @@ def build_subject_restriction(policy_file: str | Path | None = None) -> DAG:
             return restriction_tasks.verify(policy_file, get_current_context())
 
         applied = apply(path, resolved(validate_request(path)))
-        _downstream(path, policy, applied, lambda done: verify(path, resolved(done)))
+        verified = _downstream(path, policy, applied, lambda done: verify(path, resolved(done)))
+        _verify_audit_chain(path, [verified])
 
     return gdpr_subject_restriction()
 
@@ -606,9 +642,10 @@ def _approval(kind: str) -> Any:
     )
 
 
-def _downstream(path: str, policy: Policy | None, done: XComArg, then: Callable[[XComArg], XComArg]) -> None:
+def _downstream(path: str, policy: Policy | None, done: XComArg, then: Callable[[XComArg], XComArg]) -> XComArg:
     """done -> downstream[target] (preflight -> propagate, erasure's tasks: one outbox for every kind) ->
-    propagation_done (whatever their result) -> then(done), which runs only when `done` succeeded."""
+    propagation_done (whatever their result) -> then(done), which runs only when `done` succeeded; returns
+    then's task."""
     settings = policy.erasure if policy else None
     retry: dict[str, Any] = {
         "retries": settings.retries if settings else 5,
@@ -636,7 +673,9 @@ def _downstream(path: str, policy: Policy | None, done: XComArg, then: Callable[
 
     propagated = downstream.expand(target=targets_to_notify(resolved(done)))
     propagation_done = EmptyOperator(task_id="propagation_done", trigger_rule="all_done")
-    propagated >> propagation_done >> then(done)
+    last = then(done)
+    propagated >> propagation_done >> last
+    return last
 
 
 def build_all(policy_file: str | Path | None = None) -> dict[str, DAG]:

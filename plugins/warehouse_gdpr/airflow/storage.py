@@ -15,7 +15,8 @@ from warehouse_gdpr.transport import StoreError
 
 
 def root_url(location: str, home: Path) -> str:
-    """The ObjectStoragePath URL of a policy's `access.location` (a folder becomes a `file://` URL)."""
+    """The ObjectStoragePath URL of a policy's `access.location` or `evidence.location` (a folder becomes a
+    `file://` URL)."""
     if "://" in location:
         return location.rstrip("/")
     path = Path(location).expanduser()

@@ -463,7 +463,7 @@ def erase(
             # Restricted by a hold: kept_when_held tables stay. Restricted only by archived originals a legal
             # obligation keeps: every live row goes.
             result.rows = delete_everywhere(conn, policy, persons, restricted=bool(holds))
-            result.archive = _archive_summary(located, _destroy_archive(conn, located))
+            result.archive = _archive_summary(located, _destroy_archive(conn, ctx, request, located))
         if result.outcome == "erased":
             _end_restriction(conn, policy, keys, ctx, request, located)
         _record_everything(conn, keys, ctx, request, located, result, holds)
@@ -647,18 +647,19 @@ def delete_everywhere(conn: psycopg.Connection, policy: Policy, persons: matcher
     return counts
 
 
-def _destroy_archive(conn: psycopg.Connection, located: Located) -> dict[str, int]:
+def _destroy_archive(conn: psycopg.Connection, ctx: RunContext, request: ErasureRequest,
+                     located: Located) -> dict[str, int]:
     """Delete the person's archived originals that no legal obligation keeps (as `locate` found them);
-    returns rows destroyed per source table. Runs in the caller's transaction."""
+    returns rows destroyed per source table. Runs in the caller's transaction, through the control
+    schema's gdpr.erase_archived_rows: the only way to delete an archive row before its purge date, it
+    writes the audit rows (erase_archive, destroyed) in the same statement."""
     destroy = [a.source_table for a in located.archive if not a.obligation]
     if not destroy:
         return {}
     kept = [a.source_table for a in located.kept_archive]
     rows = conn.execute(
-        "WITH gone AS (DELETE FROM gdpr_archive.archived_row WHERE subject_id = ANY(%s)"
-        " AND NOT (source_table = ANY(%s) AND purge_after > now()) RETURNING source_table)"
-        " SELECT source_table, count(*) FROM gone GROUP BY 1 ORDER BY 1",
-        (located.archive_ids, kept),
+        "SELECT source_table, destroyed FROM gdpr.erase_archived_rows(%s, %s, %s, %s, %s, %s, %s)",
+        (located.archive_ids, kept, request.request_id, located.subject_hash, ctx.dag_id, ctx.run_id, ctx.task_id),
     ).fetchall()
     return {table: int(n) for table, n in rows}
 
@@ -671,12 +672,8 @@ def _archive_summary(located: Located, destroyed: dict[str, int]) -> dict[str, A
 
 
 def _audit_archive(conn: psycopg.Connection, ctx: RunContext, result: ErasureResult) -> None:
-    """One audit row per source table of the person's archive: rows destroyed, and rows kept with the
-    obligation and the date until which they are kept."""
-    for table, n in result.archive.get("destroyed", {}).items():
-        audit.record(conn, ctx, action="erase_archive", outcome="destroyed", table="gdpr_archive.archived_row",
-                     row_count=n, subject_hash=result.subject_hash,
-                     details={"request_id": result.request_id, "source_table": table})
+    """One audit row per source table of the person's archive kept by a legal obligation, with the
+    obligation and the date until which it is kept (the rows destroyed were audited as they went)."""
     for kept in result.archive.get("kept", []):
         audit.record(conn, ctx, action="erase_archive", outcome="kept", table="gdpr_archive.archived_row",
                      row_count=kept["rows"], subject_hash=result.subject_hash,

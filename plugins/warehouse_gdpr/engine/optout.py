@@ -54,16 +54,21 @@ The trade-offs:
   * Retired peppers can never be deleted: a lookup starts with the oldest one. Keep `hmac_chain` in
     the same secrets backend as the current pepper and back it up: losing any pepper of the chain
     makes the whole list unusable.
-  * The gain: once re-keyed, the stored hashes can only be tested against guessed emails by someone
-    holding every pepper of the chain; a leaked old pepper alone is no longer enough. Copies taken
-    before the rotation (backups, exports, downstream lists) stay as exposed as they were: rotation
-    protects the future, not past copies.
+  * The gain: entries written after a rotation, and the re-keyed copies, can only be tested against
+    guessed emails by someone holding every pepper of the chain; a leaked old pepper alone is not
+    enough for them. The entries written before the rotation are kept as they were (below), as are
+    copies taken before it (backups, exports, downstream lists): rotation protects the future.
   * Hashes shared or exported before the rotation become stale; the next share pushes the re-keyed
     list, and downstream tools must replace their list rather than merge it.
-  * Re-keying updates entries in place (email_hash and key_id only; a trigger refuses any other change
-    and any deletion). If one person ended up listed under both an old and the current key (erased
-    between the rotation and the next sync), the old entry is left as it is ("superseded"), counted in
-    the audit, and excluded from shares and exports; lookups find the person either way.
+  * Re-keying inserts the entry under the current key and keeps the old one (marked `rekeyed_at`).
+    The control schema refuses every change of a stored hash, and any deletion, to the engine's role
+    (issue 15): a re-keyed hash cannot be checked by the database (it would need the pepper), so a
+    job allowed to re-key in place could take anyone off the "permanent" list with a random value.
+    The price: entries written under a retired pepper stay, so that pepper leaking still exposes them
+    to a dictionary attack (the gain above holds for entries written after the rotation). Old entries,
+    and an old entry of a person also listed under the current key (erased between the rotation and
+    the next sync, "superseded"), are excluded from shares and exports; lookups find the person
+    through any of them.
   * Audit rows and erasure requests keep the hash of the key current when they were written (they are
     append-only): ``Keys.subject_hashes(email)[key_id]`` finds them.
   * Cost: one HMAC per retired key per hashed email (microseconds), and one pass over the list per
@@ -236,7 +241,9 @@ def _dry_run_record(conn: psycopg.Connection, ctx: RunContext, **record: Any) ->
 
 
 def rekey(conn: psycopg.Connection, keys: Keys, ctx: RunContext) -> dict[str, Any]:
-    """Bring every entry stored under an earlier pepper of the chain to the current key (one pass).
+    """Bring every entry stored under an earlier pepper of the chain to the current key (one pass): the
+    entry under the current key is inserted and the old one stays, marked `rekeyed_at` (the control
+    schema refuses any change of a stored hash: the database cannot check one, see the module doc).
 
     Raises KeyConfigError (nothing changed) when the list holds a key id the keys connection does not know.
     """
@@ -250,30 +257,35 @@ def rekey(conn: psycopg.Connection, keys: Keys, ctx: RunContext) -> dict[str, An
                 f"the suppression list holds entries under key id(s) the keys connection does not list: {unknown}; "
                 "add the retired pepper(s) to hmac_chain (oldest first) and run again"
             )
-        stale = {k: n for k, n in by_key.items() if k != current}
+        pending: dict[str, int] = dict(conn.execute(
+            f"SELECT key_id, count(*) FROM {LIST} WHERE rekeyed_at IS NULL GROUP BY key_id ORDER BY key_id").fetchall())
+        stale = {k: n for k, n in pending.items() if k != current}
         result = {"key_id": current, "stale": stale, "rekeyed": 0, "superseded": 0}
         if not stale:
             _finish(conn, ctx, tx, action="rekey", outcome="nothing_to_rekey", table=LIST, details=result)
             return result
         with _spool() as spool:
             for stored, key_id in _copy_rows(conn, sql.SQL(
-                    "COPY (SELECT email_hash, key_id FROM {l} WHERE key_id <> {c}) TO STDOUT").format(
+                    "COPY (SELECT email_hash, key_id FROM {l} WHERE key_id <> {c} AND rekeyed_at IS NULL)"
+                    " TO STDOUT").format(
                     l=candidates.qualified(LIST), c=sql.Literal(current))):
                 spool.write(b"%s\t%s\n" % (stored, keys.rekey(_text(stored), _text(key_id)).encode()))
             conn.execute("DROP TABLE IF EXISTS _gdpr_optout_rekey")
             conn.execute("CREATE TEMP TABLE _gdpr_optout_rekey (old_hash text PRIMARY KEY, new_hash text NOT NULL)"
                          " ON COMMIT DROP")
             _copy_in(conn, sql.SQL("COPY _gdpr_optout_rekey (old_hash, new_hash) FROM STDIN"), spool)
-        # One entry per person: an entry already under the current key wins, then an erasure entry,
-        # then the oldest. The others stay as they are (superseded).
+        # One entry per person under the current key: one already there wins, then an erasure entry, then
+        # the oldest (the others are "superseded"). Every old entry stays, marked re-keyed.
         rekeyed = conn.execute(
-            f"WITH pick AS (SELECT DISTINCT ON (r.new_hash) r.old_hash, r.new_hash"
-            f" FROM _gdpr_optout_rekey r JOIN {LIST} l ON l.email_hash = r.old_hash"
+            f"WITH pick AS (SELECT DISTINCT ON (r.new_hash) r.new_hash, l.reason, l.source, l.request_id,"
+            f" l.first_seen FROM _gdpr_optout_rekey r JOIN {LIST} l ON l.email_hash = r.old_hash"
             f" WHERE NOT EXISTS (SELECT 1 FROM {LIST} x WHERE x.email_hash = r.new_hash)"
             f" ORDER BY r.new_hash, l.reason = 'erasure' DESC, l.first_seen, r.old_hash),"
-            f" moved AS (UPDATE {LIST} l SET email_hash = p.new_hash, key_id = %s FROM pick p"
-            f" WHERE l.email_hash = p.old_hash RETURNING 1)"
-            f" SELECT count(*) FROM moved",
+            f" added AS (INSERT INTO {LIST} (email_hash, key_id, reason, source, request_id, first_seen)"
+            f" SELECT new_hash, %s, reason, source, request_id, first_seen FROM pick RETURNING 1),"
+            f" marked AS (UPDATE {LIST} l SET rekeyed_at = now() FROM _gdpr_optout_rekey r"
+            f" WHERE l.email_hash = r.old_hash)"
+            f" SELECT count(*) FROM added",
             (current,),
         ).fetchone()[0]  # type: ignore[index]
         result["rekeyed"] = rekeyed
@@ -385,7 +397,8 @@ def _find_resurrected(conn: psycopg.Connection, policy: Policy, as_of: str) -> t
             " WHERE (r.request_id IS NULL OR r.outcome IN ('erased', 'not_found'))"
             "  AND NOT EXISTS (SELECT 1 FROM gdpr.quarantine q"
             "   WHERE q.subject_table = %(table)s AND q.subject_id = h.subject_id::text)"
-            " ORDER BY h.subject_id, l.first_seen"
+            # the oldest erasure entry; of an entry and its re-keyed copy (same first_seen), the current key's
+            " ORDER BY h.subject_id, l.first_seen, h.current DESC"
         ).format(res=RESURRECTED, holds=candidates.holds_array(policy.holds), stage=HASH_STAGE,
                  l=candidates.qualified(LIST), t=candidates.qualified(subject.table),
                  pk=sql.Identifier(subject.primary_key)),

@@ -851,6 +851,27 @@ class Access(_Model):
         return value
 
 
+class Evidence(_Model):
+    """Evidence kept outside the warehouse, where its owner cannot rewrite it."""
+
+    location: str = Field(
+        default="gdpr_evidence",
+        min_length=1,
+        max_length=1000,
+        description="where every DAG run exports the audit chain's head (its last audit id and hash) and "
+        "`warehouse-gdpr audit verify` reads it: a folder (a relative path is under `$AIRFLOW_HOME`) or an "
+        "`airflow.sdk.ObjectStoragePath` URL such as `s3://aws_default@bucket/gdpr` (the Airflow connection id "
+        "before `@`); shared by every worker, and not writable by the warehouse's owner",
+    )
+
+    @field_validator("location")
+    @classmethod
+    def _location(cls, value: str) -> str:
+        if value != value.strip() or "\n" in value or "\x00" in value:
+            raise ValueError("a folder or a URL, without surrounding spaces or control characters")
+        return value
+
+
 # --- Article 30 register of processing activities (register.py renders it) -----------------------
 # Every field has a default so that an unfinished register never stops a sweep or an erasure from
 # loading the policy; `register.problems` names what is missing and generating the register
@@ -1041,6 +1062,9 @@ class Policy(_Model):
     )
     processing_register: Annotated[Register | None, WrapValidator(_tolerate_register)] = Field(
         default=None, description="the register of processing activities (GDPR art. 30)"
+    )
+    evidence: Evidence = Field(
+        default_factory=Evidence, description="evidence kept outside the warehouse: the audit chain's exported heads"
     )
 
     @model_validator(mode="after")

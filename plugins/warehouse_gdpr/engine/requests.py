@@ -147,7 +147,8 @@ def register(
     _check_kind(kind)
     _check_request_id(request_id)
     if (kind == "rectification") != bool(changes):
-        raise RequestStoreError("a rectification request needs its changes (column=new value), and only a "
+        raise RequestStoreError("a rectification request needs its changes (column=new value: `warehouse-gdpr request "
+                                "new --kind rectification` reads them on stdin after the identifier), and only a "
                                 "rectification request takes changes: nothing was changed")
     email, subject_id = parse_identifier(identifier)
     if received_at > today:

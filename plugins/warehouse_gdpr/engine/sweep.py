@@ -492,10 +492,13 @@ def _archive_rows(
 
 
 def purge_archive(conn: psycopg.Connection, ctx: RunContext, as_of: str, batch_size: int) -> int:
-    """Delete archive rows whose own retention ended, in batches, each with its audit row."""
+    """Delete archive rows whose own retention ended, in batches, each with its audit row. Ended by `as_of`
+    and by the database's clock: the control schema refuses the engine's role the deletion of a row before
+    its purge date (an erasure goes through gdpr.erase_archived_rows)."""
     if ctx.dry_run:
         n = conn.execute(
-            "SELECT count(*) FROM gdpr_archive.archived_row WHERE purge_after < %s::timestamptz", (as_of,)
+            "SELECT count(*) FROM gdpr_archive.archived_row WHERE purge_after < least(%s::timestamptz, now())",
+            (as_of,)
         ).fetchone()[0]  # type: ignore[index]
         with conn.transaction():
             audit.record(conn, ctx, action="purge_archive", outcome="dry_run", table="gdpr_archive.archived_row",
@@ -506,7 +509,7 @@ def purge_archive(conn: psycopg.Connection, ctx: RunContext, as_of: str, batch_s
         with conn.transaction():
             rows = conn.execute(
                 "DELETE FROM gdpr_archive.archived_row WHERE archive_id IN ("
-                " SELECT archive_id FROM gdpr_archive.archived_row WHERE purge_after < %s::timestamptz"
+                " SELECT archive_id FROM gdpr_archive.archived_row WHERE purge_after < least(%s::timestamptz, now())"
                 " ORDER BY archive_id LIMIT %s) RETURNING rule",
                 (as_of, batch_size),
             ).fetchall()
