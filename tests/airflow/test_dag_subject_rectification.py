@@ -191,3 +191,32 @@ def test_the_rectification_params_have_titles_and_the_retry_dag_keeps_its_former
     old, new = _dag("gdpr_erasure_retry"), _dag("gdpr_propagation_retry")
     assert [t.task_id for t in old.tasks] == [t.task_id for t in new.tasks]
     assert old.is_paused_upon_creation is True and "deprecated" in old.tags
+
+
+def test_an_overdue_rectification_with_a_target_pending_fails_the_retry_run(
+    airflow_home: Path, airflow_conns: str, downstream, fast_retry_policy: Path, keys: Keys, policy,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """gdpr_propagation_retry watches every kind's deadline, not only erasures'."""
+    from datetime import timedelta
+
+    from warehouse_gdpr.engine import rectification
+
+    _, email, _ = _person(airflow_conns)
+    downstream.add_person(email)
+    received = date.today() - timedelta(days=40)
+    with psycopg.connect(airflow_conns) as conn:
+        request = rectification.parse_request({"email": email, "request_id": "REQ-RECT-LATE", "received_at":
+                                               received.isoformat(), "changes": {"direct_phone": NEW_PHONE}},
+                                              policy)
+        rectification.apply(conn, policy, keys, CLI, request, rectification.locate(conn, policy, keys, request))
+    downstream.telephony.stop()  # the emailing tool takes it; the telephony tool stays pending
+
+    dag_run, logs = _run("gdpr_propagation_retry", {}, caplog, capfd)
+
+    assert str(dag_run.state) == "failed"
+    assert "1 request(s) past their due date with a target pending: request REQ-RECT-LATE: target(s) telephony" \
+        in logs
+    assert "Rectification request REQ-RECT-LATE is OVERDUE" in logs
+    assert downstream.emailing.contact(email)["attributes"]["SMS"] == NEW_PHONE
+    assert NEW_PHONE not in logs and email not in logs

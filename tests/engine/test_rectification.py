@@ -271,3 +271,23 @@ def test_the_correction_reaches_each_target_that_holds_it_and_its_payload_is_des
     assert record["columns"] == ["direct_phone", "email"]
     audit = _audit_text(conn)
     assert NEW_PHONE not in audit and new_email not in audit and email not in audit
+
+
+def test_the_catalog_check_names_a_rectifiable_column_or_a_copy_that_does_not_exist(conn) -> None:
+    import copy as copy_module
+    from pathlib import Path
+
+    import yaml
+
+    from warehouse_gdpr.engine.catalog import CatalogError, check_policy
+    from warehouse_gdpr.engine.policy import parse_policy
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "include" / "policy.yaml").read_text())
+    data = copy_module.deepcopy(data)
+    data["rectification"]["columns"]["mobile"] = {"pattern": "[0-9 +]+", "max_length": 20}
+    data["rectification"]["columns"]["email"]["copies"][0]["column"] = "requester_mail"
+    with pytest.raises(CatalogError) as info:
+        check_policy(conn, parse_policy(data, "variant"))
+    assert "rectification.columns.mobile: column crm.contacts.mobile does not exist" in str(info.value)
+    assert ("rectification.columns.email.copies[0]: column crm.support_tickets.requester_mail does not exist"
+            in str(info.value))
