@@ -291,3 +291,21 @@ def test_the_catalog_check_names_a_rectifiable_column_or_a_copy_that_does_not_ex
     assert "rectification.columns.mobile: column crm.contacts.mobile does not exist" in str(info.value)
     assert ("rectification.columns.email.copies[0]: column crm.support_tickets.requester_mail does not exist"
             in str(info.value))
+
+
+def test_a_rectification_registered_by_subject_id_runs_as_that_persons_request(
+    conn, policy: Policy, keys: Keys, person
+) -> None:
+    cid, _ = person
+    requests.register(conn, keys, CTX, kind="rectification", request_id="REQ-R-ID", identifier=f"subject_id:{cid}",
+                      received_at=TODAY, today=TODAY, changes={"direct_phone": NEW_PHONE})
+    params, registered = requests.resolve(conn, keys, "rectification", {"request_id": "REQ-R-ID"})
+    assert registered is not None and params["subject_id"] == cid
+    request = rectification.parse_request(params, policy, today=TODAY)
+    located = rectification.locate(conn, policy, keys, request)
+
+    result = rectification.apply(conn, policy, keys, CTX, request, located)
+
+    assert (result.outcome, result.rows) == ("rectified", {"crm.contacts.direct_phone": 1})
+    again = rectification.apply(conn, policy, keys, CTX, request, located)
+    assert again.already_recorded and again.outcome == "rectified"

@@ -66,6 +66,12 @@ class RectificationRequest:
         return ErasureRequest(self.request_id, self.email, self.subject_id, self.received_at, self.dry_run)
 
 
+def requested_by(keys: Keys, request: RectificationRequest, located: Located) -> str:
+    """The keyed hash of what the request named (the email's, or the subject id's: `erasure.request_key`), with
+    which a request registered by subject id is recognised as this person's."""
+    return erasure.request_key(keys, request.as_erasure_request(), located)
+
+
 def check_changes(changes: object, policy: Policy) -> dict[str, str]:
     """{column: new value}, each checked against `rectification.columns` (pattern, length; an email also as a
     plain ASCII address, lower-cased). Raises RectificationError naming the column and the rule, never the value."""
@@ -222,7 +228,8 @@ def apply(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
                                  request.due_date.isoformat(), columns=sorted(request.changes))
     with conn.transaction():
         erasure.lock_request_id(conn, request.request_id)
-        recorded = requests.recorded(conn, request.request_id, KIND, located.subject_hash, for_update=True)
+        recorded = requests.recorded(conn, request.request_id, KIND, located.subject_hash,
+                                     requested_by=requested_by(keys, request, located), for_update=True)
         if recorded is not None:
             audit.record(conn, ctx, action="rectify", outcome="already_recorded", subject_hash=located.subject_hash,
                          details={"request_id": request.request_id, "status": recorded["status"]})
@@ -321,7 +328,8 @@ def _record(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContex
     """The request's row, its outbox (each target's payload: the email it knows the person by and the new values
     of the columns it holds, encrypted) and its audit row, in the caller's transaction."""
     requests.record_outcome(
-        conn, request_id=request.request_id, kind=KIND, subject_hash=located.subject_hash,
+        conn, requested_by=requested_by(keys, request, located), request_id=request.request_id, kind=KIND,
+        subject_hash=located.subject_hash,
         received_at=request.received_at, status=result.status, outcome=result.outcome, reason=result.reason,
         details={"columns": result.columns, "rows": result.rows, "targets": result.targets,
                  "subject_ids": [i if isinstance(i, int) else str(i) for i in ids]})

@@ -442,9 +442,11 @@ def purge(conn: psycopg.Connection, ctx: RunContext, keep_for: str, as_of: str, 
 
 
 def recorded(conn: psycopg.Connection, request_id: str, kind: str, subject_hash: str,
-             *, for_update: bool = False) -> dict[str, Any] | None:
+             *, requested_by: str | None = None, for_update: bool = False) -> dict[str, Any] | None:
     """What is recorded under `request_id` when it is this person's request of this kind: its status, outcome,
     reason, due date and details. None for a new id, and for this person's request registered but not run yet.
+    The person is `subject_hash` (as located), or `requested_by` (`erasure.request_key`: the keyed hash of
+    what the request named, e.g. ``subject-id:N`` for a request registered by id).
 
     RequestStoreError when the id belongs to a request of another kind or of another person: the recorded
     result of someone else is never reported. Reads only (FOR UPDATE with `for_update`)."""
@@ -458,7 +460,8 @@ def recorded(conn: psycopg.Connection, request_id: str, kind: str, subject_hash:
     if found_kind != kind:
         raise RequestStoreError(f"request id {request_id} is already the id of a request of kind {found_kind}, not "
                                 f"{kind}: nothing was changed; give this request its own request id")
-    if found_hash != subject_hash and details.get("requested_by") != subject_hash:
+    person = {subject_hash, requested_by or subject_hash}
+    if found_hash not in person and details.get("requested_by") not in person:
         raise RequestStoreError(f"request id {request_id} was already used for another person: nothing was "
                                 "changed; give this request its own request id")
     if status == "registered":
@@ -468,7 +471,8 @@ def recorded(conn: psycopg.Connection, request_id: str, kind: str, subject_hash:
 
 
 def record_outcome(conn: psycopg.Connection, *, request_id: str, kind: str, subject_hash: str, received_at: date,
-                   status: str, outcome: str, reason: str, details: Mapping[str, Any]) -> None:
+                   status: str, outcome: str, reason: str, details: Mapping[str, Any],
+                   requested_by: str | None = None) -> None:
     """The request's row in gdpr.request once it ran: a new row, or the registered one (its receipt and first
     due date stay). `details`: the evidence (tables and counts, columns, targets; no personal data). In the
     caller's transaction, which locked the request id and read it first (`recorded`)."""
@@ -482,7 +486,7 @@ def record_outcome(conn: psycopg.Connection, *, request_id: str, kind: str, subj
         " WHERE gdpr.request.status = 'registered' AND gdpr.request.kind = EXCLUDED.kind"
         " RETURNING request_id",
         (request_id, kind, subject_hash, received_at, due_date(received_at), status, outcome, reason, status,
-         Jsonb({**details, "requested_by": subject_hash})),
+         Jsonb({**details, "requested_by": requested_by or subject_hash})),
     ).fetchone()
     if row is None:  # cannot happen: the caller locked the request id and read it first
         raise RequestStoreError(f"request id {request_id} was recorded by another run meanwhile")

@@ -76,6 +76,12 @@ class RestrictionRequest:
         return ErasureRequest(self.request_id, self.email, self.subject_id, self.received_at, self.dry_run)
 
 
+def requested_by(keys: Keys, request: RestrictionRequest, located: Located) -> str:
+    """The keyed hash of what the request named (the email's, or the subject id's: `erasure.request_key`), with
+    which a request registered by subject id is recognised as this person's."""
+    return erasure.request_key(keys, request.as_erasure_request(), located)
+
+
 def kind_of(conn: psycopg.Connection, params: Mapping[str, Any]) -> str:
     """The kind a run of the restriction DAG is: its `action` param (restrict, lift), else the kind of the
     request registered under its id, else a restriction. Reads only."""
@@ -163,7 +169,8 @@ def apply(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
                                request.due_date.isoformat(), subject_ids=list(located.subject_ids))
     with conn.transaction():
         erasure.lock_request_id(conn, request.request_id)
-        recorded = requests.recorded(conn, request.request_id, kind, located.subject_hash, for_update=True)
+        recorded = requests.recorded(conn, request.request_id, kind, located.subject_hash,
+                                     requested_by=requested_by(keys, request, located), for_update=True)
         if recorded is not None:
             audit.record(conn, ctx, action=ACTION_OF_KIND[kind], outcome="already_recorded",
                          subject_hash=located.subject_hash,
@@ -255,7 +262,8 @@ def _flag(conn: psycopg.Connection, policy: Policy, ids: list[Any], value: bool)
 def _record(conn: psycopg.Connection, policy: Policy, ctx: RunContext, keys: Keys, request: RestrictionRequest,
             located: Located, result: RestrictionResult) -> None:
     requests.record_outcome(
-        conn, request_id=request.request_id, kind=request.kind, subject_hash=located.subject_hash,
+        conn, requested_by=requested_by(keys, request, located), request_id=request.request_id,
+        kind=request.kind, subject_hash=located.subject_hash,
         received_at=request.received_at, status=result.status, outcome=result.outcome, reason=result.reason,
         details={"subject_rows": len(result.subject_ids), "flagged": result.flagged, "targets": result.targets})
     payload = {"identifier": located.email, "request_id": request.request_id, "subject_table": policy.subject.table,

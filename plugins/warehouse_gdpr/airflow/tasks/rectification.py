@@ -63,7 +63,8 @@ def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
         request = _request(context, conn, keys, policy)
         located = rectification.locate(conn, policy, keys, request)
         try:
-            recorded = requests.recorded(conn, request.request_id, rectification.KIND, located.subject_hash)
+            recorded = requests.recorded(conn, request.request_id, rectification.KIND, located.subject_hash,
+                                         requested_by=rectification.requested_by(keys, request, located))
             rows = rectification.plan(conn, policy, located, request)
         except (ValueError, requests.RequestStoreError) as exc:
             log.error("The rectification request is refused before any change: %s", exc)

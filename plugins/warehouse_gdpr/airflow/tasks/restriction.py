@@ -52,7 +52,8 @@ def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
         request = _request(context, conn, keys)
         located = restriction.locate(conn, policy, keys, request)
         try:
-            recorded = requests.recorded(conn, request.request_id, request.kind, located.subject_hash)
+            recorded = requests.recorded(conn, request.request_id, request.kind, located.subject_hash,
+                                         requested_by=restriction.requested_by(keys, request, located))
             current = restriction.in_force(conn, policy, keys, located)
         except requests.RequestStoreError as exc:
             log.error("The restriction request is refused before any change: %s", exc)
