@@ -175,7 +175,7 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
 
 
 DATA = Path(__file__).parent / "data"
-PREVIOUS = 8  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v8.sql
+PREVIOUS = 9  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v9.sql
 
 
 def _install_version(conn: psycopg.Connection, version: int) -> None:

@@ -9,7 +9,7 @@ import psycopg
 from .errors import ConfigurationError
 from .sqlfiles import read_sql
 
-SCHEMA_VERSION = 9  # 8: the audit chain; 9: rectification and restriction (gdpr.restriction, the guard)
+SCHEMA_VERSION = 10  # 8: the audit chain; 9: rectification, restriction (gdpr.restriction, the guard); 10: journal
 log = logging.getLogger(__name__)
 
 
