@@ -140,8 +140,8 @@ def test_an_erasure_is_journaled_outside_and_replayed_on_a_restored_warehouse(
             ("pending_propagation", "erased")]
         assert _rows(restored, "SELECT target, status FROM gdpr.erasure_propagation WHERE request_id = 'REQ-J-1'"
                      " ORDER BY 1") == [(t.name, "pending") for t in sorted(policy.erasure.targets, key=lambda t: t.name)]
-        audited = _rows(restored, "SELECT subject_hash, details->>'request_id', details->>'kind' FROM gdpr.audit_log"
-                        " WHERE action = 'restore_replay' ORDER BY 3")
+        audited = _rows(restored, "SELECT subject_hash, details->>'request_id', details->>'kind'"
+                        " FROM gdpr.audit_log WHERE action = 'restore_replay' ORDER BY 3")
         assert audited == [(subject_hash, "REQ-J-1", "erasure"), (subject_hash, "REQ-J-1", "suppression")]
         assert _rows(restored, "SELECT count(*) FROM gdpr.journal WHERE replayed_at IS NOT NULL") == [(2,)]
         # Replayed with their own entry ids: the warehouse is level with the journal again, nothing to append.
