@@ -138,8 +138,9 @@ def test_an_erasure_is_journaled_outside_and_replayed_on_a_restored_warehouse(
         # The request is recorded again, its targets queued (the email read from the restored row, encrypted).
         assert _rows(restored, "SELECT status, outcome FROM gdpr.request WHERE request_id = 'REQ-J-1'") == [
             ("pending_propagation", "erased")]
+        targets = sorted(t.name for t in policy.erasure.targets)
         assert _rows(restored, "SELECT target, status FROM gdpr.erasure_propagation WHERE request_id = 'REQ-J-1'"
-                     " ORDER BY 1") == [(t.name, "pending") for t in sorted(policy.erasure.targets, key=lambda t: t.name)]
+                     " ORDER BY 1") == [(t, "pending") for t in targets]
         audited = _rows(restored, "SELECT subject_hash, details->>'request_id', details->>'kind'"
                         " FROM gdpr.audit_log WHERE action = 'restore_replay' ORDER BY 3")
         assert audited == [(subject_hash, "REQ-J-1", "erasure"), (subject_hash, "REQ-J-1", "suppression")]
@@ -270,3 +271,26 @@ def test_an_entry_is_one_line_of_json_with_hashes_and_ids_only() -> None:
     assert "\n" not in line and journal.Entry.from_line(line, "f:1") == entry
     with pytest.raises(journal.JournalError, match="f:1 is not a journal entry"):
         journal.Entry.from_line(line.replace("d" * 64, "paul@example.com"), "f:1")
+
+
+def test_the_upgrade_to_version_10_starts_the_journal_with_the_entries_already_there(
+    conn: psycopg.Connection, keys: Keys
+) -> None:
+    from warehouse_gdpr.engine import schema
+
+    v9 = (Path(__file__).parent / "data" / "gdpr_schema_v9.sql").read_text(encoding="utf-8")
+    with conn.transaction():
+        conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
+        conn.execute(v9)  # type: ignore[arg-type]
+        conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source, request_id)"
+                     " VALUES (%s, %s, 'erasure', 'erasure_request', 'REQ-OLD')", ("e" * 64, keys.hmac_key_id))
+        conn.execute("INSERT INTO gdpr.restriction (subject_hash, by_email, key_id, subject_table, subject_ids,"
+                     " request_id) VALUES (%s, true, %s, 'crm.contacts', '{7}', 'REQ-RS-OLD')",
+                     ("f" * 64, keys.hmac_key_id))
+    assert schema.ensure_schema(conn) is True
+    assert _rows(conn, "SELECT kind, request_id, subject_hash FROM gdpr.journal ORDER BY kind") == [
+        ("restriction", "REQ-RS-OLD", "f" * 64), ("suppression", "REQ-OLD", "e" * 64)]
+    current = (Path(__file__).parents[2] / "include" / "sql" / "gdpr_schema.sql").read_text(encoding="utf-8")
+    with conn.transaction():
+        conn.execute(current)  # type: ignore[arg-type]
+    assert _rows(conn, "SELECT count(*) FROM gdpr.journal") == [(2,)]  # run again: nothing twice
