@@ -67,6 +67,7 @@ FORMAT = "warehouse-gdpr/journal/v1"
 KINDS = ("suppression", "erasure", "restriction", "restriction_lift")
 REPLAY_DAG_ID = "gdpr_restore_replay"
 _HASH = re.compile(r"^[0-9a-f]{64}$")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _FILE = re.compile(r"^\d{8}T\d{12}-[0-9a-f]{12}\.jsonl$")
 REPLAY = sql.Identifier("_gdpr_replay")
 REPLAY_SUBJECTS = sql.Identifier("_gdpr_replay_subject")
@@ -103,14 +104,15 @@ class Entry:
     def from_line(cls, line: str, where: str) -> Entry:
         try:
             data = json.loads(line)
-            entry = cls(entry_id=str(uuid.UUID(data["entry_id"])), kind=data["kind"], request_id=data["request_id"],
+            entry = cls(entry_id=data["entry_id"], kind=data["kind"], request_id=data["request_id"],
                         subject_hash=data["subject_hash"], key_id=data["key_id"], recorded_at=data["recorded_at"],
                         details=data.get("details") or {})
             datetime.fromisoformat(entry.recorded_at)
         except (ValueError, KeyError, TypeError, AttributeError):
             raise JournalError(f"{where} is not a journal entry: the outside journal was damaged or altered") from None
         if (data.get("format") != FORMAT or entry.kind not in KINDS or not isinstance(entry.subject_hash, str)
-                or not _HASH.match(entry.subject_hash) or not isinstance(entry.details, dict)):
+                or not _HASH.match(entry.subject_hash) or not isinstance(entry.details, dict)
+                or not isinstance(entry.entry_id, str) or not _UUID.match(entry.entry_id)):
             raise JournalError(f"{where} is not a journal entry (format, kind or hash): the outside journal was "
                                "damaged or altered")
         return entry
@@ -215,10 +217,10 @@ def sync(conn: psycopg.Connection, store: JournalStore) -> Status:
         conn.rollback()
         return Status(entries=len(entries), missing=entries)
     ids = [e.entry_id for e in entries]
-    present = {r[0] for r in conn.execute(
+    absent = {r[0] for r in conn.execute(
         "SELECT f.id::text FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[]) AS f(id, kind, hash, req)"
-        " WHERE EXISTS (SELECT 1 FROM gdpr.journal j WHERE j.entry_id = f.id)"
-        " OR EXISTS (SELECT 1 FROM gdpr.journal j WHERE j.kind = f.kind AND j.subject_hash = f.hash"
+        " WHERE NOT EXISTS (SELECT 1 FROM gdpr.journal j WHERE j.entry_id = f.id)"
+        " AND NOT EXISTS (SELECT 1 FROM gdpr.journal j WHERE j.kind = f.kind AND j.subject_hash = f.hash"
         "  AND coalesce(j.request_id, '') = coalesce(f.req, ''))",
         (ids, [e.kind for e in entries], [e.subject_hash for e in entries], [e.request_id for e in entries]),
     ).fetchall()}
@@ -226,7 +228,7 @@ def sync(conn: psycopg.Connection, store: JournalStore) -> Status:
         f"SELECT {_ROW} FROM gdpr.journal j WHERE NOT EXISTS (SELECT 1 FROM unnest(%s::uuid[]) AS f(id)"
         " WHERE f.id = j.entry_id) ORDER BY recorded_at, entry_id", (ids,)).fetchall()]
     conn.rollback()
-    status = Status(entries=len(entries), missing=[e for e in entries if e.entry_id not in present])
+    status = Status(entries=len(entries), missing=[e for e in entries if e.entry_id in absent])
     if unjournaled:
         status.appended_to = store.append([e.line() for e in unjournaled])
         status.appended = len(unjournaled)

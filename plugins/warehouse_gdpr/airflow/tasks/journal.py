@@ -2,8 +2,10 @@
 
 * `refuse_if_restored`: the first task of every DAG (through `connections.run_policy`, before the run's policy is
   pinned) copies to the outside journal what the control schema committed and the journal lacks, and refuses to
-  run a warehouse behind it (entries missing: a restore from a backup) or whose audit log ends before the head
-  exported outside it: the message names gdpr_restore_replay. One read of the journal, one comparison.
+  run a warehouse behind it (entries missing: a restore from a backup): the message names gdpr_restore_replay.
+  One read of the journal, one comparison. (An audit log that ends before the exported head is left to
+  `verify_audit_chain`, at the end of the run: a deleted tail is an incident, not a restore, unless on-call
+  knows of one; docs/runbook.md.)
 * `flush`: right after a task commits an erasure, a suppression entry or a restriction, the same copy. A failure
   here is only logged: the change is committed, and the next run's first task copies it.
 * `detect_restore` and `replay`: the tasks of gdpr_restore_replay (docs/runbook.md, "Restore procedure").
@@ -76,20 +78,6 @@ def refuse_if_restored(policy: Policy, context: Any) -> None:
             message = journal.behind_message(status, where)
             log.error("%s", message)
             raise journal.WarehouseBehind(message)
-        store = connections.evidence_store(policy)
-        try:
-            exported = store.latest(chain_id)
-        except OSError as exc:
-            raise _storage("read", str(store.root), exc) from None
-        head = auditchain.read_head(conn)
-        conn.rollback()
-    if exported is not None and exported.chain_seq > head.chain_seq:
-        message = (f"this warehouse's audit log ends at position {head.chain_seq}, before the head exported outside "
-                   f"it ({exported.describe()}): it was restored from a backup (or its last audit rows were "
-                   f"deleted). Nothing was changed. Pause the other DAGs and trigger {journal.REPLAY_DAG_ID} "
-                   "(docs/runbook.md, 'Restore procedure'; if nobody restored it: 'The audit chain is broken').")
-        log.error("%s", message)
-        raise journal.WarehouseBehind(message)
     log.info("Journal: the warehouse holds all %d entr(y/ies) of the journal kept outside it.", status.entries)
 
 
