@@ -157,10 +157,11 @@ os.environ["no_proxy"] = os.environ["NO_PROXY"]
 class Downstream:
     """The three demo targets of the policy's erasure section, running for one test."""
 
-    def __init__(self, emailing, telephony, desk_url: str) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, emailing, telephony, desk_url: str, webhook=None) -> None:  # type: ignore[no-untyped-def]
         self.emailing = emailing
         self.telephony = telephony
         self.desk_url = desk_url
+        self.webhook = webhook  # the sales team's webhook (restriction.notify)
 
     def add_person(self, email: str) -> None:
         self.emailing.add_contact(email, attributes={"FIRSTNAME": "Zoé"})
@@ -182,7 +183,7 @@ class Downstream:
 
 @pytest.fixture
 def downstream(server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Downstream]:
-    from warehouse_gdpr_demo.services import start_emailing, start_telephony
+    from warehouse_gdpr_demo.services import start_emailing, start_telephony, start_webhook
 
     name = f"gdpr_desk_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_url, autocommit=True) as admin:
@@ -199,12 +200,17 @@ def downstream(server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Dow
         {"conn_type": "http", "host": "127.0.0.1", "port": telephony.port, "schema": "http",
          "extra": {"Authorization": "Bearer test-token"}}))
     monkeypatch.setenv("AIRFLOW_CONN_SUPPORT_DESK", json.dumps(embedded.airflow_conn_json(desk_url)))
-    services = Downstream(emailing, telephony, desk_url)
+    webhook = start_webhook("test-webhook-token")
+    monkeypatch.setenv("AIRFLOW_CONN_SALES_WEBHOOK", json.dumps(
+        {"conn_type": "http", "host": "127.0.0.1", "port": webhook.port, "schema": "http",
+         "extra": {"Authorization": "Bearer test-webhook-token"}}))
+    services = Downstream(emailing, telephony, desk_url, webhook)
     try:
         yield services
     finally:
         services.emailing.stop()
         services.telephony.stop()
+        webhook.stop()
         with psycopg.connect(server_url, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 

@@ -14,6 +14,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from warehouse_gdpr.cli import main
 from warehouse_gdpr.engine import requests
+from warehouse_gdpr.engine.crypto import Keys
 
 TODAY = date.today()  # the CLI's today: the real one
 EMAIL = "  Jane.Doe@ACME.example \n"
@@ -56,14 +57,46 @@ def test_request_new_reads_the_identifier_on_stdin(
     assert out.startswith(f"Registered access request REQ-CLI-2: received {TODAY.isoformat()}, "
                           f"due {requests.due_date(TODAY).isoformat()}.\n")
     assert "Run it: airflow dags trigger gdpr_subject_access --conf '{\"request_id\": \"REQ-CLI-2\"}'" in out
-    assert _new(monkeypatch, "--kind", "rectification", "--request-id", "REQ-CLI-3", stdin="subject_id:12") == 0
-    assert "No DAG of this package runs rectification requests yet." in capsys.readouterr().out
+    # a rectification: the corrections follow the identifier on stdin, one column=new value per line
+    assert _new(monkeypatch, "--kind", "rectification", "--request-id", "REQ-CLI-3",
+                stdin="subject_id:12\ndirect_phone= +33 1 23 45 67 89\n\nlast_name=Durand\n") == 0
+    out = capsys.readouterr().out
+    assert "Run it: airflow dags trigger gdpr_subject_rectification --conf '{\"request_id\": \"REQ-CLI-3\"}'" in out
+    assert "45 67" not in out and "Durand" not in out
     with psycopg.connect(engine_url) as conn:
         rows = conn.execute("SELECT request_id, kind, status, received_at, identifier_ciphertext IS NOT NULL"
                             " FROM gdpr.request ORDER BY 1").fetchall()
     assert rows == [("REQ-CLI-1", "erasure", "registered", received, True),
                     ("REQ-CLI-2", "access", "registered", TODAY, True),
                     ("REQ-CLI-3", "rectification", "registered", TODAY, True)]
+    keys = Keys.from_extra(json.loads(os.environ["AIRFLOW_CONN_GDPR_KEYS"])["extra"])
+    with psycopg.connect(engine_url) as conn:
+        registered = requests.load(conn, keys, "REQ-CLI-3", "rectification")
+    assert registered.subject_id == 12
+    assert registered.changes == {"direct_phone": "+33 1 23 45 67 89", "last_name": "Durand"}
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message", "secret"),
+    [
+        ("subject_id:12\n", "`changes` must be an object of column -> new value", None),
+        ("subject_id:12\ndirect_phone +33 1 23 45 67 89\n", "line 2 of stdin is not `column=new value`", "45 67"),
+        ("subject_id:12\nstatus=client\n", "names column(s) the policy does not let a person rectify: `status`",
+         "client"),
+        ("subject_id:12\ndirect_phone=call me at home\n", "`changes.direct_phone` does not match", "call me"),
+    ],
+)
+def test_request_new_refuses_bad_changes_without_echo_and_changes_nothing(
+    engine_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    stdin: str, message: str, secret: str | None,
+) -> None:
+    before = _state(engine_url)
+    assert _new(monkeypatch, "--kind", "rectification", "--request-id", "REQ-CLI-RECT", stdin=stdin) == 2
+    out, err = capsys.readouterr()
+    assert message in err and out == "" and "nothing was registered" in err
+    if secret:
+        assert secret not in err, "a refused value was echoed"
+    assert _state(engine_url) == before
 
 
 @pytest.mark.parametrize(

@@ -130,7 +130,8 @@ def test_deploy_section_works_as_written_from_a_wheel(tmp_path: Path, warehouse:
 
     # The package came from the wheel, into the fresh venv; the DAGs were built from the copied policy.
     assert result.stdout.strip().splitlines()[-1].startswith(purelib)
-    for dag_id in ("gdpr_retention_sweep", "gdpr_subject_erasure", "gdpr_erasure_retry", "gdpr_optout_sync"):
+    for dag_id in ("gdpr_retention_sweep", "gdpr_subject_erasure", "gdpr_propagation_retry", "gdpr_erasure_retry",
+                   "gdpr_optout_sync", "gdpr_subject_rectification", "gdpr_subject_restriction"):
         assert dag_id in result.stdout
     assert "matches the warehouse" in result.stdout
     home = work / "airflow-home"

@@ -87,7 +87,8 @@ BROKEN = [
            "is bigint",
            prepare="ALTER TABLE crm.notes ADD COLUMN contact_ref text; UPDATE crm.notes SET contact_ref = contact_id"),
     # 218 support tickets of pseudonymised former clients left in clear.
-    Broken("unmapped_table", lambda d: d["tables"].pop(5),
+    # (its requester email is also no rectifiable copy then: issue 14's rectification lists it)
+    Broken("unmapped_table", lambda d: (d["tables"].pop(5), d["rectification"]["columns"]["email"].pop("copies")),
            "tables: crm.support_tickets has a foreign key (support_tickets_contact_id_fkey) to crm.contacts but is "
            "not mapped"),
     # The DAG disappeared at import.

@@ -12,6 +12,13 @@ Two flavours, each with an in-memory contact store keyed by normalised email (st
   (DELETE -> 200 ``{"deleted": true}``), ``GET /company`` -> 200 ``{"company": {...}}`` (its
   preflight), header ``Authorization: Bearer <token>``.
 
+Both take corrections and restrictions as their API would: the emailing tool ``PUT /v3/contacts/{email}``
+with ``{"attributes": {...}}`` (``EMAIL`` changes the address) and ``{"emailBlacklisted": true|false}`` ->
+204; the telephony tool ``PUT /contacts/{email}`` with top-level fields (``email``, ``phone``,
+``restricted``, ...) -> 200 ``{"updated": true}``. A third server, the sales team's webhook
+(`start_webhook`), takes ``POST /hooks/<name>`` (bearer token) -> 202 and keeps the JSON bodies (internal
+ids only) for ``GET /_control/notifications``.
+
 Every route but the control routes needs the key or token (401 otherwise). A missing contact answers
 404 with the tool's own not-found body; an unknown route answers 404 ``{"code": "not_found", ...}``.
 ``GET`` of a contact answers everything the tool holds on that person, by email: the record as it was
@@ -28,8 +35,8 @@ and query strings dropped. Servers bind to 127.0.0.1 unless
 told otherwise (``host=``, ``--host``): plain HTTP, demo credentials, no auth on the control routes.
 
 ``python -m warehouse_gdpr_demo.services --emailing-port P1 --telephony-port P2 --api-key K
---token T [--host H]`` runs both in the foreground until SIGTERM or Ctrl-C. The key and token may
-come from ``$DEMO_EMAILING_API_KEY`` and ``$DEMO_TELEPHONY_TOKEN`` instead (kept out of ``ps``).
+--token T [--webhook-port P3] [--host H]`` runs the three in the foreground until SIGTERM or Ctrl-C. The key
+and token may come from ``$DEMO_EMAILING_API_KEY`` and ``$DEMO_TELEPHONY_TOKEN`` instead (kept out of ``ps``).
 In a container, ``--host 0.0.0.0`` lets the other containers reach them (a warning says so).
 """
 
@@ -62,6 +69,7 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"  # the default bind address: loopback only
 API_KEY_ENV = "DEMO_EMAILING_API_KEY"
 TOKEN_ENV = "DEMO_TELEPHONY_TOKEN"
+WEBHOOK_TOKEN_ENV = "DEMO_WEBHOOK_TOKEN"
 REDACTED = "<redacted>"
 CONTROL = "/_control/"
 REQUEST_LOG_SIZE = 10_000  # most recent requests kept for /_control/requests
@@ -82,6 +90,10 @@ class _Flavour:
     blocklist_path: str | None = None  # POST {"hashes": [...]}: the shared opt-out list (emailing only)
     account_path: str | None = None  # GET: the account's details, behind the same auth (the erasure preflight)
     account: dict[str, Any] | None = None
+    # PUT /prefix/{email}: merge the body into the contact; returns the contact's new email when it changes
+    update: Callable[[dict[str, Any], dict[str, Any]], str | None] | None = None
+    update_status: int = 200
+    update_body: dict[str, Any] | None = None
 
 
 def normalise(email: str) -> str:
@@ -185,6 +197,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:  # noqa: N802
         self._dispatch()
 
+    def do_PUT(self) -> None:  # noqa: N802
+        self._dispatch()
+
     def _dispatch(self) -> None:
         state, flavour = self.server.state, self.server.state.flavour
         length = self.headers.get("Content-Length", "0")
@@ -210,10 +225,17 @@ class _Handler(BaseHTTPRequestHandler):
             if record is None:
                 return self._send(400, {"code": "duplicate_parameter", "message": "Contact already exist"})
             return self._send(201, flavour.created(record))
+        return self._contact(state, path, raw)
+
+    def _contact(self, state: _State, path: str, raw: bytes) -> None:
+        """GET, DELETE or PUT (an update) of one contact, by its url-encoded email."""
+        flavour = state.flavour
         segment = path[len(flavour.prefix) + 1 :] if path.startswith(flavour.prefix + "/") else ""
         if not segment or "/" in segment or self.command == "POST":
             return self._send(404, {"code": "not_found", "message": "Unknown route"})
         key = normalise(unquote(segment))
+        if self.command == "PUT":
+            return self._update(state, key, raw)
         with state.lock:
             record = state.contacts.pop(key, None) if self.command == "DELETE" else state.contacts.get(key)
             record = copy.deepcopy(record)
@@ -222,6 +244,28 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "DELETE":
             return self._send(flavour.delete_status, flavour.delete_body)
         return self._send(200, record)
+
+    def _update(self, state: _State, key: str, raw: bytes) -> None:
+        """PUT on a contact: the tool's update (a correction, a restriction); the email may change (re-keyed)."""
+        flavour = state.flavour
+        body = _json_object(raw)
+        if flavour.update is None or body is None:
+            return self._send(400 if body is None else 404, {"code": "invalid_parameter", "message": "Bad update"})
+        answer: tuple[int, dict[str, Any] | None] = (flavour.update_status, flavour.update_body)
+        with state.lock:  # (answered once the lock is released: log_request takes it too)
+            record = state.contacts.get(key)
+            changed = copy.deepcopy(record) if record is not None else None
+            new_email = flavour.update(changed, body) if changed is not None else None
+            if changed is None:
+                answer = (404, flavour.not_found)
+            elif new_email is not None and normalise(new_email) != key and normalise(new_email) in state.contacts:
+                answer = (400, {"code": "duplicate_parameter", "message": "Contact already exist"})
+            else:
+                if new_email is not None and normalise(new_email) != key:
+                    del state.contacts[key]
+                    changed["email"] = key = normalise(new_email)
+                state.contacts[key] = changed
+        return self._send(*answer)
 
     def _blocklist(self, state: _State, raw: bytes) -> None:
         body = _json_object(raw)
@@ -338,6 +382,11 @@ class DemoService:
         with self._state.lock:
             return set(self._state.blocklist)
 
+    def contact(self, email: str) -> dict[str, Any] | None:
+        """A copy of the contact stored under the (normalised) email, or None."""
+        with self._state.lock:
+            return copy.deepcopy(self._state.contacts.get(normalise(email)))
+
     def contacts_snapshot(self) -> dict[str, dict[str, Any]]:
         """A deep copy of the store, to pass as ``contacts=`` when restarting on the same port."""
         with self._state.lock:
@@ -367,6 +416,23 @@ def _header_is(name: str, expected: str) -> Callable[[Message], bool]:
     return lambda headers: hmac.compare_digest(headers.get(name, "").encode(), expected.encode())
 
 
+def _brevo_update(record: dict[str, Any], body: dict[str, Any]) -> str | None:
+    """Brevo's PUT /v3/contacts/{identifier}: `attributes` merged (EMAIL changes the address), `emailBlacklisted`."""
+    attributes = body.get("attributes") or {}
+    record["attributes"] = {**(record.get("attributes") or {}), **{k: v for k, v in attributes.items() if k != "EMAIL"}}
+    if "emailBlacklisted" in body:
+        record["emailBlacklisted"] = bool(body["emailBlacklisted"])
+    new = attributes.get("EMAIL")
+    return new if isinstance(new, str) else None
+
+
+def _fields_update(record: dict[str, Any], body: dict[str, Any]) -> str | None:
+    """The telephony tool's PUT /contacts/{email}: top-level fields merged (`email` changes the address)."""
+    record.update({k: v for k, v in body.items() if k not in ("id", "email")})
+    new = body.get("email")
+    return new if isinstance(new, str) else None
+
+
 def start_emailing(api_key: str, port: int = 0, contacts: Mapping[str, dict[str, Any]] | None = None,
                    host: str = HOST) -> DemoService:
     """Start the Brevo-compatible emailing tool (port 0: any free port), optionally with ``contacts``."""
@@ -382,6 +448,8 @@ def start_emailing(api_key: str, port: int = 0, contacts: Mapping[str, dict[str,
         blocklist_path="/v3/contacts/blocklist/hashes",
         account_path="/v3/account",
         account={"companyName": "Demo emailing", "plan": [{"type": "free", "credits": 300}]},
+        update=_brevo_update,
+        update_status=204,
     )
     return DemoService(flavour, port, contacts, host)
 
@@ -400,8 +468,106 @@ def start_telephony(token: str, port: int = 0, contacts: Mapping[str, dict[str, 
         created=lambda record: record,
         account_path="/company",
         account={"company": {"name": "Demo telephony", "users_count": 1}},
+        update=_fields_update,
+        update_status=200,
+        update_body={"updated": True},
     )
     return DemoService(flavour, port, contacts, host)
+
+
+class _WebhookHandler(BaseHTTPRequestHandler):
+    """The sales team's webhook: ``POST /hooks/...`` with ``Authorization: Bearer <token>`` -> 202; the JSON
+    bodies (internal ids, never an email) are kept for ``GET /_control/notifications``."""
+
+    server: _WebhookServer
+    timeout = 10
+    disable_nagle_algorithm = True
+
+    def do_GET(self) -> None:  # noqa: N802
+        if urlsplit(self.path).path == CONTROL + "notifications":
+            with self.server.lock:
+                return self._send(200, list(self.server.notifications))
+        return self._send(404, {"error": "not found"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = self.headers.get("Content-Length", "0")
+        raw = self.rfile.read(int(length)) if length.isdigit() and int(length) > 0 else b""
+        with self.server.lock:
+            failure = self.server.fail_remaining > 0
+            if failure:
+                self.server.fail_remaining -= 1
+        if failure:
+            return self._send(self.server.fail_status, {"error": "simulated outage"})
+        expected = f"Bearer {self.server.token}".encode()
+        if not hmac.compare_digest(self.headers.get("Authorization", "").encode(), expected):
+            return self._send(401, {"error": "unauthorized"})
+        body = _json_object(raw)
+        if not urlsplit(self.path).path.startswith("/hooks/") or body is None:
+            return self._send(404 if body is not None else 400, {"error": "unknown hook or not JSON"})
+        with self.server.lock:
+            self.server.notifications.append(body)
+        return self._send(202, {"received": True})
+
+    def _send(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        log.debug("webhook %s %s", getattr(self, "command", None), urlsplit(getattr(self, "path", "") or "").path)
+
+
+class _WebhookServer(ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, port: int, token: str, host: str) -> None:
+        self.token = token
+        self.lock = threading.Lock()
+        self.notifications: list[dict[str, Any]] = []
+        self.fail_remaining = 0
+        self.fail_status = 500
+        super().__init__((host, port), _WebhookHandler)
+
+
+class WebhookService:
+    """The demo's sales-team webhook (restriction notifications), served by a daemon thread."""
+
+    def __init__(self, token: str, port: int = 0, host: str = HOST) -> None:
+        self._server = _WebhookServer(port, token, host)
+        self.name = "webhook"
+        self.port: int = self._server.server_address[1]
+        self.base_url = f"http://{host}:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="demo-webhook", daemon=True)
+        self._thread.start()
+        self._stopped = False
+
+    def notifications(self) -> list[dict[str, Any]]:
+        """The JSON bodies received, oldest first."""
+        with self._server.lock:
+            return copy.deepcopy(self._server.notifications)
+
+    def fail_next(self, count: int, status: int = 503) -> None:
+        """Answer the next `count` POSTs with `status` (an outage)."""
+        with self._server.lock:
+            self._server.fail_remaining, self._server.fail_status = count, status
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def start_webhook(token: str, port: int = 0, host: str = HOST) -> WebhookService:
+    """Start the sales team's webhook (port 0: any free port): ``POST /hooks/<name>``, bearer token."""
+    return WebhookService(token, port, host)
 
 
 def is_loopback(host: str) -> bool:
@@ -424,6 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"value the emailing tool expects in 'api-key' (default ${API_KEY_ENV})")
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                         help=f"bearer token the telephony tool expects (default ${TOKEN_ENV})")
+    parser.add_argument("--webhook-port", type=int, default=0)
+    parser.add_argument("--webhook-token", default=os.environ.get(WEBHOOK_TOKEN_ENV),
+                        help=f"bearer token the sales team's webhook expects (default ${WEBHOOK_TOKEN_ENV}, "
+                             "else the telephony token)")
     return parser
 
 
@@ -443,10 +613,11 @@ def main(argv: list[str] | None = None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
-    services: list[DemoService] = []
+    services: list[DemoService | WebhookService] = []
     try:
         services.append(start_emailing(args.api_key, args.emailing_port, host=args.host))
         services.append(start_telephony(args.token, args.telephony_port, host=args.host))
+        services.append(start_webhook(args.webhook_token or args.token, args.webhook_port, host=args.host))
         for service in services:
             print(f"{service.name} {service.base_url}", flush=True)
         while True:

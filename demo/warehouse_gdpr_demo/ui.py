@@ -76,13 +76,15 @@ def _services_running() -> bool:
 def _restart_services(env: dict[str, str]) -> None:
     """The downstream HTTP services on the ports .demo/env gives them (stopped by `make stop`)."""
     ports = {name: json.loads(env[f"AIRFLOW_CONN_{name.upper()}"])["port"] for name in ("emailing", "telephony")}
+    webhook = json.loads(env["AIRFLOW_CONN_SALES_WEBHOOK"])["port"] if "AIRFLOW_CONN_SALES_WEBHOOK" in env else 0
     proc = subprocess.Popen(
         [sys.executable, "-m", "warehouse_gdpr_demo.services", "--emailing-port", str(ports["emailing"]),
-         "--telephony-port", str(ports["telephony"]), "--api-key", run.DEMO_API_KEY, "--token", run.DEMO_TOKEN],
+         "--telephony-port", str(ports["telephony"]), "--webhook-port", str(webhook),
+         "--api-key", run.DEMO_API_KEY, "--token", run.DEMO_TOKEN],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True,
     )
     assert proc.stdout is not None
-    for _ in range(2):
+    for _ in range(3):
         proc.stdout.readline()
     run.SERVICES_PID.write_text(str(proc.pid))
 

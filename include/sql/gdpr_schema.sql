@@ -635,3 +635,57 @@ $$;
 
 INSERT INTO gdpr.schema_version (version) VALUES (8) ON CONFLICT (version) DO NOTHING;
 -- end of v8 ==========================================================================================
+
+-- v9: rectification and restriction of processing (GDPR art. 16 and 18) ----------------------------------------
+-- The restrictions in force: one row per restricted person (the keyed hash of the normalised email, or of
+-- 'subject-id:N' for a person known by id only), the subject rows it covers (their ids, as text), and the ids
+-- whose do-not-contact flag the restriction set (cleared again at `lift`). Recorded here, not only in a CRM
+-- column, so that it survives an import that rewrites the contact row: the opt-out sync flags the person again
+-- (by id, and by the keyed hash of the email when the import gave the row a new id). `lift` deletes the row;
+-- gdpr.request (kinds 'restriction' and 'restriction_lift') and the audit log keep the history. The retention
+-- sweep holds these subjects (built-in hold `processing_restricted`); an erasure is not held by it.
+CREATE TABLE IF NOT EXISTS gdpr.restriction (
+    subject_hash   text PRIMARY KEY,
+    by_email       boolean NOT NULL,       -- subject_hash is an email's keyed hash (the opt-out sync can match it)
+    key_id         text NOT NULL,          -- the pepper's key id of subject_hash
+    subject_table  text NOT NULL,
+    subject_ids    text[] NOT NULL DEFAULT '{}',
+    flagged_ids    text[] NOT NULL DEFAULT '{}',
+    request_id     text NOT NULL,
+    restricted_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS restriction_subject_ids_idx ON gdpr.restriction USING gin (subject_ids);
+REVOKE ALL ON gdpr.restriction FROM PUBLIC;
+GRANT SELECT, INSERT, DELETE ON gdpr.restriction TO gdpr_engine;
+GRANT UPDATE (subject_hash, key_id, subject_ids, flagged_ids) ON gdpr.restriction TO gdpr_engine;
+GRANT SELECT (by_email, key_id, subject_table, subject_ids, request_id, restricted_at) ON gdpr.restriction
+    TO gdpr_auditor;
+
+-- The database guard (policy `restriction.database_guard`): a trigger on each mapped table, installed by
+-- `warehouse-gdpr schema install --policy POLICY` as the tables' owner, refuses UPDATE and DELETE of a
+-- restricted person's rows (linked to them by the table's subject column) by every session whose login role
+-- is not a member of gdpr_engine. Enabled ALWAYS, like the audit log's (session_replication_role = replica
+-- does not skip it). The trigger's WHEN clause lets the engine's own statements through without a call.
+-- Arguments: the subject table ('schema.table') and the table's column holding the subject's id.
+CREATE OR REPLACE FUNCTION gdpr.refuse_restricted_change() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    subject_id text := to_jsonb(OLD) ->> TG_ARGV[1];
+BEGIN
+    IF subject_id IS NOT NULL AND EXISTS (
+        SELECT 1 FROM gdpr.restriction r WHERE r.subject_table = TG_ARGV[0] AND r.subject_ids @> ARRAY[subject_id]
+    ) THEN
+        RAISE EXCEPTION 'processing of this person is restricted (GDPR art. 18): % on %.% refused',
+            TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'only warehouse-gdpr (gdpr_engine) changes these rows until the restriction is lifted';
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION gdpr.refuse_restricted_change() FROM PUBLIC;
+
+INSERT INTO gdpr.schema_version (version) VALUES (9) ON CONFLICT (version) DO NOTHING;

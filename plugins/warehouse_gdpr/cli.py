@@ -4,14 +4,18 @@
     warehouse-gdpr policy check POLICY [--url URL]   validate POLICY against a live warehouse; print what
                                                      each rule would select (counts only); changes nothing
     warehouse-gdpr schema sql                        print the control schema DDL shipped in the package
-    warehouse-gdpr schema install [--url URL]        install or upgrade it (run as the warehouse owner)
+    warehouse-gdpr schema install [--url URL] [--policy POLICY]
+                                                     install or upgrade it (run as the warehouse owner); with a
+                                                     policy enabling restriction.database_guard, also the guard
+                                                     trigger on every mapped table
     warehouse-gdpr subject-hash POLICY < email       the person's keyed hashes (audit log, suppression list);
                                                      reads the email on stdin, keys from the Airflow connection
     warehouse-gdpr register POLICY [--out DIR]       write the article 30 register (register.md and
                                                      register.html); fails while a required field is missing
     warehouse-gdpr request new --kind KIND --request-id ID [--received-on DATE] [--policy POLICY] < identifier
                                                      register a person's request before running it: the email
-                                                     (or subject_id:N) is read on stdin and stored encrypted;
+                                                     (or subject_id:N) is read on stdin and stored encrypted
+                                                     (a rectification: then one column=new value per line);
                                                      then trigger the subject DAG with {"request_id": ID} alone
     warehouse-gdpr request extend ID --reason TEXT   extend the due date once, to three months after receipt
     warehouse-gdpr requests [--open] [--overdue] [--json]
@@ -128,13 +132,36 @@ def _schema_install(args: argparse.Namespace) -> int:
     if not url:
         print("give --url (or set WAREHOUSE_URL): the warehouse, as its owner or a DBA role", file=sys.stderr)
         return 2
+    try:
+        policy = load_policy(args.policy) if args.policy else None
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     with psycopg.connect(url) as conn:
         try:
             ran = schema.ensure_schema(conn)
         except schema.SchemaError as exc:
             print(exc, file=sys.stderr)
             return 1
-    print(f"control schema version {schema.SCHEMA_VERSION} " + ("installed." if ran else "already installed."))
+        print(f"control schema version {schema.SCHEMA_VERSION} " + ("installed." if ran else "already installed."))
+        if policy is not None and policy.restriction.database_guard:
+            return _install_guard(conn, policy)
+    return 0
+
+
+def _install_guard(conn: psycopg.Connection, policy: Policy) -> int:
+    """The restriction guard trigger on every mapped table (policy `restriction.database_guard`)."""
+    import psycopg
+
+    from warehouse_gdpr.engine import restriction
+
+    try:
+        tables = restriction.install_guard(conn, policy, _cli_context("schema_install"))
+    except psycopg.errors.InsufficientPrivilege as exc:
+        print(f"the restriction guard needs the mapped tables' owner ({exc.diag.message_primary}): nothing was "
+              "changed", file=sys.stderr)
+        return 1
+    print(f"restriction guard ({restriction.GUARD_TRIGGER}) installed on {len(tables)} table(s): {', '.join(tables)}.")
     return 0
 
 
@@ -195,6 +222,31 @@ def _read_identifier() -> str:
     return sys.stdin.readline()
 
 
+def _read_changes(policy: Policy) -> dict[str, str]:
+    """A rectification's changes from stdin, after the identifier: one `column=value` per line (at a terminal, not
+    echoed; an empty line ends them), checked against the policy's `rectification.columns`. Raises ValueError
+    naming the line or the column and the rule, never a value."""
+    from warehouse_gdpr.engine import rectification
+
+    lines: list[str] = []
+    if sys.stdin.isatty():
+        import getpass
+
+        while line := getpass.getpass("column=new value (not echoed; an empty line ends): "):
+            lines.append(line)
+    else:
+        lines = sys.stdin.read().splitlines()
+    changes: dict[str, str] = {}
+    for number, line in enumerate(lines, start=2):
+        if not line.strip():
+            continue
+        column, sep, value = line.partition("=")
+        if not sep:
+            raise ValueError(f"line {number} of stdin is not `column=new value` (the line is not shown)")
+        changes[column.strip()] = value
+    return rectification.check_changes(changes, policy)
+
+
 def _request_new(args: argparse.Namespace) -> int:
     """Register a request; the identifier comes on stdin (never argv: shell history, `ps`)."""
     from warehouse_gdpr.airflow import connections
@@ -224,6 +276,12 @@ def _request_new(args: argparse.Namespace) -> int:
         print("give the person's email (or subject_id:N) on stdin, e.g.: read -rs EMAIL; printf '%s' \"$EMAIL\" | "
               "warehouse-gdpr request new --kind KIND --request-id ID", file=sys.stderr)
         return 2
+    try:  # a rectification: the corrections follow the identifier, one column=value per line
+        changes = _read_changes(policy) if args.kind == "rectification" else None
+    except ValueError as exc:
+        print(f"{exc}: nothing was registered. On stdin: the email (or subject_id:N) on the first line, then one "
+              "`column=new value` per line", file=sys.stderr)
+        return 2
     conn = _warehouse(args)
     if conn is None:
         return 2
@@ -232,13 +290,13 @@ def _request_new(args: argparse.Namespace) -> int:
             registered = requests.register(
                 conn, keys, _cli_context("request_new"), kind=args.kind, request_id=args.request_id,
                 identifier=identifier, received_at=received, today=date.today(),
-                strip_plus_tags=policy.optout.strip_plus_tags,
+                strip_plus_tags=policy.optout.strip_plus_tags, changes=changes,
             )
         except requests.RequestStoreError as exc:
             print(exc, file=sys.stderr)
             return 1
         finally:
-            del identifier
+            del identifier, changes
     print(f"Registered {registered['kind']} request {registered['request_id']}: received {registered['received_at']}, "
           f"due {registered['due_date']}.")
     dag_id = requests.DAG_FOR_KIND.get(args.kind)
@@ -452,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     ddl.add_parser("sql", help="print the DDL, for a DBA to review or run").set_defaults(run=_schema_sql)
     install = ddl.add_parser("install", help="install or upgrade the control schema (idempotent)")
     install.add_argument("--url", help="libpq URL of the warehouse as its owner (default: $WAREHOUSE_URL)")
+    install.add_argument("--policy", help="the policy file: with restriction.database_guard, also install the "
+                                          "restriction guard trigger on every mapped table")
     install.set_defaults(run=_schema_install)
     hashes = commands.add_parser("subject-hash", help="a person's keyed hashes, to search the audit log")
     hashes.add_argument("policy", help="path to the policy YAML file (names the keys connection)")

@@ -13,7 +13,9 @@ from warehouse_gdpr.airflow.dag_factory import (
     build_retention_sweep,
     build_subject_access,
     build_subject_erasure,
+    build_subject_rectification,
+    build_subject_restriction,
 )
 
 __all__ = ["build_all", "build_erasure_retry", "build_optout_sync", "build_retention_sweep", "build_subject_access",
-           "build_subject_erasure"]
+           "build_subject_erasure", "build_subject_rectification", "build_subject_restriction"]

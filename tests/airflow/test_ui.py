@@ -340,8 +340,13 @@ def test_the_form_registers_encrypted_and_triggers_with_the_request_id_alone(sta
                         headers={"Authorization": f"Bearer {token}"})
     assert status == 200 and json.loads(text)["conf"] == {"request_id": "REQ-UI-API-3"}, text
     # A kind no DAG runs yet is registered only.
-    status, answer = _post(stack, {"kind": "rectification", "request_id": "REQ-UI-API-2", "identifier": email}, token)
+    status, answer = _post(stack, {"kind": "objection", "request_id": "REQ-UI-API-2", "identifier": email}, token)
     assert status == 201 and answer["run_id"] is None and "No DAG of this package runs" in answer["message"]
+    # A rectification needs its changes, which the form does not take (warehouse-gdpr request new reads them
+    # on stdin): refused, nothing registered.
+    status, answer = _post(stack, {"kind": "rectification", "request_id": "REQ-UI-API-4", "identifier": email}, token)
+    assert status == 400 and "a rectification request needs its changes" in answer["error"], answer
+    assert _request_row(stack, "REQ-UI-API-4") is None
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [

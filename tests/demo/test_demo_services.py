@@ -193,7 +193,7 @@ def test_request_log_and_logging_never_contain_the_email(
     call("DELETE", f"{url}/{ENCODED}", headers=KEY)
     call("DELETE", f"{url}/{ENCODED}", headers=KEY)
     call("DELETE", f"{url}/{ENCODED}", headers=KEY)
-    call("PUT", f"{url}/{ENCODED}", {"email": EMAIL}, KEY)  # unsupported method: 501 from http.server
+    call("PATCH", f"{url}/{ENCODED}", {"email": EMAIL}, KEY)  # unsupported method: 501 from http.server
     call("GET", f"{emailing.base_url}/somewhere/{ENCODED}", headers=KEY)
     # A malformed request line quoting the email: http.server's default error page and log would echo it.
     with socket.create_connection(("127.0.0.1", emailing.port), timeout=5) as raw:
@@ -210,7 +210,7 @@ def test_request_log_and_logging_never_contain_the_email(
         ("DELETE", "/v3/contacts/<redacted>", 500),
         ("DELETE", "/v3/contacts/<redacted>", 204),
         ("DELETE", "/v3/contacts/<redacted>", 404),
-        ("PUT", "/v3/contacts/<redacted>", 501),
+        ("PATCH", "/v3/contacts/<redacted>", 501),
         ("GET", "/<redacted>", 404),
     ]
     assert all(set(r) == {"method", "path", "status", "time"} for r in log)
@@ -367,3 +367,44 @@ def test_fail_next_can_target_one_method(emailing: DemoService) -> None:
     assert call("POST", f"{emailing.base_url}/_control/fail", {"count": 1, "status": 500, "method": "PATCH"})[0] == 400
     assert call("POST", f"{emailing.base_url}/_control/fail", {"count": 1, "status": 500, "method": "GET"}) == (
         200, {"count": 1, "status": 500, "method": "GET"})
+
+
+def test_updates_correct_and_restrict_a_contact_as_the_apis_do(emailing: DemoService, telephony: DemoService) -> None:
+    """PUT on a contact (issue 14): Brevo's attributes and emailBlacklisted (EMAIL moves the contact), the
+    telephony tool's fields; an unknown contact or a taken address answers without changing anything."""
+    url = f"{emailing.base_url}/v3/contacts"
+    call("POST", url, {"email": EMAIL, "attributes": {"SMS": "+33 6 00 00 00 00"}}, KEY)
+    call("POST", url, {"email": "taken@x.example"}, KEY)
+    assert call("PUT", f"{url}/{ENCODED}", {"attributes": {"SMS": "+33 1 23 45 67 89"}}, KEY) == (204, None)
+    assert call("PUT", f"{url}/{ENCODED}", {"emailBlacklisted": True}, KEY) == (204, None)
+    assert emailing.contact(EMAIL)["attributes"] == {"SMS": "+33 1 23 45 67 89"}
+    assert emailing.contact(EMAIL)["emailBlacklisted"] is True
+    assert call("PUT", f"{url}/{ENCODED}", {"attributes": {"EMAIL": "TAKEN@x.example"}}, KEY)[0] == 400
+    assert call("PUT", f"{url}/{ENCODED}", {"attributes": {"EMAIL": "b@x.example"}}, KEY) == (204, None)
+    assert emailing.has_contact("b@x.example") and not emailing.has_contact(EMAIL)
+    assert call("PUT", f"{url}/{ENCODED}", {"emailBlacklisted": False}, KEY) == (
+        404, {"code": "document_not_found", "message": "Contact does not exist"})  # answered, no lock held
+    phones = f"{telephony.base_url}/contacts"
+    call("POST", phones, {"email": EMAIL, "phone": "+33 6 00 00 00 00"}, BEARER)
+    assert call("PUT", f"{phones}/{ENCODED}", {"phone": "+33 1 23 45 67 89", "restricted": True}, BEARER) == (
+        200, {"updated": True})
+    assert telephony.contact(EMAIL)["phone"] == "+33 1 23 45 67 89" and telephony.contact(EMAIL)["restricted"]
+    assert call("PUT", f"{phones}/nobody%40x.example", {"restricted": True}, BEARER)[0] == 404
+    assert call("PUT", f"{phones}/{ENCODED}", {"restricted": False}, {})[0] == 401
+
+
+def test_the_sales_team_webhook_keeps_what_it_is_told_and_can_be_down() -> None:
+    from warehouse_gdpr_demo.services import start_webhook
+
+    webhook = start_webhook("hook-token")
+    try:
+        hook = f"{webhook.base_url}/hooks/gdpr-restriction"
+        body = {"event": "restricted", "request_id": "R-1", "subject_table": "crm.contacts", "subject_ids": ["7"]}
+        assert call("POST", hook, body, {})[0] == 401
+        webhook.fail_next(1)
+        assert call("POST", hook, body, {"Authorization": "Bearer hook-token"})[0] == 503
+        assert call("POST", hook, body, {"Authorization": "Bearer hook-token"}) == (202, {"received": True})
+        assert webhook.notifications() == [body]
+        assert call("GET", f"{webhook.base_url}/_control/notifications") == (200, [body])
+    finally:
+        webhook.stop()

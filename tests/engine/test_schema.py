@@ -124,7 +124,7 @@ def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
         assert tables == {
             "gdpr.schema_version", "gdpr.audit_log", "gdpr_archive.archived_row",
             "gdpr.suppression_list", "gdpr.request", "gdpr.erasure_propagation", "gdpr.quarantine",
-            "gdpr.processing_register", "gdpr.audit_chain_head",
+            "gdpr.processing_register", "gdpr.audit_chain_head", "gdpr.restriction",
         }
         views = {r[0] for r in other.execute(
             "SELECT schemaname || '.' || viewname FROM pg_views WHERE schemaname = 'gdpr'")}
@@ -175,7 +175,7 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
 
 
 DATA = Path(__file__).parent / "data"
-PREVIOUS = 7  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v7.sql
+PREVIOUS = 8  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v8.sql
 
 
 def _install_version(conn: psycopg.Connection, version: int) -> None:

@@ -36,6 +36,8 @@ from warehouse_gdpr.airflow.tasks import access as access_tasks
 from warehouse_gdpr.airflow.tasks import erasure as erasure_tasks
 from warehouse_gdpr.airflow.tasks import evidence as evidence_tasks
 from warehouse_gdpr.airflow.tasks import optout as optout_tasks
+from warehouse_gdpr.airflow.tasks import rectification as rectification_tasks
+from warehouse_gdpr.airflow.tasks import restriction as restriction_tasks
 from warehouse_gdpr.airflow.tasks import sweep as sweep_tasks
 from warehouse_gdpr.engine import erasure
 from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
@@ -372,24 +374,36 @@ def build_subject_access(policy_file: str | Path | None = None) -> DAG:
     return gdpr_subject_access()
 
 
-def build_erasure_retry(policy_file: str | Path | None = None) -> DAG:
-    """Hourly: preflight the targets with pending erasures, retry those erasures (a target whose preflight
-    failed gets nothing), then flag requests near or past their due date (an overdue one fails the run,
-    which calls the policy's `erasure.on_failure_callback`)."""
+RETRY_DAG_ID = "gdpr_propagation_retry"
+# The retry DAG's former id, built as well for one release (paused when created) so that a deployment that runs
+# it keeps working: unpause gdpr_propagation_retry, pause gdpr_erasure_retry (README, "Upgrading").
+OLD_RETRY_DAG_ID = "gdpr_erasure_retry"
+
+
+def build_erasure_retry(policy_file: str | Path | None = None, dag_id: str = RETRY_DAG_ID) -> DAG:
+    """Hourly: preflight the targets with pending propagations (every kind of request: erasure, rectification,
+    restriction and its lift), retry them (a target whose preflight failed gets nothing), then flag requests
+    near or past their due date (an overdue one fails the run, which calls the policy's
+    `erasure.on_failure_callback`). `dag_id`: gdpr_propagation_retry, or its former id gdpr_erasure_retry."""
     path = str(policy_file or connections.policy_path())
-    notifier = _notifier(_load(path, "gdpr_erasure_retry"))
+    notifier = _notifier(_load(path, dag_id))
+    deprecated = dag_id == OLD_RETRY_DAG_ID
 
     @dag(
-        dag_id="gdpr_erasure_retry",
+        dag_id=dag_id,
         schedule="@hourly",
         start_date=START,
         catchup=False,
         max_active_runs=1,
-        tags=["gdpr", "erasure"],
+        is_paused_upon_creation=True if deprecated else None,
+        tags=["gdpr", "erasure", "rectification", "restriction"] + (["deprecated"] if deprecated else []),
         default_args=DEFAULT_ARGS,
-        doc_md="Retry pending erasure propagations until each target acknowledges (after this run's preflight "
-               "of each target: a target whose preflight fails gets nothing and fails the run); flag requests due "
-               "within `deadline_warning_days`; fail the run while a request is overdue.",
+        doc_md=("**Deprecated**: the former id of `gdpr_propagation_retry`, kept for one release. Unpause "
+                "`gdpr_propagation_retry` and pause this one. " if deprecated else "")
+        + "Retry pending propagations (erasures, rectifications, restrictions and their lifts) until each target "
+          "acknowledges (after this run's preflight of each target: a target whose preflight fails gets nothing "
+          "and fails the run); flag requests due within `deadline_warning_days`; fail the run while a request "
+          "is overdue.",
         on_failure_callback=notifier,
     )
     def gdpr_erasure_retry() -> None:
@@ -488,8 +502,186 @@ def build_optout_sync(policy_file: str | Path | None = None) -> DAG:
     return gdpr_optout_sync()
 
 
+def build_subject_rectification(policy_file: str | Path | None = None) -> DAG:
+    """validate_request -> [approve_rectification] -> rectify -> downstream[target] (preflight -> propagate) ->
+    propagation_done -> verify (airflow/tasks/rectification.py; the downstream tasks are erasure's)."""
+    path = str(policy_file or connections.policy_path())
+    policy = _load(path, "gdpr_subject_rectification")
+    columns = sorted(policy.rectification.columns) if policy else []
+
+    @dag(
+        dag_id="gdpr_subject_rectification",
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        tags=["gdpr", "rectification"],
+        default_args={**DEFAULT_ARGS, "retry_delay": timedelta(minutes=1)},
+        params={
+            **_person_params("rectification"),
+            # No pattern on the values: Airflow's error for a refused value quotes it. validate_request checks
+            # each against the policy and names the column and the rule, never the value.
+            "changes": Param(
+                None, type=["null", "object"], title="Changes",
+                description="The corrections, as an object of column -> new value, e.g. "
+                            '{"direct_phone": "+33 1 23 45 67 89"}. Rectifiable columns (the policy\'s '
+                            f"rectification.columns): {', '.join(columns) or 'none'}. Empty for a request registered "
+                            "with `warehouse-gdpr request new --kind rectification` (its changes are stored encrypted "
+                            "with it).",
+            ),
+            "dry_run": Param(False, type="boolean", title="Dry run",
+                             description="Check and count the rows each change would touch, change nothing."),
+        },
+        doc_md="Rectify one person's data on request (GDPR art. 16) everywhere the warehouse holds it, and tell "
+               "the downstream systems that hold it. What to do when a target does not acknowledge: docs/runbook.md.",
+    )
+    def gdpr_subject_rectification() -> None:
+        @task
+        def validate_request(policy_file: str) -> dict:
+            return rectification_tasks.validate_request(policy_file, get_current_context())
+
+        @task
+        def rectify(policy_file: str, checked: dict) -> dict:
+            return rectification_tasks.rectify(policy_file, get_current_context())
+
+        @task
+        def verify(policy_file: str, done: dict) -> dict:
+            return rectification_tasks.verify(policy_file, get_current_context())
+
+        checked = validate_request(path)
+        rectified = rectify(path, resolved(checked))
+        if policy and policy.rectification.approval_required:
+            checked >> _approval("rectification") >> rectified
+        verified = _downstream(path, policy, rectified, lambda done: verify(path, resolved(done)))
+        _verify_audit_chain(path, [verified])
+
+    return gdpr_subject_rectification()
+
+
+def build_subject_restriction(policy_file: str | Path | None = None) -> DAG:
+    """validate_request -> apply (restrict or lift) -> downstream[target] (preflight -> propagate) ->
+    propagation_done -> verify (airflow/tasks/restriction.py; engine: restriction.py)."""
+    path = str(policy_file or connections.policy_path())
+    policy = _load(path, "gdpr_subject_restriction")
+
+    @dag(
+        dag_id="gdpr_subject_restriction",
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        tags=["gdpr", "restriction"],
+        default_args={**DEFAULT_ARGS, "retry_delay": timedelta(minutes=1)},
+        params={
+            **_person_params("restriction"),
+            "action": Param(
+                None, type=["null", "string"], enum=[None, "restrict", "lift"], title="Action",
+                description="`restrict` (GDPR art. 18: the person's data is held from the retention sweep, kept out "
+                            "of every campaign and share, downstream and the sales team told) or `lift` (once the "
+                            "question is resolved). Empty: the kind of the registered request, else `restrict`.",
+            ),
+            "dry_run": Param(False, type="boolean", title="Dry run",
+                             description="Locate the person and say what would happen, change nothing."),
+        },
+        doc_md="Restrict the processing of one person's data on request (GDPR art. 18), or lift the restriction; "
+               "downstream systems and the sales team are told. What to do when one does not acknowledge: "
+               "docs/runbook.md.",
+    )
+    def gdpr_subject_restriction() -> None:
+        @task
+        def validate_request(policy_file: str) -> dict:
+            return restriction_tasks.validate_request(policy_file, get_current_context())
+
+        @task
+        def apply(policy_file: str, checked: dict) -> dict:
+            return restriction_tasks.apply(policy_file, get_current_context())
+
+        @task
+        def verify(policy_file: str, done: dict) -> dict:
+            return restriction_tasks.verify(policy_file, get_current_context())
+
+        applied = apply(path, resolved(validate_request(path)))
+        verified = _downstream(path, policy, applied, lambda done: verify(path, resolved(done)))
+        _verify_audit_chain(path, [verified])
+
+    return gdpr_subject_restriction()
+
+
+def _person_params(kind: str) -> dict[str, Param]:
+    """The params that name the person and the request, as the erasure DAG has them."""
+    return {
+        "email": Param(
+            None, type=["null", "string"], title="Email",
+            description="The person's email (plain ASCII; case and surrounding spaces do not matter). Give this or the "
+                        "subject id, not both; or neither, for a request registered with `warehouse-gdpr request new "
+                        f"--kind {kind}` (recommended: the address then stays out of the run's conf).",
+        ),
+        "subject_id": Param(
+            None, type=["null", "integer"], minimum=1, title="Subject id",
+            description="The person's internal id in the subject table, instead of the email.",
+        ),
+        "request_id": Param(
+            type="string", title="Request id",
+            description="The ticket reference of the request (3-64 letters, digits, '.', '_', ':', '-'), one per "
+                        "request: an id already used for another person or kind is refused. Alone, it runs the "
+                        "request registered under this id.",
+        ),
+        "received_at": Param(
+            None, type=["null", "string"], title="Received on",
+            description="The date the request arrived (YYYY-MM-DD; empty: today, or the registered date; at most "
+                        f"{erasure.MAX_RECEIVED_AGE_DAYS} days ago). Due one month later.",
+        ),
+    }
+
+
+def _approval(kind: str) -> Any:
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    return ApprovalOperator(
+        task_id=f"approve_{kind}",
+        subject=f"Approve GDPR {kind} {{{{ params.request_id }}}}",
+        body="Request {{ params.request_id }}: see the validate_request log for the columns, counts and targets.",
+    )
+
+
+def _downstream(path: str, policy: Policy | None, done: XComArg, then: Callable[[XComArg], XComArg]) -> XComArg:
+    """done -> downstream[target] (preflight -> propagate, erasure's tasks: one outbox for every kind) ->
+    propagation_done (whatever their result) -> then(done), which runs only when `done` succeeded; returns
+    then's task."""
+    settings = policy.erasure if policy else None
+    retry: dict[str, Any] = {
+        "retries": settings.retries if settings else 5,
+        "retry_delay": timedelta(seconds=settings.retry_delay_seconds if settings else 60),
+        "retry_exponential_backoff": True,
+    }
+
+    @task
+    def targets_to_notify(result: dict) -> list:
+        return result["targets"]
+
+    @task(**retry)
+    def preflight(policy_file: str, target: str) -> str:
+        return erasure_tasks.preflight(policy_file, target, get_current_context())
+
+    @task(**retry)
+    def propagate(policy_file: str, target: str) -> str:
+        return erasure_tasks.propagate(policy_file, target, get_current_context())
+
+    @task_group
+    def downstream(target: str) -> None:
+        """Per target: prove its base URL and credentials, then send the request (nothing is sent to a target
+        whose preflight failed: its row stays pending, and only its own tasks fail)."""
+        preflight(path, target) >> propagate(path, target)
+
+    propagated = downstream.expand(target=targets_to_notify(resolved(done)))
+    propagation_done = EmptyOperator(task_id="propagation_done", trigger_rule="all_done")
+    last = then(done)
+    propagated >> propagation_done >> last
+    return last
+
+
 def build_all(policy_file: str | Path | None = None) -> dict[str, DAG]:
-    """Every warehouse-gdpr DAG for one policy file, keyed by dag_id (for `globals().update(...)`)."""
+    """Every warehouse-gdpr DAG for one policy file, keyed by dag_id (for `globals().update(...)`); the retry DAG
+    also under its former id, gdpr_erasure_retry, for one release."""
     dags = [build_retention_sweep(policy_file), build_subject_erasure(policy_file), build_erasure_retry(policy_file),
-            build_optout_sync(policy_file), build_subject_access(policy_file)]
+            build_erasure_retry(policy_file, OLD_RETRY_DAG_ID), build_subject_rectification(policy_file),
+            build_subject_restriction(policy_file), build_optout_sync(policy_file), build_subject_access(policy_file)]
     return {d.dag_id: d for d in dags}

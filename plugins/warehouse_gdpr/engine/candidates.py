@@ -30,7 +30,7 @@ from collections.abc import Iterable
 
 from psycopg import sql
 
-from .policy import Hold, LastInteractionClock, Policy, Rule
+from .policy import RESERVED_HOLD, Hold, LastInteractionClock, Policy, Rule
 
 AS_OF = re.compile(r"(?<![:\w]):as_of\b")
 
@@ -125,25 +125,37 @@ def hold_predicate(hold: Hold) -> sql.SQL:
     return bound_predicate(hold.predicate)
 
 
-def holds_array(holds: Iterable[Hold]) -> sql.Composable:
+def holds_array(holds: Iterable[Hold], builtin: Iterable[tuple[str, sql.Composable]] = ()) -> sql.Composable:
     """text[] of the names of those of `holds` in force for subject row ``s``: THE legal-hold builder,
     which the sweep (`holds_expression`), erasure (`erasure.holds_in_force`) and the resurrection guard
-    (`optout.guard`) all call, so that the three agree on who is held.
+    (`optout.guard`) all call, so that the three agree on who is held. `builtin`: (name, predicate) of holds
+    the engine adds itself (the sweep's `processing_restricted`), evaluated the same way.
 
     Fail-safe: a hold whose predicate is NULL for the row (``(pred) IS NOT FALSE``), e.g. a litigation with
     no end date, holds it; only a predicate that is false releases it. Parameter: %(as_of)s.
     """
-    cases = [sql.SQL("CASE WHEN ({pred}) IS NOT FALSE THEN {name} END").format(pred=hold_predicate(h),
-                                                                              name=sql.Literal(h.name))
-             for h in holds]
+    predicates = [(h.name, hold_predicate(h)) for h in holds] + list(builtin)
+    cases = [sql.SQL("CASE WHEN ({pred}) IS NOT FALSE THEN {name} END").format(pred=pred, name=sql.Literal(name))
+             for name, pred in predicates]
     if not cases:
         return sql.SQL("ARRAY[]::text[]")
     return sql.SQL("array_remove(ARRAY[{cases}]::text[], NULL)").format(cases=sql.SQL(", ").join(cases))
 
 
+def restricted(policy: Policy) -> sql.Composable:
+    """Predicate on subject ``s``: a restriction of processing (GDPR art. 18) is in force for it (gdpr.restriction,
+    see restriction.py). Uncorrelated, so PostgreSQL evaluates the set once per statement (a hashed subplan)."""
+    return sql.SQL("s.{pk}::text IN (SELECT unnest(r.subject_ids) FROM gdpr.restriction r"
+                   " WHERE r.subject_table = {table})").format(pk=sql.Identifier(policy.subject.primary_key),
+                                                               table=sql.Literal(policy.subject.table))
+
+
 def holds_expression(policy: Policy, rule: Rule) -> sql.Composable:
-    """text[] of the names of the holds that block this rule's action, for subject ``s``."""
-    return holds_array([h for h in policy.holds if rule.action in h.blocks])
+    """text[] of the names of the holds that block this rule's action, for subject ``s``: the policy's, and the
+    built-in `processing_restricted` (a restricted person is neither deleted nor pseudonymised while the
+    restriction is in force; an erasure request is not held by it)."""
+    return holds_array([h for h in policy.holds if rule.action in h.blocks],
+                       builtin=[(RESERVED_HOLD, restricted(policy))])
 
 
 def candidates_from(policy: Policy, rule: Rule) -> sql.Composable:

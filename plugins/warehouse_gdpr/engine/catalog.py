@@ -288,6 +288,7 @@ def check_policy(conn: psycopg.Connection, policy: Policy) -> CatalogReport:
     _check_subject(found, policy)
     _check_tables(found, policy, report)
     _check_interactions_and_rules(found, policy)
+    _check_rectification(found, policy)
     if found.problems:
         raise CatalogError(_message(found.problems))
 
@@ -393,6 +394,14 @@ def _treatment_problems(target: str, treatment: ColumnTreatment, col: Column) ->
     if isinstance(treatment, FixedColumn) and col.max_length is not None and len(treatment.value) > col.max_length:
         problems.append(f"{target} holds {col.max_length} characters; the fixed value is longer")
     return problems
+
+
+def _check_rectification(found: _Lookup, policy: Policy) -> None:
+    """The rectifiable columns exist on the subject's table, and each copy on its table."""
+    for name, column in policy.rectification.columns.items():
+        found.need(f"rectification.columns.{name}", policy.subject.table, name)
+        for i, copy in enumerate(column.copies):
+            found.need(f"rectification.columns.{name}.copies[{i}]", copy.table, copy.column)
 
 
 def _check_interactions_and_rules(found: _Lookup, policy: Policy) -> None:

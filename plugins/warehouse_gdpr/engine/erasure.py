@@ -85,17 +85,18 @@ class ErasureRequest:
         return self.extended_due_date or self.first_due_date
 
 
-def refuse_unknown_params(params: Mapping[str, Any]) -> None:
+def refuse_unknown_params(params: Mapping[str, Any], allowed: tuple[str, ...] = PARAMS) -> None:
     """Refuse a param this DAG does not take (a typo such as `emial`), naming it only if it looks like a name.
-    Checked first, before a registered request is looked up by its id (a typo is named as such)."""
-    unknown = sorted(str(k) for k in params if k not in PARAMS)
+    Checked first, before a registered request is looked up by its id (a typo is named as such). `allowed`:
+    the params of the DAG (default: gdpr_subject_erasure's)."""
+    unknown = sorted(str(k) for k in params if k not in allowed)
     if unknown:
         shown = [f"`{k}`" for k in unknown if re.fullmatch(SAFE_PARAM_NAME, k)]
         hidden = len(unknown) - len(shown)
         names = ", ".join(shown + ([f"{hidden} other(s) (name not shown)"] if hidden else []))
         raise RequestError(
             f"unknown param(s) {names}: this DAG takes only "
-            + ", ".join(f"`{n}`" for n in PARAMS) + " (check the spelling; nothing was changed)"
+            + ", ".join(f"`{n}`" for n in allowed) + " (check the spelling; nothing was changed)"
         )
 
 
@@ -109,18 +110,18 @@ def parse_request(params: Mapping[str, Any], today: date | None = None) -> Erasu
     """
     today = today or date.today()
     refuse_unknown_params(params)
-    email, subject_id = _identity(params)
+    email, subject_id = identity(params)
     request_id = params.get("request_id")
     if not isinstance(request_id, str) or not re.fullmatch(REQUEST_ID_PATTERN, request_id):
         raise RequestError("`request_id` must be 3-64 characters: letters, digits, '.', '_', ':' or '-'")
-    received_at = _received_at(params, today)
+    received_at = received_date(params, today)
     dry_run = params.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise RequestError("`dry_run` must be true or false")
     return ErasureRequest(request_id, email, subject_id, received_at, dry_run)
 
 
-def _identity(params: Mapping[str, Any]) -> tuple[str | None, int | None]:
+def identity(params: Mapping[str, Any]) -> tuple[str | None, int | None]:
     """(normalised email, subject id): exactly one of them, each valid."""
     email = params.get("email")
     if email is not None and not isinstance(email, str):
@@ -141,7 +142,7 @@ def _identity(params: Mapping[str, Any]) -> tuple[str | None, int | None]:
     return email, subject_id
 
 
-def _received_at(params: Mapping[str, Any], today: date) -> date:
+def received_date(params: Mapping[str, Any], today: date) -> date:
     """The date the request arrived (default today): not in the future, nor more than a year ago."""
     received = params.get("received_at") or today.isoformat()
     if not isinstance(received, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", received.strip()):
@@ -451,7 +452,7 @@ def erase(
         if request.dry_run:
             return _dry_run(conn, ctx, request, located, result)
         persons = matcher.for_person(conn, policy, located.subject_ids, located.email, located.email_hashes)
-        _lock_subjects(conn, policy, persons)
+        lock_subjects(conn, policy, persons)
         locked = _holds_now(conn, policy, located.subject_ids, as_of or datetime.now(timezone.utc).isoformat())
         if locked != holds:
             audit.record(conn, ctx, action="erase", outcome="holds_changed_under_lock",
@@ -463,8 +464,25 @@ def erase(
             # obligation keeps: every live row goes.
             result.rows = delete_everywhere(conn, policy, persons, restricted=bool(holds))
             result.archive = _archive_summary(located, _destroy_archive(conn, ctx, request, located))
+        if result.outcome == "erased":
+            _end_restriction(conn, policy, keys, ctx, request, located)
         _record_everything(conn, keys, ctx, request, located, result, holds)
     return result
+
+
+def _end_restriction(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext, request: ErasureRequest,
+                     located: Located) -> None:
+    """A restriction of processing (GDPR art. 18) is no legal hold: an erasure follows its own rules, and once
+    the person is erased the restriction's record (gdpr.restriction) ends with the data it restricted. Audited."""
+    hashes = (list(keys.subject_hashes(located.email, policy.optout.strip_plus_tags).values()) if located.email
+              else [located.subject_hash])
+    ended = conn.execute(
+        "DELETE FROM gdpr.restriction WHERE subject_table = %s"
+        " AND (subject_hash = ANY(%s) OR subject_ids && %s::text[])",
+        (policy.subject.table, hashes, [str(i) for i in located.subject_ids])).rowcount
+    if ended:
+        audit.record(conn, ctx, action="restriction_ended", outcome="erased", table="gdpr.restriction",
+                     row_count=ended, subject_hash=located.subject_hash, details={"request_id": request.request_id})
 
 
 def _planned(policy: Policy, request: ErasureRequest, located: Located, holds: dict[str, str]) -> ErasureResult:
@@ -576,7 +594,7 @@ def outbox_aad(request_id: str, target: str, key_id: str) -> bytes:
     return f"erasure|{request_id}|{target}|{key_id}".encode()
 
 
-def _lock_subjects(conn: psycopg.Connection, policy: Policy, persons: matcher.Persons) -> None:
+def lock_subjects(conn: psycopg.Connection, policy: Policy, persons: matcher.Persons) -> None:
     """Lock order (module doc): lock the subject rows this erasure touches, FOR UPDATE in primary-key
     order, before any dependent row: the person's subject rows and the owners of rows matched by email."""
     subject = policy.subject
@@ -604,7 +622,7 @@ def delete_everywhere(conn: psycopg.Connection, policy: Policy, persons: matcher
     resurrection guard (`optout.guard`), which deletes re-imported erased people the same way."""
     params = persons.params or None
     counts: dict[str, int] = {}
-    _lock_subjects(conn, policy, persons)
+    lock_subjects(conn, policy, persons)
     for mapped in policy.dependent_tables:
         if restricted and mapped.kept_when_held:
             continue

@@ -490,10 +490,50 @@ def enforce(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContex
                 " SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM u)"
             ).format(stage=HASH_STAGE, l=candidates.qualified(LIST), t=table, flag=flag, pk=pk)
         ).fetchone()  # type: ignore[misc]
-        result = {"subjects": hashed, "listed": listed, "flagged": flagged}
+        result = {"subjects": hashed, "listed": listed, "flagged": flagged, **_enforce_restrictions(conn, policy)}
+        if result["restricted_reflagged"] or result["restricted_adopted"]:
+            audit.record(conn, ctx, action="restriction_reapplied", outcome="done", table=subject.table,
+                         row_count=result["restricted_reflagged"],
+                         details={"reflagged": result["restricted_reflagged"],
+                                  "adopted": result["restricted_adopted"]})
         _finish(conn, ctx, tx, action="enforce", outcome="done", table=subject.table, row_count=flagged, details=result)
     _dry_run_record(conn, ctx, action="enforce", table=subject.table, row_count=flagged, details=result)
     return result
+
+
+def _enforce_restrictions(conn: psycopg.Connection, policy: Policy) -> dict[str, int]:
+    """Restrictions of processing in force (gdpr.restriction, GDPR art. 18) survive a CRM import: a subject row
+    that carries a restricted person's email under a new id (the import rewrote the row) is added to the
+    restriction, and every restricted subject whose do-not-contact flag an import cleared is flagged again (the
+    restriction clears at `lift` the flags it set). In the caller's transaction, after `_stage_subject_hashes`."""
+    subject = policy.subject
+    assert subject.restriction_column
+    table, pk = candidates.qualified(subject.table), sql.Identifier(subject.primary_key)
+    flag = sql.Identifier(subject.restriction_column)
+    adopted = conn.execute(
+        sql.SQL(
+            "WITH found AS (SELECT r.subject_hash, array_agg(DISTINCT h.subject_id::text) AS ids"
+            "  FROM {stage} h JOIN gdpr.restriction r ON r.by_email AND r.subject_hash = h.email_hash"
+            "  WHERE r.subject_table = %(table)s AND NOT h.subject_id::text = ANY(r.subject_ids) GROUP BY 1),"
+            " u AS (UPDATE gdpr.restriction r SET subject_ids = ARRAY(SELECT DISTINCT x FROM unnest(r.subject_ids"
+            "  || f.ids) x ORDER BY x) FROM found f WHERE r.subject_hash = f.subject_hash"
+            "  RETURNING cardinality(f.ids) n)"
+            " SELECT coalesce(sum(n), 0) FROM u").format(stage=HASH_STAGE),
+        {"table": subject.table}).fetchone()[0]  # type: ignore[index]
+    reflagged = conn.execute(
+        sql.SQL(
+            "WITH k AS (SELECT s.{pk} FROM {t} s WHERE s.{pk}::text IN (SELECT unnest(subject_ids) FROM"
+            "  gdpr.restriction WHERE subject_table = %(table)s) AND s.{flag} IS NOT TRUE ORDER BY s.{pk}"
+            "  FOR NO KEY UPDATE),"
+            " u AS (UPDATE {t} s SET {flag} = true FROM k WHERE s.{pk} = k.{pk} RETURNING s.{pk}::text AS id)"
+            " SELECT coalesce(array_agg(id), '{{}}') FROM u").format(t=table, pk=pk, flag=flag),
+        {"table": subject.table}).fetchone()[0]  # type: ignore[index]
+    if reflagged:  # cleared again at `lift`, as the flags the restriction set itself
+        conn.execute("UPDATE gdpr.restriction SET flagged_ids = ARRAY(SELECT DISTINCT x FROM"
+                     " unnest(flagged_ids || %(ids)s::text[]) x ORDER BY x)"
+                     " WHERE subject_table = %(table)s AND subject_ids && %(ids)s::text[]",
+                     {"ids": reflagged, "table": subject.table})
+    return {"restricted_reflagged": len(reflagged), "restricted_adopted": int(adopted)}
 
 
 # -- share and export --------------------------------------------------------------------------------
@@ -501,11 +541,14 @@ def enforce(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContex
 
 def spool_list(conn: psycopg.Connection, keys: Keys) -> tuple[IO[bytes], int]:
     """The list's current-key hashes, sorted, one per line, in a spooled temporary file (the caller
-    closes it). Superseded entries (still under an earlier key) are left out."""
+    closes it). Superseded entries (still under an earlier key) are left out. The people whose processing
+    is restricted (gdpr.restriction, by email) are in it too while the restriction is in force: no campaign
+    or share reaches them; the first share after `lift` no longer carries them (unless they are listed)."""
     spool = _spool()
     count = 0
     with conn.transaction(), conn.cursor().copy(
-        sql.SQL("COPY (SELECT email_hash FROM {l} WHERE key_id = {k} ORDER BY email_hash) TO STDOUT").format(
+        sql.SQL("COPY (SELECT email_hash FROM {l} WHERE key_id = {k} UNION SELECT subject_hash FROM gdpr.restriction"
+                " WHERE by_email AND key_id = {k} ORDER BY 1) TO STDOUT").format(
             l=candidates.qualified(LIST), k=sql.Literal(keys.hmac_key_id))
     ) as copy:
         for chunk in copy:

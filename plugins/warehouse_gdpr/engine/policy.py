@@ -398,6 +398,62 @@ class Rule(_Model):
         return data
 
 
+_ACTION_METHOD = "HTTP method (default: the preset's)"
+_ACTION_ENDPOINT = (
+    "path template; `{identifier}` (the person's current email) is URL-encoded into it (default: the preset's)"
+)
+_ACTION_SUCCESS_CODES = "the 2xx answers that acknowledge (default: the preset's, else 200, 201, 202, 204)"
+_ACTION_SUCCESS_BODY = "JSON values a success answer's body must hold to count (e.g. `{updated: true}`)"
+_RESTRICT_BODY = "JSON body (default: the preset's); a string value that is exactly `{identifier}` is replaced by it"
+
+
+class HttpAction(_Model):
+    """One call that tells an HTTP target to restrict, or to lift a restriction (presets: propagation.ACTIONS)."""
+
+    method: Literal["POST", "PUT", "PATCH", "DELETE"] | None = Field(default=None, description=_ACTION_METHOD)
+    endpoint: str | None = Field(default=None, description=_ACTION_ENDPOINT)
+    body: object | None = Field(default=None, description=_RESTRICT_BODY)
+    success_codes: list[int] | None = Field(default=None, description=_ACTION_SUCCESS_CODES)
+    success_body: dict[str, object] | None = Field(default=None, description=_ACTION_SUCCESS_BODY)
+
+    @model_validator(mode="after")
+    def _codes(self) -> HttpAction:
+        bad = [c for c in self.success_codes or [] if not 200 <= c <= 299]
+        if bad:
+            raise ValueError(f"success_codes must be 2xx answers, got {bad}")
+        if self.endpoint is not None and not self.endpoint.startswith("/"):
+            raise ValueError("endpoint must be a path starting with /")
+        return self
+
+
+class HttpRectify(_Model):
+    """How an HTTP target takes a correction: which of the subject's columns it holds, under which field names."""
+
+    fields: dict[Ident, Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1,
+        description="the rectifiable columns this target holds, each with the API's field name (e.g. "
+        "`{direct_phone: SMS}`); a correction of another column is not sent to it",
+    )
+    method: Literal["POST", "PUT", "PATCH"] | None = Field(default=None, description=_ACTION_METHOD)
+    endpoint: str | None = Field(default=None, description=_ACTION_ENDPOINT)
+    body: object | None = Field(
+        default=None,
+        description="JSON body (default: the preset's); a string value that is exactly `{changes}` is replaced by "
+        "the object of changed fields (`{field: new value}`), one that is exactly `{identifier}` by the email",
+    )
+    success_codes: list[int] | None = Field(default=None, description=_ACTION_SUCCESS_CODES)
+    success_body: dict[str, object] | None = Field(default=None, description=_ACTION_SUCCESS_BODY)
+
+    @model_validator(mode="after")
+    def _codes(self) -> HttpRectify:
+        bad = [c for c in self.success_codes or [] if not 200 <= c <= 299]
+        if bad:
+            raise ValueError(f"success_codes must be 2xx answers, got {bad}")
+        if self.endpoint is not None and not self.endpoint.startswith("/"):
+            raise ValueError("endpoint must be a path starting with /")
+        return self
+
+
 class HttpTarget(_Model):
     """A downstream system reached over HTTP; base URL and auth come from an Airflow HTTP connection.
 
@@ -455,6 +511,23 @@ class HttpTarget(_Model):
         "not-found answer and after this run's preflight",
     )
     timeout_seconds: int = Field(default=30, ge=1, le=600, description=_TARGET_TIMEOUT)
+    rectify: HttpRectify | None = Field(
+        default=None,
+        description="how this target takes a rectification (GDPR art. 16): the fields it holds, and the call (presets "
+        "`brevo`: `PUT /v3/contacts/{identifier}` with `{attributes: {changes}}`; `hubspot`: "
+        "`PATCH /crm/v3/objects/contacts/{identifier}?idProperty=email` with `{properties: {changes}}`); without it "
+        "the target is not told of corrections",
+    )
+    restrict: HttpAction | None = Field(
+        default=None,
+        description="the call that restricts the person's processing at this target (GDPR art. 18; preset `brevo`: "
+        "`PUT /v3/contacts/{identifier}` with `{emailBlacklisted: true}`); without it the target is not told",
+    )
+    lift: HttpAction | None = Field(
+        default=None,
+        description="the call that lifts the restriction (preset `brevo`: `{emailBlacklisted: false}`); required "
+        "with `restrict`",
+    )
 
     @model_validator(mode="after")
     def _preset_or_explicit(self) -> HttpTarget:
@@ -477,7 +550,20 @@ class HttpTarget(_Model):
         if bad:
             raise ValueError(
                 f"success_codes must be 2xx answers (a redirect or an error never acknowledges), got {bad}")
+        _check_actions(self)
         return self
+
+
+def _check_actions(target: HttpTarget) -> None:
+    """`restrict` and `lift` go together; without a preset that has them, each needs its method and endpoint."""
+    if (target.restrict is None) != (target.lift is None):
+        raise ValueError("give both `restrict` and `lift` (a restriction told downstream must be liftable), or neither")
+    presets = {"rectify": ("brevo", "hubspot"), "restrict": ("brevo",), "lift": ("brevo",)}
+    for name, with_preset in presets.items():
+        action = getattr(target, name)
+        if action is not None and target.preset not in with_preset and (action.method is None or
+                                                                          action.endpoint is None):
+            raise ValueError(f"`{name}` needs method and endpoint (no preset gives them for this target)")
 
 
 class SqlTarget(_Model):
@@ -502,6 +588,21 @@ class SqlTarget(_Model):
         "report",
     )
     timeout_seconds: int = Field(default=30, ge=1, le=600, description=_TARGET_TIMEOUT)
+    rectify_statements: dict[Ident, list[Annotated[str, Field(min_length=1)]]] = Field(
+        default_factory=dict,
+        description="per rectifiable column this database holds, the statements that correct it, run in one "
+        "transaction with `%(identifier)s` (the person's current email) and `%(value)s` (the new value)",
+    )
+    restrict_statements: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="statements that restrict the person's processing there, with `%(identifier)s`; without them "
+        "the target is not told of restrictions",
+    )
+    lift_statements: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="statements that lift the restriction, with `%(identifier)s`; required with "
+        "`restrict_statements`",
+    )
 
     @field_validator("statements")
     @classmethod
@@ -510,6 +611,18 @@ class SqlTarget(_Model):
             if "%(identifier)s" not in statement:
                 raise ValueError("each statement must use the %(identifier)s parameter (never string formatting)")
         return value
+
+    @model_validator(mode="after")
+    def _action_statements(self) -> SqlTarget:
+        for column, statements in self.rectify_statements.items():
+            if not statements or any("%(identifier)s" not in s or "%(value)s" not in s for s in statements):
+                raise ValueError(f"rectify_statements.{column}: each statement must use %(identifier)s and %(value)s")
+        if bool(self.restrict_statements) != bool(self.lift_statements):
+            raise ValueError("give both `restrict_statements` and `lift_statements`, or neither")
+        for statement in [*self.restrict_statements, *self.lift_statements]:
+            if "%(identifier)s" not in statement:
+                raise ValueError("each restrict or lift statement must use the %(identifier)s parameter")
+        return self
 
     @field_validator("access")
     @classmethod
@@ -623,6 +736,80 @@ class Requests(_Model):
     )
 
     _duration = field_validator("keep_for")(lambda cls, v: _check_duration(v))
+
+
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression ({exc})") from None
+    return value
+
+
+class ColumnCopy(_Model):
+    table: QualifiedName = Field(description="a mapped table holding a copy of the column (e.g. `crm.support_tickets`)")
+    column: Ident = Field(description="its column holding the copy (e.g. `requester_email`)")
+
+
+class RectifiableColumn(_Model):
+    """A column of the subject a person may have corrected (GDPR art. 16), with the check of a new value."""
+
+    pattern: Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_check_regex)] = Field(
+        description="a new value must match it entirely (Python `re.fullmatch`, after surrounding blanks are "
+        "dropped); a value that does not is refused before any change and never echoed"
+    )
+    min_length: int = Field(default=1, ge=0, le=10_000, description="the shortest new value accepted, in characters")
+    max_length: int = Field(ge=1, le=10_000, description="the longest new value accepted, in characters")
+    copies: list[ColumnCopy] = Field(
+        default_factory=list,
+        description="other mapped tables holding a copy of the value (e.g. a support ticket's requester email): "
+        "the person's rows there that hold one are corrected in the same transaction",
+    )
+
+    @model_validator(mode="after")
+    def _lengths(self) -> RectifiableColumn:
+        if self.min_length > self.max_length:
+            raise ValueError("min_length is larger than max_length")
+        return self
+
+
+class Rectification(_Model):
+    """Rectification on request (GDPR art. 16): `gdpr_subject_rectification`."""
+
+    approval_required: bool = Field(
+        default=False, description="four-eyes approval (`ApprovalOperator`) before rectifying"
+    )
+    columns: dict[Ident, RectifiableColumn] = Field(
+        default_factory=dict,
+        description="the subject's columns a person may have corrected, each with its check; a change of any other "
+        "column is refused before any change",
+    )
+
+
+class Webhook(_Model):
+    """An HTTP endpoint told of each restriction and lift (the sales team): internal ids only, never an email."""
+
+    name: Ident = Field(description="its name in the outbox, the audit log and `warehouse-gdpr requests`")
+    connection_id: Ident = Field(description="Airflow HTTP connection (base URL and auth headers)")
+    endpoint: str = Field(
+        min_length=1,
+        description='receives `POST {"event": "restricted" | "lifted", "request_id": ..., "subject_table": ..., '
+        '"subject_ids": [...]}`; any 2xx answer acknowledges',
+    )
+    timeout_seconds: int = Field(default=30, ge=1, le=600, description=_TARGET_TIMEOUT)
+
+
+class Restriction(_Model):
+    """Restriction of processing on request (GDPR art. 18): `gdpr_subject_restriction`."""
+
+    database_guard: bool = Field(
+        default=False,
+        description="a trigger on every mapped table refuses UPDATE and DELETE of a restricted person's rows by any "
+        "role that is not a member of `gdpr_engine` (installed by `warehouse-gdpr schema install --policy`)",
+    )
+    notify: Webhook | None = Field(
+        default=None, description="the sales team's webhook, told of each restriction and each lift"
+    )
 
 
 _CNIL = (
@@ -863,6 +1050,12 @@ class Policy(_Model):
     requests: Requests = Field(
         default_factory=Requests, description="the record of people's requests (every kind), kept as proof"
     )
+    rectification: Rectification = Field(
+        default_factory=Rectification, description="rectification on request (GDPR art. 16)"
+    )
+    restriction: Restriction = Field(
+        default_factory=Restriction, description="restriction of processing on request (GDPR art. 18)"
+    )
     access: Access = Field(
         default_factory=Access,
         description="the answer to access (art. 15) and portability (art. 20) requests (`gdpr_subject_access`)",
@@ -898,6 +1091,7 @@ class Policy(_Model):
                     "table (none in `columns` but `keep`), so its rows stay as they are and nothing would be "
                     "archived: remove `archive`"
                 )
+        _check_rectification(self, tables)
         for rule in self.rules:
             if isinstance(rule.clock, RelatedMaxClock) and rule.clock.table not in tables:
                 raise ValueError(
@@ -929,6 +1123,32 @@ class Policy(_Model):
             if rule.name == name:
                 return rule
         raise KeyError(name)
+
+
+RESERVED_HOLD = "processing_restricted"  # the sweep's built-in hold (a restriction of processing, art. 18)
+
+
+def _check_rectification(policy: Policy, tables: list[str]) -> None:
+    """Copies live in other mapped tables; targets correct only rectifiable columns; no hold takes the
+    built-in hold's name; the sales team's webhook has a name of its own."""
+    if RESERVED_HOLD in [h.name for h in policy.holds]:
+        raise ValueError(f"the hold name {RESERVED_HOLD} is the sweep's built-in hold for restricted people: rename it")
+    columns = policy.rectification.columns
+    for name, column in columns.items():
+        for copy in column.copies:
+            if copy.table not in tables or copy.table == policy.subject.table:
+                raise ValueError(f"rectification.columns.{name}.copies: {copy.table} must be a mapped table other "
+                                 "than the subject's (listed in `tables`)")
+    for target in policy.erasure.targets:
+        held = (target.rectify.fields if isinstance(target, HttpTarget) and target.rectify
+                else target.rectify_statements if isinstance(target, SqlTarget) else {})
+        unknown = sorted(set(held) - set(columns))
+        if unknown:
+            raise ValueError(f"erasure target {target.name}: rectifies {', '.join(unknown)}, not listed in "
+                             "rectification.columns")
+    notify = policy.restriction.notify
+    if notify and notify.name in [t.name for t in policy.erasure.targets]:
+        raise ValueError(f"restriction.notify.name {notify.name} is already the name of an erasure target")
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:

@@ -28,6 +28,7 @@ Nothing here logs a URL, a body or an identifier: only the target name, HTTP sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import uuid
@@ -43,7 +44,7 @@ from .audit import RunContext
 from .crypto import Keys
 from .erasure import outbox_aad
 from .errors import TransientError
-from .policy import HttpTarget, Policy, SqlTarget
+from .policy import HttpTarget, Policy, SqlTarget, Webhook
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "access_endpoint": "/crm/v3/objects/contacts/{identifier}?idProperty=email",
     },
 }
+# What a preset's API takes for the other kinds of request (a target's `rectify`, `restrict`, `lift` keys
+# override each part). https://developers.brevo.com/reference/update-contact: PUT /v3/contacts/{identifier},
+# 204; `attributes` (EMAIL, SMS, FIRSTNAME, ...) and `emailBlacklisted` (no campaign is sent to a blacklisted
+# contact). https://developers.hubspot.com/docs/api-reference/crm-contacts-v3/basic/patch-crm-v3-objects-contacts-
+# contactId: PATCH with `idProperty=email`, 200 with the contact.
+ACTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "brevo": {
+        "rectify": {"method": "PUT", "endpoint": "/v3/contacts/{identifier}", "body": {"attributes": "{changes}"},
+                    "success_codes": [204]},
+        "restrict": {"method": "PUT", "endpoint": "/v3/contacts/{identifier}", "body": {"emailBlacklisted": True},
+                     "success_codes": [204]},
+        "lift": {"method": "PUT", "endpoint": "/v3/contacts/{identifier}", "body": {"emailBlacklisted": False},
+                 "success_codes": [204]},
+    },
+    "hubspot": {
+        "rectify": {"method": "PATCH", "endpoint": "/crm/v3/objects/contacts/{identifier}?idProperty=email",
+                    "body": {"properties": "{changes}"}, "success_codes": [200]},
+    },
+}
+# The request kinds whose outbox rows carry a JSON payload (an erasure's carries the email alone), and the
+# target's action each one calls.
+ACTION_OF_KIND = {"rectification": "rectify", "restriction": "restrict", "restriction_lift": "lift"}
 DEFAULT_SUCCESS_CODES = (200, 201, 202, 204)
 ERROR_KEYS = ("error", "errors")  # a success answer whose JSON object holds one of these is not one
 LEASE_MARGIN_SECONDS = 60  # a claim outlives the calls' deadlines by this much
@@ -131,13 +154,15 @@ def http_contract(target: HttpTarget) -> HttpContract:
     )
 
 
-def _fill(template: Any, identifier: str) -> Any:
+def _fill(template: Any, identifier: str, changes: dict[str, str] | None = None) -> Any:
     if isinstance(template, str):
+        if template == "{changes}" and changes is not None:
+            return dict(changes)
         return identifier if template == "{identifier}" else template
     if isinstance(template, dict):
-        return {k: _fill(v, identifier) for k, v in template.items()}
+        return {k: _fill(v, identifier, changes) for k, v in template.items()}
     if isinstance(template, list):
-        return [_fill(v, identifier) for v in template]
+        return [_fill(v, identifier, changes) for v in template]
     return template
 
 
@@ -224,11 +249,31 @@ def _confirm(call: Any, contract: HttpContract, identifier: str) -> tuple[bool, 
     return False, f"lookup HTTP {answer.status} (deletion not confirmed)"
 
 
-def call_http(target: HttpTarget, identifier: str, transport: Transport) -> tuple[bool, str, bool]:
-    """(acknowledged, result, misconfigured): the erasure call, then the lookup where there is one."""
-    contract = http_contract(target)
+def action_contract(target: HttpTarget, action: str) -> HttpContract:
+    """The call of a target's `rectify`, `restrict` or `lift`: its own keys, else the preset's; the target's
+    not-found answer (a 404 means the target holds nothing of the person: nothing to correct or restrict)."""
+    spec = getattr(target, action)
+    assert spec is not None, f"target {target.name} has no {action}"
+    preset = ACTIONS.get(target.preset or "", {}).get(action, {})
+
+    def pick(key: str, default: Any = None) -> Any:
+        value = getattr(spec, key)
+        return value if value is not None else preset.get(key, default)
+
+    base = http_contract(target)
+    return dataclasses.replace(
+        base, method=pick("method"), endpoint=pick("endpoint"), body=pick("body"),
+        success_codes=frozenset(pick("success_codes", DEFAULT_SUCCESS_CODES)), success_body=pick("success_body"),
+        lookup_endpoint=None)
+
+
+def call_http(target: HttpTarget, identifier: str, transport: Transport, contract: HttpContract | None = None,
+              changes: dict[str, str] | None = None) -> tuple[bool, str, bool]:
+    """(acknowledged, result, misconfigured): the erasure call (or `contract`'s, e.g. a rectification's with its
+    `changes`), then the lookup where there is one."""
+    contract = contract or http_contract(target)
     call = transport.http(target.connection_id)
-    body = _fill(contract.body, identifier) if contract.body is not None else None
+    body = _fill(contract.body, identifier, changes) if contract.body is not None else None
     try:
         answer = call(contract.method, _path(contract.endpoint, identifier), json_body=body,
                       deadline_seconds=contract.timeout_seconds)
@@ -245,12 +290,14 @@ def call_http(target: HttpTarget, identifier: str, transport: Transport) -> tupl
     return True, result, False
 
 
-def call_sql(target: SqlTarget, identifier: str, transport: Transport) -> tuple[bool, str, bool]:
-    """(acknowledged, result, misconfigured): the statements in one transaction, within `max_rows`."""
+def call_sql(target: SqlTarget, identifier: str, transport: Transport, statements: list[str] | None = None,
+             params: dict[str, Any] | None = None) -> tuple[bool, str, bool]:
+    """(acknowledged, result, misconfigured): the statements (the erasure's, or `statements` with their `params`)
+    in one transaction, within `max_rows`."""
     run = transport.sql(target.connection_id)
     try:
-        outcome = run(target.statements, {"identifier": identifier}, max_rows=target.max_rows,
-                      deadline_seconds=float(target.timeout_seconds))
+        outcome = run(statements or target.statements, {"identifier": identifier, **(params or {})},
+                      max_rows=target.max_rows, deadline_seconds=float(target.timeout_seconds))
     except ConnectionNotUsable as exc:
         return False, str(exc), True
     except TransportError as exc:
@@ -267,11 +314,21 @@ def call_sql(target: SqlTarget, identifier: str, transport: Transport) -> tuple[
 # -- preflight -----------------------------------------------------------------------------------------
 
 
-def _target(policy: Policy, target_name: str) -> HttpTarget | SqlTarget:
+def _target(policy: Policy, target_name: str) -> HttpTarget | SqlTarget | Webhook:
     target = next((t for t in policy.erasure.targets if t.name == target_name), None)
+    notify = policy.restriction.notify
+    if target is None and notify is not None and notify.name == target_name:
+        return notify
     if target is None:
-        raise ValueError(f"target {target_name!r} is not declared in the policy's erasure.targets")
+        raise ValueError(f"target {target_name!r} is not declared in the policy's erasure.targets "
+                         "(nor as restriction.notify)")
     return target
+
+
+def declared_targets(policy: Policy) -> set[str]:
+    """The names an outbox row may have: the erasure targets and the sales team's webhook."""
+    notify = policy.restriction.notify
+    return {t.name for t in policy.erasure.targets} | ({notify.name} if notify else set())
 
 
 def _judge_preflight(answer: HttpAnswer) -> tuple[bool, str, bool]:
@@ -303,6 +360,8 @@ def preflight(
     target = _target(policy, target_name)
     if isinstance(target, SqlTarget):
         return "no preflight for a SQL target (each call counts the rows it changes)"
+    if isinstance(target, Webhook):
+        return "no preflight for a webhook (it is told internal ids only; any 2xx answer acknowledges)"
     contract = http_contract(target)
     try:
         answer = transport.http(target.connection_id)("GET", contract.preflight_endpoint,
@@ -352,9 +411,103 @@ def failed_preflights(conn: psycopg.Connection, ctx: RunContext) -> list[str]:
 # -- one attempt -----------------------------------------------------------------------------------------
 
 
-def _lease_seconds(target: HttpTarget | SqlTarget) -> float:
-    calls = 2 if isinstance(target, HttpTarget) else len(target.statements)  # erasure call and lookup
+def _lease_seconds(target: HttpTarget | SqlTarget | Webhook) -> float:
+    calls = 2 if isinstance(target, HttpTarget) else len(target.statements) if isinstance(target, SqlTarget) else 1
+    if isinstance(target, SqlTarget):  # the longest statement list of any kind
+        calls = max([calls, len(target.restrict_statements), *map(len, target.rectify_statements.values())])
     return calls * float(target.timeout_seconds) + LEASE_MARGIN_SECONDS
+
+
+def outbox_aad_for(kind: str, request_id: str, target: str, key_id: str) -> bytes:
+    """The associated data binding an outbox payload to its request, kind and target (an erasure's as before)."""
+    if kind == "erasure":
+        return outbox_aad(request_id, target, key_id)
+    return f"{kind}|{request_id}|{target}|{key_id}".encode()
+
+
+def queue(conn: psycopg.Connection, keys: Keys, request_id: str, kind: str, target: str,
+          payload: dict[str, Any]) -> None:
+    """One pending outbox row for a request of `kind` (rectification, restriction, restriction_lift): its
+    payload (the person's email and what the target needs) encrypted under the archive key, destroyed on
+    acknowledgement. In the caller's transaction."""
+    key_id, nonce, ciphertext = keys.encrypt(json.dumps(payload, sort_keys=True).encode(),
+                                             outbox_aad_for(kind, request_id, target, keys.archive_key_id))
+    conn.execute(
+        "INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce, identifier_ciphertext)"
+        " VALUES (%s, %s, 'pending', %s, %s, %s)", (request_id, target, key_id, nonce, ciphertext))
+
+
+def targets_for(policy: Policy, kind: str, changes: dict[str, str] | None = None) -> list[str]:
+    """The targets told of a request of `kind`: those that hold one of the changed columns (rectification),
+    those with `restrict`/`lift` and the sales team's webhook (restriction and its lift)."""
+    names = []
+    for target in policy.erasure.targets:
+        if kind == "rectification":
+            held = (target.rectify.fields if isinstance(target, HttpTarget) and target.rectify
+                    else target.rectify_statements if isinstance(target, SqlTarget) else {})
+            if set(held) & set(changes or {}):
+                names.append(target.name)
+        elif (target.restrict is not None if isinstance(target, HttpTarget) else bool(target.restrict_statements)):
+            names.append(target.name)
+    if kind in ("restriction", "restriction_lift") and policy.restriction.notify:
+        names.append(policy.restriction.notify.name)
+    return names
+
+
+def _call(target: HttpTarget | SqlTarget | Webhook, kind: str, plaintext: str,
+          transport: Transport) -> tuple[bool, str, bool]:
+    """Send one outbox row's request to its target: (acknowledged, result, misconfigured)."""
+    if kind == "erasure":
+        assert not isinstance(target, Webhook)
+        return call_http(target, plaintext, transport) if isinstance(target, HttpTarget) \
+            else call_sql(target, plaintext, transport)
+    payload = json.loads(plaintext)
+    identifier = payload.get("identifier") or ""
+    if isinstance(target, Webhook):
+        return call_webhook(target, kind, payload, transport)
+    action = ACTION_OF_KIND[kind]
+    if isinstance(target, HttpTarget):
+        if kind == "rectification":
+            assert target.rectify is not None
+            fields = {target.rectify.fields[c]: v for c, v in payload["changes"].items() if c in target.rectify.fields}
+            return call_http(target, identifier, transport, action_contract(target, action), fields)
+        return call_http(target, identifier, transport, action_contract(target, action))
+    if kind == "rectification":
+        columns = [(target.rectify_statements[c], v) for c, v in sorted(payload["changes"].items())
+                   if c in target.rectify_statements]
+        return call_sql_each(target, identifier, transport, columns)
+    return call_sql(target, identifier, transport, target.restrict_statements if kind == "restriction"
+                    else target.lift_statements)
+
+
+def call_sql_each(target: SqlTarget, identifier: str, transport: Transport,
+                  columns: list[tuple[list[str], str]]) -> tuple[bool, str, bool]:
+    """A rectification's statements, each column's with its own `%(value)s`, in one transaction per column
+    (the transport runs one parameter set per call; a retry runs them all again, which an UPDATE to a value
+    allows); acknowledged when every column's call is."""
+    results = []
+    for statements, value in columns:
+        acknowledged, result, misconfigured = call_sql(target, identifier, transport, statements, {"value": value})
+        if not acknowledged:
+            return False, result, misconfigured
+        results.append(result)
+    return True, "; ".join(results), False
+
+
+def call_webhook(target: Webhook, kind: str, payload: dict[str, Any], transport: Transport) -> tuple[bool, str, bool]:
+    """Tell the sales team's webhook of a restriction or its lift: internal ids only, never the email."""
+    body = {"event": "restricted" if kind == "restriction" else "lifted", "request_id": payload.get("request_id"),
+            "subject_table": payload.get("subject_table"), "subject_ids": payload.get("subject_ids", [])}
+    try:
+        answer = transport.http(target.connection_id)("POST", target.endpoint, json_body=body,
+                                                      deadline_seconds=float(target.timeout_seconds))
+    except ConnectionNotUsable as exc:
+        return False, str(exc), True
+    except TransportError as exc:
+        return False, str(exc), False
+    if 200 <= answer.status <= 299:
+        return True, f"HTTP {answer.status}", False
+    return False, f"HTTP {answer.status}", 300 <= answer.status <= 399
 
 
 def propagate(
@@ -384,7 +537,7 @@ def propagate(
             "UPDATE gdpr.erasure_propagation p SET claimed_until = now() + make_interval(secs => %s), claimed_by = %s"
             " FROM gdpr.request r WHERE r.request_id = p.request_id AND p.request_id = %s AND p.target = %s"
             " AND p.status = 'pending' AND (p.claimed_until IS NULL OR p.claimed_until <= now())"
-            " RETURNING p.key_id, p.nonce, p.identifier_ciphertext, r.subject_hash",
+            " RETURNING p.key_id, p.nonce, p.identifier_ciphertext, r.subject_hash, r.kind",
             (_lease_seconds(target), token, request_id, target_name),
         ).fetchone()
     if claimed is None:
@@ -400,17 +553,14 @@ def propagate(
             f"{state[1]:%H:%M:%S %Z} at the latest); try later" if state and state[1] else
             f"target {target_name} is being propagated for request {request_id} by another worker; try later"
         )
-    key_id, nonce, ciphertext, subject_hash = claimed
+    key_id, nonce, ciphertext, subject_hash, kind = claimed
     # 2. The call, outside any transaction.
     assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-    identifier = keys.decrypt(
-        key_id, bytes(nonce), bytes(ciphertext), outbox_aad(request_id, target_name, key_id)
+    plaintext = keys.decrypt(
+        key_id, bytes(nonce), bytes(ciphertext), outbox_aad_for(kind, request_id, target_name, key_id)
     ).decode()
-    if isinstance(target, HttpTarget):
-        acknowledged, result, misconfigured = call_http(target, identifier, transport)
-    else:
-        acknowledged, result, misconfigured = call_sql(target, identifier, transport)
-    del identifier
+    acknowledged, result, misconfigured = _call(target, kind, plaintext, transport)
+    del plaintext
     # 3. Record, in a second short transaction (and release the claim if it is still ours).
     with conn.transaction():
         recorded = conn.execute(
@@ -450,13 +600,39 @@ def complete_if_acknowledged(conn: psycopg.Connection, ctx: RunContext, request_
             return None
         updated = conn.execute(
             "UPDATE gdpr.request SET status = 'completed', completed_at = now()"
-            " WHERE request_id = %s AND status = 'pending_propagation'", (request_id,)
-        ).rowcount
+            " WHERE request_id = %s AND status = 'pending_propagation' RETURNING kind", (request_id,)
+        ).fetchone()
         if not updated:
             return None
-        certificate = write_certificate(conn, ctx, request_id)
+        certificate = (write_certificate if updated[0] == "erasure" else write_record)(conn, ctx, request_id)
         requests.destroy_identifier(conn, ctx, request_id)  # a registered request's identifier
         return certificate
+
+
+def write_record(conn: psycopg.Connection, ctx: RunContext, request_id: str) -> dict[str, Any]:
+    """The record of a rectification or a restriction (or its lift), as the certificate is an erasure's: an
+    audit row with the kind, dates, status, outcome, tables and counts, columns, targets and their
+    acknowledgement times; no personal data (column names, never values). In the caller's transaction."""
+    req = conn.execute(
+        "SELECT subject_hash, kind, received_at, coalesce(extended_due_date, due_date), status, outcome, reason,"
+        " completed_at, details FROM gdpr.request WHERE request_id = %s", (request_id,)
+    ).fetchone()
+    assert req is not None
+    targets = conn.execute(
+        "SELECT target, status, attempts, acknowledged_at, last_result FROM gdpr.erasure_propagation"
+        " WHERE request_id = %s ORDER BY target", (request_id,)
+    ).fetchall()
+    details = req[8]
+    record = {
+        "request_id": request_id, "kind": req[1], "received_at": req[2].isoformat(), "due_date": req[3].isoformat(),
+        "status": req[4], "outcome": req[5], "reason": req[6],
+        "completed_at": req[7].isoformat() if req[7] else None,
+        "rows_by_table": details.get("rows", {}), "columns": details.get("columns", []),
+        "targets": [{"target": t[0], "status": t[1], "attempts": t[2],
+                     "acknowledged_at": t[3].isoformat() if t[3] else None, "result": t[4]} for t in targets],
+    }
+    audit.record(conn, ctx, action="request_record", outcome=req[4], subject_hash=req[0], details=record)
+    return record
 
 
 def write_certificate(conn: psycopg.Connection, ctx: RunContext, request_id: str) -> dict[str, Any]:

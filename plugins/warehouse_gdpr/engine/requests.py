@@ -20,6 +20,7 @@ downstream systems pending), and the terminal ``completed``, ``refused``, ``not_
 from __future__ import annotations
 
 import calendar
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ EXTENDED_MONTHS = 3  # art. 12(3): "extended by two further months", three after
 SUBJECT_ID_PREFIX = "subject_id:"
 # The DAG of this package that runs each kind, for the hint printed at registration.
 DAG_FOR_KIND = {"erasure": "gdpr_subject_erasure", "access": "gdpr_subject_access",
-                "portability": "gdpr_subject_access"}
+                "portability": "gdpr_subject_access", "rectification": "gdpr_subject_rectification",
+                "restriction": "gdpr_subject_restriction", "restriction_lift": "gdpr_subject_restriction"}
 
 
 class RequestStoreError(ConfigurationError, ValueError):
@@ -108,6 +110,8 @@ class Registered:
     status: str
     email: str | None
     subject_id: int | None
+    # A rectification's changes (column -> new value), stored encrypted with the identifier.
+    changes: dict[str, str] | None = None
 
     def __repr__(self) -> str:
         return (f"Registered(request_id={self.request_id!r}, kind={self.kind!r}, status={self.status!r}, "
@@ -115,7 +119,11 @@ class Registered:
 
     def params(self) -> dict[str, Any]:
         """What a subject DAG's params would carry for this request."""
-        return {"email": self.email, "subject_id": self.subject_id, "received_at": self.received_at.isoformat()}
+        out: dict[str, Any] = {"email": self.email, "subject_id": self.subject_id,
+                               "received_at": self.received_at.isoformat()}
+        if self.changes is not None:
+            out["changes"] = dict(self.changes)
+        return out
 
 
 def register(
@@ -129,12 +137,19 @@ def register(
     received_at: date,
     today: date,
     strip_plus_tags: bool = False,
+    changes: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Store a request before it runs: the identifier encrypted, its keyed hash, the dates. Audited.
 
+    A rectification also stores its `changes` (column -> new value, checked by the caller against the
+    policy: `rectification.check_changes`), encrypted with the identifier; other kinds take none.
     Everything is checked before the one transaction that writes; an existing request id is refused."""
     _check_kind(kind)
     _check_request_id(request_id)
+    if (kind == "rectification") != bool(changes):
+        raise RequestStoreError("a rectification request needs its changes (column=new value: `warehouse-gdpr request "
+                                "new --kind rectification` reads them on stdin after the identifier), and only a "
+                                "rectification request takes changes: nothing was changed")
     email, subject_id = parse_identifier(identifier)
     if received_at > today:
         raise RequestStoreError("the date of receipt is in the future")
@@ -146,7 +161,10 @@ def register(
     # The hash erasure.locate gives the same person (by email), or the one it gives an id without an email.
     subject_hash = keys.subject_hash(email, strip_plus_tags) if email else keys.hash_value(f"subject-id:{subject_id}")
     plaintext = email if email else f"{SUBJECT_ID_PREFIX}{subject_id}"
+    if changes:  # one line of identifier (an email never holds a newline), then the changes as JSON
+        plaintext += "\n" + json.dumps(dict(changes), sort_keys=True)
     key_id, nonce, ciphertext = keys.encrypt(plaintext.encode(), identifier_aad(request_id, kind, keys.archive_key_id))
+    del plaintext
     due = due_date(received_at)
     with conn.transaction():
         row = conn.execute(
@@ -206,10 +224,12 @@ def load(conn: psycopg.Connection, keys: Keys, request_id: str, kind: str) -> Re
             f"the encrypted identifier of request {request_id} does not decrypt (altered, or copied from another "
             "request): nothing was changed; register the request again under a new id"
         ) from None
-    email, subject_id = (None, int(plaintext[len(SUBJECT_ID_PREFIX):])) if plaintext.startswith(SUBJECT_ID_PREFIX) \
-        else (plaintext, None)
+    identifier, _, changes_json = plaintext.partition("\n")
     del plaintext
-    return Registered(request_id, kind, subject_hash, received_at, due, status, email, subject_id)
+    changes = json.loads(changes_json) if changes_json else None
+    email, subject_id = (None, int(identifier[len(SUBJECT_ID_PREFIX):])) if identifier.startswith(SUBJECT_ID_PREFIX) \
+        else (identifier, None)
+    return Registered(request_id, kind, subject_hash, received_at, due, status, email, subject_id, changes)
 
 
 def resolve_params(conn: psycopg.Connection, keys: Keys, kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -234,6 +254,7 @@ def resolve(conn: psycopg.Connection, keys: Keys, kind: str,
     email = out.get("email")
     has_identifier = (bool(email.strip()) if isinstance(email, str) else email is not None) \
         or out.get("subject_id") is not None  # a blank email is "not given", as erasure.parse_request reads it
+    has_identifier = has_identifier or out.get("changes") is not None  # a rectification's changes go with it
     if has_identifier:
         row = conn.execute(
             "SELECT kind, status = 'registered' OR identifier_ciphertext IS NOT NULL FROM gdpr.request"
@@ -247,6 +268,7 @@ def resolve(conn: psycopg.Connection, keys: Keys, kind: str,
             raise RequestStoreError(
                 f"request {request_id} is registered with its identifier: trigger it with "
                 f'{{"request_id": "{request_id}"}} alone, without the email or subject id'
+                + (" or changes" if kind == "rectification" else "")
             )
         return out, None
     registered = load(conn, keys, request_id, kind)
@@ -414,3 +436,57 @@ def purge(conn: psycopg.Connection, ctx: RunContext, keep_for: str, as_of: str, 
             audit.record(conn, ctx, action="purge_requests", outcome="nothing_to_purge", table="gdpr.request",
                          details={"keep_for": keep_for})
     return result
+
+
+# -- what every kind of request records when it runs (erasure keeps its own, with its certificate) ----------
+
+
+def recorded(conn: psycopg.Connection, request_id: str, kind: str, subject_hash: str,
+             *, requested_by: str | None = None, for_update: bool = False) -> dict[str, Any] | None:
+    """What is recorded under `request_id` when it is this person's request of this kind: its status, outcome,
+    reason, due date and details. None for a new id, and for this person's request registered but not run yet.
+    The person is `subject_hash` (as located), or `requested_by` (`erasure.request_key`: the keyed hash of
+    what the request named, e.g. ``subject-id:N`` for a request registered by id).
+
+    RequestStoreError when the id belongs to a request of another kind or of another person: the recorded
+    result of someone else is never reported. Reads only (FOR UPDATE with `for_update`)."""
+    row = conn.execute(
+        "SELECT kind, subject_hash, status, outcome, reason, coalesce(extended_due_date, due_date), details"
+        " FROM gdpr.request WHERE request_id = %s" + (" FOR UPDATE" if for_update else ""), (request_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    found_kind, found_hash, status, outcome, reason, due, details = row
+    if found_kind != kind:
+        raise RequestStoreError(f"request id {request_id} is already the id of a request of kind {found_kind}, not "
+                                f"{kind}: nothing was changed; give this request its own request id")
+    person = {subject_hash, requested_by or subject_hash}
+    if found_hash not in person and details.get("requested_by") not in person:
+        raise RequestStoreError(f"request id {request_id} was already used for another person: nothing was "
+                                "changed; give this request its own request id")
+    if status == "registered":
+        return None
+    return {"status": status, "outcome": outcome, "reason": reason or "", "due_date": due.isoformat(),
+            "details": dict(details)}
+
+
+def record_outcome(conn: psycopg.Connection, *, request_id: str, kind: str, subject_hash: str, received_at: date,
+                   status: str, outcome: str, reason: str, details: Mapping[str, Any],
+                   requested_by: str | None = None) -> None:
+    """The request's row in gdpr.request once it ran: a new row, or the registered one (its receipt and first
+    due date stay). `details`: the evidence (tables and counts, columns, targets; no personal data). In the
+    caller's transaction, which locked the request id and read it first (`recorded`)."""
+    row = conn.execute(
+        "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome,"
+        " reason, completed_at, details) VALUES (%s, %s, %s, %s, %s, %s, %s, %s,"
+        " CASE WHEN %s IN ('completed', 'not_found', 'refused') THEN now() END, %s)"
+        " ON CONFLICT (request_id) DO UPDATE SET status = EXCLUDED.status, outcome = EXCLUDED.outcome,"
+        " reason = EXCLUDED.reason, completed_at = EXCLUDED.completed_at,"
+        " details = gdpr.request.details || EXCLUDED.details || jsonb_build_object('run_at', now())"
+        " WHERE gdpr.request.status = 'registered' AND gdpr.request.kind = EXCLUDED.kind"
+        " RETURNING request_id",
+        (request_id, kind, subject_hash, received_at, due_date(received_at), status, outcome, reason, status,
+         Jsonb({**details, "requested_by": requested_by or subject_hash})),
+    ).fetchone()
+    if row is None:  # cannot happen: the caller locked the request id and read it first
+        raise RequestStoreError(f"request id {request_id} was recorded by another run meanwhile")

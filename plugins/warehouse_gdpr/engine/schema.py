@@ -9,7 +9,7 @@ import psycopg
 from .errors import ConfigurationError
 from .sqlfiles import read_sql
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9  # 8: the audit chain; 9: rectification and restriction (gdpr.restriction, the guard)
 log = logging.getLogger(__name__)
 
 

@@ -262,7 +262,7 @@ def preflight_pending(policy_file: str, context: Any) -> dict[str, Any]:
     when one failed: its erasures stay pending (retry_pending sends it nothing) while the others go on."""
     policy = _policy(policy_file, context)
     ctx = connections.run_context(context, False)
-    declared = {t.name for t in policy.erasure.targets}
+    declared = propagation.declared_targets(policy)
     passed: list[str] = []
     failed: dict[str, str] = {}
     with connections.connect(policy) as conn:
@@ -316,13 +316,13 @@ def retry_pending(policy_file: str, context: Any) -> dict[str, Any]:
             " ORDER BY request_id, target"
         ).fetchall()
         conn.rollback()
-        declared = {t.name for t in policy.erasure.targets}
+        declared = propagation.declared_targets(policy)
         for request_id, target in pending:
             tried += 1
             if target not in declared:
                 failed(f"request {request_id}, target {target}", ConfigurationError(
-                    f"target {target} is not declared in the policy's erasure.targets: the outbox row stays "
-                    "pending until it is declared again"))
+                    f"target {target} is not declared in the policy's erasure.targets (nor as restriction.notify): "
+                    "the outbox row stays pending until it is declared again"))
                 continue
             try:
                 propagation.propagate(conn, policy, keys, ctx, request_id, target, transport)
@@ -376,25 +376,26 @@ def check_deadlines(policy_file: str, retried: dict[str, Any] | None, context: A
         notifier_error = str(exc)
     with connections.connect(policy) as conn, conn.transaction():
         rows = conn.execute(
-            "SELECT request_id, coalesce(extended_due_date, due_date) AS due, subject_hash,"
+            "SELECT request_id, coalesce(extended_due_date, due_date) AS due, subject_hash, kind,"
             " current_date - coalesce(extended_due_date, due_date),"
             " ARRAY(SELECT p.target FROM gdpr.erasure_propagation p"
             "       WHERE p.request_id = r.request_id AND p.status = 'pending' ORDER BY p.target)"
-            " FROM gdpr.request r WHERE kind = 'erasure' AND status = 'pending_propagation'"
+            " FROM gdpr.request r WHERE status = 'pending_propagation'"
             " AND coalesce(extended_due_date, due_date) - %s <= current_date ORDER BY due, request_id",
             (days,),
         ).fetchall()
-        for request_id, due, subject_hash, late, targets in rows:
+        for request_id, due, subject_hash, kind, late, targets in rows:
             overdue = late > 0
             conn.execute("UPDATE gdpr.request SET deadline_warned_at = now() WHERE request_id = %s", (request_id,))
             audit.record(conn, ctx, action="deadline_warning", outcome="overdue" if overdue else "due_soon",
                          subject_hash=subject_hash, details={"request_id": request_id, "due_date": due.isoformat(),
                                                              "pending_targets": len(targets), "targets": targets,
-                                                             "days_overdue": max(late, 0)})
+                                                             "days_overdue": max(late, 0), "kind": kind})
             (log.error if overdue else log.warning)(
-                "Erasure request %s is %s (due %s) with %d target(s) pending (%s): check gdpr.erasure_propagation "
+                "%s request %s is %s (due %s) with %d target(s) pending (%s): check gdpr.erasure_propagation "
                 "and the target's availability (runbook: 'a target stays pending').",
-                request_id, f"OVERDUE by {late} day(s)" if overdue else f"due within {days} days", due,
+                kind.capitalize().replace("_", " "), request_id,
+                f"OVERDUE by {late} day(s)" if overdue else f"due within {days} days", due,
                 len(targets), ", ".join(targets) or "none",
             )
     with connections.connect(policy) as conn:
@@ -403,11 +404,11 @@ def check_deadlines(policy_file: str, retried: dict[str, Any] | None, context: A
         f"target(s) {', '.join(unproven)} failed their preflight in this run: their erasures stay pending "
         "until the connection is fixed (see the preflight task's log; runbook: 'A preflight fails')"
     ) if unproven else ""
-    overdue_rows = [(r[0], r[3], r[4]) for r in rows if r[3] > 0]
+    overdue_rows = [(r[0], r[4], r[5]) for r in rows if r[4] > 0]
     problems: list[str] = []  # every reason the run is red, in one message
     if overdue_rows:
         problems.append(
-            f"{len(overdue_rows)} erasure request(s) past their due date with a target pending: "
+            f"{len(overdue_rows)} request(s) past their due date with a target pending: "
             + "; ".join(f"request {rid}: target(s) {', '.join(t)} pending, {late} day(s) overdue" if t else
                         f"request {rid}: no target pending but not completed (trigger it again to verify and "
                         f"certify it), {late} day(s) overdue" for rid, late, t in overdue_rows)

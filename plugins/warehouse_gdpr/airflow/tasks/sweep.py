@@ -288,12 +288,25 @@ def report(checked: dict[str, Any], context: Any) -> dict[str, Any]:
                 key = (row["rule"] or "-", row["action"], row["table_name"])
                 totals[key] = totals.get(key, 0) + row["row_count"]
         summary = {f"{r}/{a}/{t}": n for (r, a, t), n in sorted(totals.items())}
+        held = _held(rows)
         with conn.transaction():
-            audit.record(conn, ctx, action="report", outcome="ok", details={"totals": summary})
+            audit.record(conn, ctx, action="report", outcome="ok", details={"totals": summary, "held": held})
     log.info(
         "Retention sweep %s%s — rows changed, from gdpr.audit_log:\n%s",
         ctx.run_id, " (DRY RUN: none)" if ctx.dry_run else "",
         sweep.format_table(["rule", "action", "table", "rows"], [[*k, n] for k, n in sorted(totals.items())])
         if totals else "(no row changed)",
     )
-    return {"dry_run": ctx.dry_run, "totals": summary}
+    if held:
+        log.info("Subjects kept because a hold applies (from the plan; processing_restricted: a restriction of "
+                 "processing, GDPR art. 18, is in force):\n%s",
+                 sweep.format_table(["rule", "hold", "subjects"],
+                                    [[r, h, n] for r, by_hold in held.items() for h, n in sorted(by_hold.items())]))
+    return {"dry_run": ctx.dry_run, "totals": summary, "held": held}
+
+
+def _held(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """{rule: {hold: subjects}} from the run's plan rows (the policy's holds and the built-in
+    processing_restricted)."""
+    return {row["rule"]: dict(row["details"].get("by_hold", {})) for row in rows
+            if row["action"] == "plan" and row["rule"] and row["details"].get("by_hold")}
