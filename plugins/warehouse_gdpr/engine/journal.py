@@ -454,7 +454,7 @@ def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, result: 
                      (to_flag,))
     lifted = conn.execute(sql.SQL(
         "DELETE FROM gdpr.restriction g USING {r} r WHERE r.kind = 'restriction_lift'"
-        " AND g.subject_hash = r.subject_hash AND g.request_id = r.request_id RETURNING g.flagged_ids")
+        " AND g.request_id = r.request_id RETURNING g.flagged_ids")  # by request id: the hash may be re-keyed since
         .format(r=REPLAY)).fetchall()
     to_clear = sorted({i for r in lifted for i in r[0]})
     if flag and to_clear:
