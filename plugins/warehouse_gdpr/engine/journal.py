@@ -323,7 +323,7 @@ def _erasures(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunCont
     row, outbox. Set-based, except one archive call per replayed erasure that has archived originals."""
     subject = policy.subject
     table, pk = qualified(subject.table), sql.Identifier(subject.primary_key)
-    optout._stage_subject_hashes(conn, policy, keys, {})
+    optout.stage_subject_hashes(conn, policy, keys)
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {rs}").format(rs=REPLAY_SUBJECTS))
     conn.execute(sql.SQL(
         "CREATE TEMP TABLE {rs} ON COMMIT DROP AS"
@@ -427,7 +427,7 @@ def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, result: 
     if any_by_email := conn.execute(sql.SQL(
             "SELECT EXISTS (SELECT 1 FROM {r} WHERE kind = 'restriction' AND (details->>'by_email')::boolean)")
             .format(r=REPLAY)).fetchone()[0]:  # type: ignore[index]
-        optout._stage_subject_hashes(conn, policy, keys, {})
+        optout.stage_subject_hashes(conn, policy, keys)
     by_hash = sql.SQL(
         " UNION SELECT h.subject_id::text FROM {stage} h WHERE (r.details->>'by_email')::boolean"
         " AND h.email_hash = r.subject_hash").format(stage=optout.HASH_STAGE) if any_by_email else sql.SQL("")
