@@ -124,7 +124,7 @@ def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
         assert tables == {
             "gdpr.schema_version", "gdpr.audit_log", "gdpr_archive.archived_row",
             "gdpr.suppression_list", "gdpr.request", "gdpr.erasure_propagation", "gdpr.quarantine",
-            "gdpr.processing_register", "gdpr.audit_chain_head", "gdpr.restriction",
+            "gdpr.processing_register", "gdpr.audit_chain_head", "gdpr.restriction", "gdpr.audit_xact",
         }
         views = {r[0] for r in other.execute(
             "SELECT schemaname || '.' || viewname FROM pg_views WHERE schemaname = 'gdpr'")}
@@ -146,7 +146,8 @@ def test_running_the_ddl_file_again_by_hand_keeps_everything(conn: psycopg.Conne
         "SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'gdpr.audit_log'::regclass AND NOT tgisinternal"
         " ORDER BY tgname"
     ).fetchall()
-    assert triggers == [("audit_log_chain", "A"), ("audit_log_no_truncate", "A"), ("audit_log_no_update_delete", "A")]
+    assert triggers == [("audit_log_chain", "A"), ("audit_log_no_truncate", "A"), ("audit_log_no_update_delete", "A"),
+                        ("audit_log_rows_inserted", "A")]  # version 10: certificates checked, audited requests marked
     assert schema.ensure_schema(conn) is False
 
 
@@ -435,6 +436,9 @@ def _request_row(conn: psycopg.Connection, request_id: str = "REQ-G-1", status: 
             " CASE WHEN %s = 'completed' THEN now() END, 'archive-1', '\\x00', '\\x01')",
             (request_id, status, status, status),
         )
+        # the engine's role (set_role) registers or runs a request with its audit row (version 10)
+        audit.record(conn, CTX, action="register_request" if status == "registered" else "erasure_request",
+                     outcome="registered" if status == "registered" else "erased", details={"request_id": request_id})
 
 
 @pytest.mark.parametrize(
