@@ -262,8 +262,10 @@ ROW = "gdpr.erasure_propagation row of request REQ-PENDING and target"
      f"{ROW} emailing: this acknowledgement refused"),
     (ACKNOWLEDGE.replace("status = 'acknowledged'", "status = 'acknowledged', attempts = 3") + PENDING,
      f"{ROW} emailing: this acknowledgement refused"),
-    (f"UPDATE gdpr.erasure_propagation SET attempts = 0 {PENDING}", f"{ROW} emailing: this change of a pending row refused"),
-    (f"UPDATE gdpr.erasure_propagation SET target = 'desk' {PENDING}", f"{ROW} desk: this change of a pending row refused"),
+    (f"UPDATE gdpr.erasure_propagation SET attempts = 0 {PENDING}",
+     f"{ROW} emailing: this change of a pending row refused"),
+    (f"UPDATE gdpr.erasure_propagation SET target = 'desk' {PENDING}",
+     f"{ROW} desk: this change of a pending row refused"),
     (f"UPDATE gdpr.erasure_propagation SET key_id = 'archive-2' {PENDING}",
      f"{ROW} emailing: this change of a pending row refused"),
     ("INSERT INTO gdpr.erasure_propagation (request_id, target, status, acknowledged_at)"
