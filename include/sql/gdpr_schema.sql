@@ -698,7 +698,7 @@ INSERT INTO gdpr.schema_version (version) VALUES (9) ON CONFLICT (version) DO NO
 -- gdpr.request, before each change (guard_request_lifecycle):
 --   INSERT        as 'registered' (warehouse-gdpr request new), or already run: 'pending_propagation' or a
 --                 final status (a request triggered with the email), completed_at = now() when final;
---   registered -> registered            an extension (extended_*), nothing else;
+--   registered -> registered            an extension (extended_*), or the deadline warning (deadline_warned_at);
 --   registered -> pending_propagation | completed | refused | not_found
 --                 the run: subject_hash, status, outcome, reason, completed_at (= now() when final), details;
 --   pending_propagation -> pending_propagation   an extension, or the deadline warning (deadline_warned_at);
@@ -830,9 +830,9 @@ BEGIN
             RETURN NEW;  -- its encrypted identifier destroyed
         END IF;
     ELSIF OLD.status = 'registered' AND NEW.status = 'registered' THEN
-        IF n - ARRAY['extended_due_date', 'extension_reason', 'extended_at']
-           = o - ARRAY['extended_due_date', 'extension_reason', 'extended_at'] THEN
-            RETURN NEW;  -- extended
+        IF n - ARRAY['extended_due_date', 'extension_reason', 'extended_at', 'deadline_warned_at']
+           = o - ARRAY['extended_due_date', 'extension_reason', 'extended_at', 'deadline_warned_at'] THEN
+            RETURN NEW;  -- extended, or warned of its deadline
         END IF;
     ELSIF OLD.status = 'registered' AND NEW.status IN ('pending_propagation', 'completed', 'refused', 'not_found') THEN
         IF n - ARRAY['subject_hash', 'status', 'outcome', 'reason', 'completed_at', 'details']

@@ -297,6 +297,17 @@ def test_an_acknowledgement_needs_its_audit_row_in_the_same_transaction(
         "propagate with outcome acknowledged in its transaction")
 
 
+def test_deadline_warnings_stay_allowed_in_bulk_on_open_requests_only(
+    conn: psycopg.Connection, engine: psycopg.Connection, rows: None
+) -> None:
+    with engine.transaction():  # as gdpr_propagation_retry's check_deadlines does
+        assert engine.execute("UPDATE gdpr.request SET deadline_warned_at = now()"
+                              " WHERE completed_at IS NULL").rowcount == 3
+    assert _refused(conn, engine, "UPDATE gdpr.request SET deadline_warned_at = now()"
+                    " WHERE request_id = 'REQ-DONE'") == (
+        "gdpr.request request REQ-DONE: this change of a completed request refused")
+
+
 def test_claims_and_attempts_stay_allowed_in_bulk(conn: psycopg.Connection, engine: psycopg.Connection,
                                                   rows: None) -> None:
     with engine.transaction():
