@@ -732,10 +732,17 @@ class Requests(_Model):
     keep_for: str = Field(
         default="P3Y",
         description="how long a completed request (kind, dates, status, outcome, counts, targets) and its outbox "
-        "rows are kept as proof after completion; then the weekly sweep purges them",
+        "rows are kept as proof after completion, at least one year (the database refuses less); then the weekly "
+        "sweep purges them",
     )
 
-    _duration = field_validator("keep_for")(lambda cls, v: _check_duration(v))
+    @field_validator("keep_for")
+    @classmethod
+    def _at_least_a_year(cls, value: str) -> str:
+        years, months, weeks, days = (int(n or 0) for n in DURATION.fullmatch(_check_duration(value)).groups())  # type: ignore[union-attr]
+        if years * 360 + months * 30 + weeks * 7 + days < 360:  # PostgreSQL's interval order: a year is 360 days
+            raise ValueError(f"a request is kept at least one year after completion (P1Y, P12M or P52W), got {value!r}")
+        return value
 
 
 def _check_regex(value: str) -> str:

@@ -615,12 +615,12 @@ def write_record(conn: psycopg.Connection, ctx: RunContext, request_id: str) -> 
     acknowledgement times; no personal data (column names, never values). In the caller's transaction."""
     req = conn.execute(
         "SELECT subject_hash, kind, received_at, coalesce(extended_due_date, due_date), status, outcome, reason,"
-        " completed_at, details FROM gdpr.request WHERE request_id = %s", (request_id,)
+        " completed_at, details FROM gdpr.request WHERE request_id = %s FOR SHARE", (request_id,)
     ).fetchone()
     assert req is not None
-    targets = conn.execute(
+    targets = conn.execute(  # locked: the database checks the record against them when it is written
         "SELECT target, status, attempts, acknowledged_at, last_result FROM gdpr.erasure_propagation"
-        " WHERE request_id = %s ORDER BY target", (request_id,)
+        " WHERE request_id = %s ORDER BY target FOR SHARE", (request_id,)
     ).fetchall()
     details = req[8]
     record = {
@@ -641,12 +641,12 @@ def write_certificate(conn: psycopg.Connection, ctx: RunContext, request_id: str
     req = conn.execute(
         "SELECT subject_hash, received_at, coalesce(extended_due_date, due_date), status, outcome, reason,"
         " coalesce((details->>'run_at')::timestamptz, created_at), completed_at, details FROM gdpr.request"
-        " WHERE request_id = %s", (request_id,)
+        " WHERE request_id = %s FOR SHARE", (request_id,)
     ).fetchone()
     assert req is not None
-    targets = conn.execute(
+    targets = conn.execute(  # locked: the database checks the certificate against them when it is written
         "SELECT target, status, attempts, acknowledged_at, last_result FROM gdpr.erasure_propagation"
-        " WHERE request_id = %s ORDER BY target", (request_id,)
+        " WHERE request_id = %s ORDER BY target FOR SHARE", (request_id,)
     ).fetchall()
     certificate = {
         "request_id": request_id,

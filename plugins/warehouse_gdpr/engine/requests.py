@@ -410,27 +410,16 @@ def purge(conn: psycopg.Connection, ctx: RunContext, keep_for: str, as_of: str, 
             audit.record(conn, ctx, action="destroy_identifier", outcome="done", table="gdpr.request",
                          row_count=destroyed, details={"why": "completed request still held its identifier"})
         result["identifiers_destroyed"] = destroyed
-    while True:
+    while True:  # the database deletes and audits each batch in one statement (control schema v10)
         with conn.transaction():
-            ids = [r[0] for r in conn.execute(
-                f"SELECT request_id FROM gdpr.request WHERE {cutoff} ORDER BY completed_at, request_id LIMIT %(n)s"
-                " FOR UPDATE", {**params, "n": batch_size},
-            ).fetchall()]
-            if not ids:
-                break
-            outbox = conn.execute("DELETE FROM gdpr.erasure_propagation WHERE request_id = ANY(%s)", (ids,)).rowcount
-            kinds = conn.execute(
-                "WITH gone AS (DELETE FROM gdpr.request WHERE request_id = ANY(%s) RETURNING kind)"
-                " SELECT kind, count(*) FROM gone GROUP BY kind ORDER BY kind", (ids,)
-            ).fetchall()
-            for kind, n in kinds:
-                audit.record(conn, ctx, action="purge_requests", outcome="done", table="gdpr.request", row_count=n,
-                             details={"kind": kind, "keep_for": keep_for})
-            if outbox:
-                audit.record(conn, ctx, action="purge_requests", outcome="done", table="gdpr.erasure_propagation",
-                             row_count=outbox, details={"keep_for": keep_for})
-        result["requests"] += len(ids)
+            purged, outbox = conn.execute(
+                "SELECT requests, outbox FROM gdpr.purge_requests(%s, %s, %s, %s, %s, %s)",
+                (keep_for, as_of, batch_size, ctx.dag_id, ctx.run_id, ctx.task_id),
+            ).fetchone()  # type: ignore[misc]
+        result["requests"] += purged
         result["outbox"] += outbox
+        if purged < batch_size:
+            break
     if result["requests"] == 0:
         with conn.transaction():
             audit.record(conn, ctx, action="purge_requests", outcome="nothing_to_purge", table="gdpr.request",
