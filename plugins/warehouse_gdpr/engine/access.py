@@ -590,9 +590,11 @@ def _aad(header: bytes) -> bytes:
 
 def seal(files: dict[str, bytes], keys: Keys, request_id: str, kind: str, created_at: datetime,
          expires_at: datetime) -> bytes:
-    """The files zipped, then encrypted with AES-256-GCM under the active archive key. Layout: MAGIC, one line
-    of JSON header (request id, kind, key id, created and expiry instants; also the associated data, so it
-    cannot be altered or swapped), the 12-byte nonce, the ciphertext."""
+    """The files zipped, then encrypted under the active archive key (to its public key: hybrid, so that
+    unpacking needs the archive's private connection; or AES-256-GCM with the symmetric key of the earlier
+    layout). Layout: MAGIC, one line of JSON header (request id, kind, key id, created and expiry instants;
+    also the associated data, so it cannot be altered or swapped), the 12-byte nonce, the ciphertext (for a
+    public key, the ephemeral public key first)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name in sorted(files):
@@ -603,7 +605,7 @@ def seal(files: dict[str, bytes], keys: Keys, request_id: str, kind: str, create
         "format": 1, "request_id": request_id, "kind": kind, "key_id": keys.archive_key_id,
         "created_at": created_at.isoformat(timespec="seconds"), "expires_at": expires_at.isoformat(timespec="seconds"),
     }, sort_keys=True, separators=(",", ":")).encode()
-    key_id, nonce, ciphertext = keys.encrypt(buffer.getvalue(), _aad(header))
+    key_id, nonce, ciphertext = keys.archive_encrypt(buffer.getvalue(), _aad(header))
     assert key_id == keys.archive_key_id
     return MAGIC + header + b"\n" + nonce + ciphertext
 
