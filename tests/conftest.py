@@ -163,7 +163,8 @@ def airflow_conns(
     conn = embedded.airflow_conn_json(url)
     monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps(conn))
     monkeypatch.setenv("AIRFLOW_CONN_GDPR_KEYS", json.dumps({"conn_type": "generic", "extra": key_extra}))
-    monkeypatch.setenv("AIRFLOW_CONN_GDPR_ARCHIVE_PRIVATE", json.dumps({"conn_type": "generic", "extra": private_extra}))
+    monkeypatch.setenv("AIRFLOW_CONN_GDPR_ARCHIVE_PRIVATE",
+                       json.dumps({"conn_type": "generic", "extra": private_extra}))
     return warehouse
 
 

@@ -322,7 +322,7 @@ def test_purge_archive_after_its_own_period(conn, policy: Policy, keys: Keys) ->
     # it keeps its own purge date and stays decryptable.
     contact_json = conn.execute(
         "SELECT to_jsonb(c)::text FROM crm.contacts c WHERE contact_id = %s", (cid,)).fetchone()[0]  # type: ignore[index]
-    key_id, nonce, ciphertext = keys.encrypt(
+    key_id, nonce, ciphertext = keys.archive_encrypt(
         contact_json.encode(), archive_aad("crm.contacts", str(cid), keys.archive_key_id))
     conn.execute(
         "INSERT INTO gdpr_archive.archived_row (source_table, source_pk, subject_id, rule, run_id, purge_after, key_id,"

@@ -302,8 +302,11 @@ class Keys:
         cipher = self._derived.get((key_id, ephemeral))
         if cipher is None:
             recipient = self.archive_public_keys[key_id]
-            shared = X25519PrivateKey.from_private_bytes(private).exchange(
-                X25519PublicKey.from_public_bytes(ephemeral))
+            try:
+                shared = X25519PrivateKey.from_private_bytes(private).exchange(
+                    X25519PublicKey.from_public_bytes(ephemeral))
+            except ValueError:  # an altered ephemeral key of low order: no shared secret
+                raise InvalidTag from None
             cipher = AESGCM(_hybrid_key(shared, key_id, ephemeral, recipient))
             if len(self._derived) >= DERIVED_CACHE:
                 self._derived.clear()
