@@ -104,7 +104,8 @@ class Keys:
     private_connection_id: str = PRIVATE_CONNECTION_ID
     private_loaded: bool = False
     # Derived AES keys of hybrid rows, by (key id, ephemeral public key): one ECDH per batch, not per row.
-    _derived: dict[tuple[str, bytes], AESGCM] = field(default_factory=dict, compare=False)
+    # Not an init field: a copy (`replace`, `with_private`) starts with an empty cache of its own.
+    _derived: dict[tuple[str, bytes], AESGCM] = field(default_factory=dict, init=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.store_key_id:
@@ -164,7 +165,7 @@ class Keys:
         naming it)."""
         conn_id = conn_id or self.private_connection_id
         if extra is None:
-            return replace(self, private_connection_id=conn_id, private_loaded=False, _derived={})
+            return replace(self, private_connection_id=conn_id, private_loaded=False)
         private_raw = _key_map(extra, "archive_private_keys", conn_id)
         moved = _key_map(extra, "archive_keys", conn_id)
         public = dict(self.archive_public_keys)
@@ -185,8 +186,7 @@ class Keys:
                 raise KeyConfigError(f"connection {conn_id!r}: archive_keys[{key_id!r}] differs from the key "
                                      "of the same id in the keys connection")
         return replace(self, archive_keys={**self.archive_keys, **moved}, archive_public_keys=public,
-                       archive_private_keys=private_raw, private_connection_id=conn_id, private_loaded=True,
-                       _derived={})
+                       archive_private_keys=private_raw, private_connection_id=conn_id, private_loaded=True)
 
     # -- keyed hashes -------------------------------------------------------------------------
     def hash_value(self, value: str) -> str:
