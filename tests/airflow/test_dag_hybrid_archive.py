@@ -162,20 +162,29 @@ def test_the_access_request_reads_the_archive_with_the_private_connection(
     assert invoices[0]["billing_name"] == "Zoé Testperson"  # the original, decrypted with the private key
 
 
+@pytest.mark.parametrize(("private", "message"), [
+    (None, "the archive's private connection 'gdpr_archive_private' is not defined"),
+    # The compose stack's default when GDPR_ARCHIVE_PRIVATE_EXTRA is not set: defined, its extra null.
+    ('{"conn_type": "generic", "extra": null}',
+     "the archive's private connection 'gdpr_archive_private' lacks archive_private_keys for ['archive-x1']"),
+])
 def test_without_the_private_connection_the_access_request_fails_first_naming_it(
     airflow_home: Path, airflow_conns: str, access_policy: Path, policy: Policy, public_keys: Keys,
     private_extra: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str], private: str | None, message: str,
 ) -> None:
     cid, _ = _swept_former_client(airflow_conns, policy, public_keys)
-    monkeypatch.delenv(PRIVATE_ENV)
+    if private is None:
+        monkeypatch.delenv(PRIVATE_ENV)
+    else:
+        monkeypatch.setenv(PRIVATE_ENV, private)
 
     dag_run, logs = _run("gdpr_subject_access", {"subject_id": cid, "request_id": "ACC-HYBRID-2"}, caplog, capfd)
 
     assert str(dag_run.state) == "failed"
     states = _states(dag_run)
     assert states["validate_request"] == "failed" and states["answer"] != "success", states
-    assert "the archive's private connection 'gdpr_archive_private' is not defined" in logs
+    assert message in logs
     assert not (tmp_path / "packages" / "ACC-HYBRID-2.wgdpr").exists()
     for secret in private_extra["archive_private_keys"].values():
         assert secret not in logs
