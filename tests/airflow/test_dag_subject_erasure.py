@@ -129,7 +129,8 @@ def test_the_trigger_form_checks_no_pattern_or_format_that_would_echo_a_value(ai
         ({"email": "p\u0430ul@example.com", "request_id": "REQ-1"}, "email", "p\u0430ul"),  # Cyrillic look-alike
         ({"email": "'; drop table crm.contacts; --", "request_id": "REQ-1"}, "email", "drop table"),
         ({"email": "paul@example.com", "request_id": "jane.doe@acme.example"}, "request_id", "jane.doe"),  # pasted
-        ({"email": "paul@example.com", "request_id": "REQ-1", "received_at": "1900-01-01"}, "received_at", "1900-01-01"),
+        ({"email": "paul@example.com", "request_id": "REQ-1", "received_at": "1900-01-01"}, "received_at",
+         "1900-01-01"),
         ({"email": "paul@example.com", "request_id": "REQ-1", "dyr_run": True}, "dyr_run", "paul@example.com"),
     ],
     ids=["email-x@", "email-cyrillic", "email-sql", "request_id-an-email", "received_at-1900", "typo-dyr_run"],

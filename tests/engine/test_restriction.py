@@ -4,7 +4,9 @@ the shared list), the downstream calls and the sales team's webhook, the databas
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import os
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -119,6 +121,33 @@ def test_a_crm_import_that_clears_the_flag_is_caught_by_the_optout_sync(
 
     _run(conn, policy, keys, {"email": email, "action": "lift"}, "REQ-RS-2")
     assert not _flag(conn, cid) and not _flag(conn, twin)
+
+
+def test_after_a_pepper_rotation_the_sync_rekeys_the_restriction_and_still_catches_an_import(
+    conn, policy: Policy, keys: Keys, key_extra: dict, prospect
+) -> None:
+    """A restriction recorded under the pepper that a rotation retires: the sync's first step brings it to the
+    new key (chained, no plaintext), so a re-import under a new id is still adopted and flagged, the shared list
+    carries the new key's hash, and the person can still be lifted by email."""
+    cid, email = prospect
+    _run(conn, policy, keys, {"email": email})
+    chain = [*key_extra.get("hmac_chain", []), {"key_id": key_extra["hmac_key_id"], "pepper": key_extra["hmac_pepper"]}]
+    keys2 = Keys.from_extra({**key_extra, "hmac_key_id": "pepper-2",
+                             "hmac_pepper": base64.b64encode(os.urandom(32)).decode(), "hmac_chain": chain})
+
+    rekeyed = optout.rekey(conn, keys2, SYNC)
+
+    assert rekeyed["restrictions_rekeyed"] == 1
+    assert _one(conn, "SELECT subject_hash, key_id FROM gdpr.restriction") == (keys2.subject_hash(email), "pepper-2")
+    assert optout.rekey(conn, keys2, SYNC)["restrictions_rekeyed"] == 0
+    twin = add_contact(conn, "lead", date(2026, 5, 1), email=email.upper())  # an import, under a new id
+    conn.commit()
+    assert optout.enforce(conn, policy, keys2, SYNC)["restricted_adopted"] == 1
+    assert _flag(conn, twin)
+    with optout.spool_list(conn, keys2)[0] as spool:
+        assert keys2.subject_hash(email).encode() in spool.read()
+    lifted = _run(conn, policy, keys2, {"email": email, "action": "lift"}, "REQ-RS-2")
+    assert lifted.outcome == "lifted" and not _flag(conn, cid) and not _flag(conn, twin)
 
 
 def test_a_restricted_person_is_kept_out_of_campaigns_by_the_next_optout_share(

@@ -90,7 +90,7 @@ import psycopg
 from psycopg import sql
 
 from ..transport import ConnectionNotUsable, HttpCall, Transport, TransportError
-from . import audit, candidates, catalog, erasure, matcher
+from . import audit, candidates, catalog, erasure, matcher, restriction
 from .audit import RunContext
 from .crypto import KeyConfigError, Keys
 from .errors import ConfigurationError, TransientError, UnmappedForeignKey
@@ -260,7 +260,9 @@ def rekey(conn: psycopg.Connection, keys: Keys, ctx: RunContext) -> dict[str, An
         pending: dict[str, int] = dict(conn.execute(
             f"SELECT key_id, count(*) FROM {LIST} WHERE rekeyed_at IS NULL GROUP BY key_id ORDER BY key_id").fetchall())
         stale = {k: n for k, n in pending.items() if k != current}
-        result = {"key_id": current, "stale": stale, "rekeyed": 0, "superseded": 0}
+        # restrictions in force (art. 18) follow the list's key: the sync adopts re-imported rows by it
+        result = {"key_id": current, "stale": stale, "rekeyed": 0, "superseded": 0,
+                  "restrictions_rekeyed": restriction.rekey(conn, keys)}
         if not stale:
             _finish(conn, ctx, tx, action="rekey", outcome="nothing_to_rekey", table=LIST, details=result)
             return result

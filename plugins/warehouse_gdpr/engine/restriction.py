@@ -279,6 +279,25 @@ def _record(conn: psycopg.Connection, policy: Policy, ctx: RunContext, keys: Key
 # -- the database guard ------------------------------------------------------------------------------------
 
 
+def rekey(conn: psycopg.Connection, keys: Keys) -> int:
+    """Bring every restriction recorded under an earlier pepper of the chain to the current key, in the caller's
+    transaction: the opt-out sync adopts re-imported rows and shares the list by the current key's hash, so a
+    restriction left under a retired pepper would silently stop catching imports after a key rotation. The hash
+    is chained (`Keys.rekey`): no plaintext needed. Restrictions are few: the new hashes are computed here and
+    written by one statement. Raises KeyConfigError (nothing changed) for a key id the keys connection does not
+    list. Returns the number of restrictions re-keyed."""
+    stale = conn.execute("SELECT subject_hash, key_id FROM gdpr.restriction WHERE key_id <> %s ORDER BY 1"
+                         " FOR UPDATE", (keys.hmac_key_id,)).fetchall()
+    if not stale:
+        return 0
+    old = [str(h) for h, _ in stale]
+    new = [keys.rekey(str(h), str(k)) for h, k in stale]
+    return conn.execute(
+        "UPDATE gdpr.restriction r SET subject_hash = m.new_hash, key_id = %s"
+        " FROM unnest(%s::text[], %s::text[]) AS m(old_hash, new_hash) WHERE r.subject_hash = m.old_hash",
+        (keys.hmac_key_id, old, new)).rowcount
+
+
 def guard_missing(conn: psycopg.Connection, policy: Policy) -> list[str]:
     """The mapped tables without the restriction guard trigger (enabled ALWAYS). Reads only."""
     rows = conn.execute(

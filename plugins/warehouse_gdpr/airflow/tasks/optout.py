@@ -76,7 +76,9 @@ def rekey(checked: dict[str, Any], context: Any) -> dict[str, Any]:
                         result["superseded"])
     else:
         log.info("Every entry is under the current key %s: nothing to re-key.", result["key_id"])
-    return {k: result[k] for k in ("key_id", "rekeyed", "superseded")}
+    if result["restrictions_rekeyed"]:
+        log.info("Restrictions of processing re-keyed to %s: %d.", result["key_id"], result["restrictions_rekeyed"])
+    return {k: result[k] for k in ("key_id", "rekeyed", "superseded", "restrictions_rekeyed")}
 
 
 @task_errors
