@@ -16,7 +16,7 @@ person, answered as one encrypted package.
    `report.pdf` (access_pdf.py), `data.json`, `csv/<section>.csv` and `manifest.json` (each file's
    SHA-256, the row counts). A portability request gives `data.json` and the CSV files only, with the
    columns the person provided (`tables[].columns.*.provided`), and no PDF.
-5. `seal` zips and encrypts the files (AES-256-GCM with the archive key; the file's header, which names
+5. `seal` zips and encrypts the files (to the archive's public key; the file's header, which names
    the request, the key id and the expiry date, is the associated data); `store` writes the package to
    the policy's `access.location` through a `PackageStore`; `unseal` is `warehouse-gdpr access unpack`;
    `purge` deletes packages past `access.keep_for` (the weekly sweep).
