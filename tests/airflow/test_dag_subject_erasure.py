@@ -13,7 +13,7 @@ import pytest
 
 from scripted_http import ScriptedServer
 from warehouse_gdpr.airflow.tasks import erasure as erasure_tasks
-from warehouse_gdpr.engine import erasure
+from warehouse_gdpr.engine import erasure, requests
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys
 from warehouse_gdpr.engine.policy import load_policy
@@ -447,6 +447,43 @@ def test_an_overdue_request_with_a_pending_target_fails_the_retry_run(
         details = conn.execute("SELECT details FROM gdpr.audit_log WHERE action = 'deadline_warning'"
                                " ORDER BY audit_id DESC LIMIT 1").fetchone()[0]  # type: ignore[index]
     assert (details["targets"], details["days_overdue"]) == (["telephony"], late)
+
+
+def test_a_registered_request_never_run_past_its_due_date_fails_the_retry_run(
+    airflow_home: Path, airflow_conns: str, downstream, fast_retry_policy: Path,  # type: ignore[no-untyped-def]
+    key_extra: dict, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Registered 45 days ago and never run (no outbox row): the daily run pages for it like for a pending target,
+    naming the DAG to trigger; one registered 10 days ago is neither flagged nor failing."""
+    _, email, _, _ = _erasable_person(airflow_conns)
+    keys = Keys.from_extra(key_extra)
+    ctx = RunContext("warehouse-gdpr", "cli__test", "request_new")
+    with psycopg.connect(airflow_conns) as conn:
+        for request_id, kind, days in (("REQ-IDLE", "erasure", 45), ("ACC-IDLE", "access", 45),
+                                       ("REQ-FRESH", "rectification", 10), ("OBJ-IDLE", "objection", 45)):
+            received = date.today() - timedelta(days=days)
+            requests.register(conn, keys, ctx, kind=kind, request_id=request_id, identifier=email,
+                              received_at=received, today=received,
+                              changes={"direct_phone": "+33 1 23 45 67 89"} if kind == "rectification" else None)
+
+    dag_run, logs = _run_dag("gdpr_propagation_retry", {}, caplog, capfd)
+
+    assert str(dag_run.state) == "failed", "an overdue request nobody ran must make a red run"
+    assert _states(dag_run)["check_deadlines"] == "failed"
+    assert ('request REQ-IDLE: registered but never run: trigger gdpr_subject_erasure with '
+            '{"request_id": "REQ-IDLE"}') in logs
+    assert 'request ACC-IDLE: registered but never run: trigger gdpr_subject_access' in logs
+    # no DAG answers an objection: logged, never failing the run (nothing here could complete it)
+    assert "Objection request OBJ-IDLE is OVERDUE" in logs and "request OBJ-IDLE:" not in logs
+    assert "REQ-FRESH" not in logs and email not in logs
+    with psycopg.connect(airflow_conns) as conn:
+        flagged = conn.execute("SELECT details->>'request_id', outcome, details->>'status' FROM gdpr.audit_log"
+                               " WHERE action = 'deadline_warning' ORDER BY 1").fetchall()
+        warned = conn.execute("SELECT request_id FROM gdpr.request WHERE deadline_warned_at IS NOT NULL"
+                              " ORDER BY 1").fetchall()
+    assert flagged == [("ACC-IDLE", "overdue", "registered"), ("OBJ-IDLE", "overdue", "registered"),
+                       ("REQ-IDLE", "overdue", "registered")]
+    assert warned == [("ACC-IDLE",), ("OBJ-IDLE",), ("REQ-IDLE",)]
 
 
 def test_the_policys_notifier_pages_when_the_retry_run_fails_on_an_overdue_request(

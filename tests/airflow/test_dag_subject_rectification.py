@@ -215,7 +215,7 @@ def test_an_overdue_rectification_with_a_target_pending_fails_the_retry_run(
     dag_run, logs = _run("gdpr_propagation_retry", {}, caplog, capfd)
 
     assert str(dag_run.state) == "failed"
-    assert "1 request(s) past their due date with a target pending: request REQ-RECT-LATE: target(s) telephony" \
+    assert "1 request(s) past their due date and not answered: request REQ-RECT-LATE: target(s) telephony" \
         in logs
     assert "Rectification request REQ-RECT-LATE is OVERDUE" in logs
     assert downstream.emailing.contact(email)["attributes"]["SMS"] == NEW_PHONE

@@ -157,6 +157,7 @@ def test_the_package_holds_exactly_what_the_warehouse_and_the_downstream_systems
         "When your record is pseudonymised, the originals of this table are kept encrypted for 10 years after its "
         "issued on date as required by French Commercial Code L123-22 (accounting records), then destroyed"]
     assert "CNIL" in document["about"]["complaint"]
+    assert document["about"]["automated_decisions"].startswith("No decision based solely on automated processing")
     assert {r["name"] for r in document["about"]["recipients"]} >= {"Brevo, emailing, opt-out blocklist (FR)",
                                                                   "Aircall, telephony (FR)"}
     # the manifest: each file's SHA-256 and the row counts; the CSV files have named columns
@@ -172,7 +173,8 @@ def test_the_package_holds_exactly_what_the_warehouse_and_the_downstream_systems
     # the PDF is readable: the request, a section per table with labelled columns
     text = "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(files["report.pdf"])).pages)
     for needle in ("ACC-1", "Your contact record", "Your support requests", "First name", "Zoé", "Purpose",
-                   "Legal basis", "Retention", "Aircall", "CNIL", "Who receives your data"):
+                   "Legal basis", "Retention", "Aircall", "CNIL", "Who receives your data",
+                   "Automated decisions and profiling", "art. 22"):
         assert needle in text, needle
     # the XCom-sized result and the audit row carry no personal data
     result = json.dumps(answered.as_dict())

@@ -36,6 +36,18 @@ def test_the_demo_policy_says_what_article_15_asks_for_every_table() -> None:
     assert provided["crm.notes"] == []  # a rep's notes are never the person's own data
     assert policy.access.keep_for == "P30D" and policy.access.location == "gdpr_access"
     assert "CNIL" in policy.access.complaint
+    assert policy.access.automated_decisions and "art. 22" in policy.access.automated_decisions
+
+
+def test_an_access_answer_needs_the_policy_to_state_automated_decisions(demo_data: dict[str, Any]) -> None:
+    """Art. 15(1)(h): no default wording could be true of every warehouse, so the answer is refused without it."""
+    from warehouse_gdpr.engine import access
+
+    assert access.problems(load_policy(DEMO)) == []
+    data = copy.deepcopy(demo_data)
+    del data["access"]["automated_decisions"]
+    with pytest.raises(access.AccessError, match=r"access.automated_decisions missing \(art. 15\(1\)\(h\)"):
+        access.check_policy(parse_policy(data, "policy.yaml"))
 
 
 def test_a_column_is_not_provided_unless_the_policy_says_so(demo_data: dict[str, Any]) -> None:

@@ -181,6 +181,9 @@ def problems(policy: Policy) -> list[str]:
         missing = [k for k in ("purpose", "legal_basis", "source") if not getattr(mapped, k)]
         if missing:
             out.append(f"tables[{i}] ({mapped.table}): " + ", ".join(missing) + " missing")
+    if not policy.access.automated_decisions:
+        out.append("access.automated_decisions missing (art. 15(1)(h): say whether decisions based solely on "
+                   "automated processing, including profiling, are made with this data)")
     return out
 
 
@@ -190,7 +193,7 @@ def check_policy(policy: Policy) -> None:
     if found:
         raise AccessError(
             "the policy lacks what an access answer must state (art. 15(1)); nothing was read: "
-            + "; ".join(found) + " (docs/policy.md, `tables`)"
+            + "; ".join(found) + " (docs/policy.md, `tables` and `access`)"
         )
 
 
@@ -484,6 +487,7 @@ def information(policy: Policy) -> dict[str, Any]:
     contact = controller.get("contact") or controller.get("name") or "us"
     return {"controller": controller, "recipients": unique, "transfers": list(dict.fromkeys(transfers)),
             "rights": f"{RIGHTS} Write to {contact}.", "complaint": policy.access.complaint,
+            "automated_decisions": policy.access.automated_decisions or "",
             "targets": {t.name: processors.get(t.name, t.name) for t in policy.erasure.targets}}
 
 

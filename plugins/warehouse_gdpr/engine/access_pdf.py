@@ -258,6 +258,9 @@ def _render(document: dict[str, Any]) -> bytes:
     if about["transfers"]:
         doc.paragraph("Transfers outside the European Economic Area: " + "; ".join(about["transfers"]) + ".")
     number += 1
+    doc.heading(f"{number}. Automated decisions and profiling")
+    doc.paragraph(about["automated_decisions"])
+    number += 1
     doc.heading(f"{number}. Your rights")
     doc.paragraph(about["rights"])
     doc.paragraph(about["complaint"])

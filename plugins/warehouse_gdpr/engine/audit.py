@@ -62,6 +62,22 @@ def record(
     )
 
 
+def record_many(conn: psycopg.Connection, ctx: RunContext, rows: list[dict[str, Any]]) -> int:
+    """Insert several audit rows of one step in one statement, in the caller's current transaction. Each row
+    has `action` and `outcome`, and optionally `rule`, `table`, `row_count`, `subject_hash` and `details`, as
+    `record` takes them. Returns the number of rows inserted."""
+    if not rows:
+        return 0
+    return conn.execute(
+        "INSERT INTO gdpr.audit_log (dag_id, run_id, task_id, rule, table_name, action, row_count, dry_run,"
+        " outcome, subject_hash, details)"
+        " SELECT %s, %s, %s, e.r->>'rule', e.r->>'table', e.r->>'action', coalesce((e.r->>'row_count')::bigint, 0),"
+        " %s, e.r->>'outcome', e.r->>'subject_hash', coalesce(e.r->'details', '{}')"
+        " FROM jsonb_array_elements(%s) WITH ORDINALITY AS e(r, n) ORDER BY e.n",
+        (ctx.dag_id, ctx.run_id, ctx.task_id, ctx.dry_run, Jsonb(rows)),
+    ).rowcount
+
+
 def rows_for_run(conn: psycopg.Connection, dag_id: str, run_id: str) -> list[dict[str, Any]]:
     """Every audit row of one run, oldest first (for the report task and the tests)."""
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:

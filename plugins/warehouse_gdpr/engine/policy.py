@@ -847,6 +847,14 @@ class Access(_Model):
         description="how the person may lodge a complaint with the supervisory authority (art. 15(1)(f)), as the "
         "report words it",
     )
+    automated_decisions: Text | None = Field(
+        default=None,
+        min_length=1,
+        description="whether decisions based solely on automated processing, including profiling, are made with "
+        "this data (art. 15(1)(h), art. 22) and, if so, their logic, significance and consequences, as the report "
+        "words it; an access request is refused until the policy says it (no default could be true of every "
+        "warehouse)",
+    )
 
     _duration = field_validator("keep_for")(lambda cls, v: _check_duration(v))
 

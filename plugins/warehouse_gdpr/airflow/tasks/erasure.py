@@ -358,6 +358,18 @@ def _usable(conn: psycopg.Connection, policy: Policy) -> psycopg.Connection:
     return connections.connect(policy)
 
 
+def _why_open(request_id: str, kind: str, status: str, targets: list[str]) -> str:
+    """Why an open request is not answered yet, and what on-call does about it (no personal data)."""
+    if targets:
+        return f"target(s) {', '.join(targets)} pending"
+    dag_id = requests.DAG_FOR_KIND.get(kind)
+    if dag_id is None:
+        return f"registered; no DAG of this package answers a request of kind {kind}: answer it and record it"
+    if status == "registered":
+        return f'registered but never run: trigger {dag_id} with {{"request_id": "{request_id}"}}'
+    return f"no target pending but not completed: trigger {dag_id} with its request id again to finish it"
+
+
 @task_errors
 def check_deadlines(policy_file: str, retried: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     """Make requests near or past their due date visible: flag them, audit, warn for the ones due soon, and
@@ -380,38 +392,39 @@ def check_deadlines(policy_file: str, retried: dict[str, Any] | None, context: A
             " current_date - coalesce(extended_due_date, due_date),"
             " ARRAY(SELECT p.target FROM gdpr.erasure_propagation p"
             "       WHERE p.request_id = r.request_id AND p.status = 'pending' ORDER BY p.target)"
-            " FROM gdpr.request r WHERE status = 'pending_propagation'"
+            ", status FROM gdpr.request r WHERE completed_at IS NULL"
             " AND coalesce(extended_due_date, due_date) - %s <= current_date ORDER BY due, request_id",
             (days,),
         ).fetchall()
-        for request_id, due, subject_hash, kind, late, targets in rows:
-            overdue = late > 0
-            conn.execute("UPDATE gdpr.request SET deadline_warned_at = now() WHERE request_id = %s", (request_id,))
-            audit.record(conn, ctx, action="deadline_warning", outcome="overdue" if overdue else "due_soon",
-                         subject_hash=subject_hash, details={"request_id": request_id, "due_date": due.isoformat(),
-                                                             "pending_targets": len(targets), "targets": targets,
-                                                             "days_overdue": max(late, 0), "kind": kind})
-            (log.error if overdue else log.warning)(
-                "%s request %s is %s (due %s) with %d target(s) pending (%s): check gdpr.erasure_propagation "
-                "and the target's availability (runbook: 'a target stays pending').",
-                kind.capitalize().replace("_", " "), request_id,
-                f"OVERDUE by {late} day(s)" if overdue else f"due within {days} days", due,
-                len(targets), ", ".join(targets) or "none",
-            )
+        conn.execute("UPDATE gdpr.request SET deadline_warned_at = now() WHERE request_id = ANY(%s)",
+                     ([r[0] for r in rows],))
+        audit.record_many(conn, ctx, [
+            dict(action="deadline_warning", outcome="overdue" if late > 0 else "due_soon", subject_hash=subject_hash,
+                 details={"request_id": request_id, "due_date": due.isoformat(), "pending_targets": len(targets),
+                          "targets": targets, "days_overdue": max(late, 0), "kind": kind, "status": status})
+            for request_id, due, subject_hash, kind, late, targets, status in rows])
+        for request_id, due, _, kind, late, targets, status in rows:
+            (log.error if late > 0 else log.warning)(
+                "%s request %s is %s (due %s): %s%s.", kind.capitalize().replace("_", " "), request_id,
+                f"OVERDUE by {late} day(s)" if late > 0 else f"due within {days} days", due,
+                _why_open(request_id, kind, status, targets),
+                ": check gdpr.erasure_propagation and the target's availability (runbook: 'A target stays pending')"
+                if targets else "")
     with connections.connect(policy) as conn:
         unproven = propagation.failed_preflights(conn, ctx)
     preflight_message = (
         f"target(s) {', '.join(unproven)} failed their preflight in this run: their erasures stay pending "
         "until the connection is fixed (see the preflight task's log; runbook: 'A preflight fails')"
     ) if unproven else ""
-    overdue_rows = [(r[0], r[4], r[5]) for r in rows if r[4] > 0]
+    # a kind no DAG of this package answers (objection) is logged above, never fails the run: nothing here
+    # could complete it
+    overdue_rows = [(r[0], r[4], r[5], r[3], r[6]) for r in rows if r[4] > 0 and r[3] in requests.DAG_FOR_KIND]
     problems: list[str] = []  # every reason the run is red, in one message
     if overdue_rows:
         problems.append(
-            f"{len(overdue_rows)} request(s) past their due date with a target pending: "
-            + "; ".join(f"request {rid}: target(s) {', '.join(t)} pending, {late} day(s) overdue" if t else
-                        f"request {rid}: no target pending but not completed (trigger it again to verify and "
-                        f"certify it), {late} day(s) overdue" for rid, late, t in overdue_rows)
+            f"{len(overdue_rows)} request(s) past their due date and not answered: "
+            + "; ".join(f"request {rid}: {_why_open(rid, kind, status, t)}, {late} day(s) overdue"
+                        for rid, late, t, kind, status in overdue_rows)
             + ". Runbook: 'An erasure is overdue'"
             + (f". Your pager was not called: {notifier_error}" if notifier_error else "")
         )
