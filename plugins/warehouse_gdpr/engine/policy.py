@@ -158,7 +158,14 @@ class AirflowSettings(_Model):
         default="warehouse", description="Airflow connection to the warehouse (postgres, psycopg 3)"
     )
     keys_connection_id: Ident = Field(
-        default="gdpr_keys", description="Airflow connection whose extra holds the pepper and archive keys"
+        default="gdpr_keys",
+        description="Airflow connection whose extra holds the pepper, the store keys and the archive's public keys "
+        "(every task reads it)",
+    )
+    archive_private_connection_id: Ident = Field(
+        default="gdpr_archive_private",
+        description="Airflow connection whose extra holds the archive's private keys: only the access request "
+        "and the archive-reading commands read it (restrict it to them in your secrets backend)",
     )
     sweep_schedule: Schedule = Field(default="@weekly", description="schedule of `gdpr_retention_sweep`")
 

@@ -428,10 +428,10 @@ def outbox_aad_for(kind: str, request_id: str, target: str, key_id: str) -> byte
 def queue(conn: psycopg.Connection, keys: Keys, request_id: str, kind: str, target: str,
           payload: dict[str, Any]) -> None:
     """One pending outbox row for a request of `kind` (rectification, restriction, restriction_lift): its
-    payload (the person's email and what the target needs) encrypted under the archive key, destroyed on
+    payload (the person's email and what the target needs) encrypted under the store key, destroyed on
     acknowledgement. In the caller's transaction."""
     key_id, nonce, ciphertext = keys.encrypt(json.dumps(payload, sort_keys=True).encode(),
-                                             outbox_aad_for(kind, request_id, target, keys.archive_key_id))
+                                             outbox_aad_for(kind, request_id, target, keys.store_key_id))
     conn.execute(
         "INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce, identifier_ciphertext)"
         " VALUES (%s, %s, 'pending', %s, %s, %s)", (request_id, target, key_id, nonce, ciphertext))

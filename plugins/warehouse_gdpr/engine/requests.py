@@ -5,7 +5,7 @@ due (one month later, art. 12(3)), its status and outcome, an extension if one w
 evidence the article asks to keep (`details`: tables and counts, targets, holds). No personal data.
 
 A request may be registered before it runs (`warehouse-gdpr request new`): the person's identifier
-(normalised email, or ``subject_id:N``) is then stored encrypted with the archive key (AES-256-GCM) and
+(normalised email, or ``subject_id:N``) is then stored encrypted with the store key (AES-256-GCM) and
 a subject DAG triggered with ``{"request_id": ID}`` alone decrypts it in memory (`resolve_params`).
 That keeps the address out of the process list and out of Airflow's ``dag_run.conf``. The ciphertext
 is destroyed when the request completes (`destroy_identifier`); the keyed hash stays.
@@ -163,7 +163,7 @@ def register(
     plaintext = email if email else f"{SUBJECT_ID_PREFIX}{subject_id}"
     if changes:  # one line of identifier (an email never holds a newline), then the changes as JSON
         plaintext += "\n" + json.dumps(dict(changes), sort_keys=True)
-    key_id, nonce, ciphertext = keys.encrypt(plaintext.encode(), identifier_aad(request_id, kind, keys.archive_key_id))
+    key_id, nonce, ciphertext = keys.encrypt(plaintext.encode(), identifier_aad(request_id, kind, keys.store_key_id))
     del plaintext
     due = due_date(received_at)
     with conn.transaction():
