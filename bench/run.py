@@ -63,7 +63,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
 
 from warehouse_gdpr.engine import candidates, sweep  # noqa: E402
 from warehouse_gdpr.engine.audit import RunContext  # noqa: E402
-from warehouse_gdpr.engine.crypto import Keys, archive_aad, generate_extra  # noqa: E402
+from warehouse_gdpr.engine.crypto import Keys, archive_aad, generate_extras  # noqa: E402
 from warehouse_gdpr.engine.policy import (  # noqa: E402
     FixedColumn,
     HashColumn,
@@ -201,7 +201,7 @@ def child_main() -> int:
     """`run.py --child`: run sweep.apply_rule for the given rules; print results and peak RSS as JSON."""
     spec = json.load(sys.stdin)
     policy = load_policy(spec["policy"])
-    keys = Keys.from_extra(spec["extra"])
+    keys = Keys.from_extra(spec["extra"])  # the keys connection only: the archive is encrypted to its public key
     ctx = RunContext(dag_id="bench", run_id=spec["run_id"], task_id="apply_rule")
     results = []
     with psycopg.connect(spec["url"]) as conn:
@@ -453,7 +453,7 @@ def delete_state(url: str, policy: Policy) -> dict[str, Any]:
 
 def archive_state(conn: psycopg.Connection, keys: Keys | None) -> dict[str, Any]:
     """Which rows are archived (table, pk, subject, rule, purge_after) and what: md5 over the plaintexts,
-    decrypted with `keys` (the engine's AES-GCM rows) or as stored (the raw floor's plaintext rows)."""
+    decrypted with `keys` (the engine's rows, hybrid or AES-GCM) or as stored (the raw floor's plaintext rows)."""
     count, meta = conn.execute(
         "SELECT count(*), coalesce(sum(hashtextextended(concat_ws('|', source_table, source_pk, subject_id, rule,"
         " purge_after::text), 0)::numeric), 0)::text FROM gdpr_archive.archived_row"
@@ -493,8 +493,10 @@ class Bench:
         self.args = args
         self.server = server
         self.policy = load_policy(POLICY_PATH)
-        self.extra = generate_extra()
-        self.keys = Keys.from_extra(self.extra)
+        # The sweep's child gets the keys connection's extra (the archive's public key); the checks and the
+        # access requests read the archive with its private key too.
+        self.extra, private_extra = generate_extras()
+        self.keys = Keys.from_extra(self.extra).with_private(private_extra)
         self.prefix = args.db_prefix
         self.run_tag = uuid.uuid4().hex[:8]
         self.template = self.template_for(args.contacts)

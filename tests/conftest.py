@@ -36,7 +36,7 @@ os.environ["WAREHOUSE_GDPR_POLICY"] = str(ROOT / "include" / "policy.yaml")
 sys.path.insert(0, str(ROOT / "plugins"))
 
 from warehouse_gdpr.engine import schema  # noqa: E402
-from warehouse_gdpr.engine.crypto import Keys, generate_extra  # noqa: E402
+from warehouse_gdpr.engine.crypto import Keys, generate_extras  # noqa: E402
 from warehouse_gdpr.engine.policy import Policy, load_policy  # noqa: E402
 from warehouse_gdpr_demo import data as demo_data  # noqa: E402
 from warehouse_gdpr_demo import embedded  # noqa: E402
@@ -110,13 +110,31 @@ def conn(warehouse: str) -> Iterator[psycopg.Connection]:
 
 
 @pytest.fixture(scope="session")
-def key_extra() -> dict[str, object]:
-    return generate_extra()
+def key_extras() -> tuple[dict[str, object], dict[str, object]]:
+    """(the keys connection's extra, the archive's private connection's extra), as `make demo` generates them."""
+    return generate_extras()
 
 
 @pytest.fixture(scope="session")
-def keys(key_extra: dict[str, object]) -> Keys:
+def key_extra(key_extras: tuple[dict[str, object], dict[str, object]]) -> dict[str, object]:
+    return key_extras[0]
+
+
+@pytest.fixture(scope="session")
+def private_extra(key_extras: tuple[dict[str, object], dict[str, object]]) -> dict[str, object]:
+    return key_extras[1]
+
+
+@pytest.fixture(scope="session")
+def public_keys(key_extra: dict[str, object]) -> Keys:
+    """What every task holds: the pepper, the store key, the archive's public key (no private key)."""
     return Keys.from_extra(key_extra)
+
+
+@pytest.fixture(scope="session")
+def keys(public_keys: Keys, private_extra: dict[str, object]) -> Keys:
+    """Every key, the archive's private key included (what the access request and legal hold)."""
+    return public_keys.with_private(private_extra)
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +154,7 @@ def airflow_home() -> Path:
 
 @pytest.fixture
 def airflow_conns(
-    monkeypatch: pytest.MonkeyPatch, warehouse: str, key_extra: dict[str, object]
+    monkeypatch: pytest.MonkeyPatch, warehouse: str, key_extra: dict[str, object], private_extra: dict[str, object]
 ) -> str:
     """Point the DAGs' connections at this test's warehouse copy, as the least-privileged gdpr_dag role
     (on an external $WAREHOUSE_TEST_URL server, with its own credentials: gdpr_dag has no password there)."""
@@ -145,6 +163,8 @@ def airflow_conns(
     conn = embedded.airflow_conn_json(url)
     monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps(conn))
     monkeypatch.setenv("AIRFLOW_CONN_GDPR_KEYS", json.dumps({"conn_type": "generic", "extra": key_extra}))
+    monkeypatch.setenv("AIRFLOW_CONN_GDPR_ARCHIVE_PRIVATE",
+                       json.dumps({"conn_type": "generic", "extra": private_extra}))
     return warehouse
 
 

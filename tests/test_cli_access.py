@@ -20,8 +20,10 @@ CREATED = datetime(2026, 6, 1, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key_extra: dict, keys: Keys):  # type: ignore[no-untyped-def]
-    """A policy whose packages are under tmp_path, the keys connection, one package (ACC-CLI-1)."""
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key_extra: dict, private_extra: dict,  # type: ignore[no-untyped-def]
+          keys: Keys):
+    """A policy whose packages are under tmp_path, the keys connection and the archive's private connection
+    (the package is encrypted to its public key), one package (ACC-CLI-1)."""
     data = yaml.safe_load((ROOT / "include" / "policy.yaml").read_text())
     data["access"]["location"] = "packages"  # relative: under $AIRFLOW_HOME
     policy = tmp_path / "policy.yaml"
@@ -30,6 +32,8 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key_extra: dict, keys
     monkeypatch.setenv("AIRFLOW_HOME", str(home))
     monkeypatch.setenv("WAREHOUSE_GDPR_POLICY", str(policy))
     monkeypatch.setenv("AIRFLOW_CONN_GDPR_KEYS", json.dumps({"conn_type": "generic", "extra": key_extra}))
+    monkeypatch.setenv("AIRFLOW_CONN_GDPR_ARCHIVE_PRIVATE",
+                       json.dumps({"conn_type": "generic", "extra": private_extra}))
     document = {"request": {"request_id": "ACC-CLI-1", "kind": "access"}, "warehouse": []}
     files = {"data.json": json.dumps(document).encode(), "csv/crm.contacts.csv": b"contact_id\n7\n"}
     digests = {n: {"sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()}
@@ -82,8 +86,13 @@ def test_unpack_with_keys_that_do_not_decrypt_fails_clearly(setup, tmp_path: Pat
     other["archive_keys"] = {"other-key": other["archive_keys"]["archive-1"]}  # type: ignore[index]
     other["archive_key_id"] = "other-key"
     monkeypatch.setenv("AIRFLOW_CONN_GDPR_KEYS", json.dumps({"conn_type": "generic", "extra": other}))
+    # ... and a private connection with another key pair's private key, under another id.
+    from warehouse_gdpr.engine.crypto import generate_extras
+    another = {"archive_private_keys": {"other-x": generate_extras()[1]["archive_private_keys"]["archive-x1"]}}
+    monkeypatch.setenv("AIRFLOW_CONN_GDPR_ARCHIVE_PRIVATE", json.dumps({"conn_type": "generic", "extra": another}))
     assert main(["access", "unpack", "ACC-CLI-1", "--out", str(tmp_path / "out")]) == 1
-    assert "is not in the keys connection" in capsys.readouterr().err
+    assert ("archive key 'archive-x1' is not in the keys connection nor in the archive's private connection "
+            "'gdpr_archive_private'") in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -82,7 +82,9 @@ GRANT INSERT (dag_id, run_id, task_id, rule, table_name, action, row_count, dry_
 GRANT SELECT ON gdpr.audit_log TO gdpr_auditor;
 GRANT SELECT ON gdpr.schema_version TO gdpr_engine, gdpr_auditor;
 
--- Encrypted originals of pseudonymised rows (AES-256-GCM, done in Python; key id per row).
+-- Encrypted originals of pseudonymised rows (done in Python; key id per row): to the archive's X25519
+-- public key (an ephemeral ECDH per batch, AES-256-GCM; the ephemeral public key leads the ciphertext),
+-- or, for rows of the earlier key layout, AES-256-GCM under a symmetric key.
 -- AAD = source_table || '|' || source_pk || '|' || key_id, so a ciphertext cannot be moved to another row.
 CREATE TABLE IF NOT EXISTS gdpr_archive.archived_row (
     archive_id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -209,7 +211,7 @@ GRANT SELECT, INSERT, UPDATE ON gdpr.erasure_request TO gdpr_engine;
 GRANT SELECT ON gdpr.erasure_request TO gdpr_auditor;
 
 -- Outbox of erasures to propagate downstream. The identifier a target needs is kept only
--- encrypted (AES-256-GCM, AAD = request_id|target|key_id) until the target acknowledged; then the
+-- encrypted with the store key (AES-256-GCM, AAD = request_id|target|key_id) until the target acknowledged; then the
 -- ciphertext is destroyed (set to NULL) and the destruction audited.
 CREATE TABLE IF NOT EXISTS gdpr.erasure_propagation (
     request_id       text NOT NULL REFERENCES gdpr.erasure_request (request_id),
@@ -258,7 +260,8 @@ GRANT SELECT (claimed_until, claimed_by) ON gdpr.erasure_propagation TO gdpr_aud
 -- v7: one request lifecycle. Every request a person makes (GDPR art. 15-21) is one row of gdpr.request,
 -- whatever its kind; the subject appears only as a keyed hash. A request registered before it runs
 -- (`warehouse-gdpr request new`) also holds the person's identifier (normalised email, or
--- 'subject_id:N'), encrypted with the archive key (AES-256-GCM, AAD = request|request_id|kind|key_id);
+-- 'subject_id:N'), encrypted with the store key (`store_keys` of the keys connection; the archive key of
+-- the earlier key layout) (AES-256-GCM, AAD = request|request_id|kind|key_id);
 -- the ciphertext is destroyed (set to NULL) once the request is complete, the keyed hash stays.
 -- Rows are kept as proof, then purged by the weekly sweep (policy `requests.keep_for` after completion).
 CREATE TABLE IF NOT EXISTS gdpr.request (
@@ -689,6 +692,340 @@ $$;
 REVOKE ALL ON FUNCTION gdpr.refuse_restricted_change() FROM PUBLIC;
 
 INSERT INTO gdpr.schema_version (version) VALUES (9) ON CONFLICT (version) DO NOTHING;
+-- end of v9 ==========================================================================================
+
+-- v10: a record the engine cannot falsify: requests and outbox rows follow their lifecycle ==================
+-- Checked for every role but the tables' owner (and the functions it owns), as the archive guard is: the
+-- owner could drop these triggers anyway; the engine's role (gdpr_engine) cannot. A DBA reviews them here.
+--
+-- gdpr.request, before each change (guard_request_lifecycle):
+--   INSERT        as 'registered' (warehouse-gdpr request new), or already run: 'pending_propagation' or a
+--                 final status (a request triggered with the email), completed_at = now() when final;
+--   registered -> registered            an extension (extended_*), or the deadline warning (deadline_warned_at);
+--   registered -> pending_propagation | completed | refused | not_found
+--                 the run: subject_hash, status, outcome, reason, completed_at (= now() when final), details;
+--   pending_propagation -> pending_propagation   an extension, or the deadline warning (deadline_warned_at);
+--   pending_propagation -> completed    no outbox row of the request pending; status and completed_at = now();
+--   completed | refused | not_found     final: only the encrypted identifier may be destroyed (set to NULL);
+--   DELETE        not granted: gdpr.purge_requests below, past the retention period, audited in its statement.
+-- gdpr.erasure_propagation (the outbox), before each change (guard_outbox_lifecycle):
+--   INSERT        'pending', never tried, for a request that is pending_propagation;
+--   pending -> pending        a claim or an attempt (attempts + 1, last_result, last_attempt_at, claimed_*);
+--   pending -> acknowledged   acknowledged_at = now(), the ciphertext destroyed, nothing else;
+--   acknowledged              final (no change back);
+--   DELETE        not granted: gdpr.purge_requests, with the request.
+-- At COMMIT (deferred constraint triggers), each status change, insert and extension of a request, and each
+-- acknowledgement, has its audit row written in the same transaction: an audit row naming the request (and
+-- the target), with the action and outcome of that step (check_request_audited, check_outbox_audited).
+-- The audit rows of the transaction are found through gdpr.audit_xact, which a trigger on gdpr.audit_log
+-- fills (transaction id, request id, target, action, outcome of each audit row naming a request) and which
+-- no other role may write: the engine cannot claim an audit row it did not write.
+-- A certificate (action 'certificate', an erasure's) or a request's record (action 'request_record', the
+-- other kinds) must say what gdpr.request and the outbox hold when it is written: request, kind, status,
+-- outcome, subject, rows by table, targets and their statuses; for every role, the owner included.
+
+CREATE OR REPLACE FUNCTION gdpr.acts_as_owner(rel regclass) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+    SELECT current_user = (SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = rel)
+$$;
+
+-- Which request (and target) each audit row of a running transaction names. Transient: rows of finished
+-- transactions are pruned by the next writer; unlogged (nothing to recover after a crash).
+CREATE UNLOGGED TABLE IF NOT EXISTS gdpr.audit_xact (
+    xact       xid8 NOT NULL,
+    request_id text NOT NULL,
+    target     text,
+    action     text NOT NULL,
+    outcome    text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_xact_idx ON gdpr.audit_xact (xact, request_id);
+REVOKE ALL ON gdpr.audit_xact FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION gdpr.audit_rows_inserted() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    forged text;
+BEGIN
+    SELECT n.details->>'request_id' INTO forged
+    FROM new_rows AS n
+    LEFT JOIN gdpr.request AS r ON r.request_id = n.details->>'request_id'
+    WHERE n.action IN ('certificate', 'request_record')
+      AND NOT coalesce(
+          (n.action = 'certificate') = (r.kind = 'erasure')
+          AND n.outcome = r.status AND n.details->>'status' = r.status
+          AND n.details->>'outcome' IS NOT DISTINCT FROM r.outcome
+          AND n.subject_hash IS NOT DISTINCT FROM r.subject_hash
+          AND (n.details->>'completed_at' IS NULL) = (r.completed_at IS NULL)
+          AND n.details->'rows_by_table' = coalesce(r.details->'rows', '{}'::jsonb)
+          AND jsonb_typeof(n.details->'targets') = 'array'
+          AND (SELECT coalesce(jsonb_agg(jsonb_build_array(p.target, p.status) ORDER BY p.target), '[]')
+               FROM gdpr.erasure_propagation AS p WHERE p.request_id = r.request_id)
+              = (SELECT coalesce(jsonb_agg(jsonb_build_array(t->>'target', t->>'status') ORDER BY t->>'target'), '[]')
+                 FROM jsonb_array_elements(CASE WHEN jsonb_typeof(n.details->'targets') = 'array'
+                                                THEN n.details->'targets' ELSE '[]' END) AS t),
+          false)
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'gdpr.audit_log: a certificate or record of request % must say what gdpr.request and the '
+                        'outbox hold (kind, status, outcome, subject, rows, targets)', coalesce(forged, '(none)')
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    INSERT INTO gdpr.audit_xact (xact, request_id, target, action, outcome)
+    SELECT pg_current_xact_id(), n.details->>'request_id', n.details->>'target', n.action, n.outcome
+    FROM new_rows AS n
+    WHERE NOT n.dry_run AND n.details->>'request_id' IS NOT NULL;
+    IF FOUND THEN  -- prune the marks of finished transactions, skipping those another writer prunes
+        DELETE FROM gdpr.audit_xact WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM gdpr.audit_xact WHERE xact < pg_snapshot_xmin(pg_current_snapshot())
+            FOR UPDATE SKIP LOCKED));
+    END IF;
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS audit_log_rows_inserted ON gdpr.audit_log;
+CREATE TRIGGER audit_log_rows_inserted
+    AFTER INSERT ON gdpr.audit_log REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION gdpr.audit_rows_inserted();
+ALTER TABLE gdpr.audit_log ENABLE ALWAYS TRIGGER audit_log_rows_inserted;
+
+-- Whether this transaction wrote an audit row naming `request_id` (and `target`, when given) with one of
+-- `actions` and the outcome `outcome`.
+CREATE OR REPLACE FUNCTION gdpr.audited_in_this_transaction(request_id text, target text, actions text[],
+                                                            outcome text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM gdpr.audit_xact AS m
+                   WHERE m.xact = pg_current_xact_id() AND m.request_id = $1
+                     AND ($2 IS NULL OR m.target = $2) AND m.action = ANY($3) AND m.outcome = $4)
+$$;
+REVOKE ALL ON FUNCTION gdpr.audited_in_this_transaction(text, text, text[], text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION gdpr.refuse_lifecycle(what text, id text, change text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% %: % refused', what, id, change
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'a request and its outbox rows change only along their lifecycle (see gdpr_schema.sql, v10)';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION gdpr.guard_request_lifecycle() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    final constant text[] := ARRAY['completed', 'refused', 'not_found'];
+    o jsonb;
+    n jsonb;
+BEGIN
+    IF gdpr.acts_as_owner(TG_RELID) THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        IF NEW.status = 'in_progress' OR NEW.deadline_warned_at IS NOT NULL
+           OR (NEW.status = ANY(final) AND NEW.completed_at IS DISTINCT FROM now()) THEN
+            PERFORM gdpr.refuse_lifecycle('gdpr.request', 'request ' || NEW.request_id, 'inserting it as ' || NEW.status);
+        END IF;
+        RETURN NEW;
+    END IF;
+    o := to_jsonb(OLD);
+    n := to_jsonb(NEW);
+    IF OLD.status = ANY(final) THEN
+        IF n - ARRAY['key_id', 'nonce', 'identifier_ciphertext'] = o - ARRAY['key_id', 'nonce', 'identifier_ciphertext']
+           AND NEW.identifier_ciphertext IS NULL THEN
+            RETURN NEW;  -- its encrypted identifier destroyed
+        END IF;
+    ELSIF OLD.status = 'registered' AND NEW.status = 'registered' THEN
+        IF n - ARRAY['extended_due_date', 'extension_reason', 'extended_at', 'deadline_warned_at']
+           = o - ARRAY['extended_due_date', 'extension_reason', 'extended_at', 'deadline_warned_at'] THEN
+            RETURN NEW;  -- extended, or warned of its deadline
+        END IF;
+    ELSIF OLD.status = 'registered' AND NEW.status IN ('pending_propagation', 'completed', 'refused', 'not_found') THEN
+        IF n - ARRAY['subject_hash', 'status', 'outcome', 'reason', 'completed_at', 'details']
+           = o - ARRAY['subject_hash', 'status', 'outcome', 'reason', 'completed_at', 'details']
+           AND (NEW.status = 'pending_propagation' OR NEW.completed_at = now()) THEN
+            RETURN NEW;  -- run
+        END IF;
+    ELSIF OLD.status = 'pending_propagation' AND NEW.status = 'pending_propagation' THEN
+        IF n - ARRAY['extended_due_date', 'extension_reason', 'extended_at', 'deadline_warned_at']
+           = o - ARRAY['extended_due_date', 'extension_reason', 'extended_at', 'deadline_warned_at'] THEN
+            RETURN NEW;  -- extended, or warned of its deadline
+        END IF;
+    ELSIF OLD.status = 'pending_propagation' AND NEW.status = 'completed' THEN
+        IF n - ARRAY['status', 'completed_at'] = o - ARRAY['status', 'completed_at'] AND NEW.completed_at = now() THEN
+            IF EXISTS (SELECT 1 FROM gdpr.erasure_propagation p
+                       WHERE p.request_id = NEW.request_id AND p.status = 'pending') THEN
+                PERFORM gdpr.refuse_lifecycle('gdpr.request', 'request ' || NEW.request_id,
+                                              'completing it while a target is still pending');
+            END IF;
+            RETURN NEW;  -- every target acknowledged
+        END IF;
+    END IF;
+    PERFORM gdpr.refuse_lifecycle('gdpr.request', 'request ' || NEW.request_id,
+                                  CASE WHEN OLD.status = NEW.status THEN 'this change of a ' || OLD.status || ' request'
+                                       ELSE OLD.status || ' -> ' || NEW.status END);
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS request_lifecycle ON gdpr.request;
+CREATE TRIGGER request_lifecycle
+    BEFORE INSERT OR UPDATE ON gdpr.request
+    FOR EACH ROW EXECUTE FUNCTION gdpr.guard_request_lifecycle();
+ALTER TABLE gdpr.request ENABLE ALWAYS TRIGGER request_lifecycle;
+
+-- At COMMIT: the audit row of each insert, run, completion and extension of a request.
+CREATE OR REPLACE FUNCTION gdpr.check_request_audited() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    actions text[];
+    wanted text;
+BEGIN
+    IF TG_OP = 'UPDATE' AND OLD.status = 'pending_propagation' AND NEW.status = 'completed' THEN
+        actions := ARRAY['certificate', 'request_record'];
+        wanted := 'completed';
+    ELSIF TG_OP = 'UPDATE' AND OLD.status = NEW.status THEN
+        actions := ARRAY['extend_request'];
+        wanted := 'extended';
+    ELSIF NEW.status = 'registered' THEN
+        actions := ARRAY['register_request'];
+        wanted := 'registered';
+    ELSE
+        actions := ARRAY[CASE NEW.kind WHEN 'erasure' THEN 'erasure_request' WHEN 'access' THEN 'access_request'
+                                       WHEN 'portability' THEN 'access_request'
+                                       WHEN 'rectification' THEN 'rectification_request'
+                                       WHEN 'restriction' THEN 'restrict' WHEN 'restriction_lift' THEN 'lift' END];
+        wanted := NEW.outcome;
+    END IF;
+    IF NOT gdpr.audited_in_this_transaction(NEW.request_id, NULL, actions, wanted) THEN
+        RAISE EXCEPTION 'gdpr.request: % of request % (%) has no audit row % with outcome % in its transaction',
+            CASE WHEN TG_OP = 'INSERT' THEN 'the insert' ELSE 'the change ' || OLD.status || ' -> ' || NEW.status END,
+            NEW.request_id, NEW.kind, array_to_string(actions, ' or '), coalesce(wanted, '(none)')
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS request_inserted_audited ON gdpr.request;
+CREATE CONSTRAINT TRIGGER request_inserted_audited
+    AFTER INSERT ON gdpr.request
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW WHEN (NOT gdpr.acts_as_owner('gdpr.request'))
+    EXECUTE FUNCTION gdpr.check_request_audited();
+ALTER TABLE gdpr.request ENABLE ALWAYS TRIGGER request_inserted_audited;
+DROP TRIGGER IF EXISTS request_changed_audited ON gdpr.request;
+CREATE CONSTRAINT TRIGGER request_changed_audited
+    AFTER UPDATE ON gdpr.request
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW WHEN ((OLD.status IS DISTINCT FROM NEW.status OR OLD.extended_at IS DISTINCT FROM NEW.extended_at)
+                       AND NOT gdpr.acts_as_owner('gdpr.request'))
+    EXECUTE FUNCTION gdpr.check_request_audited();
+ALTER TABLE gdpr.request ENABLE ALWAYS TRIGGER request_changed_audited;
+
+CREATE OR REPLACE FUNCTION gdpr.guard_outbox_lifecycle() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    attempt constant text[] := ARRAY['attempts', 'last_result', 'last_attempt_at', 'claimed_until', 'claimed_by'];
+    ack constant text[] := ARRAY['status', 'acknowledged_at', 'key_id', 'nonce', 'identifier_ciphertext',
+                                 'claimed_until', 'claimed_by'];
+    id text := 'row of request ' || NEW.request_id || ' and target ' || NEW.target;
+BEGIN
+    IF gdpr.acts_as_owner(TG_RELID) THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        IF NEW.status = 'pending' AND NEW.attempts = 0 AND NEW.acknowledged_at IS NULL AND NEW.last_attempt_at IS NULL
+           AND NEW.last_result IS NULL AND NEW.claimed_until IS NULL AND NEW.claimed_by IS NULL
+           AND EXISTS (SELECT 1 FROM gdpr.request r WHERE r.request_id = NEW.request_id
+                       AND r.status = 'pending_propagation') THEN
+            RETURN NEW;
+        END IF;
+        PERFORM gdpr.refuse_lifecycle('gdpr.erasure_propagation', id,
+                                      'inserting it other than pending, untried, for a request pending propagation');
+    ELSIF OLD.status = 'pending' AND NEW.status = 'pending' THEN
+        IF to_jsonb(NEW) - attempt = to_jsonb(OLD) - attempt AND NEW.attempts IN (OLD.attempts, OLD.attempts + 1) THEN
+            RETURN NEW;  -- claimed, tried
+        END IF;
+        PERFORM gdpr.refuse_lifecycle('gdpr.erasure_propagation', id, 'this change of a pending row');
+    ELSIF OLD.status = 'pending' AND NEW.status = 'acknowledged' THEN
+        IF to_jsonb(NEW) - ack = to_jsonb(OLD) - ack AND NEW.acknowledged_at = now()
+           AND NEW.key_id IS NULL AND NEW.nonce IS NULL AND NEW.identifier_ciphertext IS NULL THEN
+            RETURN NEW;  -- acknowledged, its ciphertext destroyed
+        END IF;
+        PERFORM gdpr.refuse_lifecycle('gdpr.erasure_propagation', id, 'this acknowledgement');
+    END IF;
+    PERFORM gdpr.refuse_lifecycle('gdpr.erasure_propagation', id, OLD.status || ' -> ' || NEW.status);
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS outbox_lifecycle ON gdpr.erasure_propagation;
+CREATE TRIGGER outbox_lifecycle
+    BEFORE INSERT OR UPDATE ON gdpr.erasure_propagation
+    FOR EACH ROW EXECUTE FUNCTION gdpr.guard_outbox_lifecycle();
+ALTER TABLE gdpr.erasure_propagation ENABLE ALWAYS TRIGGER outbox_lifecycle;
+
+-- At COMMIT: the audit row of each acknowledgement ('propagate', outcome 'acknowledged', request and target).
+CREATE OR REPLACE FUNCTION gdpr.check_outbox_audited() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT gdpr.audited_in_this_transaction(NEW.request_id, NEW.target, ARRAY['propagate'], 'acknowledged') THEN
+        RAISE EXCEPTION 'gdpr.erasure_propagation: the acknowledgement of request % target % has no audit row '
+                        'propagate with outcome acknowledged in its transaction', NEW.request_id, NEW.target
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS outbox_acknowledged_audited ON gdpr.erasure_propagation;
+CREATE CONSTRAINT TRIGGER outbox_acknowledged_audited
+    AFTER UPDATE ON gdpr.erasure_propagation
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status AND NOT gdpr.acts_as_owner('gdpr.erasure_propagation'))
+    EXECUTE FUNCTION gdpr.check_outbox_audited();
+ALTER TABLE gdpr.erasure_propagation ENABLE ALWAYS TRIGGER outbox_acknowledged_audited;
+
+-- A request (with its outbox rows) is deleted only here: completed more than `p_keep_for` (the policy's
+-- requests.keep_for, at least one year) before `p_as_of` (not in the future), at most `p_limit` per call,
+-- with one audit row per kind (and one for the outbox) in the same statement. Returns what it deleted.
+REVOKE DELETE ON gdpr.request, gdpr.erasure_propagation FROM gdpr_engine;
+CREATE OR REPLACE FUNCTION gdpr.purge_requests(p_keep_for text, p_as_of timestamptz, p_limit integer,
+                                               p_dag_id text, p_run_id text, p_task_id text)
+RETURNS TABLE (requests bigint, outbox bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    keep_for interval := p_keep_for::interval;
+BEGIN
+    IF keep_for < interval '1 year' OR p_as_of IS NULL OR p_as_of > now() OR NOT p_limit BETWEEN 1 AND 1000000 THEN
+        RAISE EXCEPTION 'gdpr.purge_requests: requests are kept at least one year after completion, measured up to '
+                        'now at the latest (keep_for %, as of %, limit %)', p_keep_for, p_as_of, p_limit
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN QUERY
+    WITH batch AS (
+        SELECT r.request_id FROM gdpr.request AS r
+        WHERE r.completed_at < p_as_of - keep_for
+        ORDER BY r.completed_at, r.request_id LIMIT p_limit FOR UPDATE
+    ), outbox_gone AS (
+        DELETE FROM gdpr.erasure_propagation AS p USING batch AS b WHERE p.request_id = b.request_id RETURNING 1
+    ), gone AS (
+        DELETE FROM gdpr.request AS r USING batch AS b WHERE r.request_id = b.request_id RETURNING r.kind
+    ), counted AS (
+        SELECT 'gdpr.request' AS tbl, g.kind, count(*) AS n FROM gone AS g GROUP BY g.kind
+        UNION ALL
+        SELECT 'gdpr.erasure_propagation', NULL, count(*) FROM outbox_gone HAVING count(*) > 0
+    ), audited AS (
+        INSERT INTO gdpr.audit_log (dag_id, run_id, task_id, table_name, action, row_count, dry_run, outcome, details)
+        SELECT p_dag_id, p_run_id, p_task_id, c.tbl, 'purge_requests', c.n, false, 'done',
+               CASE WHEN c.kind IS NULL THEN jsonb_build_object('keep_for', p_keep_for)
+                    ELSE jsonb_build_object('kind', c.kind, 'keep_for', p_keep_for) END
+        FROM counted AS c ORDER BY c.tbl DESC, c.kind
+        RETURNING 1
+    )
+    SELECT coalesce((SELECT sum(c.n) FROM counted AS c WHERE c.tbl = 'gdpr.request'), 0)::bigint,
+           coalesce((SELECT sum(c.n) FROM counted AS c WHERE c.tbl = 'gdpr.erasure_propagation'), 0)::bigint;
+END
+$$;
+REVOKE ALL ON FUNCTION gdpr.purge_requests(text, timestamptz, integer, text, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION gdpr.purge_requests(text, timestamptz, integer, text, text, text) TO gdpr_engine;
+
+INSERT INTO gdpr.schema_version (version) VALUES (10) ON CONFLICT (version) DO NOTHING;
+-- end of v10 =========================================================================================
 
 -- v10 (journal): erasures replayed after a restore ======================================================
 -- Every completed erasure, every suppression entry and every restriction (and its lift) is also one row of
@@ -791,18 +1128,19 @@ ALTER TABLE gdpr.restriction ENABLE ALWAYS TRIGGER restriction_journal_insert;
 ALTER TABLE gdpr.restriction ENABLE ALWAYS TRIGGER restriction_journal_delete;
 
 -- An installed warehouse starts its journal with the suppression entries and restrictions it already holds (they
--- are then in every later backup's journal too); erasures completed before v10 are covered by their entries.
+-- are then in every later backup's journal too); erasures completed before are covered by their suppression
+-- entries. Only into an empty journal: once it has a row, every later change is journaled by the triggers above.
 INSERT INTO gdpr.journal (kind, request_id, subject_hash, key_id, recorded_at, details)
-SELECT 'suppression', request_id, email_hash, key_id, first_seen,
-       jsonb_build_object('reason', reason, 'source', source, 'first_seen', first_seen)
-FROM gdpr.suppression_list
-WHERE NOT EXISTS (SELECT 1 FROM gdpr.schema_version WHERE version = 10)
-ON CONFLICT DO NOTHING;
-INSERT INTO gdpr.journal (kind, request_id, subject_hash, key_id, recorded_at, details)
-SELECT 'restriction', request_id, subject_hash, key_id, restricted_at,
-       jsonb_build_object('by_email', by_email, 'subject_table', subject_table, 'subject_ids', to_jsonb(subject_ids))
-FROM gdpr.restriction
-WHERE NOT EXISTS (SELECT 1 FROM gdpr.schema_version WHERE version = 10)
+SELECT kind, request_id, subject_hash, key_id, recorded_at, details FROM (
+    SELECT 'suppression' AS kind, request_id, email_hash AS subject_hash, key_id, first_seen AS recorded_at,
+           jsonb_build_object('reason', reason, 'source', source, 'first_seen', first_seen) AS details
+    FROM gdpr.suppression_list
+    UNION ALL
+    SELECT 'restriction', request_id, subject_hash, key_id, restricted_at,
+           jsonb_build_object('by_email', by_email, 'subject_table', subject_table, 'subject_ids', to_jsonb(subject_ids))
+    FROM gdpr.restriction
+) AS existing
+WHERE NOT EXISTS (SELECT 1 FROM gdpr.journal)
 ON CONFLICT DO NOTHING;
 
 INSERT INTO gdpr.schema_version (version) VALUES (10) ON CONFLICT (version) DO NOTHING;

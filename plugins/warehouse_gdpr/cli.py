@@ -22,7 +22,8 @@
                                                      every request: kind, status, outcome, dates, targets
     warehouse-gdpr access unpack REQUEST_ID --out DIR
                                                      decrypt the package gdpr_subject_access wrote for a request
-                                                     into DIR (report.pdf, data.json, csv/, manifest.json)
+                                                     into DIR (report.pdf, data.json, csv/, manifest.json);
+                                                     reads the archive's private connection too
     warehouse-gdpr audit verify [--url URL] [--policy POLICY | --evidence LOCATION] [--json]
                                                      recompute the audit log's hash chain and compare its end
                                                      with the head exported outside the warehouse; exit 0
@@ -462,7 +463,7 @@ def _access_unpack(args: argparse.Namespace) -> int:
         return 2
     try:
         policy = load_policy(args.policy or connections.policy_path())
-        keys = connections.load_keys(policy)
+        keys = connections.load_keys(policy, archive_private=True)  # the package is encrypted to the public key
         store = ObjectStoragePackages(policy.access.location, connections.airflow_home())
         header, files = access.open_package(store, keys, args.request_id)
     except (ConfigurationError, StoreError) as exc:

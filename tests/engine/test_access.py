@@ -25,7 +25,7 @@ from warehouse_gdpr.airflow.storage import ObjectStoragePackages
 from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import access, propagation, sweep
 from warehouse_gdpr.engine.audit import RunContext
-from warehouse_gdpr.engine.crypto import Keys, generate_extra
+from warehouse_gdpr.engine.crypto import KeyConfigError, Keys, archive_aad, generate_extra
 from warehouse_gdpr.engine.erasure import RequestError
 from warehouse_gdpr.engine.policy import Policy, load_policy
 
@@ -273,6 +273,59 @@ def test_a_pseudonymised_person_is_found_by_email_with_their_unlinked_ticket_and
     assert {str(r["invoice_id"]) for r in invoices} == archived
     assert invoices[0]["billing_name"] == "Zoé Testperson"  # the original, decrypted
     assert answered.rows["archive:crm.invoices"] == 1
+
+
+def test_archives_under_an_old_symmetric_key_and_a_public_key_are_both_answered_with_the_private_connection(
+    conn, no_targets: Policy, key_extra: dict[str, Any], private_extra: dict[str, Any], packages
+) -> None:
+    """A deployment switched from the earlier layout (one symmetric key, archive-1) to a public archive key:
+    the row archived before the switch and the one the sweep archives after it (with the keys connection
+    only) are both in the answer, read with the private connection; without it, the answer is refused
+    naming the connection, and nothing is written."""
+    legacy_extra = generate_extra()
+    legacy = Keys.from_extra(legacy_extra)
+    cid = add_contact(conn, "former_client", date(2015, 1, 1))
+    add_contract(conn, cid, date(2015, 2, 1), date(2019, 12, 31))
+    add_invoice(conn, cid, date(2019, 6, 1))
+    note = new_id()
+    conn.execute("INSERT INTO crm.notes (note_id, contact_id, author, body, created_at) VALUES"
+                 " (%s, %s, 'Claire Martin', 'Archived in 2025', now())", (note, cid))
+    # Archived in 2025 by the former policy, under the symmetric key.
+    key_id, nonce, ciphertext = legacy.archive_encrypt(
+        json.dumps({"note_id": note, "body": "Archived in 2025"}).encode(),
+        archive_aad("crm.notes", str(note), legacy.archive_key_id))
+    assert key_id == "archive-1"
+    conn.execute(
+        "INSERT INTO gdpr_archive.archived_row (source_table, source_pk, subject_id, rule, run_id, purge_after, key_id,"
+        " nonce, ciphertext) VALUES ('crm.notes', %s, %s, 'former_clients', 'old-run', '2036-06-15T00:00:00+00:00',"
+        " %s, %s, %s)", (str(note), str(cid), key_id, nonce, ciphertext))
+    conn.commit()
+    # The switch: the store key and the public key as the active archive key; archive-1 stays listed.
+    engine = Keys.from_extra({**key_extra, "archive_keys": legacy_extra["archive_keys"]})
+    sweep.apply_rule(conn, no_targets, no_targets.rule("former_clients"), engine, RunContext("sweep", "s-1", "apply"),
+                     AS_OF)
+    archived = dict(conn.execute("SELECT source_table, key_id FROM gdpr_archive.archived_row WHERE subject_id = %s",
+                                 (str(cid),)).fetchall())
+    conn.rollback()
+    assert archived == {"crm.notes": "archive-1", "crm.invoices": "archive-x1"}
+
+    with pytest.raises(KeyConfigError, match="'gdpr_archive_private'"):
+        _answer(conn, no_targets, engine, {"subject_id": cid, "request_id": "ACC-SWITCH-0"}, packages)
+    conn.rollback()
+    with pytest.raises(access.PackageError, match="never written"):
+        access.open_package(packages, engine, "ACC-SWITCH-0")
+
+    # Legal / the access request: archive-1 moved to the private connection, beside the private key.
+    legal = Keys.from_extra(key_extra).with_private(
+        {**private_extra, "archive_keys": legacy_extra["archive_keys"]})
+    answered = _answer(conn, no_targets, legal, {"subject_id": cid, "request_id": "ACC-SWITCH-1"}, packages)
+    assert answered.rows["archive:crm.invoices"] == answered.rows["archive:crm.notes"] == 1
+    document = json.loads(access.open_package(packages, legal, "ACC-SWITCH-1")[1]["data.json"])
+    archive = {a["table"]: a["rows"] for a in document["archive"]}
+    assert archive["crm.notes"][0]["body"] == "Archived in 2025"
+    assert archive["crm.invoices"][0]["billing_name"] == "Zoé Testperson"
+    with pytest.raises(KeyConfigError, match="'gdpr_archive_private'"):  # the package: to the public key too
+        access.open_package(packages, engine, "ACC-SWITCH-1")
 
 
 def test_portability_gives_only_the_columns_the_person_provided(conn, policy: Policy, keys: Keys, packages) -> None:

@@ -308,8 +308,9 @@ def test_hash_value_does_not_normalise() -> None:
 
 
 def test_command_line_prints_fresh_usable_keys() -> None:
-    """`python -m warehouse_gdpr.engine.crypto` (README, compose stack): one line of JSON, no spaces, valid keys,
-    different every time."""
+    """`python -m warehouse_gdpr.engine.crypto` (README, compose stack): two lines of an env file, the keys
+    connection's extra and the archive's private connection's, each JSON without spaces, valid keys that
+    belong together, different every time."""
     import json
     import subprocess
     import sys
@@ -319,7 +320,15 @@ def test_command_line_prints_fresh_usable_keys() -> None:
     outputs = [subprocess.run([sys.executable, "-m", "warehouse_gdpr.engine.crypto"], capture_output=True, text=True,
                               env=env, check=True, timeout=60).stdout for _ in range(2)]
     for out in outputs:
-        assert out.count("\n") == 1 and " " not in out
-        keys = Keys.from_extra(json.loads(out))
-        assert len(keys.pepper) == 32 and keys.archive_key_id in keys.archive_keys
+        assert out.count("\n") == 2 and " " not in out
+        keys_line, private_line = out.splitlines()
+        assert keys_line.startswith("GDPR_KEYS_EXTRA='") and keys_line.endswith("'")
+        assert private_line.startswith("GDPR_ARCHIVE_PRIVATE_EXTRA='") and private_line.endswith("'")
+        keys_extra = json.loads(keys_line.split("=", 1)[1][1:-1])
+        private_extra = json.loads(private_line.split("=", 1)[1][1:-1])
+        assert "archive_private_keys" not in keys_extra and set(private_extra) == {"archive_private_keys"}
+        keys = Keys.from_extra(keys_extra).with_private(private_extra)
+        assert len(keys.pepper) == 32 and keys.archive_is_hybrid
+        aad = archive_aad("crm.invoices", "1", keys.archive_key_id)
+        assert keys.decrypt(*keys.archive_encrypt(b"row", aad), aad) == b"row"
     assert outputs[0] != outputs[1]

@@ -78,7 +78,7 @@ def test_register_stores_the_identifier_encrypted_and_the_keyed_hash(conn: psyco
     ).fetchone()
     conn.rollback()
     assert row[:5] == ("erasure", "registered", None, TODAY, date(2026, 7, 15))
-    assert row[5] == keys.archive_key_id and b"jane" not in bytes(row[6]).lower()
+    assert row[5] == keys.store_key_id and b"jane" not in bytes(row[6]).lower()  # the store key, not the archive's
     assert "jane" not in _all_text(conn).lower() and "@" not in _all_text(conn)
     audit = conn.execute("SELECT action, outcome, subject_hash, details FROM gdpr.audit_log").fetchall()
     assert audit == [("register_request", "registered", out["subject_hash"],

@@ -124,7 +124,8 @@ def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
         assert tables == {
             "gdpr.schema_version", "gdpr.audit_log", "gdpr_archive.archived_row",
             "gdpr.suppression_list", "gdpr.request", "gdpr.erasure_propagation", "gdpr.quarantine",
-            "gdpr.processing_register", "gdpr.audit_chain_head", "gdpr.restriction", "gdpr.journal",
+            "gdpr.processing_register", "gdpr.audit_chain_head", "gdpr.restriction", "gdpr.audit_xact",
+            "gdpr.journal",
         }
         views = {r[0] for r in other.execute(
             "SELECT schemaname || '.' || viewname FROM pg_views WHERE schemaname = 'gdpr'")}
@@ -146,7 +147,8 @@ def test_running_the_ddl_file_again_by_hand_keeps_everything(conn: psycopg.Conne
         "SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'gdpr.audit_log'::regclass AND NOT tgisinternal"
         " ORDER BY tgname"
     ).fetchall()
-    assert triggers == [("audit_log_chain", "A"), ("audit_log_no_truncate", "A"), ("audit_log_no_update_delete", "A")]
+    assert triggers == [("audit_log_chain", "A"), ("audit_log_no_truncate", "A"), ("audit_log_no_update_delete", "A"),
+                        ("audit_log_rows_inserted", "A")]  # version 10: certificates checked, audited requests marked
     assert schema.ensure_schema(conn) is False
 
 
@@ -210,6 +212,8 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
     else:
         _install_version(conn, version)
     _record(conn)
+    if version == PREVIOUS:  # requests and outbox rows an installed warehouse holds, in each state
+        _fill_lifecycle(conn)
     with pytest.raises(schema.SchemaError) as info:
         schema.ensure_schema(dag_conn)
     message = str(info.value)
@@ -238,6 +242,59 @@ def test_an_older_schema_is_upgraded_by_the_owner_not_by_the_engine(
             "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status)"
             " VALUES ('REQ-ENGINE-1', 'access', repeat('b', 64), current_date, current_date + 30, 'registered')"
         )
+        audit.record(dag_conn, CTX, action="register_request", outcome="registered",  # version 10: audited with it
+                     details={"request_id": "REQ-ENGINE-1"})
+    if version == PREVIOUS:
+        _go_on_with_the_lifecycle(conn, dag_conn)
+
+
+def _fill_lifecycle(conn: psycopg.Connection) -> None:
+    """As the previous version's engine left them: a completed request and its acknowledged outbox row, a request
+    pending propagation with one target acknowledged and one pending, a registered one."""
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome,"
+            " completed_at, details) VALUES"
+            " ('REQ-V9-DONE', 'erasure', repeat('1', 64), '2026-01-31', '2026-02-28', 'completed', 'erased',"
+            "  '2026-02-02 09:00+00', '{\"rows\": {\"crm.contacts\": 1}}'),"
+            " ('REQ-V9-PENDING', 'rectification', repeat('2', 64), '2026-05-20', '2026-06-20', 'pending_propagation',"
+            "  'rectified', NULL, '{\"rows\": {\"crm.contacts\": 1}}'),"
+            " ('REQ-V9-NEW', 'access', repeat('3', 64), '2026-06-01', '2026-07-01', 'registered', NULL, NULL, '{}')")
+        conn.execute(
+            "INSERT INTO gdpr.erasure_propagation (request_id, target, status, attempts, key_id, nonce,"
+            " identifier_ciphertext, last_result, acknowledged_at) VALUES"
+            " ('REQ-V9-DONE', 'emailing', 'acknowledged', 1, NULL, NULL, NULL, 'HTTP 204', '2026-02-02 09:00+00'),"
+            " ('REQ-V9-PENDING', 'emailing', 'acknowledged', 2, NULL, NULL, NULL, 'HTTP 204', '2026-05-21 11:00+00'),"
+            " ('REQ-V9-PENDING', 'telephony', 'pending', 7, 'archive-1', '\\x00'::bytea, '\\x01'::bytea, 'HTTP 503',"
+            "  NULL)")
+
+
+def _go_on_with_the_lifecycle(conn: psycopg.Connection, dag_conn: psycopg.Connection) -> None:
+    """After the upgrade, the rows are as they were; the engine moves them on only along their lifecycle."""
+    from warehouse_gdpr.engine import propagation
+
+    dag_conn.commit()  # its inserts above, checked at COMMIT
+    assert conn.execute("SELECT request_id, status FROM gdpr.request WHERE request_id LIKE 'REQ-V9-%'"
+                        " ORDER BY 1").fetchall() == [("REQ-V9-DONE", "completed"), ("REQ-V9-NEW", "registered"),
+                                                      ("REQ-V9-PENDING", "pending_propagation")]
+    conn.rollback()
+    with pytest.raises(errors.InsufficientPrivilege), dag_conn.transaction():  # completed back to pending
+        dag_conn.execute("UPDATE gdpr.request SET status = 'pending_propagation', completed_at = NULL"
+                         " WHERE request_id = 'REQ-V9-DONE'")
+    with pytest.raises(errors.InsufficientPrivilege), dag_conn.transaction():  # acknowledged without its audit row
+        dag_conn.execute("UPDATE gdpr.erasure_propagation SET status = 'acknowledged', acknowledged_at = now(),"
+                         " key_id = NULL, nonce = NULL, identifier_ciphertext = NULL"
+                         " WHERE request_id = 'REQ-V9-PENDING' AND target = 'telephony'")
+    with dag_conn.transaction():  # acknowledged with it, as propagation.propagate does
+        dag_conn.execute("UPDATE gdpr.erasure_propagation SET attempts = attempts + 1, last_result = 'HTTP 204',"
+                         " last_attempt_at = now() WHERE request_id = 'REQ-V9-PENDING' AND target = 'telephony'")
+        audit.record(dag_conn, CTX, action="propagate", outcome="acknowledged", table="target:telephony",
+                     details={"request_id": "REQ-V9-PENDING", "target": "telephony", "result": "HTTP 204"})
+        dag_conn.execute("UPDATE gdpr.erasure_propagation SET status = 'acknowledged', acknowledged_at = now(),"
+                         " key_id = NULL, nonce = NULL, identifier_ciphertext = NULL"
+                         " WHERE request_id = 'REQ-V9-PENDING' AND target = 'telephony'")
+    record = propagation.complete_if_acknowledged(dag_conn, CTX, "REQ-V9-PENDING")
+    assert record is not None and record["status"] == "completed" and record["rows_by_table"] == {"crm.contacts": 1}
 
 
 # -- version 7: one request lifecycle (gdpr.request), the erasure requests migrated in place -----------
@@ -380,6 +437,9 @@ def _request_row(conn: psycopg.Connection, request_id: str = "REQ-G-1", status: 
             " CASE WHEN %s = 'completed' THEN now() END, 'archive-1', '\\x00', '\\x01')",
             (request_id, status, status, status),
         )
+        # the engine's role (set_role) registers or runs a request with its audit row (version 10)
+        audit.record(conn, CTX, action="register_request" if status == "registered" else "erasure_request",
+                     outcome="registered" if status == "registered" else "erased", details={"request_id": request_id})
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -29,7 +30,7 @@ from helpers import (
 from warehouse_gdpr.cli import main
 from warehouse_gdpr.engine import sweep
 from warehouse_gdpr.engine.audit import RunContext
-from warehouse_gdpr.engine.crypto import Keys, archive_aad
+from warehouse_gdpr.engine.crypto import KeyConfigError, Keys, archive_aad
 from warehouse_gdpr.engine.policy import Policy, parse_policy
 
 CTX = RunContext("test_sweep", "run-1", "apply")
@@ -75,7 +76,8 @@ def test_delete_rule_removes_subject_and_dependents_keeps_held(conn, policy: Pol
     assert (again.deleted, again.held) == (0, len(held))
 
 
-def test_pseudonymise_archives_encrypted_originals(conn, policy: Policy, keys: Keys) -> None:
+def test_pseudonymise_archives_encrypted_originals(conn, policy: Policy, keys: Keys, public_keys: Keys) -> None:
+    """The sweep holds the keys connection only (the archive's public key); legal reads with the private key."""
     rule = policy.rule("former_clients")
     todo = [cid for cid, holds in candidates(conn, policy, rule.name).items() if not holds]
     originals = {
@@ -95,7 +97,7 @@ def test_pseudonymise_archives_encrypted_originals(conn, policy: Policy, keys: K
     conn.rollback()
     assert invoices, "the seeded template must give pseudonymised former clients recent invoices"
 
-    result = sweep.apply_rule(conn, policy, rule, keys, CTX, AS_OF, batch_size=50)
+    result = sweep.apply_rule(conn, policy, rule, public_keys, CTX, AS_OF, batch_size=50)
     assert result.pseudonymised == len(todo)
     assert result.archived == len(invoices)
 
@@ -122,7 +124,10 @@ def test_pseudonymise_archives_encrypted_originals(conn, policy: Policy, keys: K
         assert json.loads(keys.decrypt(key_id, nonce, ciphertext, aad)) == original
         assert purge_after == until, "10 years from the invoice's issue date"
         assert original["billing_name"].encode() not in ciphertext
-        wrong_key = Keys(keys.hmac_key_id, keys.pepper, key_id, {key_id: os.urandom(32)})
+        assert key_id == "archive-x1" and keys.archive_is_hybrid
+        with pytest.raises(KeyConfigError, match="'gdpr_archive_private'"):  # what the sweep holds cannot read it
+            public_keys.decrypt(key_id, nonce, ciphertext, aad)
+        wrong_key = dataclasses.replace(keys, archive_private_keys={key_id: os.urandom(32)})
         with pytest.raises(InvalidTag):
             wrong_key.decrypt(key_id, nonce, ciphertext, aad)
         with pytest.raises(InvalidTag):  # a ciphertext cannot be replayed onto another row
@@ -130,6 +135,9 @@ def test_pseudonymise_archives_encrypted_originals(conn, policy: Policy, keys: K
     assert _count(conn, "SELECT count(*) FROM crm.invoices WHERE contact_id = ANY(%s) AND billing_name IS NOT NULL",
                   todo) == 0, "every invoice is pseudonymised, archived or not"
     assert _audited(conn, "run-1", "archive", "gdpr_archive.archived_row") == len(invoices)
+    # One ephemeral key per batch of 50 subjects, not one per row (nor one for the whole run).
+    ephemerals = {bytes(r[4][:32]) for r in archived}
+    assert 1 < len(ephemerals) <= -(-len(todo) // 50) < len(archived)
     # every pseudonymised subject leaves the candidate set: a rerun changes nothing
     again = sweep.apply_rule(conn, policy, rule, keys, RunContext("t", "run-2", "apply"), AS_OF)
     assert again.pseudonymised == 0 and again.archived == 0
@@ -322,7 +330,7 @@ def test_purge_archive_after_its_own_period(conn, policy: Policy, keys: Keys) ->
     # it keeps its own purge date and stays decryptable.
     contact_json = conn.execute(
         "SELECT to_jsonb(c)::text FROM crm.contacts c WHERE contact_id = %s", (cid,)).fetchone()[0]  # type: ignore[index]
-    key_id, nonce, ciphertext = keys.encrypt(
+    key_id, nonce, ciphertext = keys.archive_encrypt(
         contact_json.encode(), archive_aad("crm.contacts", str(cid), keys.archive_key_id))
     conn.execute(
         "INSERT INTO gdpr_archive.archived_row (source_table, source_pk, subject_id, rule, run_id, purge_after, key_id,"

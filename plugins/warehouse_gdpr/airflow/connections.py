@@ -80,19 +80,42 @@ def connect(policy: Policy) -> psycopg.Connection:
     return conn
 
 
-def load_keys(policy: Policy) -> Keys:
-    """Keys from the policy's keys connection (any Airflow secrets backend)."""
+def load_keys(policy: Policy, archive_private: bool = False) -> Keys:
+    """Keys from the policy's keys connection (any Airflow secrets backend). With `archive_private` (the
+    access request, the archive-reading commands: nothing else), also the archive's private keys from the
+    policy's `archive_private_connection_id` connection, which every other task does without: the sweep and
+    erasure encrypt to the public key. Required then when the keys connection lists a public archive key, with
+    the private key of each public key it lists."""
     from airflow.sdk import BaseHook
 
     conn_id = policy.airflow.keys_connection_id
+    private_id = policy.airflow.archive_private_connection_id
     try:
         connection = BaseHook.get_connection(conn_id)
     except Exception as exc:  # noqa: BLE001 - AirflowNotFoundException and backend errors alike
         raise KeyConfigError(
             f"the keys connection {conn_id!r} is not defined ({type(exc).__name__}); create it with the "
-            "hmac_pepper and archive_keys extras (see README, 'Keys')"
+            "hmac_pepper, store and archive key extras (see README, 'Keys')"
         ) from None
-    return Keys.from_extra(connection.extra_dejson, conn_id)
+    keys = Keys.from_extra(connection.extra_dejson, conn_id, private_connection_id=private_id)
+    if not archive_private:
+        return keys
+    try:
+        private = BaseHook.get_connection(private_id)
+    except Exception as exc:  # noqa: BLE001 - as above
+        if keys.archive_public_keys:
+            raise KeyConfigError(
+                f"the archive's private connection {private_id!r} is not defined ({type(exc).__name__}): reading "
+                "the archive (encrypted to a public key) needs its archive_private_keys (see README, 'Keys')"
+            ) from None
+        return keys.with_private(None)  # the earlier layout: every archive key is symmetric
+    keys = keys.with_private(private.extra_dejson, private_id)
+    missing = sorted(set(keys.archive_public_keys) - set(keys.archive_private_keys))
+    if missing:  # e.g. the compose stack's default: the connection defined, its extra empty
+        raise KeyConfigError(
+            f"the archive's private connection {private_id!r} lacks archive_private_keys for {missing}, the public "
+            "key(s) of the keys connection: reading the archive needs them (see README, 'Keys')")
+    return keys
 
 
 def run_context(context: Any, dry_run: bool) -> RunContext:

@@ -16,7 +16,7 @@ person, answered as one encrypted package.
    `report.pdf` (access_pdf.py), `data.json`, `csv/<section>.csv` and `manifest.json` (each file's
    SHA-256, the row counts). A portability request gives `data.json` and the CSV files only, with the
    columns the person provided (`tables[].columns.*.provided`), and no PDF.
-5. `seal` zips and encrypts the files (AES-256-GCM with the archive key; the file's header, which names
+5. `seal` zips and encrypts the files (to the archive's public key; the file's header, which names
    the request, the key id and the expiry date, is the associated data); `store` writes the package to
    the policy's `access.location` through a `PackageStore`; `unseal` is `warehouse-gdpr access unpack`;
    `purge` deletes packages past `access.keep_for` (the weekly sweep).
@@ -594,9 +594,11 @@ def _aad(header: bytes) -> bytes:
 
 def seal(files: dict[str, bytes], keys: Keys, request_id: str, kind: str, created_at: datetime,
          expires_at: datetime) -> bytes:
-    """The files zipped, then encrypted with AES-256-GCM under the active archive key. Layout: MAGIC, one line
-    of JSON header (request id, kind, key id, created and expiry instants; also the associated data, so it
-    cannot be altered or swapped), the 12-byte nonce, the ciphertext."""
+    """The files zipped, then encrypted under the active archive key (to its public key: hybrid, so that
+    unpacking needs the archive's private connection; or AES-256-GCM with the symmetric key of the earlier
+    layout). Layout: MAGIC, one line of JSON header (request id, kind, key id, created and expiry instants;
+    also the associated data, so it cannot be altered or swapped), the 12-byte nonce, the ciphertext (for a
+    public key, the ephemeral public key first)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name in sorted(files):
@@ -607,7 +609,7 @@ def seal(files: dict[str, bytes], keys: Keys, request_id: str, kind: str, create
         "format": 1, "request_id": request_id, "kind": kind, "key_id": keys.archive_key_id,
         "created_at": created_at.isoformat(timespec="seconds"), "expires_at": expires_at.isoformat(timespec="seconds"),
     }, sort_keys=True, separators=(",", ":")).encode()
-    key_id, nonce, ciphertext = keys.encrypt(buffer.getvalue(), _aad(header))
+    key_id, nonce, ciphertext = keys.archive_encrypt(buffer.getvalue(), _aad(header))
     assert key_id == keys.archive_key_id
     return MAGIC + header + b"\n" + nonce + ciphertext
 

@@ -585,12 +585,12 @@ def _record_request(conn: psycopg.Connection, keys: Keys, request: ErasureReques
 
 def _queue_outbox(conn: psycopg.Connection, keys: Keys, request: ErasureRequest, located: Located,
                   targets: list[str]) -> None:
-    """One pending outbox row per downstream target, the email encrypted under the archive key (bound to
+    """One pending outbox row per downstream target, the email encrypted under the store key (bound to
     the request, the target and the key id)."""
     for name in targets:
         assert located.email is not None
         key_id, nonce, ciphertext = keys.encrypt(located.email.encode(),
-                                                 outbox_aad(request.request_id, name, keys.archive_key_id))
+                                                 outbox_aad(request.request_id, name, keys.store_key_id))
         conn.execute(
             "INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce,"
             " identifier_ciphertext) VALUES (%s, %s, 'pending', %s, %s, %s)",

@@ -372,11 +372,11 @@ def _erasures(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunCont
                 "SELECT coalesce(sum(destroyed), 0) FROM gdpr.erase_archived_rows(%s, %s, %s, %s, %s, %s, %s)",
                 (ids, kept, request_id, subject_hash, ctx.dag_id, ctx.run_id, ctx.task_id)).fetchone()
             result["archive_destroyed"] += int(destroyed[0]) if destroyed else 0
-    _erasure_requests(conn, policy, keys, replayed, emails, result)
+    _erasure_requests(conn, policy, keys, ctx, replayed, emails, result)
 
 
-def _erasure_requests(conn: psycopg.Connection, policy: Policy, keys: Keys, replayed: list[tuple[Any, ...]],
-                      emails: dict[str, str], result: dict[str, Any]) -> None:
+def _erasure_requests(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
+                      replayed: list[tuple[Any, ...]], emails: dict[str, str], result: dict[str, Any]) -> None:
     """The request row of each replayed erasure when the backup lacks it (or holds it not run yet), and an outbox
     row per target that has no row for it in the restored outbox (module doc)."""
     targets = [t.name for t in policy.erasure.targets]
@@ -406,10 +406,15 @@ def _erasure_requests(conn: psycopg.Connection, policy: Policy, keys: Keys, repl
              "replayed after a restore (gdpr_restore_replay)", status,
              Jsonb({"replayed": True, "entry_id": entry_id, "targets": queue, "resent": bool(email)})),
         ).fetchone()
-        result["requests_recorded"] += 1 if row else 0
+        if row:  # the request's own audit row, as the erasure writes it (the lifecycle guard checks it)
+            result["requests_recorded"] += 1
+            audit.record(conn, ctx, action="erasure_request", outcome=details.get("outcome", "erased"),
+                         subject_hash=subject_hash,
+                         details={"request_id": request_id, "status": status, "replayed": True, "entry_id": entry_id,
+                                  "targets": queue, "reason": "replayed after a restore (gdpr_restore_replay)"})
         for name in queue:
             assert email is not None
-            aad = erasure.outbox_aad(request_id, name, keys.archive_key_id)
+            aad = erasure.outbox_aad(request_id, name, keys.store_key_id)
             key_id, nonce, ciphertext = keys.encrypt(email.encode(), aad)
             conn.execute(
                 "INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce,"

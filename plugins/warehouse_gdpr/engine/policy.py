@@ -158,7 +158,14 @@ class AirflowSettings(_Model):
         default="warehouse", description="Airflow connection to the warehouse (postgres, psycopg 3)"
     )
     keys_connection_id: Ident = Field(
-        default="gdpr_keys", description="Airflow connection whose extra holds the pepper and archive keys"
+        default="gdpr_keys",
+        description="Airflow connection whose extra holds the pepper, the store keys and the archive's public keys "
+        "(every task reads it)",
+    )
+    archive_private_connection_id: Ident = Field(
+        default="gdpr_archive_private",
+        description="Airflow connection whose extra holds the archive's private keys: only the access request "
+        "and the archive-reading commands read it (restrict it to them in your secrets backend)",
     )
     sweep_schedule: Schedule = Field(default="@weekly", description="schedule of `gdpr_retention_sweep`")
 
@@ -732,10 +739,17 @@ class Requests(_Model):
     keep_for: str = Field(
         default="P3Y",
         description="how long a completed request (kind, dates, status, outcome, counts, targets) and its outbox "
-        "rows are kept as proof after completion; then the weekly sweep purges them",
+        "rows are kept as proof after completion, at least one year (the database refuses less); then the weekly "
+        "sweep purges them",
     )
 
-    _duration = field_validator("keep_for")(lambda cls, v: _check_duration(v))
+    @field_validator("keep_for")
+    @classmethod
+    def _at_least_a_year(cls, value: str) -> str:
+        years, months, weeks, days = (int(n or 0) for n in DURATION.fullmatch(_check_duration(value)).groups())  # type: ignore[union-attr]
+        if years * 360 + months * 30 + weeks * 7 + days < 360:  # PostgreSQL's interval order: a year is 360 days
+            raise ValueError(f"a request is kept at least one year after completion (P1Y, P12M or P52W), got {value!r}")
+        return value
 
 
 def _check_regex(value: str) -> str:

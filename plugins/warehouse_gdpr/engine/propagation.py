@@ -428,10 +428,10 @@ def outbox_aad_for(kind: str, request_id: str, target: str, key_id: str) -> byte
 def queue(conn: psycopg.Connection, keys: Keys, request_id: str, kind: str, target: str,
           payload: dict[str, Any]) -> None:
     """One pending outbox row for a request of `kind` (rectification, restriction, restriction_lift): its
-    payload (the person's email and what the target needs) encrypted under the archive key, destroyed on
+    payload (the person's email and what the target needs) encrypted under the store key, destroyed on
     acknowledgement. In the caller's transaction."""
     key_id, nonce, ciphertext = keys.encrypt(json.dumps(payload, sort_keys=True).encode(),
-                                             outbox_aad_for(kind, request_id, target, keys.archive_key_id))
+                                             outbox_aad_for(kind, request_id, target, keys.store_key_id))
     conn.execute(
         "INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce, identifier_ciphertext)"
         " VALUES (%s, %s, 'pending', %s, %s, %s)", (request_id, target, key_id, nonce, ciphertext))
@@ -615,12 +615,12 @@ def write_record(conn: psycopg.Connection, ctx: RunContext, request_id: str) -> 
     acknowledgement times; no personal data (column names, never values). In the caller's transaction."""
     req = conn.execute(
         "SELECT subject_hash, kind, received_at, coalesce(extended_due_date, due_date), status, outcome, reason,"
-        " completed_at, details FROM gdpr.request WHERE request_id = %s", (request_id,)
+        " completed_at, details FROM gdpr.request WHERE request_id = %s FOR SHARE", (request_id,)
     ).fetchone()
     assert req is not None
-    targets = conn.execute(
+    targets = conn.execute(  # locked: the database checks the record against them when it is written
         "SELECT target, status, attempts, acknowledged_at, last_result FROM gdpr.erasure_propagation"
-        " WHERE request_id = %s ORDER BY target", (request_id,)
+        " WHERE request_id = %s ORDER BY target FOR SHARE", (request_id,)
     ).fetchall()
     details = req[8]
     record = {
@@ -641,12 +641,12 @@ def write_certificate(conn: psycopg.Connection, ctx: RunContext, request_id: str
     req = conn.execute(
         "SELECT subject_hash, received_at, coalesce(extended_due_date, due_date), status, outcome, reason,"
         " coalesce((details->>'run_at')::timestamptz, created_at), completed_at, details FROM gdpr.request"
-        " WHERE request_id = %s", (request_id,)
+        " WHERE request_id = %s FOR SHARE", (request_id,)
     ).fetchone()
     assert req is not None
-    targets = conn.execute(
+    targets = conn.execute(  # locked: the database checks the certificate against them when it is written
         "SELECT target, status, attempts, acknowledged_at, last_result FROM gdpr.erasure_propagation"
-        " WHERE request_id = %s ORDER BY target", (request_id,)
+        " WHERE request_id = %s ORDER BY target FOR SHARE", (request_id,)
     ).fetchall()
     certificate = {
         "request_id": request_id,

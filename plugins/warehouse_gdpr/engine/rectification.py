@@ -12,7 +12,7 @@ columns of pseudonymised rows (re-hashed from the new address), the suppression 
 listed as the old one was; the old entry stays, entries are permanent) and a restriction in force. It records
 the request (kind `rectification`) and one outbox row per downstream target that holds a changed column, its
 payload (the email the target knows the person by, and the new values of the columns it holds) encrypted
-under the archive key and destroyed on acknowledgement (`propagation`). Audit rows name the columns and count
+under the store key and destroyed on acknowledgement (`propagation`). Audit rows name the columns and count
 the rows, never a value. A pseudonymised subject row is not rectified (it holds no personal data any more).
 """
 

@@ -5,7 +5,7 @@ due (one month later, art. 12(3)), its status and outcome, an extension if one w
 evidence the article asks to keep (`details`: tables and counts, targets, holds). No personal data.
 
 A request may be registered before it runs (`warehouse-gdpr request new`): the person's identifier
-(normalised email, or ``subject_id:N``) is then stored encrypted with the archive key (AES-256-GCM) and
+(normalised email, or ``subject_id:N``) is then stored encrypted with the store key (AES-256-GCM) and
 a subject DAG triggered with ``{"request_id": ID}`` alone decrypts it in memory (`resolve_params`).
 That keeps the address out of the process list and out of Airflow's ``dag_run.conf``. The ciphertext
 is destroyed when the request completes (`destroy_identifier`); the keyed hash stays.
@@ -163,7 +163,7 @@ def register(
     plaintext = email if email else f"{SUBJECT_ID_PREFIX}{subject_id}"
     if changes:  # one line of identifier (an email never holds a newline), then the changes as JSON
         plaintext += "\n" + json.dumps(dict(changes), sort_keys=True)
-    key_id, nonce, ciphertext = keys.encrypt(plaintext.encode(), identifier_aad(request_id, kind, keys.archive_key_id))
+    key_id, nonce, ciphertext = keys.encrypt(plaintext.encode(), identifier_aad(request_id, kind, keys.store_key_id))
     del plaintext
     due = due_date(received_at)
     with conn.transaction():
@@ -410,27 +410,16 @@ def purge(conn: psycopg.Connection, ctx: RunContext, keep_for: str, as_of: str, 
             audit.record(conn, ctx, action="destroy_identifier", outcome="done", table="gdpr.request",
                          row_count=destroyed, details={"why": "completed request still held its identifier"})
         result["identifiers_destroyed"] = destroyed
-    while True:
+    while True:  # the database deletes and audits each batch in one statement (control schema v10)
         with conn.transaction():
-            ids = [r[0] for r in conn.execute(
-                f"SELECT request_id FROM gdpr.request WHERE {cutoff} ORDER BY completed_at, request_id LIMIT %(n)s"
-                " FOR UPDATE", {**params, "n": batch_size},
-            ).fetchall()]
-            if not ids:
-                break
-            outbox = conn.execute("DELETE FROM gdpr.erasure_propagation WHERE request_id = ANY(%s)", (ids,)).rowcount
-            kinds = conn.execute(
-                "WITH gone AS (DELETE FROM gdpr.request WHERE request_id = ANY(%s) RETURNING kind)"
-                " SELECT kind, count(*) FROM gone GROUP BY kind ORDER BY kind", (ids,)
-            ).fetchall()
-            for kind, n in kinds:
-                audit.record(conn, ctx, action="purge_requests", outcome="done", table="gdpr.request", row_count=n,
-                             details={"kind": kind, "keep_for": keep_for})
-            if outbox:
-                audit.record(conn, ctx, action="purge_requests", outcome="done", table="gdpr.erasure_propagation",
-                             row_count=outbox, details={"keep_for": keep_for})
-        result["requests"] += len(ids)
+            purged, outbox = conn.execute(
+                "SELECT requests, outbox FROM gdpr.purge_requests(%s, %s, %s, %s, %s, %s)",
+                (keep_for, as_of, batch_size, ctx.dag_id, ctx.run_id, ctx.task_id),
+            ).fetchone()  # type: ignore[misc]
+        result["requests"] += purged
         result["outbox"] += outbox
+        if purged < batch_size:
+            break
     if result["requests"] == 0:
         with conn.transaction():
             audit.record(conn, ctx, action="purge_requests", outcome="nothing_to_purge", table="gdpr.request",

@@ -475,9 +475,12 @@ def _archive_rows(
         f" SELECT {ARCHIVE_COLUMNS} FROM gdpr_archive.archived_row WITH NO DATA"
     )
     with conn.cursor().copy(f"COPY _gdpr_archive_stage ({ARCHIVE_COLUMNS}) FROM STDIN") as copy:
+        # One sealer per batch: with a public archive key, one ephemeral key and ECDH for the batch, a
+        # fresh nonce per row (crypto.ArchiveSealer); no private key is needed to write the archive.
+        sealer = keys.archive_sealer()
+        key_id = sealer.key_id
         for source_pk, subject_id, row_json, purge_after in originals:
-            aad = archive_aad(table, source_pk, keys.archive_key_id)
-            key_id, nonce, ciphertext = keys.encrypt(row_json.encode(), aad)
+            nonce, ciphertext = sealer.seal(row_json.encode(), archive_aad(table, source_pk, key_id))
             copy.write_row((table, source_pk, subject_id, rule.name, ctx.run_id, purge_after, key_id, nonce,
                             ciphertext))
     cur = conn.execute(

@@ -83,7 +83,7 @@ def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
     catalog; locate the person and count their rows. Writes nothing but an audit row."""
     policy = connections.run_policy(policy_file, context)
     access.check_policy(policy)
-    keys = connections.load_keys(policy)
+    keys = connections.load_keys(policy, archive_private=True)  # fails here when the private connection is missing
     with connections.connect(policy) as conn:
         connections.prepare_warehouse(conn, policy)
         request = _request(context, conn, keys)
@@ -114,7 +114,7 @@ def answer(policy_file: str, context: Any) -> dict[str, Any]:
     """Gather everything held on the person, ask the downstream systems, write the encrypted package. A
     downstream system without a usable answer fails the task (retried when it may pass): no package then."""
     policy = connections.run_policy(policy_file, context)
-    keys = connections.load_keys(policy)
+    keys = connections.load_keys(policy, archive_private=True)  # the archive's originals are part of the answer
     store = packages(policy)
     with connections.connect(policy) as conn:
         request = _request(context, conn, keys)
