@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -176,6 +177,17 @@ def test_a_restored_warehouse_is_refused_by_every_dag_until_the_replay_erases_th
     recorded = json.loads(marker.read_text())
     assert recorded["superseded_head"]["chain_seq"] == details["exported_head"]["chain_seq"]
     assert list(marker.parent.glob("head-*.json")), "the replay's own run exported its head after the restore"
+
+    # A replay whose record outside the warehouse was not written (the evidence store failed after its commit):
+    # run again, it writes it from its restore_detected row, nothing replayed or recorded twice.
+    shutil.rmtree(marker.parent)
+    state, states, logs = _run("gdpr_restore_replay", {}, caplog, capfd, 25)
+    assert state == "success", logs[-4000:]
+    assert json.loads(marker.read_text())["superseded_head"] == recorded["superseded_head"]
+    with psycopg.connect(warehouse) as conn:
+        assert conn.execute("SELECT count(*) FROM gdpr.audit_log WHERE action = 'restore_detected'").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM gdpr.audit_log WHERE action = 'restore_replay'"
+                            " AND outcome = 'replayed'").fetchone() == (2,)
 
     # The DAGs run again: the journal and the audit chain agree with the warehouse.
     state, states, logs = _run("gdpr_retention_sweep", {"dry_run": True}, caplog, capfd, 30)

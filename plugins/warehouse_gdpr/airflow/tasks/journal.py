@@ -113,13 +113,21 @@ def _audit_state(conn: psycopg.Connection, policy: Policy, chain_id: str) -> dic
                             "explained by a restore; nothing was changed (docs/runbook.md, 'The audit chain is "
                             "broken')")
     truncated = exported is not None and exported.chain_seq > own.last.chain_seq
-    if exported is not None and not truncated:
+    # A replay that committed but could not write its record outside the warehouse (run again): its
+    # restore_detected row names the exported head it superseded.
+    recorded = None if exported is None else conn.execute(
+        "SELECT details FROM gdpr.audit_log WHERE action = 'restore_detected'"
+        " AND details->'exported_head'->>'row_hash' = %s ORDER BY chain_seq DESC LIMIT 1",
+        (exported.row_hash,)).fetchone()
+    conn.rollback()
+    if exported is not None and not truncated and recorded is None:
         against = auditchain.verify(conn, exported=exported)
         if against.broken is not None:
             raise ReplayRefused(f"the audit log disagrees with the head exported outside the warehouse "
                                 f"({against.broken.describe()}): this is not explained by a restore; nothing was "
                                 "changed (docs/runbook.md, 'The audit chain is broken')")
-    return {"truncated": truncated, "log_end": own.last.as_dict(),
+    return {"truncated": truncated or recorded is not None, "already_recorded": recorded is not None,
+            "log_end": recorded[0]["log_end"] if recorded else own.last.as_dict(),
             "exported_head": exported.as_dict() if exported else None}
 
 
@@ -157,13 +165,13 @@ def replay(policy_file: str, detected: dict[str, Any], context: Any) -> dict[str
         status, _ = _sync(conn, policy, chain_id)  # again: nothing may have changed since detect_restore
         state = _audit_state(conn, policy, chain_id)
         restore = None
-        if state["truncated"]:
-            restore = {"log_end": state["log_end"], "exported_head": state["exported_head"],
-                       "lost_positions": [state["log_end"]["chain_seq"] + 1, state["exported_head"]["chain_seq"]],
+        lost = [state["log_end"]["chain_seq"] + 1, state["exported_head"]["chain_seq"]] if state["truncated"] else []
+        if state["truncated"] and not state["already_recorded"]:
+            restore = {"log_end": state["log_end"], "exported_head": state["exported_head"], "lost_positions": lost,
                        "missing_entries": len(status.missing), "missing_by_kind": status.counts()}
         result = journal.replay(conn, policy, keys, ctx, status.missing, connections.as_of(context), restore)
         recorded = None
-        if restore is not None:
+        if state["truncated"]:
             verified = auditchain.verify(conn)
             if verified.broken is not None:  # cannot happen: verified before, and only appended to since
                 raise ReplayRefused(f"the audit log does not hold after the replay ({verified.broken.describe()})")
@@ -174,7 +182,7 @@ def replay(policy_file: str, detected: dict[str, Any], context: Any) -> dict[str
                 exported_by=f"{context['dag'].dag_id}/{context['run_id']}")
             try:
                 recorded = connections.evidence_store(policy).record_restore(
-                    head, superseded, {"lost_positions": restore["lost_positions"]})
+                    head, superseded, {"lost_positions": lost})
             except OSError as exc:
                 raise _storage("record the restore in", str(connections.evidence_store(policy).root), exc) from None
     flush(policy)
