@@ -82,7 +82,9 @@ GRANT INSERT (dag_id, run_id, task_id, rule, table_name, action, row_count, dry_
 GRANT SELECT ON gdpr.audit_log TO gdpr_auditor;
 GRANT SELECT ON gdpr.schema_version TO gdpr_engine, gdpr_auditor;
 
--- Encrypted originals of pseudonymised rows (AES-256-GCM, done in Python; key id per row).
+-- Encrypted originals of pseudonymised rows (done in Python; key id per row): to the archive's X25519
+-- public key (an ephemeral ECDH per batch, AES-256-GCM; the ephemeral public key leads the ciphertext),
+-- or, for rows of the earlier key layout, AES-256-GCM under a symmetric key.
 -- AAD = source_table || '|' || source_pk || '|' || key_id, so a ciphertext cannot be moved to another row.
 CREATE TABLE IF NOT EXISTS gdpr_archive.archived_row (
     archive_id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -209,7 +211,7 @@ GRANT SELECT, INSERT, UPDATE ON gdpr.erasure_request TO gdpr_engine;
 GRANT SELECT ON gdpr.erasure_request TO gdpr_auditor;
 
 -- Outbox of erasures to propagate downstream. The identifier a target needs is kept only
--- encrypted (AES-256-GCM, AAD = request_id|target|key_id) until the target acknowledged; then the
+-- encrypted with the store key (AES-256-GCM, AAD = request_id|target|key_id) until the target acknowledged; then the
 -- ciphertext is destroyed (set to NULL) and the destruction audited.
 CREATE TABLE IF NOT EXISTS gdpr.erasure_propagation (
     request_id       text NOT NULL REFERENCES gdpr.erasure_request (request_id),
@@ -258,7 +260,8 @@ GRANT SELECT (claimed_until, claimed_by) ON gdpr.erasure_propagation TO gdpr_aud
 -- v7: one request lifecycle. Every request a person makes (GDPR art. 15-21) is one row of gdpr.request,
 -- whatever its kind; the subject appears only as a keyed hash. A request registered before it runs
 -- (`warehouse-gdpr request new`) also holds the person's identifier (normalised email, or
--- 'subject_id:N'), encrypted with the archive key (AES-256-GCM, AAD = request|request_id|kind|key_id);
+-- 'subject_id:N'), encrypted with the store key (`store_keys` of the keys connection; the archive key of
+-- the earlier key layout) (AES-256-GCM, AAD = request|request_id|kind|key_id);
 -- the ciphertext is destroyed (set to NULL) once the request is complete, the keyed hash stays.
 -- Rows are kept as proof, then purged by the weekly sweep (policy `requests.keep_for` after completion).
 CREATE TABLE IF NOT EXISTS gdpr.request (
