@@ -11,6 +11,7 @@ from datetime import date, datetime, timezone
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from warehouse_gdpr.engine import candidates as candidate_sql
 from warehouse_gdpr.engine.policy import Policy
@@ -314,3 +315,11 @@ def schema_before_v8(conn: psycopg.Connection) -> None:
         conn.execute("GRANT UPDATE (email_hash, key_id, reason, request_id) ON gdpr.suppression_list TO gdpr_engine")
         conn.execute("DELETE FROM gdpr.schema_version WHERE version >= 8")
 
+
+
+def as_role(url: str, user: str) -> str:
+    """`url` logged in as `user` without a password (the embedded server's roles have none)."""
+    params = conninfo_to_dict(url)
+    params["user"] = user
+    params.pop("password", None)
+    return make_conninfo(**params)  # type: ignore[arg-type]

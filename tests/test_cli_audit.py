@@ -10,21 +10,13 @@ import psycopg
 import pytest
 import yaml
 from psycopg import errors
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from helpers import schema_before_v8
+from helpers import as_role, schema_before_v8
 from warehouse_gdpr.cli import main
 from warehouse_gdpr.engine import audit, auditchain
 
 ROOT = Path(__file__).resolve().parents[1]
 CTX = audit.RunContext(dag_id="gdpr_optout_sync", run_id="manual__cli", task_id="report")
-
-
-def _as(url: str, user: str) -> str:
-    params = conninfo_to_dict(url)
-    params["user"] = user
-    params.pop("password", None)
-    return make_conninfo(**params)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +65,7 @@ def test_the_auditor_verifies_with_read_rights_only(
 ) -> None:
     ids = _write(conn, 4)
     head = _export(conn, tmp_path)
-    url = _as(warehouse, auditor)
+    url = as_role(warehouse, auditor)
     with psycopg.connect(url) as reader:  # read rights only
         for statement in ("INSERT INTO gdpr.audit_log (action, outcome) VALUES ('x', 'y')",
                           "UPDATE gdpr.audit_chain_head SET chain_seq = 0"):
@@ -99,7 +91,7 @@ def test_a_deleted_middle_row_exits_1_naming_the_first_broken_row(
 ) -> None:
     ids = _write(conn, 5)
     _superuser(conn, f"DELETE FROM gdpr.audit_log WHERE audit_id = {ids[1]}")
-    monkeypatch.setenv("WAREHOUSE_URL", _as(warehouse, auditor))  # keeps a password out of `ps`
+    monkeypatch.setenv("WAREHOUSE_URL", as_role(warehouse, auditor))  # keeps a password out of `ps`
 
     assert main(["audit", "verify"]) == 1
     captured = capsys.readouterr()

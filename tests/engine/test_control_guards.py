@@ -12,8 +12,8 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import errors
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from helpers import as_role
 from warehouse_gdpr.engine import audit, optout
 from warehouse_gdpr.engine.crypto import Keys
 
@@ -25,16 +25,9 @@ ARCHIVE_ROW = (
 ERASE = "SELECT source_table, destroyed FROM gdpr.erase_archived_rows(%s, %s, %s, %s, %s, %s, %s)"
 
 
-def _as(url: str, user: str) -> str:
-    params = conninfo_to_dict(url)
-    params["user"] = user
-    params.pop("password", None)
-    return make_conninfo(**params)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 def engine(warehouse: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(_as(warehouse, "gdpr_dag")) as connection:
+    with psycopg.connect(as_role(warehouse, "gdpr_dag")) as connection:
         yield connection
 
 

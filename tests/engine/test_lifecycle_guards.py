@@ -13,8 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import errors
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from helpers import as_role
 from warehouse_gdpr.engine import audit, propagation, requests
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys
@@ -26,17 +26,10 @@ pytestmark = pytest.mark.skipif(bool(os.environ.get("WAREHOUSE_TEST_URL")),
                                 reason="needs the embedded server's gdpr_dag login without a password")
 
 
-def _as(url: str, user: str) -> str:
-    params = conninfo_to_dict(url)
-    params["user"] = user
-    params.pop("password", None)
-    return make_conninfo(**params)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 def engine(warehouse: str) -> Iterator[psycopg.Connection]:
     """The engine's role; autocommit, so that each `transaction()` below is a real one, checked at COMMIT."""
-    with psycopg.connect(_as(warehouse, "gdpr_dag"), autocommit=True) as connection:
+    with psycopg.connect(as_role(warehouse, "gdpr_dag"), autocommit=True) as connection:
         assert connection.execute("SELECT pg_has_role('gdpr_engine', 'MEMBER')").fetchone() == (True,)
         yield connection
 
