@@ -1027,7 +1027,7 @@ GRANT EXECUTE ON FUNCTION gdpr.purge_requests(text, timestamptz, integer, text, 
 INSERT INTO gdpr.schema_version (version) VALUES (10) ON CONFLICT (version) DO NOTHING;
 -- end of v10 =========================================================================================
 
--- v10 (journal): erasures replayed after a restore ======================================================
+-- v11: the journal, erasures replayed after a restore ==================================================
 -- Every completed erasure, every suppression entry and every restriction (and its lift) is also one row of
 -- gdpr.journal, written in the transaction that makes it true: by the triggers below for the suppression list
 -- and the restrictions (every writer, set-based), by the erasure itself (engine/erasure.py, which knows the
@@ -1143,5 +1143,5 @@ SELECT kind, request_id, subject_hash, key_id, recorded_at, details FROM (
 WHERE NOT EXISTS (SELECT 1 FROM gdpr.journal)
 ON CONFLICT DO NOTHING;
 
-INSERT INTO gdpr.schema_version (version) VALUES (10) ON CONFLICT (version) DO NOTHING;
--- end of v10 (journal) ================================================================================
+INSERT INTO gdpr.schema_version (version) VALUES (11) ON CONFLICT (version) DO NOTHING;
+-- end of v11 =========================================================================================

@@ -273,15 +273,18 @@ def test_an_entry_is_one_line_of_json_with_hashes_and_ids_only() -> None:
         journal.Entry.from_line(line.replace("d" * 64, "paul@example.com"), "f:1")
 
 
-def test_the_upgrade_to_version_10_starts_the_journal_with_the_entries_already_there(
-    conn: psycopg.Connection, keys: Keys
+@pytest.mark.parametrize("version", [9, 10])  # 10: a warehouse that installed the lifecycle guards, not the journal
+def test_the_upgrade_to_version_11_starts_the_journal_with_the_entries_already_there(
+    conn: psycopg.Connection, keys: Keys, version: int
 ) -> None:
     from warehouse_gdpr.engine import schema
 
-    v9 = (Path(__file__).parent / "data" / "gdpr_schema_v9.sql").read_text(encoding="utf-8")
+    older = (Path(__file__).parent / "data" / f"gdpr_schema_v{version}.sql").read_text(encoding="utf-8")
     with conn.transaction():
         conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
-        conn.execute(v9)  # type: ignore[arg-type]
+        conn.execute(older)  # type: ignore[arg-type]
+    assert _rows(conn, "SELECT max(version), to_regclass('gdpr.journal') FROM gdpr.schema_version") == [(version, None)]
+    with conn.transaction():
         conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source, request_id)"
                      " VALUES (%s, %s, 'erasure', 'erasure_request', 'REQ-OLD')", ("e" * 64, keys.hmac_key_id))
         conn.execute("INSERT INTO gdpr.restriction (subject_hash, by_email, key_id, subject_table, subject_ids,"

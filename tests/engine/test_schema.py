@@ -177,7 +177,7 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
 
 
 DATA = Path(__file__).parent / "data"
-PREVIOUS = 9  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v9.sql
+PREVIOUS = 10  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v10.sql
 
 
 def _install_version(conn: psycopg.Connection, version: int) -> None:

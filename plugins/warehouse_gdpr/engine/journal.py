@@ -2,7 +2,7 @@
 
 "You restored last month's backup after an incident: are the people erased since then back in your CRM?"
 Every completed erasure, every suppression entry (an erasure's, an opt-out's, a re-keyed copy) and every
-restriction and its lift is one row of `gdpr.journal` (control schema v10), written in the transaction that
+restriction and its lift is one row of `gdpr.journal` (control schema v11), written in the transaction that
 makes it true (triggers on the suppression list and the restrictions; `erasure.erase` for an erasure, which
 knows the subject ids). Right after that commit the task that made the change copies the rows not yet there
 to the journal OUTSIDE the warehouse (`sync`): append-only files of JSON lines under the policy's
