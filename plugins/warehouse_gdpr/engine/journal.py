@@ -48,14 +48,14 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from . import audit, erasure, matcher, optout
+from . import audit, erasure, matcher, optout, propagation, requests
 from .audit import RunContext
 from .auditchain import StoragePath
 from .candidates import holds_array, qualified
@@ -274,7 +274,7 @@ def replay(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext
         if any(e.kind == "erasure" for e in missing):
             _erasures(conn, policy, keys, ctx, as_of, result)
         if any(e.kind in ("restriction", "restriction_lift") for e in missing):
-            _restrictions(conn, policy, keys, result)
+            _restrictions(conn, policy, keys, ctx, result)
         conn.execute(sql.SQL(
             "INSERT INTO gdpr.audit_log (dag_id, run_id, task_id, table_name, action, row_count, dry_run, outcome,"
             " subject_hash, details)"
@@ -424,15 +424,27 @@ def _erasure_requests(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx:
             result["requeued"] += 1
 
 
-def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, result: dict[str, Any]) -> None:
+def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
+                  result: dict[str, Any]) -> None:
     """Restrictions again (recorded ids still there, and by email hash), then the lifts (the record removed, the
-    flags it set cleared), in one pass each."""
+    flags it set cleared), in one pass each; then their requests and outbox rows (`_restriction_requests`)."""
     subject = policy.subject
     table, pk = qualified(subject.table), sql.Identifier(subject.primary_key)
-    if any_by_email := conn.execute(sql.SQL(
-            "SELECT EXISTS (SELECT 1 FROM {r} WHERE kind = 'restriction' AND (details->>'by_email')::boolean)")
-            .format(r=REPLAY)).fetchone()[0]:  # type: ignore[index]
+    any_by_email, any_email = conn.execute(sql.SQL(
+        "SELECT coalesce(bool_or(kind = 'restriction' AND (details->>'by_email')::boolean), false),"
+        " coalesce(bool_or((details->>'by_email')::boolean), false)"
+        " FROM {r} WHERE kind IN ('restriction', 'restriction_lift')").format(r=REPLAY)).fetchone()  # type: ignore[misc]
+    if any_email:
         optout.stage_subject_hashes(conn, policy, keys)
+    # The email each re-sent restriction or lift needs, read before anything changes here (kept in memory only,
+    # encrypted in the outbox): the restored row whose email has the entry's hash (under any key of the chain).
+    emails: dict[str, str] = dict(conn.execute(sql.SQL(
+        "SELECT DISTINCT ON (r.entry_id) r.entry_id::text, lower(btrim(s.{e})) FROM {r} r"
+        " JOIN {stage} h ON h.email_hash = r.subject_hash JOIN {t} s ON s.{pk} = h.subject_id"
+        " WHERE r.kind IN ('restriction', 'restriction_lift') AND (r.details->>'by_email')::boolean"
+        " AND position('@' in s.{e}) > 0 ORDER BY r.entry_id, s.{pk}").format(
+            e=sql.Identifier(subject.email_column), r=REPLAY, stage=optout.HASH_STAGE, t=table, pk=pk)).fetchall()
+    ) if any_email else {}
     by_hash = sql.SQL(
         " UNION SELECT h.subject_id::text FROM {stage} h WHERE (r.details->>'by_email')::boolean"
         " AND h.email_hash = r.subject_hash").format(stage=optout.HASH_STAGE) if any_by_email else sql.SQL("")
@@ -459,7 +471,8 @@ def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, result: 
                      (to_flag,))
     lifted = conn.execute(sql.SQL(
         "DELETE FROM gdpr.restriction g USING {r} r WHERE r.kind = 'restriction_lift'"
-        " AND g.request_id = r.request_id RETURNING g.flagged_ids")  # by request id: the hash may be re-keyed since
+        " AND g.request_id = r.request_id RETURNING g.flagged_ids, g.request_id, g.subject_ids")
+        # by request id: the hash may be re-keyed since
         .format(r=REPLAY)).fetchall()
     to_clear = sorted({i for r in lifted for i in r[0]})
     if flag and to_clear:
@@ -467,3 +480,74 @@ def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, result: 
         conn.execute(sql.SQL("UPDATE {t} s SET {f} = false WHERE s.{pk}::text = ANY(%s)").format(
             t=table, f=flag, pk=pk), (to_clear,))
     result["restricted"], result["lifted"] = len(restricted), len(lifted)
+    _restriction_requests(conn, policy, keys, ctx, emails, {str(r[1]): list(r[2]) for r in lifted}, result)
+
+
+def _restriction_requests(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
+                          emails: dict[str, str], lifted_ids: dict[str, list[str]], result: dict[str, Any]) -> None:
+    """The request row of each replayed restriction and lift (a lift's own request id is in its entry) when the
+    backup lacks it (or holds it not run yet), audited as the request is, and an outbox row per target with no
+    row for it in the restored outbox, for the LAST replayed restriction or lift of each person only (the outbox
+    has no order: a restriction re-sent beside its lift could reach a target after it) and neither for a person
+    whose erasure is replayed too (the erasure is re-sent). A restriction is re-sent only while in force after
+    the replay. Targets that know the person by email are re-sent only when the restored row still holds it in
+    clear (with the entry's hash); the sales team's webhook (internal ids) always (module doc)."""
+    notify = policy.restriction.notify.name if policy.restriction.notify else None
+    replayed = conn.execute(sql.SQL(
+        "SELECT r.entry_id::text, r.kind, coalesce(r.details->>'lift_request_id', r.request_id), r.request_id,"
+        "  r.subject_hash, r.details, r.recorded_at, g.subject_ids,"
+        "  NOT EXISTS (SELECT 1 FROM {r} l WHERE l.kind IN ('restriction', 'restriction_lift')"
+        "    AND l.subject_hash = r.subject_hash AND (l.recorded_at, l.entry_id) > (r.recorded_at, r.entry_id))"
+        "  AND NOT EXISTS (SELECT 1 FROM {r} x WHERE x.kind = 'erasure' AND x.subject_hash = r.subject_hash)"
+        "  AND (r.kind = 'restriction_lift' OR g.request_id IS NOT NULL) AS latest"
+        " FROM {r} r LEFT JOIN gdpr.restriction g ON r.kind = 'restriction' AND g.request_id = r.request_id"
+        " WHERE r.request_id IS NOT NULL"
+        "  AND (r.kind = 'restriction' OR (r.kind = 'restriction_lift' AND r.details ? 'lift_request_id'))"
+        " ORDER BY r.recorded_at, r.entry_id").format(r=REPLAY)).fetchall()
+    reason = "replayed after a restore (gdpr_restore_replay)"
+    for entry_id, kind, request_id, restriction_id, subject_hash, details, recorded_at, ids_now, latest in replayed:
+        email = emails.get(entry_id)
+        wanted = [t for t in propagation.targets_for(policy, kind) if details.get("by_email") or t == notify] \
+            if latest else []
+        have = dict(conn.execute("SELECT target, status FROM gdpr.erasure_propagation WHERE request_id = %s",
+                                 (request_id,)).fetchall())
+        queue = [t for t in wanted if t not in have and (email or t == notify)]
+        unsent = [t for t in wanted if t not in have and t not in queue]
+        status = "pending_propagation" if queue or "pending" in have.values() else "completed"
+        outcome = "restricted" if kind == "restriction" else "lifted"
+        action = "restrict" if kind == "restriction" else "lift"
+        received = date.fromisoformat(details.get("received_at") or recorded_at.date().isoformat())
+        due = details.get("due_date") or requests.due_date(received).isoformat()
+        ids = [str(i) for i in (ids_now if kind == "restriction" else lifted_ids.get(restriction_id))
+               or details.get("subject_ids") or details.get("flagged_ids") or []]
+        row = conn.execute(
+            "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome, reason,"
+            " completed_at, details) VALUES (%s, %s, %s, %s, %s, %s, %s, %s,"
+            " CASE WHEN %s = 'completed' THEN now() END, %s)"
+            " ON CONFLICT (request_id) DO UPDATE SET status = EXCLUDED.status, outcome = EXCLUDED.outcome,"
+            " reason = EXCLUDED.reason, completed_at = EXCLUDED.completed_at,"
+            " details = gdpr.request.details || EXCLUDED.details"
+            " WHERE gdpr.request.kind = EXCLUDED.kind AND gdpr.request.status IN ('registered', 'in_progress')"
+            " RETURNING status",
+            (request_id, kind, subject_hash, received, due, status, outcome, reason, status,
+             Jsonb({"replayed": True, "entry_id": entry_id, "subject_rows": len(ids), "targets": queue,
+                    "not_resent": unsent, "superseded": not latest})),
+        ).fetchone()
+        if row:  # the request's own audit row, as restriction.apply writes it (the lifecycle guard checks it)
+            result["requests_recorded"] += 1
+            audit.record(conn, ctx, action=action, outcome=outcome, table="gdpr.restriction", row_count=len(ids),
+                         subject_hash=subject_hash,
+                         details={"request_id": request_id, "kind": kind, "status": status, "targets": queue,
+                                  "not_resent": unsent, "replayed": True, "entry_id": entry_id, "reason": reason})
+        else:  # the restored warehouse holds it run already: its outbox only while it is pending propagation
+            found = conn.execute("SELECT status FROM gdpr.request WHERE request_id = %s AND kind = %s",
+                                 (request_id, kind)).fetchone()
+            if found is None or found[0] != "pending_propagation":
+                continue
+        if unsent:
+            result["not_resent"].append(request_id)
+        payload = {"identifier": email, "request_id": request_id, "subject_table": policy.subject.table,
+                   "subject_ids": ids}
+        for name in queue:
+            propagation.queue(conn, keys, request_id, kind, name, payload)
+            result["requeued"] += 1
