@@ -273,7 +273,7 @@ def test_restrictions_and_lifts_are_replayed(
         status = journal.sync(restored, store)
         assert status.counts() == {"restriction": 3, "restriction_lift": 1}
         result = journal.replay(restored, policy, keys, REPLAY, status.missing, AS_OF)
-        assert (result["restricted"], result["lifted"]) == (3, 1)
+        assert (result["restricted"], result["lifted"]) == (2, 1)
         assert _rows(restored, "SELECT subject_ids, flagged_ids, request_id FROM gdpr.restriction ORDER BY 3") == [
             ([str(kept)], [str(kept)], "REQ-RS-A"), ([str(moved)], [str(moved)], "REQ-RS-C")]
         assert _rows(restored, "SELECT contact_id, do_not_contact FROM crm.contacts WHERE contact_id = ANY(%s)"
@@ -320,6 +320,48 @@ def test_restrictions_and_lifts_are_replayed(
                         "subject_table": "crm.contacts", "subject_ids": [str(lifted)]}
         text = json.dumps(_rows(restored, "SELECT details FROM gdpr.audit_log")) + json.dumps(result)
         assert not any(e.lower() in text.lower() for _, e in people)
+
+
+def test_a_restriction_lifted_and_made_again_after_the_backup_is_in_force_after_the_replay(
+    backup: str, warehouse: str, policy: Policy, keys: Keys, tmp_path: Path
+) -> None:
+    """Restricted before the backup (REQ-RS-0), lifted (REQ-RL-0) and restricted again (REQ-RS-1) after it: the
+    replay ends with the new restriction in force and flagged (the lift of the restored one first), and re-sends
+    only the new restriction (the last state of the person), the lift recorded as superseded."""
+    ctx = RunContext("gdpr_subject_restriction", "run-1", "apply")
+
+    def apply(conn: psycopg.Connection, email: str, request_id: str, kind: str = "restriction") -> None:
+        request = restriction.parse_request({"request_id": request_id, "email": email}, today=TODAY, kind=kind)
+        restriction.apply(conn, policy, keys, ctx, request, restriction.locate(conn, policy, keys, request))
+
+    with psycopg.connect(warehouse) as conn:
+        [(cid, email)] = _prospects(conn, 1)
+    for url in (warehouse, backup):
+        with psycopg.connect(url) as db:
+            db.execute("UPDATE crm.contacts SET do_not_contact = false WHERE contact_id = %s", (cid,))
+            db.commit()
+            apply(db, email, "REQ-RS-0")
+    with psycopg.connect(warehouse) as conn:
+        store = _store(tmp_path, conn)
+        apply(conn, email, "REQ-RL-0", "restriction_lift")
+        apply(conn, email, "REQ-RS-1")
+        journal.sync(conn, store)
+
+    with psycopg.connect(as_role(backup, "gdpr_dag")) as restored:
+        status = journal.sync(restored, store)
+        assert status.counts() == {"restriction": 1, "restriction_lift": 1}
+        result = journal.replay(restored, policy, keys, REPLAY, status.missing, AS_OF)
+        assert _rows(restored, "SELECT subject_ids, request_id FROM gdpr.restriction") == [([str(cid)], "REQ-RS-1")]
+        assert _rows(restored, "SELECT do_not_contact FROM crm.contacts WHERE contact_id = %s", cid) == [(True,)]
+        assert _rows(restored, "SELECT request_id, status, outcome FROM gdpr.request WHERE request_id LIKE 'REQ-R_-_'"
+                     " ORDER BY 1") == [("REQ-RL-0", "completed", "lifted"), ("REQ-RS-0", "pending_propagation",
+                                                                           "restricted"),
+                                        ("REQ-RS-1", "pending_propagation", "restricted")]
+        assert _rows(restored, "SELECT request_id, target FROM gdpr.erasure_propagation WHERE request_id LIKE"
+                     " 'REQ-R_-_' AND status = 'pending' AND attempts = 0 ORDER BY 1, 2") == [
+            ("REQ-RS-0", t) for t in ("emailing", "sales_team", "telephony")] + [
+            ("REQ-RS-1", t) for t in ("emailing", "sales_team", "telephony")]
+        assert (result["restricted"], result["lifted"], result["requeued"]) == (1, 1, 3)
 
 
 def test_an_entry_is_one_line_of_json_with_hashes_and_ids_only() -> None:

@@ -426,8 +426,9 @@ def _erasure_requests(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx:
 
 def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
                   result: dict[str, Any]) -> None:
-    """Restrictions again (recorded ids still there, and by email hash), then the lifts (the record removed, the
-    flags it set cleared), in one pass each; then their requests and outbox rows (`_restriction_requests`)."""
+    """The lifts (the restored record removed, the flags it set cleared), then the restrictions again (recorded
+    ids still there, and by email hash; not one whose lift is replayed too), in one pass each; then their
+    requests and outbox rows (`_restriction_requests`). `result`: restrictions in force again, lifts replayed."""
     subject = policy.subject
     table, pk = qualified(subject.table), sql.Identifier(subject.primary_key)
     any_by_email, any_email = conn.execute(sql.SQL(
@@ -449,6 +450,18 @@ def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: Run
         " UNION SELECT h.subject_id::text FROM {stage} h WHERE (r.details->>'by_email')::boolean"
         " AND h.email_hash = r.subject_hash").format(stage=optout.HASH_STAGE) if any_by_email else sql.SQL("")
     flag = sql.Identifier(subject.restriction_column) if subject.restriction_column else None
+    # The lifts first, of the restored restrictions they end (by request id: the hash may be re-keyed since), so
+    # that a person lifted and restricted again since the backup ends restricted; a restriction whose lift is
+    # replayed too is not recorded again (it ended, and the flags it set with it).
+    lifted = conn.execute(sql.SQL(
+        "DELETE FROM gdpr.restriction g USING {r} r WHERE r.kind = 'restriction_lift'"
+        " AND g.request_id = r.request_id RETURNING g.flagged_ids, g.request_id, g.subject_ids")
+        .format(r=REPLAY)).fetchall()
+    to_clear = sorted({i for r in lifted for i in r[0]})
+    if flag and to_clear:
+        # A person on the suppression list is flagged again by the next opt-out sync (`optout.enforce`).
+        conn.execute(sql.SQL("UPDATE {t} s SET {f} = false WHERE s.{pk}::text = ANY(%s)").format(
+            t=table, f=flag, pk=pk), (to_clear,))
     restricted = conn.execute(sql.SQL(
         "WITH found AS (SELECT r.entry_id, ARRAY(SELECT x FROM (SELECT s.{pk}::text AS x FROM {t} s"
         "   WHERE s.{pk}::text IN (SELECT jsonb_array_elements_text(coalesce(r.details->'subject_ids', '[]'))){by_hash}"
@@ -460,7 +473,8 @@ def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: Run
         " SELECT r.subject_hash, coalesce((r.details->>'by_email')::boolean, false), coalesce(r.key_id, %(key)s),"
         "  coalesce(r.details->>'subject_table', %(table)s), f.ids, u.ids, r.request_id, r.recorded_at"
         " FROM {r} r JOIN found f USING (entry_id) JOIN unflagged u USING (entry_id)"
-        " WHERE r.kind = 'restriction' AND cardinality(f.ids) > 0"
+        " WHERE r.kind = 'restriction' AND cardinality(f.ids) > 0 AND NOT EXISTS (SELECT 1 FROM {r} l"
+        "  WHERE l.kind = 'restriction_lift' AND l.request_id = r.request_id)"
         " ON CONFLICT (subject_hash) DO NOTHING RETURNING flagged_ids").format(
             pk=pk, t=table, by_hash=by_hash, r=REPLAY,
             notflagged=sql.SQL("s.{f} IS NOT TRUE").format(f=flag) if flag else sql.SQL("false")),
@@ -469,17 +483,9 @@ def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: Run
     if flag and to_flag:
         conn.execute(sql.SQL("UPDATE {t} SET {f} = true WHERE {pk}::text = ANY(%s)").format(t=table, f=flag, pk=pk),
                      (to_flag,))
-    lifted = conn.execute(sql.SQL(
-        "DELETE FROM gdpr.restriction g USING {r} r WHERE r.kind = 'restriction_lift'"
-        " AND g.request_id = r.request_id RETURNING g.flagged_ids, g.request_id, g.subject_ids")
-        # by request id: the hash may be re-keyed since
-        .format(r=REPLAY)).fetchall()
-    to_clear = sorted({i for r in lifted for i in r[0]})
-    if flag and to_clear:
-        # A person on the suppression list is flagged again by the next opt-out sync (`optout.enforce`).
-        conn.execute(sql.SQL("UPDATE {t} s SET {f} = false WHERE s.{pk}::text = ANY(%s)").format(
-            t=table, f=flag, pk=pk), (to_clear,))
-    result["restricted"], result["lifted"] = len(restricted), len(lifted)
+    result["restricted"] = len(restricted)
+    result["lifted"] = conn.execute(sql.SQL(  # every replayed lift: its restriction is not in force any more
+        "SELECT count(*) FROM {r} WHERE kind = 'restriction_lift'").format(r=REPLAY)).fetchone()[0]  # type: ignore[index]
     _restriction_requests(conn, policy, keys, ctx, emails, {str(r[1]): list(r[2]) for r in lifted}, result)
 
 
