@@ -32,9 +32,25 @@ comparison), the first task of every DAG refuses to run (`WarehouseBehind`, nami
                 acknowledgement back. A person the restored warehouse no longer has in clear cannot be sent
                 again: the request then stays completed with `resent: false` in its details (downstream had it
                 when it ran);
+  lift          the record of the restriction it ends removed and the flags it set cleared (first: a person
+                lifted and restricted again since the backup ends restricted);
   restriction   the record again, for the recorded subject ids still there and (by email) the subjects whose
-                email has the hash; their do-not-contact flag set;
-  lift          the record of that restriction removed and the flags it set cleared.
+                email has the hash; their do-not-contact flag set (not for a restriction whose lift is replayed
+                too);
+  both          the request recorded when the backup lacks it (or holds it not run yet: it keeps its date of
+                receipt), with its audit row (`restrict` / `lift`, as the lifecycle guard requires); a lift's
+                request id and both dates of receipt are in the entries that `restriction.apply` writes. Then
+                the last replayed restriction or lift of each person (a restriction only while in force after
+                the replay; neither for a person whose erasure is replayed, the erasure is re-sent) is sent
+                downstream again: an outbox row for every target of its kind (`propagation.targets_for`) with no
+                row for the request in the restored outbox. An earlier one is recorded, not re-sent (the outbox
+                has no order: a restriction re-sent beside its lift could reach a target after it), with
+                `superseded` in its details. The sales team's webhook (internal ids) is always re-sent; a target
+                that knows the person by email only when the restored subject row holds, in clear, an email with
+                the entry's hash (read before anything changes, kept in memory, encrypted in the outbox);
+                otherwise the request id is in `not_resent` and the targets in its details' `not_resent`.
+                Setting a flag downstream again is harmless: the targets' restrict and lift calls are
+                idempotent.
 
 Each replayed entry is inserted into gdpr.journal with its original entry id and time (`replayed_at` set) and
 audited (action `restore_replay`, with the original request id and entry id).
@@ -84,7 +100,9 @@ class WarehouseBehind(ConfigurationError, RuntimeError):
 @dataclass(frozen=True)
 class Entry:
     """One journal entry. `details`: for an erasure its outcome and subject ids, for a suppression entry its
-    reason, source and first-seen time, for a restriction its subject table and ids (internal ids only)."""
+    reason, source and first-seen time, for a restriction its subject table and ids, its date of receipt and due
+    date, and for a lift its own request id (`lift_request_id`: `request_id` is the restriction's it ends), the
+    restriction's ids and the dates (internal ids only)."""
 
     entry_id: str
     kind: str
@@ -515,8 +533,8 @@ def _restriction_requests(conn: psycopg.Connection, policy: Policy, keys: Keys, 
         email = emails.get(entry_id)
         wanted = [t for t in propagation.targets_for(policy, kind) if details.get("by_email") or t == notify] \
             if latest else []
-        have = dict(conn.execute("SELECT target, status FROM gdpr.erasure_propagation WHERE request_id = %s",
-                                 (request_id,)).fetchall())
+        have: dict[str, str] = dict(conn.execute(
+            "SELECT target, status FROM gdpr.erasure_propagation WHERE request_id = %s", (request_id,)).fetchall())
         queue = [t for t in wanted if t not in have and (email or t == notify)]
         unsent = [t for t in wanted if t not in have and t not in queue]
         status = "pending_propagation" if queue or "pending" in have.values() else "completed"

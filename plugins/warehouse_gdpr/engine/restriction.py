@@ -19,6 +19,10 @@ survives an import that rewrites the contact row. While it is in force:
 `lift` deletes the record, clears the flag it set (unless the person is on the suppression list), and tells
 the same targets and the sales team. Both are requests of the one lifecycle (kinds `restriction` and
 `restriction_lift`), audited; no personal data in audit rows, logs or exceptions.
+
+Each new restriction and each lift is also a journal entry (engine/journal.py), written in the same transaction
+with its dates of receipt and, for a lift, its own request id: after a restore from a backup, `gdpr_restore_replay`
+records the request again and sends the person's last restriction or lift downstream again.
 """
 
 from __future__ import annotations
