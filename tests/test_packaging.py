@@ -98,6 +98,7 @@ def test_wheel_installs_and_builds_the_dags_outside_the_repository(tmp_path: Pat
     result = subprocess.run([str(python), "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(
-        ["gdpr_erasure_retry", "gdpr_optout_sync", "gdpr_propagation_retry", "gdpr_retention_sweep",
-         "gdpr_subject_access", "gdpr_subject_erasure", "gdpr_subject_rectification", "gdpr_subject_restriction"]
+        ["gdpr_erasure_retry", "gdpr_optout_sync", "gdpr_propagation_retry", "gdpr_restore_replay",
+         "gdpr_retention_sweep", "gdpr_subject_access", "gdpr_subject_erasure", "gdpr_subject_rectification",
+         "gdpr_subject_restriction"]
     )

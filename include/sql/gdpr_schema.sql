@@ -1026,3 +1026,122 @@ GRANT EXECUTE ON FUNCTION gdpr.purge_requests(text, timestamptz, integer, text, 
 
 INSERT INTO gdpr.schema_version (version) VALUES (10) ON CONFLICT (version) DO NOTHING;
 -- end of v10 =========================================================================================
+
+-- v11: the journal, erasures replayed after a restore ==================================================
+-- Every completed erasure, every suppression entry and every restriction (and its lift) is also one row of
+-- gdpr.journal, written in the transaction that makes it true: by the triggers below for the suppression list
+-- and the restrictions (every writer, set-based), by the erasure itself (engine/erasure.py, which knows the
+-- subject ids). After COMMIT the DAGs copy the rows not yet there to the journal OUTSIDE the warehouse (append-only
+-- JSON lines under the policy's evidence.location, engine/journal.py): a warehouse restored from a backup lacks
+-- rows the outside journal has, the first task of every DAG sees it and refuses to run, and gdpr_restore_replay
+-- re-applies them (inserting each replayed row with its original entry id). No personal data: keyed hashes, key
+-- ids, request ids, internal subject ids. Append-only (no UPDATE, DELETE or TRUNCATE, for anyone while the
+-- triggers are on). One row per (kind, subject hash, request id): the same change recorded twice is one entry.
+CREATE TABLE IF NOT EXISTS gdpr.journal (
+    entry_id     uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    kind         text NOT NULL CHECK (kind IN ('erasure', 'suppression', 'restriction', 'restriction_lift')),
+    request_id   text,
+    subject_hash text NOT NULL,
+    key_id       text,
+    recorded_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    details      jsonb NOT NULL DEFAULT '{}'::jsonb,
+    replayed_at  timestamptz            -- set on a row gdpr_restore_replay inserted again after a restore
+);
+CREATE UNIQUE INDEX IF NOT EXISTS journal_change_idx ON gdpr.journal (kind, subject_hash, coalesce(request_id, ''));
+
+CREATE OR REPLACE FUNCTION gdpr.refuse_journal_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'gdpr.journal is append-only: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+
+DROP TRIGGER IF EXISTS journal_no_update_delete ON gdpr.journal;
+CREATE TRIGGER journal_no_update_delete
+    BEFORE UPDATE OR DELETE ON gdpr.journal
+    FOR EACH ROW EXECUTE FUNCTION gdpr.refuse_journal_change();
+DROP TRIGGER IF EXISTS journal_no_truncate ON gdpr.journal;
+CREATE TRIGGER journal_no_truncate
+    BEFORE TRUNCATE ON gdpr.journal
+    FOR EACH STATEMENT EXECUTE FUNCTION gdpr.refuse_journal_change();
+ALTER TABLE gdpr.journal ENABLE ALWAYS TRIGGER journal_no_update_delete;
+ALTER TABLE gdpr.journal ENABLE ALWAYS TRIGGER journal_no_truncate;
+
+REVOKE ALL ON gdpr.journal FROM PUBLIC;
+GRANT SELECT, INSERT ON gdpr.journal TO gdpr_engine;
+GRANT SELECT ON gdpr.journal TO gdpr_auditor;
+
+-- A suppression entry added (an erasure, an opt-out collected, a re-keyed copy): one journal row each.
+CREATE OR REPLACE FUNCTION gdpr.journal_suppression() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO gdpr.journal (kind, request_id, subject_hash, key_id, details)
+    SELECT 'suppression', n.request_id, n.email_hash, n.key_id,
+           jsonb_build_object('reason', n.reason, 'source', n.source, 'first_seen', n.first_seen)
+    FROM new_rows AS n
+    ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS suppression_list_journal ON gdpr.suppression_list;
+CREATE TRIGGER suppression_list_journal
+    AFTER INSERT ON gdpr.suppression_list
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION gdpr.journal_suppression();
+ALTER TABLE gdpr.suppression_list ENABLE ALWAYS TRIGGER suppression_list_journal;
+
+-- A restriction recorded (restrict) or ended (lift, or the person's erasure): one journal row each. A lift is
+-- keyed by the request id of the restriction it ends.
+CREATE OR REPLACE FUNCTION gdpr.journal_restriction() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO gdpr.journal (kind, request_id, subject_hash, key_id, details)
+        SELECT 'restriction', n.request_id, n.subject_hash, n.key_id,
+               jsonb_build_object('by_email', n.by_email, 'subject_table', n.subject_table,
+                                  'subject_ids', to_jsonb(n.subject_ids))
+        FROM new_rows AS n
+        ON CONFLICT DO NOTHING;
+    ELSE
+        INSERT INTO gdpr.journal (kind, request_id, subject_hash, key_id, details)
+        SELECT 'restriction_lift', o.request_id, o.subject_hash, o.key_id,
+               jsonb_build_object('by_email', o.by_email, 'subject_table', o.subject_table,
+                                  'flagged_ids', to_jsonb(o.flagged_ids))
+        FROM old_rows AS o
+        ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS restriction_journal_insert ON gdpr.restriction;
+CREATE TRIGGER restriction_journal_insert
+    AFTER INSERT ON gdpr.restriction
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION gdpr.journal_restriction();
+DROP TRIGGER IF EXISTS restriction_journal_delete ON gdpr.restriction;
+CREATE TRIGGER restriction_journal_delete
+    AFTER DELETE ON gdpr.restriction
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION gdpr.journal_restriction();
+ALTER TABLE gdpr.restriction ENABLE ALWAYS TRIGGER restriction_journal_insert;
+ALTER TABLE gdpr.restriction ENABLE ALWAYS TRIGGER restriction_journal_delete;
+
+-- An installed warehouse starts its journal with the suppression entries and restrictions it already holds (they
+-- are then in every later backup's journal too); erasures completed before are covered by their suppression
+-- entries. Only into an empty journal: once it has a row, every later change is journaled by the triggers above.
+INSERT INTO gdpr.journal (kind, request_id, subject_hash, key_id, recorded_at, details)
+SELECT kind, request_id, subject_hash, key_id, recorded_at, details FROM (
+    SELECT 'suppression' AS kind, request_id, email_hash AS subject_hash, key_id, first_seen AS recorded_at,
+           jsonb_build_object('reason', reason, 'source', source, 'first_seen', first_seen) AS details
+    FROM gdpr.suppression_list
+    UNION ALL
+    SELECT 'restriction', request_id, subject_hash, key_id, restricted_at,
+           jsonb_build_object('by_email', by_email, 'subject_table', subject_table, 'subject_ids', to_jsonb(subject_ids))
+    FROM gdpr.restriction
+) AS existing
+WHERE NOT EXISTS (SELECT 1 FROM gdpr.journal)
+ON CONFLICT DO NOTHING;
+
+INSERT INTO gdpr.schema_version (version) VALUES (11) ON CONFLICT (version) DO NOTHING;
+-- end of v11 =========================================================================================

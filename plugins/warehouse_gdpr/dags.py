@@ -10,6 +10,7 @@ from warehouse_gdpr.airflow.dag_factory import (
     build_all,
     build_erasure_retry,
     build_optout_sync,
+    build_restore_replay,
     build_retention_sweep,
     build_subject_access,
     build_subject_erasure,
@@ -17,5 +18,5 @@ from warehouse_gdpr.airflow.dag_factory import (
     build_subject_restriction,
 )
 
-__all__ = ["build_all", "build_erasure_retry", "build_optout_sync", "build_retention_sweep", "build_subject_access",
-           "build_subject_erasure", "build_subject_rectification", "build_subject_restriction"]
+__all__ = ["build_all", "build_erasure_retry", "build_optout_sync", "build_restore_replay", "build_retention_sweep",
+           "build_subject_access", "build_subject_erasure", "build_subject_rectification", "build_subject_restriction"]

@@ -349,9 +349,9 @@ def test_a_policy_that_does_not_load_is_logged_at_error_when_the_dags_are_built(
     with caplog.at_level(logging.INFO):
         dags = build_all(broken)
 
-    assert sorted(dags) == ["gdpr_erasure_retry", "gdpr_optout_sync", "gdpr_propagation_retry", "gdpr_retention_sweep",
-                            "gdpr_subject_access", "gdpr_subject_erasure", "gdpr_subject_rectification",
-                            "gdpr_subject_restriction"]
+    assert sorted(dags) == ["gdpr_erasure_retry", "gdpr_optout_sync", "gdpr_propagation_retry", "gdpr_restore_replay",
+                            "gdpr_retention_sweep", "gdpr_subject_access", "gdpr_subject_erasure",
+                            "gdpr_subject_rectification", "gdpr_subject_restriction"]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any(m.startswith("gdpr_retention_sweep is built with default settings") and "not valid YAML at line" in m
                for m in errors), errors

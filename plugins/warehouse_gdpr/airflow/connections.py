@@ -152,7 +152,8 @@ def run_policy(policy_file: str | Path, context: Any) -> Policy:
     The run's first task (the one with no upstream task) reads the file, parses exactly the bytes it
     read and pins their SHA-256 (XCom `policy_sha256`). Every later task reads the file again and
     refuses it (ConfigurationError: no retry) unless its SHA-256 is the pinned one, so `apply` never
-    runs a file other than the one `check_policy` validated. Every task body of every DAG calls this."""
+    runs a file other than the one `check_policy` validated. Every task body of every DAG calls this.
+    The first task also refuses a warehouse restored from a backup (`journal_tasks.refuse_if_restored`)."""
     path = Path(policy_file)
     try:
         content = path.read_bytes()
@@ -162,6 +163,11 @@ def run_policy(policy_file: str | Path, context: Any) -> Policy:
     ti = context["ti"]
     if not ti.task.upstream_task_ids:
         policy = load_policy(path, content)
+        # A warehouse restored from a backup is refused before the policy is pinned (nothing of the run then
+        # runs, the audit chain check included): airflow/tasks/journal.py.
+        from warehouse_gdpr.airflow.tasks import journal as journal_tasks
+
+        journal_tasks.refuse_if_restored(policy, context)
         ti.xcom_push(key=PIN_KEY, value=sha256)
         log.info("Policy %s (sha256 %s) pinned for run %s: every task of the run uses this file.",
                  path, sha256, context["run_id"])

@@ -11,7 +11,7 @@ form and the erasure retry settings; nothing touches a database or the network. 
 not load still gives DAGs (default schedules), so they stay visible: the reason is logged at ERROR
 when the file is parsed (the dag-processor log) and their first task fails with it.
 Without a path, $WAREHOUSE_GDPR_POLICY names the file (`connections.policy_path`).
-Task bodies live in airflow/tasks/sweep.py, erasure.py, optout.py, access.py and evidence.py.
+Task bodies live in airflow/tasks/sweep.py, erasure.py, optout.py, access.py, evidence.py and journal.py.
 
 Every DAG ends with `verify_audit_chain` (airflow/tasks/evidence.py), a teardown task: it runs once the
 run's other tasks are done, whatever their outcome, verifies the audit chain and exports its head. As
@@ -35,11 +35,12 @@ from warehouse_gdpr.airflow import connections
 from warehouse_gdpr.airflow.tasks import access as access_tasks
 from warehouse_gdpr.airflow.tasks import erasure as erasure_tasks
 from warehouse_gdpr.airflow.tasks import evidence as evidence_tasks
+from warehouse_gdpr.airflow.tasks import journal as journal_tasks
 from warehouse_gdpr.airflow.tasks import optout as optout_tasks
 from warehouse_gdpr.airflow.tasks import rectification as rectification_tasks
 from warehouse_gdpr.airflow.tasks import restriction as restriction_tasks
 from warehouse_gdpr.airflow.tasks import sweep as sweep_tasks
-from warehouse_gdpr.engine import erasure
+from warehouse_gdpr.engine import erasure, journal
 from warehouse_gdpr.engine.policy import Policy, PolicyError, load_policy
 
 log = logging.getLogger(__name__)
@@ -678,10 +679,58 @@ def _downstream(path: str, policy: Policy | None, done: XComArg, then: Callable[
     return last
 
 
+def build_restore_replay(policy_file: str | Path | None = None) -> DAG:
+    """detect_restore -> replay -> preflight_pending -> retry_pending (airflow/tasks/journal.py; engine: journal.py):
+    after the warehouse was restored from a backup, erase again the people erased since, suppress, restrict and
+    lift again, send the erasures downstream again where the restored outbox has no acknowledgement, and record
+    the restore in the audit log and beside the audit chain's heads. Triggered by hand (docs/runbook.md)."""
+    path = str(policy_file or connections.policy_path())
+    _load(path, journal.REPLAY_DAG_ID)
+
+    @dag(
+        dag_id=journal.REPLAY_DAG_ID,
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        tags=["gdpr", "erasure", "restore"],
+        default_args={**DEFAULT_ARGS, "retry_delay": timedelta(minutes=1)},
+        doc_md="After a restore of the warehouse from a backup: re-apply every erasure, suppression entry and "
+               "restriction of the journal kept outside the warehouse that the restored control schema lacks, send "
+               "the erasures downstream again where no acknowledgement was restored, and record the restore "
+               "(docs/runbook.md, 'Restore procedure'). Every other DAG refuses to run until this one has.",
+    )
+    def gdpr_restore_replay() -> None:
+        @task
+        def detect_restore(policy_file: str) -> dict:
+            return journal_tasks.detect_restore(policy_file, get_current_context())
+
+        @task
+        def replay(policy_file: str, detected: dict) -> dict:
+            return journal_tasks.replay(policy_file, detected, get_current_context())
+
+        @task
+        def preflight_pending(policy_file: str, replayed: dict) -> dict:
+            return erasure_tasks.preflight_pending(policy_file, get_current_context())
+
+        @task(trigger_rule="all_done")
+        def retry_pending(policy_file: str, replayed: dict) -> dict:
+            return erasure_tasks.retry_pending(policy_file, get_current_context())
+
+        replayed = replay(path, resolved(detect_restore(path)))
+        checked = preflight_pending(path, resolved(replayed))
+        retried = retry_pending(path, resolved(replayed))
+        checked >> retried
+        _verify_audit_chain(path, [retried])
+
+    return gdpr_restore_replay()
+
+
 def build_all(policy_file: str | Path | None = None) -> dict[str, DAG]:
     """Every warehouse-gdpr DAG for one policy file, keyed by dag_id (for `globals().update(...)`); the retry DAG
     also under its former id, gdpr_erasure_retry, for one release."""
     dags = [build_retention_sweep(policy_file), build_subject_erasure(policy_file), build_erasure_retry(policy_file),
             build_erasure_retry(policy_file, OLD_RETRY_DAG_ID), build_subject_rectification(policy_file),
-            build_subject_restriction(policy_file), build_optout_sync(policy_file), build_subject_access(policy_file)]
+            build_subject_restriction(policy_file), build_optout_sync(policy_file), build_subject_access(policy_file),
+            build_restore_replay(policy_file)]
     return {d.dag_id: d for d in dags}

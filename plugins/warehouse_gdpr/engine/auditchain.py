@@ -311,12 +311,14 @@ class StoragePath(Protocol):
 
 
 _HEAD_FILE = re.compile(r"^head-(\d{20})\.json$")
+_EPOCH = re.compile(r"^restore-(\d{4})$")
 
 
 class PathHeadStore:
     """Exported heads as small JSON files, one per export, never overwritten:
     `<root>/audit_chain/<chain id>/head-<position, 20 digits>.json`. The chain id keeps the heads of
-    several warehouses sharing one location apart."""
+    several warehouses sharing one location apart. After a restore from a backup, in
+    `<chain id>/restore-NNNN/` (`record_restore`)."""
 
     def __init__(self, root: StoragePath) -> None:
         self.root = root
@@ -324,13 +326,33 @@ class PathHeadStore:
     def _folder(self, chain_id: str) -> StoragePath:
         return self.root / "audit_chain" / chain_id
 
+    def _epoch(self, chain_id: str) -> tuple[StoragePath, ChainHead | None]:
+        """The folder heads go to now, and the head it starts from: the chain's own folder, or after a restore
+        (`record_restore`) its latest `restore-NNNN` sub-folder, which starts from the head recorded there."""
+        base = self._folder(chain_id)
+        if not base.exists() or not base.is_dir():
+            return base, None
+        for name in sorted((p.name for p in base.iterdir() if _EPOCH.match(p.name)), reverse=True):
+            marker = base / name / "restored.json"
+            if not marker.exists():
+                continue  # a restore record interrupted before its file was written
+            try:
+                data = json.loads(marker.read_text(encoding="utf-8"))
+            except ValueError:
+                raise ChainUnavailable(f"{marker} is not JSON: a restore record of the chain was damaged") from None
+            start = ChainHead.from_dict(data.get("restored_head") if isinstance(data, dict) else None, str(marker))
+            if start.chain_id != chain_id:
+                raise ChainUnavailable(f"{marker} names another chain than its folder: it was altered")
+            return base / name, start
+        return base, None
+
     def latest(self, chain_id: str) -> ChainHead | None:
-        folder = self._folder(chain_id)
+        folder, start = self._epoch(chain_id)
         if not folder.exists() or not folder.is_dir():
-            return None
+            return start
         names = sorted(p.name for p in folder.iterdir() if _HEAD_FILE.match(p.name))
         if not names:
-            return None
+            return start
         path = folder / names[-1]
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -341,8 +363,24 @@ class PathHeadStore:
             raise ChainUnavailable(f"{path} names another chain or position than its file name: it was altered")
         return head
 
+    def record_restore(self, head: ChainHead, superseded: ChainHead | None, details: dict[str, Any]) -> str:
+        """After a restore from a backup (gdpr_restore_replay): the heads exported before it stay as they are (the
+        evidence of what the backup lost); later heads go to a new sub-folder, `restore-NNNN/`, whose
+        `restored.json` names the head they start from (`head`: the restored log, verified, with the
+        `restore_detected` audit row), the head it supersedes, and `details`. Returns the file written."""
+        base = self._folder(head.chain_id)
+        base.mkdir(parents=True, exist_ok=True)
+        done = [p.name for p in base.iterdir() if _EPOCH.match(p.name)]
+        folder = base / f"restore-{len(done) + 1:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        marker = folder / "restored.json"
+        marker.write_text(json.dumps({"restored_head": head.as_dict(),
+                                      "superseded_head": superseded.as_dict() if superseded else None,
+                                      **details}, indent=1) + "\n", encoding="utf-8")
+        return str(marker)
+
     def save(self, head: ChainHead) -> str:
-        folder = self._folder(head.chain_id)
+        folder, _ = self._epoch(head.chain_id)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"head-{head.chain_seq:020d}.json"
         if path.exists():

@@ -507,6 +507,14 @@ def _record_everything(conn: psycopg.Connection, keys: Keys, ctx: RunContext, re
         result.suppression = _suppress(conn, keys, ctx, request, located)
     _record_request(conn, keys, request, located, result, holds)
     _queue_outbox(conn, keys, request, located, result.targets)
+    if result.outcome in ("erased", "restricted"):
+        # The journal (engine/journal.py): the erasure is replayed if a restored warehouse lacks it. Internal ids.
+        from . import journal
+
+        journal.record(conn, "erasure", request.request_id, located.subject_hash,
+                       keys.hmac_key_id if located.email else None,
+                       {"outcome": result.outcome, "subject_ids": [str(i) for i in located.subject_ids],
+                        "received_at": request.received_at.isoformat(), "due_date": result.due_date})
     audit.record(conn, ctx, action="erasure_request", outcome=result.outcome, subject_hash=located.subject_hash,
                  row_count=sum(result.rows.values()),
                  details={"request_id": request.request_id, "status": result.status, "reason": result.reason,

@@ -223,6 +223,13 @@ def _stage_subject_hashes(
     return subjects
 
 
+def stage_subject_hashes(conn: psycopg.Connection, policy: Policy, keys: Keys) -> int:
+    """Every subject's email hashed under every key of the pepper chain, in the temp table HASH_STAGE
+    (subject_id, email_hash, current, source), as the guard and enforce see them: how the restore replay
+    (journal.py) finds a person by a keyed hash written under any pepper. In the caller's transaction."""
+    return _stage_subject_hashes(conn, policy, keys, {})
+
+
 def _finish(conn: psycopg.Connection, ctx: RunContext, tx: psycopg.Transaction, **record: Any) -> None:
     """End a step's transaction: audit it there (the audit commits with the change it describes), or,
     for a dry run, roll the whole step back (`_dry_run_record` then audits what would have happened)."""

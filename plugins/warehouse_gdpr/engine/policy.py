@@ -880,8 +880,9 @@ class Evidence(_Model):
         default="gdpr_evidence",
         min_length=1,
         max_length=1000,
-        description="where every DAG run exports the audit chain's head (its last audit id and hash) and "
-        "`warehouse-gdpr audit verify` reads it: a folder (a relative path is under `$AIRFLOW_HOME`) or an "
+        description="where every DAG run exports the audit chain's head (its last audit id and hash) and the journal "
+        "of erasures, suppression entries and restrictions (replayed after a restore), and `warehouse-gdpr audit "
+        "verify` reads them: a folder (a relative path is under `$AIRFLOW_HOME`) or an "
         "`airflow.sdk.ObjectStoragePath` URL such as `s3://aws_default@bucket/gdpr` (the Airflow connection id "
         "before `@`); shared by every worker, and not writable by the warehouse's owner",
     )
@@ -1086,7 +1087,8 @@ class Policy(_Model):
         default=None, description="the register of processing activities (GDPR art. 30)"
     )
     evidence: Evidence = Field(
-        default_factory=Evidence, description="evidence kept outside the warehouse: the audit chain's exported heads"
+        default_factory=Evidence,
+        description="evidence kept outside the warehouse: the audit chain's exported heads, the journal"
     )
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from warehouse_gdpr.airflow import connections, errors
 from warehouse_gdpr.airflow.errors import task_errors
+from warehouse_gdpr.airflow.tasks import journal as journal_tasks
 from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import audit, erasure, propagation, requests
 from warehouse_gdpr.engine.erasure import ErasureRequest
@@ -138,6 +139,8 @@ def erase(policy_file: str, context: Any) -> dict[str, Any]:
         as_of = connections.as_of(context)
         holds = erasure.holds_in_force(conn, policy, located, as_of)
         result = erasure.erase(conn, policy, keys, ctx, request, located, holds, as_of)
+    if not request.dry_run:
+        journal_tasks.flush(policy)
     verb = "would be" if request.dry_run else "was"
     if result.already_recorded:
         log.info("Request %s was already processed (status %s): nothing changed.", request.request_id, result.status)

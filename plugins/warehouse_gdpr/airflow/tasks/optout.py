@@ -15,6 +15,7 @@ from typing import Any
 
 from warehouse_gdpr.airflow import connections
 from warehouse_gdpr.airflow.errors import task_errors
+from warehouse_gdpr.airflow.tasks import journal as journal_tasks
 from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import audit, optout
 from warehouse_gdpr.engine.crypto import Keys
@@ -66,6 +67,7 @@ def rekey(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     policy, keys = _setup(checked["policy_file"], context)
     with connections.connect(policy) as conn:
         result = optout.rekey(conn, keys, connections.run_context(context, checked["dry_run"]))
+    journal_tasks.flush(policy)
     if result["stale"]:
         log.info("Re-keyed the suppression list to %s:\n%s", result["key_id"], format_table(
             ["from key", "entries"], [[k, n] for k, n in result["stale"].items()]))
@@ -88,6 +90,7 @@ def collect(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     with connections.connect(policy) as conn:
         ctx = connections.run_context(context, checked["dry_run"])
         result = optout.collect(conn, policy, keys, ctx, checked["as_of"])
+    journal_tasks.flush(policy)
     log.info("Collected opt-outs: %d subject(s) selected by the sources, new entries: %d%s:\n%s",
              result["subjects"], result["added"], " (DRY RUN: none added)" if checked["dry_run"] else "",
              format_table(["source", "new entries"], [[k, n] for k, n in result["by_source"].items()])

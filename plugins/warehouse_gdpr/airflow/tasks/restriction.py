@@ -15,6 +15,7 @@ import psycopg
 
 from warehouse_gdpr.airflow import connections
 from warehouse_gdpr.airflow.errors import task_errors
+from warehouse_gdpr.airflow.tasks import journal as journal_tasks
 from warehouse_gdpr.airflow.tasks.rectification import complete, finish, run_params
 from warehouse_gdpr.engine import audit, erasure, requests, restriction
 from warehouse_gdpr.engine.crypto import Keys
@@ -86,6 +87,8 @@ def apply(policy_file: str, context: Any) -> dict[str, Any]:
         ctx = connections.run_context(context, request.dry_run)
         located = restriction.locate(conn, policy, keys, request)
         result = restriction.apply(conn, policy, keys, ctx, request, located)
+    if not request.dry_run:
+        journal_tasks.flush(policy)
     log.info("Request %s (%s) %s %s: %s. Status: %s. Downstream and the sales team: %s.", request.request_id,
              request.action, "would be" if request.dry_run else "was", result.outcome.upper(), result.reason,
              result.status, ", ".join(result.targets) or "none")

@@ -1,0 +1,469 @@
+"""The journal: erasures, suppression entries and restrictions, kept outside the warehouse, replayed after a restore.
+
+"You restored last month's backup after an incident: are the people erased since then back in your CRM?"
+Every completed erasure, every suppression entry (an erasure's, an opt-out's, a re-keyed copy) and every
+restriction and its lift is one row of `gdpr.journal` (control schema v11), written in the transaction that
+makes it true (triggers on the suppression list and the restrictions; `erasure.erase` for an erasure, which
+knows the subject ids). Right after that commit the task that made the change copies the rows not yet there
+to the journal OUTSIDE the warehouse (`sync`): append-only files of JSON lines under the policy's
+`evidence.location` (`PathJournalStore`, the same place as the audit chain's heads), one line per entry: entry
+id, kind, request id, keyed subject hash, key id, time, and for erasures and restrictions the internal subject
+ids (never an email, a name or any other personal data).
+
+A task that dies between its commit and the copy loses nothing: every `sync` appends every committed row that
+the outside journal lacks (the next DAG run's first task does it at the latest).
+
+A warehouse restored from a backup lacks the rows written since the backup: `sync` finds the entries of the
+outside journal that the control schema lacks (`Status.missing`; one read of the journal, one set-based
+comparison), the first task of every DAG refuses to run (`WarehouseBehind`, naming `gdpr_restore_replay`), and
+`replay` re-applies them, in one transaction:
+
+  suppression   the entry again, with its hash, key id, reason, source, request id and first-seen time;
+  erasure       the person located by keyed hash (every subject's email hashed under every key of the pepper
+                chain, as the opt-out guard does: the entry's key id may be a retired pepper) and by the subject
+                ids the erasure recorded; erased again with the erasure engine's own deletion (dependents
+                first; a subject under a legal hold today keeps its kept_when_held rows and is flagged, as an
+                erasure restricted by a hold), its archived originals destroyed unless a legal obligation keeps
+                them; its request row recorded when the backup lacks it, and an outbox row queued (the email
+                read from the restored subject row, encrypted) for every downstream target with no
+                acknowledgement in the restored outbox. A target that acknowledged before the restore has
+                forgotten the person already: sending the erasure again is harmless (the targets' contracts take
+                a 404 after a passed preflight as "already gone"), and it gives the restored warehouse its
+                acknowledgement back. A person the restored warehouse no longer has in clear cannot be sent
+                again: the request then stays completed with `resent: false` in its details (downstream had it
+                when it ran);
+  restriction   the record again, for the recorded subject ids still there and (by email) the subjects whose
+                email has the hash; their do-not-contact flag set;
+  lift          the record of that restriction removed and the flags it set cleared.
+
+Each replayed entry is inserted into gdpr.journal with its original entry id and time (`replayed_at` set) and
+audited (action `restore_replay`, with the original request id and entry id).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from . import audit, erasure, matcher, optout
+from .audit import RunContext
+from .auditchain import StoragePath
+from .candidates import holds_array, qualified
+from .crypto import Keys
+from .errors import ConfigurationError
+from .policy import Policy
+
+FORMAT = "warehouse-gdpr/journal/v1"
+KINDS = ("suppression", "erasure", "restriction", "restriction_lift")
+REPLAY_DAG_ID = "gdpr_restore_replay"
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_FILE = re.compile(r"^\d{8}T\d{12}-[0-9a-f]{12}\.jsonl$")
+REPLAY = sql.Identifier("_gdpr_replay")
+REPLAY_SUBJECTS = sql.Identifier("_gdpr_replay_subject")
+
+
+class JournalError(ConfigurationError, RuntimeError):
+    """A line of the outside journal is not a journal entry (damaged or altered): named by file and line."""
+
+
+class WarehouseBehind(ConfigurationError, RuntimeError):
+    """The warehouse lacks entries of the outside journal (restored from a backup): run gdpr_restore_replay."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One journal entry. `details`: for an erasure its outcome and subject ids, for a suppression entry its
+    reason, source and first-seen time, for a restriction its subject table and ids (internal ids only)."""
+
+    entry_id: str
+    kind: str
+    request_id: str | None
+    subject_hash: str
+    key_id: str | None
+    recorded_at: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return json.dumps({"format": FORMAT, "entry_id": self.entry_id, "kind": self.kind,
+                           "request_id": self.request_id, "subject_hash": self.subject_hash, "key_id": self.key_id,
+                           "recorded_at": self.recorded_at, "details": self.details},
+                          sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_line(cls, line: str, where: str) -> Entry:
+        try:
+            data = json.loads(line)
+            entry = cls(entry_id=data["entry_id"], kind=data["kind"], request_id=data["request_id"],
+                        subject_hash=data["subject_hash"], key_id=data["key_id"], recorded_at=data["recorded_at"],
+                        details=data.get("details") or {})
+            datetime.fromisoformat(entry.recorded_at)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise JournalError(f"{where} is not a journal entry: the outside journal was damaged or altered") from None
+        if (data.get("format") != FORMAT or entry.kind not in KINDS or not isinstance(entry.subject_hash, str)
+                or not _HASH.match(entry.subject_hash) or not isinstance(entry.details, dict)
+                or not isinstance(entry.entry_id, str) or not _UUID.match(entry.entry_id)):
+            raise JournalError(f"{where} is not a journal entry (format, kind or hash): the outside journal was "
+                               "damaged or altered")
+        return entry
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.request_id or '-'} (entry {self.entry_id[:8]}, {self.recorded_at})"
+
+
+class JournalStore(Protocol):
+    """Where the journal is kept outside the warehouse: lines are appended, never changed."""
+
+    def append(self, lines: list[str]) -> str:
+        """Append `lines` (JSON, no newline inside); returns where they went."""
+
+    def read(self) -> Iterable[tuple[str, str]]:
+        """Every line appended so far, as (where: file and line number, line)."""
+
+
+class PathJournalStore:
+    """The journal as files of JSON lines under `<root>/journal/<chain id>/`: each `append` writes one new file
+    (`<UTC time>-<random>.jsonl`; object stores cannot append to a file), never rewritten or deleted, so the
+    folder only grows. The audit chain's id names the warehouse (several may share one location; a restored
+    warehouse keeps its id)."""
+
+    def __init__(self, root: StoragePath, chain_id: str) -> None:
+        self.root = root
+        self.folder = root / "journal" / chain_id
+
+    def append(self, lines: list[str]) -> str:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        path = self.folder / f"{stamp}-{uuid.uuid4().hex[:12]}.jsonl"
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        return str(path)
+
+    def read(self) -> Iterable[tuple[str, str]]:
+        if not self.folder.exists() or not self.folder.is_dir():
+            return
+        for name in sorted(p.name for p in self.folder.iterdir() if _FILE.match(p.name)):
+            for number, line in enumerate((self.folder / name).read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    yield f"{name}:{number}", line
+
+
+@dataclass
+class Status:
+    """What `sync` found: the entries of the outside journal (`entries`), those the control schema lacks
+    (`missing`, oldest first) and how many committed rows it appended to the outside journal (`appended`)."""
+
+    entries: int
+    missing: list[Entry]
+    appended: int = 0
+    appended_to: str | None = None
+
+    @property
+    def behind(self) -> bool:
+        return bool(self.missing)
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(e.kind for e in self.missing).items()))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"entries": self.entries, "missing": len(self.missing), "missing_by_kind": self.counts(),
+                "appended": self.appended}
+
+
+def installed(conn: psycopg.Connection) -> bool:
+    return conn.execute("SELECT to_regclass('gdpr.journal')").fetchone()[0] is not None  # type: ignore[index]
+
+
+def record(conn: psycopg.Connection, kind: str, request_id: str | None, subject_hash: str, key_id: str | None,
+           details: dict[str, Any]) -> None:
+    """One journal row, in the caller's transaction (the one making the change true)."""
+    conn.execute("INSERT INTO gdpr.journal (kind, request_id, subject_hash, key_id, details)"
+                 " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                 (kind, request_id, subject_hash, key_id, Jsonb(details)))
+
+
+def read(store: JournalStore) -> list[Entry]:
+    """Every entry of the outside journal, once each (an entry appended twice by two concurrent syncs is one)."""
+    seen: dict[str, Entry] = {}
+    for where, line in store.read():
+        entry = Entry.from_line(line, where)
+        seen.setdefault(entry.entry_id, entry)
+    return sorted(seen.values(), key=lambda e: (e.recorded_at, KINDS.index(e.kind), e.entry_id))
+
+
+_ROW = "entry_id::text, kind, request_id, subject_hash, key_id, recorded_at, details"
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    return Entry(entry_id=row[0], kind=row[1], request_id=row[2], subject_hash=row[3], key_id=row[4],
+                 recorded_at=row[5].astimezone(timezone.utc).isoformat(), details=row[6])
+
+
+def sync(conn: psycopg.Connection, store: JournalStore) -> Status:
+    """Read the outside journal once; append to it the committed rows of gdpr.journal it lacks (a task that died
+    after its commit); return the entries the control schema lacks (an entry is there under its id, or as the same
+    change: kind, subject hash and request id). Two set-based statements. Ends the transaction it reads in."""
+    entries = read(store)
+    if not installed(conn):
+        conn.rollback()
+        return Status(entries=len(entries), missing=entries)
+    ids = [e.entry_id for e in entries]
+    absent = {r[0] for r in conn.execute(
+        "SELECT f.id::text FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[]) AS f(id, kind, hash, req)"
+        " WHERE NOT EXISTS (SELECT 1 FROM gdpr.journal j WHERE j.entry_id = f.id)"
+        " AND NOT EXISTS (SELECT 1 FROM gdpr.journal j WHERE j.kind = f.kind AND j.subject_hash = f.hash"
+        "  AND coalesce(j.request_id, '') = coalesce(f.req, ''))",
+        (ids, [e.kind for e in entries], [e.subject_hash for e in entries], [e.request_id for e in entries]),
+    ).fetchall()}
+    unjournaled = [_entry(r) for r in conn.execute(
+        f"SELECT {_ROW} FROM gdpr.journal j WHERE NOT EXISTS (SELECT 1 FROM unnest(%s::uuid[]) AS f(id)"
+        " WHERE f.id = j.entry_id) ORDER BY recorded_at, entry_id", (ids,)).fetchall()]
+    conn.rollback()
+    status = Status(entries=len(entries), missing=[e for e in entries if e.entry_id in absent])
+    if unjournaled:
+        status.appended_to = store.append([e.line() for e in unjournaled])
+        status.appended = len(unjournaled)
+        status.entries += len(unjournaled)
+    return status
+
+
+def behind_message(status: Status, where: str) -> str:
+    counts = ", ".join(f"{n} {kind}" for kind, n in status.counts().items())
+    return (f"this warehouse is behind the journal kept outside it ({where}): {len(status.missing)} entr"
+            f"{'y' if len(status.missing) == 1 else 'ies'} ({counts}) are missing from its control schema, the "
+            f"oldest from {status.missing[0].recorded_at}. It was restored from a backup taken before them: people "
+            f"erased since may be back. Nothing was changed. Pause the other DAGs and trigger {REPLAY_DAG_ID}, "
+            "which erases them again (docs/runbook.md, 'Restore procedure').")
+
+
+def refuse_if_behind(status: Status, where: str) -> None:
+    if status.behind:
+        raise WarehouseBehind(behind_message(status, where))
+
+
+# -- replay --------------------------------------------------------------------------------------------------
+
+
+def replay(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext, missing: list[Entry],
+           as_of: str, extra_audit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Re-apply `missing` (module doc), in ONE transaction with their audit rows. `extra_audit`: the details of
+    a `restore_detected` audit row written in the same transaction (the caller found the audit log truncated).
+    Returns counts (no personal data)."""
+    result: dict[str, Any] = {"entries": len(missing), "by_kind": dict(Counter(e.kind for e in missing)),
+                              "suppression_added": 0, "erased_subjects": 0, "held_subjects": 0, "rows": {},
+                              "archive_destroyed": 0, "requests_recorded": 0, "requeued": 0, "not_resent": [],
+                              "restricted": 0, "lifted": 0}
+    with conn.transaction():
+        if extra_audit is not None:
+            audit.record(conn, ctx, action="restore_detected", outcome="recorded", table="gdpr.audit_log",
+                         details=extra_audit)
+        if not missing:
+            audit.record(conn, ctx, action="restore_replay", outcome="nothing_to_replay", table="gdpr.journal")
+            return result
+        _stage(conn, missing)
+        _suppression(conn, result)
+        if any(e.kind == "erasure" for e in missing):
+            _erasures(conn, policy, keys, ctx, as_of, result)
+        if any(e.kind in ("restriction", "restriction_lift") for e in missing):
+            _restrictions(conn, policy, keys, result)
+        conn.execute(sql.SQL(
+            "INSERT INTO gdpr.audit_log (dag_id, run_id, task_id, table_name, action, row_count, dry_run, outcome,"
+            " subject_hash, details)"
+            " SELECT %(dag)s, %(run)s, %(task)s, 'gdpr.journal', 'restore_replay', 1, false, 'replayed', subject_hash,"
+            " jsonb_build_object('request_id', request_id, 'kind', kind, 'entry_id', entry_id,"
+            "  'recorded_at', recorded_at, 'key_id', key_id)"
+            " FROM {r} ORDER BY recorded_at, entry_id").format(r=REPLAY),
+            {"dag": ctx.dag_id, "run": ctx.run_id, "task": ctx.task_id})
+        for table, n in sorted(result["rows"].items()):
+            audit.record(conn, ctx, action="erase", outcome="restore_replay", table=table, row_count=n)
+    return result
+
+
+def _stage(conn: psycopg.Connection, missing: list[Entry]) -> None:
+    """The missing entries as the temp table _gdpr_replay, and in gdpr.journal again with their own ids (inserted
+    first: the triggers' rows for the changes below are then the same entries, not new ones)."""
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {r}").format(r=REPLAY))
+    conn.execute(sql.SQL(
+        "CREATE TEMP TABLE {r} ON COMMIT DROP AS SELECT * FROM jsonb_to_recordset(%s) AS x(entry_id uuid, kind text,"
+        " request_id text, subject_hash text, key_id text, recorded_at timestamptz, details jsonb)").format(r=REPLAY),
+        (Jsonb([json.loads(e.line()) for e in missing]),))
+    conn.execute(sql.SQL(
+        "INSERT INTO gdpr.journal (entry_id, kind, request_id, subject_hash, key_id, recorded_at, details, replayed_at)"
+        " SELECT entry_id, kind, request_id, subject_hash, key_id, recorded_at, details, clock_timestamp() FROM {r}"
+        " ON CONFLICT DO NOTHING").format(r=REPLAY))
+
+
+def _suppression(conn: psycopg.Connection, result: dict[str, Any]) -> None:
+    added = conn.execute(sql.SQL(
+        "INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source, request_id, first_seen)"
+        " SELECT DISTINCT ON (subject_hash) subject_hash, key_id, coalesce(details->>'reason', 'opt_out'),"
+        "  coalesce(details->>'source', 'restore_replay'), request_id,"
+        "  coalesce((details->>'first_seen')::timestamptz, recorded_at)"
+        " FROM {r} WHERE kind = 'suppression' AND key_id IS NOT NULL ORDER BY subject_hash, recorded_at"
+        " ON CONFLICT (email_hash) DO NOTHING").format(r=REPLAY)).rowcount
+    # An opted-out person erased since the backup: the entry is an erasure one again (the guard needs it).
+    conn.execute(sql.SQL(
+        "UPDATE gdpr.suppression_list l SET reason = 'erasure', request_id = r.request_id FROM {r} r"
+        " WHERE r.kind = 'erasure' AND l.email_hash = r.subject_hash AND l.reason = 'opt_out'").format(r=REPLAY))
+    result["suppression_added"] = added
+
+
+def _erasures(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext, as_of: str,
+              result: dict[str, Any]) -> None:
+    """Locate (keyed hash under any key of the chain, recorded subject ids), hold check, delete, archive, request
+    row, outbox. Set-based, except one archive call per replayed erasure that has archived originals."""
+    subject = policy.subject
+    table, pk = qualified(subject.table), sql.Identifier(subject.primary_key)
+    optout.stage_subject_hashes(conn, policy, keys)
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {rs}").format(rs=REPLAY_SUBJECTS))
+    conn.execute(sql.SQL(
+        "CREATE TEMP TABLE {rs} ON COMMIT DROP AS"
+        " SELECT DISTINCT ON (m.subject_id) m.subject_id, m.entry_id, m.by_hash, {holds} AS holds"
+        " FROM (SELECT h.subject_id, r.entry_id, true AS by_hash FROM {stage} h JOIN {r} r"
+        "   ON r.kind = 'erasure' AND r.subject_hash = h.email_hash"
+        "  UNION ALL SELECT s.{pk}, r.entry_id, false FROM {r} r"
+        "   CROSS JOIN LATERAL jsonb_array_elements_text(coalesce(r.details->'subject_ids', '[]')) AS x(id)"
+        "   JOIN {t} s ON s.{pk}::text = x.id WHERE r.kind = 'erasure') m"
+        " JOIN {t} s ON s.{pk} = m.subject_id"
+        " ORDER BY m.subject_id, m.by_hash DESC").format(
+            rs=REPLAY_SUBJECTS, holds=holds_array(policy.holds), stage=optout.HASH_STAGE, r=REPLAY, pk=pk, t=table),
+        {"as_of": as_of})
+    # The email each re-sent erasure needs, read before the rows go (kept in memory only, encrypted in the outbox).
+    emails: dict[str, str] = dict(conn.execute(sql.SQL(
+        "SELECT DISTINCT ON (rs.entry_id) rs.entry_id::text, lower(btrim(s.{e})) FROM {rs} rs"
+        " JOIN {t} s ON s.{pk} = rs.subject_id WHERE position('@' in s.{e}) > 0"
+        " ORDER BY rs.entry_id, rs.by_hash DESC, rs.subject_id").format(
+            e=sql.Identifier(subject.email_column), rs=REPLAY_SUBJECTS, t=table, pk=pk)).fetchall())
+    archive_ids: dict[str, list[str]] = {}
+    for entry_id, subject_id in conn.execute(sql.SQL(
+            "SELECT entry_id::text, subject_id::text FROM {rs} ORDER BY 1, 2").format(rs=REPLAY_SUBJECTS)).fetchall():
+        archive_ids.setdefault(entry_id, []).append(subject_id)
+    counts = conn.execute(sql.SQL(
+        "SELECT count(*) FILTER (WHERE cardinality(holds) = 0), count(*) FILTER (WHERE cardinality(holds) > 0)"
+        " FROM {rs}").format(rs=REPLAY_SUBJECTS)).fetchone()
+    assert counts is not None
+    result["erased_subjects"], result["held_subjects"] = counts
+    rows: Counter[str] = Counter()
+    for held, count in ((False, counts[0]), (True, counts[1])):
+        if not count:
+            continue
+        persons = matcher.stage(conn, policy, sql.SQL(
+            "(SELECT subject_id FROM {rs} WHERE (cardinality(holds) > 0) = {h})").format(
+                rs=REPLAY_SUBJECTS, h=sql.Literal(held)))
+        rows.update(erasure.delete_everywhere(conn, policy, persons, restricted=held))
+    result["rows"] = dict(rows)
+    kept = [t.table for t in policy.tables if t.archive]
+    replayed = conn.execute(sql.SQL(
+        "SELECT entry_id::text, request_id, subject_hash, details, recorded_at FROM {r} WHERE kind = 'erasure'"
+        " ORDER BY recorded_at, entry_id").format(r=REPLAY)).fetchall()
+    for entry_id, request_id, subject_hash, details, _ in replayed:
+        ids = sorted(set(archive_ids.get(entry_id, [])) | {str(i) for i in details.get("subject_ids", [])})
+        if ids:
+            destroyed = conn.execute(
+                "SELECT coalesce(sum(destroyed), 0) FROM gdpr.erase_archived_rows(%s, %s, %s, %s, %s, %s, %s)",
+                (ids, kept, request_id, subject_hash, ctx.dag_id, ctx.run_id, ctx.task_id)).fetchone()
+            result["archive_destroyed"] += int(destroyed[0]) if destroyed else 0
+    _erasure_requests(conn, policy, keys, ctx, replayed, emails, result)
+
+
+def _erasure_requests(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
+                      replayed: list[tuple[Any, ...]], emails: dict[str, str], result: dict[str, Any]) -> None:
+    """The request row of each replayed erasure when the backup lacks it (or holds it not run yet), and an outbox
+    row per target that has no row for it in the restored outbox (module doc)."""
+    targets = [t.name for t in policy.erasure.targets]
+    for entry_id, request_id, subject_hash, details, recorded_at in replayed:
+        email = emails.get(entry_id)
+        have = {r[0] for r in conn.execute(
+            "SELECT target FROM gdpr.erasure_propagation WHERE request_id = %s", (request_id,)).fetchall()}
+        queue = [t for t in targets if t not in have] if email else []
+        if targets and not email:
+            result["not_resent"].append(request_id)
+        status = "pending_propagation" if queue or any(
+            r[0] == "pending" for r in conn.execute(
+                "SELECT status FROM gdpr.erasure_propagation WHERE request_id = %s", (request_id,)).fetchall()
+        ) else "completed"
+        received = details.get("received_at") or recorded_at.date().isoformat()
+        due = details.get("due_date") or received
+        row = conn.execute(
+            "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome, reason,"
+            " completed_at, details) VALUES (%s, 'erasure', %s, %s, %s, %s, %s, %s,"
+            " CASE WHEN %s = 'completed' THEN now() END, %s)"
+            " ON CONFLICT (request_id) DO UPDATE SET status = EXCLUDED.status, outcome = EXCLUDED.outcome,"
+            " reason = EXCLUDED.reason, completed_at = EXCLUDED.completed_at,"
+            " details = gdpr.request.details || EXCLUDED.details"
+            " WHERE gdpr.request.kind = 'erasure' AND gdpr.request.status IN ('registered', 'in_progress')"
+            " RETURNING request_id",
+            (request_id, subject_hash, received, due, status, details.get("outcome", "erased"),
+             "replayed after a restore (gdpr_restore_replay)", status,
+             Jsonb({"replayed": True, "entry_id": entry_id, "targets": queue, "resent": bool(email)})),
+        ).fetchone()
+        if row:  # the request's own audit row, as the erasure writes it (the lifecycle guard checks it)
+            result["requests_recorded"] += 1
+            audit.record(conn, ctx, action="erasure_request", outcome=details.get("outcome", "erased"),
+                         subject_hash=subject_hash,
+                         details={"request_id": request_id, "status": status, "replayed": True, "entry_id": entry_id,
+                                  "targets": queue, "reason": "replayed after a restore (gdpr_restore_replay)"})
+        for name in queue:
+            assert email is not None
+            aad = erasure.outbox_aad(request_id, name, keys.store_key_id)
+            key_id, nonce, ciphertext = keys.encrypt(email.encode(), aad)
+            conn.execute(
+                "INSERT INTO gdpr.erasure_propagation (request_id, target, status, key_id, nonce,"
+                " identifier_ciphertext) VALUES (%s, %s, 'pending', %s, %s, %s)"
+                " ON CONFLICT (request_id, target) DO NOTHING",
+                (request_id, name, key_id, nonce, ciphertext))
+            result["requeued"] += 1
+
+
+def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, result: dict[str, Any]) -> None:
+    """Restrictions again (recorded ids still there, and by email hash), then the lifts (the record removed, the
+    flags it set cleared), in one pass each."""
+    subject = policy.subject
+    table, pk = qualified(subject.table), sql.Identifier(subject.primary_key)
+    if any_by_email := conn.execute(sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM {r} WHERE kind = 'restriction' AND (details->>'by_email')::boolean)")
+            .format(r=REPLAY)).fetchone()[0]:  # type: ignore[index]
+        optout.stage_subject_hashes(conn, policy, keys)
+    by_hash = sql.SQL(
+        " UNION SELECT h.subject_id::text FROM {stage} h WHERE (r.details->>'by_email')::boolean"
+        " AND h.email_hash = r.subject_hash").format(stage=optout.HASH_STAGE) if any_by_email else sql.SQL("")
+    flag = sql.Identifier(subject.restriction_column) if subject.restriction_column else None
+    restricted = conn.execute(sql.SQL(
+        "WITH found AS (SELECT r.entry_id, ARRAY(SELECT x FROM (SELECT s.{pk}::text AS x FROM {t} s"
+        "   WHERE s.{pk}::text IN (SELECT jsonb_array_elements_text(coalesce(r.details->'subject_ids', '[]'))){by_hash}"
+        "  ) ids ORDER BY x) AS ids FROM {r} r WHERE r.kind = 'restriction'),"
+        " unflagged AS (SELECT f.entry_id, ARRAY(SELECT s.{pk}::text FROM {t} s WHERE s.{pk}::text = ANY(f.ids)"
+        "   AND {notflagged} ORDER BY 1) AS ids FROM found f)"
+        " INSERT INTO gdpr.restriction (subject_hash, by_email, key_id, subject_table, subject_ids, flagged_ids,"
+        "  request_id, restricted_at)"
+        " SELECT r.subject_hash, coalesce((r.details->>'by_email')::boolean, false), coalesce(r.key_id, %(key)s),"
+        "  coalesce(r.details->>'subject_table', %(table)s), f.ids, u.ids, r.request_id, r.recorded_at"
+        " FROM {r} r JOIN found f USING (entry_id) JOIN unflagged u USING (entry_id)"
+        " WHERE r.kind = 'restriction' AND cardinality(f.ids) > 0"
+        " ON CONFLICT (subject_hash) DO NOTHING RETURNING flagged_ids").format(
+            pk=pk, t=table, by_hash=by_hash, r=REPLAY,
+            notflagged=sql.SQL("s.{f} IS NOT TRUE").format(f=flag) if flag else sql.SQL("false")),
+        {"key": keys.hmac_key_id, "table": subject.table}).fetchall()
+    to_flag = sorted({i for r in restricted for i in r[0]})
+    if flag and to_flag:
+        conn.execute(sql.SQL("UPDATE {t} SET {f} = true WHERE {pk}::text = ANY(%s)").format(t=table, f=flag, pk=pk),
+                     (to_flag,))
+    lifted = conn.execute(sql.SQL(
+        "DELETE FROM gdpr.restriction g USING {r} r WHERE r.kind = 'restriction_lift'"
+        " AND g.request_id = r.request_id RETURNING g.flagged_ids")  # by request id: the hash may be re-keyed since
+        .format(r=REPLAY)).fetchall()
+    to_clear = sorted({i for r in lifted for i in r[0]})
+    if flag and to_clear:
+        # A person on the suppression list is flagged again by the next opt-out sync (`optout.enforce`).
+        conn.execute(sql.SQL("UPDATE {t} s SET {f} = false WHERE s.{pk}::text = ANY(%s)").format(
+            t=table, f=flag, pk=pk), (to_clear,))
+    result["restricted"], result["lifted"] = len(restricted), len(lifted)

@@ -1,0 +1,299 @@
+"""The journal kept outside the warehouse and its replay after a restore (issue 15), engine level, on the real
+database: a "backup" is a copy of the test's warehouse database taken before the changes (CREATE DATABASE ...
+TEMPLATE, the same bytes as a restore of a dump would give; the DAG-level test uses pg_dump / pg_restore)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from helpers import capture_persons, pii_scan
+from warehouse_gdpr.engine import erasure, journal, optout, restriction
+from warehouse_gdpr.engine.audit import RunContext
+from warehouse_gdpr.engine.crypto import Keys
+from warehouse_gdpr.engine.policy import Policy
+
+TODAY = date(2026, 6, 15)
+AS_OF = "2026-06-15T12:00:00+00:00"
+ERASE = RunContext("gdpr_subject_erasure", "run-1", "erase")
+REPLAY = RunContext("gdpr_restore_replay", "run-r", "replay")
+
+
+def _rotated(extra: dict, new_id: str) -> Keys:
+    """The keys after a pepper rotation: a new current pepper, the old one in hmac_chain."""
+    chain = [*extra.get("hmac_chain", []), {"key_id": extra["hmac_key_id"], "pepper": extra["hmac_pepper"]}]
+    return Keys.from_extra({**extra, "hmac_key_id": new_id, "hmac_pepper": base64.b64encode(os.urandom(32)).decode(),
+                            "hmac_chain": chain})
+
+
+def _db(url: str, name: str) -> str:
+    params = conninfo_to_dict(url)
+    params["dbname"] = name
+    return make_conninfo(**params)
+
+
+@pytest.fixture
+def backup(server_url: str, warehouse: str) -> Iterator[str]:
+    """A copy of the warehouse as it is when the fixture runs (a backup), as its own database; its URL."""
+    name = f"{conninfo_to_dict(warehouse)['dbname']}_backup"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(str(conninfo_to_dict(warehouse)["dbname"]))))
+    try:
+        yield _db(warehouse, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _chain_id(conn: psycopg.Connection) -> str:
+    chain_id = conn.execute("SELECT chain_id::text FROM gdpr.audit_chain_head").fetchone()[0]  # type: ignore[index]
+    conn.rollback()
+    return str(chain_id)
+
+
+def _store(tmp_path: Path, conn: psycopg.Connection) -> journal.PathJournalStore:
+    return journal.PathJournalStore(tmp_path / "evidence", _chain_id(conn))  # type: ignore[arg-type]
+
+
+def _prospects(conn: psycopg.Connection, n: int) -> list[tuple[int, str]]:
+    rows = conn.execute(
+        "SELECT contact_id, email FROM crm.contacts c WHERE status = 'prospect' AND NOT litigation_hold"
+        " AND NOT EXISTS (SELECT 1 FROM crm.contracts x WHERE x.contact_id = c.contact_id)"
+        " AND NOT EXISTS (SELECT 1 FROM crm.invoices x WHERE x.contact_id = c.contact_id)"
+        " AND EXISTS (SELECT 1 FROM crm.activities a WHERE a.contact_id = c.contact_id)"
+        " ORDER BY contact_id LIMIT %s", (n,)).fetchall()
+    conn.rollback()
+    assert len(rows) == n
+    return [(int(r[0]), str(r[1])) for r in rows]
+
+
+def _erase(conn: psycopg.Connection, policy: Policy, keys: Keys, email: str, request_id: str) -> str:
+    request = erasure.parse_request({"email": email, "request_id": request_id}, today=TODAY)
+    located = erasure.locate(conn, policy, keys, request)
+    holds = erasure.holds_in_force(conn, policy, located, AS_OF)
+    result = erasure.erase(conn, policy, keys, ERASE, request, located, holds, AS_OF)
+    assert result.outcome == "erased"
+    return located.subject_hash
+
+
+def _rows(conn: psycopg.Connection, query: str, *params: object) -> list[tuple]:
+    rows = conn.execute(query, params).fetchall()
+    conn.rollback()
+    return [tuple(r) for r in rows]
+
+
+def _lines(store: journal.PathJournalStore) -> list[dict]:
+    return [json.loads(line) for _, line in store.read()]
+
+
+def test_an_erasure_is_journaled_outside_and_replayed_on_a_restored_warehouse(
+    backup: str, warehouse: str, policy: Policy, keys: Keys, tmp_path: Path
+) -> None:
+    with psycopg.connect(backup) as old:
+        before = capture_persons(old)
+    with psycopg.connect(warehouse) as conn:
+        [(cid, email), (other, _)] = _prospects(conn, 2)
+        store = _store(tmp_path, conn)
+        subject_hash = _erase(conn, policy, keys, email, "REQ-J-1")
+        status = journal.sync(conn, store)
+        assert status.missing == [] and status.appended == 2  # the erasure and its suppression entry
+        lines = _lines(store)
+        assert {(e["kind"], e["request_id"], e["subject_hash"], e["key_id"]) for e in lines} == {
+            ("erasure", "REQ-J-1", subject_hash, keys.hmac_key_id),
+            ("suppression", "REQ-J-1", subject_hash, keys.hmac_key_id)}
+        assert [e["details"]["subject_ids"] for e in lines if e["kind"] == "erasure"] == [[str(cid)]]
+        text = "".join(line for _, line in store.read())
+        assert email not in text.lower() and before[cid].last_name not in text  # hashes and internal ids only
+        assert journal.sync(conn, store).appended == 0  # nothing appended twice
+
+    with psycopg.connect(backup) as restored:
+        assert pii_scan(restored, [before[cid]])[0] != []  # the backup holds the person again
+        status = journal.sync(restored, store)
+        assert status.behind and status.counts() == {"erasure": 1, "suppression": 1}
+        with pytest.raises(journal.WarehouseBehind) as info:
+            journal.refuse_if_behind(status, "the evidence folder")
+        assert "2 entries (1 erasure, 1 suppression) are missing" in str(info.value)
+        assert journal.REPLAY_DAG_ID in str(info.value) and email not in str(info.value)
+
+        result = journal.replay(restored, policy, keys, REPLAY, status.missing, AS_OF)
+
+        assert result["erased_subjects"] == 1 and result["suppression_added"] == 1
+        assert result["rows"]["crm.contacts"] == 1 and result["rows"]["crm.activities"] >= 1
+        hits, looked_for = pii_scan(restored, [before[cid]], not_theirs=[p for i, p in before.items() if i != cid])
+        assert hits == [] and looked_for["emails"] == 1
+        assert _rows(restored, "SELECT count(*) FROM crm.contacts WHERE contact_id = %s", other) == [(1,)]
+        assert _rows(restored, "SELECT key_id, reason, request_id FROM gdpr.suppression_list WHERE email_hash = %s",
+                     subject_hash) == [(keys.hmac_key_id, "erasure", "REQ-J-1")]
+        # The request is recorded again, its targets queued (the email read from the restored row, encrypted).
+        assert _rows(restored, "SELECT status, outcome FROM gdpr.request WHERE request_id = 'REQ-J-1'") == [
+            ("pending_propagation", "erased")]
+        targets = sorted(t.name for t in policy.erasure.targets)
+        assert _rows(restored, "SELECT target, status FROM gdpr.erasure_propagation WHERE request_id = 'REQ-J-1'"
+                     " ORDER BY 1") == [(t, "pending") for t in targets]
+        audited = _rows(restored, "SELECT subject_hash, details->>'request_id', details->>'kind'"
+                        " FROM gdpr.audit_log WHERE action = 'restore_replay' ORDER BY 3")
+        assert audited == [(subject_hash, "REQ-J-1", "erasure"), (subject_hash, "REQ-J-1", "suppression")]
+        assert _rows(restored, "SELECT count(*) FROM gdpr.journal WHERE replayed_at IS NOT NULL") == [(2,)]
+        # Replayed with their own entry ids: the warehouse is level with the journal again, nothing to append.
+        again = journal.sync(restored, store)
+        assert not again.behind and again.appended == 0
+
+
+def test_a_commit_the_journal_missed_is_appended_by_the_next_sync(
+    conn: psycopg.Connection, policy: Policy, keys: Keys, tmp_path: Path
+) -> None:
+    """A task that dies between its commit and the copy to the journal: the next sync (any DAG's first task)
+    appends the committed entries, once."""
+    [(_, email)] = _prospects(conn, 1)
+    store = _store(tmp_path, conn)
+    _erase(conn, policy, keys, email, "REQ-J-2")  # committed; no sync: the task "died" here
+    conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source) VALUES (%s, %s, 'opt_out',"
+                 " 'import')", ("a" * 64, keys.hmac_key_id))  # another writer: the trigger journals it too
+    conn.commit()
+    assert _lines(store) == []
+
+    status = journal.sync(conn, store)
+
+    assert not status.behind and status.appended == 3
+    assert sorted(e["kind"] for e in _lines(store)) == ["erasure", "suppression", "suppression"]
+    assert journal.sync(conn, store).appended == 0
+
+
+def test_the_journal_is_append_only_and_a_damaged_line_is_named(
+    conn: psycopg.Connection, keys: Keys, tmp_path: Path
+) -> None:
+    conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source) VALUES (%s, %s, 'opt_out',"
+                 " 'import')", ("b" * 64, keys.hmac_key_id))
+    conn.commit()
+    for statement in ("UPDATE gdpr.journal SET subject_hash = repeat('c', 64)", "DELETE FROM gdpr.journal",
+                      "TRUNCATE gdpr.journal"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="gdpr.journal is append-only"):
+            conn.execute(statement)  # type: ignore[arg-type]
+        conn.rollback()
+    store = _store(tmp_path, conn)
+    journal.sync(conn, store)
+    [path] = list(store.folder.iterdir())  # type: ignore[attr-defined]
+    path.write_text(path.read_text() + '{"format": "x"}\n')
+    with pytest.raises(journal.JournalError, match=rf"{path.name}:2 is not a journal entry"):
+        journal.sync(conn, store)
+
+
+def test_replay_works_across_a_pepper_rotation(
+    backup: str, warehouse: str, policy: Policy, keys: Keys, key_extra: dict, tmp_path: Path
+) -> None:
+    """Erased under pepper-1, restored, replayed after the pepper rotated to pepper-2: the person is found by the
+    hash of their email under pepper-1 (every key of the chain is hashed), the entry keeps its key id, and the
+    next opt-out sync re-keys it."""
+    with psycopg.connect(backup) as old:
+        before = capture_persons(old)
+    with psycopg.connect(warehouse) as conn:
+        [(cid, email)] = _prospects(conn, 1)
+        store = _store(tmp_path, conn)
+        subject_hash = _erase(conn, policy, keys, email, "REQ-J-3")
+        journal.sync(conn, store)
+    keys2 = _rotated(key_extra, "pepper-2")
+    assert keys2.subject_hash(email) != subject_hash
+
+    with psycopg.connect(backup) as restored:
+        status = journal.sync(restored, store)
+        assert [(e.kind, e.key_id) for e in status.missing] == [("suppression", "pepper-1"), ("erasure", "pepper-1")]
+        result = journal.replay(restored, policy, keys2, REPLAY, status.missing, AS_OF)
+        assert result["erased_subjects"] == 1
+        assert pii_scan(restored, [before[cid]], not_theirs=[p for i, p in before.items() if i != cid])[0] == []
+        assert _rows(restored, "SELECT key_id, reason FROM gdpr.suppression_list WHERE email_hash = %s",
+                     subject_hash) == [("pepper-1", "erasure")]
+        assert optout.is_suppressed(restored, keys2, email)
+        restored.rollback()
+        rekeyed = optout.rekey(restored, keys2, RunContext("gdpr_optout_sync", "run-s", "rekey"))
+        assert rekeyed["rekeyed"] == 1
+        assert _rows(restored, "SELECT key_id FROM gdpr.suppression_list WHERE email_hash = %s",
+                     keys2.subject_hash(email)) == [("pepper-2",)]
+        assert not journal.sync(restored, store).behind
+
+
+def test_restrictions_and_lifts_are_replayed(
+    backup: str, warehouse: str, policy: Policy, keys: Keys, tmp_path: Path
+) -> None:
+    """Restricted after the backup: restricted again by the replay (record, flag). Restricted and lifted after
+    the backup: nothing left in force."""
+    ctx = RunContext("gdpr_subject_restriction", "run-1", "apply")
+
+    def apply(conn: psycopg.Connection, email: str, request_id: str) -> None:
+        kind = restriction.kind_of(conn, {"request_id": request_id, "email": email})
+        request = restriction.parse_request({"request_id": request_id, "email": email}, today=TODAY, kind=kind)
+        located = restriction.locate(conn, policy, keys, request)
+        restriction.apply(conn, policy, keys, ctx, request, located)
+
+    with psycopg.connect(warehouse) as conn:
+        [(kept, kept_email), (lifted, lifted_email)] = _prospects(conn, 2)
+        conn.execute("UPDATE crm.contacts SET do_not_contact = false WHERE contact_id = ANY(%s)", ([kept, lifted],))
+        conn.commit()
+    with psycopg.connect(backup) as old:
+        old.execute("UPDATE crm.contacts SET do_not_contact = false WHERE contact_id = ANY(%s)", ([kept, lifted],))
+        old.commit()
+    with psycopg.connect(warehouse) as conn:
+        store = _store(tmp_path, conn)
+        apply(conn, kept_email, "REQ-RS-A")
+        apply(conn, lifted_email, "REQ-RS-B")
+        lift = restriction.parse_request({"request_id": "REQ-RL-B", "email": lifted_email}, today=TODAY,
+                                         kind="restriction_lift")
+        restriction.apply(conn, policy, keys, ctx, lift, restriction.locate(conn, policy, keys, lift))
+        journal.sync(conn, store)
+        assert sorted(e["kind"] for e in _lines(store)) == ["restriction", "restriction", "restriction_lift"]
+
+    with psycopg.connect(backup) as restored:
+        status = journal.sync(restored, store)
+        assert status.counts() == {"restriction": 2, "restriction_lift": 1}
+        result = journal.replay(restored, policy, keys, REPLAY, status.missing, AS_OF)
+        assert (result["restricted"], result["lifted"]) == (2, 1)
+        assert _rows(restored, "SELECT subject_ids, flagged_ids, request_id FROM gdpr.restriction") == [
+            ([str(kept)], [str(kept)], "REQ-RS-A")]
+        assert _rows(restored, "SELECT contact_id, do_not_contact FROM crm.contacts WHERE contact_id = ANY(%s)"
+                     " ORDER BY 1", sorted([kept, lifted])) == sorted([(kept, True), (lifted, False)])
+        assert not journal.sync(restored, store).behind
+
+
+def test_an_entry_is_one_line_of_json_with_hashes_and_ids_only() -> None:
+    entry = journal.Entry(str(uuid.uuid4()), "erasure", "REQ-1", "d" * 64, "pepper-1", "2026-06-15T12:00:00+00:00",
+                          {"outcome": "erased", "subject_ids": ["12"]})
+    line = entry.line()
+    assert "\n" not in line and journal.Entry.from_line(line, "f:1") == entry
+    with pytest.raises(journal.JournalError, match="f:1 is not a journal entry"):
+        journal.Entry.from_line(line.replace("d" * 64, "paul@example.com"), "f:1")
+
+
+@pytest.mark.parametrize("version", [9, 10])  # 10: a warehouse that installed the lifecycle guards, not the journal
+def test_the_upgrade_to_version_11_starts_the_journal_with_the_entries_already_there(
+    conn: psycopg.Connection, keys: Keys, version: int
+) -> None:
+    from warehouse_gdpr.engine import schema
+
+    older = (Path(__file__).parent / "data" / f"gdpr_schema_v{version}.sql").read_text(encoding="utf-8")
+    with conn.transaction():
+        conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
+        conn.execute(older)  # type: ignore[arg-type]
+    assert _rows(conn, "SELECT max(version), to_regclass('gdpr.journal') FROM gdpr.schema_version") == [(version, None)]
+    with conn.transaction():
+        conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source, request_id)"
+                     " VALUES (%s, %s, 'erasure', 'erasure_request', 'REQ-OLD')", ("e" * 64, keys.hmac_key_id))
+        conn.execute("INSERT INTO gdpr.restriction (subject_hash, by_email, key_id, subject_table, subject_ids,"
+                     " request_id) VALUES (%s, true, %s, 'crm.contacts', '{7}', 'REQ-RS-OLD')",
+                     ("f" * 64, keys.hmac_key_id))
+    assert schema.ensure_schema(conn) is True
+    assert _rows(conn, "SELECT kind, request_id, subject_hash FROM gdpr.journal ORDER BY kind") == [
+        ("restriction", "REQ-RS-OLD", "f" * 64), ("suppression", "REQ-OLD", "e" * 64)]
+    current = (Path(__file__).parents[2] / "include" / "sql" / "gdpr_schema.sql").read_text(encoding="utf-8")
+    with conn.transaction():
+        conn.execute(current)  # type: ignore[arg-type]
+    assert _rows(conn, "SELECT count(*) FROM gdpr.journal") == [(2,)]  # run again: nothing twice
