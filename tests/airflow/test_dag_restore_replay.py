@@ -26,6 +26,7 @@ from warehouse_gdpr_demo import embedded
 ROOT = Path(__file__).resolve().parents[2]
 RUN_AFTER = datetime(2026, 6, 15, 12, 0, tzinfo=timezone.utc)
 PERSON = {"email": "zoe.replay@example.org", "request_id": "REQ-RESTORE-1"}
+RESTRICTED = {"email": "yann.restricted@example.org", "request_id": "REQ-RESTORE-RS"}
 # Each DAG with params its trigger form accepts; the first task refuses before it reads them.
 FIRST_TASKS = {
     "gdpr_retention_sweep": ("check_policy", {"dry_run": True}),
@@ -117,6 +118,10 @@ def test_a_restored_warehouse_is_refused_by_every_dag_until_the_replay_erases_th
         contact_id = add_contact(conn, "prospect", date(2026, 5, 1), email=email)
         add_activity(conn, contact_id, "email_reply", date(2026, 5, 2))
     downstream.add_person(email)
+    with psycopg.connect(warehouse) as conn:  # a second person, restricted after the backup
+        restricted_id = add_contact(conn, "prospect", date(2026, 5, 1), email=RESTRICTED["email"])
+        conn.execute("UPDATE crm.contacts SET do_not_contact = false WHERE contact_id = %s", (restricted_id,))
+    downstream.add_person(RESTRICTED["email"])
     state, _, logs = _run("gdpr_retention_sweep", {"dry_run": True}, caplog, capfd, 0)  # a head exported
     assert state == "success", logs[-3000:]
 
@@ -133,6 +138,16 @@ def test_a_restored_warehouse_is_refused_by_every_dag_until_the_replay_erases_th
         acknowledged = conn.execute("SELECT target, status FROM gdpr.erasure_propagation WHERE request_id = %s"
                                     " ORDER BY 1", (PERSON["request_id"],)).fetchall()
     assert {s for _, s in acknowledged} == {"acknowledged"} and len(acknowledged) == 3
+    state, _, logs = _run("gdpr_subject_restriction", RESTRICTED, caplog, capfd, 1)
+    assert state == "success", logs[-3000:]
+    told = {"event": "restricted", "request_id": RESTRICTED["request_id"], "subject_table": "crm.contacts",
+            "subject_ids": [str(restricted_id)]}
+    assert downstream.webhook.notifications() == [told]
+    with psycopg.connect(warehouse) as conn:
+        restriction_outbox = conn.execute("SELECT target, status FROM gdpr.erasure_propagation WHERE request_id = %s"
+                                          " ORDER BY 1", (RESTRICTED["request_id"],)).fetchall()
+    assert restriction_outbox == [("emailing", "acknowledged"), ("sales_team", "acknowledged"),
+                                  ("telephony", "acknowledged")]
     journal_files = sorted((evidence / "journal").rglob("*.jsonl"))
     assert journal_files, "the erasure was journaled outside the warehouse"
     assert email not in "".join(p.read_text() for p in journal_files).lower()
@@ -147,7 +162,8 @@ def test_a_restored_warehouse_is_refused_by_every_dag_until_the_replay_erases_th
         assert state == "failed", (dag_id, logs[-3000:])
         assert states[first] == "failed", (dag_id, states)
         assert "this warehouse is behind the journal kept outside it" in logs, (dag_id, logs[-3000:])
-        assert "2 entries (1 erasure, 1 suppression) are missing" in logs and "trigger gdpr_restore_replay" in logs
+        assert "3 entries (1 erasure, 1 restriction, 1 suppression) are missing" in logs
+        assert "trigger gdpr_restore_replay" in logs
         assert states["verify_audit_chain"] == "skipped", (dag_id, states)
         assert email not in logs
     assert _snapshot(warehouse) == before, "nothing ran on the restored warehouse"
@@ -156,7 +172,7 @@ def test_a_restored_warehouse_is_refused_by_every_dag_until_the_replay_erases_th
 
     assert state == "success", logs[-4000:]
     assert all(s == "success" for t, s in states.items() if t != "audit_chain_failed"), states
-    assert email not in logs
+    assert email not in logs and RESTRICTED["email"] not in logs
     with psycopg.connect(warehouse) as conn:
         hits, looked_for = pii_scan(conn, [person], not_theirs=others)
         assert hits == [] and looked_for["emails"] == 1
@@ -167,12 +183,24 @@ def test_a_restored_warehouse_is_refused_by_every_dag_until_the_replay_erases_th
                             (PERSON["request_id"],)).fetchall() == acknowledged
         assert conn.execute("SELECT status, outcome FROM gdpr.request WHERE request_id = %s",
                             (PERSON["request_id"],)).fetchall() == [("completed", "erased")]
+        # The restriction: in force again, its request recorded, sent downstream again by the replay's retry
+        # task (the restored outbox had no row for it), acknowledged, the request completed.
+        assert conn.execute("SELECT subject_ids FROM gdpr.restriction WHERE request_id = %s",
+                            (RESTRICTED["request_id"],)).fetchall() == [([str(restricted_id)],)]
+        assert conn.execute("SELECT target, status FROM gdpr.erasure_propagation WHERE request_id = %s ORDER BY 1",
+                            (RESTRICTED["request_id"],)).fetchall() == restriction_outbox
+        assert conn.execute("SELECT kind, status, outcome FROM gdpr.request WHERE request_id = %s",
+                            (RESTRICTED["request_id"],)).fetchall() == [("restriction", "completed", "restricted")]
         detected = conn.execute("SELECT details FROM gdpr.audit_log WHERE action = 'restore_detected'").fetchall()
         replayed = conn.execute("SELECT details->>'request_id', details->>'kind' FROM gdpr.audit_log"
                                 " WHERE action = 'restore_replay' ORDER BY 2").fetchall()
-    assert replayed == [(PERSON["request_id"], "erasure"), (PERSON["request_id"], "suppression")]
+    assert replayed == [(PERSON["request_id"], "erasure"), (RESTRICTED["request_id"], "restriction"),
+                        (PERSON["request_id"], "suppression")]
+    assert downstream.webhook.notifications() == [told, told], "the sales team was told again"
+    assert downstream.emailing.contact(RESTRICTED["email"])["emailBlacklisted"] is True
+    assert downstream.telephony.contact(RESTRICTED["email"])["restricted"] is True
     [(details,)] = detected
-    assert details["missing_entries"] == 2 and details["lost_positions"][0] == details["log_end"]["chain_seq"] + 1
+    assert details["missing_entries"] == 3 and details["lost_positions"][0] == details["log_end"]["chain_seq"] + 1
     [marker] = list(evidence.glob("audit_chain/*/restore-0001/restored.json"))
     recorded = json.loads(marker.read_text())
     assert recorded["superseded_head"]["chain_seq"] == details["exported_head"]["chain_seq"]
@@ -187,7 +215,7 @@ def test_a_restored_warehouse_is_refused_by_every_dag_until_the_replay_erases_th
     with psycopg.connect(warehouse) as conn:
         assert conn.execute("SELECT count(*) FROM gdpr.audit_log WHERE action = 'restore_detected'").fetchone() == (1,)
         assert conn.execute("SELECT count(*) FROM gdpr.audit_log WHERE action = 'restore_replay'"
-                            " AND outcome = 'replayed'").fetchone() == (2,)
+                            " AND outcome = 'replayed'").fetchone() == (3,)
 
     # The DAGs run again: the journal and the audit chain agree with the warehouse.
     state, states, logs = _run("gdpr_retention_sweep", {"dry_run": True}, caplog, capfd, 30)

@@ -17,8 +17,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from helpers import capture_persons, pii_scan
-from warehouse_gdpr.engine import erasure, journal, optout, restriction
+from helpers import as_role, capture_persons, pii_scan
+from warehouse_gdpr.engine import erasure, journal, optout, propagation, requests, restriction
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys
 from warehouse_gdpr.engine.policy import Policy
@@ -225,8 +225,13 @@ def test_replay_works_across_a_pepper_rotation(
 def test_restrictions_and_lifts_are_replayed(
     backup: str, warehouse: str, policy: Policy, keys: Keys, tmp_path: Path
 ) -> None:
-    """Restricted after the backup: restricted again by the replay (record, flag). Restricted and lifted after
-    the backup: nothing left in force."""
+    """Restricted after the backup: restricted again by the replay (record, flag), its request recorded (a request
+    the backup held registered is run) and its targets queued again. Restricted and lifted after the backup:
+    nothing left in force; the lift's request re-sent, the restriction it ended recorded but not re-sent (the
+    outbox has no order: downstream must end lifted). A person whose email the restored row no longer holds (it
+    was corrected after the backup): only the sales team's webhook (internal ids) is re-sent. A target the
+    restored outbox already holds a row for is not queued twice. Replayed as the DAGs' role: the lifecycle
+    guards check every request row and outbox row, and their audit rows."""
     ctx = RunContext("gdpr_subject_restriction", "run-1", "apply")
 
     def apply(conn: psycopg.Connection, email: str, request_id: str) -> None:
@@ -236,32 +241,127 @@ def test_restrictions_and_lifts_are_replayed(
         restriction.apply(conn, policy, keys, ctx, request, located)
 
     with psycopg.connect(warehouse) as conn:
-        [(kept, kept_email), (lifted, lifted_email)] = _prospects(conn, 2)
-        conn.execute("UPDATE crm.contacts SET do_not_contact = false WHERE contact_id = ANY(%s)", ([kept, lifted],))
-        conn.commit()
-    with psycopg.connect(backup) as old:
-        old.execute("UPDATE crm.contacts SET do_not_contact = false WHERE contact_id = ANY(%s)", ([kept, lifted],))
+        people = _prospects(conn, 3)
+        [(kept, kept_email), (lifted, lifted_email), (moved, moved_email)] = people
+    ids = [kept, lifted, moved]
+    for url in (warehouse, backup):
+        with psycopg.connect(url) as db:
+            db.execute("UPDATE crm.contacts SET do_not_contact = false WHERE contact_id = ANY(%s)", (ids,))
+            db.commit()
+            # Registered before the backup, run after it.
+            requests.register(db, keys, ctx, kind="restriction", request_id="REQ-RS-A", identifier=kept_email,
+                              received_at=date(2026, 6, 10), today=TODAY)
+    with psycopg.connect(backup) as old:  # the backup: the older address; and (by hand) one outbox row
+        old.execute("UPDATE crm.contacts SET email = 'old.' || email WHERE contact_id = %s", (moved,))
+        old.execute("INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status,"
+                    " outcome, reason) VALUES ('REQ-RL-B', 'restriction_lift', %s, %s, %s, 'pending_propagation',"
+                    " 'lifted', 'lifted')", (keys.subject_hash(lifted_email), TODAY, TODAY))
+        propagation.queue(old, keys, "REQ-RL-B", "restriction_lift", "sales_team", {"request_id": "REQ-RL-B"})
         old.commit()
     with psycopg.connect(warehouse) as conn:
         store = _store(tmp_path, conn)
         apply(conn, kept_email, "REQ-RS-A")
         apply(conn, lifted_email, "REQ-RS-B")
+        apply(conn, moved_email, "REQ-RS-C")
         lift = restriction.parse_request({"request_id": "REQ-RL-B", "email": lifted_email}, today=TODAY,
                                          kind="restriction_lift")
         restriction.apply(conn, policy, keys, ctx, lift, restriction.locate(conn, policy, keys, lift))
         journal.sync(conn, store)
-        assert sorted(e["kind"] for e in _lines(store)) == ["restriction", "restriction", "restriction_lift"]
+        assert sorted(e["kind"] for e in _lines(store)) == ["restriction"] * 3 + ["restriction_lift"]
 
-    with psycopg.connect(backup) as restored:
+    with psycopg.connect(as_role(backup, "gdpr_dag")) as restored:
         status = journal.sync(restored, store)
-        assert status.counts() == {"restriction": 2, "restriction_lift": 1}
+        assert status.counts() == {"restriction": 3, "restriction_lift": 1}
         result = journal.replay(restored, policy, keys, REPLAY, status.missing, AS_OF)
         assert (result["restricted"], result["lifted"]) == (2, 1)
-        assert _rows(restored, "SELECT subject_ids, flagged_ids, request_id FROM gdpr.restriction") == [
-            ([str(kept)], [str(kept)], "REQ-RS-A")]
+        assert _rows(restored, "SELECT subject_ids, flagged_ids, request_id FROM gdpr.restriction ORDER BY 3") == [
+            ([str(kept)], [str(kept)], "REQ-RS-A"), ([str(moved)], [str(moved)], "REQ-RS-C")]
         assert _rows(restored, "SELECT contact_id, do_not_contact FROM crm.contacts WHERE contact_id = ANY(%s)"
-                     " ORDER BY 1", sorted([kept, lifted])) == sorted([(kept, True), (lifted, False)])
+                     " ORDER BY 1", ids) == sorted([(kept, True), (lifted, False), (moved, True)])
         assert not journal.sync(restored, store).behind
+
+        # The requests: recorded as run (the registered one keeps its date of receipt), the lift the backup
+        # already held left as it was.
+        assert _rows(restored, "SELECT request_id, kind, status, outcome, received_at FROM gdpr.request"
+                     " WHERE request_id LIKE 'REQ-R_-_' ORDER BY 1") == [
+            ("REQ-RL-B", "restriction_lift", "pending_propagation", "lifted", TODAY),
+            ("REQ-RS-A", "restriction", "pending_propagation", "restricted", date(2026, 6, 10)),
+            ("REQ-RS-B", "restriction", "completed", "restricted", TODAY),
+            ("REQ-RS-C", "restriction", "pending_propagation", "restricted", TODAY)]
+        assert _rows(restored, "SELECT details->>'request_id', action, outcome, details->>'status'"
+                     " FROM gdpr.audit_log WHERE action IN ('restrict', 'lift') AND (details->>'replayed')::boolean"
+                     " ORDER BY 1") == [("REQ-RS-A", "restrict", "restricted", "pending_propagation"),
+                                        ("REQ-RS-B", "restrict", "restricted", "completed"),
+                                        ("REQ-RS-C", "restrict", "restricted", "pending_propagation")]
+        # The outbox: every target the restored outbox lacked, once; the sales team's row of the lift not twice;
+        # the moved person's email targets not re-sent (the restored row holds another address).
+        outbox = _rows(restored, "SELECT request_id, target, status, attempts FROM gdpr.erasure_propagation"
+                       " WHERE request_id LIKE 'REQ-R_-_' ORDER BY 1, 2")
+        assert outbox == [("REQ-RL-B", "emailing", "pending", 0), ("REQ-RL-B", "sales_team", "pending", 0),
+                          ("REQ-RL-B", "telephony", "pending", 0),
+                          ("REQ-RS-A", "emailing", "pending", 0), ("REQ-RS-A", "sales_team", "pending", 0),
+                          ("REQ-RS-A", "telephony", "pending", 0),
+                          ("REQ-RS-C", "sales_team", "pending", 0)]
+        assert (result["requests_recorded"], result["requeued"], result["not_resent"]) == (3, 6, ["REQ-RS-C"])
+        # What is sent: the email the restored row holds, encrypted; the subject ids of the record.
+        [(key_id, nonce, ciphertext)] = _rows(
+            restored, "SELECT key_id, nonce, identifier_ciphertext FROM gdpr.erasure_propagation"
+            " WHERE request_id = 'REQ-RS-A' AND target = 'emailing'")
+        sent = json.loads(keys.decrypt(key_id, nonce, ciphertext, propagation.outbox_aad_for(
+            "restriction", "REQ-RS-A", "emailing", key_id)))
+        assert sent == {"identifier": kept_email.lower(), "request_id": "REQ-RS-A", "subject_table": "crm.contacts",
+                        "subject_ids": [str(kept)]}
+        [(key_id, nonce, ciphertext)] = _rows(
+            restored, "SELECT key_id, nonce, identifier_ciphertext FROM gdpr.erasure_propagation"
+            " WHERE request_id = 'REQ-RL-B' AND target = 'telephony'")
+        sent = json.loads(keys.decrypt(key_id, nonce, ciphertext, propagation.outbox_aad_for(
+            "restriction_lift", "REQ-RL-B", "telephony", key_id)))
+        assert sent == {"identifier": lifted_email.lower(), "request_id": "REQ-RL-B",
+                        "subject_table": "crm.contacts", "subject_ids": [str(lifted)]}
+        text = json.dumps(_rows(restored, "SELECT details FROM gdpr.audit_log")) + json.dumps(result)
+        assert not any(e.lower() in text.lower() for _, e in people)
+
+
+def test_a_restriction_lifted_and_made_again_after_the_backup_is_in_force_after_the_replay(
+    backup: str, warehouse: str, policy: Policy, keys: Keys, tmp_path: Path
+) -> None:
+    """Restricted before the backup (REQ-RS-0), lifted (REQ-RL-0) and restricted again (REQ-RS-1) after it: the
+    replay ends with the new restriction in force and flagged (the lift of the restored one first), and re-sends
+    only the new restriction (the last state of the person), the lift recorded as superseded."""
+    ctx = RunContext("gdpr_subject_restriction", "run-1", "apply")
+
+    def apply(conn: psycopg.Connection, email: str, request_id: str, kind: str = "restriction") -> None:
+        request = restriction.parse_request({"request_id": request_id, "email": email}, today=TODAY, kind=kind)
+        restriction.apply(conn, policy, keys, ctx, request, restriction.locate(conn, policy, keys, request))
+
+    with psycopg.connect(warehouse) as conn:
+        [(cid, email)] = _prospects(conn, 1)
+    for url in (warehouse, backup):
+        with psycopg.connect(url) as db:
+            db.execute("UPDATE crm.contacts SET do_not_contact = false WHERE contact_id = %s", (cid,))
+            db.commit()
+            apply(db, email, "REQ-RS-0")
+    with psycopg.connect(warehouse) as conn:
+        store = _store(tmp_path, conn)
+        apply(conn, email, "REQ-RL-0", "restriction_lift")
+        apply(conn, email, "REQ-RS-1")
+        journal.sync(conn, store)
+
+    with psycopg.connect(as_role(backup, "gdpr_dag")) as restored:
+        status = journal.sync(restored, store)
+        assert status.counts() == {"restriction": 1, "restriction_lift": 1}
+        result = journal.replay(restored, policy, keys, REPLAY, status.missing, AS_OF)
+        assert _rows(restored, "SELECT subject_ids, request_id FROM gdpr.restriction") == [([str(cid)], "REQ-RS-1")]
+        assert _rows(restored, "SELECT do_not_contact FROM crm.contacts WHERE contact_id = %s", cid) == [(True,)]
+        assert _rows(restored, "SELECT request_id, status, outcome FROM gdpr.request WHERE request_id LIKE 'REQ-R_-_'"
+                     " ORDER BY 1") == [("REQ-RL-0", "completed", "lifted"), ("REQ-RS-0", "pending_propagation",
+                                                                           "restricted"),
+                                        ("REQ-RS-1", "pending_propagation", "restricted")]
+        assert _rows(restored, "SELECT request_id, target FROM gdpr.erasure_propagation WHERE request_id LIKE"
+                     " 'REQ-R_-_' AND status = 'pending' AND attempts = 0 ORDER BY 1, 2") == [
+            ("REQ-RS-0", t) for t in ("emailing", "sales_team", "telephony")] + [
+            ("REQ-RS-1", t) for t in ("emailing", "sales_team", "telephony")]
+        assert (result["restricted"], result["lifted"], result["requeued"]) == (1, 1, 3)
 
 
 def test_an_entry_is_one_line_of_json_with_hashes_and_ids_only() -> None:

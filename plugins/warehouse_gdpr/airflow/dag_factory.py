@@ -682,8 +682,9 @@ def _downstream(path: str, policy: Policy | None, done: XComArg, then: Callable[
 def build_restore_replay(policy_file: str | Path | None = None) -> DAG:
     """detect_restore -> replay -> preflight_pending -> retry_pending (airflow/tasks/journal.py; engine: journal.py):
     after the warehouse was restored from a backup, erase again the people erased since, suppress, restrict and
-    lift again, send the erasures downstream again where the restored outbox has no acknowledgement, and record
-    the restore in the audit log and beside the audit chain's heads. Triggered by hand (docs/runbook.md)."""
+    lift again, record their requests, send the erasures, restrictions and lifts downstream again where the
+    restored outbox has no row for them, and record the restore in the audit log and beside the audit chain's
+    heads. Triggered by hand (docs/runbook.md)."""
     path = str(policy_file or connections.policy_path())
     _load(path, journal.REPLAY_DAG_ID)
 
@@ -697,7 +698,8 @@ def build_restore_replay(policy_file: str | Path | None = None) -> DAG:
         default_args={**DEFAULT_ARGS, "retry_delay": timedelta(minutes=1)},
         doc_md="After a restore of the warehouse from a backup: re-apply every erasure, suppression entry and "
                "restriction of the journal kept outside the warehouse that the restored control schema lacks, send "
-               "the erasures downstream again where no acknowledgement was restored, and record the restore "
+               "the erasures, restrictions and lifts downstream again where the restored outbox has no row for "
+               "them, and record the restore "
                "(docs/runbook.md, 'Restore procedure'). Every other DAG refuses to run until this one has.",
     )
     def gdpr_restore_replay() -> None:

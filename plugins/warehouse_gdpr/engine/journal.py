@@ -32,9 +32,25 @@ comparison), the first task of every DAG refuses to run (`WarehouseBehind`, nami
                 acknowledgement back. A person the restored warehouse no longer has in clear cannot be sent
                 again: the request then stays completed with `resent: false` in its details (downstream had it
                 when it ran);
+  lift          the record of the restriction it ends removed and the flags it set cleared (first: a person
+                lifted and restricted again since the backup ends restricted);
   restriction   the record again, for the recorded subject ids still there and (by email) the subjects whose
-                email has the hash; their do-not-contact flag set;
-  lift          the record of that restriction removed and the flags it set cleared.
+                email has the hash; their do-not-contact flag set (not for a restriction whose lift is replayed
+                too);
+  both          the request recorded when the backup lacks it (or holds it not run yet: it keeps its date of
+                receipt), with its audit row (`restrict` / `lift`, as the lifecycle guard requires); a lift's
+                request id and both dates of receipt are in the entries that `restriction.apply` writes. Then
+                the last replayed restriction or lift of each person (a restriction only while in force after
+                the replay; neither for a person whose erasure is replayed, the erasure is re-sent) is sent
+                downstream again: an outbox row for every target of its kind (`propagation.targets_for`) with no
+                row for the request in the restored outbox. An earlier one is recorded, not re-sent (the outbox
+                has no order: a restriction re-sent beside its lift could reach a target after it), with
+                `superseded` in its details. The sales team's webhook (internal ids) is always re-sent; a target
+                that knows the person by email only when the restored subject row holds, in clear, an email with
+                the entry's hash (read before anything changes, kept in memory, encrypted in the outbox);
+                otherwise the request id is in `not_resent` and the targets in its details' `not_resent`.
+                Setting a flag downstream again is harmless: the targets' restrict and lift calls are
+                idempotent.
 
 Each replayed entry is inserted into gdpr.journal with its original entry id and time (`replayed_at` set) and
 audited (action `restore_replay`, with the original request id and entry id).
@@ -48,14 +64,14 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from . import audit, erasure, matcher, optout
+from . import audit, erasure, matcher, optout, propagation, requests
 from .audit import RunContext
 from .auditchain import StoragePath
 from .candidates import holds_array, qualified
@@ -84,7 +100,9 @@ class WarehouseBehind(ConfigurationError, RuntimeError):
 @dataclass(frozen=True)
 class Entry:
     """One journal entry. `details`: for an erasure its outcome and subject ids, for a suppression entry its
-    reason, source and first-seen time, for a restriction its subject table and ids (internal ids only)."""
+    reason, source and first-seen time, for a restriction its subject table and ids, its date of receipt and due
+    date, and for a lift its own request id (`lift_request_id`: `request_id` is the restriction's it ends), the
+    restriction's ids and the dates (internal ids only)."""
 
     entry_id: str
     kind: str
@@ -274,7 +292,7 @@ def replay(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext
         if any(e.kind == "erasure" for e in missing):
             _erasures(conn, policy, keys, ctx, as_of, result)
         if any(e.kind in ("restriction", "restriction_lift") for e in missing):
-            _restrictions(conn, policy, keys, result)
+            _restrictions(conn, policy, keys, ctx, result)
         conn.execute(sql.SQL(
             "INSERT INTO gdpr.audit_log (dag_id, run_id, task_id, table_name, action, row_count, dry_run, outcome,"
             " subject_hash, details)"
@@ -424,19 +442,44 @@ def _erasure_requests(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx:
             result["requeued"] += 1
 
 
-def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, result: dict[str, Any]) -> None:
-    """Restrictions again (recorded ids still there, and by email hash), then the lifts (the record removed, the
-    flags it set cleared), in one pass each."""
+def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
+                  result: dict[str, Any]) -> None:
+    """The lifts (the restored record removed, the flags it set cleared), then the restrictions again (recorded
+    ids still there, and by email hash; not one whose lift is replayed too), in one pass each; then their
+    requests and outbox rows (`_restriction_requests`). `result`: restrictions in force again, lifts replayed."""
     subject = policy.subject
     table, pk = qualified(subject.table), sql.Identifier(subject.primary_key)
-    if any_by_email := conn.execute(sql.SQL(
-            "SELECT EXISTS (SELECT 1 FROM {r} WHERE kind = 'restriction' AND (details->>'by_email')::boolean)")
-            .format(r=REPLAY)).fetchone()[0]:  # type: ignore[index]
+    any_by_email, any_email = conn.execute(sql.SQL(
+        "SELECT coalesce(bool_or(kind = 'restriction' AND (details->>'by_email')::boolean), false),"
+        " coalesce(bool_or((details->>'by_email')::boolean), false)"
+        " FROM {r} WHERE kind IN ('restriction', 'restriction_lift')").format(r=REPLAY)).fetchone()  # type: ignore[misc]
+    if any_email:
         optout.stage_subject_hashes(conn, policy, keys)
+    # The email each re-sent restriction or lift needs, read before anything changes here (kept in memory only,
+    # encrypted in the outbox): the restored row whose email has the entry's hash (under any key of the chain).
+    emails: dict[str, str] = dict(conn.execute(sql.SQL(
+        "SELECT DISTINCT ON (r.entry_id) r.entry_id::text, lower(btrim(s.{e})) FROM {r} r"
+        " JOIN {stage} h ON h.email_hash = r.subject_hash JOIN {t} s ON s.{pk} = h.subject_id"
+        " WHERE r.kind IN ('restriction', 'restriction_lift') AND (r.details->>'by_email')::boolean"
+        " AND position('@' in s.{e}) > 0 ORDER BY r.entry_id, s.{pk}").format(
+            e=sql.Identifier(subject.email_column), r=REPLAY, stage=optout.HASH_STAGE, t=table, pk=pk)).fetchall()
+    ) if any_email else {}
     by_hash = sql.SQL(
         " UNION SELECT h.subject_id::text FROM {stage} h WHERE (r.details->>'by_email')::boolean"
         " AND h.email_hash = r.subject_hash").format(stage=optout.HASH_STAGE) if any_by_email else sql.SQL("")
     flag = sql.Identifier(subject.restriction_column) if subject.restriction_column else None
+    # The lifts first, of the restored restrictions they end (by request id: the hash may be re-keyed since), so
+    # that a person lifted and restricted again since the backup ends restricted; a restriction whose lift is
+    # replayed too is not recorded again (it ended, and the flags it set with it).
+    lifted = conn.execute(sql.SQL(
+        "DELETE FROM gdpr.restriction g USING {r} r WHERE r.kind = 'restriction_lift'"
+        " AND g.request_id = r.request_id RETURNING g.flagged_ids, g.request_id, g.subject_ids")
+        .format(r=REPLAY)).fetchall()
+    to_clear = sorted({i for r in lifted for i in r[0]})
+    if flag and to_clear:
+        # A person on the suppression list is flagged again by the next opt-out sync (`optout.enforce`).
+        conn.execute(sql.SQL("UPDATE {t} s SET {f} = false WHERE s.{pk}::text = ANY(%s)").format(
+            t=table, f=flag, pk=pk), (to_clear,))
     restricted = conn.execute(sql.SQL(
         "WITH found AS (SELECT r.entry_id, ARRAY(SELECT x FROM (SELECT s.{pk}::text AS x FROM {t} s"
         "   WHERE s.{pk}::text IN (SELECT jsonb_array_elements_text(coalesce(r.details->'subject_ids', '[]'))){by_hash}"
@@ -448,7 +491,8 @@ def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, result: 
         " SELECT r.subject_hash, coalesce((r.details->>'by_email')::boolean, false), coalesce(r.key_id, %(key)s),"
         "  coalesce(r.details->>'subject_table', %(table)s), f.ids, u.ids, r.request_id, r.recorded_at"
         " FROM {r} r JOIN found f USING (entry_id) JOIN unflagged u USING (entry_id)"
-        " WHERE r.kind = 'restriction' AND cardinality(f.ids) > 0"
+        " WHERE r.kind = 'restriction' AND cardinality(f.ids) > 0 AND NOT EXISTS (SELECT 1 FROM {r} l"
+        "  WHERE l.kind = 'restriction_lift' AND l.request_id = r.request_id)"
         " ON CONFLICT (subject_hash) DO NOTHING RETURNING flagged_ids").format(
             pk=pk, t=table, by_hash=by_hash, r=REPLAY,
             notflagged=sql.SQL("s.{f} IS NOT TRUE").format(f=flag) if flag else sql.SQL("false")),
@@ -457,13 +501,77 @@ def _restrictions(conn: psycopg.Connection, policy: Policy, keys: Keys, result: 
     if flag and to_flag:
         conn.execute(sql.SQL("UPDATE {t} SET {f} = true WHERE {pk}::text = ANY(%s)").format(t=table, f=flag, pk=pk),
                      (to_flag,))
-    lifted = conn.execute(sql.SQL(
-        "DELETE FROM gdpr.restriction g USING {r} r WHERE r.kind = 'restriction_lift'"
-        " AND g.request_id = r.request_id RETURNING g.flagged_ids")  # by request id: the hash may be re-keyed since
-        .format(r=REPLAY)).fetchall()
-    to_clear = sorted({i for r in lifted for i in r[0]})
-    if flag and to_clear:
-        # A person on the suppression list is flagged again by the next opt-out sync (`optout.enforce`).
-        conn.execute(sql.SQL("UPDATE {t} s SET {f} = false WHERE s.{pk}::text = ANY(%s)").format(
-            t=table, f=flag, pk=pk), (to_clear,))
-    result["restricted"], result["lifted"] = len(restricted), len(lifted)
+    result["restricted"] = len(restricted)
+    result["lifted"] = conn.execute(sql.SQL(  # every replayed lift: its restriction is not in force any more
+        "SELECT count(*) FROM {r} WHERE kind = 'restriction_lift'").format(r=REPLAY)).fetchone()[0]  # type: ignore[index]
+    _restriction_requests(conn, policy, keys, ctx, emails, {str(r[1]): list(r[2]) for r in lifted}, result)
+
+
+def _restriction_requests(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
+                          emails: dict[str, str], lifted_ids: dict[str, list[str]], result: dict[str, Any]) -> None:
+    """The request row of each replayed restriction and lift (a lift's own request id is in its entry) when the
+    backup lacks it (or holds it not run yet), audited as the request is, and an outbox row per target with no
+    row for it in the restored outbox, for the LAST replayed restriction or lift of each person only (the outbox
+    has no order: a restriction re-sent beside its lift could reach a target after it) and neither for a person
+    whose erasure is replayed too (the erasure is re-sent). A restriction is re-sent only while in force after
+    the replay. Targets that know the person by email are re-sent only when the restored row still holds it in
+    clear (with the entry's hash); the sales team's webhook (internal ids) always (module doc)."""
+    notify = policy.restriction.notify.name if policy.restriction.notify else None
+    replayed = conn.execute(sql.SQL(
+        "SELECT r.entry_id::text, r.kind, coalesce(r.details->>'lift_request_id', r.request_id), r.request_id,"
+        "  r.subject_hash, r.details, r.recorded_at, g.subject_ids,"
+        "  NOT EXISTS (SELECT 1 FROM {r} l WHERE l.kind IN ('restriction', 'restriction_lift')"
+        "    AND l.subject_hash = r.subject_hash AND (l.recorded_at, l.entry_id) > (r.recorded_at, r.entry_id))"
+        "  AND NOT EXISTS (SELECT 1 FROM {r} x WHERE x.kind = 'erasure' AND x.subject_hash = r.subject_hash)"
+        "  AND (r.kind = 'restriction_lift' OR g.request_id IS NOT NULL) AS latest"
+        " FROM {r} r LEFT JOIN gdpr.restriction g ON r.kind = 'restriction' AND g.request_id = r.request_id"
+        " WHERE r.request_id IS NOT NULL"
+        "  AND (r.kind = 'restriction' OR (r.kind = 'restriction_lift' AND r.details ? 'lift_request_id'))"
+        " ORDER BY r.recorded_at, r.entry_id").format(r=REPLAY)).fetchall()
+    reason = "replayed after a restore (gdpr_restore_replay)"
+    for entry_id, kind, request_id, restriction_id, subject_hash, details, recorded_at, ids_now, latest in replayed:
+        email = emails.get(entry_id)
+        wanted = [t for t in propagation.targets_for(policy, kind) if details.get("by_email") or t == notify] \
+            if latest else []
+        have: dict[str, str] = dict(conn.execute(
+            "SELECT target, status FROM gdpr.erasure_propagation WHERE request_id = %s", (request_id,)).fetchall())
+        queue = [t for t in wanted if t not in have and (email or t == notify)]
+        unsent = [t for t in wanted if t not in have and t not in queue]
+        status = "pending_propagation" if queue or "pending" in have.values() else "completed"
+        outcome = "restricted" if kind == "restriction" else "lifted"
+        action = "restrict" if kind == "restriction" else "lift"
+        received = date.fromisoformat(details.get("received_at") or recorded_at.date().isoformat())
+        due = details.get("due_date") or requests.due_date(received).isoformat()
+        ids = [str(i) for i in (ids_now if kind == "restriction" else lifted_ids.get(restriction_id))
+               or details.get("subject_ids") or details.get("flagged_ids") or []]
+        row = conn.execute(
+            "INSERT INTO gdpr.request (request_id, kind, subject_hash, received_at, due_date, status, outcome, reason,"
+            " completed_at, details) VALUES (%s, %s, %s, %s, %s, %s, %s, %s,"
+            " CASE WHEN %s = 'completed' THEN now() END, %s)"
+            " ON CONFLICT (request_id) DO UPDATE SET status = EXCLUDED.status, outcome = EXCLUDED.outcome,"
+            " reason = EXCLUDED.reason, completed_at = EXCLUDED.completed_at,"
+            " details = gdpr.request.details || EXCLUDED.details"
+            " WHERE gdpr.request.kind = EXCLUDED.kind AND gdpr.request.status IN ('registered', 'in_progress')"
+            " RETURNING status",
+            (request_id, kind, subject_hash, received, due, status, outcome, reason, status,
+             Jsonb({"replayed": True, "entry_id": entry_id, "subject_rows": len(ids), "targets": queue,
+                    "not_resent": unsent, "superseded": not latest})),
+        ).fetchone()
+        if row:  # the request's own audit row, as restriction.apply writes it (the lifecycle guard checks it)
+            result["requests_recorded"] += 1
+            audit.record(conn, ctx, action=action, outcome=outcome, table="gdpr.restriction", row_count=len(ids),
+                         subject_hash=subject_hash,
+                         details={"request_id": request_id, "kind": kind, "status": status, "targets": queue,
+                                  "not_resent": unsent, "replayed": True, "entry_id": entry_id, "reason": reason})
+        else:  # the restored warehouse holds it run already: its outbox only while it is pending propagation
+            found = conn.execute("SELECT status FROM gdpr.request WHERE request_id = %s AND kind = %s",
+                                 (request_id, kind)).fetchone()
+            if found is None or found[0] != "pending_propagation":
+                continue
+        if unsent:
+            result["not_resent"].append(request_id)
+        payload = {"identifier": email, "request_id": request_id, "subject_table": policy.subject.table,
+                   "subject_ids": ids}
+        for name in queue:
+            propagation.queue(conn, keys, request_id, kind, name, payload)
+            result["requeued"] += 1

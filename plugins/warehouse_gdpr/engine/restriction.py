@@ -19,6 +19,10 @@ survives an import that rewrites the contact row. While it is in force:
 `lift` deletes the record, clears the flag it set (unless the person is on the suppression list), and tells
 the same targets and the sales team. Both are requests of the one lifecycle (kinds `restriction` and
 `restriction_lift`), audited; no personal data in audit rows, logs or exceptions.
+
+Each new restriction and each lift is also a journal entry (engine/journal.py), written in the same transaction
+with its dates of receipt and, for a lift, its own request id: after a restore from a backup, `gdpr_restore_replay`
+records the request again and sends the person's last restriction or lift downstream again.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import audit, erasure, matcher, propagation, requests
+from . import audit, erasure, journal, matcher, propagation, requests
 from .audit import RunContext
 from .candidates import qualified
 from .crypto import Keys
@@ -184,7 +188,7 @@ def apply(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext,
         if request.action == "restrict":
             _restrict(conn, policy, keys, request, located, current, result)
         else:
-            _lift(conn, policy, keys, located, current, result)
+            _lift(conn, policy, keys, request, located, current, result)
         if request.dry_run:  # what it would do, undone; audited below
             raise psycopg.Rollback()
         if result.targets:
@@ -214,6 +218,9 @@ def _restrict(conn: psycopg.Connection, policy: Policy, keys: Keys, request: Res
     flagged = _flag(conn, policy, located.subject_ids, True)
     ids = sorted({str(i) for i in located.subject_ids} | set(current[1] if current else []))
     flagged_ids = sorted({str(i) for i in flagged} | set(current[2] if current else []))
+    if current is None:
+        _journal(conn, "restriction", request, located.subject_hash, keys.hmac_key_id, {
+            "by_email": located.email is not None, "subject_table": policy.subject.table, "subject_ids": ids})
     conn.execute(
         "INSERT INTO gdpr.restriction (subject_hash, by_email, key_id, subject_table, subject_ids, flagged_ids,"
         " request_id) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (subject_hash) DO UPDATE"
@@ -226,13 +233,18 @@ def _restrict(conn: psycopg.Connection, policy: Policy, keys: Keys, request: Res
     result.targets = _targets(policy, "restriction", located)
 
 
-def _lift(conn: psycopg.Connection, policy: Policy, keys: Keys, located: Located,
+def _lift(conn: psycopg.Connection, policy: Policy, keys: Keys, request: RestrictionRequest, located: Located,
           current: tuple[str, list[str], list[str], str] | None, result: RestrictionResult) -> None:
     if current is None:
         result.outcome, result.status = "not_restricted", "completed"
         result.reason = "no restriction of the person is in force: nothing to lift"
         return
     subject_hash, ids, flagged_ids, _ = current
+    by_email, key_id = conn.execute("SELECT by_email, key_id FROM gdpr.restriction WHERE subject_hash = %s",
+                                    (subject_hash,)).fetchone()  # type: ignore[misc]
+    _journal(conn, "restriction_lift", request, subject_hash, key_id, {
+        "by_email": by_email, "subject_table": policy.subject.table, "flagged_ids": flagged_ids, "subject_ids": ids},
+        restriction_request_id=current[3])
     conn.execute("DELETE FROM gdpr.restriction WHERE subject_hash = %s", (subject_hash,))
     suppressed = located.email is not None and bool(conn.execute(
         "SELECT EXISTS (SELECT 1 FROM gdpr.suppression_list WHERE email_hash = ANY(%s))",
@@ -245,6 +257,17 @@ def _lift(conn: psycopg.Connection, policy: Policy, keys: Keys, located: Located
         "the do-not-contact flag stays: the person is on the suppression list" if suppressed
         else f"do-not-contact flag cleared on {len(cleared)} subject row(s) it had set"))
     result.targets = _targets(policy, "restriction_lift", located)
+
+
+def _journal(conn: psycopg.Connection, kind: str, request: RestrictionRequest, subject_hash: str, key_id: str,
+             details: dict[str, Any], restriction_request_id: str | None = None) -> None:
+    """The journal row of a restriction or lift (engine/journal.py), written just before the change, with what
+    a replay after a restore needs to record the request again: its date of receipt and due date, and for a
+    lift its own request id (the row is keyed by the restriction it ends). The trigger's row for the same change
+    (same kind, hash and request id) is then this one. Internal ids only."""
+    journal.record(conn, kind, restriction_request_id or request.request_id, subject_hash, key_id, {
+        **details, "received_at": request.received_at.isoformat(), "due_date": request.due_date.isoformat(),
+        **({"lift_request_id": request.request_id} if restriction_request_id else {})})
 
 
 def _flag(conn: psycopg.Connection, policy: Policy, ids: list[Any], value: bool) -> list[Any]:

@@ -187,15 +187,16 @@ def replay(policy_file: str, detected: dict[str, Any], context: Any) -> dict[str
                 raise _storage("record the restore in", str(connections.evidence_store(policy).root), exc) from None
     flush(policy)
     log.info("Replayed %d journal entr(y/ies) %s: %d suppression entr(y/ies) added, %d subject(s) erased again "
-             "(%d kept under a legal hold and flagged), rows %s, %d archived original(s) destroyed, %d erasure "
-             "request(s) recorded, %d propagation(s) queued, %d restriction(s) and %d lift(s) re-applied.",
+             "(%d kept under a legal hold and flagged), rows %s, %d archived original(s) destroyed, %d request(s) "
+             "recorded (erasures, restrictions, lifts), %d propagation(s) queued, %d restriction(s) in force again "
+             "and %d lift(s) re-applied.",
              result["entries"], result["by_kind"], result["suppression_added"], result["erased_subjects"],
              result["held_subjects"], result["rows"], result["archive_destroyed"], result["requests_recorded"],
              result["requeued"], result["restricted"], result["lifted"])
     if result["not_resent"]:
-        log.warning("Erasure(s) %s could not be sent downstream again: the restored warehouse does not hold the "
-                    "person's email in clear (downstream had the erasure when it first ran; see docs/runbook.md).",
-                    ", ".join(result["not_resent"]))
+        log.warning("Request(s) %s could not be sent again to the downstream targets that know the person by email: "
+                    "the restored warehouse does not hold the person's email in clear (downstream had the request "
+                    "when it first ran; see docs/runbook.md, 'Restore procedure').", ", ".join(result["not_resent"]))
     if recorded:
         log.warning("The audit log was restored to position %d; the heads exported up to position %d stay as they "
                     "were (what the backup lost) and the chain continues from position %d (recorded in %s, audit "
