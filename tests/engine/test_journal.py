@@ -189,6 +189,67 @@ def test_the_journal_is_append_only_and_a_damaged_line_is_named(
         journal.sync(conn, store)
 
 
+def test_a_write_cut_off_half_way_does_not_block_every_dag(
+    conn: psycopg.Connection, keys: Keys, tmp_path: Path
+) -> None:
+    """A task killed (or a disk full) in the middle of its append leaves a file whose last line has no end: the
+    next sync skips that line and appends its entry again from gdpr.journal, instead of refusing every DAG."""
+    store = _store(tmp_path, conn)
+    conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source) VALUES (%s, %s, 'opt_out',"
+                 " 'import')", ("1" * 64, keys.hmac_key_id))
+    conn.commit()
+    assert journal.sync(conn, store).appended == 1
+    conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source) VALUES (%s, %s, 'opt_out',"
+                 " 'import')", ("2" * 64, keys.hmac_key_id))
+    conn.commit()
+    [entry] = _pending(conn)
+    torn = store.folder / "20991231T235959999999-0123456789ab.jsonl"  # type: ignore[operator]
+    torn.write_text(entry.line()[:40], encoding="utf-8")  # the write stopped here
+
+    status = journal.sync(conn, store)
+
+    assert not status.behind and status.appended == 1
+    assert sorted(e["subject_hash"] for e in _lines(store)) == ["1" * 64, "2" * 64]
+    assert journal.sync(conn, store).appended == 0
+
+
+def _pending(conn: psycopg.Connection) -> list[journal.Entry]:
+    """The rows of gdpr.journal of the test's last suppression entry, as the outside journal would have them."""
+    rows = conn.execute(f"SELECT {journal._ROW} FROM gdpr.journal WHERE subject_hash = %s",  # noqa: S608
+                        ("2" * 64,)).fetchall()
+    conn.rollback()
+    return [journal._entry(r) for r in rows]
+
+
+def test_a_journal_file_that_is_not_text_is_named(conn: psycopg.Connection, tmp_path: Path) -> None:
+    store = _store(tmp_path, conn)
+    store.folder.mkdir(parents=True)  # type: ignore[attr-defined]
+    bad = store.folder / "20260615T120000000000-0123456789ab.jsonl"  # type: ignore[operator]
+    bad.write_bytes(b'{"entry_id": "\xff\xfe"}\n')
+    with pytest.raises(journal.JournalError, match=rf"{bad.name} is not UTF-8 text"):
+        journal.sync(conn, store)
+
+
+def test_a_free_text_suppression_source_stays_in_the_warehouse(
+    conn: psycopg.Connection, keys: Keys, tmp_path: Path
+) -> None:
+    """gdpr.suppression_list.source is free text for other writers (a loader, an owner by hand): what they
+    typed there (an email, a name) is not copied to the journal outside the warehouse."""
+    conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source) VALUES"
+                 " (%s, %(k)s, 'opt_out', 'unsubscribe mail from Jane Doe <jane.doe@acme.example>'),"
+                 " (%s, %(k)s, 'opt_out', 'crm_import')".replace("%(k)s", "%s"),
+                 ("3" * 64, keys.hmac_key_id, "4" * 64, keys.hmac_key_id))
+    conn.commit()
+    store = _store(tmp_path, conn)
+
+    journal.sync(conn, store)
+
+    text = "".join(p.read_text() for p in store.folder.iterdir())  # type: ignore[attr-defined]
+    assert "jane" not in text.lower() and "Doe" not in text
+    assert {e["subject_hash"]: e["details"]["source"] for e in _lines(store)} == {"3" * 64: "other",
+                                                                                 "4" * 64: "crm_import"}
+
+
 def test_replay_works_across_a_pepper_rotation(
     backup: str, warehouse: str, policy: Policy, keys: Keys, key_extra: dict, tmp_path: Path
 ) -> None:

@@ -8,10 +8,12 @@ knows the subject ids). Right after that commit the task that made the change co
 to the journal OUTSIDE the warehouse (`sync`): append-only files of JSON lines under the policy's
 `evidence.location` (`PathJournalStore`, the same place as the audit chain's heads), one line per entry: entry
 id, kind, request id, keyed subject hash, key id, time, and for erasures and restrictions the internal subject
-ids (never an email, a name or any other personal data).
+ids (never an email, a name or any other personal data: the free-text source of a suppression entry written by
+another writer goes out as `other` unless it is a name like the engine's own).
 
 A task that dies between its commit and the copy loses nothing: every `sync` appends every committed row that
-the outside journal lacks (the next DAG run's first task does it at the latest).
+the outside journal lacks (the next DAG run's first task does it at the latest). A task that dies in the middle
+of its append leaves a last line without its end of line: skipped on reading, and appended again.
 
 A warehouse restored from a backup lacks the rows written since the backup: `sync` finds the entries of the
 outside journal that the control schema lacks (`Status.missing`; one read of the journal, one set-based
@@ -58,7 +60,9 @@ audited (action `restore_replay`, with the original request id and entry id).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import uuid
 from collections import Counter
@@ -77,7 +81,9 @@ from .auditchain import StoragePath
 from .candidates import holds_array, qualified
 from .crypto import Keys
 from .errors import ConfigurationError
-from .policy import Policy
+from .policy import IDENT, Policy
+
+log = logging.getLogger(__name__)
 
 FORMAT = "warehouse-gdpr/journal/v1"
 KINDS = ("suppression", "erasure", "restriction", "restriction_lift")
@@ -163,16 +169,36 @@ class PathJournalStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         path = self.folder / f"{stamp}-{uuid.uuid4().hex[:12]}.jsonl"
-        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        try:
+            path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        except BaseException:
+            # A write that failed half-way (disk full, storage gone): the rows are still only in gdpr.journal and
+            # the next sync appends them again; a torn file left behind is read up to its last whole line.
+            with contextlib.suppress(Exception):  # the write's own error is the one to report
+                path.unlink(missing_ok=True)
+            raise
         return str(path)
 
     def read(self) -> Iterable[tuple[str, str]]:
+        """Every whole line. A file's last line without its newline was cut off by a write that did not finish
+        (a task killed, a full disk): it is skipped with a warning, and the next `sync` appends its entry again
+        from gdpr.journal. Anything else that is not an entry is an error (`JournalError`, in `read`)."""
         if not self.folder.exists() or not self.folder.is_dir():
             return
         for name in sorted(p.name for p in self.folder.iterdir() if _FILE.match(p.name)):
-            for number, line in enumerate((self.folder / name).read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                text = (self.folder / name).read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise JournalError(f"{name} is not UTF-8 text: the outside journal was damaged or altered "
+                                   "(docs/runbook.md, 'The journal outside the warehouse is damaged')") from None
+            lines = text.split("\n")
+            torn = lines.pop()  # "" after a final newline; otherwise a last line whose write did not finish
+            for number, line in enumerate(lines, 1):
                 if line.strip():
                     yield f"{name}:{number}", line
+            if torn.strip():
+                log.warning("Journal: %s:%d has no end of line (a write that did not finish): skipped; the next "
+                            "sync appends its entry again from the warehouse.", name, len(lines) + 1)
 
 
 @dataclass
@@ -222,8 +248,13 @@ _ROW = "entry_id::text, kind, request_id, subject_hash, key_id, recorded_at, det
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
+    details = dict(row[6])
+    if row[1] == "suppression" and not re.fullmatch(IDENT, str(details.get("source", ""))):
+        # The source of an entry written by another writer (a loader, an owner by hand) is free text: only a
+        # name like the engine's own ('erasure_request', an opt-out source of the policy) leaves the warehouse.
+        details["source"] = "other"
     return Entry(entry_id=row[0], kind=row[1], request_id=row[2], subject_hash=row[3], key_id=row[4],
-                 recorded_at=row[5].astimezone(timezone.utc).isoformat(), details=row[6])
+                 recorded_at=row[5].astimezone(timezone.utc).isoformat(), details=details)
 
 
 def sync(conn: psycopg.Connection, store: JournalStore) -> Status:
