@@ -250,6 +250,36 @@ def test_a_free_text_suppression_source_stays_in_the_warehouse(
                                                                                  "4" * 64: "crm_import"}
 
 
+def test_a_subject_id_given_to_another_person_since_the_restore_is_not_erased(
+    backup: str, warehouse: str, policy: Policy, keys: Keys, tmp_path: Path
+) -> None:
+    """A contact created after the backup and erased; the restored warehouse gives its id to a new contact
+    (the CRM's loaders do not stop while on-call restores): the replay finds nobody by the erasure's keyed hash,
+    and must not erase, nor send downstream, the other person who now has the recorded id."""
+    insert = ("INSERT INTO crm.contacts (contact_id, company_id, status, email, first_name, last_name, created_at)"
+              " SELECT %s, min(company_id), 'prospect', %s, %s, 'Newcomer', now() FROM crm.companies")
+    with psycopg.connect(warehouse) as conn:
+        [(new_id,)] = _rows(conn, "SELECT max(contact_id) + 1 FROM crm.contacts")
+        conn.execute(insert, (new_id, "ada.after-backup@example.org", "Ada"))
+        conn.commit()
+        store = _store(tmp_path, conn)
+        _erase(conn, policy, keys, "ada.after-backup@example.org", "REQ-J-ID")
+        journal.sync(conn, store)
+    with psycopg.connect(backup) as restored:
+        restored.execute(insert, (new_id, "bob.restored@example.org", "Bob"))
+        restored.commit()
+        status = journal.sync(restored, store)
+        assert status.counts() == {"erasure": 1, "suppression": 1}
+
+        result = journal.replay(restored, policy, keys, REPLAY, status.missing, AS_OF)
+
+        assert result["erased_subjects"] == 0 and result["ids_reused"] == ["REQ-J-ID"]
+        assert _rows(restored, "SELECT first_name FROM crm.contacts WHERE contact_id = %s", new_id) == [("Bob",)]
+        assert _rows(restored, "SELECT count(*) FROM gdpr.erasure_propagation WHERE request_id = 'REQ-J-ID'") == [
+            (0,)]  # Bob's email is not sent downstream as Ada's erasure
+        assert not journal.sync(restored, store).behind
+
+
 def test_replay_works_across_a_pepper_rotation(
     backup: str, warehouse: str, policy: Policy, keys: Keys, key_extra: dict, tmp_path: Path
 ) -> None:

@@ -23,7 +23,9 @@ comparison), the first task of every DAG refuses to run (`WarehouseBehind`, nami
   suppression   the entry again, with its hash, key id, reason, source, request id and first-seen time;
   erasure       the person located by keyed hash (every subject's email hashed under every key of the pepper
                 chain, as the opt-out guard does: the entry's key id may be a retired pepper) and by the subject
-                ids the erasure recorded; erased again with the erasure engine's own deletion (dependents
+                ids the erasure recorded (not a row whose email has another hash: an id given to a new row since
+                the restore, or an email corrected between the backup and the erasure; neither erased nor
+                re-sent, the request id in `ids_reused` for a person to check); erased again with the erasure engine's own deletion (dependents
                 first; a subject under a legal hold today keeps its kept_when_held rows and is flagged, as an
                 erasure restricted by a hold), its archived originals destroyed unless a legal obligation keeps
                 them; its request row recorded when the backup lacks it, and an outbox row queued (the email
@@ -310,7 +312,7 @@ def replay(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext
     result: dict[str, Any] = {"entries": len(missing), "by_kind": dict(Counter(e.kind for e in missing)),
                               "suppression_added": 0, "erased_subjects": 0, "held_subjects": 0, "rows": {},
                               "archive_destroyed": 0, "requests_recorded": 0, "requeued": 0, "not_resent": [],
-                              "restricted": 0, "lifted": 0}
+                              "ids_reused": [], "restricted": 0, "lifted": 0}
     with conn.transaction():
         if extra_audit is not None:
             audit.record(conn, ctx, action="restore_detected", outcome="recorded", table="gdpr.audit_log",
@@ -373,6 +375,12 @@ def _erasures(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunCont
     subject = policy.subject
     table, pk = qualified(subject.table), sql.Identifier(subject.primary_key)
     optout.stage_subject_hashes(conn, policy, keys)
+    # Subject row `s` found by a recorded id of erasure `r` holds an email whose keyed hash (under every key of the
+    # chain) is not the erasure's: another person (only for an erasure by email: `r.key_id`).
+    other = sql.SQL(
+        "r.key_id IS NOT NULL AND EXISTS (SELECT 1 FROM {stage} h WHERE h.subject_id = s.{pk})"
+        " AND NOT EXISTS (SELECT 1 FROM {stage} h WHERE h.subject_id = s.{pk} AND h.email_hash = r.subject_hash)"
+    ).format(stage=optout.HASH_STAGE, pk=pk)
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {rs}").format(rs=REPLAY_SUBJECTS))
     conn.execute(sql.SQL(
         "CREATE TEMP TABLE {rs} ON COMMIT DROP AS"
@@ -381,11 +389,22 @@ def _erasures(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunCont
         "   ON r.kind = 'erasure' AND r.subject_hash = h.email_hash"
         "  UNION ALL SELECT s.{pk}, r.entry_id, false FROM {r} r"
         "   CROSS JOIN LATERAL jsonb_array_elements_text(coalesce(r.details->'subject_ids', '[]')) AS x(id)"
-        "   JOIN {t} s ON s.{pk}::text = x.id WHERE r.kind = 'erasure') m"
+        "   JOIN {t} s ON s.{pk}::text = x.id WHERE r.kind = 'erasure' AND NOT ({other})) m"
         " JOIN {t} s ON s.{pk} = m.subject_id"
         " ORDER BY m.subject_id, m.by_hash DESC").format(
-            rs=REPLAY_SUBJECTS, holds=holds_array(policy.holds), stage=optout.HASH_STAGE, r=REPLAY, pk=pk, t=table),
-        {"as_of": as_of})
+            rs=REPLAY_SUBJECTS, holds=holds_array(policy.holds), stage=optout.HASH_STAGE, r=REPLAY, pk=pk, t=table,
+            other=other), {"as_of": as_of})
+    # A recorded id whose row holds today another person's email (an id given again to a new row since the
+    # restore, or the email corrected between the backup and the erasure): not erased, not re-sent, its archive
+    # kept; the request id is reported (`ids_reused`) for a person to check.
+    reused: dict[str, set[str]] = {}
+    for entry_id, request_id, ids in conn.execute(sql.SQL(
+            "SELECT r.entry_id::text, r.request_id, array_agg(s.{pk}::text) FROM {r} r"
+            " CROSS JOIN LATERAL jsonb_array_elements_text(coalesce(r.details->'subject_ids', '[]')) AS x(id)"
+            " JOIN {t} s ON s.{pk}::text = x.id WHERE r.kind = 'erasure' AND {other}"
+            " GROUP BY 1, 2 ORDER BY 2").format(r=REPLAY, t=table, pk=pk, other=other)).fetchall():
+        reused[entry_id] = set(ids)
+        result["ids_reused"].append(request_id)
     # The email each re-sent erasure needs, read before the rows go (kept in memory only, encrypted in the outbox).
     emails: dict[str, str] = dict(conn.execute(sql.SQL(
         "SELECT DISTINCT ON (rs.entry_id) rs.entry_id::text, lower(btrim(s.{e})) FROM {rs} rs"
@@ -415,7 +434,8 @@ def _erasures(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunCont
         "SELECT entry_id::text, request_id, subject_hash, details, recorded_at FROM {r} WHERE kind = 'erasure'"
         " ORDER BY recorded_at, entry_id").format(r=REPLAY)).fetchall()
     for entry_id, request_id, subject_hash, details, _ in replayed:
-        ids = sorted(set(archive_ids.get(entry_id, [])) | {str(i) for i in details.get("subject_ids", [])})
+        ids = sorted((set(archive_ids.get(entry_id, [])) | {str(i) for i in details.get("subject_ids", [])})
+                     - reused.get(entry_id, set()))
         if ids:
             destroyed = conn.execute(
                 "SELECT coalesce(sum(destroyed), 0) FROM gdpr.erase_archived_rows(%s, %s, %s, %s, %s, %s, %s)",
