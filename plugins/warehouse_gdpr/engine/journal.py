@@ -25,10 +25,11 @@ comparison), the first task of every DAG refuses to run (`WarehouseBehind`, nami
                 chain, as the opt-out guard does: the entry's key id may be a retired pepper) and by the subject
                 ids the erasure recorded (not a row whose email has another hash: an id given to a new row since
                 the restore, or an email corrected between the backup and the erasure; neither erased nor
-                re-sent, the request id in `ids_reused` for a person to check); erased again with the erasure engine's own deletion (dependents
-                first; a subject under a legal hold today keeps its kept_when_held rows and is flagged, as an
-                erasure restricted by a hold), its archived originals destroyed unless a legal obligation keeps
-                them; its request row recorded when the backup lacks it, and an outbox row queued (the email
+                re-sent, the request id in `ids_reused` for a person to check); erased again with the erasure
+                engine's own deletion (dependents first; a subject under a legal hold today keeps its
+                kept_when_held rows and is flagged, as an erasure restricted by a hold), its archived originals
+                destroyed unless a legal obligation keeps them; its request row recorded when the backup lacks
+                it, and an outbox row queued (the email
                 read from the restored subject row, encrypted) for every downstream target with no
                 acknowledgement in the restored outbox. A target that acknowledged before the restore has
                 forgotten the person already: sending the erasure again is harmless (the targets' contracts take
