@@ -293,8 +293,8 @@ def behind_message(status: Status, where: str) -> str:
     return (f"this warehouse is behind the journal kept outside it ({where}): {len(status.missing)} entr"
             f"{'y' if len(status.missing) == 1 else 'ies'} ({counts}) are missing from its control schema, the "
             f"oldest from {status.missing[0].recorded_at}. It was restored from a backup taken before them: people "
-            f"erased since may be back. Nothing was changed. Pause the other DAGs and trigger {REPLAY_DAG_ID}, "
-            "which erases them again (docs/runbook.md, 'Restore procedure').")
+            "erased since may be back. Nothing was changed in the warehouse. Pause the other DAGs and trigger "
+            f"{REPLAY_DAG_ID}, which erases them again (docs/runbook.md, 'Restore procedure').")
 
 
 def refuse_if_behind(status: Status, where: str) -> None:

@@ -133,8 +133,9 @@ def _audit_state(conn: psycopg.Connection, policy: Policy, chain_id: str) -> dic
 
 @task_errors
 def detect_restore(policy_file: str, context: Any) -> dict[str, Any]:
-    """gdpr_restore_replay's first task: what the restored warehouse lacks (journal entries, audit rows). Reads
-    only (and installs the control schema when it is older than the package)."""
+    """gdpr_restore_replay's first task: what the restored warehouse lacks (journal entries, audit rows). Changes
+    none of the warehouse's data: it installs the control schema when it is older than the package, and appends
+    to the outside journal what the warehouse committed and the journal lacks (as every first task does)."""
     policy = connections.run_policy(policy_file, context)
     with connections.connect(policy) as conn:
         connections.prepare_warehouse(conn, policy)
