@@ -230,9 +230,9 @@ def test_a_second_run_stops_while_the_first_is_still_answering_and_writes_nothin
     holder = _hold_as_another_run(engine_url)
     try:
         # lock_timeout: on main the run would otherwise wait forever when recording (the test's holder never ends)
-        with psycopg.connect(engine_url, options="-c lock_timeout=5s") as second:
-            with pytest.raises(Exception) as refused:  # noqa: B017 - which one is asserted below
-                _body(no_targets, keys, "run-second", {"request_id": RID}, store)(second)
+        with psycopg.connect(engine_url, options="-c lock_timeout=5s") as second, \
+                pytest.raises(Exception) as refused:  # noqa: B017 - which one is asserted below
+            _body(no_targets, keys, "run-second", {"request_id": RID}, store)(second)
     finally:
         holder.close()  # the first run ends without recording an answer (it failed)
     assert store.written == [], repr(refused.value)

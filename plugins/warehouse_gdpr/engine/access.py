@@ -20,6 +20,10 @@ person, answered as one encrypted package.
    the request, the key id and the expiry date, is the associated data); `store` writes the package to
    the policy's `access.location` through a `PackageStore`; `unseal` is `warehouse-gdpr access unpack`;
    `purge` deletes packages past `access.keep_for` (the weekly sweep).
+6. One run per request id: `answer` holds the request id's lock from before it reads anything until the
+   answer is recorded, and checks the request again under it (`answering`): a second run of the same id
+   (a double Trigger, an overlapping retry) finds the first one's answer, or stops naming it, and writes
+   no package.
 
 Nothing here logs or returns personal data: callers get counts, the package's location and SHA-256.
 """
@@ -267,7 +271,7 @@ def answering(conn: psycopg.Connection, ctx: RunContext, request: AccessRequest,
             f"request {request.request_id} is being answered by another run right now: the request id's lock "
             f"(advisory lock {erasure.REQUEST_LOCK_CLASS}, hashtext of the request id) is held by {holder}; "
             f"waited {waited} s. This run read and wrote nothing. Let that run finish: it writes the package and "
-            "records the request as completed (warehouse-gdpr request list); trigger the request again only if "
+            "records the request as completed (warehouse-gdpr requests); trigger the request again only if "
             "it ends without doing so (docs/runbook.md, 'Answer an access request')")
     try:
         conn.execute("SELECT set_config('application_name', %s, false)",
@@ -883,7 +887,9 @@ def answer(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext
            transport: Transport, packages: PackageStore | None, preflights: set[str],
            located: Located | None = None) -> Answered:
     """Locate, gather, ask the downstream systems, build, seal and store the package, audit. A dry run reads
-    and counts, writes no package and audits one row."""
+    and counts, writes no package and audits one row. Anything else runs holding the request id's lock
+    (`answering`): RequestError when another run answered it meanwhile, RequestBusy while another run still
+    answers it; this run then read and wrote nothing."""
     check_policy(policy)
     check_not_answered(conn, request)
     if request.dry_run:  # reads and counts only: no lock
