@@ -159,6 +159,33 @@ def test_a_registered_rectification_runs_from_its_id_alone_and_a_down_target_is_
         assert not re.search(r"[\w.+-]+@[\w-]+\.example", text)
 
 
+def test_a_corrected_email_on_the_suppression_list_reaches_the_journal_outside_when_the_task_commits(
+    airflow_home: Path, airflow_conns: str, downstream, fast_retry_policy: Path, keys: Keys,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The suppression entry a rectification adds under the new email's hash is copied to the journal outside the
+    warehouse by the task that commits it (issue 15), not only by whichever DAG runs next: a restore before then
+    would otherwise lose it."""
+    contact_id, email, _ = _person(airflow_conns)
+    downstream.add_person(email)
+    new_email = f"renamed.{contact_id}@corrected.example"
+    with psycopg.connect(airflow_conns) as conn:
+        conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source) VALUES (%s, %s,"
+                     " 'opt_out', 'newsletter')", (keys.subject_hash(email), keys.hmac_key_id))
+        conn.commit()
+        requests.register(conn, keys, CLI, kind="rectification", request_id="REQ-RECT-JRN", identifier=email,
+                          received_at=date(2026, 6, 10), today=date(2026, 6, 15), changes={"email": new_email})
+        chain_id = conn.execute("SELECT chain_id::text FROM gdpr.audit_chain_head").fetchone()[0]  # type: ignore[index]
+
+    dag_run, logs = _run("gdpr_subject_rectification", {"request_id": "REQ-RECT-JRN"}, caplog, capfd)
+
+    assert _states(dag_run)["rectify"] == "success", logs[-3000:]
+    lines = [json.loads(line) for p in sorted((airflow_home / "gdpr_evidence" / "journal" / chain_id).glob("*.jsonl"))
+             for line in p.read_text().splitlines()]
+    assert ("suppression", keys.subject_hash(new_email), "rectification") in {
+        (e["kind"], e["subject_hash"], e["details"]["source"]) for e in lines}
+
+
 @pytest.mark.parametrize(("conf", "message"), [
     ({"changes": {"status": "client"}}, "names column(s) the policy does not let a person rectify: `status`"),
     ({"changes": {"direct_phone": "call me maybe"}}, "`changes.direct_phone` does not match the policy's pattern"),

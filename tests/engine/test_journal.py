@@ -189,6 +189,97 @@ def test_the_journal_is_append_only_and_a_damaged_line_is_named(
         journal.sync(conn, store)
 
 
+def test_a_write_cut_off_half_way_does_not_block_every_dag(
+    conn: psycopg.Connection, keys: Keys, tmp_path: Path
+) -> None:
+    """A task killed (or a disk full) in the middle of its append leaves a file whose last line has no end: the
+    next sync skips that line and appends its entry again from gdpr.journal, instead of refusing every DAG."""
+    store = _store(tmp_path, conn)
+    conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source) VALUES (%s, %s, 'opt_out',"
+                 " 'import')", ("1" * 64, keys.hmac_key_id))
+    conn.commit()
+    assert journal.sync(conn, store).appended == 1
+    conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source) VALUES (%s, %s, 'opt_out',"
+                 " 'import')", ("2" * 64, keys.hmac_key_id))
+    conn.commit()
+    [entry] = _pending(conn)
+    torn = store.folder / "20991231T235959999999-0123456789ab.jsonl"  # type: ignore[operator]
+    torn.write_text(entry.line()[:40], encoding="utf-8")  # the write stopped here
+
+    status = journal.sync(conn, store)
+
+    assert not status.behind and status.appended == 1
+    assert sorted(e["subject_hash"] for e in _lines(store)) == ["1" * 64, "2" * 64]
+    assert journal.sync(conn, store).appended == 0
+
+
+def _pending(conn: psycopg.Connection) -> list[journal.Entry]:
+    """The rows of gdpr.journal of the test's last suppression entry, as the outside journal would have them."""
+    rows = conn.execute(f"SELECT {journal._ROW} FROM gdpr.journal WHERE subject_hash = %s",  # noqa: S608
+                        ("2" * 64,)).fetchall()
+    conn.rollback()
+    return [journal._entry(r) for r in rows]
+
+
+def test_a_journal_file_that_is_not_text_is_named(conn: psycopg.Connection, tmp_path: Path) -> None:
+    store = _store(tmp_path, conn)
+    store.folder.mkdir(parents=True)  # type: ignore[attr-defined]
+    bad = store.folder / "20260615T120000000000-0123456789ab.jsonl"  # type: ignore[operator]
+    bad.write_bytes(b'{"entry_id": "\xff\xfe"}\n')
+    with pytest.raises(journal.JournalError, match=rf"{bad.name} is not UTF-8 text"):
+        journal.sync(conn, store)
+
+
+def test_a_free_text_suppression_source_stays_in_the_warehouse(
+    conn: psycopg.Connection, keys: Keys, tmp_path: Path
+) -> None:
+    """gdpr.suppression_list.source is free text for other writers (a loader, an owner by hand): what they
+    typed there (an email, a name) is not copied to the journal outside the warehouse."""
+    conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source) VALUES"
+                 " (%s, %(k)s, 'opt_out', 'unsubscribe mail from Jane Doe <jane.doe@acme.example>'),"
+                 " (%s, %(k)s, 'opt_out', 'crm_import')".replace("%(k)s", "%s"),
+                 ("3" * 64, keys.hmac_key_id, "4" * 64, keys.hmac_key_id))
+    conn.commit()
+    store = _store(tmp_path, conn)
+
+    journal.sync(conn, store)
+
+    text = "".join(p.read_text() for p in store.folder.iterdir())  # type: ignore[attr-defined]
+    assert "jane" not in text.lower() and "Doe" not in text
+    assert {e["subject_hash"]: e["details"]["source"] for e in _lines(store)} == {"3" * 64: "other",
+                                                                                 "4" * 64: "crm_import"}
+
+
+def test_a_subject_id_given_to_another_person_since_the_restore_is_not_erased(
+    backup: str, warehouse: str, policy: Policy, keys: Keys, tmp_path: Path
+) -> None:
+    """A contact created after the backup and erased; the restored warehouse gives its id to a new contact
+    (the CRM's loaders do not stop while on-call restores): the replay finds nobody by the erasure's keyed hash,
+    and must not erase, nor send downstream, the other person who now has the recorded id."""
+    insert = ("INSERT INTO crm.contacts (contact_id, company_id, status, email, first_name, last_name, created_at)"
+              " SELECT %s, min(company_id), 'prospect', %s, %s, 'Newcomer', now() FROM crm.companies")
+    with psycopg.connect(warehouse) as conn:
+        [(new_id,)] = _rows(conn, "SELECT max(contact_id) + 1 FROM crm.contacts")
+        conn.execute(insert, (new_id, "ada.after-backup@example.org", "Ada"))
+        conn.commit()
+        store = _store(tmp_path, conn)
+        _erase(conn, policy, keys, "ada.after-backup@example.org", "REQ-J-ID")
+        journal.sync(conn, store)
+    with psycopg.connect(backup) as restored:
+        restored.execute(insert, (new_id, "bob.restored@example.org", "Bob"))
+        restored.commit()
+        status = journal.sync(restored, store)
+        assert status.counts() == {"erasure": 1, "suppression": 1}
+
+        result = journal.replay(restored, policy, keys, REPLAY, status.missing, AS_OF)
+
+        assert result["erased_subjects"] == 0 and result["ids_reused"] == ["REQ-J-ID"]
+        assert _rows(restored, "SELECT first_name FROM crm.contacts WHERE contact_id = %s", new_id) == [("Bob",)]
+        assert _rows(restored, "SELECT count(*) FROM gdpr.erasure_propagation WHERE request_id = 'REQ-J-ID'") == [
+            (0,)]  # Bob's email is not sent downstream as Ada's erasure
+        assert not journal.sync(restored, store).behind
+
+
 def test_replay_works_across_a_pepper_rotation(
     backup: str, warehouse: str, policy: Policy, keys: Keys, key_extra: dict, tmp_path: Path
 ) -> None:

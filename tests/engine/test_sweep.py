@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from helpers import (
     add_activity,
     add_contact,
     add_contract,
+    as_role,
     candidates,
     new_id,
     table_checksum,
@@ -344,15 +346,15 @@ def test_purge_archive_after_its_own_period(conn, policy: Policy, keys: Keys) ->
 
     purge_ctx = RunContext("test_sweep", "purge", "purge_archive")
     # The database's clock decides too (control schema v8): an as_of ahead of it purges nothing early.
-    assert sweep.purge_archive(conn, purge_ctx, "2099-01-01T00:00:00+00:00", 1000) == 0
+    assert sweep.purge_archive(conn, policy, purge_ctx, "2099-01-01T00:00:00+00:00", 1000).purged == 0
     # Ten years on, as the database sees it: every purge date moved back until 2033-03-08 is now.
     today = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
     now = _advance(conn, datetime(2033, 3, 8, tzinfo=timezone.utc) - today)
-    assert sweep.purge_archive(conn, purge_ctx, (now - timedelta(days=7)).isoformat(), 1000) == 0
+    assert sweep.purge_archive(conn, policy, purge_ctx, (now - timedelta(days=7)).isoformat(), 1000).purged == 0
     dry = RunContext("test_sweep", "purge-dry", "purge_archive", dry_run=True)
-    assert sweep.purge_archive(conn, dry, now.isoformat(), 1000) == 1
+    assert sweep.purge_archive(conn, policy, dry, now.isoformat(), 1000).purged == 1
     assert len(_archive_of(conn, cid)) == 2
-    assert sweep.purge_archive(conn, purge_ctx, now.isoformat(), 100) == 1
+    assert sweep.purge_archive(conn, policy, purge_ctx, now.isoformat(), 100).purged == 1
     assert set(_archive_of(conn, cid)) == {("crm.contacts", str(cid))}
     row = conn.execute("SELECT key_id, nonce, ciphertext FROM gdpr_archive.archived_row"
                        " WHERE source_table = 'crm.contacts' AND source_pk = %s", (str(cid),)).fetchone()
@@ -361,10 +363,84 @@ def test_purge_archive_after_its_own_period(conn, policy: Policy, keys: Keys) ->
     assert json.loads(keys.decrypt(row[0], row[1], row[2], archive_aad("crm.contacts", str(cid), row[0]))) == (
         json.loads(contact_json))
     now = _advance(conn, datetime(2036, 6, 16, tzinfo=timezone.utc) - datetime(2033, 3, 8, tzinfo=timezone.utc))
-    assert sweep.purge_archive(conn, purge_ctx, (now - timedelta(days=2)).isoformat(), 100) == 0  # not before its date
-    assert sweep.purge_archive(conn, purge_ctx, now.isoformat(), 100) == 1
+    early = (now - timedelta(days=2)).isoformat()
+    assert sweep.purge_archive(conn, policy, purge_ctx, early, 100).purged == 0  # not before its date
+    assert sweep.purge_archive(conn, policy, purge_ctx, now.isoformat(), 100).purged == 1
     assert _archive_of(conn, cid) == {}
     assert _audited(conn, "purge", "purge_archive", "gdpr_archive.archived_row") == 2
+
+
+def _restrict(conn: psycopg.Connection, cid: int, request_id: str) -> None:
+    """A restriction of processing in force for the subject `cid` (as restriction.apply records it)."""
+    conn.execute("INSERT INTO gdpr.restriction (subject_hash, by_email, key_id, subject_table, subject_ids,"
+                 " request_id) VALUES (%s, false, 'k1', 'crm.contacts', %s, %s)",
+                 (f"{cid:064x}", [str(cid)], request_id))
+
+
+def test_purge_archive_keeps_the_archive_of_a_restricted_person_until_the_lift(
+    conn, warehouse: str, policy: Policy, keys: Keys
+) -> None:
+    """Art. 18: "keep my invoices, I need them for a legal claim". The sweep neither deletes nor pseudonymises a
+    restricted person; its archive purge does not delete their archived originals either, while in force."""
+    restricted, other = _former_client(conn), _former_client(conn)
+    for cid in (restricted, other):
+        _invoice(conn, cid, THREE_YEARS_BEFORE - timedelta(days=100))
+    conn.commit()
+    sweep.apply_rule(conn, policy, policy.rule("former_clients"), keys, CTX, AS_OF)
+    conn.execute("DELETE FROM gdpr_archive.archived_row WHERE subject_id <> ALL(%s)", ([str(restricted), str(other)],))
+    _restrict(conn, restricted, "REQ-RS-KEEP")
+    conn.commit()
+    today = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+    now = _advance(conn, datetime(2033, 3, 8, tzinfo=timezone.utc) - today)
+    ctx = RunContext("test_sweep", "purge-held", "purge_archive")
+    with psycopg.connect(as_role(warehouse, "gdpr_dag")) as engine:  # the DAGs' role
+        dry = sweep.purge_archive(engine, policy, dataclasses.replace(ctx, run_id="purge-held-dry", dry_run=True),
+                                  now.isoformat(), 1)
+        assert (dry.purged, dry.kept_restricted) == (1, 1)
+        done = sweep.purge_archive(engine, policy, ctx, now.isoformat(), 1)  # batches of one: keyset past the kept
+    assert (done.purged, done.kept_restricted) == (1, 1)
+    assert [t for t, _ in _archive_of(conn, restricted)] == ["crm.invoices"]
+    assert _archive_of(conn, other) == {}
+    assert _audited(conn, "purge-held", "purge_archive", "gdpr_archive.archived_row") == 1
+    assert _audited(conn, "purge-held", "purge_archive_held", "gdpr_archive.archived_row") == 1
+    conn.execute("DELETE FROM gdpr.restriction WHERE request_id = 'REQ-RS-KEEP'")  # lifted
+    conn.commit()
+    lifted = sweep.purge_archive(conn, policy, dataclasses.replace(ctx, run_id="purge-lifted"), now.isoformat(), 100)
+    assert (lifted.purged, lifted.kept_restricted) == (1, 0)
+    assert _archive_of(conn, restricted) == {}
+
+
+def test_purge_archive_waits_for_a_restriction_being_recorded(conn, warehouse: str, policy: Policy,
+                                                              keys: Keys) -> None:
+    """Lock, then re-check: a restriction being recorded holds the person's subject row FOR UPDATE (as
+    restriction.apply does) when the purge reaches it; the purge waits, then sees the restriction and keeps the
+    row. Without the lock the purge's snapshot would miss the uncommitted restriction and delete it."""
+    cid = _former_client(conn)
+    _invoice(conn, cid, THREE_YEARS_BEFORE - timedelta(days=100))
+    conn.commit()
+    sweep.apply_rule(conn, policy, policy.rule("former_clients"), keys, CTX, AS_OF)
+    conn.execute("DELETE FROM gdpr_archive.archived_row WHERE subject_id <> %s", (str(cid),))
+    conn.commit()
+    today = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+    now = _advance(conn, datetime(2033, 3, 8, tzinfo=timezone.utc) - today)
+    with psycopg.connect(warehouse) as restricting, psycopg.connect(as_role(warehouse, "gdpr_dag")) as engine:
+        restricting.execute("SELECT 1 FROM crm.contacts WHERE contact_id = %s FOR UPDATE", (cid,))
+        _restrict(restricting, cid, "REQ-RS-RACE")  # not committed yet
+        pid = engine.info.backend_pid
+        with ThreadPoolExecutor(1) as pool:
+            purging = pool.submit(sweep.purge_archive, engine, policy,
+                                  RunContext("test_sweep", "purge-race", "purge_archive"), now.isoformat(), 100)
+            while not purging.done():  # until the purge waits for the subject row's lock
+                waiting = conn.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                                       (pid,)).fetchone()
+                conn.rollback()
+                if waiting and waiting[0]:
+                    break
+            assert not purging.done(), "the purge did not wait for the subject row being restricted"
+            restricting.commit()
+            done = purging.result()
+    assert (done.purged, done.kept_restricted) == (0, 1)
+    assert [t for t, _ in _archive_of(conn, cid)] == ["crm.invoices"]
 
 
 def test_unmapped_foreign_key_gives_a_clear_error(conn, policy: Policy, keys: Keys) -> None:

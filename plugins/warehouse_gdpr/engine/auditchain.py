@@ -309,6 +309,8 @@ class StoragePath(Protocol):
 
     def write_text(self, data: str, encoding: str | None = ...) -> Any: ...
 
+    def unlink(self, missing_ok: bool = ...) -> None: ...
+
 
 _HEAD_FILE = re.compile(r"^head-(\d{20})\.json$")
 _EPOCH = re.compile(r"^restore-(\d{4})$")

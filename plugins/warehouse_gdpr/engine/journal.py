@@ -8,10 +8,12 @@ knows the subject ids). Right after that commit the task that made the change co
 to the journal OUTSIDE the warehouse (`sync`): append-only files of JSON lines under the policy's
 `evidence.location` (`PathJournalStore`, the same place as the audit chain's heads), one line per entry: entry
 id, kind, request id, keyed subject hash, key id, time, and for erasures and restrictions the internal subject
-ids (never an email, a name or any other personal data).
+ids (never an email, a name or any other personal data: the free-text source of a suppression entry written by
+another writer goes out as `other` unless it is a name like the engine's own).
 
 A task that dies between its commit and the copy loses nothing: every `sync` appends every committed row that
-the outside journal lacks (the next DAG run's first task does it at the latest).
+the outside journal lacks (the next DAG run's first task does it at the latest). A task that dies in the middle
+of its append leaves a last line without its end of line: skipped on reading, and appended again.
 
 A warehouse restored from a backup lacks the rows written since the backup: `sync` finds the entries of the
 outside journal that the control schema lacks (`Status.missing`; one read of the journal, one set-based
@@ -21,10 +23,13 @@ comparison), the first task of every DAG refuses to run (`WarehouseBehind`, nami
   suppression   the entry again, with its hash, key id, reason, source, request id and first-seen time;
   erasure       the person located by keyed hash (every subject's email hashed under every key of the pepper
                 chain, as the opt-out guard does: the entry's key id may be a retired pepper) and by the subject
-                ids the erasure recorded; erased again with the erasure engine's own deletion (dependents
-                first; a subject under a legal hold today keeps its kept_when_held rows and is flagged, as an
-                erasure restricted by a hold), its archived originals destroyed unless a legal obligation keeps
-                them; its request row recorded when the backup lacks it, and an outbox row queued (the email
+                ids the erasure recorded (not a row whose email has another hash: an id given to a new row since
+                the restore, or an email corrected between the backup and the erasure; neither erased nor
+                re-sent, the request id in `ids_reused` for a person to check); erased again with the erasure
+                engine's own deletion (dependents first; a subject under a legal hold today keeps its
+                kept_when_held rows and is flagged, as an erasure restricted by a hold), its archived originals
+                destroyed unless a legal obligation keeps them; its request row recorded when the backup lacks
+                it, and an outbox row queued (the email
                 read from the restored subject row, encrypted) for every downstream target with no
                 acknowledgement in the restored outbox. A target that acknowledged before the restore has
                 forgotten the person already: sending the erasure again is harmless (the targets' contracts take
@@ -58,7 +63,9 @@ audited (action `restore_replay`, with the original request id and entry id).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import uuid
 from collections import Counter
@@ -77,7 +84,9 @@ from .auditchain import StoragePath
 from .candidates import holds_array, qualified
 from .crypto import Keys
 from .errors import ConfigurationError
-from .policy import Policy
+from .policy import IDENT, Policy
+
+log = logging.getLogger(__name__)
 
 FORMAT = "warehouse-gdpr/journal/v1"
 KINDS = ("suppression", "erasure", "restriction", "restriction_lift")
@@ -163,16 +172,36 @@ class PathJournalStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         path = self.folder / f"{stamp}-{uuid.uuid4().hex[:12]}.jsonl"
-        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        try:
+            path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        except BaseException:
+            # A write that failed half-way (disk full, storage gone): the rows are still only in gdpr.journal and
+            # the next sync appends them again; a torn file left behind is read up to its last whole line.
+            with contextlib.suppress(Exception):  # the write's own error is the one to report
+                path.unlink(missing_ok=True)
+            raise
         return str(path)
 
     def read(self) -> Iterable[tuple[str, str]]:
+        """Every whole line. A file's last line without its newline was cut off by a write that did not finish
+        (a task killed, a full disk): it is skipped with a warning, and the next `sync` appends its entry again
+        from gdpr.journal. Anything else that is not an entry is an error (`JournalError`, in `read`)."""
         if not self.folder.exists() or not self.folder.is_dir():
             return
         for name in sorted(p.name for p in self.folder.iterdir() if _FILE.match(p.name)):
-            for number, line in enumerate((self.folder / name).read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                text = (self.folder / name).read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise JournalError(f"{name} is not UTF-8 text: the outside journal was damaged or altered "
+                                   "(docs/runbook.md, 'The journal outside the warehouse is damaged')") from None
+            lines = text.split("\n")
+            torn = lines.pop()  # "" after a final newline; otherwise a last line whose write did not finish
+            for number, line in enumerate(lines, 1):
                 if line.strip():
                     yield f"{name}:{number}", line
+            if torn.strip():
+                log.warning("Journal: %s:%d has no end of line (a write that did not finish): skipped; the next "
+                            "sync appends its entry again from the warehouse.", name, len(lines) + 1)
 
 
 @dataclass
@@ -222,8 +251,13 @@ _ROW = "entry_id::text, kind, request_id, subject_hash, key_id, recorded_at, det
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
+    details = dict(row[6])
+    if row[1] == "suppression" and not re.fullmatch(IDENT, str(details.get("source", ""))):
+        # The source of an entry written by another writer (a loader, an owner by hand) is free text: only a
+        # name like the engine's own ('erasure_request', an opt-out source of the policy) leaves the warehouse.
+        details["source"] = "other"
     return Entry(entry_id=row[0], kind=row[1], request_id=row[2], subject_hash=row[3], key_id=row[4],
-                 recorded_at=row[5].astimezone(timezone.utc).isoformat(), details=row[6])
+                 recorded_at=row[5].astimezone(timezone.utc).isoformat(), details=details)
 
 
 def sync(conn: psycopg.Connection, store: JournalStore) -> Status:
@@ -279,7 +313,7 @@ def replay(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext
     result: dict[str, Any] = {"entries": len(missing), "by_kind": dict(Counter(e.kind for e in missing)),
                               "suppression_added": 0, "erased_subjects": 0, "held_subjects": 0, "rows": {},
                               "archive_destroyed": 0, "requests_recorded": 0, "requeued": 0, "not_resent": [],
-                              "restricted": 0, "lifted": 0}
+                              "ids_reused": [], "restricted": 0, "lifted": 0}
     with conn.transaction():
         if extra_audit is not None:
             audit.record(conn, ctx, action="restore_detected", outcome="recorded", table="gdpr.audit_log",
@@ -342,6 +376,12 @@ def _erasures(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunCont
     subject = policy.subject
     table, pk = qualified(subject.table), sql.Identifier(subject.primary_key)
     optout.stage_subject_hashes(conn, policy, keys)
+    # Subject row `s` found by a recorded id of erasure `r` holds an email whose keyed hash (under every key of the
+    # chain) is not the erasure's: another person (only for an erasure by email: `r.key_id`).
+    other = sql.SQL(
+        "r.key_id IS NOT NULL AND EXISTS (SELECT 1 FROM {stage} h WHERE h.subject_id = s.{pk})"
+        " AND NOT EXISTS (SELECT 1 FROM {stage} h WHERE h.subject_id = s.{pk} AND h.email_hash = r.subject_hash)"
+    ).format(stage=optout.HASH_STAGE, pk=pk)
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {rs}").format(rs=REPLAY_SUBJECTS))
     conn.execute(sql.SQL(
         "CREATE TEMP TABLE {rs} ON COMMIT DROP AS"
@@ -350,11 +390,22 @@ def _erasures(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunCont
         "   ON r.kind = 'erasure' AND r.subject_hash = h.email_hash"
         "  UNION ALL SELECT s.{pk}, r.entry_id, false FROM {r} r"
         "   CROSS JOIN LATERAL jsonb_array_elements_text(coalesce(r.details->'subject_ids', '[]')) AS x(id)"
-        "   JOIN {t} s ON s.{pk}::text = x.id WHERE r.kind = 'erasure') m"
+        "   JOIN {t} s ON s.{pk}::text = x.id WHERE r.kind = 'erasure' AND NOT ({other})) m"
         " JOIN {t} s ON s.{pk} = m.subject_id"
         " ORDER BY m.subject_id, m.by_hash DESC").format(
-            rs=REPLAY_SUBJECTS, holds=holds_array(policy.holds), stage=optout.HASH_STAGE, r=REPLAY, pk=pk, t=table),
-        {"as_of": as_of})
+            rs=REPLAY_SUBJECTS, holds=holds_array(policy.holds), stage=optout.HASH_STAGE, r=REPLAY, pk=pk, t=table,
+            other=other), {"as_of": as_of})
+    # A recorded id whose row holds today another person's email (an id given again to a new row since the
+    # restore, or the email corrected between the backup and the erasure): not erased, not re-sent, its archive
+    # kept; the request id is reported (`ids_reused`) for a person to check.
+    reused: dict[str, set[str]] = {}
+    for entry_id, request_id, ids in conn.execute(sql.SQL(
+            "SELECT r.entry_id::text, r.request_id, array_agg(s.{pk}::text) FROM {r} r"
+            " CROSS JOIN LATERAL jsonb_array_elements_text(coalesce(r.details->'subject_ids', '[]')) AS x(id)"
+            " JOIN {t} s ON s.{pk}::text = x.id WHERE r.kind = 'erasure' AND {other}"
+            " GROUP BY 1, 2 ORDER BY 2").format(r=REPLAY, t=table, pk=pk, other=other)).fetchall():
+        reused[entry_id] = set(ids)
+        result["ids_reused"].append(request_id)
     # The email each re-sent erasure needs, read before the rows go (kept in memory only, encrypted in the outbox).
     emails: dict[str, str] = dict(conn.execute(sql.SQL(
         "SELECT DISTINCT ON (rs.entry_id) rs.entry_id::text, lower(btrim(s.{e})) FROM {rs} rs"
@@ -384,7 +435,8 @@ def _erasures(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunCont
         "SELECT entry_id::text, request_id, subject_hash, details, recorded_at FROM {r} WHERE kind = 'erasure'"
         " ORDER BY recorded_at, entry_id").format(r=REPLAY)).fetchall()
     for entry_id, request_id, subject_hash, details, _ in replayed:
-        ids = sorted(set(archive_ids.get(entry_id, [])) | {str(i) for i in details.get("subject_ids", [])})
+        ids = sorted((set(archive_ids.get(entry_id, [])) | {str(i) for i in details.get("subject_ids", [])})
+                     - reused.get(entry_id, set()))
         if ids:
             destroyed = conn.execute(
                 "SELECT coalesce(sum(destroyed), 0) FROM gdpr.erase_archived_rows(%s, %s, %s, %s, %s, %s, %s)",

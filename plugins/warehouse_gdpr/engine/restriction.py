@@ -7,6 +7,7 @@ survives an import that rewrites the contact row. While it is in force:
 * the retention sweep neither deletes nor pseudonymises the person: `candidates.holds_expression` adds the
   built-in hold `processing_restricted` to every rule, so the plan and the report show it with the policy's own
   holds; an erasure request is NOT held by it (a restriction is not a legal hold: erasure follows its own rules);
+  its archive purge keeps the person's archived originals past their purge date (`sweep.purge_archive`);
 * the person's do-not-contact flag (`subject.restriction_column`) is set, and the opt-out sync sets it again
   when an import cleared it (`optout.enforce`, by id, and by the keyed hash of the email when the import gave
   the row a new id); the hash is part of the opt-out list shared with downstream tools and exported, so no

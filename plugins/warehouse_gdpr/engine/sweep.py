@@ -494,30 +494,68 @@ def _archive_rows(
 # -- archive purge ----------------------------------------------------------------------------
 
 
-def purge_archive(conn: psycopg.Connection, ctx: RunContext, as_of: str, batch_size: int) -> int:
-    """Delete archive rows whose own retention ended, in batches, each with its audit row. Ended by `as_of`
-    and by the database's clock: the control schema refuses the engine's role the deletion of a row before
-    its purge date (an erasure goes through gdpr.erase_archived_rows)."""
+@dataclass
+class ArchivePurge:
+    """What `purge_archive` did: archive rows removed, and rows past their purge date kept because the person's
+    processing is restricted (art. 18: a restriction in force in gdpr.restriction names their subject id)."""
+
+    purged: int = 0
+    kept_restricted: int = 0
+
+
+# Archive rows past their purge date (by `as_of` and by the database's clock), after `last` in archive id order.
+_EXPIRED = ("SELECT archive_id, subject_id FROM gdpr_archive.archived_row"
+            " WHERE purge_after < least(%(as_of)s::timestamptz, now()) AND archive_id > %(last)s"
+            " ORDER BY archive_id LIMIT %(limit)s")
+# ... of them, those whose person's processing is not restricted (the check made under the subject rows' lock).
+_UNRESTRICTED = ("NOT EXISTS (SELECT 1 FROM gdpr.restriction g CROSS JOIN LATERAL unnest(g.subject_ids) AS r(id)"
+                 " WHERE r.id = a.subject_id)")
+
+
+def purge_archive(conn: psycopg.Connection, policy: Policy, ctx: RunContext, as_of: str,
+                  batch_size: int) -> ArchivePurge:
+    """Delete archive rows whose own retention ended, in keyset batches (archive id), each with its audit rows.
+    Ended by `as_of` and by the database's clock: the control schema refuses the engine's role the deletion of
+    a row before its purge date (an erasure goes through gdpr.erase_archived_rows).
+
+    A row of a person whose processing is restricted (art. 18, e.g. "keep my invoices: I need them for a legal
+    claim") is kept while the restriction is in force, and counted (`kept_restricted`, audited as
+    `purge_archive_held` / `processing_restricted`: no row changed); the first sweep after the lift purges it.
+    Lock, then re-check: each batch locks the subject rows its archive rows belong to (``FOR KEY SHARE``, in
+    primary-key order: the engine's one lock order, subject rows first), which a restriction being recorded holds
+    ``FOR UPDATE``; the restriction check then runs on a snapshot newer than the lock, so a restriction either
+    committed before and is honoured, or waits until the batch is purged. (The lock compares the subject's key
+    as text, as the archive stores it: one scan of the subject table per batch, and the purge is a weekly trickle
+    of rows reaching the end of their period.)"""
+    subject = policy.subject
+    lock = sql.SQL(
+        "SELECT count(*) FROM (SELECT 1 FROM {t} s WHERE s.{pk}::text = ANY(%s) ORDER BY s.{pk} FOR KEY SHARE) l"
+    ).format(t=candidates.qualified(subject.table), pk=sql.Identifier(subject.primary_key))
+    result = ArchivePurge()
     if ctx.dry_run:
-        n = conn.execute(
-            "SELECT count(*) FROM gdpr_archive.archived_row WHERE purge_after < least(%s::timestamptz, now())",
-            (as_of,)
-        ).fetchone()[0]  # type: ignore[index]
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE " + _UNRESTRICTED + "), count(*) FILTER (WHERE NOT " + _UNRESTRICTED
+            + ") FROM gdpr_archive.archived_row a WHERE purge_after < least(%s::timestamptz, now())", (as_of,)
+        ).fetchone()
+        assert row is not None
+        result.purged, result.kept_restricted = row
         with conn.transaction():
             audit.record(conn, ctx, action="purge_archive", outcome="dry_run", table="gdpr_archive.archived_row",
-                         row_count=n)
-        return n
-    total = 0
+                         row_count=result.purged, details={"kept_restricted": result.kept_restricted})
+        return result
+    last = 0
     while True:
         with conn.transaction():
-            rows = conn.execute(
-                "DELETE FROM gdpr_archive.archived_row WHERE archive_id IN ("
-                " SELECT archive_id FROM gdpr_archive.archived_row WHERE purge_after < least(%s::timestamptz, now())"
-                " ORDER BY archive_id LIMIT %s) RETURNING rule",
-                (as_of, batch_size),
-            ).fetchall()
-            if not rows:
+            batch = conn.execute(_EXPIRED, {"as_of": as_of, "last": last, "limit": batch_size}).fetchall()
+            if not batch:
                 break
+            last = batch[-1][0]
+            conn.execute(lock, (sorted({b[1] for b in batch}),))
+            rows = conn.execute(
+                "DELETE FROM gdpr_archive.archived_row a WHERE a.archive_id = ANY(%s)"
+                " AND a.purge_after < least(%s::timestamptz, now()) AND " + _UNRESTRICTED + " RETURNING a.rule",
+                ([b[0] for b in batch], as_of),
+            ).fetchall()
             by_rule: dict[str, int] = {}
             for (rule_name,) in rows:
                 by_rule[rule_name] = by_rule.get(rule_name, 0) + 1
@@ -526,13 +564,17 @@ def purge_archive(conn: psycopg.Connection, ctx: RunContext, as_of: str, batch_s
                     conn, ctx, action="purge_archive", outcome="done", rule=rule_name,
                     table="gdpr_archive.archived_row", row_count=n,
                 )
-        total += len(rows)
-    if total == 0:
+            if kept := len(batch) - len(rows):
+                audit.record(conn, ctx, action="purge_archive_held", outcome="processing_restricted",
+                             table="gdpr_archive.archived_row", row_count=kept)
+        result.purged += len(rows)
+        result.kept_restricted += kept
+    if result.purged == 0 and result.kept_restricted == 0:
         with conn.transaction():
             audit.record(
                 conn, ctx, action="purge_archive", outcome="nothing_to_purge", table="gdpr_archive.archived_row"
             )
-    return total
+    return result
 
 
 # -- blast radius: a rule about to treat a large share of the subject table waits for a person -----

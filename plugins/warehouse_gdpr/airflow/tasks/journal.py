@@ -197,10 +197,16 @@ def replay(policy_file: str, detected: dict[str, Any], context: Any) -> dict[str
         log.warning("Request(s) %s could not be sent again to the downstream targets that know the person by email: "
                     "the restored warehouse does not hold the person's email in clear (downstream had the request "
                     "when it first ran; see docs/runbook.md, 'Restore procedure').", ", ".join(result["not_resent"]))
+    if result["ids_reused"]:
+        log.warning("Erasure request(s) %s: a subject id the erasure recorded now holds another person's email (an id "
+                    "given again to a new row since the restore, or the email corrected between the backup and the "
+                    "erasure): that row was not erased nor sent downstream. Check it by hand (docs/runbook.md, "
+                    "'Restore procedure').", ", ".join(result["ids_reused"]))
     if recorded:
         log.warning("The audit log was restored to position %d; the heads exported up to position %d stay as they "
                     "were (what the backup lost) and the chain continues from position %d (recorded in %s, audit "
                     "row restore_detected).", state["log_end"]["chain_seq"], state["exported_head"]["chain_seq"],
                     state["log_end"]["chain_seq"], recorded)
-    return {k: v for k, v in result.items() if k != "not_resent"} | {"not_resent": len(result["not_resent"]),
-                                                                      "restore_recorded": bool(recorded)}
+    return {k: v for k, v in result.items() if k not in ("not_resent", "ids_reused")} | {
+        "not_resent": len(result["not_resent"]), "ids_reused": len(result["ids_reused"]),
+        "restore_recorded": bool(recorded)}

@@ -18,6 +18,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from warehouse_gdpr.airflow import connections
 from warehouse_gdpr.airflow.errors import task_errors
+from warehouse_gdpr.airflow.tasks import journal as journal_tasks
 from warehouse_gdpr.engine import audit, erasure, propagation, rectification, requests
 from warehouse_gdpr.engine.crypto import Keys
 from warehouse_gdpr.engine.policy import Policy
@@ -100,6 +101,8 @@ def rectify(policy_file: str, context: Any) -> dict[str, Any]:
         ctx = connections.run_context(context, request.dry_run)
         located = rectification.locate(conn, policy, keys, request)
         result = rectification.apply(conn, policy, keys, ctx, request, located)
+    if not request.dry_run:  # a corrected email's suppression entry (engine/journal.py)
+        journal_tasks.flush(policy)
     if result.already_recorded:
         log.info("Request %s was already processed (status %s): nothing changed.", request.request_id, result.status)
     else:

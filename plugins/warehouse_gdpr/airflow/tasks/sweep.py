@@ -187,9 +187,13 @@ def purge_archive(checked: dict[str, Any], context: Any) -> dict[str, Any]:
     policy = connections.run_policy(checked["policy_file"], context)
     ctx = connections.run_context(context, checked["dry_run"])
     with connections.connect(policy) as conn:
-        n = sweep.purge_archive(conn, ctx, checked["as_of"], policy.batch_size)
-    log.info("Archive purge: %d expired archive row(s) %s.", n, "would be removed" if checked["dry_run"] else "removed")
-    return {"purged": n}
+        done = sweep.purge_archive(conn, policy, ctx, checked["as_of"], policy.batch_size)
+    log.info("Archive purge: %d expired archive row(s) %s.", done.purged,
+             "would be removed" if checked["dry_run"] else "removed")
+    if done.kept_restricted:
+        log.warning("Archive purge: %d expired archive row(s) kept: the person's processing is restricted (art. 18); "
+                    "purged by the first sweep after the restriction is lifted.", done.kept_restricted)
+    return {"purged": done.purged, "kept_restricted": done.kept_restricted}
 
 
 @task_errors
@@ -289,8 +293,10 @@ def report(checked: dict[str, Any], context: Any) -> dict[str, Any]:
                 totals[key] = totals.get(key, 0) + row["row_count"]
         summary = {f"{r}/{a}/{t}": n for (r, a, t), n in sorted(totals.items())}
         held = _held(rows)
+        archive_held = sum(row["row_count"] for row in rows if row["action"] == "purge_archive_held")
         with conn.transaction():
-            audit.record(conn, ctx, action="report", outcome="ok", details={"totals": summary, "held": held})
+            audit.record(conn, ctx, action="report", outcome="ok", details={
+                "totals": summary, "held": held, "archive_kept_restricted": archive_held})
     log.info(
         "Retention sweep %s%s — rows changed, from gdpr.audit_log:\n%s",
         ctx.run_id, " (DRY RUN: none)" if ctx.dry_run else "",
@@ -302,7 +308,10 @@ def report(checked: dict[str, Any], context: Any) -> dict[str, Any]:
                  "processing, GDPR art. 18, is in force):\n%s",
                  sweep.format_table(["rule", "hold", "subjects"],
                                     [[r, h, n] for r, by_hold in held.items() for h, n in sorted(by_hold.items())]))
-    return {"dry_run": ctx.dry_run, "totals": summary, "held": held}
+    if archive_held:
+        log.info("Archive rows past their purge date kept because the person's processing is restricted (GDPR art. "
+                 "18): %d.", archive_held)
+    return {"dry_run": ctx.dry_run, "totals": summary, "held": held, "archive_kept_restricted": archive_held}
 
 
 def _held(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
