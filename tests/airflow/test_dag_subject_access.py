@@ -396,3 +396,39 @@ def test_an_erasure_request_id_is_refused_by_the_access_dag(
     with psycopg.connect(airflow_conns) as conn:
         assert conn.execute("SELECT count(*), max(audit_id) FROM gdpr.audit_log").fetchone() == before
     assert not (tmp_path / "packages").exists()
+
+
+def test_a_second_run_while_the_request_is_being_answered_fails_clearly_and_writes_nothing(
+    airflow_home: Path, airflow_conns: str, downstream, access_policy: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another run holds the request (the request id's lock, tests/engine/test_access_concurrency.py): this run
+    fails at once in `answer`, naming it, with no package and the request left to the other run. Failed on main:
+    this run read the person's data and wrote the package, then waited on the lock to record it."""
+    from helpers import as_role
+    from warehouse_gdpr.engine import erasure
+
+    monkeypatch.setattr(access, "ANSWER_LOCK_WAIT_SECONDS", 0.5, raising=False)
+    _, email, _ = _person(airflow_conns)
+    downstream.add_person(email)
+    assert _request_new(airflow_conns, "access", "ACC-BUSY-1", email + "\n").returncode == 0
+    engine = airflow_conns if os.environ.get("WAREHOUSE_TEST_URL") else as_role(airflow_conns, "gdpr_dag")
+    with psycopg.connect(engine, autocommit=True, application_name="warehouse-gdpr access manual__first") as first:
+        first.execute("SELECT pg_advisory_lock(%s, hashtext('ACC-BUSY-1'))", (erasure.REQUEST_LOCK_CLASS,))
+        # On main the answer waited forever on the lock when recording: bound it for this run's connections.
+        monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=10s")
+        dag_run, logs = _run({"request_id": "ACC-BUSY-1"}, caplog, capfd)
+        monkeypatch.delenv("PGOPTIONS")
+    assert not (tmp_path / "packages").exists() or not list((tmp_path / "packages").iterdir())
+    assert str(dag_run.state) == "failed"
+    assert _states(dag_run)["answer"] == "failed"  # no retry: the other run is answering
+    assert "request ACC-BUSY-1 is being answered by another run right now" in logs, logs[-4000:]
+    assert "application_name 'warehouse-gdpr access manual__first'" in logs and "read and wrote nothing" in logs
+    _no_personal_data(logs, email, "logs")
+    kind, status, *_ = _request_row(airflow_conns, "ACC-BUSY-1")
+    assert (kind, status) == ("access", "registered")
+
+    dag_run, logs = _run({"request_id": "ACC-BUSY-1"}, caplog, capfd)  # the other run ended without answering
+    assert str(dag_run.state) == "success", logs[-4000:]
+    assert _request_row(airflow_conns, "ACC-BUSY-1")[1] == "completed"
+    assert [p.name for p in (tmp_path / "packages").iterdir()] == ["ACC-BUSY-1.wgdpr"]

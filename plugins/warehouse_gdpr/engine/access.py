@@ -20,6 +20,10 @@ person, answered as one encrypted package.
    the request, the key id and the expiry date, is the associated data); `store` writes the package to
    the policy's `access.location` through a `PackageStore`; `unseal` is `warehouse-gdpr access unpack`;
    `purge` deletes packages past `access.keep_for` (the weekly sweep).
+6. One run per request id: `answer` holds the request id's lock from before it reads anything until the
+   answer is recorded, and checks the request again under it (`answering`): a second run of the same id
+   (a double Trigger, an overlapping retry) finds the first one's answer, or stops naming it, and writes
+   no package.
 
 Nothing here logs or returns personal data: callers get counts, the package's location and SHA-256.
 """
@@ -33,9 +37,11 @@ import hashlib
 import io
 import json
 import re
+import time as clock
 import uuid
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -58,6 +64,8 @@ PARAMS = ("email", "subject_id", "request_id", "received_at", "portability", "dr
 PACKAGE_SUFFIX = ".wgdpr"
 MAGIC = b"WGDPR-ACCESS-1\n"
 HEADER_MAX = 4096
+# How long a second run of one request id waits for the run answering it (`answering`), then stops.
+ANSWER_LOCK_WAIT_SECONDS = 60.0
 MAX_ROWS_PER_QUERY = 10_000  # a downstream query answering more for one person matches other people
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # zip members carry no date: the manifest and the header say when
 
@@ -88,6 +96,11 @@ class ExportFailed(TransientError, RuntimeError):
 class ExportMisconfigured(ConfigurationError, RuntimeError):
     """A downstream system's answer shows its target or connection is wrong (a redirect, refused credentials,
     a 404 that is not the API's): retrying will not help."""
+
+
+class RequestBusy(RequestError):
+    """Another run is answering this request id right now (it holds the request id's lock past the wait): this
+    run read and wrote nothing. The message names the request and the other run, no personal data."""
 
 
 class PackageError(ConfigurationError, ValueError):
@@ -172,6 +185,102 @@ def check_not_answered(conn: psycopg.Connection, request: AccessRequest) -> None
         raise RequestError(
             f"request {request.request_id} was already answered on {completed_at.date().isoformat()} ({status}): "
             "nothing was changed; a new request of the person gets its own request id")
+
+
+# -- one run per request id ------------------------------------------------------------------------------
+#
+# Two runs of one request id (a double Trigger, a retry overlapping an attempt still running) would both read
+# the person's data and write `<request_id>.wgdpr`, the second replacing the first's package after the first
+# recorded it. So a run (not a dry run) takes the request id's lock before it reads anything, and keeps it
+# until its answer is recorded: the session-level form of the lock `erasure.lock_request_id` takes (same key,
+# ``pg_advisory_lock(REQUEST_LOCK_CLASS, hashtext(request_id))``; reentrant, so `record` takes it again
+# at once). The lock order is the one every writer of gdpr.request follows: the request id's lock, then the
+# gdpr.request row, then the subject rows (an access run locks no subject row: it reads a snapshot). Under
+# the lock, `check_not_answered` is run again: a second run finds the first one's answer and stops.
+
+
+def _request_lock_holder(conn: psycopg.Connection, request_id: str) -> str:
+    """Who holds the request id's lock, from pg_locks and pg_stat_activity (no personal data)."""
+    row = conn.execute(
+        "SELECT l.pid, a.application_name, a.backend_start FROM pg_locks l LEFT JOIN pg_stat_activity a"
+        " ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+        " AND l.classid = %s::oid AND l.objid = hashtext(%s)::oid"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1",
+        (erasure.REQUEST_LOCK_CLASS, request_id),
+    ).fetchone()
+    if row is None:
+        return "a session that released it meanwhile"
+    pid, app, since = row
+    return (f"backend pid {pid} (application_name {app or '(not visible)'!r}"
+            f"{', connected since ' + since.isoformat(timespec='seconds') if since else ''})")
+
+
+def _take_request_lock(conn: psycopg.Connection, request_id: str, wait_seconds: float) -> bool:
+    with conn.transaction():
+        if wait_seconds <= 0:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))",
+                               (erasure.REQUEST_LOCK_CLASS, request_id)).fetchone()
+            return bool(row and row[0])
+        # lock_timeout bounds the wait (SET LOCAL: this transaction only); the lock itself is the session's.
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{max(1, round(wait_seconds * 1000))}ms",))
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (erasure.REQUEST_LOCK_CLASS, request_id))
+        except psycopg.errors.LockNotAvailable:
+            return False
+        return True
+
+
+def _release_request_lock(conn: psycopg.Connection, request_id: str) -> None:
+    if conn.closed or conn.broken:
+        return  # the server released the lock with the session
+    try:
+        conn.rollback()  # what the run committed stays; anything left open is undone
+        conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (erasure.REQUEST_LOCK_CLASS, request_id))
+        conn.rollback()  # the unlock is immediate, not transactional
+    except psycopg.OperationalError:
+        pass  # the connection is gone: the server released the lock with the session
+
+
+@contextmanager
+def answering(conn: psycopg.Connection, ctx: RunContext, request: AccessRequest,
+              wait_seconds: float | None = None) -> Iterator[None]:
+    """Hold the request id's lock (see above) for the block, then run `check_not_answered` again under it.
+
+    Waits at most `wait_seconds` (default ANSWER_LOCK_WAIT_SECONDS; 0: do not wait) for another run holding
+    it, then raises RequestBusy naming that run, after an audit row (action 'request_lock', outcome 'busy').
+    When the other run recorded its answer meanwhile, raises RequestError ("already answered on ..."). Either
+    way this run read and wrote nothing else. The connection must hold no uncommitted change (a transaction
+    that only read is rolled back). Released at the end of the block, or by the server with the session."""
+    status = psycopg.pq.TransactionStatus
+    if conn.info.transaction_status == status.INTRANS:
+        if conn.execute("SELECT pg_current_xact_id_if_assigned() IS NOT NULL").fetchone()[0]:  # type: ignore[index]
+            raise RuntimeError("an access answer needs a connection without uncommitted changes")
+        conn.rollback()
+    wait = ANSWER_LOCK_WAIT_SECONDS if wait_seconds is None else wait_seconds
+    started = clock.monotonic()
+    if not _take_request_lock(conn, request.request_id, wait):
+        waited = round(clock.monotonic() - started, 1)
+        holder = _request_lock_holder(conn, request.request_id)
+        conn.rollback()
+        with conn.transaction():
+            audit.record(conn, ctx, action="request_lock", outcome="busy",
+                         details={"request_id": request.request_id, "kind": request.kind, "waited_seconds": waited,
+                                  "holder": holder})
+        raise RequestBusy(
+            f"request {request.request_id} is being answered by another run right now: the request id's lock "
+            f"(advisory lock {erasure.REQUEST_LOCK_CLASS}, hashtext of the request id) is held by {holder}; "
+            f"waited {waited} s. This run read and wrote nothing. Let that run finish: it writes the package and "
+            "records the request as completed (warehouse-gdpr requests); trigger the request again only if "
+            "it ends without doing so (docs/runbook.md, 'Answer an access request')")
+    try:
+        conn.execute("SELECT set_config('application_name', %s, false)",
+                      (f"warehouse-gdpr access {ctx.run_id}"[:63],))  # what a second run's message shows
+        conn.commit()
+        check_not_answered(conn, request)  # re-checked under the lock: another run may have answered meanwhile
+        yield
+    finally:
+        _release_request_lock(conn, request.request_id)
 
 
 def problems(policy: Policy) -> list[str]:
@@ -778,11 +887,20 @@ def answer(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext
            transport: Transport, packages: PackageStore | None, preflights: set[str],
            located: Located | None = None) -> Answered:
     """Locate, gather, ask the downstream systems, build, seal and store the package, audit. A dry run reads
-    and counts, writes no package and audits one row."""
-    import time as clock
-
+    and counts, writes no package and audits one row. Anything else runs holding the request id's lock
+    (`answering`): RequestError when another run answered it meanwhile, RequestBusy while another run still
+    answers it; this run then read and wrote nothing."""
     check_policy(policy)
     check_not_answered(conn, request)
+    if request.dry_run:  # reads and counts only: no lock
+        return _answer(conn, policy, keys, ctx, request, transport, packages, preflights, located)
+    with answering(conn, ctx, request):  # one run per request id: lock, then check again
+        return _answer(conn, policy, keys, ctx, request, transport, packages, preflights, located)
+
+
+def _answer(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext, request: AccessRequest,
+            transport: Transport, packages: PackageStore | None, preflights: set[str],
+            located: Located | None) -> Answered:
     started = clock.perf_counter()
     located = located or erasure.locate(conn, policy, keys, request.base)
     gathered = gather(conn, policy, keys, located)

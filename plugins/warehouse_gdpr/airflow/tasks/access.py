@@ -112,7 +112,9 @@ def validate_request(policy_file: str, context: Any) -> dict[str, Any]:
 @task_errors
 def answer(policy_file: str, context: Any) -> dict[str, Any]:
     """Gather everything held on the person, ask the downstream systems, write the encrypted package. A
-    downstream system without a usable answer fails the task (retried when it may pass): no package then."""
+    downstream system without a usable answer fails the task (retried when it may pass): no package then.
+    Another run of the same request id (answered meanwhile, or still answering it) fails the task at once,
+    having read and written nothing (access.answering)."""
     policy = connections.run_policy(policy_file, context)
     keys = connections.load_keys(policy, archive_private=True)  # the archive's originals are part of the answer
     store = packages(policy)
