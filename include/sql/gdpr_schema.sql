@@ -1145,3 +1145,41 @@ ON CONFLICT DO NOTHING;
 
 INSERT INTO gdpr.schema_version (version) VALUES (11) ON CONFLICT (version) DO NOTHING;
 -- end of v11 =========================================================================================
+
+-- v12: how much of its journal outside the warehouse this warehouse has seen ==============================
+-- `journal.sync` records, after each successful read (and append) of `<evidence.location>/journal/<chain id>/`,
+-- how many distinct entries that folder held. The folder only grows, so a later read with FEWER entries means
+-- the location is not the one it was (a new bucket, a policy pointed at a new folder, a volume not mounted):
+-- the sync then refuses, appends nothing, and every DAG's first task fails (docs/runbook.md, "The journal
+-- outside the warehouse has fewer entries than the warehouse has seen"). A warehouse restored from a backup
+-- carries the older, smaller count of the backup's time: it is still found behind the journal, as before.
+-- The count never goes down (trigger, for every role); the owner deletes the row to start again from 0.
+CREATE TABLE IF NOT EXISTS gdpr.journal_outside (
+    chain_id     text PRIMARY KEY,          -- the audit chain id, which names the journal's folder
+    entries_seen bigint NOT NULL CHECK (entries_seen >= 0),
+    seen_at      timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE OR REPLACE FUNCTION gdpr.refuse_journal_outside_lowered() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.chain_id IS DISTINCT FROM OLD.chain_id OR NEW.entries_seen < OLD.entries_seen THEN
+        RAISE EXCEPTION 'gdpr.journal_outside: the count of entries seen outside the warehouse never goes down'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+DROP TRIGGER IF EXISTS journal_outside_never_lowered ON gdpr.journal_outside;
+CREATE TRIGGER journal_outside_never_lowered
+    BEFORE UPDATE ON gdpr.journal_outside
+    FOR EACH ROW EXECUTE FUNCTION gdpr.refuse_journal_outside_lowered();
+ALTER TABLE gdpr.journal_outside ENABLE ALWAYS TRIGGER journal_outside_never_lowered;
+
+REVOKE ALL ON gdpr.journal_outside FROM PUBLIC;
+GRANT SELECT, INSERT, UPDATE ON gdpr.journal_outside TO gdpr_engine;  -- no DELETE: only the owner starts again
+GRANT SELECT ON gdpr.journal_outside TO gdpr_auditor;
+
+INSERT INTO gdpr.schema_version (version) VALUES (12) ON CONFLICT (version) DO NOTHING;
+-- end of v12 =========================================================================================

@@ -222,3 +222,40 @@ def test_a_restored_warehouse_is_refused_by_every_dag_until_the_replay_erases_th
     assert state == "success", logs[-3000:]
     assert states["verify_audit_chain"] == "success"
     assert "Journal: the warehouse holds all" in logs
+
+
+def test_an_evidence_location_moved_without_its_journal_is_refused_by_the_first_task(
+    airflow_home: Path, airflow_conns: str, downstream, evidence: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A policy pointed at a new folder without the old one's files (or a volume not mounted): the missing journal
+    folder used to read as an empty journal, the first task started a new one there and the run went on."""
+    email = "xavier.moved@example.org"
+    with psycopg.connect(airflow_conns) as conn:
+        add_contact(conn, "prospect", date(2026, 5, 1), email=email)
+    downstream.add_person(email)
+    state, _, logs = _run("gdpr_subject_erasure", {"email": email, "request_id": "REQ-MOVED-1"}, caplog, capfd, 0)
+    assert state == "success", logs[-3000:]
+    seen = len({json.loads(line)["entry_id"] for path in (evidence / "journal").rglob("*.jsonl")
+                for line in path.read_text(encoding="utf-8").splitlines()})
+    assert seen >= 2  # at least the erasure and its suppression entry
+
+    policy = evidence.parent / "policy.yaml"
+    data = yaml.safe_load(policy.read_text(encoding="utf-8"))
+    moved = tmp_path / "evidence-new"
+    data["evidence"] = {"location": str(moved)}
+    policy.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    before = _snapshot(airflow_conns)
+    state, states, logs = _run("gdpr_retention_sweep", {"dry_run": True}, caplog, capfd, 1)
+    assert state == "failed" and states["check_policy"] == "failed", (states, logs[-3000:])
+    assert f"holds 0 entries, this warehouse has seen {seen} there: the evidence location is not the one it was" \
+        in logs
+    assert not (moved / "journal").exists(), "nothing appended to the new location"
+    assert _snapshot(airflow_conns) == before and email not in logs
+    with psycopg.connect(airflow_conns) as conn:
+        assert conn.execute("SELECT entries_seen FROM gdpr.journal_outside").fetchall() == [(seen,)]
+
+    data["evidence"] = {"location": str(evidence)}  # pointed back: the DAGs run again
+    policy.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    state, _, logs = _run("gdpr_retention_sweep", {"dry_run": True}, caplog, capfd, 2)
+    assert state == "success", logs[-3000:]

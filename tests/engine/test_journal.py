@@ -5,6 +5,7 @@ TEMPLATE, the same bytes as a restore of a dump would give; the DAG-level test u
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import uuid
@@ -21,6 +22,7 @@ from helpers import as_role, capture_persons, pii_scan
 from warehouse_gdpr.engine import erasure, journal, optout, propagation, requests, restriction
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys
+from warehouse_gdpr.engine.errors import ConfigurationError
 from warehouse_gdpr.engine.policy import Policy
 
 TODAY = date(2026, 6, 15)
@@ -488,3 +490,124 @@ def test_the_upgrade_to_version_11_starts_the_journal_with_the_entries_already_t
     with conn.transaction():
         conn.execute(current)  # type: ignore[arg-type]
     assert _rows(conn, "SELECT count(*) FROM gdpr.journal") == [(2,)]  # run again: nothing twice
+
+
+# -- v12: the count of entries seen outside (an evidence location emptied, moved or not mounted) -------------
+
+
+@contextlib.contextmanager
+def _copy_of(server_url: str, url: str) -> Iterator[str]:
+    """A copy of the database at `url` as it is now (a backup taken at this point: no session may be open on it)."""
+    source = str(conninfo_to_dict(url)["dbname"])
+    name = f"{source}_copy"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(source)))
+    try:
+        yield _db(url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _seen(conn: psycopg.Connection) -> list[tuple]:
+    return _rows(conn, "SELECT chain_id, entries_seen FROM gdpr.journal_outside")
+
+
+def test_an_evidence_location_emptied_or_moved_is_refused_and_nothing_is_appended_there(
+    warehouse: str, policy: Policy, keys: Keys, tmp_path: Path
+) -> None:
+    """A missing journal folder used to read as empty: the sync appended every row of gdpr.journal to the new place
+    and a later restore went unnoticed. The warehouse now knows how many entries it has seen outside."""
+    with psycopg.connect(as_role(warehouse, "gdpr_dag")) as conn:  # as the DAGs connect
+        [(_, first), (_, second)] = _prospects(conn, 2)
+        store = _store(tmp_path, conn)
+        _erase(conn, policy, keys, first, "REQ-M-1")
+        assert journal.sync(conn, store).appended == 2
+        for folder in ("moved", "unmounted"):  # a policy pointed at a new folder; a volume not mounted (a file: no dir)
+            empty = journal.PathJournalStore(tmp_path / folder, store.folder.name)  # type: ignore[arg-type]
+            if folder == "unmounted":
+                (tmp_path / folder).mkdir()
+            with pytest.raises(ConfigurationError) as info:  # main: no error, the whole journal appended there
+                journal.sync(conn, empty)
+            assert str(info.value) == (
+                f"the journal outside the warehouse at {empty.folder} holds 0 entries, this warehouse has seen 2 "
+                "there: the evidence location is not the one it was (emptied, moved, not mounted); nothing was "
+                "changed, nothing was appended there. docs/runbook.md, 'The journal outside the warehouse has fewer "
+                "entries than the warehouse has seen'")
+            assert not empty.folder.exists()  # nothing appended
+            assert isinstance(info.value, journal.JournalShrunk)  # a ConfigurationError: a person must act, no retry
+        assert _seen(conn) == [(store.folder.name, 2)]
+        # A commit since (not yet copied) is not appended to a location with fewer entries either.
+        _erase(conn, policy, keys, second, "REQ-M-2")
+        partial = journal.PathJournalStore(tmp_path / "partial", store.folder.name)  # type: ignore[arg-type]
+        partial.append([next(line for _, line in store.read())])  # a folder holding only part of the journal
+        with pytest.raises(journal.JournalShrunk, match="holds 1 entry, this warehouse has seen 2 there"):
+            journal.sync(conn, partial)
+        assert len(list(partial.read())) == 1 and _seen(conn) == [(store.folder.name, 2)]
+        # The right location again: the sync goes on, and the count follows the journal.
+        status = journal.sync(conn, store)
+        assert status.appended == 2 and not status.behind and _seen(conn) == [(store.folder.name, 4)]
+        # The count never goes down, and the engine cannot delete it.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+            conn.execute("UPDATE gdpr.journal_outside SET entries_seen = 0")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+            conn.execute("DELETE FROM gdpr.journal_outside")
+    with psycopg.connect(warehouse) as owner:  # nor the owner lower it (the owner deletes the row to start again)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), owner.transaction():
+            owner.execute("UPDATE gdpr.journal_outside SET entries_seen = 1")
+        with owner.transaction():
+            owner.execute("DELETE FROM gdpr.journal_outside")
+        assert journal.sync(owner, journal.PathJournalStore(tmp_path / "new", store.folder.name)).appended == 4  # type: ignore[arg-type]
+
+
+def test_a_restored_warehouse_has_seen_fewer_entries_and_is_still_found_behind(
+    server_url: str, warehouse: str, policy: Policy, keys: Keys, tmp_path: Path
+) -> None:
+    with psycopg.connect(warehouse) as conn:
+        [(_, first), (_, second)] = _prospects(conn, 2)
+        store = _store(tmp_path, conn)
+        _erase(conn, policy, keys, first, "REQ-R-1")
+        journal.sync(conn, store)
+    with _copy_of(server_url, warehouse) as backup_url:  # the backup: it has seen 2 entries outside
+        with psycopg.connect(warehouse) as conn:
+            _erase(conn, policy, keys, second, "REQ-R-2")
+            journal.sync(conn, store)
+        with psycopg.connect(as_role(backup_url, "gdpr_dag")) as restored:
+            # Pointed at an empty location, the restored warehouse is refused too (it had seen 2 there); main
+            # appended its journal there and found nothing missing.
+            with pytest.raises(ConfigurationError, match="holds 0 entries, this warehouse has seen 2 there"):
+                journal.sync(restored, journal.PathJournalStore(tmp_path / "empty", store.folder.name))  # type: ignore[arg-type]
+            assert _seen(restored) == [(store.folder.name, 2)]
+            status = journal.sync(restored, store)  # the real location: behind, as before
+            assert status.behind and status.counts() == {"erasure": 1, "suppression": 1}
+            assert status.appended == 0 and _seen(restored) == [(store.folder.name, 4)]  # it has seen them now
+            journal.replay(restored, policy, keys, REPLAY, status.missing, AS_OF)
+            again = journal.sync(restored, store)
+            assert not again.behind and again.appended == 0 and _seen(restored) == [(store.folder.name, 4)]
+        with psycopg.connect(warehouse) as conn:
+            assert _seen(conn) == [(store.folder.name, 4)]
+
+
+def test_the_upgrade_from_version_11_starts_the_count_at_zero(
+    conn: psycopg.Connection, keys: Keys, tmp_path: Path
+) -> None:
+    from warehouse_gdpr.engine import schema
+
+    v11 = (Path(__file__).parent / "data" / "gdpr_schema_v11.sql").read_text(encoding="utf-8")
+    with conn.transaction():
+        conn.execute("DROP SCHEMA gdpr, gdpr_archive CASCADE")
+        conn.execute(v11)  # type: ignore[arg-type]
+    assert _rows(conn, "SELECT max(version), to_regclass('gdpr.journal_outside') FROM gdpr.schema_version") == [
+        (11, None)]
+    with conn.transaction():
+        conn.execute("INSERT INTO gdpr.suppression_list (email_hash, key_id, reason, source, request_id)"
+                     " VALUES (%s, %s, 'erasure', 'erasure_request', 'REQ-V11')", ("e" * 64, keys.hmac_key_id))
+    store = _store(tmp_path, conn)
+    assert journal.sync(conn, store).appended == 1  # a v11 warehouse syncs without the count
+    assert schema.ensure_schema(conn) is True
+    assert _seen(conn) == [] and journal.entries_seen(conn, store.folder.name) == 0
+    conn.rollback()
+    # Its first sync since the upgrade, even at a new (empty) location, starts from 0: no refusal.
+    moved = journal.PathJournalStore(tmp_path / "moved", store.folder.name)  # type: ignore[arg-type]
+    status = journal.sync(conn, moved)
+    assert status.appended == 1 and not status.behind and _seen(conn) == [(store.folder.name, 1)]

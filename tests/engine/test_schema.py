@@ -125,7 +125,7 @@ def test_ensure_schema_installs_then_is_idempotent(empty_db: str) -> None:
             "gdpr.schema_version", "gdpr.audit_log", "gdpr_archive.archived_row",
             "gdpr.suppression_list", "gdpr.request", "gdpr.erasure_propagation", "gdpr.quarantine",
             "gdpr.processing_register", "gdpr.audit_chain_head", "gdpr.restriction", "gdpr.audit_xact",
-            "gdpr.journal",
+            "gdpr.journal", "gdpr.journal_outside",
         }
         views = {r[0] for r in other.execute(
             "SELECT schemaname || '.' || viewname FROM pg_views WHERE schemaname = 'gdpr'")}
@@ -177,7 +177,7 @@ def test_ensure_schema_by_a_role_outside_gdpr_engine(warehouse: str, plain_user:
 
 
 DATA = Path(__file__).parent / "data"
-PREVIOUS = 10  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v10.sql
+PREVIOUS = 11  # the released version before schema.SCHEMA_VERSION: its frozen DDL is data/gdpr_schema_v11.sql
 
 
 def _install_version(conn: psycopg.Connection, version: int) -> None:

@@ -148,8 +148,16 @@ class Entry:
         return f"{self.kind} {self.request_id or '-'} (entry {self.entry_id[:8]}, {self.recorded_at})"
 
 
+class JournalShrunk(ConfigurationError, RuntimeError):
+    """The outside journal holds fewer entries than the warehouse has seen there: the evidence location is not
+    the one it was (emptied, moved, not mounted). Nothing is appended; a person must act (docs/runbook.md)."""
+
+
 class JournalStore(Protocol):
-    """Where the journal is kept outside the warehouse: lines are appended, never changed."""
+    """Where the journal is kept outside the warehouse: lines are appended, never changed. `chain_id` names the
+    warehouse's journal (the count of entries it has seen there is kept under it, gdpr.journal_outside)."""
+
+    chain_id: str
 
     def append(self, lines: list[str]) -> str:
         """Append `lines` (JSON, no newline inside); returns where they went."""
@@ -166,6 +174,7 @@ class PathJournalStore:
 
     def __init__(self, root: StoragePath, chain_id: str) -> None:
         self.root = root
+        self.chain_id = chain_id
         self.folder = root / "journal" / chain_id
 
     def append(self, lines: list[str]) -> str:
@@ -230,6 +239,22 @@ def installed(conn: psycopg.Connection) -> bool:
     return conn.execute("SELECT to_regclass('gdpr.journal')").fetchone()[0] is not None  # type: ignore[index]
 
 
+def entries_seen(conn: psycopg.Connection, chain_id: str) -> int | None:
+    """How many distinct entries the warehouse has seen in its outside journal (gdpr.journal_outside, control
+    schema v12): 0 before its first sync since the upgrade; None when the control schema is older than v12."""
+    if conn.execute("SELECT to_regclass('gdpr.journal_outside')").fetchone()[0] is None:  # type: ignore[index]
+        return None
+    row = conn.execute("SELECT entries_seen FROM gdpr.journal_outside WHERE chain_id = %s", (chain_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def shrunk_message(where: str, entries: int, seen: int) -> str:
+    return (f"the journal outside the warehouse at {where} holds {entries} entr{'y' if entries == 1 else 'ies'}, "
+            f"this warehouse has seen {seen} there: the evidence location is not the one it was (emptied, moved, "
+            "not mounted); nothing was changed, nothing was appended there. docs/runbook.md, 'The journal outside "
+            "the warehouse has fewer entries than the warehouse has seen'")
+
+
 def record(conn: psycopg.Connection, kind: str, request_id: str | None, subject_hash: str, key_id: str | None,
            details: dict[str, Any]) -> None:
     """One journal row, in the caller's transaction (the one making the change true)."""
@@ -263,11 +288,20 @@ def _entry(row: tuple[Any, ...]) -> Entry:
 def sync(conn: psycopg.Connection, store: JournalStore) -> Status:
     """Read the outside journal once; append to it the committed rows of gdpr.journal it lacks (a task that died
     after its commit); return the entries the control schema lacks (an entry is there under its id, or as the same
-    change: kind, subject hash and request id). Two set-based statements. Ends the transaction it reads in."""
+    change: kind, subject hash and request id). Two set-based statements. Ends the transaction it reads in.
+
+    The outside journal only grows: when it holds fewer entries than the warehouse has seen there (control schema
+    v12, gdpr.journal_outside), its location is not the one it was, and `JournalShrunk` is raised before anything
+    is appended (a warehouse restored from a backup has seen fewer: it is found behind, as before). After a read
+    and append that succeeded, the count seen is recorded (never lowered), in its own committed transaction."""
     entries = read(store)
     if not installed(conn):
         conn.rollback()
         return Status(entries=len(entries), missing=entries)
+    seen = entries_seen(conn, store.chain_id)
+    if seen is not None and len(entries) < seen:
+        conn.rollback()
+        raise JournalShrunk(shrunk_message(str(getattr(store, "folder", store.chain_id)), len(entries), seen))
     ids = [e.entry_id for e in entries]
     absent = {r[0] for r in conn.execute(
         "SELECT f.id::text FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[]) AS f(id, kind, hash, req)"
@@ -285,6 +319,13 @@ def sync(conn: psycopg.Connection, store: JournalStore) -> Status:
         status.appended_to = store.append([e.line() for e in unjournaled])
         status.appended = len(unjournaled)
         status.entries += len(unjournaled)
+    if seen is not None and status.entries > seen:
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO gdpr.journal_outside (chain_id, entries_seen, seen_at) VALUES (%s, %s, now())"
+                " ON CONFLICT (chain_id) DO UPDATE SET seen_at = EXCLUDED.seen_at,"
+                " entries_seen = GREATEST(gdpr.journal_outside.entries_seen, EXCLUDED.entries_seen)",
+                (store.chain_id, status.entries))
     return status
 
 

@@ -9,9 +9,10 @@ import psycopg
 from .errors import ConfigurationError
 from .sqlfiles import read_sql
 
-SCHEMA_VERSION = 11  # 8: the audit chain; 9: rectification and restriction (gdpr.restriction, the guard);
+SCHEMA_VERSION = 12  # 8: the audit chain; 9: rectification and restriction (gdpr.restriction, the guard);
 # 10: requests and outbox rows follow their lifecycle, each change audited (enforced for the engine);
-# 11: the journal of erasures, suppression entries and restrictions (gdpr.journal)
+# 11: the journal of erasures, suppression entries and restrictions (gdpr.journal);
+# 12: how many entries of its journal outside the warehouse the warehouse has seen (gdpr.journal_outside)
 log = logging.getLogger(__name__)
 
 

@@ -3,7 +3,9 @@
 * `refuse_if_restored`: the first task of every DAG (through `connections.run_policy`, before the run's policy is
   pinned) copies to the outside journal what the control schema committed and the journal lacks, and refuses to
   run a warehouse behind it (entries missing: a restore from a backup): the message names gdpr_restore_replay.
-  One read of the journal, one comparison. (An audit log that ends before the exported head is left to
+  One read of the journal, one comparison. A journal outside with fewer entries than the warehouse has seen
+  there (an evidence location emptied, moved or not mounted) is refused too, nothing appended to it
+  (`journal.JournalShrunk`). (An audit log that ends before the exported head is left to
   `verify_audit_chain`, at the end of the run: a deleted tail is an incident, not a restore, unless on-call
   knows of one; docs/runbook.md.)
 * `flush`: right after a task commits an erasure, a suppression entry or a restriction, the same copy. A failure
@@ -60,6 +62,9 @@ def _sync(conn: psycopg.Connection, policy: Policy, chain_id: str) -> tuple[jour
         return journal.sync(conn, store), where
     except OSError as exc:
         raise _storage("read or append to", where, exc) from None
+    except journal.JournalShrunk as exc:  # the evidence location is not the one it was: no retry, a person acts
+        log.error("%s", exc)
+        raise
 
 
 def refuse_if_restored(policy: Policy, context: Any) -> None:
@@ -135,7 +140,8 @@ def _audit_state(conn: psycopg.Connection, policy: Policy, chain_id: str) -> dic
 def detect_restore(policy_file: str, context: Any) -> dict[str, Any]:
     """gdpr_restore_replay's first task: what the restored warehouse lacks (journal entries, audit rows). Changes
     none of the warehouse's data: it installs the control schema when it is older than the package, and appends
-    to the outside journal what the warehouse committed and the journal lacks (as every first task does)."""
+    to the outside journal what the warehouse committed and the journal lacks, recording how many entries it has
+    seen there (as every first task does)."""
     policy = connections.run_policy(policy_file, context)
     with connections.connect(policy) as conn:
         connections.prepare_warehouse(conn, policy)
