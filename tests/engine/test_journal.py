@@ -150,6 +150,14 @@ def test_an_erasure_is_journaled_outside_and_replayed_on_a_restored_warehouse(
         # Replayed with their own entry ids: the warehouse is level with the journal again, nothing to append.
         again = journal.sync(restored, store)
         assert not again.behind and again.appended == 0
+        # A second replay from the same (now stale) list, as a second run that read the journal before the first
+        # committed: re-checked under the replay lock, it applies and audits nothing again.
+        second = journal.replay(restored, policy, keys, REPLAY, status.missing, AS_OF)
+        assert second["entries"] == 0 and second["suppression_added"] == 0 and second["requests_recorded"] == 0
+        assert _rows(restored, "SELECT count(*) FROM gdpr.audit_log WHERE action = 'restore_replay'"
+                     " AND outcome = 'replayed'") == [(2,)]
+        assert _rows(restored, "SELECT count(*) FROM gdpr.erasure_propagation WHERE request_id = 'REQ-J-1'") == [
+            (len(targets),)]
 
 
 def test_a_commit_the_journal_missed_is_appended_by_the_next_sync(

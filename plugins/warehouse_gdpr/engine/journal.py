@@ -303,13 +303,7 @@ def sync(conn: psycopg.Connection, store: JournalStore) -> Status:
         conn.rollback()
         raise JournalShrunk(shrunk_message(str(getattr(store, "folder", store.chain_id)), len(entries), seen))
     ids = [e.entry_id for e in entries]
-    absent = {r[0] for r in conn.execute(
-        "SELECT f.id::text FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[]) AS f(id, kind, hash, req)"
-        " WHERE NOT EXISTS (SELECT 1 FROM gdpr.journal j WHERE j.entry_id = f.id)"
-        " AND NOT EXISTS (SELECT 1 FROM gdpr.journal j WHERE j.kind = f.kind AND j.subject_hash = f.hash"
-        "  AND coalesce(j.request_id, '') = coalesce(f.req, ''))",
-        (ids, [e.kind for e in entries], [e.subject_hash for e in entries], [e.request_id for e in entries]),
-    ).fetchall()}
+    absent = _absent(conn, entries)
     unjournaled = [_entry(r) for r in conn.execute(
         f"SELECT {_ROW} FROM gdpr.journal j WHERE NOT EXISTS (SELECT 1 FROM unnest(%s::uuid[]) AS f(id)"
         " WHERE f.id = j.entry_id) ORDER BY recorded_at, entry_id", (ids,)).fetchall()]
@@ -327,6 +321,19 @@ def sync(conn: psycopg.Connection, store: JournalStore) -> Status:
                 " entries_seen = GREATEST(gdpr.journal_outside.entries_seen, EXCLUDED.entries_seen)",
                 (store.chain_id, status.entries))
     return status
+
+
+def _absent(conn: psycopg.Connection, entries: list[Entry]) -> set[str]:
+    """The ids of `entries` that gdpr.journal lacks, under their id or as the same change (kind, subject hash and
+    request id). One set-based statement."""
+    return {r[0] for r in conn.execute(
+        "SELECT f.id::text FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[]) AS f(id, kind, hash, req)"
+        " WHERE NOT EXISTS (SELECT 1 FROM gdpr.journal j WHERE j.entry_id = f.id)"
+        " AND NOT EXISTS (SELECT 1 FROM gdpr.journal j WHERE j.kind = f.kind AND j.subject_hash = f.hash"
+        "  AND coalesce(j.request_id, '') = coalesce(f.req, ''))",
+        ([e.entry_id for e in entries], [e.kind for e in entries], [e.subject_hash for e in entries],
+         [e.request_id for e in entries]),
+    ).fetchall()}
 
 
 def behind_message(status: Status, where: str) -> str:
@@ -350,35 +357,59 @@ def replay(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext
            as_of: str, extra_audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """Re-apply `missing` (module doc), in ONE transaction with their audit rows. `extra_audit`: the details of
     a `restore_detected` audit row written in the same transaction (the caller found the audit log truncated).
-    Returns counts (no personal data)."""
+    Returns counts (no personal data).
+
+    Lock, then re-check: a second replay (another deployment, a run by hand) waits for the replay lock, then
+    finds what the first one applied already there and neither applies nor audits it again (`missing` and the
+    restore row are re-checked under the lock)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('warehouse_gdpr.restore_replay'))")
+        if missing:
+            absent = _absent(conn, missing)
+            missing = [e for e in missing if e.entry_id in absent]
+        result = _replay(conn, policy, keys, ctx, missing, as_of, extra_audit)
+    return result
+
+
+def _replay(conn: psycopg.Connection, policy: Policy, keys: Keys, ctx: RunContext, missing: list[Entry],
+            as_of: str, extra_audit: dict[str, Any] | None) -> dict[str, Any]:
+    """`replay`'s body, in its transaction, under its lock."""
     result: dict[str, Any] = {"entries": len(missing), "by_kind": dict(Counter(e.kind for e in missing)),
                               "suppression_added": 0, "erased_subjects": 0, "held_subjects": 0, "rows": {},
                               "archive_destroyed": 0, "requests_recorded": 0, "requeued": 0, "not_resent": [],
                               "ids_reused": [], "restricted": 0, "lifted": 0}
-    with conn.transaction():
-        if extra_audit is not None:
-            audit.record(conn, ctx, action="restore_detected", outcome="recorded", table="gdpr.audit_log",
-                         details=extra_audit)
-        if not missing:
-            audit.record(conn, ctx, action="restore_replay", outcome="nothing_to_replay", table="gdpr.journal")
-            return result
-        _stage(conn, missing)
-        _suppression(conn, result)
-        if any(e.kind == "erasure" for e in missing):
-            _erasures(conn, policy, keys, ctx, as_of, result)
-        if any(e.kind in ("restriction", "restriction_lift") for e in missing):
-            _restrictions(conn, policy, keys, ctx, result)
-        conn.execute(sql.SQL(
-            "INSERT INTO gdpr.audit_log (dag_id, run_id, task_id, table_name, action, row_count, dry_run, outcome,"
-            " subject_hash, details)"
-            " SELECT %(dag)s, %(run)s, %(task)s, 'gdpr.journal', 'restore_replay', 1, false, 'replayed', subject_hash,"
-            " jsonb_build_object('request_id', request_id, 'kind', kind, 'entry_id', entry_id,"
-            "  'recorded_at', recorded_at, 'key_id', key_id)"
-            " FROM {r} ORDER BY recorded_at, entry_id").format(r=REPLAY),
-            {"dag": ctx.dag_id, "run": ctx.run_id, "task": ctx.task_id})
-        for table, n in sorted(result["rows"].items()):
-            audit.record(conn, ctx, action="erase", outcome="restore_replay", table=table, row_count=n)
+    if extra_audit is not None and not _restore_recorded(conn, extra_audit):
+        audit.record(conn, ctx, action="restore_detected", outcome="recorded", table="gdpr.audit_log",
+                     details=extra_audit)
+    if not missing:
+        audit.record(conn, ctx, action="restore_replay", outcome="nothing_to_replay", table="gdpr.journal")
+        return result
+    _stage(conn, missing)
+    _suppression(conn, result)
+    if any(e.kind == "erasure" for e in missing):
+        _erasures(conn, policy, keys, ctx, as_of, result)
+    if any(e.kind in ("restriction", "restriction_lift") for e in missing):
+        _restrictions(conn, policy, keys, ctx, result)
+    conn.execute(sql.SQL(
+        "INSERT INTO gdpr.audit_log (dag_id, run_id, task_id, table_name, action, row_count, dry_run, outcome,"
+        " subject_hash, details)"
+        " SELECT %(dag)s, %(run)s, %(task)s, 'gdpr.journal', 'restore_replay', 1, false, 'replayed', subject_hash,"
+        " jsonb_build_object('request_id', request_id, 'kind', kind, 'entry_id', entry_id,"
+        "  'recorded_at', recorded_at, 'key_id', key_id)"
+        " FROM {r} ORDER BY recorded_at, entry_id").format(r=REPLAY),
+        {"dag": ctx.dag_id, "run": ctx.run_id, "task": ctx.task_id})
+    for table, n in sorted(result["rows"].items()):
+        audit.record(conn, ctx, action="erase", outcome="restore_replay", table=table, row_count=n)
     return result
+
+
+def _restore_recorded(conn: psycopg.Connection, restore: dict[str, Any]) -> bool:
+    """Whether a replay already recorded this restore (its `restore_detected` row supersedes the same exported
+    head)."""
+    head = (restore.get("exported_head") or {}).get("row_hash")
+    return head is not None and bool(conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM gdpr.audit_log WHERE action = 'restore_detected'"
+        " AND details->'exported_head'->>'row_hash' = %s)", (head,)).fetchone()[0])  # type: ignore[index]
 
 
 def _stage(conn: psycopg.Connection, missing: list[Entry]) -> None:
