@@ -247,3 +247,17 @@ def fast_retry_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     monkeypatch.setenv("WAREHOUSE_GDPR_POLICY", str(path))
     return path
+
+
+@pytest.fixture
+def no_targets(tmp_path: Path) -> Policy:
+    """The demo policy without downstream targets (for what the warehouse alone holds: the access request's
+    tests)."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "include" / "policy.yaml").read_text())
+    data["erasure"]["targets"] = []
+    data["processing_register"]["activities"][0]["processors"][1]["targets"] = []
+    path = tmp_path / "no_targets.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_policy(path)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
+import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
+from typing import Any
 
 import psycopg
+import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -323,3 +327,56 @@ def as_role(url: str, user: str) -> str:
     params["user"] = user
     params.pop("password", None)
     return make_conninfo(**params)  # type: ignore[arg-type]
+
+
+class Worker(threading.Thread):
+    """Runs `body(conn)` on its own connection (autocommit off, as the DAGs' connections); keeps its result or
+    exception. Concurrency tests order workers by locks (`wait_for_lock_wait`), never by sleeps."""
+
+    def __init__(self, url: str, body: Callable[[psycopg.Connection], Any]) -> None:
+        super().__init__(daemon=True)
+        self.conn = psycopg.connect(url)
+        self.pid = self.conn.info.backend_pid
+        self.body = body
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.body(self.conn)
+        except BaseException as exc:  # noqa: BLE001 - examined by the test (done / finish)
+            self.error = exc
+        finally:
+            self.conn.close()
+
+    def done(self) -> None:
+        """Wait for the worker to end; its result or exception stays for the test to examine."""
+        self.join(timeout=300)
+        assert not self.is_alive(), "the worker never finished"
+
+    def finish(self) -> Any:
+        """Wait for the worker to end; raise its exception, or return its result."""
+        self.done()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def wait_for_lock_wait(observer: psycopg.Connection, worker: Worker) -> str:
+    """Block until the worker's backend waits for a lock (pg_stat_activity); return its wait_event.
+
+    A guard stops the wait if the worker ended first (it then never blocked: ordering failed)."""
+    guard = time.monotonic() + 300
+    while True:
+        row = observer.execute(
+            "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = %s", (worker.pid,)
+        ).fetchone()
+        observer.rollback()
+        if row and row[0] == "Lock":
+            return str(row[1])
+        if not worker.is_alive():
+            worker.finish()  # raises the worker's own error, if any
+            pytest.fail("the worker finished without ever waiting for a lock")
+        if time.monotonic() > guard:
+            pytest.fail("the worker never waited for a lock")
+        time.sleep(0.02)

@@ -42,17 +42,6 @@ def packages(tmp_path: Path) -> ObjectStoragePackages:
     return ObjectStoragePackages("packages", tmp_path)
 
 
-@pytest.fixture
-def no_targets(tmp_path: Path) -> Policy:
-    """The demo policy without downstream targets (for what the warehouse alone holds)."""
-    data = yaml.safe_load((ROOT / "include" / "policy.yaml").read_text())
-    data["erasure"]["targets"] = []
-    data["processing_register"]["activities"][0]["processors"][1]["targets"] = []
-    path = tmp_path / "no_targets.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return load_policy(path)
-
-
 def _answer(conn: psycopg.Connection, policy: Policy, keys: Keys, params: dict[str, Any],
             packages: ObjectStoragePackages, preflights: set[str] | None = None) -> access.Answered:
     request = access.parse_request(params, today=TODAY)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -26,15 +24,14 @@ from typing import Any
 
 import psycopg
 import pytest
-import yaml
 
-from helpers import add_activity, add_contact, as_role
+from helpers import Worker, add_activity, add_contact, as_role, wait_for_lock_wait
 from warehouse_gdpr.airflow.storage import ObjectStoragePackages
 from warehouse_gdpr.airflow.transport import AirflowTransport
 from warehouse_gdpr.engine import access, erasure, requests
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys
-from warehouse_gdpr.engine.policy import Policy, load_policy
+from warehouse_gdpr.engine.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[2]
 RID = "ACC-TWICE-1"
@@ -54,58 +51,6 @@ class Recording(ObjectStoragePackages):
         location = super().write(name, data)
         self.written.append((name, hashlib.sha256(data).hexdigest()))
         return location
-
-
-class Run(threading.Thread):
-    """One run of the `answer` task's engine calls, on its own connection as gdpr_dag (autocommit off, as
-    connections.connect gives it); keeps its result or exception."""
-
-    def __init__(self, url: str, body: Callable[[psycopg.Connection], Any]) -> None:
-        super().__init__(daemon=True)
-        self.conn = psycopg.connect(url)
-        self.pid = self.conn.info.backend_pid
-        self.body = body
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = self.body(self.conn)
-        except BaseException as exc:  # noqa: BLE001 - examined by the test
-            self.error = exc
-        finally:
-            self.conn.close()
-
-    def done(self) -> None:
-        self.join(timeout=300)
-        assert not self.is_alive(), "the run never finished"
-
-
-def wait_for_lock_wait(observer: psycopg.Connection, run: Run) -> str:
-    """Block until the run's backend waits for a lock; return its wait_event. Fails if the run ended first."""
-    guard = time.monotonic() + 300
-    while True:
-        row = observer.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = %s",
-                               (run.pid,)).fetchone()
-        observer.rollback()
-        if row and row[0] == "Lock":
-            return str(row[1])
-        if not run.is_alive():
-            pytest.fail(f"the run finished without ever waiting for a lock: {run.error!r}")
-        if time.monotonic() > guard:
-            pytest.fail("the run never waited for a lock")
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def no_targets(tmp_path: Path) -> Policy:
-    """The demo policy without downstream targets (what the warehouse holds is enough here)."""
-    data = yaml.safe_load((ROOT / "include" / "policy.yaml").read_text())
-    data["erasure"]["targets"] = []
-    data["processing_register"]["activities"][0]["processors"][1]["targets"] = []
-    path = tmp_path / "no_targets.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return load_policy(path)
 
 
 @pytest.fixture
@@ -176,7 +121,7 @@ def test_two_runs_at_once_write_and_record_one_package(
     if registered:
         _register(conn, keys, email)
     stores = {"run-first": Recording("packages", tmp_path), "run-second": Recording("packages", tmp_path)}
-    runs = {name: Run(engine_url, _body(no_targets, keys, name, _params(email, registered), store))
+    runs = {name: Worker(engine_url, _body(no_targets, keys, name, _params(email, registered), store))
             for name, store in stores.items()}
     with psycopg.connect(conn.info.dsn) as blocker, psycopg.connect(conn.info.dsn) as observer:
         _hold_request_lock(blocker)

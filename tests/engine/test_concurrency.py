@@ -13,7 +13,6 @@ a worker's backend waits for a lock (wait_event_type 'Lock'): no sleeps, no time
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,7 +23,17 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from helpers import AS_OF, CRM_TABLES, add_activity, add_contact, add_contract, new_id, table_checksum
+from helpers import (
+    AS_OF,
+    CRM_TABLES,
+    Worker,
+    add_activity,
+    add_contact,
+    add_contract,
+    new_id,
+    table_checksum,
+    wait_for_lock_wait,
+)
 from warehouse_gdpr.engine import erasure, sweep
 from warehouse_gdpr.engine.audit import RunContext
 from warehouse_gdpr.engine.crypto import Keys, archive_aad
@@ -35,53 +44,6 @@ LONG_AGO = date(2020, 1, 15)  # far beyond every rule's three years before AS_OF
 
 
 # -- workers and ordering --------------------------------------------------------------------------
-
-
-class Worker(threading.Thread):
-    """Runs `body(conn)` on its own connection; keeps its result or exception."""
-
-    def __init__(self, url: str, body: Callable[[psycopg.Connection], Any]) -> None:
-        super().__init__(daemon=True)
-        self.conn = psycopg.connect(url)
-        self.pid = self.conn.info.backend_pid
-        self.body = body
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = self.body(self.conn)
-        except BaseException as exc:  # noqa: BLE001 - reported by finish()
-            self.error = exc
-        finally:
-            self.conn.close()
-
-    def finish(self) -> Any:
-        self.join(timeout=300)
-        assert not self.is_alive(), "the worker never finished"
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-def wait_for_lock_wait(observer: psycopg.Connection, worker: Worker) -> str:
-    """Block until the worker's backend waits for a lock (pg_stat_activity); return its wait_event.
-
-    A guard stops the wait if the worker ended first (it then never blocked: ordering failed)."""
-    guard = time.monotonic() + 300
-    while True:
-        row = observer.execute(
-            "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = %s", (worker.pid,)
-        ).fetchone()
-        observer.rollback()
-        if row and row[0] == "Lock":
-            return str(row[1])
-        if not worker.is_alive():
-            worker.finish()  # raises the worker's own error, if any
-            pytest.fail("the worker finished without ever waiting for a lock")
-        if time.monotonic() > guard:
-            pytest.fail("the worker never waited for a lock")
-        time.sleep(0.02)
 
 
 @pytest.fixture

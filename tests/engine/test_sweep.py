@@ -6,7 +6,6 @@ import dataclasses
 import io
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from helpers import (
     AS_OF,
     CRM_TABLES,
     THREE_YEARS_BEFORE,
+    Worker,
     add_activity,
     add_contact,
     add_contract,
@@ -28,6 +28,7 @@ from helpers import (
     new_id,
     table_checksum,
     ts,
+    wait_for_lock_wait,
 )
 from warehouse_gdpr.cli import main
 from warehouse_gdpr.engine import sweep
@@ -423,22 +424,15 @@ def test_purge_archive_waits_for_a_restriction_being_recorded(conn, warehouse: s
     conn.commit()
     today = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
     now = _advance(conn, datetime(2033, 3, 8, tzinfo=timezone.utc) - today)
-    with psycopg.connect(warehouse) as restricting, psycopg.connect(as_role(warehouse, "gdpr_dag")) as engine:
+    with psycopg.connect(warehouse) as restricting:
         restricting.execute("SELECT 1 FROM crm.contacts WHERE contact_id = %s FOR UPDATE", (cid,))
         _restrict(restricting, cid, "REQ-RS-RACE")  # not committed yet
-        pid = engine.info.backend_pid
-        with ThreadPoolExecutor(1) as pool:
-            purging = pool.submit(sweep.purge_archive, engine, policy,
-                                  RunContext("test_sweep", "purge-race", "purge_archive"), now.isoformat(), 100)
-            while not purging.done():  # until the purge waits for the subject row's lock
-                waiting = conn.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
-                                       (pid,)).fetchone()
-                conn.rollback()
-                if waiting and waiting[0]:
-                    break
-            assert not purging.done(), "the purge did not wait for the subject row being restricted"
-            restricting.commit()
-            done = purging.result()
+        purging = Worker(as_role(warehouse, "gdpr_dag"), lambda engine: sweep.purge_archive(
+            engine, policy, RunContext("test_sweep", "purge-race", "purge_archive"), now.isoformat(), 100))
+        purging.start()
+        wait_for_lock_wait(conn, purging)  # fails if the purge ends without waiting for the subject row
+        restricting.commit()
+        done = purging.finish()
     assert (done.purged, done.kept_restricted) == (0, 1)
     assert [t for t, _ in _archive_of(conn, cid)] == ["crm.invoices"]
 
