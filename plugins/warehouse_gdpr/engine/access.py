@@ -51,7 +51,7 @@ import psycopg
 from psycopg import sql
 
 from ..transport import ConnectionNotUsable, PackageStore, StoreError, Transport, TransportError
-from . import audit, erasure, matcher
+from . import audit, erasure, matcher, sweep
 from .audit import RunContext
 from .candidates import qualified
 from .crypto import Keys, archive_aad
@@ -200,19 +200,9 @@ def check_not_answered(conn: psycopg.Connection, request: AccessRequest) -> None
 
 
 def _request_lock_holder(conn: psycopg.Connection, request_id: str) -> str:
-    """Who holds the request id's lock, from pg_locks and pg_stat_activity (no personal data)."""
-    row = conn.execute(
-        "SELECT l.pid, a.application_name, a.backend_start FROM pg_locks l LEFT JOIN pg_stat_activity a"
-        " ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
-        " AND l.classid = %s::oid AND l.objid = hashtext(%s)::oid"
-        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1",
-        (erasure.REQUEST_LOCK_CLASS, request_id),
-    ).fetchone()
-    if row is None:
-        return "a session that released it meanwhile"
-    pid, app, since = row
-    return (f"backend pid {pid} (application_name {app or '(not visible)'!r}"
-            f"{', connected since ' + since.isoformat(timespec='seconds') if since else ''})")
+    """Who holds the request id's lock (no personal data)."""
+    objid = conn.execute("SELECT hashtext(%s)", (request_id,)).fetchone()[0]  # type: ignore[index]
+    return sweep.advisory_lock_holder(conn, erasure.REQUEST_LOCK_CLASS, objid)
 
 
 def _take_request_lock(conn: psycopg.Connection, request_id: str, wait_seconds: float) -> bool:

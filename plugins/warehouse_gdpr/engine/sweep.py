@@ -130,15 +130,17 @@ class SweepLockBusy(RuntimeError):
     holder by backend pid and application_name (no personal data)."""
 
 
-def _lock_holder(conn: psycopg.Connection) -> str:
-    """Who holds SWEEP_LOCK in this database, from pg_locks and pg_stat_activity."""
+def advisory_lock_holder(conn: psycopg.Connection, classid: int, objid: int) -> str:
+    """Who holds the two-key advisory lock (classid, objid) in this database, from pg_locks and
+    pg_stat_activity: backend pid, application_name, since when (no personal data). The sweep lock's and a
+    request id's (`access.answering`) busy messages name it."""
     row = conn.execute(
         "SELECT l.pid, a.application_name, a.backend_start, a.state, a.state_change"
         " FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
         " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
-        " AND l.classid = %s::oid AND l.objid = %s::oid"
-        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        SWEEP_LOCK,
+        " AND l.classid = %s::int4::oid AND l.objid = %s::int4::oid"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1",
+        (classid, objid),
     ).fetchone()
     if row is None:
         return "a session that released it meanwhile"
@@ -201,7 +203,7 @@ def sweep_lock(conn: psycopg.Connection, ctx: RunContext, wait_seconds: float | 
     started = time.monotonic()
     if not _acquire(conn, wait_seconds, f"warehouse-gdpr sweep {ctx.run_id}"):
         waited = round(time.monotonic() - started, 1)
-        holder = _lock_holder(conn)
+        holder = advisory_lock_holder(conn, *SWEEP_LOCK)
         conn.rollback()
         with conn.transaction():
             audit.record(conn, ctx, action="sweep_lock", outcome="busy", details={"waited_seconds": waited,
